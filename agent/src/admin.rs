@@ -1,0 +1,29 @@
+//! The agent's admin API routes.
+
+use std::sync::Arc;
+
+use axum::{extract::State, routing::get, Json, Router};
+use relaygate_common::admin::{health_response, render_metrics};
+use serde_json::json;
+
+use crate::{metrics::Metrics, state::AgentState};
+
+#[derive(Clone)]
+pub struct AdminState {
+    pub metrics: Arc<Metrics>,
+    pub state: Arc<AgentState>,
+}
+
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/metrics", get(|State(s): State<AdminState>| async move { render_metrics(&s.metrics.registry) }))
+        .route("/health/live", get(|| async { "ok\n" }))
+        .route("/health/ready", get(|State(s): State<AdminState>| async move { health_response(s.state.problems()) }))
+        .route(
+            "/v1/advertise",
+            get(|State(s): State<AdminState>| async move {
+                Json(json!({ "session": s.state.session(), "tunnels": s.state.tunnels() }))
+            }),
+        )
+        .with_state(state)
+}

@@ -1,0 +1,74 @@
+//! Advertised addresses: where the node behind a tunnel can be reached, and
+//! publishing them (log line, admin API, a file the node can read).
+//!
+//! File format: one line, the tunnel's multiaddrs separated by commas, e.g.
+//! `/dns4/gw.example.com/tcp/20000/p2p/12D3KooW...` — what Teranode's
+//! `p2p_advertise_addresses` and most libp2p nodes' announce settings take.
+
+use std::{io::Write, path::Path};
+
+use libp2p::{multiaddr::Protocol, Multiaddr, PeerId};
+use relaygate_common::names::LeasePort;
+
+/// `/<host>/tcp/<port>[/p2p/<node>]` for each gateway host.
+pub fn addresses(hosts: &[Multiaddr], port: LeasePort, node: Option<PeerId>) -> Vec<Multiaddr> {
+    hosts
+        .iter()
+        .map(|h| {
+            let a = h.clone().with(Protocol::Tcp(port.get()));
+            match node {
+                Some(p) => a.with(Protocol::P2p(p)),
+                None => a,
+            }
+        })
+        .collect()
+}
+
+/// Host parts to advertise: the gateway's, or the host this agent dialled.
+pub fn hosts(public_hosts: &[String], dialled: &Multiaddr) -> Vec<Multiaddr> {
+    let given: Vec<Multiaddr> = public_hosts.iter().filter_map(|h| h.parse().ok()).collect();
+    if !given.is_empty() {
+        return given;
+    }
+    dialled
+        .iter()
+        .next()
+        .filter(|p| matches!(p, Protocol::Ip4(_) | Protocol::Ip6(_) | Protocol::Dns(_) | Protocol::Dns4(_) | Protocol::Dns6(_)))
+        .map(|p| vec![Multiaddr::empty().with(p)])
+        .unwrap_or_default()
+}
+
+/// The file's one line.
+pub fn file_line(addrs: &[Multiaddr]) -> String {
+    let mut s = addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(",");
+    s.push('\n');
+    s
+}
+
+/// Writes the file atomically (temp file in the same dir + rename), so a node
+/// reading it never sees half a line.
+pub fn write_file(path: &Path, addrs: &[Multiaddr]) -> std::io::Result<()> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("advertise")));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(file_line(addrs).as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builds_advertised_addresses() {
+        let node = PeerId::random();
+        let hosts = hosts(&["/dns4/gw.example.com".into(), "/ip4/203.0.113.7".into()], &"/ip4/1.2.3.4/udp/4001/quic-v1".parse().unwrap());
+        let a = addresses(&hosts, LeasePort::new(9905).unwrap(), Some(node));
+        assert_eq!(a[0].to_string(), format!("/dns4/gw.example.com/tcp/9905/p2p/{node}"));
+        assert_eq!(a[1].to_string(), format!("/ip4/203.0.113.7/tcp/9905/p2p/{node}"));
+        let fallback = super::hosts(&[], &"/ip4/203.0.113.9/tcp/4001/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN".parse().unwrap());
+        assert_eq!(addresses(&fallback, LeasePort::new(20000).unwrap(), None)[0].to_string(), "/ip4/203.0.113.9/tcp/20000");
+        assert_eq!(file_line(&a[..1]), format!("/dns4/gw.example.com/tcp/9905/p2p/{node}\n"));
+    }
+}

@@ -1,0 +1,80 @@
+//! Wiring: identity, host, session, tunnel streams and admin API; drains open
+//! connections on SIGINT/SIGTERM.
+
+use std::{os::unix::fs::PermissionsExt, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use libp2p::identity::Keypair;
+use relaygate_common::{identity, names::Secret, protocol::TUNNEL_PROTOCOL, shutdown};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{admin, config::AgentConfig, host, metrics::Metrics, session::Session, state::AgentState, tunnel::Tunnels};
+
+pub fn load_identity(cfg: &AgentConfig) -> anyhow::Result<Keypair> {
+    if !cfg.identity.key.is_empty() {
+        return identity::parse_key(cfg.identity.key.expose().as_bytes()).context("identity.key");
+    }
+    std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("cannot create data_dir {}", cfg.data_dir.display()))?;
+    std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("cannot set permissions of data_dir {}", cfg.data_dir.display()))?;
+    let (key, source) = identity::load_or_create(&cfg.key_file())?;
+    tracing::info!(peer_id = %key.public().to_peer_id(), ?source, "identity");
+    Ok(key)
+}
+
+fn load_token(cfg: &AgentConfig) -> anyhow::Result<Option<Secret>> {
+    if let Some(p) = &cfg.gateway.token_file {
+        let t = std::fs::read_to_string(p).with_context(|| format!("cannot read gateway.token_file {}", p.display()))?;
+        return Ok(Some(Secret::new(t.trim())));
+    }
+    Ok((!cfg.gateway.token.is_empty()).then(|| cfg.gateway.token.clone()))
+}
+
+pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    let key = load_identity(&cfg)?;
+    let token = load_token(&cfg)?;
+    let metrics = Arc::new(Metrics::new());
+    let state = Arc::new(AgentState::default());
+    let admin_listen = cfg.admin_listen();
+    let admin_auth = cfg.admin.auth(admin_listen)?;
+
+    let host = host::start(key, &cfg, metrics.clone())?;
+    let gateway = cfg.gateway_peer()?;
+    let incoming = host
+        .control
+        .clone()
+        .accept(TUNNEL_PROTOCOL)
+        .map_err(|_| anyhow::anyhow!("tunnel protocol registered twice"))?;
+    let tracker = TaskTracker::new();
+    let tunnels = Arc::new(Tunnels::new(&cfg.tunnels, host.peer_id, gateway, metrics.clone(), cfg.connect_timeout));
+    let accept = tokio::spawn(tunnels.run(incoming, tracker.clone()));
+
+    let stop = CancellationToken::new();
+    let session = Session::new(&cfg, host.clone(), token, state.clone(), metrics.clone())?;
+    let session_task = tokio::spawn(session.run(stop.clone()));
+
+    let stop_admin = CancellationToken::new();
+    let (admin_addr, admin_task) = relaygate_common::admin::serve(
+        admin_listen,
+        admin::router(admin::AdminState { metrics: metrics.clone(), state: state.clone() }),
+        admin_auth,
+        stop_admin.clone(),
+    )
+    .await?;
+    tracing::info!(peer_id = %host.peer_id, %gateway, admin = %admin_addr, tunnels = cfg.tunnels.len(), "agent started");
+
+    let sig = shutdown::signal_received().await;
+    tracing::info!(signal = sig, grace = ?cfg.shutdown_grace, "stopping: no new connections, draining open ones");
+    // Refuse new tunnel streams; the session stays up while open connections drain.
+    accept.abort();
+    let left = shutdown::drain(&tracker, cfg.shutdown_grace).await;
+    if left > 0 {
+        tracing::warn!(open = left, "grace period over; closing remaining connections");
+    }
+    stop.cancel();
+    let _ = session_task.await;
+    stop_admin.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(1), admin_task).await;
+    tracing::info!("agent stopped");
+    Ok(())
+}

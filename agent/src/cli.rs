@@ -1,0 +1,129 @@
+//! Command line of `relaygate-agent`. Flags override the config file and
+//! `RELAYGATE_*` environment; `--set key=value` reaches every config key.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use relaygate_common::config::{self, Overrides};
+
+use crate::{
+    app,
+    config::{AgentConfig, TunnelConfig},
+};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "relaygate-agent",
+    version,
+    about = "Runs beside a P2P node, dials out to a relaygate gateway and delivers its public connections to the node",
+    after_help = "Every config key can also be set as RELAYGATE_<SECTION>__<KEY> (e.g. RELAYGATE_GATEWAY__TOKEN) or with --set section.key=value. See README.md for all keys."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub opts: Opts,
+    #[command(subcommand)]
+    pub command: Option<Cmd>,
+}
+
+#[derive(Args, Debug, Default)]
+pub struct Opts {
+    /// TOML config file.
+    #[arg(short, long, env = "RELAYGATE_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    /// Directory for the agent's identity key [data_dir].
+    #[arg(long, global = true)]
+    pub data_dir: Option<String>,
+    /// Gateway multiaddr ending in /p2p/<peer id>, repeatable [gateway.addresses].
+    #[arg(long, global = true, value_name = "MULTIADDR")]
+    pub gateway: Vec<String>,
+    /// Join token printed by the gateway; prefer RELAYGATE_GATEWAY__TOKEN or --token-file, which ps cannot show [gateway.token].
+    #[arg(long, global = true)]
+    pub token: Option<String>,
+    /// File holding the join token [gateway.token_file].
+    #[arg(long, global = true)]
+    pub token_file: Option<String>,
+    /// A tunnel NAME=HOST:PORT[@PUBLIC_PORT], repeatable; replaces [[tunnels]] from the config.
+    #[arg(long, global = true, value_name = "NAME=HOST:PORT[@PORT]")]
+    pub tunnel: Vec<TunnelConfig>,
+    /// Admin API address [admin.listen].
+    #[arg(long, global = true, value_name = "HOST:PORT")]
+    pub admin_listen: Option<String>,
+    /// Log format: text or json [log.format].
+    #[arg(long, global = true)]
+    pub log_format: Option<String>,
+    /// Log filter, e.g. info or relaygate_agent=debug [log.level].
+    #[arg(long, global = true)]
+    pub log_level: Option<String>,
+    /// Set any config key, repeatable: --set reconnect.max=10s.
+    #[arg(long = "set", global = true, value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Run the agent (the default).
+    Run,
+    /// Check the configuration and print the effective one, secrets masked.
+    CheckConfig,
+    /// Print the agent's peer id (creating the key if needed), for the gateway's admission.allow.
+    PeerId,
+}
+
+impl Opts {
+    pub fn load(&self) -> anyhow::Result<AgentConfig> {
+        let mut o = Overrides::default();
+        o.set_list("gateway.addresses", &self.gateway);
+        for (key, v) in [
+            ("data_dir", &self.data_dir),
+            ("gateway.token", &self.token),
+            ("gateway.token_file", &self.token_file),
+            ("admin.listen", &self.admin_listen),
+            ("log.format", &self.log_format),
+            ("log.level", &self.log_level),
+        ] {
+            if let Some(v) = v {
+                o.set(key, v.clone());
+            }
+        }
+        for kv in &self.set {
+            o.parse_set(kv, AgentConfig::LIST_KEYS)?;
+        }
+        let mut cfg: AgentConfig = config::load(self.config.as_deref(), AgentConfig::LIST_KEYS, o)?;
+        if !self.tunnel.is_empty() {
+            cfg.tunnels = self.tunnel.clone();
+        }
+        Ok(cfg)
+    }
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let cmd = cli.command.unwrap_or(Cmd::Run);
+    let cfg = match cli.opts.load() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("relaygate-agent: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match cmd {
+        Cmd::PeerId => app::load_identity(&cfg).map(|k| println!("{}", k.public().to_peer_id())),
+        Cmd::CheckConfig => cfg.validate().map_err(Into::into).map(|()| print!("{}", config::render(&cfg))),
+        Cmd::Run => run(cfg),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("relaygate-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    cfg.validate()?;
+    relaygate_common::telemetry::init(&cfg.log)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start tokio")?;
+    rt.block_on(app::run(cfg))
+}

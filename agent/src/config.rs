@@ -1,0 +1,259 @@
+//! The agent's configuration model. Every key is documented in the README;
+//! `relaygate-agent check-config` prints the effective values.
+
+use std::{path::PathBuf, str::FromStr, time::Duration};
+
+use libp2p::{multiaddr::Protocol, Multiaddr, PeerId};
+use relaygate_common::{
+    admin::AdminConfig,
+    names::{LeasePort, Secret, TunnelName},
+    telemetry::LogConfig,
+    transport::SessionTuning,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::deliver::DeliveryMode;
+
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:9601";
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Holds the agent's identity key (its leases are bound to this identity).
+    pub data_dir: PathBuf,
+    pub identity: IdentityConfig,
+    pub gateway: GatewayLink,
+    /// The tunnels to lease: `[[tunnels]]` tables.
+    pub tunnels: Vec<TunnelConfig>,
+    pub reconnect: ReconnectConfig,
+    pub session: SessionTuning,
+    /// How long to wait for the local target to accept a connection.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    pub admin: AdminConfig,
+    pub log: LogConfig,
+    /// How long open connections may drain after SIGINT/SIGTERM.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// Key file; created with mode 0600 when missing. Default: `<data_dir>/identity.key`.
+    pub key_file: Option<PathBuf>,
+    /// The key inline (hex); wins over `key_file`.
+    pub key: Secret,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayLink {
+    /// Gateway multiaddrs ending in `/p2p/<gateway peer id>`; QUIC ones are tried first.
+    pub addresses: Vec<Multiaddr>,
+    /// Join token printed by the gateway (not needed when on its allow-list).
+    pub token: Secret,
+    /// File holding the join token; wins over `token`.
+    pub token_file: Option<PathBuf>,
+    /// Timeout of one dial attempt.
+    #[serde(with = "humantime_serde")]
+    pub dial_timeout: Duration,
+}
+
+impl Default for GatewayLink {
+    fn default() -> Self {
+        Self { addresses: Vec::new(), token: Secret::default(), token_file: None, dial_timeout: Duration::from_secs(5) }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelConfig {
+    pub name: TunnelName,
+    /// Local target, `host:port`.
+    pub target: TargetAddr,
+    /// Public port wanted on the gateway; one from its range when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<LeasePort>,
+    /// The node's libp2p peer id, appended as `/p2p/...` to advertised addresses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_peer_id: Option<PeerId>,
+    /// File that receives this tunnel's advertised addresses, one line, comma-separated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise_file: Option<PathBuf>,
+    /// How connections reach the target.
+    #[serde(default)]
+    pub deliver: DeliveryMode,
+}
+
+/// `--tunnel name=host:port[@public_port]`
+impl FromStr for TunnelConfig {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let usage = || format!("--tunnel expects NAME=HOST:PORT[@PUBLIC_PORT], got {s:?}");
+        let (name, rest) = s.split_once('=').ok_or_else(usage)?;
+        let (target, port) = match rest.rsplit_once('@') {
+            Some((t, p)) => (t, Some(p.parse::<LeasePort>().map_err(|e| e.to_string())?)),
+            None => (rest, None),
+        };
+        Ok(Self {
+            name: name.parse().map_err(|e: relaygate_common::names::NameError| e.to_string())?,
+            target: target.parse()?,
+            port,
+            node_peer_id: None,
+            advertise_file: None,
+            deliver: DeliveryMode::default(),
+        })
+    }
+}
+
+/// A `host:port` the agent connects to; the host may be a DNS name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TargetAddr {
+    pub host: String,
+    pub port: u16,
+}
+
+impl FromStr for TargetAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("target must be host:port (e.g. 127.0.0.1:9905 or [::1]:9905), got {s:?}");
+        let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        if host.is_empty() || port == 0 {
+            return Err(bad());
+        }
+        Ok(Self { host: host.to_owned(), port })
+    }
+}
+
+impl std::fmt::Display for TargetAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl Serialize for TargetAddr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for TargetAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReconnectConfig {
+    /// First delay after a session drops.
+    #[serde(with = "humantime_serde")]
+    pub initial: Duration,
+    /// Cap of the exponential backoff.
+    #[serde(with = "humantime_serde")]
+    pub max: Duration,
+}
+
+impl Default for ReconnectConfig {
+    fn default() -> Self {
+        Self { initial: Duration::from_millis(250), max: Duration::from_secs(30) }
+    }
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("relaygate-agent-data"),
+            identity: IdentityConfig::default(),
+            gateway: GatewayLink::default(),
+            tunnels: Vec::new(),
+            reconnect: ReconnectConfig::default(),
+            session: SessionTuning::default(),
+            connect_timeout: Duration::from_secs(5),
+            admin: AdminConfig::default(),
+            log: LogConfig::default(),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigProblem {
+    #[error("gateway.addresses is empty: pass --gateway with an address the gateway printed at start")]
+    NoGateway,
+    #[error("gateway address {0} must end with /p2p/<gateway peer id> (the gateway prints full addresses at start)")]
+    NoPeerId(Multiaddr),
+    #[error("gateway addresses name different peer ids ({0} and {1}); one agent session talks to one gateway")]
+    MixedPeers(PeerId, PeerId),
+    #[error("no tunnels configured: pass --tunnel NAME=HOST:PORT or add [[tunnels]] to the config")]
+    NoTunnels,
+    #[error("tunnel name {0} appears twice")]
+    DuplicateTunnel(TunnelName),
+}
+
+impl AgentConfig {
+    pub const LIST_KEYS: &'static [&'static str] = &["gateway.addresses", "admin.open_paths"];
+
+    pub fn key_file(&self) -> PathBuf {
+        self.identity.key_file.clone().unwrap_or_else(|| self.data_dir.join("identity.key"))
+    }
+
+    pub fn admin_listen(&self) -> std::net::SocketAddr {
+        self.admin.listen.unwrap_or_else(|| DEFAULT_ADMIN.parse().unwrap_or(([127, 0, 0, 1], 9601).into()))
+    }
+
+    /// The gateway's peer id, taken from its addresses.
+    pub fn gateway_peer(&self) -> Result<PeerId, ConfigProblem> {
+        let mut peer = None;
+        for a in &self.gateway.addresses {
+            let Some(Protocol::P2p(p)) = a.iter().last() else {
+                return Err(ConfigProblem::NoPeerId(a.clone()));
+            };
+            match peer {
+                Some(q) if q != p => return Err(ConfigProblem::MixedPeers(q, p)),
+                _ => peer = Some(p),
+            }
+        }
+        peer.ok_or(ConfigProblem::NoGateway)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigProblem> {
+        self.gateway_peer()?;
+        if self.tunnels.is_empty() {
+            return Err(ConfigProblem::NoTunnels);
+        }
+        let mut seen = std::collections::HashSet::new();
+        for t in &self.tunnels {
+            if !seen.insert(&t.name) {
+                return Err(ConfigProblem::DuplicateTunnel(t.name.clone()));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tunnel_flag() {
+        let t: TunnelConfig = "node=127.0.0.1:9905@9905".parse().unwrap();
+        assert_eq!(t.name.as_str(), "node");
+        assert_eq!(t.target.to_string(), "127.0.0.1:9905");
+        assert_eq!(t.port.map(|p| p.get()), Some(9905));
+        let t: TunnelConfig = "web=[::1]:80".parse().unwrap();
+        assert_eq!(t.target.host, "::1");
+        assert!(t.port.is_none());
+        assert!("nohost".parse::<TunnelConfig>().is_err());
+        assert!("x=localhost".parse::<TunnelConfig>().is_err());
+        assert!("bad name=localhost:1".parse::<TunnelConfig>().is_err());
+    }
+}

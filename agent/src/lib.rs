@@ -1,0 +1,17 @@
+//! relaygate-agent: runs beside a node, dials out to a gateway, and delivers
+//! the gateway's public connections to the node.
+//!
+//! Data flows one way: the [`session`] leases ports, the gateway opens a
+//! [`tunnel`] stream per public connection, [`deliver`] connects it to the target.
+
+pub mod admin; // admin API routes: metrics, health, /v1/advertise
+pub mod advertise; // advertised addresses: compute, log, write the file
+pub mod app; // wiring: start everything, drain on signal
+pub mod cli; // command line: flags, subcommands, config layering
+pub mod config; // the configuration model
+pub mod deliver; // connecting a tunnelled connection to the local target
+pub mod host; // libp2p host (dial only)
+pub mod metrics; // Prometheus metrics
+pub mod session; // session with the gateway: dial, hello, leases, reconnect
+pub mod state; // current session and lease status
+pub mod tunnel; // inbound tunnel streams: header, deliver, splice

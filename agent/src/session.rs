@@ -1,0 +1,199 @@
+//! The session with the gateway: dial (QUIC first, TCP fallback), say hello,
+//! take the leases, publish the advertised addresses, and reconnect with
+//! capped exponential backoff and jitter whenever the session drops.
+
+use std::{sync::Arc, time::Duration};
+
+use libp2p::{multiaddr::Protocol, Multiaddr, PeerId};
+use rand::Rng;
+use relaygate_common::{
+    names::Secret,
+    protocol::{
+        read_control, write_control, ControlMessage, Hello, LeaseOutcome, RefusalCode, TunnelRequest, WireError,
+        CONTROL_PROTOCOL, WIRE_VERSION,
+    },
+};
+use tokio_util::{compat::FuturesAsyncReadCompatExt, sync::CancellationToken};
+
+use crate::{
+    advertise,
+    config::{AgentConfig, TunnelConfig},
+    host::HostHandle,
+    metrics::Metrics,
+    state::{AgentState, TunnelStatus},
+};
+
+/// A session that lasted this long resets the backoff.
+const STABLE: Duration = Duration::from_secs(10);
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("cannot reach the gateway at any address: {0}")]
+    Unreachable(String),
+    #[error("gateway refused this agent ({code}): {message}")]
+    Refused { code: &'static str, message: String },
+    #[error("session protocol: {0}")]
+    Wire(#[from] WireError),
+    #[error("cannot open the control stream: {0}")]
+    Stream(String),
+    #[error("gateway did not answer hello in time")]
+    Timeout,
+}
+
+pub struct Session {
+    pub host: HostHandle,
+    pub gateway: PeerId,
+    pub addresses: Vec<Multiaddr>,
+    pub token: Option<Secret>,
+    pub tunnels: Vec<TunnelConfig>,
+    pub state: Arc<AgentState>,
+    pub metrics: Arc<Metrics>,
+    pub cfg: AgentConfig,
+}
+
+impl Session {
+    pub fn new(cfg: &AgentConfig, host: HostHandle, token: Option<Secret>, state: Arc<AgentState>, metrics: Arc<Metrics>) -> Result<Self, crate::config::ConfigProblem> {
+        let gateway = cfg.gateway_peer()?;
+        // QUIC first: it survives NAT rebinding and has no head-of-line blocking.
+        let mut addresses = cfg.gateway.addresses.clone();
+        addresses.sort_by_key(|a| !a.iter().any(|p| matches!(p, Protocol::QuicV1)));
+        for t in &cfg.tunnels {
+            state.set_tunnel(&t.name, TunnelStatus { name: t.name.to_string(), target: t.target.to_string(), ..Default::default() });
+        }
+        Ok(Self { host, gateway, addresses, token, tunnels: cfg.tunnels.clone(), state, metrics, cfg: cfg.clone() })
+    }
+
+    /// Keeps a session up until `stop` is cancelled.
+    pub async fn run(self, stop: CancellationToken) {
+        let mut backoff = self.cfg.reconnect.initial;
+        loop {
+            let started = tokio::time::Instant::now();
+            let result = tokio::select! {
+                r = self.once() => r,
+                _ = stop.cancelled() => return,
+            };
+            self.state.session_down();
+            self.metrics.sessions_active.set(0);
+            match result {
+                Ok(reason) => tracing::warn!(gateway = %self.gateway, %reason, "session ended; reconnecting"),
+                Err(e @ SessionError::Refused { .. }) => tracing::error!(
+                    gateway = %self.gateway, error = %e,
+                    "fix: ask the gateway operator for its join token (relaygate-gateway token) and pass it with --token, or have them add this agent's peer id ({}) to admission.allow",
+                    self.host.peer_id
+                ),
+                Err(e) => tracing::warn!(gateway = %self.gateway, error = %e, "session failed; retrying"),
+            }
+            if started.elapsed() >= STABLE {
+                backoff = self.cfg.reconnect.initial;
+            }
+            // Full jitter in [backoff/2, backoff] spreads reconnecting agents apart.
+            let jittered = backoff.mul_f64(rand::rng().random_range(0.5..=1.0));
+            tracing::info!(delay = ?jittered, "reconnecting after delay");
+            tokio::select! {
+                _ = tokio::time::sleep(jittered) => {}
+                _ = stop.cancelled() => return,
+            }
+            backoff = (backoff * 2).min(self.cfg.reconnect.max);
+        }
+    }
+
+    /// One session, from dial to its end. `Ok` carries why it ended.
+    async fn once(&self) -> Result<String, SessionError> {
+        let dialled = self.dial().await?;
+        let mut control = self.host.control.clone();
+        let stream = tokio::time::timeout(WELCOME_TIMEOUT, control.open_stream(self.gateway, CONTROL_PROTOCOL))
+            .await
+            .map_err(|_| SessionError::Timeout)?
+            .map_err(|e| SessionError::Stream(e.to_string()))?;
+        let mut ctl = stream.compat();
+        let hello = Hello {
+            version: WIRE_VERSION,
+            token: self.token.as_ref().map(|t| t.expose().to_owned()),
+            tunnels: self.tunnels.iter().map(|t| TunnelRequest { name: t.name.clone(), port: t.port }).collect(),
+        };
+        write_control(&mut ctl, &ControlMessage::Hello(hello)).await?;
+        let welcome = match tokio::time::timeout(WELCOME_TIMEOUT, read_control(&mut ctl)).await {
+            Err(_) => return Err(SessionError::Timeout),
+            Ok(Err(e)) => return Err(e.into()),
+            Ok(Ok(ControlMessage::Welcome(w))) => w,
+            Ok(Ok(ControlMessage::Refused(r))) => {
+                Metrics::count(&self.metrics.refusals, r.code.as_str());
+                if r.code == RefusalCode::NotAdmitted {
+                    self.host.disconnect(self.gateway).await;
+                }
+                return Err(SessionError::Refused { code: r.code.as_str(), message: r.message });
+            }
+            Ok(Ok(other)) => {
+                Metrics::count(&self.metrics.bad_input, "unexpected_message");
+                return Err(WireError::Malformed(format!("expected welcome, got {other:?}")).into());
+            }
+        };
+        self.state.session_up(self.gateway, &dialled);
+        self.metrics.sessions_opened.inc();
+        self.metrics.sessions_active.set(1);
+        self.apply(&welcome, &dialled);
+
+        // Nothing more is expected on the control stream; its end is the session's end.
+        Ok(match read_control(&mut ctl).await {
+            Ok(m) => {
+                Metrics::count(&self.metrics.bad_input, "unexpected_message");
+                format!("unexpected message {m:?}")
+            }
+            Err(WireError::Truncated) => "gateway closed the session".into(),
+            Err(e) => e.to_string(),
+        })
+    }
+
+    async fn dial(&self) -> Result<Multiaddr, SessionError> {
+        let mut errors = Vec::new();
+        for addr in &self.addresses {
+            match tokio::time::timeout(self.cfg.gateway.dial_timeout, self.host.dial(self.gateway, addr.clone())).await {
+                Ok(Ok(a)) => {
+                    tracing::info!(gateway = %self.gateway, address = %a, "connected to gateway");
+                    return Ok(a);
+                }
+                Ok(Err(e)) => errors.push(format!("{addr}: {e}")),
+                Err(_) => errors.push(format!("{addr}: timed out")),
+            }
+            Metrics::count(&self.metrics.dial_failures, "gateway");
+        }
+        Err(SessionError::Unreachable(errors.join("; ")))
+    }
+
+    /// Records the leases and publishes each tunnel's advertised addresses.
+    fn apply(&self, welcome: &relaygate_common::protocol::Welcome, dialled: &Multiaddr) {
+        let hosts = advertise::hosts(&welcome.public_hosts, dialled);
+        let mut leased = 0;
+        for t in &self.tunnels {
+            let grant = welcome.leases.iter().find(|g| g.name == t.name);
+            let mut status = TunnelStatus { name: t.name.to_string(), target: t.target.to_string(), ..Default::default() };
+            match grant.map(|g| &g.outcome) {
+                Some(LeaseOutcome::Granted { port }) => {
+                    leased += 1;
+                    let addrs = advertise::addresses(&hosts, *port, t.node_peer_id);
+                    status.port = Some(port.get());
+                    status.addresses = addrs.iter().map(|a| a.to_string()).collect();
+                    tracing::info!(
+                        tunnel = %t.name, target = %t.target, port = %port,
+                        advertise = %status.addresses.join(","),
+                        "tunnel leased; point the node's advertise addresses here"
+                    );
+                    if let Some(path) = &t.advertise_file {
+                        if let Err(e) = advertise::write_file(path, &addrs) {
+                            tracing::error!(tunnel = %t.name, path = %path.display(), error = %e, "cannot write advertise file");
+                        }
+                    }
+                }
+                Some(LeaseOutcome::Refused { code, message }) => {
+                    Metrics::count(&self.metrics.refusals, code.as_str());
+                    tracing::error!(tunnel = %t.name, code = code.as_str(), %message, "gateway refused the tunnel's lease");
+                    status.error = Some(format!("{}: {message}", code.as_str()));
+                }
+                None => status.error = Some("gateway did not answer for this tunnel".into()),
+            }
+            self.state.set_tunnel(&t.name, status);
+        }
+        self.metrics.leases.set(leased);
+    }
+}

@@ -1,0 +1,116 @@
+//! Inbound tunnel streams from the gateway: read the header, deliver the
+//! connection to the tunnel's target, answer one status byte, then splice.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use futures::StreamExt;
+use libp2p::PeerId;
+use prometheus_client::metrics::counter::Counter;
+use relaygate_common::{
+    metrics::{Direction, Side, SideLabels, TunnelBytesLabels, TunnelLabels},
+    names::TunnelName,
+    protocol::{StreamHeader, StreamStatus},
+    splice::splice,
+};
+use tokio::io::AsyncWriteExt;
+use tokio_util::{compat::FuturesAsyncReadCompatExt, task::TaskTracker};
+
+use crate::{config::TunnelConfig, deliver, metrics::Metrics};
+
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A tunnel as the data path needs it, with its counters resolved once.
+struct Route {
+    cfg: TunnelConfig,
+    opened: Counter,
+    bytes_in: Counter,
+    bytes_out: Counter,
+}
+
+pub struct Tunnels {
+    routes: HashMap<TunnelName, Route>,
+    gateway: PeerId,
+    metrics: Arc<Metrics>,
+    connect_timeout: Duration,
+}
+
+impl Tunnels {
+    pub fn new(tunnels: &[TunnelConfig], me: PeerId, gateway: PeerId, metrics: Arc<Metrics>, connect_timeout: Duration) -> Self {
+        let agent = me.to_string();
+        let routes = tunnels
+            .iter()
+            .map(|t| {
+                let tunnel = t.name.to_string();
+                let bytes = |direction| {
+                    metrics.tunnel_bytes.get_or_create(&TunnelBytesLabels { agent: agent.clone(), tunnel: tunnel.clone(), direction }).clone()
+                };
+                let route = Route {
+                    opened: metrics.tunnel_connections.get_or_create(&TunnelLabels { agent: agent.clone(), tunnel: tunnel.clone() }).clone(),
+                    bytes_in: bytes(Direction::Inbound),
+                    bytes_out: bytes(Direction::Outbound),
+                    cfg: t.clone(),
+                };
+                (t.name.clone(), route)
+            })
+            .collect();
+        Self { routes, gateway, metrics, connect_timeout }
+    }
+
+    /// Serves inbound tunnel streams until the host goes away.
+    pub async fn run(self: Arc<Self>, mut incoming: libp2p_stream::IncomingStreams, tracker: TaskTracker) {
+        while let Some((peer, stream)) = incoming.next().await {
+            if peer != self.gateway {
+                Metrics::count(&self.metrics.refusals, "stream_from_unknown_peer");
+                tracing::warn!(%peer, "tunnel stream from a peer that is not our gateway; dropped");
+                continue;
+            }
+            tracker.spawn(self.clone().handle(stream.compat()));
+        }
+    }
+
+    async fn handle(self: Arc<Self>, mut stream: tokio_util::compat::Compat<libp2p::Stream>) {
+        let header = match tokio::time::timeout(HEADER_TIMEOUT, StreamHeader::read(&mut stream)).await {
+            Ok(Ok(h)) => h,
+            Ok(Err(e)) => {
+                Metrics::count(&self.metrics.bad_input, e.kind());
+                tracing::warn!(error = %e, "bad tunnel stream header");
+                let _ = stream.write_u8(StreamStatus::BadHeader as u8).await;
+                return;
+            }
+            Err(_) => {
+                Metrics::count(&self.metrics.bad_input, "header_timeout");
+                return;
+            }
+        };
+        let Some(route) = self.routes.get(&header.tunnel) else {
+            Metrics::count(&self.metrics.refusals, "unknown_tunnel");
+            tracing::warn!(tunnel = %header.tunnel, "stream for a tunnel this agent does not have");
+            let _ = stream.write_u8(StreamStatus::UnknownTunnel as u8).await;
+            return;
+        };
+        route.opened.inc();
+        let mut target = match deliver::connect(route.cfg.deliver, &route.cfg.target, &header, self.connect_timeout).await {
+            Ok(t) => t,
+            Err(e) => {
+                Metrics::count(&self.metrics.dial_failures, e.reason());
+                tracing::warn!(tunnel = %header.tunnel, source = %header.source, error = %e, "cannot deliver connection");
+                let _ = stream.write_u8(e.status() as u8).await;
+                let _ = stream.shutdown().await;
+                return;
+            }
+        };
+        if stream.write_u8(StreamStatus::Connected as u8).await.is_err() {
+            return;
+        }
+        let side = SideLabels { side: Side::Target };
+        self.metrics.connections_opened.get_or_create(&side).inc();
+        let active = self.metrics.connections_active.get_or_create(&side).clone();
+        active.inc();
+        tracing::debug!(tunnel = %header.tunnel, source = %header.source, deliver = route.cfg.deliver.as_str(), "delivering connection");
+        if let Err(e) = splice(&mut stream, &mut target, &route.bytes_in, &route.bytes_out).await {
+            tracing::debug!(tunnel = %header.tunnel, source = %header.source, error = %e, "connection reset");
+            let _ = target.set_zero_linger();
+        }
+        active.dec();
+    }
+}

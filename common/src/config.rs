@@ -1,0 +1,100 @@
+//! Layered configuration, one model per binary:
+//! embedded defaults < TOML file < `RELAYGATE_*` environment < CLI flags and `--set`.
+//!
+//! Environment variables map to keys with `__` between sections:
+//! `RELAYGATE_ADMIN__LISTEN=0.0.0.0:9600` sets `admin.listen`. Unknown keys are
+//! errors everywhere (every config struct denies unknown fields), so a typo never
+//! silently falls back to a default.
+
+use std::{collections::HashMap, path::Path};
+
+use serde::{de::DeserializeOwned, Serialize};
+
+/// Environment variable prefix shared by both binaries.
+pub const ENV_PREFIX: &str = "RELAYGATE";
+/// Environment variables with the prefix that are not config keys.
+const NOT_KEYS: &[&str] = &["RELAYGATE_CONFIG"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {0} does not exist")]
+    Missing(String),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+    #[error("--set expects key=value, got {0:?}")]
+    BadSet(String),
+}
+
+/// Values given on the command line, applied last.
+#[derive(Default, Debug)]
+pub struct Overrides(Vec<(String, config::Value)>);
+
+impl Overrides {
+    pub fn set(&mut self, key: &str, value: impl Into<config::Value>) {
+        self.0.push((key.to_owned(), value.into()));
+    }
+
+    pub fn set_list(&mut self, key: &str, values: &[String]) {
+        if !values.is_empty() {
+            self.set(key, values.to_vec());
+        }
+    }
+
+    /// Parses one `--set key=value`; keys in `list_keys` take comma-separated lists.
+    pub fn parse_set(&mut self, kv: &str, list_keys: &[&str]) -> Result<(), ConfigError> {
+        let (k, v) = kv.split_once('=').ok_or_else(|| ConfigError::BadSet(kv.to_owned()))?;
+        let k = k.trim();
+        if k.is_empty() {
+            return Err(ConfigError::BadSet(kv.to_owned()));
+        }
+        if list_keys.contains(&k) {
+            let items: Vec<String> = v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect();
+            self.set(k, items);
+        } else {
+            self.set(k, v.to_owned());
+        }
+        Ok(())
+    }
+}
+
+/// Loads `T` from the layers. `list_keys` names keys whose env value is a comma-separated list.
+pub fn load<T: DeserializeOwned + Serialize + Default>(
+    file: Option<&Path>,
+    list_keys: &[&str],
+    overrides: Overrides,
+) -> Result<T, ConfigError> {
+    let invalid = |e: config::ConfigError| ConfigError::Invalid(e.to_string());
+    // Start from the embedded defaults so partially given sections keep theirs.
+    let defaults = config::Config::try_from(&T::default()).map_err(invalid)?;
+    let mut b = config::Config::builder().add_source(defaults);
+    if let Some(path) = file {
+        if !path.exists() {
+            return Err(ConfigError::Missing(path.display().to_string()));
+        }
+        b = b.add_source(config::File::from(path).format(config::FileFormat::Toml));
+    }
+    let env: HashMap<String, String> = std::env::vars()
+        .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}_")) && !NOT_KEYS.contains(&k.as_str()))
+        .collect();
+    let mut env_src = config::Environment::with_prefix(ENV_PREFIX)
+        .prefix_separator("_")
+        .separator("__")
+        .try_parsing(true)
+        .source(Some(env));
+    if !list_keys.is_empty() {
+        env_src = env_src.list_separator(",");
+        for k in list_keys {
+            env_src = env_src.with_list_parse_key(k);
+        }
+    }
+    b = b.add_source(env_src);
+    for (k, v) in overrides.0 {
+        b = b.set_override(k, v).map_err(invalid)?;
+    }
+    b.build().map_err(invalid)?.try_deserialize().map_err(invalid)
+}
+
+/// The effective configuration as TOML, secrets masked.
+pub fn render<T: Serialize>(cfg: &T) -> String {
+    toml::to_string_pretty(cfg).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+}

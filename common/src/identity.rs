@@ -1,0 +1,160 @@
+//! libp2p identity keys.
+//!
+//! A key file is created on first start with mode 0600 and holds the libp2p
+//! protobuf encoding. A key can also be supplied as text: hex of the protobuf
+//! encoding, or hex of the 64 raw Ed25519 bytes (seed || public key) that
+//! go-libp2p and Teranode's `p2p_private_key` use, or hex of a 32-byte seed.
+
+use std::{
+    fs,
+    io::Write,
+    os::unix::fs::{OpenOptionsExt, PermissionsExt},
+    path::Path,
+};
+
+use libp2p::identity::{ed25519, Keypair};
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("cannot read key file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("cannot write key file {path}: {source} (check that the data dir exists and is writable)")]
+    Write { path: String, source: std::io::Error },
+    #[error("{0} is not a valid key: expected the libp2p protobuf encoding, or hex of it, or hex of 64 raw Ed25519 bytes (seed||public key), or hex of a 32-byte Ed25519 seed")]
+    Invalid(String),
+}
+
+/// What was done to get the key, for the start-up log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeySource {
+    Created,
+    Loaded,
+    Inline,
+}
+
+/// Loads the key at `path`, creating a fresh Ed25519 key (mode 0600) if it does not exist.
+pub fn load_or_create(path: &Path) -> Result<(Keypair, KeySource), IdentityError> {
+    match fs::read(path) {
+        Ok(bytes) => {
+            warn_if_readable_by_others(path);
+            let key = parse_key(&bytes).map_err(|_| IdentityError::Invalid(path.display().to_string()))?;
+            Ok((key, KeySource::Loaded))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = Keypair::generate_ed25519();
+            write_key(path, &key)?;
+            Ok((key, KeySource::Created))
+        }
+        Err(source) => Err(IdentityError::Read { path: path.display().to_string(), source }),
+    }
+}
+
+/// Parses a key given in any of the accepted encodings.
+pub fn parse_key(bytes: &[u8]) -> Result<Keypair, IdentityError> {
+    if let Ok(k) = Keypair::from_protobuf_encoding(bytes) {
+        return Ok(k);
+    }
+    let text = std::str::from_utf8(bytes)
+        .map_err(|_| IdentityError::Invalid("key bytes".into()))?
+        .trim();
+    let text = text.strip_prefix("0x").unwrap_or(text);
+    let raw = hex::decode(text).map_err(|_| IdentityError::Invalid("key text".into()))?;
+    if let Ok(k) = Keypair::from_protobuf_encoding(&raw) {
+        return Ok(k);
+    }
+    let invalid = || IdentityError::Invalid("key text".into());
+    match raw.len() {
+        64 => {
+            let mut raw = raw;
+            let kp = ed25519::Keypair::try_from_bytes(&mut raw).map_err(|_| invalid())?;
+            Ok(kp.into())
+        }
+        32 => {
+            let sk = ed25519::SecretKey::try_from_bytes(raw).map_err(|_| invalid())?;
+            Ok(ed25519::Keypair::from(sk).into())
+        }
+        _ => Err(invalid()),
+    }
+}
+
+/// Writes `key` to `path` with mode 0600, atomically (temp file + rename).
+pub fn write_key(path: &Path, key: &Keypair) -> Result<(), IdentityError> {
+    let werr = |source| IdentityError::Write { path: path.display().to_string(), source };
+    let bytes = key
+        .to_protobuf_encoding()
+        .map_err(|e| werr(std::io::Error::other(e.to_string())))?;
+    if let Some(dir) = path.parent() {
+        if !dir.as_os_str().is_empty() {
+            fs::create_dir_all(dir).map_err(werr)?;
+        }
+    }
+    let tmp = path.with_extension("tmp");
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(werr)?;
+    f.write_all(&bytes).map_err(werr)?;
+    f.sync_all().map_err(werr)?;
+    fs::rename(&tmp, path).map_err(werr)?;
+    Ok(())
+}
+
+fn warn_if_readable_by_others(path: &Path) {
+    if let Ok(meta) = fs::metadata(path) {
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                path = %path.display(),
+                mode = format!("{mode:o}"),
+                "key file is readable by group or others; run chmod 600 on it"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn creates_0600_and_reloads_same_identity() {
+        let dir = std::env::temp_dir().join(format!("rg-id-{}", std::process::id()));
+        let path = dir.join("identity.key");
+        let _ = fs::remove_dir_all(&dir);
+        let (a, src) = load_or_create(&path).unwrap();
+        assert_eq!(src, KeySource::Created);
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let (b, src) = load_or_create(&path).unwrap();
+        assert_eq!(src, KeySource::Loaded);
+        assert_eq!(a.public().to_peer_id(), b.public().to_peer_id());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn accepts_go_libp2p_hex_and_protobuf_hex() {
+        let key = ed25519::Keypair::generate();
+        let raw = key.to_bytes(); // 64 bytes: seed || public
+        let expect = Keypair::from(key.clone()).public().to_peer_id();
+        let k = parse_key(hex::encode(raw).as_bytes()).unwrap();
+        assert_eq!(k.public().to_peer_id(), expect);
+        let pb = Keypair::from(key).to_protobuf_encoding().unwrap();
+        let k = parse_key(format!("{}\n", hex::encode(&pb)).as_bytes()).unwrap();
+        assert_eq!(k.public().to_peer_id(), expect);
+        let k = parse_key(&pb).unwrap();
+        assert_eq!(k.public().to_peer_id(), expect);
+        let seed = &raw[..32];
+        let k = parse_key(hex::encode(seed).as_bytes()).unwrap();
+        assert_eq!(k.public().to_peer_id(), expect);
+    }
+
+    #[test]
+    fn rejects_garbage_keys() {
+        assert!(parse_key(b"not a key").is_err());
+        assert!(parse_key(b"abcd").is_err());
+        assert!(parse_key(&[0xff; 10]).is_err());
+    }
+}

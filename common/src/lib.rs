@@ -1,0 +1,15 @@
+//! relaygate-common: what the gateway and the agent both speak.
+//!
+//! Wire formats live in [`protocol`]; everything else here is shared plumbing
+//! that both binaries would otherwise write twice.
+
+pub mod admin; // admin HTTP listener: loopback default, bearer token, health + metrics routes
+pub mod config; // layered config loading (embedded defaults, TOML file, env, --set) and secrets
+pub mod identity; // libp2p identity key files: create 0600, load protobuf or hex
+pub mod metrics; // label sets shared by both binaries' Prometheus metrics
+pub mod names; // typed values: TunnelName, LeasePort, PortRange, Secret
+pub mod protocol; // wire formats: control messages and the tunnel stream header
+pub mod shutdown; // SIGINT/SIGTERM and the drain deadline
+pub mod splice; // bidirectional byte pump with half-close, resets and byte counters
+pub mod telemetry; // tracing subscriber setup (text or JSON)
+pub mod transport; // the libp2p swarm both ends build: TCP+Noise+yamux, QUIC-v1, DNS, tuning

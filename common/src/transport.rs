@@ -1,0 +1,72 @@
+//! The libp2p swarm both ends build: TCP (Noise + yamux) and QUIC-v1, DNS
+//! resolution for `/dns*` addresses, and the session tuning that makes a dead
+//! peer visible within seconds.
+
+use std::time::Duration;
+
+use libp2p::{identity::Keypair, noise, swarm::NetworkBehaviour, tcp, yamux, Swarm, SwarmBuilder};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot build the libp2p transport: {0}")]
+pub struct BuildError(String);
+
+/// How the encrypted session between agent and gateway is kept alive.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SessionTuning {
+    /// Interval of keep-alive probes (QUIC keep-alive, libp2p ping).
+    #[serde(with = "humantime_serde")]
+    pub keepalive: Duration,
+    /// A session silent for this long is dead.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Concurrent streams per session (one per tunnelled connection).
+    pub max_streams: usize,
+}
+
+impl Default for SessionTuning {
+    fn default() -> Self {
+        Self { keepalive: Duration::from_secs(1), timeout: Duration::from_secs(5), max_streams: 16_384 }
+    }
+}
+
+pub fn build_swarm<B: NetworkBehaviour>(
+    key: Keypair,
+    tuning: &SessionTuning,
+    make: impl FnOnce(&Keypair) -> B,
+) -> Result<Swarm<B>, BuildError> {
+    let max_streams = tuning.max_streams;
+    let yamux_cfg = move || {
+        let mut c = yamux::Config::default();
+        c.set_max_num_streams(max_streams);
+        c
+    };
+    let keepalive = tuning.keepalive;
+    let timeout_ms = u32::try_from(tuning.timeout.as_millis()).unwrap_or(u32::MAX);
+    let streams = u32::try_from(max_streams).unwrap_or(u32::MAX);
+    let swarm = SwarmBuilder::with_existing_identity(key)
+        .with_tokio()
+        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux_cfg)
+        .map_err(|e| BuildError(e.to_string()))?
+        .with_quic_config(|mut c| {
+            c.keep_alive_interval = keepalive;
+            c.max_idle_timeout = timeout_ms;
+            c.max_concurrent_stream_limit = streams;
+            c
+        })
+        .with_dns()
+        .map_err(|e| BuildError(e.to_string()))?
+        .with_behaviour(make)
+        .map_err(|e| BuildError(e.to_string()))?
+        // Sessions stay up through their control stream; this only reaps strays.
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(30)))
+        .build();
+    Ok(swarm)
+}
+
+/// Ping settings matching `tuning`: a failed ping closes the connection, which is
+/// how a TCP session notices a dead peer as fast as QUIC's idle timeout.
+pub fn ping_config(tuning: &SessionTuning) -> libp2p::ping::Config {
+    libp2p::ping::Config::new().with_interval(tuning.keepalive).with_timeout(tuning.timeout)
+}

@@ -1,0 +1,177 @@
+//! Wiring: starts the host, sessions, public ports and admin API, prints what
+//! an agent needs to join, and drains connections on SIGINT/SIGTERM.
+
+use std::{os::unix::fs::PermissionsExt, path::Path, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use libp2p::{identity::Keypair, multiaddr::Protocol, Multiaddr};
+use relaygate_common::{
+    identity::{self, KeySource},
+    names::Secret,
+    protocol::CONTROL_PROTOCOL,
+    shutdown,
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    admin,
+    admission::{self, Admission},
+    config::GatewayConfig,
+    host::{self, Command},
+    lease::{Leases, PortPolicy},
+    listener::DataPlane,
+    metrics::Metrics,
+    registry::AgentRegistry,
+    session::Sessions,
+    store::EmbeddedStore,
+};
+
+pub fn ensure_data_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create data_dir {}", dir.display()))?;
+    // The dir holds the key and the token: owner only.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("cannot set permissions of data_dir {}", dir.display()))?;
+    Ok(())
+}
+
+pub fn load_identity(cfg: &GatewayConfig) -> anyhow::Result<(Keypair, KeySource)> {
+    if !cfg.identity.key.is_empty() {
+        let k = identity::parse_key(cfg.identity.key.expose().as_bytes()).context("identity.key")?;
+        return Ok((k, KeySource::Inline));
+    }
+    ensure_data_dir(&cfg.data_dir)?;
+    Ok(identity::load_or_create(&cfg.key_file())?)
+}
+
+fn load_token(cfg: &GatewayConfig) -> anyhow::Result<Option<(Secret, bool)>> {
+    if !cfg.admission.tokens {
+        return Ok(None);
+    }
+    if !cfg.admission.token.is_empty() {
+        return Ok(Some((cfg.admission.token.clone(), false)));
+    }
+    Ok(Some(admission::load_or_create_token(&cfg.token_file())?))
+}
+
+pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
+    let (key, key_source) = load_identity(&cfg)?;
+    let peer_id = key.public().to_peer_id();
+    tracing::info!(%peer_id, source = ?key_source, "identity");
+    let token = load_token(&cfg)?;
+
+    let db = cfg.lease_db();
+    let store = tokio::task::spawn_blocking(move || EmbeddedStore::open(&db)).await??;
+    let policy = PortPolicy {
+        range: cfg.leases.port_range,
+        allowed: cfg.leases.allowed_ports.clone(),
+        bind: cfg.leases.bind,
+        max_per_agent: cfg.leases.max_tunnels_per_agent,
+    };
+    let leases = Arc::new(Leases::load(Arc::new(store), policy)?);
+    let metrics = Arc::new(Metrics::new());
+    metrics.leases.set(leases.count() as i64);
+
+    let admin_listen = cfg.admin_listen();
+    let admin_auth = cfg.admin.auth(admin_listen)?;
+
+    let host = host::start(key, &cfg, metrics.clone())?;
+    let incoming = host
+        .control
+        .clone()
+        .accept(CONTROL_PROTOCOL)
+        .map_err(|_| anyhow::anyhow!("control protocol registered twice"))?;
+    let registry = Arc::new(AgentRegistry::default());
+    let dataplane = Arc::new(DataPlane {
+        control: host.control.clone(),
+        metrics: metrics.clone(),
+        tracker: TaskTracker::new(),
+        stop_accepting: CancellationToken::new(),
+    });
+    let sessions = Arc::new(Sessions {
+        host: host.clone(),
+        admission: Admission::new(cfg.admission.allow.iter().copied(), token.as_ref().map(|(t, _)| t.clone())),
+        leases: leases.clone(),
+        registry: registry.clone(),
+        dataplane: dataplane.clone(),
+        metrics: metrics.clone(),
+        public_hosts: cfg.public_hosts(),
+        bind: cfg.leases.bind,
+    });
+    tokio::spawn(sessions.run(incoming));
+
+    let stop_admin = CancellationToken::new();
+    let state = admin::AdminState { metrics: metrics.clone(), registry: registry.clone(), host: host.state.clone() };
+    let (admin_addr, admin_task) =
+        relaygate_common::admin::serve(admin_listen, admin::router(state), admin_auth, stop_admin.clone()).await?;
+
+    // Listeners report their addresses asynchronously; wait briefly so the banner is complete.
+    for _ in 0..50 {
+        if host.state.listeners_up() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if !host.state.listeners_up() {
+        anyhow::bail!("libp2p listeners did not come up on {:?}; is the port in use?", cfg.listen);
+    }
+    print_banner(&cfg, &host.state.listen_addrs(), &host.peer_id, admin_addr, token.as_ref());
+    tracing::info!(admin = %admin_addr, leases = leases.count(), "gateway ready");
+
+    let sig = shutdown::signal_received().await;
+    tracing::info!(signal = sig, grace = ?cfg.shutdown_grace, "stopping: no new connections, draining open ones");
+    dataplane.stop_accepting.cancel();
+    host.send(Command::StopListening).await;
+    let left = shutdown::drain(&dataplane.tracker, cfg.shutdown_grace).await;
+    if left > 0 {
+        tracing::warn!(open = left, "grace period over; closing remaining connections");
+    }
+    stop_admin.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(1), admin_task).await;
+    tracing::info!("gateway stopped");
+    Ok(())
+}
+
+/// Addresses an agent can dial: advertised ones, else the concrete listen addresses.
+fn dial_addrs(cfg: &GatewayConfig, listening: &[Multiaddr], peer: &libp2p::PeerId) -> Vec<Multiaddr> {
+    let base: Vec<Multiaddr> = if cfg.advertise.is_empty() { listening.to_vec() } else { cfg.advertise.clone() };
+    let mut out: Vec<Multiaddr> = base.into_iter().map(|a| a.with(Protocol::P2p(*peer))).collect();
+    // QUIC first: it is what agents try first.
+    out.sort_by_key(|a| !a.iter().any(|p| matches!(p, Protocol::QuicV1)));
+    out.dedup();
+    out
+}
+
+fn print_banner(
+    cfg: &GatewayConfig,
+    listening: &[Multiaddr],
+    peer: &libp2p::PeerId,
+    admin: std::net::SocketAddr,
+    token: Option<&(Secret, bool)>,
+) {
+    let addrs = dial_addrs(cfg, listening, peer);
+    let mut s = String::new();
+    s.push_str(&format!("relaygate-gateway {} is up\n", env!("CARGO_PKG_VERSION")));
+    s.push_str(&format!("  peer id   {peer}\n"));
+    for a in &addrs {
+        s.push_str(&format!("  address   {a}\n"));
+    }
+    s.push_str(&format!("  ports     {} (leased to tunnels)\n", cfg.leases.port_range));
+    s.push_str(&format!("  admin     http://{admin}/v1/agents\n\n"));
+    let gw: Vec<String> = addrs.iter().take(2).map(|a| format!("--gateway {a}")).collect();
+    s.push_str("Run an agent next to your node with:\n");
+    match token {
+        Some((t, true)) => {
+            s.push_str(&format!("  relaygate-agent {} --token {} --tunnel node=127.0.0.1:9905\n", gw.join(" "), t.expose()));
+            s.push_str(&format!("(the join token was just created in {}; it is shown only now, `relaygate-gateway token` prints it again)\n", cfg.token_file().display()));
+        }
+        Some((_, false)) => {
+            s.push_str(&format!("  relaygate-agent {} --token <join token> --tunnel node=127.0.0.1:9905\n", gw.join(" ")));
+            s.push_str("(print the join token with `relaygate-gateway token`)\n");
+        }
+        None => {
+            s.push_str(&format!("  relaygate-agent {} --tunnel node=127.0.0.1:9905\n", gw.join(" ")));
+            s.push_str("(join tokens are off: add the agent's peer id to admission.allow)\n");
+        }
+    }
+    print!("{s}");
+}

@@ -1,0 +1,138 @@
+//! Command line of `relaygate-gateway`. Flags override the config file and
+//! `RELAYGATE_*` environment; `--set key=value` reaches every config key.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use relaygate_common::config::{self, Overrides};
+
+use crate::{admission, app, config::GatewayConfig};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "relaygate-gateway",
+    version,
+    about = "Gives P2P nodes behind NAT a stable public address: leased public ports tunnelled to agents",
+    after_help = "Every config key can also be set as RELAYGATE_<SECTION>__<KEY> (e.g. RELAYGATE_ADMIN__LISTEN) or with --set section.key=value. See README.md for all keys."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub opts: Opts,
+    #[command(subcommand)]
+    pub command: Option<Cmd>,
+}
+
+#[derive(Args, Debug, Default)]
+pub struct Opts {
+    /// TOML config file.
+    #[arg(short, long, env = "RELAYGATE_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    /// Directory for the identity key, join token and lease store [data_dir].
+    #[arg(long, global = true)]
+    pub data_dir: Option<String>,
+    /// libp2p listen multiaddr, repeatable [listen].
+    #[arg(long, global = true, value_name = "MULTIADDR")]
+    pub listen: Vec<String>,
+    /// Advertised multiaddr (DNS names allowed), repeatable [advertise].
+    #[arg(long, global = true, value_name = "MULTIADDR")]
+    pub advertise: Vec<String>,
+    /// Agent peer id admitted without a token, repeatable [admission.allow].
+    #[arg(long, global = true, value_name = "PEER_ID")]
+    pub allow_peer: Vec<String>,
+    /// Ports leased automatically, e.g. 20000-20999 [leases.port_range].
+    #[arg(long, global = true, value_name = "LOW-HIGH")]
+    pub port_range: Option<String>,
+    /// Admin API address [admin.listen].
+    #[arg(long, global = true, value_name = "HOST:PORT")]
+    pub admin_listen: Option<String>,
+    /// Log format: text or json [log.format].
+    #[arg(long, global = true)]
+    pub log_format: Option<String>,
+    /// Log filter, e.g. info or relaygate_gateway=debug [log.level].
+    #[arg(long, global = true)]
+    pub log_level: Option<String>,
+    /// Set any config key, repeatable: --set leases.max_tunnels_per_agent=4.
+    #[arg(long = "set", global = true, value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Run the gateway (the default).
+    Run,
+    /// Check the configuration and print the effective one, secrets masked.
+    CheckConfig,
+    /// Print the join token agents present (creating it if needed).
+    Token,
+    /// Print the gateway's peer id (creating the key if needed).
+    PeerId,
+}
+
+impl Opts {
+    pub fn load(&self) -> anyhow::Result<GatewayConfig> {
+        let mut o = Overrides::default();
+        if let Some(v) = &self.data_dir {
+            o.set("data_dir", v.clone());
+        }
+        o.set_list("listen", &self.listen);
+        o.set_list("advertise", &self.advertise);
+        o.set_list("admission.allow", &self.allow_peer);
+        for (key, v) in [
+            ("leases.port_range", &self.port_range),
+            ("admin.listen", &self.admin_listen),
+            ("log.format", &self.log_format),
+            ("log.level", &self.log_level),
+        ] {
+            if let Some(v) = v {
+                o.set(key, v.clone());
+            }
+        }
+        for kv in &self.set {
+            o.parse_set(kv, GatewayConfig::LIST_KEYS)?;
+        }
+        let cfg: GatewayConfig = config::load(self.config.as_deref(), GatewayConfig::LIST_KEYS, o)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let cfg = match cli.opts.load() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("relaygate-gateway: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match cli.command.unwrap_or(Cmd::Run) {
+        Cmd::CheckConfig => {
+            print!("{}", config::render(&cfg));
+            Ok(())
+        }
+        Cmd::Token => token(&cfg),
+        Cmd::PeerId => app::load_identity(&cfg).map(|(k, _)| println!("{}", k.public().to_peer_id())),
+        Cmd::Run => run(cfg),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("relaygate-gateway: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn token(cfg: &GatewayConfig) -> anyhow::Result<()> {
+    app::ensure_data_dir(&cfg.data_dir)?;
+    let (t, _) = admission::load_or_create_token(&cfg.token_file())?;
+    println!("{}", t.expose());
+    Ok(())
+}
+
+fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
+    relaygate_common::telemetry::init(&cfg.log)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start tokio")?;
+    rt.block_on(app::run(cfg))
+}

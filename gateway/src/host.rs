@@ -1,0 +1,175 @@
+//! The gateway's libp2p host: identity, TCP + QUIC listeners, identify, ping
+//! and the stream protocols. A single task drives the swarm; the rest of the
+//! gateway talks to it through [`HostHandle`] and reads [`HostState`].
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use futures::StreamExt;
+use libp2p::{
+    core::ConnectedPoint,
+    identify, identity::Keypair, ping,
+    swarm::{NetworkBehaviour, SwarmEvent},
+    Multiaddr, PeerId,
+};
+use relaygate_common::{metrics::Side, transport};
+use tokio::sync::mpsc;
+
+use crate::{config::GatewayConfig, metrics::Metrics};
+
+pub const IDENTIFY_PROTOCOL: &str = "/relaygate/1.0.0";
+
+#[derive(NetworkBehaviour)]
+pub struct Behaviour {
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    streams: libp2p_stream::Behaviour,
+}
+
+/// What the rest of the gateway can read about the host.
+#[derive(Default)]
+pub struct HostState {
+    listeners: Mutex<HashMap<libp2p::core::transport::ListenerId, Vec<Multiaddr>>>,
+    peers: Mutex<HashMap<PeerId, Multiaddr>>,
+    expected_listeners: usize,
+}
+
+impl HostState {
+    /// Concrete addresses the host listens on.
+    pub fn listen_addrs(&self) -> Vec<Multiaddr> {
+        lock(&self.listeners).values().flatten().cloned().collect()
+    }
+    /// Every configured listener has at least one address.
+    pub fn listeners_up(&self) -> bool {
+        let l = lock(&self.listeners);
+        l.len() == self.expected_listeners && l.values().all(|a| !a.is_empty())
+    }
+    /// The address an agent's connection came from.
+    pub fn remote_addr(&self, peer: &PeerId) -> Option<Multiaddr> {
+        lock(&self.peers).get(peer).cloned()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub enum Command {
+    /// Drop every connection to a peer (refused agents).
+    Disconnect(PeerId),
+    /// Stop accepting new libp2p connections (shutdown).
+    StopListening,
+}
+
+#[derive(Clone)]
+pub struct HostHandle {
+    pub peer_id: PeerId,
+    pub control: libp2p_stream::Control,
+    pub state: Arc<HostState>,
+    commands: mpsc::Sender<Command>,
+}
+
+impl HostHandle {
+    pub async fn send(&self, cmd: Command) {
+        let _ = self.commands.send(cmd).await;
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error(transparent)]
+    Build(#[from] transport::BuildError),
+    #[error("cannot listen on {addr}: {message} (is the port in use, or the address not on this host?)")]
+    Listen { addr: Multiaddr, message: String },
+}
+
+/// Builds the swarm, starts listening and spawns the driver task.
+pub fn start(key: Keypair, cfg: &GatewayConfig, metrics: Arc<Metrics>) -> Result<HostHandle, HostError> {
+    let ping_cfg = transport::ping_config(&cfg.session);
+    let mut swarm = transport::build_swarm(key, &cfg.session, |key| Behaviour {
+        identify: identify::Behaviour::new(identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
+            .with_agent_version(format!("relaygate-gateway/{}", env!("CARGO_PKG_VERSION")))),
+        ping: ping::Behaviour::new(ping_cfg),
+        streams: libp2p_stream::Behaviour::new(),
+    })?;
+    for addr in &cfg.listen {
+        swarm
+            .listen_on(addr.clone())
+            .map_err(|e| HostError::Listen { addr: addr.clone(), message: e.to_string() })?;
+    }
+    for addr in &cfg.advertise {
+        swarm.add_external_address(addr.clone());
+    }
+    let state = Arc::new(HostState { expected_listeners: cfg.listen.len(), ..Default::default() });
+    let (tx, rx) = mpsc::channel(64);
+    let handle = HostHandle {
+        peer_id: *swarm.local_peer_id(),
+        control: swarm.behaviour().streams.new_control(),
+        state: state.clone(),
+        commands: tx,
+    };
+    tokio::spawn(drive(swarm, rx, state, metrics));
+    Ok(handle)
+}
+
+async fn drive(
+    mut swarm: libp2p::Swarm<Behaviour>,
+    mut commands: mpsc::Receiver<Command>,
+    state: Arc<HostState>,
+    metrics: Arc<Metrics>,
+) {
+    let session = Metrics::side(Side::Session);
+    loop {
+        tokio::select! {
+            cmd = commands.recv() => match cmd {
+                Some(Command::Disconnect(peer)) => { let _ = swarm.disconnect_peer_id(peer); }
+                Some(Command::StopListening) => {
+                    let ids: Vec<_> = lock(&state.listeners).keys().copied().collect();
+                    for id in ids { swarm.remove_listener(id); }
+                }
+                None => return,
+            },
+            event = swarm.select_next_some() => match event {
+                SwarmEvent::NewListenAddr { listener_id, address } => {
+                    tracing::info!(%address, "libp2p listening");
+                    lock(&state.listeners).entry(listener_id).or_default().push(address);
+                }
+                SwarmEvent::ExpiredListenAddr { listener_id, address } => {
+                    if let Some(v) = lock(&state.listeners).get_mut(&listener_id) { v.retain(|a| a != &address); }
+                }
+                SwarmEvent::ListenerClosed { listener_id, reason, .. } => {
+                    if let Err(e) = reason { tracing::error!(error = %e, "libp2p listener closed"); }
+                    lock(&state.listeners).remove(&listener_id);
+                }
+                SwarmEvent::ListenerError { error, .. } => tracing::warn!(%error, "libp2p listener error"),
+                SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
+                    metrics.connections_opened.get_or_create(&session).inc();
+                    metrics.connections_active.get_or_create(&session).inc();
+                    let remote = match endpoint {
+                        ConnectedPoint::Listener { send_back_addr, .. } => send_back_addr,
+                        ConnectedPoint::Dialer { address, .. } => address,
+                    };
+                    tracing::debug!(peer = %peer_id, %remote, "session connection up");
+                    lock(&state.peers).insert(peer_id, remote);
+                }
+                SwarmEvent::ConnectionClosed { peer_id, num_established, cause, .. } => {
+                    metrics.connections_active.get_or_create(&session).dec();
+                    tracing::debug!(peer = %peer_id, cause = ?cause, "session connection closed");
+                    if num_established == 0 { lock(&state.peers).remove(&peer_id); }
+                }
+                SwarmEvent::IncomingConnectionError { error, send_back_addr, .. } => {
+                    metrics.refuse("handshake_failed");
+                    tracing::debug!(remote = %send_back_addr, %error, "incoming libp2p connection failed");
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event { peer, connection, result: Err(e) })) => {
+                    // A silent peer is a dead session: close it so its leases stop accepting.
+                    tracing::info!(%peer, error = %e, "ping failed; closing session connection");
+                    swarm.close_connection(connection);
+                }
+                _ => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,280 @@
+//! Lease allocation: which public port each (agent, tunnel) owns.
+//!
+//! The in-memory table is the authority while the gateway runs; every change is
+//! written through to the [`LeaseStore`] before it is granted, so a lease the
+//! agent was told about survives a crash. A lease is never given to another
+//! agent, so an advertised address keeps pointing at the same node.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    net::IpAddr,
+    sync::{Arc, Mutex},
+};
+
+use libp2p::PeerId;
+use relaygate_common::{
+    names::{LeasePort, PortRange},
+    protocol::{LeaseGrant, LeaseOutcome, LeaseRefusal, TunnelRequest},
+};
+
+use crate::store::{Lease, LeaseKey, LeaseStore, StoreError};
+
+/// Which ports may be leased.
+#[derive(Clone, Debug)]
+pub struct PortPolicy {
+    /// Handed out automatically.
+    pub range: PortRange,
+    /// May be asked for by number, in addition to `range`.
+    pub allowed: Vec<PortRange>,
+    /// Address leased ports bind to, to skip ports another process holds.
+    pub bind: IpAddr,
+    pub max_per_agent: usize,
+}
+
+impl PortPolicy {
+    fn allows(&self, port: LeasePort) -> bool {
+        self.range.contains(port) || self.allowed.iter().any(|r| r.contains(port))
+    }
+}
+
+#[derive(Default)]
+struct Table {
+    by_key: BTreeMap<LeaseKey, LeasePort>,
+    by_port: HashMap<LeasePort, LeaseKey>,
+}
+
+impl Table {
+    fn insert(&mut self, key: LeaseKey, port: LeasePort) -> Option<LeasePort> {
+        let old = self.by_key.insert(key.clone(), port);
+        if let Some(old) = old {
+            self.by_port.remove(&old);
+        }
+        self.by_port.insert(port, key);
+        old
+    }
+    fn remove(&mut self, key: &LeaseKey) {
+        if let Some(p) = self.by_key.remove(key) {
+            self.by_port.remove(&p);
+        }
+    }
+    fn count_for(&self, agent: &PeerId) -> usize {
+        self.by_key.keys().filter(|k| &k.agent == agent).count()
+    }
+}
+
+pub struct Leases {
+    store: Arc<dyn LeaseStore>,
+    policy: PortPolicy,
+    table: Mutex<Table>,
+}
+
+/// A change that still has to reach the store.
+enum Pending {
+    Put(Lease, Option<LeasePort>),
+}
+
+impl Leases {
+    /// Loads every stored lease.
+    pub fn load(store: Arc<dyn LeaseStore>, policy: PortPolicy) -> Result<Self, StoreError> {
+        let mut table = Table::default();
+        for lease in store.load()? {
+            table.insert(lease.key, lease.port);
+        }
+        Ok(Self { store, policy, table: Mutex::new(table) })
+    }
+
+    pub fn count(&self) -> usize {
+        self.lock().by_key.len()
+    }
+
+    pub fn all(&self) -> Vec<Lease> {
+        self.lock().by_key.iter().map(|(k, p)| Lease { key: k.clone(), port: *p }).collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        // A panic while holding the lock leaves a consistent table (every
+        // mutation is a single insert/remove), so poisoning is safe to ignore.
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Grants (or refuses) each requested tunnel of `agent`, persisting new leases.
+    pub async fn acquire(&self, agent: PeerId, requests: &[TunnelRequest]) -> Vec<LeaseGrant> {
+        let (mut grants, pending) = self.decide(agent, requests);
+        // Persist outside the lock; roll back what the store would not take.
+        for (i, Pending::Put(lease, previous)) in pending {
+            let store = self.store.clone();
+            let l = lease.clone();
+            let res = tokio::task::spawn_blocking(move || store.put(&l)).await;
+            let ok = matches!(res, Ok(Ok(())));
+            if !ok {
+                let err = match res {
+                    Ok(Err(e)) => e.to_string(),
+                    Err(e) => e.to_string(),
+                    Ok(Ok(())) => String::new(),
+                };
+                tracing::error!(lease = %lease.key, error = %err, "cannot persist lease; refusing it");
+                let mut t = self.lock();
+                t.remove(&lease.key);
+                if let Some(p) = previous {
+                    t.insert(lease.key.clone(), p);
+                }
+                grants[i].outcome = LeaseOutcome::Refused {
+                    code: LeaseRefusal::StoreFailed,
+                    message: "the gateway could not store the lease; its log says why".into(),
+                };
+            }
+        }
+        grants
+    }
+
+    fn decide(&self, agent: PeerId, requests: &[TunnelRequest]) -> (Vec<LeaseGrant>, Vec<(usize, Pending)>) {
+        let mut t = self.lock();
+        let mut seen = HashSet::new();
+        let mut grants = Vec::with_capacity(requests.len());
+        let mut pending = Vec::new();
+        for (i, req) in requests.iter().enumerate() {
+            let key = LeaseKey { agent, tunnel: req.name.clone() };
+            let outcome = if !seen.insert(req.name.clone()) {
+                refuse(LeaseRefusal::DuplicateName, format!("tunnel name {} appears twice", req.name))
+            } else {
+                match self.pick(&t, &key, req.port) {
+                    Ok((port, changed)) => {
+                        if changed {
+                            let previous = t.insert(key.clone(), port);
+                            pending.push((i, Pending::Put(Lease { key, port }, previous)));
+                        }
+                        LeaseOutcome::Granted { port }
+                    }
+                    Err((code, msg)) => refuse(code, msg),
+                }
+            };
+            grants.push(LeaseGrant { name: req.name.clone(), outcome });
+        }
+        (grants, pending)
+    }
+
+    /// Chooses a port for `key`; `changed` says whether the table must be updated.
+    fn pick(
+        &self,
+        t: &Table,
+        key: &LeaseKey,
+        wanted: Option<LeasePort>,
+    ) -> Result<(LeasePort, bool), (LeaseRefusal, String)> {
+        let existing = t.by_key.get(key).copied();
+        match (existing, wanted) {
+            (Some(p), None) => Ok((p, false)),
+            (Some(p), Some(w)) if p == w => Ok((p, false)),
+            (_, Some(w)) => {
+                if !self.policy.allows(w) {
+                    return Err((
+                        LeaseRefusal::PortNotAllowed,
+                        format!(
+                            "port {w} is not allowed here; ask for none, or one in {} {}",
+                            self.policy.range,
+                            self.policy.allowed.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(" ")
+                        ),
+                    ));
+                }
+                if let Some(holder) = t.by_port.get(&w) {
+                    if holder != key {
+                        return Err((LeaseRefusal::PortHeld, format!("port {w} is leased to another tunnel")));
+                    }
+                }
+                if existing.is_none() && t.count_for(&key.agent) >= self.policy.max_per_agent {
+                    return Err(too_many(self.policy.max_per_agent));
+                }
+                Ok((w, true))
+            }
+            (None, None) => {
+                if t.count_for(&key.agent) >= self.policy.max_per_agent {
+                    return Err(too_many(self.policy.max_per_agent));
+                }
+                self.policy
+                    .range
+                    .iter()
+                    .find(|p| !t.by_port.contains_key(p) && bindable(self.policy.bind, *p))
+                    .map(|p| (p, true))
+                    .ok_or((
+                        LeaseRefusal::RangeExhausted,
+                        format!("no free port left in {}", self.policy.range),
+                    ))
+            }
+        }
+    }
+}
+
+fn too_many(max: usize) -> (LeaseRefusal, String) {
+    (LeaseRefusal::TooManyTunnels, format!("at most {max} tunnels per agent"))
+}
+
+fn refuse(code: LeaseRefusal, message: String) -> LeaseOutcome {
+    LeaseOutcome::Refused { code, message }
+}
+
+/// Skips ports another process already listens on when picking automatically.
+fn bindable(ip: IpAddr, port: LeasePort) -> bool {
+    std::net::TcpListener::bind((ip, port.get())).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::EmbeddedStore;
+
+    fn leases(dir: &std::path::Path) -> Leases {
+        let store = Arc::new(EmbeddedStore::open(&dir.join("l.redb")).unwrap());
+        let policy = PortPolicy {
+            range: "41000-41002".parse().unwrap(),
+            allowed: vec!["41500".parse().unwrap()],
+            bind: [127, 0, 0, 1].into(),
+            max_per_agent: 2,
+        };
+        Leases::load(store, policy).unwrap()
+    }
+
+    fn req(name: &str, port: Option<u16>) -> TunnelRequest {
+        TunnelRequest { name: name.parse().unwrap(), port: port.and_then(LeasePort::new) }
+    }
+
+    fn port(g: &LeaseGrant) -> Option<u16> {
+        match g.outcome {
+            LeaseOutcome::Granted { port } => Some(port.get()),
+            _ => None,
+        }
+    }
+
+    fn code(g: &LeaseGrant) -> Option<LeaseRefusal> {
+        match g.outcome {
+            LeaseOutcome::Refused { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn allocation_rules() {
+        let dir = std::env::temp_dir().join(format!("rg-lease-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (a, b) = (PeerId::random(), PeerId::random());
+        {
+            let l = leases(&dir);
+            let g = l.acquire(a, &[req("x", None), req("y", Some(41500)), req("x", None)]).await;
+            assert!(port(&g[0]).is_some());
+            assert_eq!(port(&g[1]), Some(41500));
+            assert_eq!(code(&g[2]), Some(LeaseRefusal::DuplicateName));
+            // another agent cannot take a held port, nor one outside the set
+            let g = l.acquire(b, &[req("z", Some(41500)), req("w", Some(80))]).await;
+            assert_eq!(code(&g[0]), Some(LeaseRefusal::PortHeld));
+            assert_eq!(code(&g[1]), Some(LeaseRefusal::PortNotAllowed));
+            // per-agent cap
+            let g = l.acquire(a, &[req("third", None)]).await;
+            assert_eq!(code(&g[0]), Some(LeaseRefusal::TooManyTunnels));
+        }
+        // reload: same ports for the same keys
+        let l = leases(&dir);
+        assert_eq!(l.count(), 2);
+        let g = l.acquire(a, &[req("y", None)]).await;
+        assert_eq!(port(&g[0]), Some(41500));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,166 @@
+//! Live agent sessions: who is connected, since when, from where, and what each
+//! tunnel has carried. Read by the admin API; written by sessions.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::SystemTime,
+};
+
+use libp2p::{Multiaddr, PeerId};
+use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
+use relaygate_common::{
+    metrics::{Direction, TunnelBytesLabels, TunnelLabels},
+    names::{LeasePort, TunnelName},
+};
+use serde::Serialize;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+
+/// Counters of one tunnel; the same atomics back `/metrics` and `/v1/agents`.
+pub struct TunnelStats {
+    pub name: TunnelName,
+    pub port: LeasePort,
+    pub active: Gauge,
+    pub opened: Counter,
+    pub bytes_in: Counter,
+    pub bytes_out: Counter,
+}
+
+impl TunnelStats {
+    pub fn new(metrics: &Metrics, agent: &PeerId, name: TunnelName, port: LeasePort) -> Self {
+        let agent = agent.to_string();
+        let tunnel = name.to_string();
+        let bytes = |direction| {
+            metrics
+                .tunnel_bytes
+                .get_or_create(&TunnelBytesLabels { agent: agent.clone(), tunnel: tunnel.clone(), direction })
+                .clone()
+        };
+        Self {
+            opened: metrics.tunnel_connections.get_or_create(&TunnelLabels { agent: agent.clone(), tunnel: tunnel.clone() }).clone(),
+            bytes_in: bytes(Direction::Inbound),
+            bytes_out: bytes(Direction::Outbound),
+            active: Gauge::default(),
+            name,
+            port,
+        }
+    }
+}
+
+struct Entry {
+    id: u64,
+    since: SystemTime,
+    remote: Option<Multiaddr>,
+    tunnels: Vec<Arc<TunnelStats>>,
+    cancel: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// A session about to be registered.
+pub struct NewSession {
+    pub remote: Option<Multiaddr>,
+    pub tunnels: Vec<Arc<TunnelStats>>,
+    pub cancel: CancellationToken,
+    pub tasks: Vec<JoinHandle<()>>,
+}
+
+#[derive(Default)]
+pub struct AgentRegistry {
+    inner: Mutex<HashMap<PeerId, Entry>>,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Serialize)]
+pub struct AgentView {
+    pub peer_id: String,
+    /// Seconds since the UNIX epoch.
+    pub since: u64,
+    pub remote_addr: Option<String>,
+    pub tunnels: Vec<TunnelView>,
+}
+
+#[derive(Serialize)]
+pub struct TunnelView {
+    pub name: String,
+    pub port: u16,
+    pub connections_active: i64,
+    pub connections_total: u64,
+    pub bytes_inbound: u64,
+    pub bytes_outbound: u64,
+}
+
+impl AgentRegistry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PeerId, Entry>> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Ends the agent's current session, if any, and waits until its public
+    /// ports are closed, so a reconnecting agent can bind them again.
+    pub async fn end(&self, peer: &PeerId) {
+        let old = self.lock().remove(peer);
+        if let Some(old) = old {
+            old.cancel.cancel();
+            for t in old.tasks {
+                let _ = t.await;
+            }
+        }
+    }
+
+    /// Registers a session; returns its id for [`Self::unregister`].
+    pub fn register(&self, peer: PeerId, s: NewSession) -> u64 {
+        let id = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let entry = Entry { id, since: SystemTime::now(), remote: s.remote, tunnels: s.tunnels, cancel: s.cancel, tasks: s.tasks };
+        if let Some(old) = self.lock().insert(peer, entry) {
+            old.cancel.cancel();
+        }
+        id
+    }
+
+    /// Removes the session `id` of `peer` (not a newer one that replaced it).
+    pub fn unregister(&self, peer: &PeerId, id: u64) -> bool {
+        let mut m = self.lock();
+        if m.get(peer).is_some_and(|e| e.id == id) {
+            m.remove(peer);
+            true
+        } else {
+            false
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn snapshot(&self) -> Vec<AgentView> {
+        let m = self.lock();
+        let mut out: Vec<AgentView> = m
+            .iter()
+            .map(|(peer, e)| AgentView {
+                peer_id: peer.to_string(),
+                since: e.since.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+                remote_addr: e.remote.as_ref().map(|a| a.to_string()),
+                tunnels: e
+                    .tunnels
+                    .iter()
+                    .map(|t| TunnelView {
+                        name: t.name.to_string(),
+                        port: t.port.get(),
+                        connections_active: t.active.get(),
+                        connections_total: t.opened.get(),
+                        bytes_inbound: t.bytes_in.get(),
+                        bytes_outbound: t.bytes_out.get(),
+                    })
+                    .collect(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
+        out
+    }
+}

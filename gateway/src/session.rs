@@ -1,0 +1,163 @@
+//! Agent sessions: the control stream of each agent. Admits it, grants its
+//! leases, binds their public ports, and keeps them open exactly as long as
+//! the control stream lives.
+
+use std::{sync::Arc, time::Duration};
+
+use futures::StreamExt;
+use libp2p::{PeerId, Stream};
+use relaygate_common::{
+    protocol::{
+        read_control, write_control, ControlMessage, Hello, LeaseGrant, LeaseOutcome, LeaseRefusal, Refusal,
+        RefusalCode, Welcome, WireError, WIRE_VERSION,
+    },
+};
+use tokio_util::{compat::FuturesAsyncReadCompatExt, sync::CancellationToken};
+
+use crate::{
+    admission::Admission,
+    host::{Command, HostHandle},
+    lease::Leases,
+    listener::{self, DataPlane, PublicPort},
+    metrics::Metrics,
+    registry::{AgentRegistry, NewSession, TunnelStats},
+};
+
+/// An agent must say hello this soon after opening the control stream.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct Sessions {
+    pub host: HostHandle,
+    pub admission: Admission,
+    pub leases: Arc<Leases>,
+    pub registry: Arc<AgentRegistry>,
+    pub dataplane: Arc<DataPlane>,
+    pub metrics: Arc<Metrics>,
+    /// Host parts of the advertised addresses, sent to agents.
+    pub public_hosts: Vec<String>,
+    pub bind: std::net::IpAddr,
+}
+
+type Control = tokio_util::compat::Compat<Stream>;
+
+impl Sessions {
+    /// Serves control streams until the host goes away.
+    pub async fn run(self: Arc<Self>, mut incoming: libp2p_stream::IncomingStreams) {
+        while let Some((peer, stream)) = incoming.next().await {
+            tokio::spawn(self.clone().handle(peer, stream.compat()));
+        }
+    }
+
+    async fn handle(self: Arc<Self>, peer: PeerId, mut ctl: Control) {
+        let hello = match tokio::time::timeout(HELLO_TIMEOUT, read_control(&mut ctl)).await {
+            Ok(Ok(ControlMessage::Hello(h))) => h,
+            Ok(Ok(_)) => return self.refuse(peer, &mut ctl, RefusalCode::BadRequest, "expected hello".into(), "unexpected_message").await,
+            Ok(Err(WireError::Version(v))) => {
+                let msg = format!("wire version {v} is not supported; this gateway speaks {WIRE_VERSION}: upgrade the older side");
+                return self.refuse(peer, &mut ctl, RefusalCode::UnsupportedVersion, msg, "version").await;
+            }
+            Ok(Err(e)) => {
+                let kind = e.kind();
+                return self.refuse(peer, &mut ctl, RefusalCode::BadRequest, e.to_string(), kind).await;
+            }
+            Err(_) => {
+                self.metrics.bad_input("hello_timeout");
+                tracing::info!(%peer, "no hello within {HELLO_TIMEOUT:?}; closing");
+                return;
+            }
+        };
+        let Some(how) = self.admission.check(&peer, hello.token.as_deref()) else {
+            self.metrics.refuse("not_admitted");
+            tracing::warn!(%peer, "refused agent: not on admission.allow and no valid join token");
+            let msg = format!(
+                "peer {peer} is not admitted: add it to the gateway's admission.allow, or start the agent with the gateway's join token"
+            );
+            let _ = write_control(&mut ctl, &ControlMessage::Refused(Refusal { code: RefusalCode::NotAdmitted, message: msg })).await;
+            // Give the refusal time to arrive before the connection goes.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            self.host.send(Command::Disconnect(peer)).await;
+            return;
+        };
+        self.serve(peer, how.as_str(), hello, ctl).await;
+    }
+
+    async fn serve(&self, peer: PeerId, how: &str, hello: Hello, mut ctl: Control) {
+        // A reconnecting agent replaces its old session: free its ports first.
+        self.registry.end(&peer).await;
+        let mut grants = self.leases.acquire(peer, &hello.tunnels).await;
+        self.metrics.leases.set(self.leases.count() as i64);
+        let cancel = CancellationToken::new();
+        let mut ports = Vec::new();
+        for g in grants.iter_mut() {
+            match &g.outcome {
+                LeaseOutcome::Granted { port } => match listener::bind(self.bind, port.get()).await {
+                    Ok(l) => {
+                        let stats = Arc::new(TunnelStats::new(&self.metrics, &peer, g.name.clone(), *port));
+                        ports.push(PublicPort { agent: peer, stats, listener: l });
+                    }
+                    Err(e) => {
+                        tracing::error!(%peer, tunnel = %g.name, %port, error = %e, "cannot bind leased port");
+                        g.outcome = LeaseOutcome::Refused {
+                            code: LeaseRefusal::BindFailed,
+                            message: format!("gateway cannot bind port {port}: {e}"),
+                        };
+                    }
+                },
+                LeaseOutcome::Refused { code, message } => {
+                    self.metrics.refuse(code.as_str());
+                    tracing::warn!(%peer, tunnel = %g.name, code = code.as_str(), %message, "lease refused");
+                }
+            }
+        }
+        let welcome = Welcome { version: WIRE_VERSION, public_hosts: self.public_hosts.clone(), leases: grants.clone() };
+        if let Err(e) = write_control(&mut ctl, &ControlMessage::Welcome(welcome)).await {
+            tracing::info!(%peer, error = %e, "agent left before welcome");
+            return;
+        }
+        let tunnels: Vec<_> = ports.iter().map(|p| p.stats.clone()).collect();
+        let n_ports = ports.len();
+        let tasks = ports.into_iter().map(|p| tokio::spawn(p.serve(self.dataplane.clone(), cancel.clone()))).collect();
+        let remote = self.host.state.remote_addr(&peer);
+        tracing::info!(
+            %peer, admitted = how, remote = remote.as_ref().map(|a| a.to_string()).unwrap_or_default(),
+            tunnels = %describe(&grants), "agent session up"
+        );
+        let id = self.registry.register(peer, NewSession { remote, tunnels, cancel: cancel.clone(), tasks });
+        self.metrics.sessions_opened.inc();
+        self.metrics.sessions_active.inc();
+        self.metrics.tunnels_active.inc_by(n_ports as i64);
+
+        // The session lives as long as the control stream; nothing more is expected on it.
+        let end = tokio::select! {
+            r = read_control(&mut ctl) => match r {
+                Ok(msg) => { self.metrics.bad_input("unexpected_message"); format!("unexpected {msg:?}") }
+                Err(WireError::Truncated) => "agent closed the session".into(),
+                Err(e) => e.to_string(),
+            },
+            _ = cancel.cancelled() => "replaced by a new session".into(),
+        };
+        cancel.cancel();
+        self.registry.unregister(&peer, id);
+        self.metrics.sessions_active.dec();
+        self.metrics.tunnels_active.dec_by(n_ports as i64);
+        tracing::info!(%peer, reason = %end, "agent session down; its public ports refuse connections until it returns");
+    }
+
+    async fn refuse(&self, peer: PeerId, ctl: &mut Control, code: RefusalCode, message: String, kind: &str) {
+        self.metrics.bad_input(kind);
+        self.metrics.refuse(code.as_str());
+        tracing::warn!(%peer, code = code.as_str(), %message, "refused control stream");
+        let _ = write_control(ctl, &ControlMessage::Refused(Refusal { code, message })).await;
+    }
+}
+
+fn describe(grants: &[LeaseGrant]) -> String {
+    grants
+        .iter()
+        .map(|g| match &g.outcome {
+            LeaseOutcome::Granted { port } => format!("{}=:{port}", g.name),
+            LeaseOutcome::Refused { code, .. } => format!("{}=refused({})", g.name, code.as_str()),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
