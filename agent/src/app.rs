@@ -5,7 +5,7 @@ use std::{os::unix::fs::PermissionsExt, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use libp2p::identity::Keypair;
-use relaygate_common::{identity, names::Secret, protocol::TUNNEL_PROTOCOL, shutdown};
+use relaygate_common::{identity, names::Secret, shutdown};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{admin, config::AgentConfig, host, metrics::Metrics, session::Session, state::AgentState, tunnel::Tunnels};
@@ -38,13 +38,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let admin_listen = cfg.admin_listen();
     let admin_auth = cfg.admin.auth(admin_listen)?;
 
-    let host = host::start(key, &cfg, metrics.clone())?;
+    let (host, incoming) = host::start(key, &cfg, metrics.clone())?;
     let gateway = cfg.gateway_peer()?;
-    let incoming = host
-        .control
-        .clone()
-        .accept(TUNNEL_PROTOCOL)
-        .map_err(|_| anyhow::anyhow!("tunnel protocol registered twice"))?;
     let tracker = TaskTracker::new();
     let tunnels = Arc::new(Tunnels::new(&cfg.tunnels, host.peer_id, gateway, metrics.clone(), cfg.connect_timeout));
     let accept = tokio::spawn(tunnels.run(incoming, tracker.clone()));

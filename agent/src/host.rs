@@ -12,7 +12,12 @@ use libp2p::{
     swarm::{dial_opts::DialOpts, dial_opts::PeerCondition, ConnectionId, NetworkBehaviour, SwarmEvent},
     Multiaddr, PeerId,
 };
-use relaygate_common::{metrics::Side, transport};
+use relaygate_common::{
+    metrics::Side,
+    protocol::TUNNEL_PROTOCOL,
+    streams::{self, Incoming},
+    transport,
+};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{config::AgentConfig, metrics::Metrics};
@@ -21,7 +26,7 @@ use crate::{config::AgentConfig, metrics::Metrics};
 pub struct Behaviour {
     identify: identify::Behaviour,
     ping: ping::Behaviour,
-    streams: libp2p_stream::Behaviour,
+    streams: streams::Behaviour,
 }
 
 type DialReply = oneshot::Sender<Result<Multiaddr, String>>;
@@ -34,7 +39,7 @@ enum Command {
 #[derive(Clone)]
 pub struct HostHandle {
     pub peer_id: PeerId,
-    pub control: libp2p_stream::Control,
+    pub control: streams::Control,
     commands: mpsc::Sender<Command>,
 }
 
@@ -51,24 +56,30 @@ impl HostHandle {
     }
 }
 
-pub fn start(key: Keypair, cfg: &AgentConfig, metrics: Arc<Metrics>) -> Result<HostHandle, transport::BuildError> {
+pub fn start(
+    key: Keypair,
+    cfg: &AgentConfig,
+    metrics: Arc<Metrics>,
+) -> Result<(HostHandle, mpsc::Receiver<Incoming>), transport::BuildError> {
     let ping_cfg = transport::ping_config(&cfg.session);
+    // Deep enough for a burst of every stream a session may carry.
+    let (streams, control, incoming) = streams::new(vec![TUNNEL_PROTOCOL], cfg.session.max_streams);
     let swarm = transport::build_swarm(key, &cfg.session, |key| Behaviour {
         identify: identify::Behaviour::new(
             identify::Config::new("/relaygate/1.0.0".into(), key.public())
                 .with_agent_version(format!("relaygate-agent/{}", env!("CARGO_PKG_VERSION"))),
         ),
         ping: ping::Behaviour::new(ping_cfg),
-        streams: libp2p_stream::Behaviour::new(),
+        streams,
     })?;
     let (tx, rx) = mpsc::channel(16);
     let handle = HostHandle {
         peer_id: *swarm.local_peer_id(),
-        control: swarm.behaviour().streams.new_control(),
+        control,
         commands: tx,
     };
     tokio::spawn(drive(swarm, rx, metrics));
-    Ok(handle)
+    Ok((handle, incoming))
 }
 
 async fn drive(mut swarm: libp2p::Swarm<Behaviour>, mut commands: mpsc::Receiver<Command>, metrics: Arc<Metrics>) {
@@ -106,7 +117,9 @@ async fn drive(mut swarm: libp2p::Swarm<Behaviour>, mut commands: mpsc::Receiver
                 SwarmEvent::OutgoingConnectionError { connection_id, error, .. } => {
                     if let Some(reply) = pending.remove(&connection_id) { let _ = reply.send(Err(error.to_string())); }
                 }
-                SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event { peer, connection, result: Err(e) })) => {
+                SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event { peer, connection, result: Err(e) }))
+                    if !matches!(e, ping::Failure::Unsupported) =>
+                {
                     tracing::info!(%peer, error = %e, "ping failed; closing connection");
                     swarm.close_connection(connection);
                 }

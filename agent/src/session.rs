@@ -101,8 +101,7 @@ impl Session {
     /// One session, from dial to its end. `Ok` carries why it ended.
     async fn once(&self) -> Result<String, SessionError> {
         let dialled = self.dial().await?;
-        let mut control = self.host.control.clone();
-        let stream = tokio::time::timeout(WELCOME_TIMEOUT, control.open_stream(self.gateway, CONTROL_PROTOCOL))
+        let stream = tokio::time::timeout(WELCOME_TIMEOUT, self.host.control.open_stream(self.gateway, CONTROL_PROTOCOL))
             .await
             .map_err(|_| SessionError::Timeout)?
             .map_err(|e| SessionError::Stream(e.to_string()))?;

@@ -3,7 +3,6 @@
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use futures::StreamExt;
 use libp2p::PeerId;
 use prometheus_client::metrics::counter::Counter;
 use relaygate_common::{
@@ -11,6 +10,7 @@ use relaygate_common::{
     names::TunnelName,
     protocol::{StreamHeader, StreamStatus},
     splice::splice,
+    streams::Incoming,
 };
 use tokio::io::AsyncWriteExt;
 use tokio_util::{compat::FuturesAsyncReadCompatExt, task::TaskTracker};
@@ -57,8 +57,8 @@ impl Tunnels {
     }
 
     /// Serves inbound tunnel streams until the host goes away.
-    pub async fn run(self: Arc<Self>, mut incoming: libp2p_stream::IncomingStreams, tracker: TaskTracker) {
-        while let Some((peer, stream)) = incoming.next().await {
+    pub async fn run(self: Arc<Self>, mut incoming: tokio::sync::mpsc::Receiver<Incoming>, tracker: TaskTracker) {
+        while let Some(Incoming { peer, stream, .. }) = incoming.recv().await {
             if peer != self.gateway {
                 Metrics::count(&self.metrics.refusals, "stream_from_unknown_peer");
                 tracing::warn!(%peer, "tunnel stream from a peer that is not our gateway; dropped");
@@ -75,6 +75,7 @@ impl Tunnels {
                 Metrics::count(&self.metrics.bad_input, e.kind());
                 tracing::warn!(error = %e, "bad tunnel stream header");
                 let _ = stream.write_u8(StreamStatus::BadHeader as u8).await;
+                let _ = stream.shutdown().await;
                 return;
             }
             Err(_) => {
@@ -86,6 +87,7 @@ impl Tunnels {
             Metrics::count(&self.metrics.refusals, "unknown_tunnel");
             tracing::warn!(tunnel = %header.tunnel, "stream for a tunnel this agent does not have");
             let _ = stream.write_u8(StreamStatus::UnknownTunnel as u8).await;
+            let _ = stream.shutdown().await;
             return;
         };
         route.opened.inc();

@@ -11,5 +11,6 @@ pub mod names; // typed values: TunnelName, LeasePort, PortRange, Secret
 pub mod protocol; // wire formats: control messages and the tunnel stream header
 pub mod shutdown; // SIGINT/SIGTERM and the drain deadline
 pub mod splice; // bidirectional byte pump with half-close, resets and byte counters
+pub mod streams; // raw libp2p streams: open toward a peer, inbound ones from a deep queue
 pub mod telemetry; // tracing subscriber setup (text or JSON)
 pub mod transport; // the libp2p swarm both ends build: TCP+Noise+yamux, QUIC-v1, DNS, tuning

@@ -113,8 +113,8 @@ pub struct Welcome {
     pub leases: Vec<LeaseGrant>,
 }
 
+// No deny_unknown_fields here: serde does not support it together with flatten.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct LeaseGrant {
     pub name: TunnelName,
     #[serde(flatten)]
@@ -175,6 +175,8 @@ pub enum RefusalCode {
     NotAdmitted,
     UnsupportedVersion,
     BadRequest,
+    /// The gateway is draining before it exits; try again shortly.
+    ShuttingDown,
 }
 
 impl RefusalCode {
@@ -183,6 +185,7 @@ impl RefusalCode {
             RefusalCode::NotAdmitted => "not_admitted",
             RefusalCode::UnsupportedVersion => "unsupported_version",
             RefusalCode::BadRequest => "bad_request",
+            RefusalCode::ShuttingDown => "shutting_down",
         }
     }
 }
@@ -489,6 +492,21 @@ mod tests {
 
         let mut r = &buf[..buf.len() - 1];
         assert!(matches!(read_control(&mut r).await, Err(WireError::Truncated)));
+
+        let welcome = ControlMessage::Welcome(Welcome {
+            version: WIRE_VERSION,
+            public_hosts: vec!["/dns4/gw.example.com".into()],
+            leases: vec![
+                LeaseGrant { name: "a".parse().unwrap(), outcome: LeaseOutcome::Granted { port: LeasePort::new(20000).unwrap() } },
+                LeaseGrant {
+                    name: "b".parse().unwrap(),
+                    outcome: LeaseOutcome::Refused { code: LeaseRefusal::PortHeld, message: "held".into() },
+                },
+            ],
+        });
+        let mut buf = Vec::new();
+        write_control(&mut buf, &welcome).await.unwrap();
+        assert_eq!(read_control(&mut &buf[..]).await.unwrap(), welcome);
 
         let huge = (MAX_CONTROL_FRAME as u32 + 1).to_be_bytes();
         assert!(matches!(read_control(&mut &huge[..]).await, Err(WireError::Oversized(_))));

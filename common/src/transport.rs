@@ -21,7 +21,8 @@ pub struct SessionTuning {
     /// A session silent for this long is dead.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
-    /// Concurrent streams per session (one per tunnelled connection).
+    /// Concurrent streams per session (one per tunnelled connection); TCP
+    /// sessions are capped at 4096 by yamux, QUIC sessions take the full number.
     pub max_streams: usize,
 }
 
@@ -31,15 +32,20 @@ impl Default for SessionTuning {
     }
 }
 
+/// yamux requires 256 KiB of receive window per stream within its fixed 1 GiB
+/// connection window, so TCP sessions carry at most this many streams.
+pub const YAMUX_MAX_STREAMS: usize = 4096;
+
 pub fn build_swarm<B: NetworkBehaviour>(
     key: Keypair,
     tuning: &SessionTuning,
     make: impl FnOnce(&Keypair) -> B,
 ) -> Result<Swarm<B>, BuildError> {
     let max_streams = tuning.max_streams;
+    let yamux_streams = max_streams.min(YAMUX_MAX_STREAMS);
     let yamux_cfg = move || {
         let mut c = yamux::Config::default();
-        c.set_max_num_streams(max_streams);
+        c.set_max_num_streams(yamux_streams);
         c
     };
     let keepalive = tuning.keepalive;

@@ -8,7 +8,6 @@ use libp2p::{identity::Keypair, multiaddr::Protocol, Multiaddr};
 use relaygate_common::{
     identity::{self, KeySource},
     names::Secret,
-    protocol::CONTROL_PROTOCOL,
     shutdown,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -17,7 +16,7 @@ use crate::{
     admin,
     admission::{self, Admission},
     config::GatewayConfig,
-    host::{self, Command},
+    host,
     lease::{Leases, PortPolicy},
     listener::DataPlane,
     metrics::Metrics,
@@ -74,12 +73,7 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     let admin_listen = cfg.admin_listen();
     let admin_auth = cfg.admin.auth(admin_listen)?;
 
-    let host = host::start(key, &cfg, metrics.clone())?;
-    let incoming = host
-        .control
-        .clone()
-        .accept(CONTROL_PROTOCOL)
-        .map_err(|_| anyhow::anyhow!("control protocol registered twice"))?;
+    let (host, incoming) = host::start(key, &cfg, metrics.clone())?;
     let registry = Arc::new(AgentRegistry::default());
     let dataplane = Arc::new(DataPlane {
         control: host.control.clone(),
@@ -119,8 +113,9 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
 
     let sig = shutdown::signal_received().await;
     tracing::info!(signal = sig, grace = ?cfg.shutdown_grace, "stopping: no new connections, draining open ones");
+    // libp2p listeners stay open: closing the QUIC one would close every
+    // session on it. New sessions are refused instead (see session.rs).
     dataplane.stop_accepting.cancel();
-    host.send(Command::StopListening).await;
     let left = shutdown::drain(&dataplane.tracker, cfg.shutdown_grace).await;
     if left > 0 {
         tracing::warn!(open = left, "grace period over; closing remaining connections");
@@ -157,7 +152,17 @@ fn print_banner(
     }
     s.push_str(&format!("  ports     {} (leased to tunnels)\n", cfg.leases.port_range));
     s.push_str(&format!("  admin     http://{admin}/v1/agents\n\n"));
-    let gw: Vec<String> = addrs.iter().take(2).map(|a| format!("--gateway {a}")).collect();
+    // One QUIC and one TCP address of the first host: QUIC is tried first, TCP is the fallback.
+    let is_quic = |a: &Multiaddr| a.iter().any(|p| matches!(p, Protocol::QuicV1));
+    let first_host = addrs.first().and_then(|a| a.iter().next());
+    let same_host: Vec<&Multiaddr> = addrs.iter().filter(|a| a.iter().next() == first_host).collect();
+    let gw: Vec<String> = same_host
+        .iter()
+        .find(|a| is_quic(a))
+        .into_iter()
+        .chain(same_host.iter().find(|a| !is_quic(a)))
+        .map(|a| format!("--gateway {a}"))
+        .collect();
     s.push_str("Run an agent next to your node with:\n");
     match token {
         Some((t, true)) => {

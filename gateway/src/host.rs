@@ -14,7 +14,12 @@ use libp2p::{
     swarm::{NetworkBehaviour, SwarmEvent},
     Multiaddr, PeerId,
 };
-use relaygate_common::{metrics::Side, transport};
+use relaygate_common::{
+    metrics::Side,
+    protocol::CONTROL_PROTOCOL,
+    streams::{self, Incoming},
+    transport,
+};
 use tokio::sync::mpsc;
 
 use crate::{config::GatewayConfig, metrics::Metrics};
@@ -25,7 +30,7 @@ pub const IDENTIFY_PROTOCOL: &str = "/relaygate/1.0.0";
 pub struct Behaviour {
     identify: identify::Behaviour,
     ping: ping::Behaviour,
-    streams: libp2p_stream::Behaviour,
+    streams: streams::Behaviour,
 }
 
 /// What the rest of the gateway can read about the host.
@@ -59,14 +64,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub enum Command {
     /// Drop every connection to a peer (refused agents).
     Disconnect(PeerId),
-    /// Stop accepting new libp2p connections (shutdown).
-    StopListening,
 }
 
 #[derive(Clone)]
 pub struct HostHandle {
     pub peer_id: PeerId,
-    pub control: libp2p_stream::Control,
+    pub control: streams::Control,
     pub state: Arc<HostState>,
     commands: mpsc::Sender<Command>,
 }
@@ -86,13 +89,21 @@ pub enum HostError {
 }
 
 /// Builds the swarm, starts listening and spawns the driver task.
-pub fn start(key: Keypair, cfg: &GatewayConfig, metrics: Arc<Metrics>) -> Result<HostHandle, HostError> {
+/// Queue of control streams waiting for their session task.
+const CONTROL_QUEUE: usize = 1024;
+
+pub fn start(
+    key: Keypair,
+    cfg: &GatewayConfig,
+    metrics: Arc<Metrics>,
+) -> Result<(HostHandle, mpsc::Receiver<Incoming>), HostError> {
     let ping_cfg = transport::ping_config(&cfg.session);
+    let (streams, control, incoming) = streams::new(vec![CONTROL_PROTOCOL], CONTROL_QUEUE);
     let mut swarm = transport::build_swarm(key, &cfg.session, |key| Behaviour {
         identify: identify::Behaviour::new(identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
             .with_agent_version(format!("relaygate-gateway/{}", env!("CARGO_PKG_VERSION")))),
         ping: ping::Behaviour::new(ping_cfg),
-        streams: libp2p_stream::Behaviour::new(),
+        streams,
     })?;
     for addr in &cfg.listen {
         swarm
@@ -106,12 +117,12 @@ pub fn start(key: Keypair, cfg: &GatewayConfig, metrics: Arc<Metrics>) -> Result
     let (tx, rx) = mpsc::channel(64);
     let handle = HostHandle {
         peer_id: *swarm.local_peer_id(),
-        control: swarm.behaviour().streams.new_control(),
+        control,
         state: state.clone(),
         commands: tx,
     };
     tokio::spawn(drive(swarm, rx, state, metrics));
-    Ok(handle)
+    Ok((handle, incoming))
 }
 
 async fn drive(
@@ -125,10 +136,6 @@ async fn drive(
         tokio::select! {
             cmd = commands.recv() => match cmd {
                 Some(Command::Disconnect(peer)) => { let _ = swarm.disconnect_peer_id(peer); }
-                Some(Command::StopListening) => {
-                    let ids: Vec<_> = lock(&state.listeners).keys().copied().collect();
-                    for id in ids { swarm.remove_listener(id); }
-                }
                 None => return,
             },
             event = swarm.select_next_some() => match event {
@@ -163,7 +170,9 @@ async fn drive(
                     metrics.refuse("handshake_failed");
                     tracing::debug!(remote = %send_back_addr, %error, "incoming libp2p connection failed");
                 }
-                SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event { peer, connection, result: Err(e) })) => {
+                SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event { peer, connection, result: Err(e) }))
+                    if !matches!(e, ping::Failure::Unsupported) =>
+                {
                     // A silent peer is a dead session: close it so its leases stop accepting.
                     tracing::info!(%peer, error = %e, "ping failed; closing session connection");
                     swarm.close_connection(connection);

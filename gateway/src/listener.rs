@@ -29,7 +29,7 @@ const STATUS_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Shared by every public port.
 pub struct DataPlane {
-    pub control: libp2p_stream::Control,
+    pub control: relaygate_common::streams::Control,
     pub metrics: Arc<Metrics>,
     /// Tracks every public connection, so shutdown can drain them.
     pub tracker: TaskTracker,
@@ -105,8 +105,8 @@ impl Connection {
 
     async fn forward(&mut self) -> io::Result<()> {
         let destination = self.tcp.local_addr()?;
-        let mut control = self.dp.control.clone();
-        let stream = match tokio::time::timeout(OPEN_TIMEOUT, control.open_stream(self.agent, TUNNEL_PROTOCOL)).await {
+        let open = self.dp.control.open_stream(self.agent, TUNNEL_PROTOCOL);
+        let stream = match tokio::time::timeout(OPEN_TIMEOUT, open).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 self.dp.metrics.dial_failures.get_or_create(&reason("open_stream")).inc();

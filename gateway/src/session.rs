@@ -4,14 +4,15 @@
 
 use std::{sync::Arc, time::Duration};
 
-use futures::StreamExt;
 use libp2p::{PeerId, Stream};
 use relaygate_common::{
+    streams::Incoming,
     protocol::{
         read_control, write_control, ControlMessage, Hello, LeaseGrant, LeaseOutcome, LeaseRefusal, Refusal,
         RefusalCode, Welcome, WireError, WIRE_VERSION,
     },
 };
+use tokio::io::AsyncWriteExt;
 use tokio_util::{compat::FuturesAsyncReadCompatExt, sync::CancellationToken};
 
 use crate::{
@@ -42,8 +43,8 @@ type Control = tokio_util::compat::Compat<Stream>;
 
 impl Sessions {
     /// Serves control streams until the host goes away.
-    pub async fn run(self: Arc<Self>, mut incoming: libp2p_stream::IncomingStreams) {
-        while let Some((peer, stream)) = incoming.next().await {
+    pub async fn run(self: Arc<Self>, mut incoming: tokio::sync::mpsc::Receiver<Incoming>) {
+        while let Some(Incoming { peer, stream, .. }) = incoming.recv().await {
             tokio::spawn(self.clone().handle(peer, stream.compat()));
         }
     }
@@ -51,14 +52,14 @@ impl Sessions {
     async fn handle(self: Arc<Self>, peer: PeerId, mut ctl: Control) {
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, read_control(&mut ctl)).await {
             Ok(Ok(ControlMessage::Hello(h))) => h,
-            Ok(Ok(_)) => return self.refuse(peer, &mut ctl, RefusalCode::BadRequest, "expected hello".into(), "unexpected_message").await,
+            Ok(Ok(_)) => return self.refuse(peer, &mut ctl, RefusalCode::BadRequest, "expected hello".into(), Some("unexpected_message")).await,
             Ok(Err(WireError::Version(v))) => {
                 let msg = format!("wire version {v} is not supported; this gateway speaks {WIRE_VERSION}: upgrade the older side");
-                return self.refuse(peer, &mut ctl, RefusalCode::UnsupportedVersion, msg, "version").await;
+                return self.refuse(peer, &mut ctl, RefusalCode::UnsupportedVersion, msg, Some("version")).await;
             }
             Ok(Err(e)) => {
                 let kind = e.kind();
-                return self.refuse(peer, &mut ctl, RefusalCode::BadRequest, e.to_string(), kind).await;
+                return self.refuse(peer, &mut ctl, RefusalCode::BadRequest, e.to_string(), Some(kind)).await;
             }
             Err(_) => {
                 self.metrics.bad_input("hello_timeout");
@@ -66,6 +67,10 @@ impl Sessions {
                 return;
             }
         };
+        if self.dataplane.stop_accepting.is_cancelled() {
+            let msg = "the gateway is shutting down; retry shortly".to_string();
+            return self.refuse(peer, &mut ctl, RefusalCode::ShuttingDown, msg, None).await;
+        }
         let Some(how) = self.admission.check(&peer, hello.token.as_deref()) else {
             self.metrics.refuse("not_admitted");
             tracing::warn!(%peer, "refused agent: not on admission.allow and no valid join token");
@@ -73,6 +78,7 @@ impl Sessions {
                 "peer {peer} is not admitted: add it to the gateway's admission.allow, or start the agent with the gateway's join token"
             );
             let _ = write_control(&mut ctl, &ControlMessage::Refused(Refusal { code: RefusalCode::NotAdmitted, message: msg })).await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), ctl.shutdown()).await;
             // Give the refusal time to arrive before the connection goes.
             tokio::time::sleep(Duration::from_millis(200)).await;
             self.host.send(Command::Disconnect(peer)).await;
@@ -137,17 +143,23 @@ impl Sessions {
             _ = cancel.cancelled() => "replaced by a new session".into(),
         };
         cancel.cancel();
+        // Close, not drop: a dropped QUIC stream is reset and may lose what was written.
+        let _ = tokio::time::timeout(Duration::from_secs(1), ctl.shutdown()).await;
         self.registry.unregister(&peer, id);
         self.metrics.sessions_active.dec();
         self.metrics.tunnels_active.dec_by(n_ports as i64);
         tracing::info!(%peer, reason = %end, "agent session down; its public ports refuse connections until it returns");
     }
 
-    async fn refuse(&self, peer: PeerId, ctl: &mut Control, code: RefusalCode, message: String, kind: &str) {
-        self.metrics.bad_input(kind);
+    /// Answers `Refused`; `bad` names the kind of bad input, when it was that.
+    async fn refuse(&self, peer: PeerId, ctl: &mut Control, code: RefusalCode, message: String, bad: Option<&str>) {
+        if let Some(kind) = bad {
+            self.metrics.bad_input(kind);
+        }
         self.metrics.refuse(code.as_str());
         tracing::warn!(%peer, code = code.as_str(), %message, "refused control stream");
         let _ = write_control(ctl, &ControlMessage::Refused(Refusal { code, message })).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), ctl.shutdown()).await;
     }
 }
 

@@ -1,0 +1,263 @@
+//! Raw libp2p streams for our own protocols: open one toward a connected
+//! peer, and receive inbound ones from a queue.
+//!
+//! Written for relaygate rather than using `libp2p-stream` because a tunnel
+//! opens one stream per public connection, in bursts: `libp2p-stream` holds a
+//! single inbound slot (a burst silently drops streams) and opens outbound
+//! streams one at a time per connection. Here inbound streams go to a deep
+//! queue (a full queue drops and counts), and outbound opens run concurrently.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    convert::Infallible,
+    future::{ready, Ready},
+    io,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    task::{Context, Poll},
+};
+
+use libp2p::{
+    core::{
+        transport::PortUse,
+        upgrade::{InboundUpgrade, ReadyUpgrade, UpgradeInfo},
+        Endpoint,
+    },
+    swarm::{
+        handler::{ConnectionEvent, DialUpgradeError, FullyNegotiatedInbound, FullyNegotiatedOutbound},
+        ConnectionClosed, ConnectionDenied, ConnectionHandler, ConnectionHandlerEvent, ConnectionId, FromSwarm,
+        NetworkBehaviour, NotifyHandler, StreamUpgradeError, SubstreamProtocol, THandler, THandlerInEvent,
+        THandlerOutEvent, ToSwarm,
+    },
+    Multiaddr, PeerId, Stream, StreamProtocol,
+};
+use tokio::sync::{mpsc, oneshot};
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("not connected to {0}")]
+    NotConnected(PeerId),
+    #[error("remote does not support {0}")]
+    Unsupported(StreamProtocol),
+    #[error("stream negotiation timed out")]
+    Timeout,
+    #[error("i/o: {0}")]
+    Io(#[from] io::Error),
+    #[error("connection closed while opening the stream")]
+    Closed,
+}
+
+/// An inbound stream for one of the accepted protocols.
+pub struct Incoming {
+    pub peer: PeerId,
+    pub protocol: StreamProtocol,
+    pub stream: Stream,
+}
+
+/// A request to open a stream, routed to one connection's handler.
+#[derive(Debug)]
+pub struct OpenRequest {
+    peer: PeerId,
+    protocol: StreamProtocol,
+    reply: oneshot::Sender<Result<Stream, OpenError>>,
+}
+
+struct Inbound {
+    protocols: Vec<StreamProtocol>,
+    queue: mpsc::Sender<Incoming>,
+    dropped: AtomicU64,
+}
+
+/// Opens streams; cheap to clone, usable from any task.
+#[derive(Clone)]
+pub struct Control {
+    requests: mpsc::UnboundedSender<OpenRequest>,
+    inbound: Arc<Inbound>,
+}
+
+impl Control {
+    /// Opens a stream to `peer` over its newest connection. Does not dial.
+    pub async fn open_stream(&self, peer: PeerId, protocol: StreamProtocol) -> Result<Stream, OpenError> {
+        let (reply, rx) = oneshot::channel();
+        self.requests.send(OpenRequest { peer, protocol, reply }).map_err(|_| OpenError::Closed)?;
+        rx.await.map_err(|_| OpenError::Closed)?
+    }
+
+    /// Inbound streams dropped because the queue was full.
+    pub fn inbound_dropped(&self) -> u64 {
+        self.inbound.dropped.load(Ordering::Relaxed)
+    }
+}
+
+pub struct Behaviour {
+    requests: mpsc::UnboundedReceiver<OpenRequest>,
+    inbound: Arc<Inbound>,
+    connections: HashMap<PeerId, Vec<ConnectionId>>,
+}
+
+/// Builds the behaviour, its control, and the queue of inbound streams for
+/// `accept` (at most `queue` waiting before new ones are dropped).
+pub fn new(accept: Vec<StreamProtocol>, queue: usize) -> (Behaviour, Control, mpsc::Receiver<Incoming>) {
+    let (tx, rx) = mpsc::channel(queue.max(1));
+    let (req_tx, req_rx) = mpsc::unbounded_channel();
+    let inbound = Arc::new(Inbound { protocols: accept, queue: tx, dropped: AtomicU64::new(0) });
+    let control = Control { requests: req_tx, inbound: inbound.clone() };
+    (Behaviour { requests: req_rx, inbound, connections: HashMap::new() }, control, rx)
+}
+
+impl Behaviour {
+    fn handler(&self, peer: PeerId) -> Handler {
+        Handler { peer, inbound: self.inbound.clone(), pending: VecDeque::new() }
+    }
+}
+
+impl NetworkBehaviour for Behaviour {
+    type ConnectionHandler = Handler;
+    type ToSwarm = Infallible;
+
+    fn handle_established_inbound_connection(
+        &mut self,
+        _: ConnectionId,
+        peer: PeerId,
+        _: &Multiaddr,
+        _: &Multiaddr,
+    ) -> Result<THandler<Self>, ConnectionDenied> {
+        Ok(self.handler(peer))
+    }
+
+    fn handle_established_outbound_connection(
+        &mut self,
+        _: ConnectionId,
+        peer: PeerId,
+        _: &Multiaddr,
+        _: Endpoint,
+        _: PortUse,
+    ) -> Result<THandler<Self>, ConnectionDenied> {
+        Ok(self.handler(peer))
+    }
+
+    fn on_swarm_event(&mut self, event: FromSwarm) {
+        match event {
+            FromSwarm::ConnectionEstablished(e) => {
+                self.connections.entry(e.peer_id).or_default().push(e.connection_id);
+            }
+            FromSwarm::ConnectionClosed(ConnectionClosed { peer_id, connection_id, .. }) => {
+                if let Some(v) = self.connections.get_mut(&peer_id) {
+                    v.retain(|c| *c != connection_id);
+                    if v.is_empty() {
+                        self.connections.remove(&peer_id);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_connection_handler_event(&mut self, _: PeerId, _: ConnectionId, event: THandlerOutEvent<Self>) {
+        match event {}
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
+        while let Poll::Ready(Some(req)) = self.requests.poll_recv(cx) {
+            // The newest connection is the one most likely alive after a reconnect.
+            match self.connections.get(&req.peer).and_then(|v| v.last()) {
+                Some(conn) => {
+                    return Poll::Ready(ToSwarm::NotifyHandler {
+                        peer_id: req.peer,
+                        handler: NotifyHandler::One(*conn),
+                        event: req,
+                    })
+                }
+                None => {
+                    let _ = req.reply.send(Err(OpenError::NotConnected(req.peer)));
+                }
+            }
+        }
+        Poll::Pending
+    }
+}
+
+pub struct Handler {
+    peer: PeerId,
+    inbound: Arc<Inbound>,
+    pending: VecDeque<OpenRequest>,
+}
+
+type Reply = (StreamProtocol, oneshot::Sender<Result<Stream, OpenError>>);
+
+impl ConnectionHandler for Handler {
+    type FromBehaviour = OpenRequest;
+    type ToBehaviour = Infallible;
+    type InboundProtocol = Protocols;
+    type OutboundProtocol = ReadyUpgrade<StreamProtocol>;
+    type InboundOpenInfo = ();
+    type OutboundOpenInfo = Reply;
+
+    fn listen_protocol(&self) -> SubstreamProtocol<Self::InboundProtocol> {
+        SubstreamProtocol::new(Protocols(self.inbound.protocols.clone()), ())
+    }
+
+    fn poll(
+        &mut self,
+        _: &mut Context<'_>,
+    ) -> Poll<ConnectionHandlerEvent<Self::OutboundProtocol, Self::OutboundOpenInfo, Self::ToBehaviour>> {
+        match self.pending.pop_front() {
+            Some(req) => Poll::Ready(ConnectionHandlerEvent::OutboundSubstreamRequest {
+                protocol: SubstreamProtocol::new(ReadyUpgrade::new(req.protocol.clone()), (req.protocol, req.reply)),
+            }),
+            None => Poll::Pending,
+        }
+    }
+
+    fn on_behaviour_event(&mut self, req: OpenRequest) {
+        self.pending.push_back(req);
+    }
+
+    fn on_connection_event(&mut self, event: ConnectionEvent<Self::InboundProtocol, Self::OutboundProtocol, (), Reply>) {
+        match event {
+            ConnectionEvent::FullyNegotiatedInbound(FullyNegotiatedInbound { protocol: (stream, protocol), .. }) => {
+                let incoming = Incoming { peer: self.peer, protocol, stream };
+                if self.inbound.queue.try_send(incoming).is_err() {
+                    self.inbound.dropped.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(peer = %self.peer, "inbound stream queue full; stream dropped");
+                }
+            }
+            ConnectionEvent::FullyNegotiatedOutbound(FullyNegotiatedOutbound { protocol: stream, info: (_, reply) }) => {
+                let _ = reply.send(Ok(stream));
+            }
+            ConnectionEvent::DialUpgradeError(DialUpgradeError { info: (protocol, reply), error }) => {
+                let e = match error {
+                    StreamUpgradeError::Timeout => OpenError::Timeout,
+                    StreamUpgradeError::NegotiationFailed => OpenError::Unsupported(protocol),
+                    StreamUpgradeError::Io(e) => OpenError::Io(e),
+                    StreamUpgradeError::Apply(never) => match never {},
+                };
+                let _ = reply.send(Err(e));
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Inbound upgrade accepting any of several protocols, keeping which one was chosen.
+#[derive(Clone)]
+pub struct Protocols(Vec<StreamProtocol>);
+
+impl UpgradeInfo for Protocols {
+    type Info = StreamProtocol;
+    type InfoIter = std::vec::IntoIter<StreamProtocol>;
+    fn protocol_info(&self) -> Self::InfoIter {
+        self.0.clone().into_iter()
+    }
+}
+
+impl InboundUpgrade<Stream> for Protocols {
+    type Output = (Stream, StreamProtocol);
+    type Error = Infallible;
+    type Future = Ready<Result<Self::Output, Infallible>>;
+    fn upgrade_inbound(self, stream: Stream, protocol: StreamProtocol) -> Self::Future {
+        ready(Ok((stream, protocol)))
+    }
+}

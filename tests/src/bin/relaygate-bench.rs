@@ -1,0 +1,345 @@
+//! relaygate-bench: measures a tunnel through gateway + agent against direct
+//! loopback in the same run, and writes BENCHMARKS.md.
+//!
+//!   cargo run --release -p relaygate-tests --bin relaygate-bench            # full: 3 runs, medians
+//!   cargo run -p relaygate-tests --bin relaygate-bench -- --quick --output /tmp/b.md   # CI smoke
+//!
+//! Figures: throughput with 1 and 8 streams, 64-byte ping-pong RTT p50/p99,
+//! new connections per second (connect, 1-byte echo, close), and RSS per idle
+//! tunnelled connection on the gateway and the agent (RSS at 0 and N held).
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use clap::Parser;
+use relaygate_tests::stack::{here, Agent, Gateway, GatewaySpec, Transport};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+
+#[derive(Parser)]
+struct Args {
+    /// Short smoke run (1 run, short durations, 200 idle connections).
+    #[arg(long)]
+    quick: bool,
+    /// Runs to take medians over.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Seconds per throughput and connection-rate measurement.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Idle connections held for the memory figures (also measured at 1,000 when larger).
+    #[arg(long, default_value_t = 10_000)]
+    idle: usize,
+    /// Session transport between agent and gateway.
+    #[arg(long, default_value = "quic")]
+    transport: String,
+    /// Where to write the report.
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    output: PathBuf,
+}
+
+#[derive(Clone, Debug, Default)]
+struct Figures {
+    tput1: f64,
+    tput8: f64,
+    p50_us: f64,
+    p99_us: f64,
+    conns_per_s: f64,
+}
+
+#[derive(Clone, Debug, Default)]
+struct Memory {
+    held: usize,
+    gw_kib_per_conn: f64,
+    agent_kib_per_conn: f64,
+    gw_total_mib: f64,
+    agent_total_mib: f64,
+}
+
+fn main() -> anyhow::Result<()> {
+    let mut a = Args::parse();
+    if a.quick {
+        a.runs = 1;
+        a.seconds = 1.0;
+        a.idle = 200;
+    }
+    raise_nofile();
+    let transport = if a.transport == "tcp" { Transport::Tcp } else { Transport::Quic };
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let (sink, echo) = rt.block_on(async { Ok::<_, anyhow::Error>((start_sink().await?, start_echo().await?)) })?;
+
+    let gw = Gateway::start(&here, GatewaySpec::default());
+    let agent = Agent::start(
+        &here,
+        &gw,
+        transport,
+        &[format!("sink={sink}"), format!("echo={echo}")],
+        true,
+        &["--set".into(), "log.level=warn".into()],
+    );
+    let sink_port = agent.wait_leased("sink", Duration::from_secs(30)).map_err(anyhow::Error::msg)?;
+    let echo_port = agent.wait_leased("echo", Duration::from_secs(30)).map_err(anyhow::Error::msg)?;
+    let tunnel_sink: SocketAddr = ([127, 0, 0, 1], sink_port).into();
+    let tunnel_echo: SocketAddr = ([127, 0, 0, 1], echo_port).into();
+
+    let d = Duration::from_secs_f64(a.seconds);
+    let mut direct = Vec::new();
+    let mut tunnel = Vec::new();
+    for run in 0..a.runs {
+        eprintln!("run {}/{}", run + 1, a.runs);
+        direct.push(rt.block_on(measure(sink, echo, d))?);
+        tunnel.push(rt.block_on(measure(tunnel_sink, tunnel_echo, d))?);
+    }
+    let mut memory = Vec::new();
+    let steps: Vec<usize> = if a.idle > 1000 { vec![1000, a.idle] } else { vec![a.idle] };
+    for n in steps {
+        memory.push(rt.block_on(idle_memory(tunnel_echo, n, gw.proc.pid(), agent.proc.pid()))?);
+    }
+    let report = render(&a, transport, &direct, &tunnel, &memory);
+    println!("{report}");
+    std::fs::write(&a.output, &report)?;
+    eprintln!("wrote {}", a.output.display());
+    Ok(())
+}
+
+async fn measure(sink: SocketAddr, echo: SocketAddr, d: Duration) -> anyhow::Result<Figures> {
+    let tput1 = throughput(sink, 1, d).await?;
+    let tput8 = throughput(sink, 8, d).await?;
+    let (p50_us, p99_us) = rtt(echo, 2000).await?;
+    let conns_per_s = conn_rate(echo, 4, d).await?;
+    Ok(Figures { tput1, tput8, p50_us, p99_us, conns_per_s })
+}
+
+/// Gbit/s pushed through `streams` connections for `d`, counted as bytes the sink acknowledged.
+async fn throughput(sink: SocketAddr, streams: usize, d: Duration) -> anyhow::Result<f64> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    let start = Instant::now();
+    for _ in 0..streams {
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut s = TcpStream::connect(sink).await?;
+            s.set_nodelay(true)?;
+            let buf = vec![0x5au8; 128 * 1024];
+            let mut sent = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                s.write_all(&buf).await?;
+                sent += buf.len() as u64;
+            }
+            s.shutdown().await?;
+            // the sink answers with the byte count it read, after our EOF
+            let got = s.read_u64().await?;
+            anyhow::ensure!(got == sent, "sink read {got} of {sent} bytes");
+            Ok::<u64, anyhow::Error>(got)
+        }));
+    }
+    tokio::time::sleep(d).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    for t in tasks {
+        total += t.await??;
+    }
+    Ok(total as f64 * 8.0 / start.elapsed().as_secs_f64() / 1e9)
+}
+
+async fn rtt(echo: SocketAddr, n: usize) -> anyhow::Result<(f64, f64)> {
+    let mut s = TcpStream::connect(echo).await?;
+    s.set_nodelay(true)?;
+    let msg = [0x42u8; 64];
+    let mut back = [0u8; 64];
+    for _ in 0..100 {
+        s.write_all(&msg).await?;
+        s.read_exact(&mut back).await?;
+    }
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        s.write_all(&msg).await?;
+        s.read_exact(&mut back).await?;
+        samples.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    samples.sort_by(|a, b| a.total_cmp(b));
+    Ok((samples[n / 2], samples[(n * 99) / 100]))
+}
+
+async fn conn_rate(echo: SocketAddr, workers: usize, d: Duration) -> anyhow::Result<f64> {
+    let count = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + d;
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..workers {
+        let count = count.clone();
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < deadline {
+                let mut s = TcpStream::connect(echo).await?;
+                s.set_nodelay(true)?;
+                s.write_all(b"x").await?;
+                let mut b = [0u8; 1];
+                s.read_exact(&mut b).await?;
+                drop(s);
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok::<(), anyhow::Error>(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(count.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64())
+}
+
+async fn idle_memory(echo: SocketAddr, n: usize, gw: u32, agent: u32) -> anyhow::Result<Memory> {
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (g0, a0) = (rss_kib(gw)?, rss_kib(agent)?);
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut s = TcpStream::connect(echo).await?;
+        // one echo proves the connection reached the target, then it idles
+        s.write_all(b"i").await?;
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await?;
+        held.push(s);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (g1, a1) = (rss_kib(gw)?, rss_kib(agent)?);
+    drop(held);
+    Ok(Memory {
+        held: n,
+        gw_kib_per_conn: (g1 as f64 - g0 as f64) / n as f64,
+        agent_kib_per_conn: (a1 as f64 - a0 as f64) / n as f64,
+        gw_total_mib: g1 as f64 / 1024.0,
+        agent_total_mib: a1 as f64 / 1024.0,
+    })
+}
+
+fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no VmRSS for {pid}"))
+}
+
+async fn start_sink() -> anyhow::Result<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let _ = s.set_nodelay(true);
+                let mut buf = vec![0u8; 128 * 1024];
+                let mut n = 0u64;
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) => break,
+                        Ok(k) => n += k as u64,
+                        Err(_) => return,
+                    }
+                }
+                let _ = s.write_u64(n).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+async fn start_echo() -> anyhow::Result<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let _ = s.set_nodelay(true);
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+fn raise_nofile() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain syscalls on a stack struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn render(a: &Args, t: Transport, direct: &[Figures], tunnel: &[Figures], memory: &[Memory]) -> String {
+    let pick = |v: &[Figures], f: fn(&Figures) -> f64| median(v.iter().map(f).collect());
+    let raw = |v: &[Figures], f: fn(&Figures) -> f64| v.iter().map(|x| format!("{:.2}", f(x))).collect::<Vec<_>>().join(", ");
+    type Row = (&'static str, fn(&Figures) -> f64, bool);
+    let rows: [Row; 5] = [
+        ("throughput, 1 stream, Gbit/s", |f| f.tput1, true),
+        ("throughput, 8 streams, Gbit/s", |f| f.tput8, true),
+        ("64-byte RTT p50, µs", |f| f.p50_us, false),
+        ("64-byte RTT p99, µs", |f| f.p99_us, false),
+        ("new connections/s (connect, 1-byte echo, close)", |f| f.conns_per_s, true),
+    ];
+    let mut s = String::new();
+    s.push_str("# relaygate benchmarks\n\n");
+    s.push_str(&format!(
+        "Command: `cargo run --release -p relaygate-tests --bin relaygate-bench{}`\n\n",
+        if a.quick { " -- --quick" } else { "" }
+    ));
+    s.push_str(&format!("Machine: {}\n\n", machine()));
+    s.push_str(&format!(
+        "Session transport agent <-> gateway: {:?} (encrypted, authenticated). Medians of {} run(s), {} s per figure; \
+         load generator, sink and echo targets run in the benchmark process on loopback.\n\n",
+        t, a.runs, a.seconds
+    ));
+    s.push_str("| figure | direct loopback | through gateway+agent | ratio |\n|---|---|---|---|\n");
+    for (name, f, higher_better) in rows {
+        let (d, x) = (pick(direct, f), pick(tunnel, f));
+        let ratio = if higher_better { format!("{:.0}% of direct", x / d * 100.0) } else { format!("{:.2}× direct", x / d) };
+        s.push_str(&format!("| {name} | {d:.2} | {x:.2} | {ratio} |\n"));
+    }
+    s.push_str("\n| idle tunnelled connections held | gateway KiB/conn | agent KiB/conn | gateway RSS MiB | agent RSS MiB |\n|---|---|---|---|---|\n");
+    for m in memory {
+        s.push_str(&format!(
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1} |\n",
+            m.held, m.gw_kib_per_conn, m.agent_kib_per_conn, m.gw_total_mib, m.agent_total_mib
+        ));
+    }
+    s.push_str("\nRaw values per run (direct | tunnel):\n\n");
+    for (name, f, _) in rows {
+        s.push_str(&format!("- {name}: {} | {}\n", raw(direct, f), raw(tunnel, f)));
+    }
+    s
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().next().map(|l| l.split_whitespace().nth(1).unwrap_or("0").parse::<u64>().unwrap_or(0) / 1024 / 1024))
+        .unwrap_or(0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let profile = if cfg!(debug_assertions) { "debug build" } else { "release build" };
+    format!("{cpu}, {cores} cores, {mem} GiB RAM, Linux {}, {profile}", kernel.trim())
+}

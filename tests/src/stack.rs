@@ -1,0 +1,339 @@
+//! Real relaygate processes for end-to-end tests and benchmarks: a gateway,
+//! agents and an echo target, each on its own free ports and temp dir.
+//! A `Launch` decides where a process runs (here, or inside a lab namespace).
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::Command,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::procs::{free_tcp_port, free_udp_port, workspace_bin, Proc};
+
+/// Builds the command that runs a binary (directly, or through `ip netns exec`).
+pub type Launch<'a> = &'a dyn Fn(&Path) -> Command;
+
+pub fn here(bin: &Path) -> Command {
+    Command::new(bin)
+}
+
+/// Which session transport an agent uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    Quic,
+    Tcp,
+}
+
+pub struct GatewaySpec {
+    /// Address libp2p and leased ports bind to.
+    pub bind: String,
+    /// Host others use to reach it (`127.0.0.1`, or the lab address).
+    pub public_ip: String,
+    pub port_range: Option<String>,
+    pub extra: Vec<String>,
+}
+
+impl Default for GatewaySpec {
+    fn default() -> Self {
+        Self { bind: "127.0.0.1".into(), public_ip: "127.0.0.1".into(), port_range: None, extra: Vec::new() }
+    }
+}
+
+pub struct Gateway {
+    pub proc: Proc,
+    pub dir: tempfile::TempDir,
+    pub tcp: u16,
+    pub quic: u16,
+    pub admin: SocketAddr,
+    pub peer_id: String,
+    pub token: String,
+    pub public_ip: String,
+    args: Vec<String>,
+}
+
+impl Gateway {
+    pub fn start(launch: Launch, spec: GatewaySpec) -> Gateway {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (tcp, quic, admin_port) = (free_tcp_port(), free_udp_port(), free_tcp_port());
+        let range = spec.port_range.clone().unwrap_or_else(|| {
+            let p = free_tcp_port();
+            format!("{p}-{}", p.saturating_add(9))
+        });
+        let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().expect("admin addr");
+        let mut args = vec![
+            "--data-dir".into(),
+            dir.path().display().to_string(),
+            "--listen".into(),
+            format!("/ip4/{}/tcp/{tcp}", spec.bind),
+            "--listen".into(),
+            format!("/ip4/{}/udp/{quic}/quic-v1", spec.bind),
+            "--admin-listen".into(),
+            admin.to_string(),
+            "--port-range".into(),
+            range,
+            "--set".into(),
+            format!("leases.bind={}", spec.bind),
+            "--log-level".into(),
+            "info,relaygate_gateway=debug".into(),
+        ];
+        if spec.public_ip != spec.bind {
+            args.push("--advertise".into());
+            args.push(format!("/ip4/{}/tcp/{tcp}", spec.public_ip));
+        }
+        args.extend(spec.extra.iter().cloned());
+        let mut gw = Gateway {
+            proc: spawn_gateway(launch, &args),
+            dir,
+            tcp,
+            quic,
+            admin,
+            peer_id: String::new(),
+            token: String::new(),
+            public_ip: spec.public_ip,
+            args,
+        };
+        gw.await_up();
+        gw.token = std::fs::read_to_string(gw.dir.path().join("join-token")).unwrap_or_default().trim().to_string();
+        gw
+    }
+
+    fn await_up(&mut self) {
+        self.proc.wait_for(|l| l.contains(" is up"), Duration::from_secs(20)).expect("gateway did not come up");
+        let line = self.proc.wait_for(|l| l.trim_start().starts_with("peer id"), Duration::from_secs(5)).expect("peer id line");
+        self.peer_id = line.split_whitespace().last().unwrap_or_default().to_string();
+    }
+
+    /// Kills the gateway with SIGKILL and starts it again on the same dir and ports.
+    pub fn crash_and_restart(&mut self, launch: Launch) {
+        self.proc.kill_hard();
+        self.proc = spawn_gateway(launch, &self.args);
+        self.await_up();
+    }
+
+    pub fn addr(&self, t: Transport) -> String {
+        match t {
+            Transport::Quic => format!("/ip4/{}/udp/{}/quic-v1/p2p/{}", self.public_ip, self.quic, self.peer_id),
+            Transport::Tcp => format!("/ip4/{}/tcp/{}/p2p/{}", self.public_ip, self.tcp, self.peer_id),
+        }
+    }
+
+    pub fn metrics(&self) -> String {
+        http_get(self.admin, "/metrics").1
+    }
+}
+
+fn spawn_gateway(launch: Launch, args: &[String]) -> Proc {
+    let mut cmd = launch(&workspace_bin("relaygate-gateway"));
+    cmd.args(args);
+    Proc::spawn("gateway", cmd)
+}
+
+pub struct Agent {
+    pub proc: Proc,
+    pub dir: tempfile::TempDir,
+    pub admin: SocketAddr,
+}
+
+impl Agent {
+    /// Starts an agent with `tunnels` (`name=host:port[@port]`), presenting the join token when `token`.
+    pub fn start(launch: Launch, gw: &Gateway, t: Transport, tunnels: &[String], token: bool, extra: &[String]) -> Agent {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Self::start_in(launch, gw, t, tunnels, token, extra, dir)
+    }
+
+    /// Same, reusing an existing data dir (same identity).
+    pub fn start_in(
+        launch: Launch,
+        gw: &Gateway,
+        t: Transport,
+        tunnels: &[String],
+        token: bool,
+        extra: &[String],
+        dir: tempfile::TempDir,
+    ) -> Agent {
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().expect("admin addr");
+        let mut cmd = launch(&workspace_bin("relaygate-agent"));
+        cmd.arg("--data-dir").arg(dir.path()).arg("--gateway").arg(gw.addr(t));
+        cmd.arg("--admin-listen").arg(admin.to_string());
+        cmd.args(["--set", "reconnect.max=2s", "--log-level", "info,relaygate_agent=debug"]);
+        for tun in tunnels {
+            cmd.arg("--tunnel").arg(tun);
+        }
+        if token {
+            cmd.env("RELAYGATE_GATEWAY__TOKEN", &gw.token);
+        }
+        cmd.args(extra);
+        Agent { proc: Proc::spawn("agent", cmd), dir, admin }
+    }
+
+    /// Waits for the log line announcing tunnel `name`'s lease; returns the port.
+    pub fn wait_leased(&self, name: &str, timeout: Duration) -> Result<u16, String> {
+        let needle = format!("tunnel={name} ");
+        let line = self.proc.wait_for(|l| l.contains("tunnel leased") && l.contains(&needle), timeout)?;
+        leased_port(&line).ok_or_else(|| format!("no port in {line}"))
+    }
+
+    /// Waits until a lease line appears after `skip` earlier ones (for reconnects).
+    pub fn wait_leased_again(&self, name: &str, seen: usize, timeout: Duration) -> Result<u16, String> {
+        let needle = format!("tunnel={name} ");
+        let deadline = Instant::now() + timeout;
+        loop {
+            let lines: Vec<String> =
+                self.proc.lines().into_iter().filter(|l| l.contains("tunnel leased") && l.contains(&needle)).collect();
+            if lines.len() > seen {
+                return leased_port(&lines[seen]).ok_or_else(|| "no port".into());
+            }
+            if Instant::now() > deadline {
+                return Err(format!("no new lease for {name} after {timeout:?}"));
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn lease_count(&self, name: &str) -> usize {
+        let needle = format!("tunnel={name} ");
+        self.proc.lines().iter().filter(|l| l.contains("tunnel leased") && l.contains(&needle)).count()
+    }
+}
+
+fn leased_port(line: &str) -> Option<u16> {
+    // strip ANSI colour codes before looking for `port=`
+    let plain = strip_ansi(line);
+    plain.split_whitespace().find_map(|w| w.strip_prefix("port=")).and_then(|p| p.parse().ok())
+}
+
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut it = s.chars().peekable();
+    while let Some(c) = it.next() {
+        if c == '\u{1b}' {
+            for d in it.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A thread-per-connection echo server that records who connected.
+pub struct Echo {
+    pub addr: SocketAddr,
+    pub peers: Arc<Mutex<Vec<SocketAddr>>>,
+    pub accepted: Arc<AtomicUsize>,
+}
+
+impl Echo {
+    pub fn start() -> Echo {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind echo");
+        let addr = l.local_addr().expect("echo addr");
+        let peers = Arc::new(Mutex::new(Vec::new()));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (p, a) = (peers.clone(), accepted.clone());
+        thread::spawn(move || {
+            for conn in l.incoming() {
+                let Ok(mut c) = conn else { continue };
+                a.fetch_add(1, Ordering::SeqCst);
+                if let Ok(peer) = c.peer_addr() {
+                    p.lock().unwrap_or_else(|e| e.into_inner()).push(peer);
+                }
+                thread::spawn(move || {
+                    let mut buf = [0u8; 16384];
+                    loop {
+                        match c.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                if c.write_all(&buf[..n]).is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                    let _ = c.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        Echo { addr, peers, accepted }
+    }
+
+    pub fn tunnel(&self, name: &str) -> String {
+        format!("{name}={}", self.addr)
+    }
+}
+
+/// Sends `data`, half-closes, and reads everything back.
+pub fn round_trip(port: u16, data: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(20)))?;
+    let mut writer = s.try_clone()?;
+    let payload = data.to_vec();
+    let w = thread::spawn(move || -> std::io::Result<()> {
+        writer.write_all(&payload)?;
+        writer.shutdown(std::net::Shutdown::Write)
+    });
+    let mut out = Vec::new();
+    s.read_to_end(&mut out)?;
+    w.join().map_err(|_| std::io::Error::other("writer panicked"))??;
+    Ok(out)
+}
+
+/// Minimal HTTP/1.0 GET against an admin API: (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    http_request(addr, path, None)
+}
+
+pub fn http_request(addr: SocketAddr, path: &str, bearer: Option<&str>) -> (u16, String) {
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else { return (0, String::new()) };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let auth = bearer.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let _ = write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n{auth}\r\n");
+    let mut resp = String::new();
+    let _ = s.read_to_string(&mut resp);
+    let status = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+/// Reads one sample of a metric (`name{labels} value`) from a Prometheus text body.
+pub fn metric(body: &str, name_and_labels: &str) -> Option<f64> {
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Sum of every sample of a metric family whose line starts with `prefix`.
+pub fn metric_sum(body: &str, prefix: &str) -> f64 {
+    body.lines()
+        .filter(|l| !l.starts_with('#') && l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum()
+}
+
+/// Polls `f` until it returns true or `timeout` passes.
+pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    f()
+}
+
+/// Where the test binaries live (for tools run inside namespaces).
+pub fn bin_dir() -> PathBuf {
+    workspace_bin("relaygate-gateway").parent().map(Path::to_path_buf).unwrap_or_default()
+}
