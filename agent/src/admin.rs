@@ -16,9 +16,15 @@ pub struct AdminState {
 
 pub fn router(state: AdminState) -> Router {
     Router::new()
-        .route("/metrics", get(|State(s): State<AdminState>| async move { render_metrics(&s.metrics.registry) }))
+        .route(
+            "/metrics",
+            get(|State(s): State<AdminState>| async move { render_metrics(&s.metrics.registry) }),
+        )
         .route("/health/live", get(|| async { "ok\n" }))
-        .route("/health/ready", get(|State(s): State<AdminState>| async move { health_response(s.state.problems()) }))
+        .route(
+            "/health/ready",
+            get(|State(s): State<AdminState>| async move { health_response(s.state.problems()) }),
+        )
         .route(
             "/v1/advertise",
             get(|State(s): State<AdminState>| async move {

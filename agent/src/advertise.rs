@@ -33,14 +33,27 @@ pub fn hosts(public_hosts: &[String], dialled: &Multiaddr) -> Vec<Multiaddr> {
     dialled
         .iter()
         .next()
-        .filter(|p| matches!(p, Protocol::Ip4(_) | Protocol::Ip6(_) | Protocol::Dns(_) | Protocol::Dns4(_) | Protocol::Dns6(_)))
+        .filter(|p| {
+            matches!(
+                p,
+                Protocol::Ip4(_)
+                    | Protocol::Ip6(_)
+                    | Protocol::Dns(_)
+                    | Protocol::Dns4(_)
+                    | Protocol::Dns6(_)
+            )
+        })
         .map(|p| vec![Multiaddr::empty().with(p)])
         .unwrap_or_default()
 }
 
 /// The file's one line.
 pub fn file_line(addrs: &[Multiaddr]) -> String {
-    let mut s = addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(",");
+    let mut s = addrs
+        .iter()
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
     s.push('\n');
     s
 }
@@ -48,8 +61,16 @@ pub fn file_line(addrs: &[Multiaddr]) -> String {
 /// Writes the file atomically (temp file in the same dir + rename), so a node
 /// reading it never sees half a line.
 pub fn write_file(path: &Path, addrs: &[Multiaddr]) -> std::io::Result<()> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("advertise")));
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("advertise")
+    ));
     let mut f = std::fs::File::create(&tmp)?;
     f.write_all(file_line(addrs).as_bytes())?;
     f.sync_all()?;
@@ -63,12 +84,32 @@ mod tests {
     #[test]
     fn builds_advertised_addresses() {
         let node = PeerId::random();
-        let hosts = hosts(&["/dns4/gw.example.com".into(), "/ip4/203.0.113.7".into()], &"/ip4/1.2.3.4/udp/4001/quic-v1".parse().unwrap());
+        let hosts = hosts(
+            &["/dns4/gw.example.com".into(), "/ip4/203.0.113.7".into()],
+            &"/ip4/1.2.3.4/udp/4001/quic-v1".parse().unwrap(),
+        );
         let a = addresses(&hosts, LeasePort::new(9905).unwrap(), Some(node));
-        assert_eq!(a[0].to_string(), format!("/dns4/gw.example.com/tcp/9905/p2p/{node}"));
-        assert_eq!(a[1].to_string(), format!("/ip4/203.0.113.7/tcp/9905/p2p/{node}"));
-        let fallback = super::hosts(&[], &"/ip4/203.0.113.9/tcp/4001/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN".parse().unwrap());
-        assert_eq!(addresses(&fallback, LeasePort::new(20000).unwrap(), None)[0].to_string(), "/ip4/203.0.113.9/tcp/20000");
-        assert_eq!(file_line(&a[..1]), format!("/dns4/gw.example.com/tcp/9905/p2p/{node}\n"));
+        assert_eq!(
+            a[0].to_string(),
+            format!("/dns4/gw.example.com/tcp/9905/p2p/{node}")
+        );
+        assert_eq!(
+            a[1].to_string(),
+            format!("/ip4/203.0.113.7/tcp/9905/p2p/{node}")
+        );
+        let fallback = super::hosts(
+            &[],
+            &"/ip4/203.0.113.9/tcp/4001/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"
+                .parse()
+                .unwrap(),
+        );
+        assert_eq!(
+            addresses(&fallback, LeasePort::new(20000).unwrap(), None)[0].to_string(),
+            "/ip4/203.0.113.9/tcp/20000"
+        );
+        assert_eq!(
+            file_line(&a[..1]),
+            format!("/dns4/gw.example.com/tcp/9905/p2p/{node}\n")
+        );
     }
 }

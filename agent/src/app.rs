@@ -8,15 +8,32 @@ use libp2p::identity::Keypair;
 use relaygate_common::{identity, names::Secret, shutdown};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::{admin, config::AgentConfig, host, metrics::Metrics, session::Session, state::AgentState, tunnel::Tunnels};
+use crate::{
+    admin,
+    config::{AgentConfig, TunnelConfig},
+    deliver::DeliveryMode,
+    host,
+    metrics::Metrics,
+    session::Session,
+    state::{AgentState, TunnelStatus},
+    transparent::{self, InstalledRules},
+    tunnel::Tunnels,
+};
 
 pub fn load_identity(cfg: &AgentConfig) -> anyhow::Result<Keypair> {
     if !cfg.identity.key.is_empty() {
         return identity::parse_key(cfg.identity.key.expose().as_bytes()).context("identity.key");
     }
-    std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("cannot create data_dir {}", cfg.data_dir.display()))?;
-    std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o700))
-        .with_context(|| format!("cannot set permissions of data_dir {}", cfg.data_dir.display()))?;
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("cannot create data_dir {}", cfg.data_dir.display()))?;
+    std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o700)).with_context(
+        || {
+            format!(
+                "cannot set permissions of data_dir {}",
+                cfg.data_dir.display()
+            )
+        },
+    )?;
     let (key, source) = identity::load_or_create(&cfg.key_file())?;
     tracing::info!(peer_id = %key.public().to_peer_id(), ?source, "identity");
     Ok(key)
@@ -24,7 +41,8 @@ pub fn load_identity(cfg: &AgentConfig) -> anyhow::Result<Keypair> {
 
 fn load_token(cfg: &AgentConfig) -> anyhow::Result<Option<Secret>> {
     if let Some(p) = &cfg.gateway.token_file {
-        let t = std::fs::read_to_string(p).with_context(|| format!("cannot read gateway.token_file {}", p.display()))?;
+        let t = std::fs::read_to_string(p)
+            .with_context(|| format!("cannot read gateway.token_file {}", p.display()))?;
         return Ok(Some(Secret::new(t.trim())));
     }
     Ok((!cfg.gateway.token.is_empty()).then(|| cfg.gateway.token.clone()))
@@ -41,17 +59,55 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let (host, incoming) = host::start(key, &cfg, metrics.clone())?;
     let gateway = cfg.gateway_peer()?;
     let tracker = TaskTracker::new();
-    let tunnels = Arc::new(Tunnels::new(&cfg.tunnels, host.peer_id, gateway, metrics.clone(), cfg.connect_timeout));
+    let tunnels = Arc::new(Tunnels::new(
+        &cfg.tunnels,
+        host.peer_id,
+        gateway,
+        metrics.clone(),
+        cfg.connect_timeout,
+        cfg.transparent.mark,
+    ));
     let accept = tokio::spawn(tunnels.run(incoming, tracker.clone()));
 
+    let (active, refused) = check_delivery(&cfg);
+    // Kept until exit: dropping it removes the rules this process installed.
+    let _rules = match transparent_ready(&cfg, &active) {
+        Ok(r) => r,
+        Err(e) => return Err(e.into()),
+    };
     let stop = CancellationToken::new();
-    let session = Session::new(&cfg, host.clone(), token, state.clone(), metrics.clone())?;
+    let session_cfg = AgentConfig {
+        tunnels: active,
+        ..cfg.clone()
+    };
+    let session = Session::new(
+        &session_cfg,
+        host.clone(),
+        token,
+        state.clone(),
+        metrics.clone(),
+    )?;
+    for (t, why) in refused {
+        tracing::error!(tunnel = %t.name, error = %why, "tunnel not started");
+        state.set_tunnel(
+            &t.name,
+            TunnelStatus {
+                name: t.name.to_string(),
+                target: t.target.to_string(),
+                error: Some(why),
+                ..Default::default()
+            },
+        );
+    }
     let session_task = tokio::spawn(session.run(stop.clone()));
 
     let stop_admin = CancellationToken::new();
     let (admin_addr, admin_task) = relaygate_common::admin::serve(
         admin_listen,
-        admin::router(admin::AdminState { metrics: metrics.clone(), state: state.clone() }),
+        admin::router(admin::AdminState {
+            metrics: metrics.clone(),
+            state: state.clone(),
+        }),
         admin_auth,
         stop_admin.clone(),
     )
@@ -64,7 +120,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     accept.abort();
     let left = shutdown::drain(&tracker, cfg.shutdown_grace).await;
     if left > 0 {
-        tracing::warn!(open = left, "grace period over; closing remaining connections");
+        tracing::warn!(
+            open = left,
+            "grace period over; closing remaining connections"
+        );
     }
     stop.cancel();
     let _ = session_task.await;
@@ -72,4 +131,58 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(1), admin_task).await;
     tracing::info!("agent stopped");
     Ok(())
+}
+
+/// Splits the tunnels into those that can start and those refused, with why.
+/// Transparent delivery never falls back silently to plain delivery.
+fn check_delivery(cfg: &AgentConfig) -> (Vec<TunnelConfig>, Vec<(TunnelConfig, String)>) {
+    let mut active = Vec::new();
+    let mut refused = Vec::new();
+    let wants_transparent = cfg
+        .tunnels
+        .iter()
+        .any(|t| t.deliver == DeliveryMode::Transparent);
+    let socket_ok = if wants_transparent {
+        transparent::check_socket().map_err(|e| e.to_string())
+    } else {
+        Ok(())
+    };
+    for t in &cfg.tunnels {
+        if t.deliver == DeliveryMode::Transparent {
+            if let Err(e) = &socket_ok {
+                refused.push((t.clone(), e.clone()));
+                continue;
+            }
+            if is_loopback_host(&t.target.host) {
+                refused.push((
+                    t.clone(),
+                    transparent::TransparentError::LoopbackTarget(t.target.to_string()).to_string(),
+                ));
+                continue;
+            }
+        }
+        active.push(t.clone());
+    }
+    (active, refused)
+}
+
+fn is_loopback_host(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Installs (or checks) the routing rules when an active tunnel delivers transparently.
+fn transparent_ready(
+    cfg: &AgentConfig,
+    active: &[TunnelConfig],
+) -> Result<Option<InstalledRules>, transparent::TransparentError> {
+    if !active
+        .iter()
+        .any(|t| t.deliver == DeliveryMode::Transparent)
+    {
+        return Ok(None);
+    }
+    transparent::prepare(&cfg.transparent)
 }

@@ -68,6 +68,14 @@ pub enum Cmd {
     CheckConfig,
     /// Print the agent's peer id (creating the key if needed), for the gateway's admission.allow.
     PeerId,
+    /// Exit 0 if the running agent's /health/ready answers 200 (session up, every tunnel leased).
+    Health,
+    /// Print the shell commands that set up transparent delivery (for an init container with NET_ADMIN).
+    TransparentRules {
+        /// Print the commands that remove them instead.
+        #[arg(long)]
+        remove: bool,
+    },
 }
 
 impl Opts {
@@ -109,7 +117,21 @@ pub fn main() -> ExitCode {
     };
     let result = match cmd {
         Cmd::PeerId => app::load_identity(&cfg).map(|k| println!("{}", k.public().to_peer_id())),
-        Cmd::CheckConfig => cfg.validate().map_err(Into::into).map(|()| print!("{}", config::render(&cfg))),
+        Cmd::CheckConfig => cfg
+            .validate()
+            .map_err(Into::into)
+            .map(|()| print!("{}", config::render(&cfg))),
+        Cmd::TransparentRules { remove } => {
+            let script = if remove {
+                crate::transparent::remove_script(&cfg.transparent)
+            } else {
+                crate::transparent::install_script(&cfg.transparent)
+            };
+            print!("{script}");
+            Ok(())
+        }
+        Cmd::Health => relaygate_common::admin::probe_ready(cfg.admin_listen(), &cfg.admin)
+            .map_err(anyhow::Error::msg),
         Cmd::Run => run(cfg),
     };
     match result {
@@ -124,6 +146,9 @@ pub fn main() -> ExitCode {
 fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     cfg.validate()?;
     relaygate_common::telemetry::init(&cfg.log)?;
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start tokio")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start tokio")?;
     rt.block_on(app::run(cfg))
 }

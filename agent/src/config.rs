@@ -12,7 +12,7 @@ use relaygate_common::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::deliver::DeliveryMode;
+use crate::{deliver::DeliveryMode, transparent::TransparentConfig};
 
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:9601";
 
@@ -30,6 +30,8 @@ pub struct AgentConfig {
     /// How long to wait for the local target to accept a connection.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// Marks and routing table of transparent delivery.
+    pub transparent: TransparentConfig,
     pub admin: AdminConfig,
     pub log: LogConfig,
     /// How long open connections may drain after SIGINT/SIGTERM.
@@ -62,7 +64,12 @@ pub struct GatewayLink {
 
 impl Default for GatewayLink {
     fn default() -> Self {
-        Self { addresses: Vec::new(), token: Secret::default(), token_file: None, dial_timeout: Duration::from_secs(5) }
+        Self {
+            addresses: Vec::new(),
+            token: Secret::default(),
+            token_file: None,
+            dial_timeout: Duration::from_secs(5),
+        }
     }
 }
 
@@ -86,24 +93,47 @@ pub struct TunnelConfig {
     pub deliver: DeliveryMode,
 }
 
-/// `--tunnel name=host:port[@public_port]`
+/// `--tunnel NAME=HOST:PORT[@PUBLIC_PORT][,deliver=MODE][,node_peer_id=ID][,advertise_file=PATH]`
 impl FromStr for TunnelConfig {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let usage = || format!("--tunnel expects NAME=HOST:PORT[@PUBLIC_PORT], got {s:?}");
-        let (name, rest) = s.split_once('=').ok_or_else(usage)?;
+        let usage = || {
+            format!("--tunnel expects NAME=HOST:PORT[@PUBLIC_PORT][,deliver=MODE][,node_peer_id=ID][,advertise_file=PATH], got {s:?}")
+        };
+        let mut parts = s.split(',');
+        let head = parts.next().unwrap_or_default();
+        let (name, rest) = head.split_once('=').ok_or_else(usage)?;
         let (target, port) = match rest.rsplit_once('@') {
             Some((t, p)) => (t, Some(p.parse::<LeasePort>().map_err(|e| e.to_string())?)),
             None => (rest, None),
         };
-        Ok(Self {
-            name: name.parse().map_err(|e: relaygate_common::names::NameError| e.to_string())?,
+        let mut t = Self {
+            name: name
+                .parse()
+                .map_err(|e: relaygate_common::names::NameError| e.to_string())?,
             target: target.parse()?,
             port,
             node_peer_id: None,
             advertise_file: None,
             deliver: DeliveryMode::default(),
-        })
+        };
+        for opt in parts {
+            let (k, v) = opt.split_once('=').ok_or_else(usage)?;
+            match k {
+                "deliver" => t.deliver =
+                    serde_json::from_value(serde_json::Value::String(v.into())).map_err(|_| {
+                        format!(
+                            "deliver must be plain, transparent, proxy-v1 or proxy-v2, got {v:?}"
+                        )
+                    })?,
+                "node_peer_id" => {
+                    t.node_peer_id = Some(v.parse().map_err(|_| format!("bad node_peer_id {v:?}"))?)
+                }
+                "advertise_file" => t.advertise_file = Some(PathBuf::from(v)),
+                _ => return Err(usage()),
+            }
+        }
+        Ok(t)
     }
 }
 
@@ -117,14 +147,18 @@ pub struct TargetAddr {
 impl FromStr for TargetAddr {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || format!("target must be host:port (e.g. 127.0.0.1:9905 or [::1]:9905), got {s:?}");
+        let bad =
+            || format!("target must be host:port (e.g. 127.0.0.1:9905 or [::1]:9905), got {s:?}");
         let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
         let host = host.trim_start_matches('[').trim_end_matches(']');
         let port: u16 = port.parse().map_err(|_| bad())?;
         if host.is_empty() || port == 0 {
             return Err(bad());
         }
-        Ok(Self { host: host.to_owned(), port })
+        Ok(Self {
+            host: host.to_owned(),
+            port,
+        })
     }
 }
 
@@ -146,7 +180,9 @@ impl Serialize for TargetAddr {
 
 impl<'de> Deserialize<'de> for TargetAddr {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -163,7 +199,10 @@ pub struct ReconnectConfig {
 
 impl Default for ReconnectConfig {
     fn default() -> Self {
-        Self { initial: Duration::from_millis(250), max: Duration::from_secs(30) }
+        Self {
+            initial: Duration::from_millis(250),
+            max: Duration::from_secs(30),
+        }
     }
 }
 
@@ -177,6 +216,7 @@ impl Default for AgentConfig {
             reconnect: ReconnectConfig::default(),
             session: SessionTuning::default(),
             connect_timeout: Duration::from_secs(5),
+            transparent: TransparentConfig::default(),
             admin: AdminConfig::default(),
             log: LogConfig::default(),
             shutdown_grace: Duration::from_secs(10),
@@ -186,13 +226,17 @@ impl Default for AgentConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigProblem {
-    #[error("gateway.addresses is empty: pass --gateway with an address the gateway printed at start")]
+    #[error(
+        "gateway.addresses is empty: pass --gateway with an address the gateway printed at start"
+    )]
     NoGateway,
     #[error("gateway address {0} must end with /p2p/<gateway peer id> (the gateway prints full addresses at start)")]
     NoPeerId(Multiaddr),
     #[error("gateway addresses name different peer ids ({0} and {1}); one agent session talks to one gateway")]
-    MixedPeers(PeerId, PeerId),
-    #[error("no tunnels configured: pass --tunnel NAME=HOST:PORT or add [[tunnels]] to the config")]
+    MixedPeers(String, String),
+    #[error(
+        "no tunnels configured: pass --tunnel NAME=HOST:PORT or add [[tunnels]] to the config"
+    )]
     NoTunnels,
     #[error("tunnel name {0} appears twice")]
     DuplicateTunnel(TunnelName),
@@ -202,22 +246,31 @@ impl AgentConfig {
     pub const LIST_KEYS: &'static [&'static str] = &["gateway.addresses", "admin.open_paths"];
 
     pub fn key_file(&self) -> PathBuf {
-        self.identity.key_file.clone().unwrap_or_else(|| self.data_dir.join("identity.key"))
+        self.identity
+            .key_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("identity.key"))
     }
 
     pub fn admin_listen(&self) -> std::net::SocketAddr {
-        self.admin.listen.unwrap_or_else(|| DEFAULT_ADMIN.parse().unwrap_or(([127, 0, 0, 1], 9601).into()))
+        self.admin.listen.unwrap_or_else(|| {
+            DEFAULT_ADMIN
+                .parse()
+                .unwrap_or(([127, 0, 0, 1], 9601).into())
+        })
     }
 
     /// The gateway's peer id, taken from its addresses.
     pub fn gateway_peer(&self) -> Result<PeerId, ConfigProblem> {
-        let mut peer = None;
+        let mut peer: Option<PeerId> = None;
         for a in &self.gateway.addresses {
             let Some(Protocol::P2p(p)) = a.iter().last() else {
                 return Err(ConfigProblem::NoPeerId(a.clone()));
             };
             match peer {
-                Some(q) if q != p => return Err(ConfigProblem::MixedPeers(q, p)),
+                Some(q) if q != p => {
+                    return Err(ConfigProblem::MixedPeers(q.to_string(), p.to_string()))
+                }
                 _ => peer = Some(p),
             }
         }
@@ -255,5 +308,16 @@ mod tests {
         assert!("nohost".parse::<TunnelConfig>().is_err());
         assert!("x=localhost".parse::<TunnelConfig>().is_err());
         assert!("bad name=localhost:1".parse::<TunnelConfig>().is_err());
+        let t: TunnelConfig = "n=10.0.0.5:9905@9905,deliver=transparent,advertise_file=/shared/a"
+            .parse()
+            .unwrap();
+        assert_eq!(t.deliver, DeliveryMode::Transparent);
+        assert_eq!(t.advertise_file, Some(PathBuf::from("/shared/a")));
+        assert!("n=10.0.0.5:9905,deliver=magic"
+            .parse::<TunnelConfig>()
+            .is_err());
+        assert!("n=10.0.0.5:9905,colour=red"
+            .parse::<TunnelConfig>()
+            .is_err());
     }
 }

@@ -1,10 +1,24 @@
 //! Delivery: how a tunnelled connection reaches the local target.
+//!
+//! * `plain`: an ordinary connection; the target sees the agent's address.
+//! * `transparent`: the connection leaves from the remote's real address
+//!   (IP_TRANSPARENT + SO_MARK; see `transparent`), so `getpeername()` on the
+//!   target returns the remote, as behind an L4 balancer with
+//!   `externalTrafficPolicy: Local`.
+//! * `proxy-v1` / `proxy-v2`: a plain connection that starts with a PROXY
+//!   protocol header naming the remote.
 
-use std::{io, time::Duration};
+use std::{io, net::SocketAddr, time::Duration};
 
-use relaygate_common::protocol::{StreamHeader, StreamStatus};
+use relaygate_common::{
+    protocol::{StreamHeader, StreamStatus},
+    proxy::{self, ProxyVersion},
+};
 use serde::{Deserialize, Serialize};
-use tokio::net::TcpStream;
+use tokio::{
+    io::AsyncWriteExt,
+    net::{TcpSocket, TcpStream},
+};
 
 use crate::config::TargetAddr;
 
@@ -12,15 +26,20 @@ use crate::config::TargetAddr;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum DeliveryMode {
-    /// A plain TCP connection from the agent; the target sees the agent's address.
     #[default]
     Plain,
+    Transparent,
+    ProxyV1,
+    ProxyV2,
 }
 
 impl DeliveryMode {
     pub fn as_str(self) -> &'static str {
         match self {
             DeliveryMode::Plain => "plain",
+            DeliveryMode::Transparent => "transparent",
+            DeliveryMode::ProxyV1 => "proxy-v1",
+            DeliveryMode::ProxyV2 => "proxy-v2",
         }
     }
 }
@@ -31,6 +50,13 @@ pub enum DeliverError {
     Refused { target: String, source: io::Error },
     #[error("target {target} did not answer within {timeout:?}")]
     Timeout { target: String, timeout: Duration },
+    #[error("cannot resolve target {target}: {reason}")]
+    Resolve { target: String, reason: String },
+    #[error("cannot open a transparent socket from {source_addr}: {error}")]
+    Transparent {
+        source_addr: SocketAddr,
+        error: io::Error,
+    },
 }
 
 impl DeliverError {
@@ -38,32 +64,123 @@ impl DeliverError {
     pub fn status(&self) -> StreamStatus {
         match self {
             DeliverError::Refused { .. } => StreamStatus::TargetRefused,
-            DeliverError::Timeout { .. } => StreamStatus::TargetUnreachable,
+            DeliverError::Timeout { .. }
+            | DeliverError::Resolve { .. }
+            | DeliverError::Transparent { .. } => StreamStatus::TargetUnreachable,
         }
     }
     pub fn reason(&self) -> &'static str {
-        self.status().as_str()
+        match self {
+            DeliverError::Resolve { .. } => "target_resolve",
+            DeliverError::Transparent { .. } => "transparent_socket",
+            _ => self.status().as_str(),
+        }
     }
 }
 
-/// Connects to `target` on behalf of the remote described by `header`.
-pub async fn connect(
-    mode: DeliveryMode,
-    target: &TargetAddr,
-    _header: &StreamHeader,
-    timeout: Duration,
-) -> Result<TcpStream, DeliverError> {
-    let t = target.to_string();
-    let fut = async {
-        match mode {
-            DeliveryMode::Plain => TcpStream::connect((target.host.as_str(), target.port)).await,
-        }
-    };
-    let stream = match tokio::time::timeout(timeout, fut).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(source)) => return Err(DeliverError::Refused { target: t, source }),
-        Err(_) => return Err(DeliverError::Timeout { target: t, timeout }),
-    };
-    let _ = stream.set_nodelay(true);
-    Ok(stream)
+/// A delivery: where to connect, on whose behalf, and how.
+pub struct Delivery<'a> {
+    pub mode: DeliveryMode,
+    pub target: &'a TargetAddr,
+    pub header: &'a StreamHeader,
+    pub timeout: Duration,
+    pub mark: u32,
+}
+
+impl Delivery<'_> {
+    pub async fn connect(&self) -> Result<TcpStream, DeliverError> {
+        let t = self.target.to_string();
+        let source = proxy::canonical(self.header.source);
+        let fut = async {
+            let addr = self.resolve(source).await?;
+            let mut stream = match self.mode {
+                DeliveryMode::Transparent => {
+                    let sock = transparent_socket(source, addr, self.mark).map_err(|error| {
+                        DeliverError::Transparent {
+                            source_addr: source,
+                            error,
+                        }
+                    })?;
+                    sock.connect(addr).await
+                }
+                _ => TcpStream::connect(addr).await,
+            }
+            .map_err(|source| DeliverError::Refused {
+                target: t.clone(),
+                source,
+            })?;
+            let version = match self.mode {
+                DeliveryMode::ProxyV1 => Some(ProxyVersion::V1),
+                DeliveryMode::ProxyV2 => Some(ProxyVersion::V2),
+                _ => None,
+            };
+            if let Some(v) = version {
+                let h = proxy::encode(v, source, self.header.destination, None);
+                stream
+                    .write_all(&h)
+                    .await
+                    .map_err(|source| DeliverError::Refused {
+                        target: t.clone(),
+                        source,
+                    })?;
+            }
+            Ok(stream)
+        };
+        let stream = match tokio::time::timeout(self.timeout, fut).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(DeliverError::Timeout {
+                    target: t,
+                    timeout: self.timeout,
+                })
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+
+    /// The target's address; for transparent delivery, one of the source's family.
+    async fn resolve(&self, source: SocketAddr) -> Result<SocketAddr, DeliverError> {
+        let t = self.target.to_string();
+        let addrs: Vec<SocketAddr> =
+            tokio::net::lookup_host((self.target.host.as_str(), self.target.port))
+                .await
+                .map_err(|e| DeliverError::Resolve {
+                    target: t.clone(),
+                    reason: e.to_string(),
+                })?
+                .collect();
+        let pick = if self.mode == DeliveryMode::Transparent {
+            addrs.iter().find(|a| a.is_ipv4() == source.is_ipv4())
+        } else {
+            addrs.first()
+        };
+        pick.copied().ok_or_else(|| DeliverError::Resolve {
+            target: t,
+            reason: format!(
+                "no {} address for a connection from {source}",
+                if source.is_ipv4() { "IPv4" } else { "IPv6" }
+            ),
+        })
+    }
+}
+
+/// A socket bound to the remote's own address, marked so its replies are routed back here.
+fn transparent_socket(source: SocketAddr, target: SocketAddr, mark: u32) -> io::Result<TcpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = Socket::new(
+        Domain::for_address(target),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
+    if target.is_ipv4() {
+        sock.set_ip_transparent_v4(true)?;
+    } else {
+        sock.set_ip_transparent_v6(true)?;
+    }
+    sock.set_mark(mark)?;
+    sock.set_reuse_address(true)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&source.into())?;
+    Ok(TcpSocket::from_std_stream(sock.into()))
 }

@@ -9,7 +9,9 @@ use libp2p::{
     identify,
     identity::Keypair,
     ping,
-    swarm::{dial_opts::DialOpts, dial_opts::PeerCondition, ConnectionId, NetworkBehaviour, SwarmEvent},
+    swarm::{
+        dial_opts::DialOpts, dial_opts::PeerCondition, ConnectionId, NetworkBehaviour, SwarmEvent,
+    },
     Multiaddr, PeerId,
 };
 use relaygate_common::{
@@ -32,7 +34,11 @@ pub struct Behaviour {
 type DialReply = oneshot::Sender<Result<Multiaddr, String>>;
 
 enum Command {
-    Dial { peer: PeerId, addr: Multiaddr, reply: DialReply },
+    Dial {
+        peer: PeerId,
+        addr: Multiaddr,
+        reply: DialReply,
+    },
     Disconnect(PeerId),
 }
 
@@ -47,7 +53,10 @@ impl HostHandle {
     /// Dials `peer` at `addr` with a new connection; resolves when it is up.
     pub async fn dial(&self, peer: PeerId, addr: Multiaddr) -> Result<Multiaddr, String> {
         let (reply, rx) = oneshot::channel();
-        self.commands.send(Command::Dial { peer, addr, reply }).await.map_err(|_| "host stopped".to_string())?;
+        self.commands
+            .send(Command::Dial { peer, addr, reply })
+            .await
+            .map_err(|_| "host stopped".to_string())?;
         rx.await.map_err(|_| "host stopped".to_string())?
     }
 
@@ -82,8 +91,14 @@ pub fn start(
     Ok((handle, incoming))
 }
 
-async fn drive(mut swarm: libp2p::Swarm<Behaviour>, mut commands: mpsc::Receiver<Command>, metrics: Arc<Metrics>) {
-    let session = relaygate_common::metrics::SideLabels { side: Side::Session };
+async fn drive(
+    mut swarm: libp2p::Swarm<Behaviour>,
+    mut commands: mpsc::Receiver<Command>,
+    metrics: Arc<Metrics>,
+) {
+    let session = relaygate_common::metrics::SideLabels {
+        side: Side::Session,
+    };
     let mut pending: HashMap<ConnectionId, DialReply> = HashMap::new();
     loop {
         tokio::select! {

@@ -14,4 +14,5 @@ pub mod host; // libp2p host (dial only)
 pub mod metrics; // Prometheus metrics
 pub mod session; // session with the gateway: dial, hello, leases, reconnect
 pub mod state; // current session and lease status
+pub mod transparent; // transparent delivery: capability checks, nftables + policy routing rules
 pub mod tunnel; // inbound tunnel streams: header, deliver, splice

@@ -1,10 +1,18 @@
 //! The agent's Prometheus metrics, all prefixed `relaygate_agent_`.
 
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 use relaygate_common::metrics::{ReasonLabels, SideLabels, TunnelBytesLabels, TunnelLabels};
+
+/// A delivery attempt to a target: its mode and how it ended.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeliveryLabels {
+    pub mode: String,
+    pub result: String,
+}
 
 pub struct Metrics {
     pub registry: Registry,
@@ -21,6 +29,8 @@ pub struct Metrics {
     /// Failed dials: to the gateway and to targets, by reason.
     pub dial_failures: Family<ReasonLabels, Counter>,
     pub bad_input: Family<ReasonLabels, Counter>,
+    /// Deliveries to targets by mode (plain, transparent, proxy-v1, proxy-v2) and result.
+    pub deliveries: Family<DeliveryLabels, Counter>,
 }
 
 impl Metrics {
@@ -38,18 +48,65 @@ impl Metrics {
             refusals: Family::default(),
             dial_failures: Family::default(),
             bad_input: Family::default(),
+            deliveries: Family::default(),
         };
-        registry.register("connections_active", "Open connections by side", m.connections_active.clone());
-        registry.register("connections_opened", "Connections opened by side", m.connections_opened.clone());
-        registry.register("sessions_active", "1 while the session to the gateway is up", m.sessions_active.clone());
-        registry.register("sessions_opened", "Sessions established with the gateway", m.sessions_opened.clone());
+        registry.register(
+            "connections_active",
+            "Open connections by side",
+            m.connections_active.clone(),
+        );
+        registry.register(
+            "connections_opened",
+            "Connections opened by side",
+            m.connections_opened.clone(),
+        );
+        registry.register(
+            "sessions_active",
+            "1 while the session to the gateway is up",
+            m.sessions_active.clone(),
+        );
+        registry.register(
+            "sessions_opened",
+            "Sessions established with the gateway",
+            m.sessions_opened.clone(),
+        );
         registry.register("leases", "Tunnels holding a lease", m.leases.clone());
-        registry.register("tunnel_connections", "Tunnelled connections per tunnel", m.tunnel_connections.clone());
-        registry.register("tunnel_bytes", "Bytes per tunnel and direction", m.tunnel_bytes.clone());
+        registry.register(
+            "tunnel_connections",
+            "Tunnelled connections per tunnel",
+            m.tunnel_connections.clone(),
+        );
+        registry.register(
+            "tunnel_bytes",
+            "Bytes per tunnel and direction",
+            m.tunnel_bytes.clone(),
+        );
         registry.register("refusals", "Refusals by reason", m.refusals.clone());
-        registry.register("dial_failures", "Failed dials to the gateway or targets by reason", m.dial_failures.clone());
-        registry.register("bad_input", "Malformed network input by kind", m.bad_input.clone());
+        registry.register(
+            "dial_failures",
+            "Failed dials to the gateway or targets by reason",
+            m.dial_failures.clone(),
+        );
+        registry.register(
+            "bad_input",
+            "Malformed network input by kind",
+            m.bad_input.clone(),
+        );
+        registry.register(
+            "deliveries",
+            "Deliveries to targets by mode and result",
+            m.deliveries.clone(),
+        );
         Self { registry, ..m }
+    }
+
+    pub fn delivered(&self, mode: &str, result: &str) {
+        self.deliveries
+            .get_or_create(&DeliveryLabels {
+                mode: mode.into(),
+                result: result.into(),
+            })
+            .inc();
     }
 
     pub fn count(family: &Family<ReasonLabels, Counter>, reason: &str) {

@@ -9,8 +9,8 @@ use rand::Rng;
 use relaygate_common::{
     names::Secret,
     protocol::{
-        read_control, write_control, ControlMessage, Hello, LeaseOutcome, RefusalCode, TunnelRequest, WireError,
-        CONTROL_PROTOCOL, WIRE_VERSION,
+        read_control, write_control, ControlMessage, Hello, LeaseOutcome, RefusalCode,
+        TunnelRequest, WireError, CONTROL_PROTOCOL, WIRE_VERSION,
     },
 };
 use tokio_util::{compat::FuturesAsyncReadCompatExt, sync::CancellationToken};
@@ -53,15 +53,37 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(cfg: &AgentConfig, host: HostHandle, token: Option<Secret>, state: Arc<AgentState>, metrics: Arc<Metrics>) -> Result<Self, crate::config::ConfigProblem> {
+    pub fn new(
+        cfg: &AgentConfig,
+        host: HostHandle,
+        token: Option<Secret>,
+        state: Arc<AgentState>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, crate::config::ConfigProblem> {
         let gateway = cfg.gateway_peer()?;
         // QUIC first: it survives NAT rebinding and has no head-of-line blocking.
         let mut addresses = cfg.gateway.addresses.clone();
         addresses.sort_by_key(|a| !a.iter().any(|p| matches!(p, Protocol::QuicV1)));
         for t in &cfg.tunnels {
-            state.set_tunnel(&t.name, TunnelStatus { name: t.name.to_string(), target: t.target.to_string(), ..Default::default() });
+            state.set_tunnel(
+                &t.name,
+                TunnelStatus {
+                    name: t.name.to_string(),
+                    target: t.target.to_string(),
+                    ..Default::default()
+                },
+            );
         }
-        Ok(Self { host, gateway, addresses, token, tunnels: cfg.tunnels.clone(), state, metrics, cfg: cfg.clone() })
+        Ok(Self {
+            host,
+            gateway,
+            addresses,
+            token,
+            tunnels: cfg.tunnels.clone(),
+            state,
+            metrics,
+            cfg: cfg.clone(),
+        })
     }
 
     /// Keeps a session up until `stop` is cancelled.
@@ -76,13 +98,17 @@ impl Session {
             self.state.session_down();
             self.metrics.sessions_active.set(0);
             match result {
-                Ok(reason) => tracing::warn!(gateway = %self.gateway, %reason, "session ended; reconnecting"),
+                Ok(reason) => {
+                    tracing::warn!(gateway = %self.gateway, %reason, "session ended; reconnecting")
+                }
                 Err(e @ SessionError::Refused { .. }) => tracing::error!(
                     gateway = %self.gateway, error = %e,
                     "fix: ask the gateway operator for its join token (relaygate-gateway token) and pass it with --token, or have them add this agent's peer id ({}) to admission.allow",
                     self.host.peer_id
                 ),
-                Err(e) => tracing::warn!(gateway = %self.gateway, error = %e, "session failed; retrying"),
+                Err(e) => {
+                    tracing::warn!(gateway = %self.gateway, error = %e, "session failed; retrying")
+                }
             }
             if started.elapsed() >= STABLE {
                 backoff = self.cfg.reconnect.initial;
@@ -101,15 +127,27 @@ impl Session {
     /// One session, from dial to its end. `Ok` carries why it ended.
     async fn once(&self) -> Result<String, SessionError> {
         let dialled = self.dial().await?;
-        let stream = tokio::time::timeout(WELCOME_TIMEOUT, self.host.control.open_stream(self.gateway, CONTROL_PROTOCOL))
-            .await
-            .map_err(|_| SessionError::Timeout)?
-            .map_err(|e| SessionError::Stream(e.to_string()))?;
+        let stream = tokio::time::timeout(
+            WELCOME_TIMEOUT,
+            self.host
+                .control
+                .open_stream(self.gateway, CONTROL_PROTOCOL),
+        )
+        .await
+        .map_err(|_| SessionError::Timeout)?
+        .map_err(|e| SessionError::Stream(e.to_string()))?;
         let mut ctl = stream.compat();
         let hello = Hello {
             version: WIRE_VERSION,
             token: self.token.as_ref().map(|t| t.expose().to_owned()),
-            tunnels: self.tunnels.iter().map(|t| TunnelRequest { name: t.name.clone(), port: t.port }).collect(),
+            tunnels: self
+                .tunnels
+                .iter()
+                .map(|t| TunnelRequest {
+                    name: t.name.clone(),
+                    port: t.port,
+                })
+                .collect(),
         };
         write_control(&mut ctl, &ControlMessage::Hello(hello)).await?;
         let welcome = match tokio::time::timeout(WELCOME_TIMEOUT, read_control(&mut ctl)).await {
@@ -121,11 +159,16 @@ impl Session {
                 if r.code == RefusalCode::NotAdmitted {
                     self.host.disconnect(self.gateway).await;
                 }
-                return Err(SessionError::Refused { code: r.code.as_str(), message: r.message });
+                return Err(SessionError::Refused {
+                    code: r.code.as_str(),
+                    message: r.message,
+                });
             }
             Ok(Ok(other)) => {
                 Metrics::count(&self.metrics.bad_input, "unexpected_message");
-                return Err(WireError::Malformed(format!("expected welcome, got {other:?}")).into());
+                return Err(
+                    WireError::Malformed(format!("expected welcome, got {other:?}")).into(),
+                );
             }
         };
         self.state.session_up(self.gateway, &dialled);
@@ -147,7 +190,12 @@ impl Session {
     async fn dial(&self) -> Result<Multiaddr, SessionError> {
         let mut errors = Vec::new();
         for addr in &self.addresses {
-            match tokio::time::timeout(self.cfg.gateway.dial_timeout, self.host.dial(self.gateway, addr.clone())).await {
+            match tokio::time::timeout(
+                self.cfg.gateway.dial_timeout,
+                self.host.dial(self.gateway, addr.clone()),
+            )
+            .await
+            {
                 Ok(Ok(a)) => {
                     tracing::info!(gateway = %self.gateway, address = %a, "connected to gateway");
                     return Ok(a);
@@ -166,7 +214,11 @@ impl Session {
         let mut leased = 0;
         for t in &self.tunnels {
             let grant = welcome.leases.iter().find(|g| g.name == t.name);
-            let mut status = TunnelStatus { name: t.name.to_string(), target: t.target.to_string(), ..Default::default() };
+            let mut status = TunnelStatus {
+                name: t.name.to_string(),
+                target: t.target.to_string(),
+                ..Default::default()
+            };
             match grant.map(|g| &g.outcome) {
                 Some(LeaseOutcome::Granted { port }) => {
                     leased += 1;

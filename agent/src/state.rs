@@ -1,11 +1,7 @@
 //! What the agent knows right now: whether its session is up and what each
 //! tunnel leased. Written by the session, read by the admin API.
 
-use std::{
-    collections::BTreeMap,
-    sync::Mutex,
-    time::SystemTime,
-};
+use std::{collections::BTreeMap, sync::Mutex, time::SystemTime};
 
 use libp2p::{Multiaddr, PeerId};
 use relaygate_common::names::{LeasePort, TunnelName};
@@ -46,8 +42,15 @@ impl AgentState {
     }
 
     pub fn session_up(&self, gateway: PeerId, address: &Multiaddr) {
-        let since = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        self.lock().session = Some(SessionInfo { gateway: gateway.to_string(), address: address.to_string(), since });
+        let since = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        self.lock().session = Some(SessionInfo {
+            gateway: gateway.to_string(),
+            address: address.to_string(),
+            since,
+        });
     }
 
     pub fn session_down(&self) {
@@ -59,7 +62,11 @@ impl AgentState {
     }
 
     pub fn leased(&self, name: &TunnelName) -> Option<LeasePort> {
-        self.lock().tunnels.get(name).and_then(|t| t.port).and_then(LeasePort::new)
+        self.lock()
+            .tunnels
+            .get(name)
+            .and_then(|t| t.port)
+            .and_then(LeasePort::new)
     }
 
     pub fn session(&self) -> Option<SessionInfo> {
@@ -79,7 +86,14 @@ impl AgentState {
         }
         for t in g.tunnels.values() {
             if t.port.is_none() {
-                out.push(format!("tunnel {} has no lease{}", t.name, t.error.as_ref().map(|e| format!(": {e}")).unwrap_or_default()));
+                out.push(format!(
+                    "tunnel {} has no lease{}",
+                    t.name,
+                    t.error
+                        .as_ref()
+                        .map(|e| format!(": {e}"))
+                        .unwrap_or_default()
+                ));
             }
         }
         out

@@ -15,7 +15,7 @@ use relaygate_common::{
 use tokio::io::AsyncWriteExt;
 use tokio_util::{compat::FuturesAsyncReadCompatExt, task::TaskTracker};
 
-use crate::{config::TunnelConfig, deliver, metrics::Metrics};
+use crate::{config::TunnelConfig, deliver::Delivery, metrics::Metrics};
 
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -32,20 +32,42 @@ pub struct Tunnels {
     gateway: PeerId,
     metrics: Arc<Metrics>,
     connect_timeout: Duration,
+    /// SO_MARK of transparent delivery sockets.
+    mark: u32,
 }
 
 impl Tunnels {
-    pub fn new(tunnels: &[TunnelConfig], me: PeerId, gateway: PeerId, metrics: Arc<Metrics>, connect_timeout: Duration) -> Self {
+    pub fn new(
+        tunnels: &[TunnelConfig],
+        me: PeerId,
+        gateway: PeerId,
+        metrics: Arc<Metrics>,
+        connect_timeout: Duration,
+        mark: u32,
+    ) -> Self {
         let agent = me.to_string();
         let routes = tunnels
             .iter()
             .map(|t| {
                 let tunnel = t.name.to_string();
                 let bytes = |direction| {
-                    metrics.tunnel_bytes.get_or_create(&TunnelBytesLabels { agent: agent.clone(), tunnel: tunnel.clone(), direction }).clone()
+                    metrics
+                        .tunnel_bytes
+                        .get_or_create(&TunnelBytesLabels {
+                            agent: agent.clone(),
+                            tunnel: tunnel.clone(),
+                            direction,
+                        })
+                        .clone()
                 };
                 let route = Route {
-                    opened: metrics.tunnel_connections.get_or_create(&TunnelLabels { agent: agent.clone(), tunnel: tunnel.clone() }).clone(),
+                    opened: metrics
+                        .tunnel_connections
+                        .get_or_create(&TunnelLabels {
+                            agent: agent.clone(),
+                            tunnel: tunnel.clone(),
+                        })
+                        .clone(),
                     bytes_in: bytes(Direction::Inbound),
                     bytes_out: bytes(Direction::Outbound),
                     cfg: t.clone(),
@@ -53,11 +75,21 @@ impl Tunnels {
                 (t.name.clone(), route)
             })
             .collect();
-        Self { routes, gateway, metrics, connect_timeout }
+        Self {
+            routes,
+            gateway,
+            metrics,
+            connect_timeout,
+            mark,
+        }
     }
 
     /// Serves inbound tunnel streams until the host goes away.
-    pub async fn run(self: Arc<Self>, mut incoming: tokio::sync::mpsc::Receiver<Incoming>, tracker: TaskTracker) {
+    pub async fn run(
+        self: Arc<Self>,
+        mut incoming: tokio::sync::mpsc::Receiver<Incoming>,
+        tracker: TaskTracker,
+    ) {
         while let Some(Incoming { peer, stream, .. }) = incoming.recv().await {
             if peer != self.gateway {
                 Metrics::count(&self.metrics.refusals, "stream_from_unknown_peer");
@@ -69,20 +101,21 @@ impl Tunnels {
     }
 
     async fn handle(self: Arc<Self>, mut stream: tokio_util::compat::Compat<libp2p::Stream>) {
-        let header = match tokio::time::timeout(HEADER_TIMEOUT, StreamHeader::read(&mut stream)).await {
-            Ok(Ok(h)) => h,
-            Ok(Err(e)) => {
-                Metrics::count(&self.metrics.bad_input, e.kind());
-                tracing::warn!(error = %e, "bad tunnel stream header");
-                let _ = stream.write_u8(StreamStatus::BadHeader as u8).await;
-                let _ = stream.shutdown().await;
-                return;
-            }
-            Err(_) => {
-                Metrics::count(&self.metrics.bad_input, "header_timeout");
-                return;
-            }
-        };
+        let header =
+            match tokio::time::timeout(HEADER_TIMEOUT, StreamHeader::read(&mut stream)).await {
+                Ok(Ok(h)) => h,
+                Ok(Err(e)) => {
+                    Metrics::count(&self.metrics.bad_input, e.kind());
+                    tracing::warn!(error = %e, "bad tunnel stream header");
+                    let _ = stream.write_u8(StreamStatus::BadHeader as u8).await;
+                    let _ = stream.shutdown().await;
+                    return;
+                }
+                Err(_) => {
+                    Metrics::count(&self.metrics.bad_input, "header_timeout");
+                    return;
+                }
+            };
         let Some(route) = self.routes.get(&header.tunnel) else {
             Metrics::count(&self.metrics.refusals, "unknown_tunnel");
             tracing::warn!(tunnel = %header.tunnel, "stream for a tunnel this agent does not have");
@@ -91,17 +124,34 @@ impl Tunnels {
             return;
         };
         route.opened.inc();
-        let mut target = match deliver::connect(route.cfg.deliver, &route.cfg.target, &header, self.connect_timeout).await {
-            Ok(t) => t,
+        let delivery = Delivery {
+            mode: route.cfg.deliver,
+            target: &route.cfg.target,
+            header: &header,
+            timeout: self.connect_timeout,
+            mark: self.mark,
+        };
+        let mut target = match delivery.connect().await {
+            Ok(t) => {
+                self.metrics
+                    .delivered(route.cfg.deliver.as_str(), "connected");
+                t
+            }
             Err(e) => {
                 Metrics::count(&self.metrics.dial_failures, e.reason());
+                self.metrics
+                    .delivered(route.cfg.deliver.as_str(), e.reason());
                 tracing::warn!(tunnel = %header.tunnel, source = %header.source, error = %e, "cannot deliver connection");
                 let _ = stream.write_u8(e.status() as u8).await;
                 let _ = stream.shutdown().await;
                 return;
             }
         };
-        if stream.write_u8(StreamStatus::Connected as u8).await.is_err() {
+        if stream
+            .write_u8(StreamStatus::Connected as u8)
+            .await
+            .is_err()
+        {
             return;
         }
         let side = SideLabels { side: Side::Target };

@@ -34,9 +34,15 @@ pub enum AdminError {
     #[error("admin.listen {0} is not loopback: set admin.token or admin.token_file so the admin API is not open to the network")]
     Exposed(SocketAddr),
     #[error("cannot read admin.token_file {path}: {source}")]
-    TokenFile { path: String, source: std::io::Error },
+    TokenFile {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("cannot bind the admin API on {addr}: {source} (pick another admin.listen)")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// Who may call the admin API.
@@ -52,7 +58,10 @@ impl AdminConfig {
         let token = match &self.token_file {
             Some(p) => Some(Secret::new(
                 std::fs::read_to_string(p)
-                    .map_err(|source| AdminError::TokenFile { path: p.display().to_string(), source })?
+                    .map_err(|source| AdminError::TokenFile {
+                        path: p.display().to_string(),
+                        source,
+                    })?
                     .trim(),
             )),
             None if !self.token.is_empty() => Some(self.token.clone()),
@@ -61,7 +70,10 @@ impl AdminConfig {
         if token.is_none() && !listen.ip().is_loopback() {
             return Err(AdminError::Exposed(listen));
         }
-        Ok(AdminAuth { token, open_paths: Arc::new(self.open_paths.clone()) })
+        Ok(AdminAuth {
+            token,
+            open_paths: Arc::new(self.open_paths.clone()),
+        })
     }
 }
 
@@ -74,8 +86,14 @@ pub async fn serve(
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), AdminError> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .map_err(|source| AdminError::Bind { addr: listen, source })?;
-    let local = listener.local_addr().map_err(|source| AdminError::Bind { addr: listen, source })?;
+        .map_err(|source| AdminError::Bind {
+            addr: listen,
+            source,
+        })?;
+    let local = listener.local_addr().map_err(|source| AdminError::Bind {
+        addr: listen,
+        source,
+    })?;
     let app = router.layer(middleware::from_fn_with_state(auth, require_token));
     let handle = tokio::spawn(async move {
         let res = axum::serve(listener, app)
@@ -89,7 +107,9 @@ pub async fn serve(
 }
 
 async fn require_token(State(auth): State<AdminAuth>, req: Request, next: Next) -> Response {
-    let Some(token) = &auth.token else { return next.run(req).await };
+    let Some(token) = &auth.token else {
+        return next.run(req).await;
+    };
     if auth.open_paths.iter().any(|p| p == req.uri().path()) {
         return next.run(req).await;
     }
@@ -100,7 +120,11 @@ async fn require_token(State(auth): State<AdminAuth>, req: Request, next: Next) 
         .and_then(|v| v.strip_prefix("Bearer "));
     match presented {
         Some(t) if token.matches(t) => next.run(req).await,
-        _ => (StatusCode::UNAUTHORIZED, "admin API: missing or wrong bearer token\n").into_response(),
+        _ => (
+            StatusCode::UNAUTHORIZED,
+            "admin API: missing or wrong bearer token\n",
+        )
+            .into_response(),
     }
 }
 
@@ -109,11 +133,18 @@ pub fn render_metrics(registry: &Registry) -> Response {
     let mut body = String::new();
     match prometheus_client::encoding::text::encode(&mut body, registry) {
         Ok(()) => (
-            [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
             body,
         )
             .into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("metrics encoding failed: {e}\n")).into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("metrics encoding failed: {e}\n"),
+        )
+            .into_response(),
     }
 }
 
@@ -122,6 +153,54 @@ pub fn health_response(problems: Vec<String>) -> Response {
     if problems.is_empty() {
         (StatusCode::OK, "ok\n").into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}\n", problems.join("; "))).into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {}\n", problems.join("; ")),
+        )
+            .into_response()
+    }
+}
+
+/// `health` subcommands: GET `/health/ready` on the local admin API and
+/// report the status line, for container health checks (distroless images
+/// have no shell or curl). Blocking; used before any runtime starts.
+pub fn probe_ready(listen: SocketAddr, cfg: &AdminConfig) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let mut addr = listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() {
+            [127, 0, 0, 1].into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    let token = cfg
+        .auth(listen)
+        .ok()
+        .and_then(|a| a.token)
+        .map(|t| t.expose().to_owned());
+    let timeout = std::time::Duration::from_secs(3);
+    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)
+        .map_err(|e| format!("admin API at {addr}: {e}"))?;
+    let _ = s.set_read_timeout(Some(timeout));
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "GET /health/ready HTTP/1.0\r\nHost: {addr}\r\n{auth}\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).map_err(|e| e.to_string())?;
+    let status = resp.split_whitespace().nth(1).unwrap_or("?");
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.trim())
+        .unwrap_or("");
+    if status == "200" {
+        Ok(())
+    } else {
+        Err(format!("not ready (HTTP {status}): {body}"))
     }
 }

@@ -42,13 +42,20 @@ impl Overrides {
 
     /// Parses one `--set key=value`; keys in `list_keys` take comma-separated lists.
     pub fn parse_set(&mut self, kv: &str, list_keys: &[&str]) -> Result<(), ConfigError> {
-        let (k, v) = kv.split_once('=').ok_or_else(|| ConfigError::BadSet(kv.to_owned()))?;
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| ConfigError::BadSet(kv.to_owned()))?;
         let k = k.trim();
         if k.is_empty() {
             return Err(ConfigError::BadSet(kv.to_owned()));
         }
         if list_keys.contains(&k) {
-            let items: Vec<String> = v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect();
+            let items: Vec<String> = v
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect();
             self.set(k, items);
         } else {
             self.set(k, v.to_owned());
@@ -74,7 +81,9 @@ pub fn load<T: DeserializeOwned + Serialize + Default>(
         b = b.add_source(config::File::from(path).format(config::FileFormat::Toml));
     }
     let env: HashMap<String, String> = std::env::vars()
-        .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}_")) && !NOT_KEYS.contains(&k.as_str()))
+        .filter(|(k, _)| {
+            k.starts_with(&format!("{ENV_PREFIX}_")) && !NOT_KEYS.contains(&k.as_str())
+        })
         .collect();
     let mut env_src = config::Environment::with_prefix(ENV_PREFIX)
         .prefix_separator("_")
@@ -91,7 +100,10 @@ pub fn load<T: DeserializeOwned + Serialize + Default>(
     for (k, v) in overrides.0 {
         b = b.set_override(k, v).map_err(invalid)?;
     }
-    b.build().map_err(invalid)?.try_deserialize().map_err(invalid)
+    b.build()
+        .map_err(invalid)?
+        .try_deserialize()
+        .map_err(invalid)
 }
 
 /// The effective configuration as TOML, secrets masked.

@@ -17,9 +17,17 @@ use libp2p::identity::{ed25519, Keypair};
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
     #[error("cannot read key file {path}: {source}")]
-    Read { path: String, source: std::io::Error },
-    #[error("cannot write key file {path}: {source} (check that the data dir exists and is writable)")]
-    Write { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "cannot write key file {path}: {source} (check that the data dir exists and is writable)"
+    )]
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{0} is not a valid key: expected the libp2p protobuf encoding, or hex of it, or hex of 64 raw Ed25519 bytes (seed||public key), or hex of a 32-byte Ed25519 seed")]
     Invalid(String),
 }
@@ -37,7 +45,8 @@ pub fn load_or_create(path: &Path) -> Result<(Keypair, KeySource), IdentityError
     match fs::read(path) {
         Ok(bytes) => {
             warn_if_readable_by_others(path);
-            let key = parse_key(&bytes).map_err(|_| IdentityError::Invalid(path.display().to_string()))?;
+            let key = parse_key(&bytes)
+                .map_err(|_| IdentityError::Invalid(path.display().to_string()))?;
             Ok((key, KeySource::Loaded))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -45,7 +54,10 @@ pub fn load_or_create(path: &Path) -> Result<(Keypair, KeySource), IdentityError
             write_key(path, &key)?;
             Ok((key, KeySource::Created))
         }
-        Err(source) => Err(IdentityError::Read { path: path.display().to_string(), source }),
+        Err(source) => Err(IdentityError::Read {
+            path: path.display().to_string(),
+            source,
+        }),
     }
 }
 
@@ -79,7 +91,10 @@ pub fn parse_key(bytes: &[u8]) -> Result<Keypair, IdentityError> {
 
 /// Writes `key` to `path` with mode 0600, atomically (temp file + rename).
 pub fn write_key(path: &Path, key: &Keypair) -> Result<(), IdentityError> {
-    let werr = |source| IdentityError::Write { path: path.display().to_string(), source };
+    let werr = |source| IdentityError::Write {
+        path: path.display().to_string(),
+        source,
+    };
     let bytes = key
         .to_protobuf_encoding()
         .map_err(|e| werr(std::io::Error::other(e.to_string())))?;

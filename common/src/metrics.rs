@@ -34,7 +34,9 @@ pub struct ReasonLabels {
 
 impl ReasonLabels {
     pub fn new(reason: impl Into<String>) -> Self {
-        Self { reason: reason.into() }
+        Self {
+            reason: reason.into(),
+        }
     }
 }
 

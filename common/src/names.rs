@@ -217,7 +217,10 @@ mod tests {
         assert!("65536".parse::<LeasePort>().is_err());
         let r: PortRange = "20000-20002".parse().unwrap();
         assert_eq!(r.len(), 3);
-        assert_eq!(r.iter().map(|p| p.get()).collect::<Vec<_>>(), [20000, 20001, 20002]);
+        assert_eq!(
+            r.iter().map(|p| p.get()).collect::<Vec<_>>(),
+            [20000, 20001, 20002]
+        );
         assert!("9-8".parse::<PortRange>().is_err());
         let single: PortRange = "9905".parse().unwrap();
         assert!(single.contains(LeasePort::new(9905).unwrap()));

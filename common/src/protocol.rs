@@ -277,7 +277,9 @@ impl StreamHeader {
     /// `Ok(None)` means more bytes are needed.
     pub fn decode(buf: &[u8]) -> Result<Option<(Self, usize)>, WireError> {
         let mut cur = Cursor { buf, pos: 0 };
-        let Some(version) = cur.u8() else { return Ok(None) };
+        let Some(version) = cur.u8() else {
+            return Ok(None);
+        };
         if u16::from(version) != WIRE_VERSION {
             return Err(WireError::Version(version.into()));
         }
@@ -286,12 +288,26 @@ impl StreamHeader {
         if len == 0 || len > MAX_TUNNEL_NAME {
             return Err(WireError::Header("tunnel name length out of range"));
         }
-        let Some(name) = cur.take(len) else { return Ok(None) };
-        let name = std::str::from_utf8(name).map_err(|_| WireError::Header("tunnel name is not UTF-8"))?;
+        let Some(name) = cur.take(len) else {
+            return Ok(None);
+        };
+        let name =
+            std::str::from_utf8(name).map_err(|_| WireError::Header("tunnel name is not UTF-8"))?;
         let tunnel = name.parse()?;
-        let Some(source) = cur.addr()? else { return Ok(None) };
-        let Some(destination) = cur.addr()? else { return Ok(None) };
-        Ok(Some((Self { tunnel, source, destination }, cur.pos)))
+        let Some(source) = cur.addr()? else {
+            return Ok(None);
+        };
+        let Some(destination) = cur.addr()? else {
+            return Ok(None);
+        };
+        Ok(Some((
+            Self {
+                tunnel,
+                source,
+                destination,
+            },
+            cur.pos,
+        )))
     }
 
     pub async fn read<R: AsyncRead + Unpin>(r: &mut R) -> Result<Self, WireError> {
@@ -370,7 +386,9 @@ impl<'a> Cursor<'a> {
         self.take(1).map(|b| b[0])
     }
     fn addr(&mut self) -> Result<Option<SocketAddr>, WireError> {
-        let Some(family) = self.u8() else { return Ok(None) };
+        let Some(family) = self.u8() else {
+            return Ok(None);
+        };
         let ip = match family {
             4 => match self.take(4) {
                 Some(b) => IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3])),
@@ -386,7 +404,9 @@ impl<'a> Cursor<'a> {
             },
             _ => return Err(WireError::Header("unknown address family")),
         };
-        let Some(p) = self.take(2) else { return Ok(None) };
+        let Some(p) = self.take(2) else {
+            return Ok(None);
+        };
         Ok(Some(SocketAddr::new(ip, u16::from_be_bytes([p[0], p[1]]))))
     }
 }
@@ -455,7 +475,10 @@ mod tests {
             assert_eq!(r, b"payload", "header reader must not consume payload");
             // every strict prefix asks for more
             for cut in 0..h.encode().len() {
-                assert!(StreamHeader::decode(&bytes[..cut]).unwrap().is_none(), "cut {cut}");
+                assert!(
+                    StreamHeader::decode(&bytes[..cut]).unwrap().is_none(),
+                    "cut {cut}"
+                );
             }
         }
     }
@@ -465,7 +488,10 @@ mod tests {
         let good = header("203.0.113.5:40000", "198.51.100.1:20001").encode();
         let mut v = good.clone();
         v[0] = 9;
-        assert!(matches!(StreamHeader::decode(&v), Err(WireError::Version(9))));
+        assert!(matches!(
+            StreamHeader::decode(&v),
+            Err(WireError::Version(9))
+        ));
         let mut v = good.clone();
         v[1] = 0;
         assert!(StreamHeader::decode(&v).is_err());
@@ -476,7 +502,10 @@ mod tests {
         v[6] = 5; // family
         assert!(StreamHeader::decode(&v).is_err());
         let mut r = &good[..good.len() - 1];
-        assert!(matches!(StreamHeader::read(&mut r).await, Err(WireError::Truncated)));
+        assert!(matches!(
+            StreamHeader::read(&mut r).await,
+            Err(WireError::Truncated)
+        ));
     }
 
     #[tokio::test]
@@ -484,23 +513,37 @@ mod tests {
         let hello = ControlMessage::Hello(Hello {
             version: WIRE_VERSION,
             token: Some("t".into()),
-            tunnels: vec![TunnelRequest { name: "node".parse().unwrap(), port: LeasePort::new(9905) }],
+            tunnels: vec![TunnelRequest {
+                name: "node".parse().unwrap(),
+                port: LeasePort::new(9905),
+            }],
         });
         let mut buf = Vec::new();
         write_control(&mut buf, &hello).await.unwrap();
         assert_eq!(read_control(&mut &buf[..]).await.unwrap(), hello);
 
         let mut r = &buf[..buf.len() - 1];
-        assert!(matches!(read_control(&mut r).await, Err(WireError::Truncated)));
+        assert!(matches!(
+            read_control(&mut r).await,
+            Err(WireError::Truncated)
+        ));
 
         let welcome = ControlMessage::Welcome(Welcome {
             version: WIRE_VERSION,
             public_hosts: vec!["/dns4/gw.example.com".into()],
             leases: vec![
-                LeaseGrant { name: "a".parse().unwrap(), outcome: LeaseOutcome::Granted { port: LeasePort::new(20000).unwrap() } },
+                LeaseGrant {
+                    name: "a".parse().unwrap(),
+                    outcome: LeaseOutcome::Granted {
+                        port: LeasePort::new(20000).unwrap(),
+                    },
+                },
                 LeaseGrant {
                     name: "b".parse().unwrap(),
-                    outcome: LeaseOutcome::Refused { code: LeaseRefusal::PortHeld, message: "held".into() },
+                    outcome: LeaseOutcome::Refused {
+                        code: LeaseRefusal::PortHeld,
+                        message: "held".into(),
+                    },
                 },
             ],
         });
@@ -509,13 +552,25 @@ mod tests {
         assert_eq!(read_control(&mut &buf[..]).await.unwrap(), welcome);
 
         let huge = (MAX_CONTROL_FRAME as u32 + 1).to_be_bytes();
-        assert!(matches!(read_control(&mut &huge[..]).await, Err(WireError::Oversized(_))));
+        assert!(matches!(
+            read_control(&mut &huge[..]).await,
+            Err(WireError::Oversized(_))
+        ));
 
-        assert!(matches!(decode_control(b"{\"type\":\"hello\"}"), Err(WireError::Malformed(_))));
-        assert!(matches!(decode_control(b"\xff\x00garbage"), Err(WireError::Malformed(_))));
+        assert!(matches!(
+            decode_control(b"{\"type\":\"hello\"}"),
+            Err(WireError::Malformed(_))
+        ));
+        assert!(matches!(
+            decode_control(b"\xff\x00garbage"),
+            Err(WireError::Malformed(_))
+        ));
         let v2 = br#"{"type":"hello","version":2,"tunnels":[]}"#;
         assert!(matches!(decode_control(v2), Err(WireError::Version(2))));
         let bad_name = br#"{"type":"hello","version":1,"tunnels":[{"name":"a b"}]}"#;
-        assert!(matches!(decode_control(bad_name), Err(WireError::Malformed(_))));
+        assert!(matches!(
+            decode_control(bad_name),
+            Err(WireError::Malformed(_))
+        ));
     }
 }

@@ -8,7 +8,10 @@ use tokio_util::task::TaskTracker;
 
 /// Resolves on the first SIGINT or SIGTERM, naming it.
 pub async fn signal_received() -> &'static str {
-    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
         // Without signal handlers we can only wait forever; the process is killed instead.
         std::future::pending::<()>().await;
         return "none";

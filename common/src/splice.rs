@@ -20,7 +20,12 @@ pub struct Moved {
 
 /// Copies `a` <-> `b` until both directions reached EOF, or one failed.
 /// On error the caller should reset the connections it owns.
-pub async fn splice<A, B>(a: &mut A, b: &mut B, a_to_b: &Counter, b_to_a: &Counter) -> io::Result<Moved>
+pub async fn splice<A, B>(
+    a: &mut A,
+    b: &mut B,
+    a_to_b: &Counter,
+    b_to_a: &Counter,
+) -> io::Result<Moved>
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
@@ -28,7 +33,10 @@ where
     let (ar, aw) = tokio::io::split(a);
     let (br, bw) = tokio::io::split(b);
     let (x, y) = tokio::try_join!(pump(ar, bw, a_to_b), pump(br, aw, b_to_a))?;
-    Ok(Moved { a_to_b: x, b_to_a: y })
+    Ok(Moved {
+        a_to_b: x,
+        b_to_a: y,
+    })
 }
 
 /// Copies `r` into `w` until EOF, then shuts `w` down (half-close).
@@ -85,7 +93,13 @@ mod tests {
         client.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, b"pong");
         let moved = mid.await.unwrap();
-        assert_eq!(moved, Moved { a_to_b: 4, b_to_a: 4 });
+        assert_eq!(
+            moved,
+            Moved {
+                a_to_b: 4,
+                b_to_a: 4
+            }
+        );
         assert_eq!((up.get(), down.get()), (4, 4));
     }
 }

@@ -26,10 +26,12 @@ use libp2p::{
         Endpoint,
     },
     swarm::{
-        handler::{ConnectionEvent, DialUpgradeError, FullyNegotiatedInbound, FullyNegotiatedOutbound},
-        ConnectionClosed, ConnectionDenied, ConnectionHandler, ConnectionHandlerEvent, ConnectionId, FromSwarm,
-        NetworkBehaviour, NotifyHandler, StreamUpgradeError, SubstreamProtocol, THandler, THandlerInEvent,
-        THandlerOutEvent, ToSwarm,
+        handler::{
+            ConnectionEvent, DialUpgradeError, FullyNegotiatedInbound, FullyNegotiatedOutbound,
+        },
+        ConnectionClosed, ConnectionDenied, ConnectionHandler, ConnectionHandlerEvent,
+        ConnectionId, FromSwarm, NetworkBehaviour, NotifyHandler, StreamUpgradeError,
+        SubstreamProtocol, THandler, THandlerInEvent, THandlerOutEvent, ToSwarm,
     },
     Multiaddr, PeerId, Stream, StreamProtocol,
 };
@@ -79,9 +81,19 @@ pub struct Control {
 
 impl Control {
     /// Opens a stream to `peer` over its newest connection. Does not dial.
-    pub async fn open_stream(&self, peer: PeerId, protocol: StreamProtocol) -> Result<Stream, OpenError> {
+    pub async fn open_stream(
+        &self,
+        peer: PeerId,
+        protocol: StreamProtocol,
+    ) -> Result<Stream, OpenError> {
         let (reply, rx) = oneshot::channel();
-        self.requests.send(OpenRequest { peer, protocol, reply }).map_err(|_| OpenError::Closed)?;
+        self.requests
+            .send(OpenRequest {
+                peer,
+                protocol,
+                reply,
+            })
+            .map_err(|_| OpenError::Closed)?;
         rx.await.map_err(|_| OpenError::Closed)?
     }
 
@@ -99,17 +111,39 @@ pub struct Behaviour {
 
 /// Builds the behaviour, its control, and the queue of inbound streams for
 /// `accept` (at most `queue` waiting before new ones are dropped).
-pub fn new(accept: Vec<StreamProtocol>, queue: usize) -> (Behaviour, Control, mpsc::Receiver<Incoming>) {
+pub fn new(
+    accept: Vec<StreamProtocol>,
+    queue: usize,
+) -> (Behaviour, Control, mpsc::Receiver<Incoming>) {
     let (tx, rx) = mpsc::channel(queue.max(1));
     let (req_tx, req_rx) = mpsc::unbounded_channel();
-    let inbound = Arc::new(Inbound { protocols: accept, queue: tx, dropped: AtomicU64::new(0) });
-    let control = Control { requests: req_tx, inbound: inbound.clone() };
-    (Behaviour { requests: req_rx, inbound, connections: HashMap::new() }, control, rx)
+    let inbound = Arc::new(Inbound {
+        protocols: accept,
+        queue: tx,
+        dropped: AtomicU64::new(0),
+    });
+    let control = Control {
+        requests: req_tx,
+        inbound: inbound.clone(),
+    };
+    (
+        Behaviour {
+            requests: req_rx,
+            inbound,
+            connections: HashMap::new(),
+        },
+        control,
+        rx,
+    )
 }
 
 impl Behaviour {
     fn handler(&self, peer: PeerId) -> Handler {
-        Handler { peer, inbound: self.inbound.clone(), pending: VecDeque::new() }
+        Handler {
+            peer,
+            inbound: self.inbound.clone(),
+            pending: VecDeque::new(),
+        }
     }
 }
 
@@ -141,9 +175,16 @@ impl NetworkBehaviour for Behaviour {
     fn on_swarm_event(&mut self, event: FromSwarm) {
         match event {
             FromSwarm::ConnectionEstablished(e) => {
-                self.connections.entry(e.peer_id).or_default().push(e.connection_id);
+                self.connections
+                    .entry(e.peer_id)
+                    .or_default()
+                    .push(e.connection_id);
             }
-            FromSwarm::ConnectionClosed(ConnectionClosed { peer_id, connection_id, .. }) => {
+            FromSwarm::ConnectionClosed(ConnectionClosed {
+                peer_id,
+                connection_id,
+                ..
+            }) => {
                 if let Some(v) = self.connections.get_mut(&peer_id) {
                     v.retain(|c| *c != connection_id);
                     if v.is_empty() {
@@ -155,11 +196,19 @@ impl NetworkBehaviour for Behaviour {
         }
     }
 
-    fn on_connection_handler_event(&mut self, _: PeerId, _: ConnectionId, event: THandlerOutEvent<Self>) {
+    fn on_connection_handler_event(
+        &mut self,
+        _: PeerId,
+        _: ConnectionId,
+        event: THandlerOutEvent<Self>,
+    ) {
         match event {}
     }
 
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
         while let Poll::Ready(Some(req)) = self.requests.poll_recv(cx) {
             // The newest connection is the one most likely alive after a reconnect.
             match self.connections.get(&req.peer).and_then(|v| v.last()) {
@@ -202,10 +251,15 @@ impl ConnectionHandler for Handler {
     fn poll(
         &mut self,
         _: &mut Context<'_>,
-    ) -> Poll<ConnectionHandlerEvent<Self::OutboundProtocol, Self::OutboundOpenInfo, Self::ToBehaviour>> {
+    ) -> Poll<
+        ConnectionHandlerEvent<Self::OutboundProtocol, Self::OutboundOpenInfo, Self::ToBehaviour>,
+    > {
         match self.pending.pop_front() {
             Some(req) => Poll::Ready(ConnectionHandlerEvent::OutboundSubstreamRequest {
-                protocol: SubstreamProtocol::new(ReadyUpgrade::new(req.protocol.clone()), (req.protocol, req.reply)),
+                protocol: SubstreamProtocol::new(
+                    ReadyUpgrade::new(req.protocol.clone()),
+                    (req.protocol, req.reply),
+                ),
             }),
             None => Poll::Pending,
         }
@@ -215,19 +269,35 @@ impl ConnectionHandler for Handler {
         self.pending.push_back(req);
     }
 
-    fn on_connection_event(&mut self, event: ConnectionEvent<Self::InboundProtocol, Self::OutboundProtocol, (), Reply>) {
+    fn on_connection_event(
+        &mut self,
+        event: ConnectionEvent<Self::InboundProtocol, Self::OutboundProtocol, (), Reply>,
+    ) {
         match event {
-            ConnectionEvent::FullyNegotiatedInbound(FullyNegotiatedInbound { protocol: (stream, protocol), .. }) => {
-                let incoming = Incoming { peer: self.peer, protocol, stream };
+            ConnectionEvent::FullyNegotiatedInbound(FullyNegotiatedInbound {
+                protocol: (stream, protocol),
+                ..
+            }) => {
+                let incoming = Incoming {
+                    peer: self.peer,
+                    protocol,
+                    stream,
+                };
                 if self.inbound.queue.try_send(incoming).is_err() {
                     self.inbound.dropped.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(peer = %self.peer, "inbound stream queue full; stream dropped");
                 }
             }
-            ConnectionEvent::FullyNegotiatedOutbound(FullyNegotiatedOutbound { protocol: stream, info: (_, reply) }) => {
+            ConnectionEvent::FullyNegotiatedOutbound(FullyNegotiatedOutbound {
+                protocol: stream,
+                info: (_, reply),
+            }) => {
                 let _ = reply.send(Ok(stream));
             }
-            ConnectionEvent::DialUpgradeError(DialUpgradeError { info: (protocol, reply), error }) => {
+            ConnectionEvent::DialUpgradeError(DialUpgradeError {
+                info: (protocol, reply),
+                error,
+            }) => {
                 let e = match error {
                     StreamUpgradeError::Timeout => OpenError::Timeout,
                     StreamUpgradeError::NegotiationFailed => OpenError::Unsupported(protocol),

@@ -28,7 +28,11 @@ pub struct SessionTuning {
 
 impl Default for SessionTuning {
     fn default() -> Self {
-        Self { keepalive: Duration::from_secs(1), timeout: Duration::from_secs(5), max_streams: 16_384 }
+        Self {
+            keepalive: Duration::from_secs(1),
+            timeout: Duration::from_secs(5),
+            max_streams: 16_384,
+        }
     }
 }
 
@@ -53,7 +57,11 @@ pub fn build_swarm<B: NetworkBehaviour>(
     let streams = u32::try_from(max_streams).unwrap_or(u32::MAX);
     let swarm = SwarmBuilder::with_existing_identity(key)
         .with_tokio()
-        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux_cfg)
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux_cfg,
+        )
         .map_err(|e| BuildError(e.to_string()))?
         .with_quic_config(|mut c| {
             c.keep_alive_interval = keepalive;
@@ -74,5 +82,7 @@ pub fn build_swarm<B: NetworkBehaviour>(
 /// Ping settings matching `tuning`: a failed ping closes the connection, which is
 /// how a TCP session notices a dead peer as fast as QUIC's idle timeout.
 pub fn ping_config(tuning: &SessionTuning) -> libp2p::ping::Config {
-    libp2p::ping::Config::new().with_interval(tuning.keepalive).with_timeout(tuning.timeout)
+    libp2p::ping::Config::new()
+        .with_interval(tuning.keepalive)
+        .with_timeout(tuning.timeout)
 }

@@ -16,10 +16,16 @@ pub struct AdminState {
 
 pub fn router(state: AdminState) -> Router {
     Router::new()
-        .route("/metrics", get(|State(s): State<AdminState>| async move { render_metrics(&s.metrics.registry) }))
+        .route(
+            "/metrics",
+            get(|State(s): State<AdminState>| async move { render_metrics(&s.metrics.registry) }),
+        )
         .route("/health/live", get(|| async { "ok\n" }))
         .route("/health/ready", get(ready))
-        .route("/v1/agents", get(|State(s): State<AdminState>| async move { Json(s.registry.snapshot()) }))
+        .route(
+            "/v1/agents",
+            get(|State(s): State<AdminState>| async move { Json(s.registry.snapshot()) }),
+        )
         .with_state(state)
 }
 

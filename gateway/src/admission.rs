@@ -30,16 +30,25 @@ pub struct Admission {
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
     #[error("cannot read join token {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("cannot write join token {path}: {source} (check that the data dir is writable)")]
-    Write { path: String, source: std::io::Error },
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("join token file {0} is empty; delete it to generate a new token")]
     Empty(String),
 }
 
 impl Admission {
     pub fn new(allow: impl IntoIterator<Item = PeerId>, token: Option<Secret>) -> Self {
-        Self { allow: allow.into_iter().collect(), token }
+        Self {
+            allow: allow.into_iter().collect(),
+            token,
+        }
     }
 
     pub fn check(&self, peer: &PeerId, token: Option<&str>) -> Option<Admitted> {
@@ -62,13 +71,24 @@ pub fn load_or_create_token(path: &Path) -> Result<(Secret, bool), TokenError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let bytes: [u8; 24] = rand::rng().random();
             let token = format!("rgt_{}", hex::encode(bytes));
-            let werr = |source| TokenError::Write { path: path.display().to_string(), source };
-            let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(werr)?;
+            let werr = |source| TokenError::Write {
+                path: path.display().to_string(),
+                source,
+            };
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(werr)?;
             f.write_all(format!("{token}\n").as_bytes()).map_err(werr)?;
             f.sync_all().map_err(werr)?;
             Ok((Secret::new(token), true))
         }
-        Err(source) => Err(TokenError::Read { path: path.display().to_string(), source }),
+        Err(source) => Err(TokenError::Read {
+            path: path.display().to_string(),
+            source,
+        }),
     }
 }
 

@@ -26,7 +26,8 @@ use crate::{
 };
 
 pub fn ensure_data_dir(dir: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create data_dir {}", dir.display()))?;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create data_dir {}", dir.display()))?;
     // The dir holds the key and the token: owner only.
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("cannot set permissions of data_dir {}", dir.display()))?;
@@ -35,7 +36,8 @@ pub fn ensure_data_dir(dir: &Path) -> anyhow::Result<()> {
 
 pub fn load_identity(cfg: &GatewayConfig) -> anyhow::Result<(Keypair, KeySource)> {
     if !cfg.identity.key.is_empty() {
-        let k = identity::parse_key(cfg.identity.key.expose().as_bytes()).context("identity.key")?;
+        let k =
+            identity::parse_key(cfg.identity.key.expose().as_bytes()).context("identity.key")?;
         return Ok((k, KeySource::Inline));
     }
     ensure_data_dir(&cfg.data_dir)?;
@@ -80,10 +82,14 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         tracker: TaskTracker::new(),
         stop_accepting: CancellationToken::new(),
+        proxy: cfg.proxy_protocol.clone(),
     });
     let sessions = Arc::new(Sessions {
         host: host.clone(),
-        admission: Admission::new(cfg.admission.allow.iter().copied(), token.as_ref().map(|(t, _)| t.clone())),
+        admission: Admission::new(
+            cfg.admission.allow.iter().copied(),
+            token.as_ref().map(|(t, _)| t.clone()),
+        ),
         leases: leases.clone(),
         registry: registry.clone(),
         dataplane: dataplane.clone(),
@@ -94,9 +100,18 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     tokio::spawn(sessions.run(incoming));
 
     let stop_admin = CancellationToken::new();
-    let state = admin::AdminState { metrics: metrics.clone(), registry: registry.clone(), host: host.state.clone() };
-    let (admin_addr, admin_task) =
-        relaygate_common::admin::serve(admin_listen, admin::router(state), admin_auth, stop_admin.clone()).await?;
+    let state = admin::AdminState {
+        metrics: metrics.clone(),
+        registry: registry.clone(),
+        host: host.state.clone(),
+    };
+    let (admin_addr, admin_task) = relaygate_common::admin::serve(
+        admin_listen,
+        admin::router(state),
+        admin_auth,
+        stop_admin.clone(),
+    )
+    .await?;
 
     // Listeners report their addresses asynchronously; wait briefly so the banner is complete.
     for _ in 0..50 {
@@ -106,9 +121,18 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     if !host.state.listeners_up() {
-        anyhow::bail!("libp2p listeners did not come up on {:?}; is the port in use?", cfg.listen);
+        anyhow::bail!(
+            "libp2p listeners did not come up on {:?}; is the port in use?",
+            cfg.listen
+        );
     }
-    print_banner(&cfg, &host.state.listen_addrs(), &host.peer_id, admin_addr, token.as_ref());
+    print_banner(
+        &cfg,
+        &host.state.listen_addrs(),
+        &host.peer_id,
+        admin_addr,
+        token.as_ref(),
+    );
     tracing::info!(admin = %admin_addr, leases = leases.count(), "gateway ready");
 
     let sig = shutdown::signal_received().await;
@@ -118,7 +142,10 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     dataplane.stop_accepting.cancel();
     let left = shutdown::drain(&dataplane.tracker, cfg.shutdown_grace).await;
     if left > 0 {
-        tracing::warn!(open = left, "grace period over; closing remaining connections");
+        tracing::warn!(
+            open = left,
+            "grace period over; closing remaining connections"
+        );
     }
     stop_admin.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(1), admin_task).await;
@@ -127,9 +154,20 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
 }
 
 /// Addresses an agent can dial: advertised ones, else the concrete listen addresses.
-fn dial_addrs(cfg: &GatewayConfig, listening: &[Multiaddr], peer: &libp2p::PeerId) -> Vec<Multiaddr> {
-    let base: Vec<Multiaddr> = if cfg.advertise.is_empty() { listening.to_vec() } else { cfg.advertise.clone() };
-    let mut out: Vec<Multiaddr> = base.into_iter().map(|a| a.with(Protocol::P2p(*peer))).collect();
+fn dial_addrs(
+    cfg: &GatewayConfig,
+    listening: &[Multiaddr],
+    peer: &libp2p::PeerId,
+) -> Vec<Multiaddr> {
+    let base: Vec<Multiaddr> = if cfg.advertise.is_empty() {
+        listening.to_vec()
+    } else {
+        cfg.advertise.clone()
+    };
+    let mut out: Vec<Multiaddr> = base
+        .into_iter()
+        .map(|a| a.with(Protocol::P2p(*peer)))
+        .collect();
     // QUIC first: it is what agents try first.
     out.sort_by_key(|a| !a.iter().any(|p| matches!(p, Protocol::QuicV1)));
     out.dedup();
@@ -145,17 +183,26 @@ fn print_banner(
 ) {
     let addrs = dial_addrs(cfg, listening, peer);
     let mut s = String::new();
-    s.push_str(&format!("relaygate-gateway {} is up\n", env!("CARGO_PKG_VERSION")));
+    s.push_str(&format!(
+        "relaygate-gateway {} is up\n",
+        env!("CARGO_PKG_VERSION")
+    ));
     s.push_str(&format!("  peer id   {peer}\n"));
     for a in &addrs {
         s.push_str(&format!("  address   {a}\n"));
     }
-    s.push_str(&format!("  ports     {} (leased to tunnels)\n", cfg.leases.port_range));
+    s.push_str(&format!(
+        "  ports     {} (leased to tunnels)\n",
+        cfg.leases.port_range
+    ));
     s.push_str(&format!("  admin     http://{admin}/v1/agents\n\n"));
     // One QUIC and one TCP address of the first host: QUIC is tried first, TCP is the fallback.
     let is_quic = |a: &Multiaddr| a.iter().any(|p| matches!(p, Protocol::QuicV1));
     let first_host = addrs.first().and_then(|a| a.iter().next());
-    let same_host: Vec<&Multiaddr> = addrs.iter().filter(|a| a.iter().next() == first_host).collect();
+    let same_host: Vec<&Multiaddr> = addrs
+        .iter()
+        .filter(|a| a.iter().next() == first_host)
+        .collect();
     let gw: Vec<String> = same_host
         .iter()
         .find(|a| is_quic(a))
@@ -166,15 +213,25 @@ fn print_banner(
     s.push_str("Run an agent next to your node with:\n");
     match token {
         Some((t, true)) => {
-            s.push_str(&format!("  relaygate-agent {} --token {} --tunnel node=127.0.0.1:9905\n", gw.join(" "), t.expose()));
+            s.push_str(&format!(
+                "  relaygate-agent {} --token {} --tunnel node=127.0.0.1:9905\n",
+                gw.join(" "),
+                t.expose()
+            ));
             s.push_str(&format!("(the join token was just created in {}; it is shown only now, `relaygate-gateway token` prints it again)\n", cfg.token_file().display()));
         }
         Some((_, false)) => {
-            s.push_str(&format!("  relaygate-agent {} --token <join token> --tunnel node=127.0.0.1:9905\n", gw.join(" ")));
+            s.push_str(&format!(
+                "  relaygate-agent {} --token <join token> --tunnel node=127.0.0.1:9905\n",
+                gw.join(" ")
+            ));
             s.push_str("(print the join token with `relaygate-gateway token`)\n");
         }
         None => {
-            s.push_str(&format!("  relaygate-agent {} --tunnel node=127.0.0.1:9905\n", gw.join(" ")));
+            s.push_str(&format!(
+                "  relaygate-agent {} --tunnel node=127.0.0.1:9905\n",
+                gw.join(" ")
+            ));
             s.push_str("(join tokens are off: add the agent's peer id to admission.allow)\n");
         }
     }

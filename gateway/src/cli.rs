@@ -67,6 +67,8 @@ pub enum Cmd {
     Token,
     /// Print the gateway's peer id (creating the key if needed).
     PeerId,
+    /// Exit 0 if the running gateway's /health/ready answers 200 (for container health checks).
+    Health,
 }
 
 impl Opts {
@@ -112,7 +114,11 @@ pub fn main() -> ExitCode {
             Ok(())
         }
         Cmd::Token => token(&cfg),
-        Cmd::PeerId => app::load_identity(&cfg).map(|(k, _)| println!("{}", k.public().to_peer_id())),
+        Cmd::PeerId => {
+            app::load_identity(&cfg).map(|(k, _)| println!("{}", k.public().to_peer_id()))
+        }
+        Cmd::Health => relaygate_common::admin::probe_ready(cfg.admin_listen(), &cfg.admin)
+            .map_err(anyhow::Error::msg),
         Cmd::Run => run(cfg),
     };
     match result {
@@ -133,6 +139,9 @@ fn token(cfg: &GatewayConfig) -> anyhow::Result<()> {
 
 fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     relaygate_common::telemetry::init(&cfg.log)?;
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start tokio")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start tokio")?;
     rt.block_on(app::run(cfg))
 }

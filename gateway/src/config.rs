@@ -3,6 +3,7 @@
 
 use std::{net::IpAddr, path::PathBuf, time::Duration};
 
+use ipnet::IpNet;
 use libp2p::{Multiaddr, PeerId};
 use relaygate_common::{
     admin::AdminConfig,
@@ -28,6 +29,7 @@ pub struct GatewayConfig {
     pub identity: IdentityConfig,
     pub admission: AdmissionConfig,
     pub leases: LeaseConfig,
+    pub proxy_protocol: ProxyPolicy,
     pub session: SessionTuning,
     pub admin: AdminConfig,
     pub log: LogConfig,
@@ -60,7 +62,28 @@ pub struct AdmissionConfig {
 
 impl Default for AdmissionConfig {
     fn default() -> Self {
-        Self { allow: Vec::new(), tokens: true, token: Secret::default(), token_file: None }
+        Self {
+            allow: Vec::new(),
+            tokens: true,
+            token: Secret::default(),
+            token_file: None,
+        }
+    }
+}
+
+/// PROXY protocol read by the gateway on its leased ports, from trusted balancers only.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProxyPolicy {
+    /// CIDRs (e.g. the load balancer's) whose PROXY v1/v2 headers are believed.
+    pub trusted: Vec<IpNet>,
+    /// Trusted peers must send a header; without one the connection is refused.
+    pub required: bool,
+}
+
+impl ProxyPolicy {
+    pub fn trusts(&self, ip: IpAddr) -> bool {
+        self.trusted.iter().any(|n| n.contains(&ip))
     }
 }
 
@@ -103,6 +126,7 @@ impl Default for GatewayConfig {
             identity: IdentityConfig::default(),
             admission: AdmissionConfig::default(),
             leases: LeaseConfig::default(),
+            proxy_protocol: ProxyPolicy::default(),
             session: SessionTuning::default(),
             admin: AdminConfig::default(),
             log: LogConfig::default(),
@@ -113,20 +137,36 @@ impl Default for GatewayConfig {
 
 impl GatewayConfig {
     /// Keys whose `RELAYGATE_*` environment value is a comma-separated list.
-    pub const LIST_KEYS: &'static [&'static str] =
-        &["listen", "advertise", "admission.allow", "leases.allowed_ports", "admin.open_paths"];
+    pub const LIST_KEYS: &'static [&'static str] = &[
+        "listen",
+        "advertise",
+        "admission.allow",
+        "proxy_protocol.trusted",
+        "leases.allowed_ports",
+        "admin.open_paths",
+    ];
 
     pub fn key_file(&self) -> PathBuf {
-        self.identity.key_file.clone().unwrap_or_else(|| self.data_dir.join("identity.key"))
+        self.identity
+            .key_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("identity.key"))
     }
     pub fn token_file(&self) -> PathBuf {
-        self.admission.token_file.clone().unwrap_or_else(|| self.data_dir.join("join-token"))
+        self.admission
+            .token_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("join-token"))
     }
     pub fn lease_db(&self) -> PathBuf {
         self.data_dir.join("leases.redb")
     }
     pub fn admin_listen(&self) -> std::net::SocketAddr {
-        self.admin.listen.unwrap_or_else(|| DEFAULT_ADMIN.parse().unwrap_or(([127, 0, 0, 1], 9600).into()))
+        self.admin.listen.unwrap_or_else(|| {
+            DEFAULT_ADMIN
+                .parse()
+                .unwrap_or(([127, 0, 0, 1], 9600).into())
+        })
     }
 }
 
@@ -173,9 +213,11 @@ impl GatewayConfig {
 pub fn host_part(addr: &Multiaddr) -> Option<String> {
     use libp2p::multiaddr::Protocol;
     match addr.iter().next()? {
-        p @ (Protocol::Ip4(_) | Protocol::Ip6(_) | Protocol::Dns(_) | Protocol::Dns4(_) | Protocol::Dns6(_)) => {
-            Some(Multiaddr::empty().with(p).to_string())
-        }
+        p @ (Protocol::Ip4(_)
+        | Protocol::Ip6(_)
+        | Protocol::Dns(_)
+        | Protocol::Dns4(_)
+        | Protocol::Dns6(_)) => Some(Multiaddr::empty().with(p).to_string()),
         _ => None,
     }
 }

@@ -10,7 +10,9 @@ use std::{
 use futures::StreamExt;
 use libp2p::{
     core::ConnectedPoint,
-    identify, identity::Keypair, ping,
+    identify,
+    identity::Keypair,
+    ping,
     swarm::{NetworkBehaviour, SwarmEvent},
     Multiaddr, PeerId,
 };
@@ -84,7 +86,9 @@ impl HostHandle {
 pub enum HostError {
     #[error(transparent)]
     Build(#[from] transport::BuildError),
-    #[error("cannot listen on {addr}: {message} (is the port in use, or the address not on this host?)")]
+    #[error(
+        "cannot listen on {addr}: {message} (is the port in use, or the address not on this host?)"
+    )]
     Listen { addr: Multiaddr, message: String },
 }
 
@@ -100,20 +104,28 @@ pub fn start(
     let ping_cfg = transport::ping_config(&cfg.session);
     let (streams, control, incoming) = streams::new(vec![CONTROL_PROTOCOL], CONTROL_QUEUE);
     let mut swarm = transport::build_swarm(key, &cfg.session, |key| Behaviour {
-        identify: identify::Behaviour::new(identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
-            .with_agent_version(format!("relaygate-gateway/{}", env!("CARGO_PKG_VERSION")))),
+        identify: identify::Behaviour::new(
+            identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
+                .with_agent_version(format!("relaygate-gateway/{}", env!("CARGO_PKG_VERSION"))),
+        ),
         ping: ping::Behaviour::new(ping_cfg),
         streams,
     })?;
     for addr in &cfg.listen {
         swarm
             .listen_on(addr.clone())
-            .map_err(|e| HostError::Listen { addr: addr.clone(), message: e.to_string() })?;
+            .map_err(|e| HostError::Listen {
+                addr: addr.clone(),
+                message: e.to_string(),
+            })?;
     }
     for addr in &cfg.advertise {
         swarm.add_external_address(addr.clone());
     }
-    let state = Arc::new(HostState { expected_listeners: cfg.listen.len(), ..Default::default() });
+    let state = Arc::new(HostState {
+        expected_listeners: cfg.listen.len(),
+        ..Default::default()
+    });
     let (tx, rx) = mpsc::channel(64);
     let handle = HostHandle {
         peer_id: *swarm.local_peer_id(),

@@ -80,7 +80,11 @@ impl Leases {
         for lease in store.load()? {
             table.insert(lease.key, lease.port);
         }
-        Ok(Self { store, policy, table: Mutex::new(table) })
+        Ok(Self {
+            store,
+            policy,
+            table: Mutex::new(table),
+        })
     }
 
     pub fn count(&self) -> usize {
@@ -88,7 +92,14 @@ impl Leases {
     }
 
     pub fn all(&self) -> Vec<Lease> {
-        self.lock().by_key.iter().map(|(k, p)| Lease { key: k.clone(), port: *p }).collect()
+        self.lock()
+            .by_key
+            .iter()
+            .map(|(k, p)| Lease {
+                key: k.clone(),
+                port: *p,
+            })
+            .collect()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
@@ -127,15 +138,25 @@ impl Leases {
         grants
     }
 
-    fn decide(&self, agent: PeerId, requests: &[TunnelRequest]) -> (Vec<LeaseGrant>, Vec<(usize, Pending)>) {
+    fn decide(
+        &self,
+        agent: PeerId,
+        requests: &[TunnelRequest],
+    ) -> (Vec<LeaseGrant>, Vec<(usize, Pending)>) {
         let mut t = self.lock();
         let mut seen = HashSet::new();
         let mut grants = Vec::with_capacity(requests.len());
         let mut pending = Vec::new();
         for (i, req) in requests.iter().enumerate() {
-            let key = LeaseKey { agent, tunnel: req.name.clone() };
+            let key = LeaseKey {
+                agent,
+                tunnel: req.name.clone(),
+            };
             let outcome = if !seen.insert(req.name.clone()) {
-                refuse(LeaseRefusal::DuplicateName, format!("tunnel name {} appears twice", req.name))
+                refuse(
+                    LeaseRefusal::DuplicateName,
+                    format!("tunnel name {} appears twice", req.name),
+                )
             } else {
                 match self.pick(&t, &key, req.port) {
                     Ok((port, changed)) => {
@@ -148,7 +169,10 @@ impl Leases {
                     Err((code, msg)) => refuse(code, msg),
                 }
             };
-            grants.push(LeaseGrant { name: req.name.clone(), outcome });
+            grants.push(LeaseGrant {
+                name: req.name.clone(),
+                outcome,
+            });
         }
         (grants, pending)
     }
@@ -171,13 +195,21 @@ impl Leases {
                         format!(
                             "port {w} is not allowed here; ask for none, or one in {} {}",
                             self.policy.range,
-                            self.policy.allowed.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(" ")
+                            self.policy
+                                .allowed
+                                .iter()
+                                .map(|r| r.to_string())
+                                .collect::<Vec<_>>()
+                                .join(" ")
                         ),
                     ));
                 }
                 if let Some(holder) = t.by_port.get(&w) {
                     if holder != key {
-                        return Err((LeaseRefusal::PortHeld, format!("port {w} is leased to another tunnel")));
+                        return Err((
+                            LeaseRefusal::PortHeld,
+                            format!("port {w} is leased to another tunnel"),
+                        ));
                     }
                 }
                 if existing.is_none() && t.count_for(&key.agent) >= self.policy.max_per_agent {
@@ -204,7 +236,10 @@ impl Leases {
 }
 
 fn too_many(max: usize) -> (LeaseRefusal, String) {
-    (LeaseRefusal::TooManyTunnels, format!("at most {max} tunnels per agent"))
+    (
+        LeaseRefusal::TooManyTunnels,
+        format!("at most {max} tunnels per agent"),
+    )
 }
 
 fn refuse(code: LeaseRefusal, message: String) -> LeaseOutcome {
@@ -233,7 +268,10 @@ mod tests {
     }
 
     fn req(name: &str, port: Option<u16>) -> TunnelRequest {
-        TunnelRequest { name: name.parse().unwrap(), port: port.and_then(LeasePort::new) }
+        TunnelRequest {
+            name: name.parse().unwrap(),
+            port: port.and_then(LeasePort::new),
+        }
     }
 
     fn port(g: &LeaseGrant) -> Option<u16> {
@@ -258,12 +296,16 @@ mod tests {
         let (a, b) = (PeerId::random(), PeerId::random());
         {
             let l = leases(&dir);
-            let g = l.acquire(a, &[req("x", None), req("y", Some(41500)), req("x", None)]).await;
+            let g = l
+                .acquire(a, &[req("x", None), req("y", Some(41500)), req("x", None)])
+                .await;
             assert!(port(&g[0]).is_some());
             assert_eq!(port(&g[1]), Some(41500));
             assert_eq!(code(&g[2]), Some(LeaseRefusal::DuplicateName));
             // another agent cannot take a held port, nor one outside the set
-            let g = l.acquire(b, &[req("z", Some(41500)), req("w", Some(80))]).await;
+            let g = l
+                .acquire(b, &[req("z", Some(41500)), req("w", Some(80))])
+                .await;
             assert_eq!(code(&g[0]), Some(LeaseRefusal::PortHeld));
             assert_eq!(code(&g[1]), Some(LeaseRefusal::PortNotAllowed));
             // per-agent cap

@@ -12,6 +12,7 @@ use libp2p::PeerId;
 use relaygate_common::{
     metrics::Side,
     protocol::{StreamHeader, StreamStatus, TUNNEL_PROTOCOL},
+    proxy,
     splice::pump,
 };
 use tokio::{
@@ -20,12 +21,16 @@ use tokio::{
 };
 use tokio_util::{compat::FuturesAsyncReadCompatExt, sync::CancellationToken, task::TaskTracker};
 
-use crate::{metrics::Metrics, registry::TunnelStats};
+use crate::{config::ProxyPolicy, metrics::Metrics, registry::TunnelStats};
 
 /// How long the gateway waits for the agent to open a stream.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the agent may take to connect to its target and answer.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a trusted balancer may take to send its PROXY header.
+const PROXY_TIMEOUT: Duration = Duration::from_secs(5);
+/// When the header is optional: how long to wait before treating the peer as direct.
+const PROXY_OPTIONAL_WAIT: Duration = Duration::from_millis(500);
 
 /// Shared by every public port.
 pub struct DataPlane {
@@ -35,6 +40,8 @@ pub struct DataPlane {
     pub tracker: TaskTracker,
     /// Cancelled at shutdown: stop accepting on every port.
     pub stop_accepting: CancellationToken,
+    /// Which peers may send PROXY headers.
+    pub proxy: ProxyPolicy,
 }
 
 /// A bound public port of one tunnel.
@@ -68,7 +75,13 @@ impl PublicPort {
                     continue;
                 }
             };
-            let conn = Connection { tcp, source, agent: self.agent, stats: self.stats.clone(), dp: dp.clone() };
+            let conn = Connection {
+                tcp,
+                source,
+                agent: self.agent,
+                stats: self.stats.clone(),
+                dp: dp.clone(),
+            };
             dp.tracker.spawn(conn.run());
         }
         tracing::debug!(port = %self.stats.port, tunnel = %self.stats.name, "public port closed");
@@ -77,10 +90,21 @@ impl PublicPort {
 
 struct Connection {
     tcp: TcpStream,
+    /// The socket's peer; the PROXY header's source replaces it when trusted.
     source: SocketAddr,
     agent: PeerId,
     stats: Arc<TunnelStats>,
     dp: Arc<DataPlane>,
+}
+
+/// Who the connection is from, after the PROXY policy was applied.
+struct Origin {
+    source: SocketAddr,
+    destination: SocketAddr,
+    /// Bytes read past a PROXY header; they belong to the connection.
+    prefix: Vec<u8>,
+    /// An untrusted peer: a PROXY header in its first bytes is refused.
+    untrusted: bool,
 }
 
 impl Connection {
@@ -93,7 +117,13 @@ impl Connection {
         self.stats.opened.inc();
         self.stats.active.inc();
         let _ = self.tcp.set_nodelay(true);
-        let result = self.forward().await;
+        let result = match self.origin().await {
+            Ok(origin) => {
+                self.stats.saw(origin.source);
+                self.forward(origin).await
+            }
+            Err(e) => Err(e),
+        };
         if let Err(e) = &result {
             tracing::debug!(source = %self.source, tunnel = %self.stats.name, error = %e, "public connection reset");
             // RST, so the remote learns at once that the connection is gone.
@@ -103,28 +133,127 @@ impl Connection {
         self.stats.active.dec();
     }
 
-    async fn forward(&mut self) -> io::Result<()> {
-        let destination = self.tcp.local_addr()?;
+    async fn origin(&mut self) -> io::Result<Origin> {
+        let destination = proxy::canonical(self.tcp.local_addr()?);
+        let source = proxy::canonical(self.source);
+        let policy = &self.dp.proxy;
+        if !policy.trusts(source.ip()) {
+            // Always checked: a spoofed header must never reach a target that reads PROXY.
+            return Ok(Origin {
+                source,
+                destination,
+                prefix: Vec::new(),
+                untrusted: true,
+            });
+        }
+        let wait = if policy.required {
+            PROXY_TIMEOUT
+        } else {
+            PROXY_OPTIONAL_WAIT
+        };
+        let metrics = &self.dp.metrics;
+        match tokio::time::timeout(wait, proxy::read_header(&mut self.tcp)).await {
+            Ok(Ok((Some(h), prefix))) => Ok(Origin {
+                source: h.source.map(proxy::canonical).unwrap_or(source),
+                destination: h.destination.map(proxy::canonical).unwrap_or(destination),
+                prefix,
+                untrusted: false,
+            }),
+            Ok(Ok((None, prefix))) if !policy.required => Ok(Origin {
+                source,
+                destination,
+                prefix,
+                untrusted: false,
+            }),
+            Err(_) if !policy.required => Ok(Origin {
+                source,
+                destination,
+                prefix: Vec::new(),
+                untrusted: false,
+            }),
+            Ok(Ok((None, _))) | Err(_) => {
+                metrics.refuse("proxy_missing");
+                Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "PROXY header required from this peer",
+                ))
+            }
+            Ok(Err(e)) => {
+                metrics.refuse("proxy_malformed");
+                metrics.bad_input("proxy_header");
+                Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
+            }
+        }
+    }
+
+    async fn forward(&mut self, origin: Origin) -> io::Result<()> {
         let open = self.dp.control.open_stream(self.agent, TUNNEL_PROTOCOL);
         let stream = match tokio::time::timeout(OPEN_TIMEOUT, open).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
-                self.dp.metrics.dial_failures.get_or_create(&reason("open_stream")).inc();
+                self.dp
+                    .metrics
+                    .dial_failures
+                    .get_or_create(&reason("open_stream"))
+                    .inc();
                 return Err(io::Error::other(e.to_string()));
             }
             Err(_) => {
-                self.dp.metrics.dial_failures.get_or_create(&reason("open_timeout")).inc();
-                return Err(io::Error::new(io::ErrorKind::TimedOut, "agent did not accept a stream"));
+                self.dp
+                    .metrics
+                    .dial_failures
+                    .get_or_create(&reason("open_timeout"))
+                    .inc();
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "agent did not accept a stream",
+                ));
             }
         };
         let mut stream = stream.compat();
-        let header = StreamHeader { tunnel: self.stats.name.clone(), source: self.source, destination };
+        let header = StreamHeader {
+            tunnel: self.stats.name.clone(),
+            source: origin.source,
+            destination: origin.destination,
+        };
         stream.write_all(&header.encode()).await?;
-        tracing::debug!(source = %self.source, tunnel = %self.stats.name, agent = %self.agent, "public connection");
+        tracing::debug!(
+            source = %origin.source, peer = %self.source, tunnel = %self.stats.name, agent = %self.agent,
+            "public connection"
+        );
 
-        let (mut sr, sw) = tokio::io::split(stream);
-        let (tr, mut tw) = self.tcp.split();
-        let (bytes_in, bytes_out, metrics) = (&self.stats.bytes_in, &self.stats.bytes_out, &self.dp.metrics);
+        let (mut sr, mut sw) = tokio::io::split(stream);
+        let (mut tr, mut tw) = self.tcp.split();
+        let (bytes_in, bytes_out, metrics) = (
+            &self.stats.bytes_in,
+            &self.stats.bytes_out,
+            &self.dp.metrics,
+        );
+        let up = async move {
+            if !origin.prefix.is_empty() {
+                sw.write_all(&origin.prefix).await?;
+                bytes_in.inc_by(origin.prefix.len() as u64);
+            }
+            if origin.untrusted {
+                // Only a trusted balancer may name another source.
+                let mut first = [0u8; 16];
+                let n = tr.read(&mut first).await?;
+                if proxy::has_signature(&first[..n]) {
+                    metrics.refuse("proxy_untrusted");
+                    return Err(io::Error::new(
+                        io::ErrorKind::PermissionDenied,
+                        "PROXY header from an untrusted address",
+                    ));
+                }
+                if n == 0 {
+                    sw.shutdown().await?;
+                    return Ok(0);
+                }
+                sw.write_all(&first[..n]).await?;
+                bytes_in.inc_by(n as u64);
+            }
+            pump(tr, sw, bytes_in).await
+        };
         let down = async move {
             let status = tokio::time::timeout(STATUS_TIMEOUT, sr.read_u8())
                 .await
@@ -137,11 +266,14 @@ impl Connection {
                 }
                 None => {
                     metrics.bad_input("stream_status");
-                    Err(io::Error::new(io::ErrorKind::InvalidData, "unknown stream status"))
+                    Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "unknown stream status",
+                    ))
                 }
             }
         };
-        tokio::try_join!(pump(tr, sw, bytes_in), down)?;
+        tokio::try_join!(up, down)?;
         Ok(())
     }
 }

@@ -42,22 +42,60 @@ impl Metrics {
             bad_input: Family::default(),
             registry: Registry::default(),
         };
-        registry.register("connections_active", "Open connections by side", m.connections_active.clone());
-        registry.register("connections_opened", "Connections opened by side", m.connections_opened.clone());
-        registry.register("sessions_active", "Agent sessions currently admitted", m.sessions_active.clone());
-        registry.register("sessions_opened", "Agent sessions admitted", m.sessions_opened.clone());
+        registry.register(
+            "connections_active",
+            "Open connections by side",
+            m.connections_active.clone(),
+        );
+        registry.register(
+            "connections_opened",
+            "Connections opened by side",
+            m.connections_opened.clone(),
+        );
+        registry.register(
+            "sessions_active",
+            "Agent sessions currently admitted",
+            m.sessions_active.clone(),
+        );
+        registry.register(
+            "sessions_opened",
+            "Agent sessions admitted",
+            m.sessions_opened.clone(),
+        );
         registry.register("leases", "Leases in the store", m.leases.clone());
-        registry.register("tunnels_active", "Tunnels with a bound public port", m.tunnels_active.clone());
-        registry.register("tunnel_connections", "Public connections per tunnel", m.tunnel_connections.clone());
-        registry.register("tunnel_bytes", "Bytes per tunnel and direction", m.tunnel_bytes.clone());
+        registry.register(
+            "tunnels_active",
+            "Tunnels with a bound public port",
+            m.tunnels_active.clone(),
+        );
+        registry.register(
+            "tunnel_connections",
+            "Public connections per tunnel",
+            m.tunnel_connections.clone(),
+        );
+        registry.register(
+            "tunnel_bytes",
+            "Bytes per tunnel and direction",
+            m.tunnel_bytes.clone(),
+        );
         registry.register("refusals", "Refusals by reason", m.refusals.clone());
-        registry.register("dial_failures", "Failed stream opens toward agents by reason", m.dial_failures.clone());
-        registry.register("bad_input", "Malformed network input by kind", m.bad_input.clone());
+        registry.register(
+            "dial_failures",
+            "Failed stream opens toward agents by reason",
+            m.dial_failures.clone(),
+        );
+        registry.register(
+            "bad_input",
+            "Malformed network input by kind",
+            m.bad_input.clone(),
+        );
         Self { registry, ..m }
     }
 
     pub fn refuse(&self, reason: &str) {
-        self.refusals.get_or_create(&ReasonLabels::new(reason)).inc();
+        self.refusals
+            .get_or_create(&ReasonLabels::new(reason))
+            .inc();
     }
 
     pub fn bad_input(&self, kind: &str) {

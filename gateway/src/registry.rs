@@ -27,23 +27,57 @@ pub struct TunnelStats {
     pub opened: Counter,
     pub bytes_in: Counter,
     pub bytes_out: Counter,
+    /// The last few source addresses, newest last, for `/v1/agents`.
+    recent: std::sync::Mutex<std::collections::VecDeque<std::net::SocketAddr>>,
 }
 
+/// How many recent sources each tunnel remembers.
+const RECENT_SOURCES: usize = 16;
+
 impl TunnelStats {
+    /// Records a connection's source.
+    pub fn saw(&self, source: std::net::SocketAddr) {
+        let mut r = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        if r.len() == RECENT_SOURCES {
+            r.pop_front();
+        }
+        r.push_back(source);
+    }
+
+    fn recent_sources(&self) -> Vec<String> {
+        self.recent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|a| a.to_string())
+            .collect()
+    }
+
     pub fn new(metrics: &Metrics, agent: &PeerId, name: TunnelName, port: LeasePort) -> Self {
         let agent = agent.to_string();
         let tunnel = name.to_string();
         let bytes = |direction| {
             metrics
                 .tunnel_bytes
-                .get_or_create(&TunnelBytesLabels { agent: agent.clone(), tunnel: tunnel.clone(), direction })
+                .get_or_create(&TunnelBytesLabels {
+                    agent: agent.clone(),
+                    tunnel: tunnel.clone(),
+                    direction,
+                })
                 .clone()
         };
         Self {
-            opened: metrics.tunnel_connections.get_or_create(&TunnelLabels { agent: agent.clone(), tunnel: tunnel.clone() }).clone(),
+            opened: metrics
+                .tunnel_connections
+                .get_or_create(&TunnelLabels {
+                    agent: agent.clone(),
+                    tunnel: tunnel.clone(),
+                })
+                .clone(),
             bytes_in: bytes(Direction::Inbound),
             bytes_out: bytes(Direction::Outbound),
             active: Gauge::default(),
+            recent: Default::default(),
             name,
             port,
         }
@@ -90,6 +124,8 @@ pub struct TunnelView {
     pub connections_total: u64,
     pub bytes_inbound: u64,
     pub bytes_outbound: u64,
+    /// Source addresses of the latest connections, oldest first.
+    pub recent_sources: Vec<String>,
 }
 
 impl AgentRegistry {
@@ -111,8 +147,17 @@ impl AgentRegistry {
 
     /// Registers a session; returns its id for [`Self::unregister`].
     pub fn register(&self, peer: PeerId, s: NewSession) -> u64 {
-        let id = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let entry = Entry { id, since: SystemTime::now(), remote: s.remote, tunnels: s.tunnels, cancel: s.cancel, tasks: s.tasks };
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let entry = Entry {
+            id,
+            since: SystemTime::now(),
+            remote: s.remote,
+            tunnels: s.tunnels,
+            cancel: s.cancel,
+            tasks: s.tasks,
+        };
         if let Some(old) = self.lock().insert(peer, entry) {
             old.cancel.cancel();
         }
@@ -144,7 +189,11 @@ impl AgentRegistry {
             .iter()
             .map(|(peer, e)| AgentView {
                 peer_id: peer.to_string(),
-                since: e.since.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+                since: e
+                    .since
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0),
                 remote_addr: e.remote.as_ref().map(|a| a.to_string()),
                 tunnels: e
                     .tunnels
@@ -156,6 +205,7 @@ impl AgentRegistry {
                         connections_total: t.opened.get(),
                         bytes_inbound: t.bytes_in.get(),
                         bytes_outbound: t.bytes_out.get(),
+                        recent_sources: t.recent_sources(),
                     })
                     .collect(),
             })

@@ -6,11 +6,11 @@ use std::{sync::Arc, time::Duration};
 
 use libp2p::{PeerId, Stream};
 use relaygate_common::{
-    streams::Incoming,
     protocol::{
-        read_control, write_control, ControlMessage, Hello, LeaseGrant, LeaseOutcome, LeaseRefusal, Refusal,
-        RefusalCode, Welcome, WireError, WIRE_VERSION,
+        read_control, write_control, ControlMessage, Hello, LeaseGrant, LeaseOutcome, LeaseRefusal,
+        Refusal, RefusalCode, Welcome, WireError, WIRE_VERSION,
     },
+    streams::Incoming,
 };
 use tokio::io::AsyncWriteExt;
 use tokio_util::{compat::FuturesAsyncReadCompatExt, sync::CancellationToken};
@@ -52,14 +52,40 @@ impl Sessions {
     async fn handle(self: Arc<Self>, peer: PeerId, mut ctl: Control) {
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, read_control(&mut ctl)).await {
             Ok(Ok(ControlMessage::Hello(h))) => h,
-            Ok(Ok(_)) => return self.refuse(peer, &mut ctl, RefusalCode::BadRequest, "expected hello".into(), Some("unexpected_message")).await,
+            Ok(Ok(_)) => {
+                return self
+                    .refuse(
+                        peer,
+                        &mut ctl,
+                        RefusalCode::BadRequest,
+                        "expected hello".into(),
+                        Some("unexpected_message"),
+                    )
+                    .await
+            }
             Ok(Err(WireError::Version(v))) => {
                 let msg = format!("wire version {v} is not supported; this gateway speaks {WIRE_VERSION}: upgrade the older side");
-                return self.refuse(peer, &mut ctl, RefusalCode::UnsupportedVersion, msg, Some("version")).await;
+                return self
+                    .refuse(
+                        peer,
+                        &mut ctl,
+                        RefusalCode::UnsupportedVersion,
+                        msg,
+                        Some("version"),
+                    )
+                    .await;
             }
             Ok(Err(e)) => {
                 let kind = e.kind();
-                return self.refuse(peer, &mut ctl, RefusalCode::BadRequest, e.to_string(), Some(kind)).await;
+                return self
+                    .refuse(
+                        peer,
+                        &mut ctl,
+                        RefusalCode::BadRequest,
+                        e.to_string(),
+                        Some(kind),
+                    )
+                    .await;
             }
             Err(_) => {
                 self.metrics.bad_input("hello_timeout");
@@ -69,7 +95,9 @@ impl Sessions {
         };
         if self.dataplane.stop_accepting.is_cancelled() {
             let msg = "the gateway is shutting down; retry shortly".to_string();
-            return self.refuse(peer, &mut ctl, RefusalCode::ShuttingDown, msg, None).await;
+            return self
+                .refuse(peer, &mut ctl, RefusalCode::ShuttingDown, msg, None)
+                .await;
         }
         let Some(how) = self.admission.check(&peer, hello.token.as_deref()) else {
             self.metrics.refuse("not_admitted");
@@ -77,7 +105,14 @@ impl Sessions {
             let msg = format!(
                 "peer {peer} is not admitted: add it to the gateway's admission.allow, or start the agent with the gateway's join token"
             );
-            let _ = write_control(&mut ctl, &ControlMessage::Refused(Refusal { code: RefusalCode::NotAdmitted, message: msg })).await;
+            let _ = write_control(
+                &mut ctl,
+                &ControlMessage::Refused(Refusal {
+                    code: RefusalCode::NotAdmitted,
+                    message: msg,
+                }),
+            )
+            .await;
             let _ = tokio::time::timeout(Duration::from_secs(1), ctl.shutdown()).await;
             // Give the refusal time to arrive before the connection goes.
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -96,10 +131,20 @@ impl Sessions {
         let mut ports = Vec::new();
         for g in grants.iter_mut() {
             match &g.outcome {
-                LeaseOutcome::Granted { port } => match listener::bind(self.bind, port.get()).await {
+                LeaseOutcome::Granted { port } => match listener::bind(self.bind, port.get()).await
+                {
                     Ok(l) => {
-                        let stats = Arc::new(TunnelStats::new(&self.metrics, &peer, g.name.clone(), *port));
-                        ports.push(PublicPort { agent: peer, stats, listener: l });
+                        let stats = Arc::new(TunnelStats::new(
+                            &self.metrics,
+                            &peer,
+                            g.name.clone(),
+                            *port,
+                        ));
+                        ports.push(PublicPort {
+                            agent: peer,
+                            stats,
+                            listener: l,
+                        });
                     }
                     Err(e) => {
                         tracing::error!(%peer, tunnel = %g.name, %port, error = %e, "cannot bind leased port");
@@ -115,20 +160,35 @@ impl Sessions {
                 }
             }
         }
-        let welcome = Welcome { version: WIRE_VERSION, public_hosts: self.public_hosts.clone(), leases: grants.clone() };
+        let welcome = Welcome {
+            version: WIRE_VERSION,
+            public_hosts: self.public_hosts.clone(),
+            leases: grants.clone(),
+        };
         if let Err(e) = write_control(&mut ctl, &ControlMessage::Welcome(welcome)).await {
             tracing::info!(%peer, error = %e, "agent left before welcome");
             return;
         }
         let tunnels: Vec<_> = ports.iter().map(|p| p.stats.clone()).collect();
         let n_ports = ports.len();
-        let tasks = ports.into_iter().map(|p| tokio::spawn(p.serve(self.dataplane.clone(), cancel.clone()))).collect();
+        let tasks = ports
+            .into_iter()
+            .map(|p| tokio::spawn(p.serve(self.dataplane.clone(), cancel.clone())))
+            .collect();
         let remote = self.host.state.remote_addr(&peer);
         tracing::info!(
             %peer, admitted = how, remote = remote.as_ref().map(|a| a.to_string()).unwrap_or_default(),
             tunnels = %describe(&grants), "agent session up"
         );
-        let id = self.registry.register(peer, NewSession { remote, tunnels, cancel: cancel.clone(), tasks });
+        let id = self.registry.register(
+            peer,
+            NewSession {
+                remote,
+                tunnels,
+                cancel: cancel.clone(),
+                tasks,
+            },
+        );
         self.metrics.sessions_opened.inc();
         self.metrics.sessions_active.inc();
         self.metrics.tunnels_active.inc_by(n_ports as i64);
@@ -152,7 +212,14 @@ impl Sessions {
     }
 
     /// Answers `Refused`; `bad` names the kind of bad input, when it was that.
-    async fn refuse(&self, peer: PeerId, ctl: &mut Control, code: RefusalCode, message: String, bad: Option<&str>) {
+    async fn refuse(
+        &self,
+        peer: PeerId,
+        ctl: &mut Control,
+        code: RefusalCode,
+        message: String,
+        bad: Option<&str>,
+    ) {
         if let Some(kind) = bad {
             self.metrics.bad_input(kind);
         }

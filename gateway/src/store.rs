@@ -26,7 +26,10 @@ impl FromStr for LeaseKey {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = || StoreError::Corrupt(format!("bad lease key {s:?}"));
         let (agent, tunnel) = s.split_once('/').ok_or_else(bad)?;
-        Ok(Self { agent: agent.parse().map_err(|_| bad())?, tunnel: tunnel.parse().map_err(|_| bad())? })
+        Ok(Self {
+            agent: agent.parse().map_err(|_| bad())?,
+            tunnel: tunnel.parse().map_err(|_| bad())?,
+        })
     }
 }
 
@@ -64,7 +67,10 @@ fn io<E: fmt::Display>(e: E) -> StoreError {
 
 impl EmbeddedStore {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let open_err = |e: &dyn fmt::Display| StoreError::Open { path: path.display().to_string(), message: e.to_string() };
+        let open_err = |e: &dyn fmt::Display| StoreError::Open {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        };
         let db = Database::create(path).map_err(|e| open_err(&e))?;
         // Create the table up front so an unwritable store fails at start, not at the first lease.
         let tx = db.begin_write().map_err(|e| open_err(&e))?;
@@ -82,7 +88,8 @@ impl LeaseStore for EmbeddedStore {
         for row in table.iter().map_err(io)? {
             let (k, v) = row.map_err(io)?;
             let key: LeaseKey = k.value().parse()?;
-            let port = LeasePort::new(v.value()).ok_or_else(|| StoreError::Corrupt(format!("port 0 for {key}")))?;
+            let port = LeasePort::new(v.value())
+                .ok_or_else(|| StoreError::Corrupt(format!("port 0 for {key}")))?;
             out.push(Lease { key, port });
         }
         Ok(out)
@@ -92,7 +99,9 @@ impl LeaseStore for EmbeddedStore {
         let tx = self.db.begin_write().map_err(io)?;
         {
             let mut table = tx.open_table(LEASES).map_err(io)?;
-            table.insert(lease.key.to_string().as_str(), lease.port.get()).map_err(io)?;
+            table
+                .insert(lease.key.to_string().as_str(), lease.port.get())
+                .map_err(io)?;
         }
         tx.commit().map_err(io)
     }
@@ -117,8 +126,14 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("leases.redb");
-        let key = LeaseKey { agent: PeerId::random(), tunnel: "node".parse().unwrap() };
-        let lease = Lease { key: key.clone(), port: LeasePort::new(20001).unwrap() };
+        let key = LeaseKey {
+            agent: PeerId::random(),
+            tunnel: "node".parse().unwrap(),
+        };
+        let lease = Lease {
+            key: key.clone(),
+            port: LeasePort::new(20001).unwrap(),
+        };
         {
             let s = EmbeddedStore::open(&path).unwrap();
             s.put(&lease).unwrap();

@@ -24,12 +24,23 @@ pub fn workspace_bin(name: &str) -> PathBuf {
         }
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--bins", "-p", "relaygate-gateway", "-p", "relaygate-agent"]);
+        cmd.args([
+            "build",
+            "--bins",
+            "-p",
+            "relaygate-gateway",
+            "-p",
+            "relaygate-agent",
+        ]);
         if dir.ends_with("release") {
             cmd.arg("--release");
         }
         let out = cmd.output().expect("run cargo build");
-        assert!(out.status.success(), "building the binaries failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "building the binaries failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         dir
     });
     dir.join(name)
@@ -44,11 +55,21 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(label: &str, mut cmd: Command) -> Proc {
-        cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null());
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {label} ({cmd:?}): {e}"));
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .stdin(Stdio::null());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {label} ({cmd:?}): {e}"));
         let lines = Arc::new(Mutex::new(Vec::new()));
-        let out = child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>);
-        let err = child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>);
+        let out = child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>);
+        let err = child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>);
         for stream in [out, err].into_iter().flatten() {
             let (lines, label) = (lines.clone(), label.to_string());
             thread::spawn(move || {
@@ -58,7 +79,11 @@ impl Proc {
                 }
             });
         }
-        Proc { label: label.to_string(), child, lines }
+        Proc {
+            label: label.to_string(),
+            child,
+            lines,
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -70,7 +95,11 @@ impl Proc {
     }
 
     /// First line (stdout or stderr) matching `pred`, waiting up to `timeout`.
-    pub fn wait_for(&self, pred: impl Fn(&str) -> bool, timeout: Duration) -> Result<String, String> {
+    pub fn wait_for(
+        &self,
+        pred: impl Fn(&str) -> bool,
+        timeout: Duration,
+    ) -> Result<String, String> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(l) = self.lines().into_iter().find(|l| pred(l)) {
@@ -79,7 +108,10 @@ impl Proc {
             if Instant::now() > deadline {
                 let all = self.lines();
                 let tail = all[all.len().saturating_sub(40)..].join("\n");
-                return Err(format!("{}: no matching line within {timeout:?}; last lines:\n{tail}", self.label));
+                return Err(format!(
+                    "{}: no matching line within {timeout:?}; last lines:\n{tail}",
+                    self.label
+                ));
             }
             thread::sleep(Duration::from_millis(25));
         }
@@ -118,9 +150,15 @@ impl Drop for Proc {
 }
 
 pub fn free_tcp_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free tcp port")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free tcp port")
 }
 
 pub fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).map(|a| a.port()).expect("free udp port")
+    UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("free udp port")
 }

@@ -22,8 +22,14 @@ impl RawPeer {
     /// Connects to a gateway address ending in `/p2p/<id>`.
     pub fn connect(addr: &str) -> Result<RawPeer, String> {
         let addr: Multiaddr = addr.parse().map_err(|e| format!("{e}"))?;
-        let Some(Protocol::P2p(gateway)) = addr.iter().last() else { return Err("no /p2p".into()) };
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().map_err(|e| e.to_string())?;
+        let Some(Protocol::P2p(gateway)) = addr.iter().last() else {
+            return Err("no /p2p".into());
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
         let control = rt.block_on(async {
             let (behaviour, control, _incoming) = streams::new(vec![], 1);
             let mut swarm = transport::build_swarm(
@@ -58,12 +64,20 @@ impl RawPeer {
                 .map_err(|_| "driver died".to_string())??;
             Ok::<_, String>(control)
         })?;
-        Ok(RawPeer { rt, control, gateway })
+        Ok(RawPeer {
+            rt,
+            control,
+            gateway,
+        })
     }
 
     /// Opens a stream of `protocol`, writes `bytes`, half-closes, and reads
     /// one control frame back (None if the gateway closed without one).
-    pub fn send(&self, protocol: &'static str, bytes: &[u8]) -> Result<Option<ControlMessage>, String> {
+    pub fn send(
+        &self,
+        protocol: &'static str,
+        bytes: &[u8],
+    ) -> Result<Option<ControlMessage>, String> {
         self.rt.block_on(async {
             let s = self
                 .control

@@ -42,7 +42,12 @@ pub struct GatewaySpec {
 
 impl Default for GatewaySpec {
     fn default() -> Self {
-        Self { bind: "127.0.0.1".into(), public_ip: "127.0.0.1".into(), port_range: None, extra: Vec::new() }
+        Self {
+            bind: "127.0.0.1".into(),
+            public_ip: "127.0.0.1".into(),
+            port_range: None,
+            extra: Vec::new(),
+        }
     }
 }
 
@@ -66,7 +71,9 @@ impl Gateway {
             let p = free_tcp_port();
             format!("{p}-{}", p.saturating_add(9))
         });
-        let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().expect("admin addr");
+        let admin: SocketAddr = format!("127.0.0.1:{admin_port}")
+            .parse()
+            .expect("admin addr");
         let mut args = vec![
             "--data-dir".into(),
             dir.path().display().to_string(),
@@ -100,14 +107,29 @@ impl Gateway {
             args,
         };
         gw.await_up();
-        gw.token = std::fs::read_to_string(gw.dir.path().join("join-token")).unwrap_or_default().trim().to_string();
+        gw.token = std::fs::read_to_string(gw.dir.path().join("join-token"))
+            .unwrap_or_default()
+            .trim()
+            .to_string();
         gw
     }
 
     fn await_up(&mut self) {
-        self.proc.wait_for(|l| l.contains(" is up"), Duration::from_secs(20)).expect("gateway did not come up");
-        let line = self.proc.wait_for(|l| l.trim_start().starts_with("peer id"), Duration::from_secs(5)).expect("peer id line");
-        self.peer_id = line.split_whitespace().last().unwrap_or_default().to_string();
+        self.proc
+            .wait_for(|l| l.contains(" is up"), Duration::from_secs(20))
+            .expect("gateway did not come up");
+        let line = self
+            .proc
+            .wait_for(
+                |l| l.trim_start().starts_with("peer id"),
+                Duration::from_secs(5),
+            )
+            .expect("peer id line");
+        self.peer_id = line
+            .split_whitespace()
+            .last()
+            .unwrap_or_default()
+            .to_string();
     }
 
     /// Kills the gateway with SIGKILL and starts it again on the same dir and ports.
@@ -119,8 +141,14 @@ impl Gateway {
 
     pub fn addr(&self, t: Transport) -> String {
         match t {
-            Transport::Quic => format!("/ip4/{}/udp/{}/quic-v1/p2p/{}", self.public_ip, self.quic, self.peer_id),
-            Transport::Tcp => format!("/ip4/{}/tcp/{}/p2p/{}", self.public_ip, self.tcp, self.peer_id),
+            Transport::Quic => format!(
+                "/ip4/{}/udp/{}/quic-v1/p2p/{}",
+                self.public_ip, self.quic, self.peer_id
+            ),
+            Transport::Tcp => format!(
+                "/ip4/{}/tcp/{}/p2p/{}",
+                self.public_ip, self.tcp, self.peer_id
+            ),
         }
     }
 
@@ -143,7 +171,14 @@ pub struct Agent {
 
 impl Agent {
     /// Starts an agent with `tunnels` (`name=host:port[@port]`), presenting the join token when `token`.
-    pub fn start(launch: Launch, gw: &Gateway, t: Transport, tunnels: &[String], token: bool, extra: &[String]) -> Agent {
+    pub fn start(
+        launch: Launch,
+        gw: &Gateway,
+        t: Transport,
+        tunnels: &[String],
+        token: bool,
+        extra: &[String],
+    ) -> Agent {
         let dir = tempfile::tempdir().expect("tempdir");
         Self::start_in(launch, gw, t, tunnels, token, extra, dir)
     }
@@ -158,11 +193,21 @@ impl Agent {
         extra: &[String],
         dir: tempfile::TempDir,
     ) -> Agent {
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().expect("admin addr");
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port())
+            .parse()
+            .expect("admin addr");
         let mut cmd = launch(&workspace_bin("relaygate-agent"));
-        cmd.arg("--data-dir").arg(dir.path()).arg("--gateway").arg(gw.addr(t));
+        cmd.arg("--data-dir")
+            .arg(dir.path())
+            .arg("--gateway")
+            .arg(gw.addr(t));
         cmd.arg("--admin-listen").arg(admin.to_string());
-        cmd.args(["--set", "reconnect.max=2s", "--log-level", "info,relaygate_agent=debug"]);
+        cmd.args([
+            "--set",
+            "reconnect.max=2s",
+            "--log-level",
+            "info,relaygate_agent=debug",
+        ]);
         for tun in tunnels {
             cmd.arg("--tunnel").arg(tun);
         }
@@ -170,23 +215,39 @@ impl Agent {
             cmd.env("RELAYGATE_GATEWAY__TOKEN", &gw.token);
         }
         cmd.args(extra);
-        Agent { proc: Proc::spawn("agent", cmd), dir, admin }
+        Agent {
+            proc: Proc::spawn("agent", cmd),
+            dir,
+            admin,
+        }
     }
 
     /// Waits for the log line announcing tunnel `name`'s lease; returns the port.
     pub fn wait_leased(&self, name: &str, timeout: Duration) -> Result<u16, String> {
         let needle = format!("tunnel={name} ");
-        let line = self.proc.wait_for(|l| l.contains("tunnel leased") && l.contains(&needle), timeout)?;
+        let line = self.proc.wait_for(
+            |l| l.contains("tunnel leased") && l.contains(&needle),
+            timeout,
+        )?;
         leased_port(&line).ok_or_else(|| format!("no port in {line}"))
     }
 
     /// Waits until a lease line appears after `skip` earlier ones (for reconnects).
-    pub fn wait_leased_again(&self, name: &str, seen: usize, timeout: Duration) -> Result<u16, String> {
+    pub fn wait_leased_again(
+        &self,
+        name: &str,
+        seen: usize,
+        timeout: Duration,
+    ) -> Result<u16, String> {
         let needle = format!("tunnel={name} ");
         let deadline = Instant::now() + timeout;
         loop {
-            let lines: Vec<String> =
-                self.proc.lines().into_iter().filter(|l| l.contains("tunnel leased") && l.contains(&needle)).collect();
+            let lines: Vec<String> = self
+                .proc
+                .lines()
+                .into_iter()
+                .filter(|l| l.contains("tunnel leased") && l.contains(&needle))
+                .collect();
             if lines.len() > seen {
                 return leased_port(&lines[seen]).ok_or_else(|| "no port".into());
             }
@@ -199,14 +260,21 @@ impl Agent {
 
     pub fn lease_count(&self, name: &str) -> usize {
         let needle = format!("tunnel={name} ");
-        self.proc.lines().iter().filter(|l| l.contains("tunnel leased") && l.contains(&needle)).count()
+        self.proc
+            .lines()
+            .iter()
+            .filter(|l| l.contains("tunnel leased") && l.contains(&needle))
+            .count()
     }
 }
 
 fn leased_port(line: &str) -> Option<u16> {
     // strip ANSI colour codes before looking for `port=`
     let plain = strip_ansi(line);
-    plain.split_whitespace().find_map(|w| w.strip_prefix("port=")).and_then(|p| p.parse().ok())
+    plain
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("port="))
+        .and_then(|p| p.parse().ok())
 }
 
 pub fn strip_ansi(s: &str) -> String {
@@ -263,7 +331,11 @@ impl Echo {
                 });
             }
         });
-        Echo { addr, peers, accepted }
+        Echo {
+            addr,
+            peers,
+            accepted,
+        }
     }
 
     pub fn tunnel(&self, name: &str) -> String {
@@ -283,7 +355,8 @@ pub fn round_trip(port: u16, data: &[u8]) -> std::io::Result<Vec<u8>> {
     });
     let mut out = Vec::new();
     s.read_to_end(&mut out)?;
-    w.join().map_err(|_| std::io::Error::other("writer panicked"))??;
+    w.join()
+        .map_err(|_| std::io::Error::other("writer panicked"))??;
     Ok(out)
 }
 
@@ -293,14 +366,25 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 }
 
 pub fn http_request(addr: SocketAddr, path: &str, bearer: Option<&str>) -> (u16, String) {
-    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else { return (0, String::new()) };
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
+        return (0, String::new());
+    };
     let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    let auth = bearer.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let auth = bearer
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     let _ = write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n{auth}\r\n");
     let mut resp = String::new();
     let _ = s.read_to_string(&mut resp);
-    let status = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -335,5 +419,8 @@ pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 
 /// Where the test binaries live (for tools run inside namespaces).
 pub fn bin_dir() -> PathBuf {
-    workspace_bin("relaygate-gateway").parent().map(Path::to_path_buf).unwrap_or_default()
+    workspace_bin("relaygate-gateway")
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
 }

@@ -27,7 +27,14 @@ fn refusal(m: Option<ControlMessage>) -> (RefusalCode, String) {
 fn malformed_control_messages_are_refused_counted_and_harmless() {
     let gw = Gateway::start(&here, GatewaySpec::default());
     let echo = Echo::start();
-    let agent = Agent::start(&here, &gw, Transport::Quic, &[echo.tunnel("node")], true, &[]);
+    let agent = Agent::start(
+        &here,
+        &gw,
+        Transport::Quic,
+        &[echo.tunnel("node")],
+        true,
+        &[],
+    );
     let port = agent.wait_leased("node", Duration::from_secs(20)).unwrap();
     // An honest transfer runs while the garbage arrives.
     let honest = std::thread::spawn(move || {
@@ -45,37 +52,78 @@ fn malformed_control_messages_are_refused_counted_and_harmless() {
     assert_eq!(code, RefusalCode::BadRequest);
     assert!(msg.contains("malformed"), "{msg}");
 
-    let (code, msg) = refusal(peer.send(proto, &frame(br#"{"type":"hello","version":99,"tunnels":[]}"#)).unwrap());
+    let (code, msg) = refusal(
+        peer.send(
+            proto,
+            &frame(br#"{"type":"hello","version":99,"tunnels":[]}"#),
+        )
+        .unwrap(),
+    );
     assert_eq!(code, RefusalCode::UnsupportedVersion);
     assert!(msg.contains("99"), "{msg}");
 
-    let (code, _) = refusal(peer.send(proto, &frame(br#"{"type":"hello","version":1,"tunnels":[{"name":"a b"}]}"#)).unwrap());
+    let (code, _) = refusal(
+        peer.send(
+            proto,
+            &frame(br#"{"type":"hello","version":1,"tunnels":[{"name":"a b"}]}"#),
+        )
+        .unwrap(),
+    );
     assert_eq!(code, RefusalCode::BadRequest);
 
     // truncated: half a frame, then end of stream
     let _ = peer.send(proto, &frame(br#"{"type":"hello"}"#)[..7]);
 
     // a valid hello without a token: refused as not admitted
-    let (code, msg) = refusal(peer.send(proto, &frame(br#"{"type":"hello","version":1,"tunnels":[{"name":"x"},{"name":"x"}]}"#)).unwrap());
+    let (code, msg) = refusal(
+        peer.send(
+            proto,
+            &frame(br#"{"type":"hello","version":1,"tunnels":[{"name":"x"},{"name":"x"}]}"#),
+        )
+        .unwrap(),
+    );
     assert_eq!(code, RefusalCode::NotAdmitted);
     assert!(msg.contains("admission.allow"), "{msg}");
 
-    assert!(eventually(Duration::from_secs(3), || {
-        let m = gw.metrics();
-        ["oversized", "malformed", "version", "truncated"].iter().all(|k| {
-            metric(&m, &format!("relaygate_gateway_bad_input_total{{reason=\"{k}\"}}")).unwrap_or(0.0) >= 1.0
-        })
-    }), "{}", gw.metrics());
-    assert!(honest.join().unwrap().unwrap(), "honest transfer byte-exact");
-    assert_eq!(round_trip(port, b"still serving").unwrap(), b"still serving");
+    assert!(
+        eventually(Duration::from_secs(3), || {
+            let m = gw.metrics();
+            ["oversized", "malformed", "version", "truncated"]
+                .iter()
+                .all(|k| {
+                    metric(
+                        &m,
+                        &format!("relaygate_gateway_bad_input_total{{reason=\"{k}\"}}"),
+                    )
+                    .unwrap_or(0.0)
+                        >= 1.0
+                })
+        }),
+        "{}",
+        gw.metrics()
+    );
+    assert!(
+        honest.join().unwrap().unwrap(),
+        "honest transfer byte-exact"
+    );
+    assert_eq!(
+        round_trip(port, b"still serving").unwrap(),
+        b"still serving"
+    );
 }
 
 #[test]
 fn duplicate_tunnel_names_in_one_hello_are_refused_per_tunnel() {
     let gw = Gateway::start(&here, GatewaySpec::default());
     let peer = RawPeer::connect(&gw.addr(Transport::Quic)).unwrap();
-    let hello = format!(r#"{{"type":"hello","version":1,"token":"{}","tunnels":[{{"name":"x"}},{{"name":"x"}}]}}"#, gw.token);
-    match peer.send("/relaygate/control/1", &frame(hello.as_bytes())).unwrap() {
+    let hello = format!(
+        r#"{{"type":"hello","version":1,"token":"{}","tunnels":[{{"name":"x"}},{{"name":"x"}}]}}"#,
+        gw.token
+    );
+    match peer
+        .send("/relaygate/control/1", &frame(hello.as_bytes()))
+        .unwrap()
+    {
         Some(ControlMessage::Welcome(w)) => {
             let s = format!("{:?}", w.leases);
             assert!(s.contains("Granted") && s.contains("DuplicateName"), "{s}");
@@ -93,65 +141,131 @@ fn garbage_on_the_libp2p_port_is_counted_and_the_gateway_stays_up() {
         }
     }
     assert!(eventually(Duration::from_secs(10), || {
-        metric(&gw.metrics(), "relaygate_gateway_refusals_total{reason=\"handshake_failed\"}").unwrap_or(0.0) >= 1.0
+        metric(
+            &gw.metrics(),
+            "relaygate_gateway_refusals_total{reason=\"handshake_failed\"}",
+        )
+        .unwrap_or(0.0)
+            >= 1.0
     }));
     let echo = Echo::start();
-    let agent = Agent::start(&here, &gw, Transport::Tcp, &[echo.tunnel("node")], true, &[]);
+    let agent = Agent::start(
+        &here,
+        &gw,
+        Transport::Tcp,
+        &[echo.tunnel("node")],
+        true,
+        &[],
+    );
     let port = agent.wait_leased("node", Duration::from_secs(20)).unwrap();
     assert_eq!(round_trip(port, b"alive").unwrap(), b"alive");
 }
 
 fn run(bin: &str, args: &[&str]) -> (i32, String) {
-    let out = Command::new(workspace_bin(bin)).args(args).output().unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).to_string())
+    let out = Command::new(workspace_bin(bin))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
 }
 
 #[test]
 fn bad_config_and_key_files_give_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("gw.toml");
-    std::fs::write(&cfg, "listen = [\"/ip4/0.0.0.0/tcp/4001\"]\nlisten_typo = 1\n").unwrap();
-    let (code, err) = run("relaygate-gateway", &["--config", cfg.to_str().unwrap(), "check-config"]);
+    std::fs::write(
+        &cfg,
+        "listen = [\"/ip4/0.0.0.0/tcp/4001\"]\nlisten_typo = 1\n",
+    )
+    .unwrap();
+    let (code, err) = run(
+        "relaygate-gateway",
+        &["--config", cfg.to_str().unwrap(), "check-config"],
+    );
     assert_eq!(code, 2);
     assert!(err.contains("listen_typo"), "{err}");
 
-    let (code, err) = run("relaygate-gateway", &["--listen", "/ip4/not-an-ip/tcp/1", "check-config"]);
+    let (code, err) = run(
+        "relaygate-gateway",
+        &["--listen", "/ip4/not-an-ip/tcp/1", "check-config"],
+    );
     assert_eq!(code, 2);
     assert!(err.contains("invalid"), "{err}");
 
-    let (code, err) = run("relaygate-gateway", &["--advertise", "/tcp/4001", "check-config"]);
+    let (code, err) = run(
+        "relaygate-gateway",
+        &["--advertise", "/tcp/4001", "check-config"],
+    );
     assert_eq!(code, 2);
     assert!(err.contains("advertise"), "{err}");
 
-    let (code, err) = run("relaygate-agent", &["--gateway", "/ip4/127.0.0.1/tcp/4001", "--tunnel", "a=127.0.0.1:1", "check-config"]);
+    let (code, err) = run(
+        "relaygate-agent",
+        &[
+            "--gateway",
+            "/ip4/127.0.0.1/tcp/4001",
+            "--tunnel",
+            "a=127.0.0.1:1",
+            "check-config",
+        ],
+    );
     assert_ne!(code, 0);
     assert!(err.contains("/p2p/"), "{err}");
 
-    let (code, err) = run("relaygate-agent", &["--tunnel", "bad name=127.0.0.1:1", "check-config"]);
+    let (code, err) = run(
+        "relaygate-agent",
+        &["--tunnel", "bad name=127.0.0.1:1", "check-config"],
+    );
     assert_ne!(code, 0);
     assert!(err.contains("tunnel name"), "{err}");
 
     let key = dir.path().join("identity.key");
     std::fs::write(&key, "definitely not a key").unwrap();
-    let (code, err) = run("relaygate-gateway", &["--data-dir", dir.path().to_str().unwrap(), "peer-id"]);
+    let (code, err) = run(
+        "relaygate-gateway",
+        &["--data-dir", dir.path().to_str().unwrap(), "peer-id"],
+    );
     assert_eq!(code, 1);
     assert!(err.contains("not a valid key"), "{err}");
 
     // a go-libp2p style hex key (64 raw Ed25519 bytes) is accepted
     let hexkey = "0".repeat(62) + "01" + &"0".repeat(64);
-    let (code, err) = run("relaygate-gateway", &["--set", &format!("identity.key={hexkey}"), "peer-id"]);
+    let (code, err) = run(
+        "relaygate-gateway",
+        &["--set", &format!("identity.key={hexkey}"), "peer-id"],
+    );
     assert_ne!(code, 0, "mismatched public half must be refused: {err}");
 
     let kp = libp2p::identity::ed25519::Keypair::generate();
-    let expected = libp2p::identity::Keypair::from(kp.clone()).public().to_peer_id().to_string();
+    let expected = libp2p::identity::Keypair::from(kp.clone())
+        .public()
+        .to_peer_id()
+        .to_string();
     let out = Command::new(workspace_bin("relaygate-gateway"))
-        .args(["--set", &format!("identity.key={}", hex::encode(kp.to_bytes())), "peer-id"])
+        .args([
+            "--set",
+            &format!("identity.key={}", hex::encode(kp.to_bytes())),
+            "peer-id",
+        ])
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), expected);
 
     std::fs::remove_file(&key).unwrap();
-    let (code, err) = run("relaygate-gateway", &["--admin-listen", "0.0.0.0:0", "--data-dir", dir.path().to_str().unwrap(), "--listen", "/ip4/127.0.0.1/tcp/0"]);
+    let (code, err) = run(
+        "relaygate-gateway",
+        &[
+            "--admin-listen",
+            "0.0.0.0:0",
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+        ],
+    );
     assert_eq!(code, 1);
     assert!(err.contains("admin.token"), "{err}");
 }
@@ -159,12 +273,22 @@ fn bad_config_and_key_files_give_clear_errors() {
 #[test]
 fn check_config_masks_secrets() {
     let out = Command::new(workspace_bin("relaygate-agent"))
-        .args(["--gateway", "/ip4/127.0.0.1/tcp/4001/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN", "--tunnel", "a=127.0.0.1:1", "check-config"])
+        .args([
+            "--gateway",
+            "/ip4/127.0.0.1/tcp/4001/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN",
+            "--tunnel",
+            "a=127.0.0.1:1",
+            "check-config",
+        ])
         .env("RELAYGATE_GATEWAY__TOKEN", "rgt_supersecret")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!stdout.contains("supersecret"), "{stdout}");
     assert!(stdout.contains("token = \"***\""), "{stdout}");
 }

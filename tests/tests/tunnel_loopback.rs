@@ -11,7 +11,8 @@ use std::{
 
 use rand::RngCore;
 use relaygate_tests::stack::{
-    eventually, here, http_get, metric, metric_sum, round_trip, Agent, Echo, Gateway, GatewaySpec, Transport,
+    eventually, here, http_get, metric, metric_sum, round_trip, Agent, Echo, Gateway, GatewaySpec,
+    Transport,
 };
 
 const LEASE: Duration = Duration::from_secs(20);
@@ -36,14 +37,24 @@ fn one_mib_round_trips_byte_exact_over_quic_and_tcp() {
         drop(agent);
     }
     let m = gw.metrics();
-    assert!(metric_sum(&m, "relaygate_gateway_tunnel_bytes_total{") >= 4.0 * (1 << 20) as f64, "{m}");
+    assert!(
+        metric_sum(&m, "relaygate_gateway_tunnel_bytes_total{") >= 4.0 * (1 << 20) as f64,
+        "{m}"
+    );
 }
 
 #[test]
 fn fifty_concurrent_connections() {
     let gw = Gateway::start(&here, GatewaySpec::default());
     let echo = Echo::start();
-    let agent = Agent::start(&here, &gw, Transport::Quic, &[echo.tunnel("node")], true, &[]);
+    let agent = Agent::start(
+        &here,
+        &gw,
+        Transport::Quic,
+        &[echo.tunnel("node")],
+        true,
+        &[],
+    );
     let port = agent.wait_leased("node", LEASE).expect("lease");
     let handles: Vec<_> = (0..50)
         .map(|i| {
@@ -54,7 +65,12 @@ fn fifty_concurrent_connections() {
             })
         })
         .collect();
-    let ok = handles.into_iter().filter(|_| true).map(|h| h.join().unwrap_or(false)).filter(|b| *b).count();
+    let ok = handles
+        .into_iter()
+        .filter(|_| true)
+        .map(|h| h.join().unwrap_or(false))
+        .filter(|b| *b)
+        .count();
     assert_eq!(ok, 50);
     assert_eq!(echo.accepted.load(std::sync::atomic::Ordering::SeqCst), 50);
 }
@@ -71,7 +87,8 @@ fn half_close_propagates_both_ways() {
         let (mut c, _) = l.accept().unwrap();
         let mut got = Vec::new();
         c.read_to_end(&mut got).unwrap();
-        c.write_all(format!("got {}", got.len()).as_bytes()).unwrap();
+        c.write_all(format!("got {}", got.len()).as_bytes())
+            .unwrap();
         c.shutdown(std::net::Shutdown::Write).unwrap();
         // 2nd connection: target half-closes first
         let (mut c, _) = l.accept().unwrap();
@@ -82,7 +99,14 @@ fn half_close_propagates_both_ways() {
         tx.send(got.len()).unwrap();
     });
     let gw = Gateway::start(&here, GatewaySpec::default());
-    let agent = Agent::start(&here, &gw, Transport::Tcp, &[format!("hc={target}")], true, &[]);
+    let agent = Agent::start(
+        &here,
+        &gw,
+        Transport::Tcp,
+        &[format!("hc={target}")],
+        true,
+        &[],
+    );
     let port = agent.wait_leased("hc", LEASE).expect("lease");
 
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -91,7 +115,10 @@ fn half_close_propagates_both_ways() {
     s.shutdown(std::net::Shutdown::Write).unwrap();
     let mut reply = String::new();
     s.read_to_string(&mut reply).unwrap();
-    assert_eq!(reply, "got 1000", "client's FIN reached the target, and the reply came back after it");
+    assert_eq!(
+        reply, "got 1000",
+        "client's FIN reached the target, and the reply came back after it"
+    );
 
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -100,7 +127,11 @@ fn half_close_propagates_both_ways() {
     assert_eq!(hello, b"hello", "target's FIN reached the client");
     s.write_all(&[1u8; 500]).unwrap();
     s.shutdown(std::net::Shutdown::Write).unwrap();
-    assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap(), 500, "client could still send after the target's FIN");
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(10)).unwrap(),
+        500,
+        "client could still send after the target's FIN"
+    );
 }
 
 #[test]
@@ -110,7 +141,14 @@ fn target_down_closes_public_connection_within_a_second() {
         l.local_addr().unwrap()
     }; // nothing listens here any more
     let gw = Gateway::start(&here, GatewaySpec::default());
-    let agent = Agent::start(&here, &gw, Transport::Quic, &[format!("down={closed}")], true, &[]);
+    let agent = Agent::start(
+        &here,
+        &gw,
+        Transport::Quic,
+        &[format!("down={closed}")],
+        true,
+        &[],
+    );
     let port = agent.wait_leased("down", LEASE).expect("lease");
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -118,10 +156,18 @@ fn target_down_closes_public_connection_within_a_second() {
     let mut buf = [0u8; 16];
     let r = s.read(&mut buf);
     let took = started.elapsed();
-    assert!(matches!(r, Ok(0) | Err(_)), "connection must close, got {r:?}");
+    assert!(
+        matches!(r, Ok(0) | Err(_)),
+        "connection must close, got {r:?}"
+    );
     assert!(took < Duration::from_secs(1), "closed after {took:?}");
     assert!(eventually(Duration::from_secs(2), || {
-        metric(&gw.metrics(), "relaygate_gateway_refusals_total{reason=\"target_refused\"}").unwrap_or(0.0) >= 1.0
+        metric(
+            &gw.metrics(),
+            "relaygate_gateway_refusals_total{reason=\"target_refused\"}",
+        )
+        .unwrap_or(0.0)
+            >= 1.0
     }));
 }
 
@@ -129,47 +175,107 @@ fn target_down_closes_public_connection_within_a_second() {
 fn gateway_crash_and_restart_gives_the_same_port_back() {
     let mut gw = Gateway::start(&here, GatewaySpec::default());
     let echo = Echo::start();
-    let agent = Agent::start(&here, &gw, Transport::Quic, &[echo.tunnel("node")], true, &[]);
+    let agent = Agent::start(
+        &here,
+        &gw,
+        Transport::Quic,
+        &[echo.tunnel("node")],
+        true,
+        &[],
+    );
     let port = agent.wait_leased("node", LEASE).expect("lease");
     assert_eq!(round_trip(port, b"before").unwrap(), b"before");
     let seen = agent.lease_count("node");
     gw.crash_and_restart(&here);
-    let again = agent.wait_leased_again("node", seen, Duration::from_secs(30)).expect("agent came back");
+    let again = agent
+        .wait_leased_again("node", seen, Duration::from_secs(30))
+        .expect("agent came back");
     assert_eq!(again, port, "lease survived the gateway crash");
-    assert!(eventually(Duration::from_secs(5), || round_trip(port, b"after").ok().as_deref() == Some(b"after")));
+    assert!(eventually(Duration::from_secs(5), || round_trip(
+        port, b"after"
+    )
+    .ok()
+    .as_deref()
+        == Some(b"after")));
 }
 
 #[test]
 fn agent_killed_ports_refuse_then_work_when_it_returns() {
     let gw = Gateway::start(&here, GatewaySpec::default());
     let echo = Echo::start();
-    let mut agent = Agent::start(&here, &gw, Transport::Tcp, &[echo.tunnel("node")], true, &[]);
+    let mut agent = Agent::start(
+        &here,
+        &gw,
+        Transport::Tcp,
+        &[echo.tunnel("node")],
+        true,
+        &[],
+    );
     let port = agent.wait_leased("node", LEASE).expect("lease");
     assert_eq!(round_trip(port, b"x").unwrap(), b"x");
     agent.proc.kill_hard();
     // TCP: the kernel resets the session at once; the port closes within the detection time.
     assert!(
-        eventually(Duration::from_secs(8), || TcpStream::connect(("127.0.0.1", port)).is_err()),
+        eventually(Duration::from_secs(8), || TcpStream::connect((
+            "127.0.0.1",
+            port
+        ))
+        .is_err()),
         "public port still accepts after the agent died"
     );
     let dir = std::mem::replace(&mut agent.dir, tempfile::tempdir().unwrap());
-    let back = Agent::start_in(&here, &gw, Transport::Tcp, &[echo.tunnel("node")], true, &[], dir);
-    assert_eq!(back.wait_leased("node", LEASE).unwrap(), port, "same identity, same port");
+    let back = Agent::start_in(
+        &here,
+        &gw,
+        Transport::Tcp,
+        &[echo.tunnel("node")],
+        true,
+        &[],
+        dir,
+    );
+    assert_eq!(
+        back.wait_leased("node", LEASE).unwrap(),
+        port,
+        "same identity, same port"
+    );
     assert_eq!(round_trip(port, b"again").unwrap(), b"again");
 }
 
 #[test]
 fn agent_without_token_or_allow_list_is_refused_with_reason() {
     let gw = Gateway::start(&here, GatewaySpec::default());
-    let agent = Agent::start(&here, &gw, Transport::Quic, &["node=127.0.0.1:9".to_string()], false, &[]);
-    let line = agent.proc.wait_for(|l| l.contains("not admitted"), Duration::from_secs(15)).expect("refusal in agent log");
+    let agent = Agent::start(
+        &here,
+        &gw,
+        Transport::Quic,
+        &["node=127.0.0.1:9".to_string()],
+        false,
+        &[],
+    );
+    let line = agent
+        .proc
+        .wait_for(|l| l.contains("not admitted"), Duration::from_secs(15))
+        .expect("refusal in agent log");
     assert!(line.contains("join token"), "{line}");
-    agent.proc.wait_for(|l| l.contains("fix:"), Duration::from_secs(5)).expect("what to do next");
+    agent
+        .proc
+        .wait_for(|l| l.contains("fix:"), Duration::from_secs(5))
+        .expect("what to do next");
     assert!(eventually(Duration::from_secs(3), || {
-        metric(&gw.metrics(), "relaygate_gateway_refusals_total{reason=\"not_admitted\"}").unwrap_or(0.0) >= 1.0
+        metric(
+            &gw.metrics(),
+            "relaygate_gateway_refusals_total{reason=\"not_admitted\"}",
+        )
+        .unwrap_or(0.0)
+            >= 1.0
     }));
     let (status, body) = http_get(agent.admin, "/health/ready");
     assert_eq!(status, 503, "{body}");
+    let st = std::process::Command::new(relaygate_tests::procs::workspace_bin("relaygate-agent"))
+        .args(["--admin-listen", &agent.admin.to_string(), "health"])
+        .status()
+        .unwrap();
+    assert!(!st.success(), "health must fail while not admitted");
 }
 
 #[test]
@@ -185,32 +291,67 @@ fn allow_listed_agent_needs_no_token() {
     let peer = String::from_utf8_lossy(&out.stdout).trim().to_string();
     assert!(peer.starts_with("12D3"), "{peer}");
     let spec = GatewaySpec {
-        extra: vec!["--allow-peer".into(), peer, "--set".into(), "admission.tokens=false".into()],
+        extra: vec![
+            "--allow-peer".into(),
+            peer,
+            "--set".into(),
+            "admission.tokens=false".into(),
+        ],
         ..Default::default()
     };
     let gw = Gateway::start(&here, spec);
-    let agent = Agent::start_in(&here, &gw, Transport::Quic, &[echo.tunnel("node")], false, &[], dir);
-    let port = agent.wait_leased("node", LEASE).expect("allow-listed agent leased");
+    let agent = Agent::start_in(
+        &here,
+        &gw,
+        Transport::Quic,
+        &[echo.tunnel("node")],
+        false,
+        &[],
+        dir,
+    );
+    let port = agent
+        .wait_leased("node", LEASE)
+        .expect("allow-listed agent leased");
     assert_eq!(round_trip(port, b"ok").unwrap(), b"ok");
 }
 
 #[test]
 fn held_port_and_disallowed_port_are_refused() {
     let p = relaygate_tests::procs::free_tcp_port();
-    let gw = Gateway::start(&here, GatewaySpec { port_range: Some(format!("{p}-{}", p + 5)), ..Default::default() });
+    let gw = Gateway::start(
+        &here,
+        GatewaySpec {
+            port_range: Some(format!("{p}-{}", p + 5)),
+            ..Default::default()
+        },
+    );
     let echo = Echo::start();
-    let a = Agent::start(&here, &gw, Transport::Quic, &[format!("{}@{p}", echo.tunnel("node"))], true, &[]);
+    let a = Agent::start(
+        &here,
+        &gw,
+        Transport::Quic,
+        &[format!("{}@{p}", echo.tunnel("node"))],
+        true,
+        &[],
+    );
     assert_eq!(a.wait_leased("node", LEASE).unwrap(), p);
     let b = Agent::start(
         &here,
         &gw,
         Transport::Quic,
-        &[format!("{}@{p}", echo.tunnel("node")), format!("{}@80", echo.tunnel("web"))],
+        &[
+            format!("{}@{p}", echo.tunnel("node")),
+            format!("{}@80", echo.tunnel("web")),
+        ],
         true,
         &[],
     );
-    b.proc.wait_for(|l| l.contains("port_held"), LEASE).expect("held port refused");
-    b.proc.wait_for(|l| l.contains("port_not_allowed"), LEASE).expect("port outside the set refused");
+    b.proc
+        .wait_for(|l| l.contains("port_held"), LEASE)
+        .expect("held port refused");
+    b.proc
+        .wait_for(|l| l.contains("port_not_allowed"), LEASE)
+        .expect("port outside the set refused");
     assert_eq!(round_trip(p, b"still mine").unwrap(), b"still mine");
     let (status, body) = http_get(b.admin, "/health/ready");
     assert_eq!(status, 503);
@@ -234,10 +375,20 @@ fn admin_api_reports_agents_advertise_and_health() {
         ),
     )
     .unwrap();
-    let agent = Agent::start(&here, &gw, Transport::Quic, &[], true, &["--config".into(), cfg.display().to_string()]);
+    let agent = Agent::start(
+        &here,
+        &gw,
+        Transport::Quic,
+        &[],
+        true,
+        &["--config".into(), cfg.display().to_string()],
+    );
     let port = agent.wait_leased("node", LEASE).unwrap();
     let expected = format!("/ip4/127.0.0.1/tcp/{port}/p2p/{node}");
-    assert_eq!(std::fs::read_to_string(&file).unwrap(), format!("{expected}\n"));
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap(),
+        format!("{expected}\n")
+    );
     let (s, body) = http_get(agent.admin, "/v1/advertise");
     assert_eq!(s, 200);
     assert!(body.contains(&expected), "{body}");
@@ -248,6 +399,16 @@ fn admin_api_reports_agents_advertise_and_health() {
         let v: serde_json::Value = serde_json::from_str(&agents).unwrap_or_default();
         v[0]["tunnels"][0]["port"] == port && v[0]["tunnels"][0]["bytes_inbound"] == 8
     }));
+    for (bin, admin) in [
+        ("relaygate-gateway", gw.admin),
+        ("relaygate-agent", agent.admin),
+    ] {
+        let st = std::process::Command::new(relaygate_tests::procs::workspace_bin(bin))
+            .args(["--admin-listen", &admin.to_string(), "health"])
+            .status()
+            .unwrap();
+        assert!(st.success(), "{bin} health");
+    }
     assert_eq!(http_get(gw.admin, "/health/live").0, 200);
     assert_eq!(http_get(gw.admin, "/health/ready").0, 200);
     let m = gw.metrics();
@@ -268,9 +429,22 @@ fn admin_api_reports_agents_advertise_and_health() {
 
 #[test]
 fn sigterm_drains_open_connections_then_exits_zero() {
-    let mut gw = Gateway::start(&here, GatewaySpec { extra: vec!["--set".into(), "shutdown_grace=20s".into()], ..Default::default() });
+    let mut gw = Gateway::start(
+        &here,
+        GatewaySpec {
+            extra: vec!["--set".into(), "shutdown_grace=20s".into()],
+            ..Default::default()
+        },
+    );
     let echo = Echo::start();
-    let agent = Agent::start(&here, &gw, Transport::Quic, &[echo.tunnel("node")], true, &[]);
+    let agent = Agent::start(
+        &here,
+        &gw,
+        Transport::Quic,
+        &[echo.tunnel("node")],
+        true,
+        &[],
+    );
     let port = agent.wait_leased("node", LEASE).unwrap();
     let mut open = TcpStream::connect(("127.0.0.1", port)).unwrap();
     open.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -278,15 +452,24 @@ fn sigterm_drains_open_connections_then_exits_zero() {
     let mut buf = [0u8; 3];
     open.read_exact(&mut buf).unwrap();
     gw.proc.signal(libc::SIGTERM);
-    gw.proc.wait_for(|l| l.contains("draining"), Duration::from_secs(5)).expect("drain announced");
+    gw.proc
+        .wait_for(|l| l.contains("draining"), Duration::from_secs(5))
+        .expect("drain announced");
     assert!(
-        eventually(Duration::from_secs(3), || TcpStream::connect(("127.0.0.1", port)).is_err()),
+        eventually(Duration::from_secs(3), || TcpStream::connect((
+            "127.0.0.1",
+            port
+        ))
+        .is_err()),
         "new connections refused during drain"
     );
     open.write_all(b"two").unwrap();
     open.read_exact(&mut buf).unwrap();
     assert_eq!(&buf, b"two", "open connection keeps working while draining");
     drop(open);
-    let status = gw.proc.wait_exit(Duration::from_secs(10)).expect("gateway exited after the drain");
+    let status = gw
+        .proc
+        .wait_exit(Duration::from_secs(10))
+        .expect("gateway exited after the drain");
     assert!(status.success(), "{status:?}");
 }

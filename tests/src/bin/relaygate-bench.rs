@@ -73,21 +73,39 @@ fn main() -> anyhow::Result<()> {
         a.idle = 200;
     }
     raise_nofile();
-    let transport = if a.transport == "tcp" { Transport::Tcp } else { Transport::Quic };
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let (sink, echo) = rt.block_on(async { Ok::<_, anyhow::Error>((start_sink().await?, start_echo().await?)) })?;
+    let transport = if a.transport == "tcp" {
+        Transport::Tcp
+    } else {
+        Transport::Quic
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let (sink, echo) =
+        rt.block_on(async { Ok::<_, anyhow::Error>((start_sink().await?, start_echo().await?)) })?;
 
-    let gw = Gateway::start(&here, GatewaySpec::default());
+    // info level: the tests' per-connection debug logs would distort the figures
+    let gw = Gateway::start(
+        &here,
+        GatewaySpec {
+            extra: vec!["--set".into(), "log.level=info".into()],
+            ..Default::default()
+        },
+    );
     let agent = Agent::start(
         &here,
         &gw,
         transport,
         &[format!("sink={sink}"), format!("echo={echo}")],
         true,
-        &["--set".into(), "log.level=warn".into()],
+        &["--set".into(), "log.level=info".into()],
     );
-    let sink_port = agent.wait_leased("sink", Duration::from_secs(30)).map_err(anyhow::Error::msg)?;
-    let echo_port = agent.wait_leased("echo", Duration::from_secs(30)).map_err(anyhow::Error::msg)?;
+    let sink_port = agent
+        .wait_leased("sink", Duration::from_secs(30))
+        .map_err(anyhow::Error::msg)?;
+    let echo_port = agent
+        .wait_leased("echo", Duration::from_secs(30))
+        .map_err(anyhow::Error::msg)?;
     let tunnel_sink: SocketAddr = ([127, 0, 0, 1], sink_port).into();
     let tunnel_echo: SocketAddr = ([127, 0, 0, 1], echo_port).into();
 
@@ -100,7 +118,11 @@ fn main() -> anyhow::Result<()> {
         tunnel.push(rt.block_on(measure(tunnel_sink, tunnel_echo, d))?);
     }
     let mut memory = Vec::new();
-    let steps: Vec<usize> = if a.idle > 1000 { vec![1000, a.idle] } else { vec![a.idle] };
+    let steps: Vec<usize> = if a.idle > 1000 {
+        vec![1000, a.idle]
+    } else {
+        vec![a.idle]
+    };
     for n in steps {
         memory.push(rt.block_on(idle_memory(tunnel_echo, n, gw.proc.pid(), agent.proc.pid()))?);
     }
@@ -116,7 +138,13 @@ async fn measure(sink: SocketAddr, echo: SocketAddr, d: Duration) -> anyhow::Res
     let tput8 = throughput(sink, 8, d).await?;
     let (p50_us, p99_us) = rtt(echo, 2000).await?;
     let conns_per_s = conn_rate(echo, 4, d).await?;
-    Ok(Figures { tput1, tput8, p50_us, p99_us, conns_per_s })
+    Ok(Figures {
+        tput1,
+        tput8,
+        p50_us,
+        p99_us,
+        conns_per_s,
+    })
 }
 
 /// Gbit/s pushed through `streams` connections for `d`, counted as bytes the sink acknowledged.
@@ -271,7 +299,10 @@ async fn start_echo() -> anyhow::Result<SocketAddr> {
 }
 
 fn raise_nofile() {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: plain syscalls on a stack struct.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
@@ -286,22 +317,44 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn render(a: &Args, t: Transport, direct: &[Figures], tunnel: &[Figures], memory: &[Memory]) -> String {
+fn render(
+    a: &Args,
+    t: Transport,
+    direct: &[Figures],
+    tunnel: &[Figures],
+    memory: &[Memory],
+) -> String {
     let pick = |v: &[Figures], f: fn(&Figures) -> f64| median(v.iter().map(f).collect());
-    let raw = |v: &[Figures], f: fn(&Figures) -> f64| v.iter().map(|x| format!("{:.2}", f(x))).collect::<Vec<_>>().join(", ");
+    let raw = |v: &[Figures], f: fn(&Figures) -> f64| {
+        v.iter()
+            .map(|x| format!("{:.2}", f(x)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     type Row = (&'static str, fn(&Figures) -> f64, bool);
     let rows: [Row; 5] = [
         ("throughput, 1 stream, Gbit/s", |f| f.tput1, true),
         ("throughput, 8 streams, Gbit/s", |f| f.tput8, true),
         ("64-byte RTT p50, µs", |f| f.p50_us, false),
         ("64-byte RTT p99, µs", |f| f.p99_us, false),
-        ("new connections/s (connect, 1-byte echo, close)", |f| f.conns_per_s, true),
+        (
+            "new connections/s (connect, 1-byte echo, close)",
+            |f| f.conns_per_s,
+            true,
+        ),
     ];
     let mut s = String::new();
     s.push_str("# relaygate benchmarks\n\n");
+    let args: Vec<String> = std::env::args().skip(1).collect();
     s.push_str(&format!(
-        "Command: `cargo run --release -p relaygate-tests --bin relaygate-bench{}`\n\n",
-        if a.quick { " -- --quick" } else { "" }
+        "Command: `cargo run{} -p relaygate-tests --bin relaygate-bench{}{}`\n\n",
+        if cfg!(debug_assertions) {
+            ""
+        } else {
+            " --release"
+        },
+        if args.is_empty() { "" } else { " -- " },
+        args.join(" ")
     ));
     s.push_str(&format!("Machine: {}\n\n", machine()));
     s.push_str(&format!(
@@ -312,7 +365,11 @@ fn render(a: &Args, t: Transport, direct: &[Figures], tunnel: &[Figures], memory
     s.push_str("| figure | direct loopback | through gateway+agent | ratio |\n|---|---|---|---|\n");
     for (name, f, higher_better) in rows {
         let (d, x) = (pick(direct, f), pick(tunnel, f));
-        let ratio = if higher_better { format!("{:.0}% of direct", x / d * 100.0) } else { format!("{:.2}× direct", x / d) };
+        let ratio = if higher_better {
+            format!("{:.0}% of direct", x / d * 100.0)
+        } else {
+            format!("{:.2}× direct", x / d)
+        };
         s.push_str(&format!("| {name} | {d:.2} | {x:.2} | {ratio} |\n"));
     }
     s.push_str("\n| idle tunnelled connections held | gateway KiB/conn | agent KiB/conn | gateway RSS MiB | agent RSS MiB |\n|---|---|---|---|---|\n");
@@ -324,7 +381,11 @@ fn render(a: &Args, t: Transport, direct: &[Figures], tunnel: &[Figures], memory
     }
     s.push_str("\nRaw values per run (direct | tunnel):\n\n");
     for (name, f, _) in rows {
-        s.push_str(&format!("- {name}: {} | {}\n", raw(direct, f), raw(tunnel, f)));
+        s.push_str(&format!(
+            "- {name}: {} | {}\n",
+            raw(direct, f),
+            raw(tunnel, f)
+        ));
     }
     s
 }
@@ -332,14 +393,37 @@ fn render(a: &Args, t: Transport, direct: &[Figures], tunnel: &[Figures], memory
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_default();
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     let mem = std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|m| m.lines().next().map(|l| l.split_whitespace().nth(1).unwrap_or("0").parse::<u64>().unwrap_or(0) / 1024 / 1024))
+        .and_then(|m| {
+            m.lines().next().map(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .unwrap_or("0")
+                    .parse::<u64>()
+                    .unwrap_or(0)
+                    / 1024
+                    / 1024
+            })
+        })
         .unwrap_or(0);
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let profile = if cfg!(debug_assertions) { "debug build" } else { "release build" };
-    format!("{cpu}, {cores} cores, {mem} GiB RAM, Linux {}, {profile}", kernel.trim())
+    let profile = if cfg!(debug_assertions) {
+        "debug build"
+    } else {
+        "release build"
+    };
+    format!(
+        "{cpu}, {cores} cores, {mem} GiB RAM, Linux {}, {profile}",
+        kernel.trim()
+    )
 }

@@ -25,7 +25,9 @@ where
             "{cmd:?} failed ({}): {}{}",
             out.status,
             String::from_utf8_lossy(&out.stderr).trim(),
-            stdin.map(|s| format!("\ninput was:\n{s}")).unwrap_or_default(),
+            stdin
+                .map(|s| format!("\ninput was:\n{s}"))
+                .unwrap_or_default(),
         )))
     }
 }
@@ -52,9 +54,13 @@ pub(crate) fn nft_in(ns: &str, script: &str) -> io::Result<()> {
 }
 
 fn output(cmd: &mut Command, stdin: Option<&str>) -> io::Result<Output> {
-    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
     let mut child = cmd
         .spawn()
         .map_err(|e| io::Error::new(e.kind(), format!("cannot start {cmd:?}: {e}")))?;

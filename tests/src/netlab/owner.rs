@@ -29,7 +29,11 @@ pub(crate) fn claim_id(tag: &str) -> io::Result<String> {
         let c = ALPHABET[NEXT.fetch_add(1, Ordering::Relaxed) % ALPHABET.len()] as char;
         let id = format!("rg{:04}{c}", me % 10_000);
         for _ in 0..2 {
-            match fs::OpenOptions::new().write(true).create_new(true).open(marker(&id)) {
+            match fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(marker(&id))
+            {
                 Ok(f) => {
                     use io::Write;
                     let start = start_time(me).unwrap_or(0);
@@ -46,7 +50,9 @@ pub(crate) fn claim_id(tag: &str) -> io::Result<String> {
             }
         }
     }
-    Err(io::Error::other("no free lab id for this process (36 labs alive?)"))
+    Err(io::Error::other(
+        "no free lab id for this process (36 labs alive?)",
+    ))
 }
 
 /// Forgets a lab id once its namespaces are gone.
@@ -105,7 +111,10 @@ pub(crate) fn list_namespaces() -> io::Result<Vec<String>> {
 }
 
 fn namespaces_of(id: &str) -> io::Result<Vec<String>> {
-    Ok(list_namespaces()?.into_iter().filter(|ns| lab_id(ns) == Some(id)).collect())
+    Ok(list_namespaces()?
+        .into_iter()
+        .filter(|ns| lab_id(ns) == Some(id))
+        .collect())
 }
 
 fn kill_all_in(ns: &str) {
@@ -119,7 +128,11 @@ fn kill_all_in(ns: &str) {
 
 fn pids_in(ns: &str) -> Vec<i32> {
     cmd::run("ip", ["netns", "pids", ns], None)
-        .map(|out| out.split_whitespace().filter_map(|p| p.parse().ok()).collect())
+        .map(|out| {
+            out.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -127,9 +140,8 @@ fn pids_in(ns: &str) -> Vec<i32> {
 fn lab_id(ns: &str) -> Option<&str> {
     let id = ns.get(..ID_LEN)?;
     let b = id.as_bytes();
-    let ours = id.starts_with("rg")
-        && b[2..6].iter().all(u8::is_ascii_digit)
-        && ALPHABET.contains(&b[6]);
+    let ours =
+        id.starts_with("rg") && b[2..6].iter().all(u8::is_ascii_digit) && ALPHABET.contains(&b[6]);
     ours.then_some(id)
 }
 
@@ -156,7 +168,12 @@ fn owner_alive(id: &str) -> bool {
 fn start_time(pid: u32) -> Option<u64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // comm (field 2) may contain spaces; fields after its ')' start at field 3.
-    stat.rsplit_once(')')?.1.split_whitespace().nth(19)?.parse().ok()
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
 }
 
 #[cfg(test)]

@@ -1,0 +1,213 @@
+//! Transparent delivery's host plumbing: the agent's connection to the node
+//! leaves from the remote's real address (IP_TRANSPARENT), marked with
+//! SO_MARK. The mark is saved in conntrack and restored on the node's replies,
+//! and a policy rule sends marked packets to a table whose only route is
+//! `local default dev lo`, so replies come back to the agent and nothing else
+//! of the node's traffic (its own dials from its listen port) is touched.
+//!
+//! With CAP_NET_ADMIN the agent installs this at start (its own nftables
+//! table, idempotently) and removes it on exit; without it, an init container
+//! runs what `relaygate-agent transparent-rules` prints.
+
+use std::{fmt::Write as _, io::Write as _, process::Command};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TransparentConfig {
+    /// Firewall mark on the agent's delivery sockets and their conntrack entries.
+    pub mark: u32,
+    /// Policy routing table holding `local default dev lo`.
+    pub table: u32,
+    /// `auto`: install when the agent has CAP_NET_ADMIN, else require them present;
+    /// `external`: never install, only check (rules come from an init container).
+    pub rules: RulesMode,
+}
+
+impl Default for TransparentConfig {
+    fn default() -> Self {
+        Self {
+            mark: 0x5247,
+            table: 5247,
+            rules: RulesMode::Auto,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RulesMode {
+    Auto,
+    External,
+}
+
+/// nftables table the agent owns.
+pub const NFT_TABLE: &str = "relaygate";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransparentError {
+    #[error("transparent delivery needs CAP_NET_ADMIN (or CAP_NET_RAW) for IP_TRANSPARENT sockets: {0}; run the agent with that capability, or use deliver = \"proxy-v2\"")]
+    NoCapability(std::io::Error),
+    #[error("transparent delivery rules are missing ({0}); run the agent with CAP_NET_ADMIN, or run `relaygate-agent transparent-rules | sh` in an init container that has it")]
+    RulesMissing(String),
+    #[error("cannot install transparent delivery rules: {0}")]
+    Install(String),
+    #[error("transparent delivery needs the node's own non-loopback address as target (e.g. the pod IP), not {0}: the kernel drops packets from a public source to a loopback address")]
+    LoopbackTarget(String),
+}
+
+/// Shell commands that install the rules (idempotent: old ones are removed first).
+pub fn install_script(c: &TransparentConfig) -> String {
+    let mut s = String::from("set -e\n");
+    s.push_str(&remove_script(c));
+    let _ = writeln!(
+        s,
+        "nft -f - <<'EOF'\ntable inet {NFT_TABLE} {{\n  chain output {{\n    type route hook output priority mangle; policy accept;\n    meta mark {m:#x} ct mark set meta mark\n    ct mark {m:#x} meta mark set ct mark\n  }}\n}}\nEOF",
+        m = c.mark
+    );
+    for fam in ["-4", "-6"] {
+        let any = if fam == "-4" { "0.0.0.0/0" } else { "::/0" };
+        let _ = writeln!(
+            s,
+            "ip {fam} rule add fwmark {:#x} lookup {} pref {}",
+            c.mark, c.table, c.table
+        );
+        let _ = writeln!(
+            s,
+            "ip {fam} route replace local {any} dev lo table {}",
+            c.table
+        );
+    }
+    s
+}
+
+/// Shell commands that remove everything `install_script` adds; safe to run twice.
+pub fn remove_script(c: &TransparentConfig) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "nft delete table inet {NFT_TABLE} 2>/dev/null || true");
+    for fam in ["-4", "-6"] {
+        let _ = writeln!(
+            s,
+            "while ip {fam} rule del fwmark {:#x} lookup {} 2>/dev/null; do :; done",
+            c.mark, c.table
+        );
+        let _ = writeln!(
+            s,
+            "ip {fam} route flush table {} 2>/dev/null || true",
+            c.table
+        );
+    }
+    s
+}
+
+fn sh(script: &str) -> Result<(), String> {
+    let mut child = Command::new("sh")
+        .arg("-s")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run sh: {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(script.as_bytes())
+            .map_err(|e| e.to_string())?;
+    }
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
+}
+
+/// Whether this process holds CAP_NET_ADMIN (bit 12 of CapEff).
+pub fn has_net_admin() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .map(|v| v.trim().to_string())
+        })
+        .and_then(|hex| u64::from_str_radix(&hex, 16).ok())
+        .is_some_and(|caps| caps & (1 << 12) != 0)
+}
+
+/// Checks that IP_TRANSPARENT sockets can be made here.
+pub fn check_socket() -> Result<(), TransparentError> {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+        .map_err(TransparentError::NoCapability)?;
+    s.set_ip_transparent_v4(true)
+        .map_err(TransparentError::NoCapability)
+}
+
+/// Checks that the policy rule and the local route exist (readable without privileges).
+pub fn check_rules(c: &TransparentConfig) -> Result<(), TransparentError> {
+    for fam in ["-4", "-6"] {
+        let rules = run(&["ip", fam, "rule", "show"]).map_err(TransparentError::RulesMissing)?;
+        let want = format!("fwmark {:#x} lookup {}", c.mark, c.table);
+        if !rules.contains(&want) {
+            return Err(TransparentError::RulesMissing(format!(
+                "no `ip {fam} rule` with {want}"
+            )));
+        }
+        let routes = run(&["ip", fam, "route", "show", "table", &c.table.to_string()])
+            .map_err(TransparentError::RulesMissing)?;
+        if !routes.contains("local default dev lo") {
+            return Err(TransparentError::RulesMissing(format!(
+                "no `local default dev lo` in `ip {fam}` table {}",
+                c.table
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn run(args: &[&str]) -> Result<String, String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", args[0]))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "{} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// Rules installed by this process; removed when dropped.
+pub struct InstalledRules {
+    cfg: TransparentConfig,
+}
+
+impl Drop for InstalledRules {
+    fn drop(&mut self) {
+        match sh(&remove_script(&self.cfg)) {
+            Ok(()) => tracing::info!("transparent delivery rules removed"),
+            Err(e) => tracing::warn!(error = %e, "could not remove transparent delivery rules"),
+        }
+    }
+}
+
+/// Makes transparent delivery ready: checks the socket option, installs or checks the rules.
+pub fn prepare(c: &TransparentConfig) -> Result<Option<InstalledRules>, TransparentError> {
+    check_socket()?;
+    if c.rules == RulesMode::Auto && has_net_admin() {
+        sh(&install_script(c)).map_err(TransparentError::Install)?;
+        check_rules(c)?;
+        tracing::info!(
+            mark = format!("{:#x}", c.mark),
+            table = c.table,
+            "transparent delivery rules installed"
+        );
+        return Ok(Some(InstalledRules { cfg: c.clone() }));
+    }
+    check_rules(c)?;
+    Ok(None)
+}
