@@ -120,12 +120,14 @@ impl FromStr for TunnelConfig {
         for opt in parts {
             let (k, v) = opt.split_once('=').ok_or_else(usage)?;
             match k {
-                "deliver" => t.deliver =
-                    serde_json::from_value(serde_json::Value::String(v.into())).map_err(|_| {
-                        format!(
+                "deliver" => {
+                    t.deliver = serde_json::from_value(serde_json::Value::String(v.into()))
+                        .map_err(|_| {
+                            format!(
                             "deliver must be plain, transparent, proxy-v1 or proxy-v2, got {v:?}"
                         )
-                    })?,
+                        })?
+                }
                 "node_peer_id" => {
                     t.node_peer_id = Some(v.parse().map_err(|_| format!("bad node_peer_id {v:?}"))?)
                 }

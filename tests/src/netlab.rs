@@ -425,8 +425,15 @@ impl Lab {
         )
     }
 
-    /// Refuses a second host on one address (a silent ARP fight otherwise).
+    /// Refuses a second host on one address (a silent ARP fight otherwise)
+    /// and the /24's network and broadcast addresses.
     fn reserve(&self, ip: Ipv4Addr) -> io::Result<()> {
+        if matches!(ip.octets()[3], 0 | 255) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{ip} is not a host address"),
+            ));
+        }
         let mut used = lock(&self.addresses);
         if used.contains(&ip) {
             return Err(io::Error::new(

@@ -68,6 +68,20 @@ enum Cmd {
         #[command(flatten)]
         common: Common,
     },
+    /// A plain TCP echo server that reports every peer address it accepts.
+    TcpEcho {
+        #[arg(long, required = true, num_args = 1..)]
+        listen: Vec<std::net::SocketAddr>,
+    },
+    /// Connect, send `data`, half-close, print what came back; exit 0 when it echoed.
+    TcpSend {
+        #[arg(long)]
+        addr: std::net::SocketAddr,
+        #[arg(long, default_value = "hello")]
+        data: String,
+        #[arg(long, default_value_t = 10)]
+        timeout_secs: u64,
+    },
 }
 
 #[derive(Args)]
@@ -90,6 +104,12 @@ struct Node {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
+        Cmd::TcpEcho { listen } => plain_tcp::echo(listen).await,
+        Cmd::TcpSend {
+            addr,
+            data,
+            timeout_secs,
+        } => plain_tcp::send(addr, data, Duration::from_secs(timeout_secs)).await,
         Cmd::Listen {
             listen,
             deny_private_sources,
@@ -183,7 +203,10 @@ async fn dial(
         let ev = swarm.select_next_some().await;
         report(&swarm, &ev);
         match ev {
-            SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+            // Inbound connections (a dialing node may also listen) are not the dial's answer.
+            SwarmEvent::ConnectionEstablished {
+                peer_id, endpoint, ..
+            } if endpoint.is_dialer() => {
                 if let Some(want) = expect.filter(|want| *want != peer_id) {
                     return Err(format!("wrong peer id: expected {want}, got {peer_id}"));
                 }
@@ -494,6 +517,72 @@ mod gate {
                 "/ip6/2001:db8:1::101/tcp/1",
             ] {
                 assert_eq!(class(a), None, "{a} should be public");
+            }
+        }
+    }
+}
+
+/// Plain TCP tools: what a tunnel target and a remote client see, without libp2p.
+mod plain_tcp {
+    use std::{net::SocketAddr, time::Duration};
+
+    use serde_json::json;
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::{TcpListener, TcpStream},
+    };
+
+    use super::emit;
+
+    pub async fn echo(listen: Vec<SocketAddr>) -> anyhow::Result<()> {
+        let mut tasks = Vec::new();
+        for addr in listen {
+            let l = TcpListener::bind(addr).await?;
+            emit(json!({"event": "listening", "addr": l.local_addr()?.to_string()}));
+            tasks.push(tokio::spawn(async move {
+                while let Ok((mut s, peer)) = l.accept().await {
+                    let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                    emit(json!({"event": "accepted", "peer": peer.to_string(), "local": local}));
+                    tokio::spawn(async move {
+                        let (mut r, mut w) = s.split();
+                        let _ = tokio::io::copy(&mut r, &mut w).await;
+                        let _ = w.shutdown().await;
+                    });
+                }
+            }));
+        }
+        for t in tasks {
+            t.await?;
+        }
+        Ok(())
+    }
+
+    pub async fn send(addr: SocketAddr, data: String, timeout: Duration) -> anyhow::Result<()> {
+        let run = async {
+            let mut s = TcpStream::connect(addr).await?;
+            let local = s.local_addr()?.to_string();
+            s.write_all(data.as_bytes()).await?;
+            s.shutdown().await?;
+            let mut back = Vec::new();
+            s.read_to_end(&mut back).await?;
+            Ok::<_, std::io::Error>((local, back))
+        };
+        match tokio::time::timeout(timeout, run).await {
+            Ok(Ok((local, back))) if back == data.as_bytes() => {
+                emit(json!({"event": "echoed", "local": local, "data": data}));
+                Ok(())
+            }
+            Ok(Ok((_, back))) => {
+                emit(json!({"event": "error", "reason": format!("got {} bytes back", back.len())}));
+                std::process::exit(1)
+            }
+            Ok(Err(e)) => {
+                emit(json!({"event": "error", "reason": e.to_string()}));
+                std::process::exit(1)
+            }
+            Err(_) => {
+                emit(json!({"event": "error", "reason": "timeout"}));
+                std::process::exit(1)
             }
         }
     }
