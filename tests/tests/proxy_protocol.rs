@@ -15,8 +15,11 @@ use relaygate_tests::stack::{
     eventually, here, http_get, metric, Agent, Gateway, GatewaySpec, Transport,
 };
 
-/// A target that reads a PROXY header, reports its source and the first payload line, then echoes.
-fn proxy_target() -> (SocketAddr, mpsc::Receiver<(Option<SocketAddr>, Vec<u8>)>) {
+/// What the target learnt: the header's source and the first payload bytes.
+type Seen = (Option<SocketAddr>, Vec<u8>);
+
+/// A target that reads a PROXY header, reports its source and the first payload bytes, then echoes.
+fn proxy_target() -> (SocketAddr, mpsc::Receiver<Seen>) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     let (tx, rx) = mpsc::channel();
