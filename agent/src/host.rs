@@ -73,7 +73,7 @@ pub fn start(
     let ping_cfg = transport::ping_config(&cfg.session);
     // Deep enough for a burst of every stream a session may carry.
     let (streams, control, incoming) = streams::new(vec![TUNNEL_PROTOCOL], cfg.session.max_streams);
-    let swarm = transport::build_swarm(key, &cfg.session, |key| Behaviour {
+    let swarm = transport::build_swarm(key, &cfg.session, None, |key| Behaviour {
         identify: identify::Behaviour::new(
             identify::Config::new("/relaygate/1.0.0".into(), key.public())
                 .with_agent_version(format!("relaygate-agent/{}", env!("CARGO_PKG_VERSION"))),

@@ -10,6 +10,7 @@ pub mod metrics; // label sets shared by both binaries' Prometheus metrics
 pub mod names; // typed values: TunnelName, LeasePort, PortRange, Secret
 pub mod protocol; // wire formats: control messages and the tunnel stream header
 pub mod proxy; // PROXY protocol v1/v2 headers (ppp), with the peer-id TLV
+pub mod proxy_transport; // libp2p TCP transport that reads PROXY headers from trusted balancers
 pub mod shutdown; // SIGINT/SIGTERM and the drain deadline
 pub mod splice; // bidirectional byte pump with half-close, resets and byte counters
 pub mod streams; // raw libp2p streams: open toward a peer, inbound ones from a deep queue

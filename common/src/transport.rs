@@ -4,7 +4,15 @@
 
 use std::time::Duration;
 
-use libp2p::{identity::Keypair, noise, swarm::NetworkBehaviour, tcp, yamux, Swarm, SwarmBuilder};
+use libp2p::{
+    core::{upgrade::Version, Transport},
+    identity::Keypair,
+    noise,
+    swarm::NetworkBehaviour,
+    tcp, yamux, Swarm, SwarmBuilder,
+};
+
+use crate::proxy_transport::{ProxyAcceptor, ProxyTcp};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +51,7 @@ pub const YAMUX_MAX_STREAMS: usize = 4096;
 pub fn build_swarm<B: NetworkBehaviour>(
     key: Keypair,
     tuning: &SessionTuning,
+    proxy: Option<ProxyAcceptor>,
     make: impl FnOnce(&Keypair) -> B,
 ) -> Result<Swarm<B>, BuildError> {
     let max_streams = tuning.max_streams;
@@ -55,27 +64,46 @@ pub fn build_swarm<B: NetworkBehaviour>(
     let keepalive = tuning.keepalive;
     let timeout_ms = u32::try_from(tuning.timeout.as_millis()).unwrap_or(u32::MAX);
     let streams = u32::try_from(max_streams).unwrap_or(u32::MAX);
-    let swarm = SwarmBuilder::with_existing_identity(key)
-        .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            noise::Config::new,
-            yamux_cfg,
-        )
-        .map_err(|e| BuildError(e.to_string()))?
-        .with_quic_config(|mut c| {
-            c.keep_alive_interval = keepalive;
-            c.max_idle_timeout = timeout_ms;
-            c.max_concurrent_stream_limit = streams;
-            c
-        })
-        .with_dns()
-        .map_err(|e| BuildError(e.to_string()))?
-        .with_behaviour(make)
-        .map_err(|e| BuildError(e.to_string()))?
-        // Sessions stay up through their control stream; this only reaps strays.
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(30)))
-        .build();
+    let quic = move |mut c: libp2p::quic::Config| {
+        c.keep_alive_interval = keepalive;
+        c.max_idle_timeout = timeout_ms;
+        c.max_concurrent_stream_limit = streams;
+        c
+    };
+    let err = |e: &dyn std::fmt::Display| BuildError(e.to_string());
+    // Sessions stay up through their control stream; the idle timeout only reaps strays.
+    let idle = |c: libp2p::swarm::Config| c.with_idle_connection_timeout(Duration::from_secs(30));
+    let tcp_cfg = tcp::Config::default().nodelay(true);
+    let builder = SwarmBuilder::with_existing_identity(key).with_tokio();
+    let swarm = match proxy {
+        None => builder
+            .with_tcp(tcp_cfg, noise::Config::new, yamux_cfg)
+            .map_err(|e| err(&e))?
+            .with_quic_config(quic)
+            .with_dns()
+            .map_err(|e| err(&e))?
+            .with_behaviour(make)
+            .map_err(|e| err(&e))?
+            .with_swarm_config(idle)
+            .build(),
+        Some(acceptor) => builder
+            .with_quic_config(quic)
+            .with_other_transport(|key| {
+                let noise = noise::Config::new(key)
+                    .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)?;
+                Ok(ProxyTcp::new(tcp_cfg, acceptor)
+                    .upgrade(Version::V1Lazy)
+                    .authenticate(noise)
+                    .multiplex(yamux_cfg()))
+            })
+            .map_err(|e| err(&e))?
+            .with_dns()
+            .map_err(|e| err(&e))?
+            .with_behaviour(make)
+            .map_err(|e| err(&e))?
+            .with_swarm_config(idle)
+            .build(),
+    };
     Ok(swarm)
 }
 

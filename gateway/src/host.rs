@@ -19,6 +19,7 @@ use libp2p::{
 use relaygate_common::{
     metrics::Side,
     protocol::CONTROL_PROTOCOL,
+    proxy_transport::ProxyAcceptor,
     streams::{self, Incoming},
     transport,
 };
@@ -103,14 +104,19 @@ pub fn start(
 ) -> Result<(HostHandle, mpsc::Receiver<Incoming>), HostError> {
     let ping_cfg = transport::ping_config(&cfg.session);
     let (streams, control, incoming) = streams::new(vec![CONTROL_PROTOCOL], CONTROL_QUEUE);
-    let mut swarm = transport::build_swarm(key, &cfg.session, |key| Behaviour {
-        identify: identify::Behaviour::new(
-            identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
-                .with_agent_version(format!("relaygate-gateway/{}", env!("CARGO_PKG_VERSION"))),
-        ),
-        ping: ping::Behaviour::new(ping_cfg),
-        streams,
-    })?;
+    let mut swarm = transport::build_swarm(
+        key,
+        &cfg.session,
+        Some(proxy_acceptor(cfg, &metrics)),
+        |key| Behaviour {
+            identify: identify::Behaviour::new(
+                identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
+                    .with_agent_version(format!("relaygate-gateway/{}", env!("CARGO_PKG_VERSION"))),
+            ),
+            ping: ping::Behaviour::new(ping_cfg),
+            streams,
+        },
+    )?;
     for addr in &cfg.listen {
         swarm
             .listen_on(addr.clone())
@@ -135,6 +141,17 @@ pub fn start(
     };
     tokio::spawn(drive(swarm, rx, state, metrics));
     Ok((handle, incoming))
+}
+
+/// PROXY policy of the libp2p TCP listener: the same trusted balancers as the leased ports.
+fn proxy_acceptor(cfg: &GatewayConfig, metrics: &Arc<Metrics>) -> ProxyAcceptor {
+    let policy = cfg.proxy_protocol.clone();
+    let m = metrics.clone();
+    ProxyAcceptor {
+        required: policy.required,
+        trusted: Arc::new(move |ip| policy.trusts(ip)),
+        refused: Arc::new(move |reason| m.refuse(reason)),
+    }
 }
 
 async fn drive(

@@ -35,6 +35,7 @@ impl RawPeer {
             let mut swarm = transport::build_swarm(
                 libp2p::identity::Keypair::generate_ed25519(),
                 &transport::SessionTuning::default(),
+                None,
                 |_| behaviour,
             )
             .map_err(|e| e.to_string())?;

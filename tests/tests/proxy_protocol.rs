@@ -182,3 +182,99 @@ fn proxy_header_from_an_untrusted_address_is_refused_and_counted() {
         b"honest"
     );
 }
+
+/// A stand-in load balancer: accepts on loopback, connects to `upstream`,
+/// writes a PROXY v2 header naming `claimed` as the source, then splices.
+fn balancer(upstream: SocketAddr, claimed: SocketAddr) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(client) = c else { continue };
+            let Ok(mut up) = TcpStream::connect(upstream) else {
+                continue;
+            };
+            let _ = up.write_all(&proxy::encode(ProxyVersion::V2, claimed, upstream, None));
+            let (mut c2, mut u2) = (client.try_clone().unwrap(), up.try_clone().unwrap());
+            thread::spawn(move || {
+                let _ = std::io::copy(&mut c2, &mut u2);
+                let _ = u2.shutdown(std::net::Shutdown::Write);
+            });
+            thread::spawn(move || {
+                let (mut client, mut up) = (client, up);
+                let _ = std::io::copy(&mut up, &mut client);
+                let _ = client.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn libp2p_listener_takes_the_real_source_from_a_trusted_balancer() {
+    let spec = GatewaySpec {
+        extra: vec!["--set".into(), "proxy_protocol.trusted=127.0.0.0/8".into()],
+        ..Default::default()
+    };
+    let gw = Gateway::start(&here, spec);
+    let claimed: SocketAddr = "203.0.113.88:4444".parse().unwrap();
+    let lb = balancer(format!("127.0.0.1:{}", gw.tcp).parse().unwrap(), claimed);
+    let echo = relaygate_tests::stack::Echo::start();
+    // The agent dials the balancer instead of the gateway.
+    let mut via_lb = gw;
+    via_lb.tcp = lb.port();
+    let agent = Agent::start(
+        &here,
+        &via_lb,
+        Transport::Tcp,
+        &[echo.tunnel("node")],
+        true,
+        &[],
+    );
+    let port = agent
+        .wait_leased("node", Duration::from_secs(20))
+        .expect("session through the balancer");
+    assert_eq!(
+        relaygate_tests::stack::round_trip(port, b"via lb").unwrap(),
+        b"via lb"
+    );
+    let (_, agents) = http_get(via_lb.admin, "/v1/agents");
+    assert!(
+        agents.contains("/ip4/203.0.113.88/tcp/4444"),
+        "gateway saw the balancer's claimed source: {agents}"
+    );
+}
+
+#[test]
+fn libp2p_listener_refuses_proxy_headers_from_untrusted_addresses() {
+    let gw = Gateway::start(&here, GatewaySpec::default());
+    let lb = balancer(
+        format!("127.0.0.1:{}", gw.tcp).parse().unwrap(),
+        "203.0.113.88:4444".parse().unwrap(),
+    );
+    let mut via_lb = gw;
+    via_lb.tcp = lb.port();
+    let agent = Agent::start(
+        &here,
+        &via_lb,
+        Transport::Tcp,
+        &["node=127.0.0.1:9".to_string()],
+        true,
+        &[],
+    );
+    agent
+        .proc
+        .wait_for(
+            |l| l.contains("cannot reach the gateway"),
+            Duration::from_secs(20),
+        )
+        .expect("dial refused");
+    assert!(eventually(Duration::from_secs(5), || {
+        metric(
+            &via_lb.metrics(),
+            "relaygate_gateway_refusals_total{reason=\"proxy_untrusted\"}",
+        )
+        .unwrap_or(0.0)
+            >= 1.0
+    }));
+}
