@@ -9,7 +9,7 @@ use relaygate_common::{
     metrics::{Direction, Side, SideLabels, TunnelBytesLabels, TunnelLabels},
     names::TunnelName,
     protocol::{StreamHeader, StreamStatus},
-    splice::splice,
+    splice::splice_framed,
     streams::Incoming,
 };
 use tokio::io::AsyncWriteExt;
@@ -159,7 +159,9 @@ impl Tunnels {
         let active = self.metrics.connections_active.get_or_create(&side).clone();
         active.inc();
         tracing::debug!(tunnel = %header.tunnel, source = %header.source, deliver = route.cfg.deliver.as_str(), "delivering connection");
-        if let Err(e) = splice(&mut stream, &mut target, &route.bytes_in, &route.bytes_out).await {
+        if let Err(e) =
+            splice_framed(&mut stream, &mut target, &route.bytes_in, &route.bytes_out).await
+        {
             tracing::debug!(tunnel = %header.tunnel, source = %header.source, error = %e, "connection reset");
             let _ = target.set_zero_linger();
         }

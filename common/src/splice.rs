@@ -1,6 +1,11 @@
 //! The data path's inner loop: copy bytes both ways between two connections,
 //! propagate half-close (EOF becomes shutdown of the other side's write half),
 //! and stop both directions on the first error so the caller can reset.
+//!
+//! On a tunnel stream the bytes travel in frames, `u8 kind | u16 length (BE) |
+//! payload`, kind `DATA`, `END` (the sender's side half-closed) or `RESET`
+//! (its connection was reset). libp2p's muxers report a reset stream as a plain
+//! end of stream, so without frames a reset would arrive as a graceful close.
 
 use std::io;
 
@@ -10,6 +15,12 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// Per-direction buffer. Large enough for loopback throughput, small enough
 /// that thousands of active connections stay cheap.
 const BUF: usize = 16 * 1024;
+
+/// Largest payload of one frame.
+pub const MAX_FRAME: usize = BUF;
+const DATA: u8 = 0;
+const END: u8 = 1;
+const RESET: u8 = 2;
 
 /// Bytes moved in each direction by a finished splice.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +71,125 @@ where
     }
 }
 
+/// Splices a raw connection with a framed tunnel stream, both ways.
+/// `Err` means a reset or a broken stream: the caller resets its raw socket.
+pub async fn splice_framed<S, R>(
+    stream: &mut S,
+    raw: &mut R,
+    from_stream: &Counter,
+    to_stream: &Counter,
+) -> io::Result<Moved>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    R: AsyncRead + AsyncWrite + Unpin,
+{
+    let (sr, sw) = tokio::io::split(stream);
+    let (rr, rw) = tokio::io::split(raw);
+    let (x, y) = tokio::try_join!(
+        frames_to_raw(sr, rw, from_stream),
+        raw_to_frames(rr, sw, to_stream)
+    )?;
+    Ok(Moved {
+        a_to_b: x,
+        b_to_a: y,
+    })
+}
+
+/// Reads a raw connection and writes it as frames. EOF sends `END`, a read
+/// error sends `RESET`; both then close the stream's write half.
+pub async fn raw_to_frames<R, W>(mut r: R, mut w: W, counter: &Counter) -> io::Result<u64>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; 3 + BUF];
+    let mut total = 0u64;
+    loop {
+        match r.read(&mut buf[3..]).await {
+            Ok(0) => {
+                w.write_all(&[END, 0, 0]).await?;
+                w.shutdown().await?;
+                return Ok(total);
+            }
+            Ok(n) => {
+                buf[0] = DATA;
+                buf[1..3].copy_from_slice(&(n as u16).to_be_bytes());
+                w.write_all(&buf[..3 + n]).await?;
+                w.flush().await?;
+                counter.inc_by(n as u64);
+                total += n as u64;
+            }
+            Err(e) => {
+                let _ = w.write_all(&[RESET, 0, 0]).await;
+                let _ = w.shutdown().await;
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// Writes `bytes` as data frames (bytes read before the splice started).
+pub async fn write_frames<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> io::Result<()> {
+    for chunk in bytes.chunks(MAX_FRAME) {
+        w.write_all(&[DATA]).await?;
+        w.write_all(&(chunk.len() as u16).to_be_bytes()).await?;
+        w.write_all(chunk).await?;
+    }
+    Ok(())
+}
+
+/// Reads frames and writes their payload to a raw connection. `END` shuts the
+/// raw write half down; `RESET`, a malformed frame, or a stream that ends
+/// without `END` is an error, so the caller resets the raw connection.
+pub async fn frames_to_raw<R, W>(mut r: R, mut w: W, counter: &Counter) -> io::Result<u64>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; BUF];
+    let mut total = 0u64;
+    loop {
+        let mut head = [0u8; 3];
+        if let Err(e) = r.read_exact(&mut head).await {
+            let aborted = e.kind() == io::ErrorKind::UnexpectedEof;
+            return Err(if aborted {
+                io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    "tunnel stream ended without an end frame",
+                )
+            } else {
+                e
+            });
+        }
+        let len = usize::from(u16::from_be_bytes([head[1], head[2]]));
+        match head[0] {
+            DATA if len <= MAX_FRAME => {
+                r.read_exact(&mut buf[..len]).await?;
+                w.write_all(&buf[..len]).await?;
+                w.flush().await?;
+                counter.inc_by(len as u64);
+                total += len as u64;
+            }
+            END => {
+                w.shutdown().await?;
+                return Ok(total);
+            }
+            RESET => {
+                return Err(io::Error::new(
+                    io::ErrorKind::ConnectionReset,
+                    "reset by the other end of the tunnel",
+                ))
+            }
+            _ => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "malformed tunnel frame",
+                ))
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -101,5 +231,33 @@ mod tests {
             }
         );
         assert_eq!((up.get(), down.get()), (4, 4));
+    }
+
+    #[tokio::test]
+    async fn frames_carry_data_end_and_reset() {
+        let c = Counter::default();
+        let mut framed = Vec::new();
+        write_frames(&mut framed, b"pre").await.unwrap();
+        raw_to_frames(&b"hello world"[..], &mut framed, &c)
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        let n = frames_to_raw(&framed[..], &mut out, &c).await.unwrap();
+        assert_eq!((n, out.as_slice()), (14, &b"prehello world"[..]));
+        // a stream that just stops is a reset, not a clean end
+        let cut = &framed[..framed.len() - 3];
+        assert!(frames_to_raw(cut, &mut Vec::new(), &c).await.is_err());
+        let e = frames_to_raw(&[RESET, 0, 0][..], &mut Vec::new(), &c)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
+        let e = frames_to_raw(&[DATA, 0xff, 0xff][..], &mut Vec::new(), &c)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData, "oversized frame");
+        let e = frames_to_raw(&[9, 0, 0][..], &mut Vec::new(), &c)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData, "unknown kind");
     }
 }

@@ -13,7 +13,7 @@ use relaygate_common::{
     metrics::Side,
     protocol::{StreamHeader, StreamStatus, TUNNEL_PROTOCOL},
     proxy,
-    splice::pump,
+    splice::{frames_to_raw, raw_to_frames, write_frames},
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -231,7 +231,7 @@ impl Connection {
         );
         let up = async move {
             if !origin.prefix.is_empty() {
-                sw.write_all(&origin.prefix).await?;
+                write_frames(&mut sw, &origin.prefix).await?;
                 bytes_in.inc_by(origin.prefix.len() as u64);
             }
             if origin.untrusted {
@@ -245,21 +245,20 @@ impl Connection {
                         "PROXY header from an untrusted address",
                     ));
                 }
-                if n == 0 {
-                    sw.shutdown().await?;
-                    return Ok(0);
-                }
-                sw.write_all(&first[..n]).await?;
+                write_frames(&mut sw, &first[..n]).await?;
                 bytes_in.inc_by(n as u64);
+                if n == 0 {
+                    return raw_to_frames(&b""[..], sw, bytes_in).await;
+                }
             }
-            pump(tr, sw, bytes_in).await
+            raw_to_frames(tr, sw, bytes_in).await
         };
         let down = async move {
             let status = tokio::time::timeout(STATUS_TIMEOUT, sr.read_u8())
                 .await
                 .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "agent did not answer"))??;
             match StreamStatus::from_byte(status) {
-                Some(StreamStatus::Connected) => pump(sr, &mut tw, bytes_out).await,
+                Some(StreamStatus::Connected) => frames_to_raw(sr, &mut tw, bytes_out).await,
                 Some(s) => {
                     metrics.refuse(s.as_str());
                     Err(io::Error::new(io::ErrorKind::ConnectionRefused, s.as_str()))

@@ -292,3 +292,51 @@ fn check_config_masks_secrets() {
     assert!(!stdout.contains("supersecret"), "{stdout}");
     assert!(stdout.contains("token = \"***\""), "{stdout}");
 }
+
+#[test]
+fn environment_overrides_file_and_flags_override_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("gw.toml");
+    std::fs::write(
+        &cfg,
+        "[leases]\nport_range = \"30000-30010\"\nmax_tunnels_per_agent = 3\n",
+    )
+    .unwrap();
+    let out = Command::new(workspace_bin("relaygate-gateway"))
+        .args([
+            "--config",
+            cfg.to_str().unwrap(),
+            "--log-format",
+            "json",
+            "check-config",
+        ])
+        .env("RELAYGATE_LEASES__PORT_RANGE", "31000-31010")
+        .env(
+            "RELAYGATE_ADVERTISE",
+            "/dns4/gw.example.com/tcp/4001,/dns4/gw.example.com/udp/4001/quic-v1",
+        )
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("port_range = \"31000-31010\""),
+        "env beats file: {stdout}"
+    );
+    assert!(
+        stdout.contains("max_tunnels_per_agent = 3"),
+        "file beats defaults: {stdout}"
+    );
+    assert!(
+        stdout.contains("/dns4/gw.example.com/udp/4001/quic-v1"),
+        "env lists: {stdout}"
+    );
+    assert!(
+        stdout.contains("format = \"json\""),
+        "flags beat file: {stdout}"
+    );
+}

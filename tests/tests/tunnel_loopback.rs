@@ -473,3 +473,71 @@ fn sigterm_drains_open_connections_then_exits_zero() {
         .expect("gateway exited after the drain");
     assert!(status.success(), "{status:?}");
 }
+
+/// Target resets the first connection, then reports how the client's reset of the second arrived.
+fn resetting_target() -> (std::net::SocketAddr, mpsc::Receiver<&'static str>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let target = l.local_addr().unwrap();
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let (c, _) = l.accept().unwrap();
+        let mut b = [0u8; 4];
+        let _ = (&c).read_exact(&mut b);
+        socket2::SockRef::from(&c)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(c); // RST
+        let (mut c, _) = l.accept().unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = [0u8; 64];
+        let outcome = loop {
+            match c.read(&mut buf) {
+                Ok(0) => break "eof",
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break "reset",
+                Err(_) => break "timeout",
+            }
+        };
+        tx.send(outcome).unwrap();
+    });
+    (target, rx)
+}
+
+#[test]
+fn resets_propagate_both_ways() {
+    let gw = Gateway::start(&here, GatewaySpec::default());
+    for t in [Transport::Tcp, Transport::Quic] {
+        let (target, rx) = resetting_target();
+        let agent = Agent::start(&here, &gw, t, &[format!("rst={target}")], true, &[]);
+        let port = agent.wait_leased("rst", LEASE).expect("lease");
+
+        let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c.write_all(b"boom").unwrap();
+        let mut b = [0u8; 8];
+        let started = Instant::now();
+        let r = c.read(&mut b);
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{t:?}: the target's reset closes the client at once"
+        );
+        assert!(
+            matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+            "{t:?}: target's reset must reach the client as a reset, got {r:?}"
+        );
+
+        let c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        (&c).write_all(b"hello").unwrap();
+        thread::sleep(Duration::from_millis(300));
+        socket2::SockRef::from(&c)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(c); // RST from the client
+        let seen = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(
+            seen, "reset",
+            "{t:?}: client's reset must reach the target as a reset"
+        );
+        drop(agent);
+    }
+}
