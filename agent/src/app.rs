@@ -1,11 +1,11 @@
 //! Wiring: identity, host, session, tunnel streams and admin API; drains open
 //! connections on SIGINT/SIGTERM.
 
-use std::{os::unix::fs::PermissionsExt, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use anyhow::Context;
 use libp2p::identity::Keypair;
-use relaygate_common::{identity, names::Secret, shutdown};
+use relaygate_common::{names::Secret, shutdown};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
@@ -21,20 +21,7 @@ use crate::{
 };
 
 pub fn load_identity(cfg: &AgentConfig) -> anyhow::Result<Keypair> {
-    if !cfg.identity.key.is_empty() {
-        return identity::parse_key(cfg.identity.key.expose().as_bytes()).context("identity.key");
-    }
-    std::fs::create_dir_all(&cfg.data_dir)
-        .with_context(|| format!("cannot create data_dir {}", cfg.data_dir.display()))?;
-    std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o700)).with_context(
-        || {
-            format!(
-                "cannot set permissions of data_dir {}",
-                cfg.data_dir.display()
-            )
-        },
-    )?;
-    let (key, source) = identity::load_or_create(&cfg.key_file())?;
+    let (key, source) = cfg.identity.load(&cfg.data_dir)?;
     tracing::info!(peer_id = %key.public().to_peer_id(), ?source, "identity");
     Ok(key)
 }

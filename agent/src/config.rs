@@ -6,6 +6,7 @@ use std::{path::PathBuf, str::FromStr, time::Duration};
 use libp2p::{multiaddr::Protocol, Multiaddr, PeerId};
 use relaygate_common::{
     admin::AdminConfig,
+    identity::IdentityConfig,
     names::{LeasePort, Secret, TunnelName},
     telemetry::LogConfig,
     transport::SessionTuning,
@@ -37,15 +38,6 @@ pub struct AgentConfig {
     /// How long open connections may drain after SIGINT/SIGTERM.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
-}
-
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct IdentityConfig {
-    /// Key file; created with mode 0600 when missing. Default: `<data_dir>/identity.key`.
-    pub key_file: Option<PathBuf>,
-    /// The key inline (hex); wins over `key_file`.
-    pub key: Secret,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -246,13 +238,6 @@ pub enum ConfigProblem {
 
 impl AgentConfig {
     pub const LIST_KEYS: &'static [&'static str] = &["gateway.addresses", "admin.open_paths"];
-
-    pub fn key_file(&self) -> PathBuf {
-        self.identity
-            .key_file
-            .clone()
-            .unwrap_or_else(|| self.data_dir.join("identity.key"))
-    }
 
     pub fn admin_listen(&self) -> std::net::SocketAddr {
         self.admin.listen.unwrap_or_else(|| {

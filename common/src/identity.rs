@@ -13,6 +13,45 @@ use std::{
 };
 
 use libp2p::identity::{ed25519, Keypair};
+use serde::{Deserialize, Serialize};
+
+use crate::names::Secret;
+
+/// `[identity]` of both binaries' configs.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// Key file; created with mode 0600 when missing. Default: `<data_dir>/identity.key`.
+    pub key_file: Option<std::path::PathBuf>,
+    /// The key inline (hex of the protobuf encoding or of 64 raw Ed25519 bytes); wins over `key_file`.
+    pub key: Secret,
+}
+
+impl IdentityConfig {
+    /// The inline key, or the key file (default `<data_dir>/identity.key`), created if missing.
+    pub fn load(&self, data_dir: &Path) -> Result<(Keypair, KeySource), IdentityError> {
+        if !self.key.is_empty() {
+            return Ok((parse_key(self.key.expose().as_bytes())?, KeySource::Inline));
+        }
+        ensure_private_dir(data_dir)?;
+        load_or_create(
+            &self
+                .key_file
+                .clone()
+                .unwrap_or_else(|| data_dir.join("identity.key")),
+        )
+    }
+}
+
+/// Creates `dir` (and parents) and restricts it to its owner: it holds keys and tokens.
+pub fn ensure_private_dir(dir: &Path) -> Result<(), IdentityError> {
+    let werr = |source| IdentityError::Write {
+        path: dir.display().to_string(),
+        source,
+    };
+    fs::create_dir_all(dir).map_err(werr)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(werr)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {

@@ -1,9 +1,8 @@
 //! Wiring: starts the host, sessions, public ports and admin API, prints what
 //! an agent needs to join, and drains connections on SIGINT/SIGTERM.
 
-use std::{os::unix::fs::PermissionsExt, path::Path, sync::Arc, time::Duration};
+use std::{path::Path, sync::Arc, time::Duration};
 
-use anyhow::Context;
 use libp2p::{identity::Keypair, multiaddr::Protocol, Multiaddr};
 use relaygate_common::{
     identity::{self, KeySource},
@@ -26,22 +25,11 @@ use crate::{
 };
 
 pub fn ensure_data_dir(dir: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("cannot create data_dir {}", dir.display()))?;
-    // The dir holds the key and the token: owner only.
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-        .with_context(|| format!("cannot set permissions of data_dir {}", dir.display()))?;
-    Ok(())
+    Ok(identity::ensure_private_dir(dir)?)
 }
 
 pub fn load_identity(cfg: &GatewayConfig) -> anyhow::Result<(Keypair, KeySource)> {
-    if !cfg.identity.key.is_empty() {
-        let k =
-            identity::parse_key(cfg.identity.key.expose().as_bytes()).context("identity.key")?;
-        return Ok((k, KeySource::Inline));
-    }
-    ensure_data_dir(&cfg.data_dir)?;
-    Ok(identity::load_or_create(&cfg.key_file())?)
+    Ok(cfg.identity.load(&cfg.data_dir)?)
 }
 
 fn load_token(cfg: &GatewayConfig) -> anyhow::Result<Option<(Secret, bool)>> {

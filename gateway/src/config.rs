@@ -7,6 +7,7 @@ use ipnet::IpNet;
 use libp2p::{Multiaddr, PeerId};
 use relaygate_common::{
     admin::AdminConfig,
+    identity::IdentityConfig,
     names::{LeasePort, PortRange, Secret},
     telemetry::LogConfig,
     transport::SessionTuning,
@@ -36,15 +37,6 @@ pub struct GatewayConfig {
     /// How long open connections may drain after SIGINT/SIGTERM.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
-}
-
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct IdentityConfig {
-    /// Key file; created with mode 0600 when missing. Default: `<data_dir>/identity.key`.
-    pub key_file: Option<PathBuf>,
-    /// The key inline (hex of the protobuf encoding or of 64 raw Ed25519 bytes); wins over `key_file`.
-    pub key: Secret,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -146,12 +138,6 @@ impl GatewayConfig {
         "admin.open_paths",
     ];
 
-    pub fn key_file(&self) -> PathBuf {
-        self.identity
-            .key_file
-            .clone()
-            .unwrap_or_else(|| self.data_dir.join("identity.key"))
-    }
     pub fn token_file(&self) -> PathBuf {
         self.admission
             .token_file

@@ -96,3 +96,113 @@ impl RawPeer {
         })
     }
 }
+
+/// A libp2p peer posing as a gateway: it admits one agent with a fixed lease,
+/// then opens tunnel streams carrying whatever bytes a test wants.
+pub struct FakeGateway {
+    rt: tokio::runtime::Runtime,
+    control: streams::Control,
+    pub peer_id: PeerId,
+    pub addr: Multiaddr,
+    agent: tokio::sync::watch::Receiver<Option<PeerId>>,
+}
+
+impl FakeGateway {
+    /// Listens on loopback TCP and answers every hello with `tunnel` leased on `port`.
+    pub fn start(tunnel: &str, port: u16) -> Result<FakeGateway, String> {
+        use relaygate_common::protocol::{
+            write_control, ControlMessage, LeaseGrant, LeaseOutcome, Welcome, CONTROL_PROTOCOL,
+            WIRE_VERSION,
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        let name: relaygate_common::names::TunnelName =
+            tunnel.parse().map_err(|e| format!("{e}"))?;
+        let lease = relaygate_common::names::LeasePort::new(port).ok_or("port 0")?;
+        let (tx, agent) = tokio::sync::watch::channel(None);
+        let (control, peer_id, addr) = rt.block_on(async move {
+            let (behaviour, control, mut incoming) = streams::new(vec![CONTROL_PROTOCOL], 16);
+            let key = libp2p::identity::Keypair::generate_ed25519();
+            let peer_id = key.public().to_peer_id();
+            let mut swarm =
+                transport::build_swarm(key, &transport::SessionTuning::default(), None, |_| {
+                    behaviour
+                })
+                .map_err(|e| e.to_string())?;
+            swarm
+                .listen_on("/ip4/127.0.0.1/tcp/0".parse().map_err(|e| format!("{e}"))?)
+                .map_err(|e| e.to_string())?;
+            let addr = loop {
+                if let SwarmEvent::NewListenAddr { address, .. } = swarm.select_next_some().await {
+                    break address.with(Protocol::P2p(peer_id));
+                }
+            };
+            tokio::spawn(async move {
+                loop {
+                    swarm.select_next_some().await;
+                }
+            });
+            tokio::spawn(async move {
+                while let Some(inc) = incoming.recv().await {
+                    let mut s = inc.stream.compat();
+                    if read_control(&mut s).await.is_err() {
+                        continue;
+                    }
+                    let welcome = Welcome {
+                        version: WIRE_VERSION,
+                        public_hosts: vec![],
+                        leases: vec![LeaseGrant {
+                            name: name.clone(),
+                            outcome: LeaseOutcome::Granted { port: lease },
+                        }],
+                    };
+                    let _ = write_control(&mut s, &ControlMessage::Welcome(welcome)).await;
+                    let _ = tx.send(Some(inc.peer));
+                    // keep the control stream (the session) open
+                    tokio::spawn(async move {
+                        let _ = read_control(&mut s).await;
+                    });
+                }
+            });
+            Ok::<_, String>((control, peer_id, addr))
+        })?;
+        Ok(FakeGateway {
+            rt,
+            control,
+            peer_id,
+            addr,
+            agent,
+        })
+    }
+
+    /// Opens a tunnel stream to the admitted agent, writes `bytes`, and returns the
+    /// agent's first answer byte (None if it closed without one).
+    pub fn tunnel_stream(&self, bytes: &[u8]) -> Result<Option<u8>, String> {
+        use tokio::io::AsyncReadExt;
+        let mut agent = self.agent.clone();
+        self.rt.block_on(async {
+            let peer =
+                tokio::time::timeout(Duration::from_secs(20), agent.wait_for(|a| a.is_some()))
+                    .await
+                    .map_err(|_| "no agent session".to_string())?
+                    .map_err(|e| e.to_string())?
+                    .ok_or("no agent")?;
+            let s = self
+                .control
+                .open_stream(peer, relaygate_common::protocol::TUNNEL_PROTOCOL)
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut s = s.compat();
+            s.write_all(bytes).await.map_err(|e| e.to_string())?;
+            let _ = s.shutdown().await;
+            match tokio::time::timeout(Duration::from_secs(15), s.read_u8()).await {
+                Ok(Ok(b)) => Ok(Some(b)),
+                Ok(Err(_)) => Ok(None),
+                Err(_) => Err("no answer".into()),
+            }
+        })
+    }
+}

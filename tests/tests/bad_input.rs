@@ -340,3 +340,75 @@ fn environment_overrides_file_and_flags_override_environment() {
         "flags beat file: {stdout}"
     );
 }
+
+#[test]
+fn garbled_stream_headers_are_answered_counted_and_harmless() {
+    use relaygate_common::protocol::{StreamHeader, StreamStatus};
+    use relaygate_tests::rawpeer::FakeGateway;
+
+    let echo = Echo::start();
+    let fake = FakeGateway::start("node", 20000).expect("fake gateway");
+    let admin: std::net::SocketAddr =
+        format!("127.0.0.1:{}", relaygate_tests::procs::free_tcp_port())
+            .parse()
+            .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(workspace_bin("relaygate-agent"));
+    cmd.arg("--data-dir").arg(dir.path()).args([
+        "--gateway",
+        &fake.addr.to_string(),
+        "--admin-listen",
+        &admin.to_string(),
+    ]);
+    cmd.args(["--tunnel", &echo.tunnel("node")]);
+    let agent = relaygate_tests::procs::Proc::spawn("agent", cmd);
+    agent
+        .wait_for(|l| l.contains("tunnel leased"), Duration::from_secs(20))
+        .expect("agent joined the fake gateway");
+
+    let good = StreamHeader {
+        tunnel: "node".parse().unwrap(),
+        source: "203.0.113.5:4000".parse().unwrap(),
+        destination: "198.51.100.1:20000".parse().unwrap(),
+    }
+    .encode();
+    let mut bad_version = good.clone();
+    bad_version[0] = 7;
+    let mut bad_family = good.clone();
+    bad_family[6] = 9;
+    let unknown = StreamHeader {
+        tunnel: "other".parse().unwrap(),
+        ..StreamHeader::decode(&good).unwrap().unwrap().0
+    }
+    .encode();
+    for (bytes, want) in [
+        (bad_version, Some(StreamStatus::BadHeader as u8)),
+        (bad_family, Some(StreamStatus::BadHeader as u8)),
+        (vec![1, 200], Some(StreamStatus::BadHeader as u8)), // oversized name length
+        (good[..5].to_vec(), Some(StreamStatus::BadHeader as u8)), // truncated
+        (unknown, Some(StreamStatus::UnknownTunnel as u8)),
+        (good.clone(), Some(StreamStatus::Connected as u8)),
+    ] {
+        assert_eq!(fake.tunnel_stream(&bytes).unwrap(), want, "{bytes:?}");
+    }
+    assert!(eventually(Duration::from_secs(3), || {
+        let m = relaygate_tests::stack::http_get(admin, "/metrics").1;
+        metric(&m, "relaygate_agent_bad_input_total{reason=\"version\"}").unwrap_or(0.0) >= 1.0
+            && metric(&m, "relaygate_agent_bad_input_total{reason=\"bad_header\"}").unwrap_or(0.0)
+                >= 2.0
+            && metric(&m, "relaygate_agent_bad_input_total{reason=\"truncated\"}").unwrap_or(0.0)
+                >= 1.0
+            && metric(
+                &m,
+                "relaygate_agent_refusals_total{reason=\"unknown_tunnel\"}",
+            )
+            .unwrap_or(0.0)
+                >= 1.0
+    }));
+    agent
+        .wait_for(
+            |l| l.contains("bad tunnel stream header"),
+            Duration::from_secs(2),
+        )
+        .expect("logged");
+}
