@@ -1,0 +1,551 @@
+#!/usr/bin/env python3
+"""Checks the deployment files without a cluster (run through deploy/check.sh, which sets up the venv).
+
+1. Helm charts: lint (strict) and render every chart with its default values and each
+   helm/<chart>/examples/*.yaml; validate every rendered manifest with kubernetes-validate (strict,
+   Kubernetes K8S_VERSION); cross-check Services, probes, mounts and the agent's capabilities.
+2. Config files the charts, compose.yaml and deploy/*.toml.example produce: `check-config` of the
+   real binaries accepts them (unknown keys are errors there).
+3. Monitoring: every metric name in alerts.yaml and grafana-dashboard.json is exported by a running
+   gateway and agent (started on loopback with free ports and temporary data dirs).
+Prints one line per check and "N passed, N failed"; exits 1 on any failure.
+"""
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+K8S_VERSION = "1.37.0"
+RELEASE, NAMESPACE = "rg", "relaygate"
+
+# Metrics that alerts or dashboards take from outside relaygate, and where they come from.
+EXTERNAL_METRICS = {
+    "container_memory_working_set_bytes": "cAdvisor (kubelet)",
+    "kube_pod_container_resource_limits": "kube-state-metrics",
+}
+
+passed, failed = 0, 0
+
+
+def ok(what):
+    global passed
+    passed += 1
+    print(f"ok    {what}")
+
+
+def fail(what, why):
+    global failed
+    failed += 1
+    print(f"FAIL  {what}: {why}")
+
+
+def clean_env():
+    """The environment without RELAYGATE_* variables, so only what a check sets reaches a binary."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("RELAYGATE_")}
+
+
+# ---------------------------------------------------------------------------------------------
+# binaries
+
+
+def find_bins():
+    d = os.environ.get("RELAYGATE_BIN_DIR")
+    cands = [Path(d)] if d else [ROOT / "target" / "release", ROOT / "target" / "debug"]
+    have = [
+        c for c in cands
+        if (c / "relaygate-gateway").is_file() and (c / "relaygate-agent").is_file()
+    ]
+    if not have:
+        return None
+    # Both exist: the newer build (a stale release build could miss a new metric).
+    return max(have, key=lambda c: (c / "relaygate-gateway").stat().st_mtime)
+
+
+def run_bin(binary, args, env=None, check=True):
+    e = clean_env()
+    e.update(env or {})
+    p = subprocess.run([str(binary), *args], env=e, capture_output=True, text=True, timeout=60)
+    if check and p.returncode != 0:
+        raise RuntimeError(f"{binary.name} {' '.join(args)} exited {p.returncode}: {p.stderr.strip()}")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# charts
+
+
+def chart_cases(chart):
+    cases = [("default values", None)]
+    for f in sorted((chart / "examples").glob("*.yaml")):
+        cases.append((f"examples/{f.name}", f))
+    return cases
+
+
+def render_chart(helm, chart, values):
+    with helm.Chart.load(str(chart)) as c:
+        c.validate_schema(values)
+        out = c.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    docs, notes = [], ""
+    for path, text in sorted(out.items()):
+        if path.endswith("NOTES.txt"):
+            notes = text
+            continue
+        for d in yaml.safe_load_all(text):
+            if d:
+                docs.append((path, d))
+    return docs, notes
+
+
+def k8s_validate(kv, docs, what):
+    bad = 0
+    for path, d in docs:
+        name = f"{d.get('kind')}/{d.get('metadata', {}).get('name')}"
+        if d.get("apiVersion") == "monitoring.coreos.com/v1":
+            continue  # a CRD: checked structurally in cross_check
+        try:
+            kv.validate(d, K8S_VERSION, strict=True)
+        except kv.ValidationError as e:
+            fail(f"{what}: {name}", f"{'.'.join(str(p) for p in e.path)}: {e.message}")
+            bad += 1
+        except kv.SchemaNotFoundError as e:
+            fail(f"{what}: {name}", e.message)
+            bad += 1
+    if not bad:
+        ok(f"{what}: {len(docs)} manifests valid (kubernetes-validate strict, Kubernetes {K8S_VERSION})")
+
+
+def pod_specs(docs):
+    for _, d in docs:
+        if d["kind"] in ("Deployment", "StatefulSet", "DaemonSet"):
+            yield d, d["spec"]["template"]
+
+
+def containers(tpl):
+    spec = tpl["spec"]
+    return spec.get("initContainers", []) + spec.get("containers", [])
+
+
+def cross_check(docs, what, chart_name, values):
+    problems = []
+    services = [d for _, d in docs if d["kind"] == "Service"]
+    workloads = list(pod_specs(docs))
+    for s in services:
+        sel = s["spec"].get("selector", {})
+        targets = [t for _, t in workloads if sel.items() <= t["metadata"]["labels"].items()]
+        if not targets:
+            problems.append(f"Service {s['metadata']['name']} selects no pod")
+            continue
+        names = {p.get("name") for t in targets for c in containers(t) for p in c.get("ports", [])}
+        numbers = {p["containerPort"] for t in targets for c in containers(t) for p in c.get("ports", [])}
+        for p in s["spec"]["ports"]:
+            tp = p.get("targetPort", p["port"])
+            if isinstance(tp, str) and tp not in names:
+                problems.append(f"Service {s['metadata']['name']} targets unknown port name {tp}")
+    for w, t in workloads:
+        spec = t["spec"]
+        vols = {v["name"] for v in spec.get("volumes", [])}
+        vols |= {v["metadata"]["name"] for v in w["spec"].get("volumeClaimTemplates", [])}
+        for c in containers(t):
+            ports = {p.get("name") for p in c.get("ports", [])}
+            for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
+                pr = c.get(kind, {}).get("httpGet")
+                if pr and isinstance(pr["port"], str) and pr["port"] not in ports:
+                    problems.append(f"{c['name']} {kind} uses unknown port {pr['port']}")
+            for m in c.get("volumeMounts", []):
+                if m["name"] not in vols:
+                    problems.append(f"{c['name']} mounts undefined volume {m['name']}")
+            sc = c.get("securityContext", {})
+            caps = sc.get("capabilities", {})
+            if "ALL" not in caps.get("drop", []):
+                problems.append(f"{c['name']} does not drop ALL capabilities")
+            if chart_name == "relaygate-agent" and c["name"] == values_get(values, "sidecar.name", "relaygate-agent"):
+                transparent = any(
+                    (tn.get("deliver") or "plain") == "transparent"
+                    for tn in values_get(values, "config.tunnels", []))
+                added = set(caps.get("add", []))
+                if transparent and added != {"NET_ADMIN", "NET_RAW"}:
+                    problems.append(f"transparent tunnel but the agent adds {sorted(added)}")
+                if not transparent and added:
+                    problems.append(f"no transparent tunnel but the agent adds {sorted(added)}")
+                if not transparent and not sc.get("readOnlyRootFilesystem"):
+                    problems.append("agent root filesystem is writable")
+            elif c["name"] == "gateway":
+                if not (sc.get("readOnlyRootFilesystem") and sc.get("allowPrivilegeEscalation") is False):
+                    problems.append("gateway container is not read-only / no-privilege-escalation")
+                if caps.get("add"):
+                    problems.append(f"gateway adds capabilities {caps['add']}")
+    for _, d in docs:
+        if d["kind"] == "ServiceMonitor":
+            sel = d["spec"]["selector"]["matchLabels"]
+            match = [s for s in services if sel.items() <= s["metadata"]["labels"].items()]
+            if len(match) != 1:
+                problems.append(f"ServiceMonitor selects {len(match)} Services")
+            else:
+                pnames = {p.get("name") for p in match[0]["spec"]["ports"]}
+                for ep in d["spec"]["endpoints"]:
+                    if ep["port"] not in pnames:
+                        problems.append(f"ServiceMonitor endpoint port {ep['port']} not in the Service")
+    if problems:
+        for p in problems:
+            fail(f"{what}: consistency", p)
+    else:
+        ok(f"{what}: Services, probes, mounts and capabilities consistent")
+
+
+def values_get(values, dotted, default):
+    cur = values
+    for k in dotted.split("."):
+        if not isinstance(cur, dict) or k not in cur:
+            return default
+        cur = cur[k]
+    return cur
+
+
+def merged_values(chart, override):
+    base = yaml.safe_load((chart / "values.yaml").read_text()) or {}
+
+    def merge(a, b):
+        for k, v in (b or {}).items():
+            if isinstance(v, dict) and isinstance(a.get(k), dict):
+                merge(a[k], v)
+            else:
+                a[k] = v
+        return a
+
+    return merge(base, override)
+
+
+def config_check(bins, docs, what, chart_name, values):
+    """Runs the binary's check-config on the config file the chart rendered."""
+    if bins is None:
+        return
+    cms = [d for _, d in docs if d["kind"] == "ConfigMap"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for cm in cms:
+            for key, text in cm.get("data", {}).items():
+                if not key.endswith(".toml"):
+                    continue
+                f = Path(tmp) / key
+                f.write_text(text)
+                binary = bins / ("relaygate-gateway" if chart_name == "relaygate-gateway" else "relaygate-agent")
+                args = ["--config", str(f), "--data-dir", str(Path(tmp) / "data")]
+                if chart_name == "relaygate-agent":
+                    # Tunnels on the command line (a target naming $(POD_IP)): as the sidecar passes them.
+                    sidecar = [c for _, t in pod_specs(docs) for c in containers(t)
+                               if c["name"] == values_get(values, "sidecar.name", "relaygate-agent")]
+                    cmd = sidecar[0]["args"] if sidecar else ["run"]
+                    args += [a.replace("$(POD_IP)", "192.0.2.10") for a in cmd[1:]]
+                p = run_bin(binary, [*args, "check-config"], check=False)
+                if p.returncode == 0:
+                    ok(f"{what}: {binary.name} check-config accepts the rendered {key}")
+                else:
+                    fail(f"{what}: {binary.name} check-config on {key}", p.stderr.strip())
+
+
+def check_charts(bins):
+    import helm_python as helm
+    import kubernetes_validate.utils as kv
+
+    if K8S_VERSION.rsplit(".", 1)[0] not in [v.rsplit(".", 1)[0] for v in kv.all_versions()]:
+        fail("kubernetes-validate", f"does not support Kubernetes {K8S_VERSION}")
+        return
+    for chart in sorted(p.parent for p in (ROOT / "helm").glob("*/Chart.yaml")):
+        meta = yaml.safe_load((chart / "Chart.yaml").read_text())
+        helpers = (chart / "templates" / "_helpers.tpl").read_text()
+        m = re.search(r'define "[\w-]+\.appVersion" -}}\s*(\S+)', helpers)
+        if m and m.group(1) != str(meta["appVersion"]):
+            fail(f"{chart.name}: appVersion", f"_helpers.tpl says {m.group(1)}, Chart.yaml {meta['appVersion']}")
+        for label, vfile in chart_cases(chart):
+            what = f"{chart.name} [{label}]"
+            override = yaml.safe_load(vfile.read_text()) if vfile else None
+            try:
+                lint = helm.lint(str(chart), override, strict=True, kube_version=f"v{K8S_VERSION}")
+            except Exception as e:  # noqa: BLE001 - any SDK error is a failed check
+                fail(f"{what}: helm lint", e)
+                continue
+            msgs = [m for m in lint.get("messages", []) if m.get("severity", 0) >= 2]
+            if lint.get("errors") or msgs:
+                fail(f"{what}: helm lint --strict", "; ".join(
+                    [str(e) for e in lint.get("errors", [])] + [f"{m['path']}: {m['error']}" for m in msgs]))
+            else:
+                ok(f"{what}: helm lint --strict")
+            try:
+                docs, notes = render_chart(helm, chart, override)
+            except Exception as e:  # noqa: BLE001
+                fail(f"{what}: render", e)
+                continue
+            if not notes.strip():
+                fail(f"{what}: NOTES.txt", "renders empty")
+            k8s_validate(kv, docs, what)
+            values = merged_values(chart, override)
+            cross_check(docs, what, chart.name, values)
+            config_check(bins, docs, what, chart.name, values)
+
+
+# ---------------------------------------------------------------------------------------------
+# compose and example configs
+
+
+def check_compose_and_examples(bins):
+    compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
+    svc = compose["services"]
+    peer = run_bin(bins / "relaygate-gateway", ["--data-dir", tempfile.mkdtemp(), "peer-id"]).stdout.strip()
+    subst = {"RELAYGATE_GATEWAY__TOKEN": "rgt_check", "GATEWAY_PEER_ID": peer, "PUBLIC_HOST": "gw.example.com"}
+
+    def interp(v):
+        # ${NAME}, ${NAME:-default}, ${NAME:?message}, as compose does.
+        def one(m):
+            name, op, arg = m.group(1), m.group(2), m.group(3)
+            if name in subst:
+                return subst[name]
+            return arg if op == ":-" else ""
+        return re.sub(r"\$\{(\w+)(?:(:-|:\?)([^}]*))?\}", one, str(v))
+
+    for name, binary, extra in [("gateway", "relaygate-gateway", []),
+                                ("agent", "relaygate-agent", svc["agent"].get("command", []))]:
+        env = {k: interp(v) for k, v in svc[name].get("environment", {}).items()}
+        with tempfile.TemporaryDirectory() as d:
+            env["RELAYGATE_DATA_DIR"] = d
+            p = run_bin(bins / binary, [*extra, "check-config"], env=env, check=False)
+        if p.returncode == 0:
+            ok(f"docker/compose.yaml: {name}'s environment passes {binary} check-config")
+        else:
+            fail(f"docker/compose.yaml: {name}", p.stderr.strip())
+        hc = svc[name].get("healthcheck", {}).get("test", [])
+        if hc[:1] != ["CMD"] or not hc[1].endswith(binary) or hc[2:] != ["health"]:
+            fail(f"docker/compose.yaml: {name} healthcheck", f"want [CMD, .../{binary}, health], got {hc}")
+    if shutil.which("docker-compose"):
+        env = clean_env()
+        env.update(subst)
+        p = subprocess.run(["docker-compose", "-f", str(ROOT / "docker" / "compose.yaml"), "config", "-q"],
+                           env=env, capture_output=True, text=True, timeout=60)
+        if p.returncode == 0:
+            ok("docker/compose.yaml: docker-compose config accepts it")
+        else:
+            fail("docker/compose.yaml: docker-compose config", p.stderr.strip())
+    else:
+        print("skip  docker/compose.yaml: docker-compose not installed (apt-get install docker-compose)")
+
+    for f, binary, extra in [
+        ("deploy/gateway.toml.example", "relaygate-gateway", []),
+        ("deploy/agent.toml.example", "relaygate-agent", []),
+    ]:
+        text = (ROOT / f).read_text().replace("GATEWAY_PEER_ID", peer)
+        with tempfile.TemporaryDirectory() as d:
+            cfg = Path(d) / "c.toml"
+            cfg.write_text(text)
+            p = run_bin(bins / binary, ["--config", str(cfg), "--data-dir", d, *extra, "check-config"],
+                        check=False)
+        if p.returncode == 0:
+            ok(f"{f}: {binary} check-config accepts it")
+        else:
+            fail(f, p.stderr.strip())
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics
+
+PROMQL_WORDS = {
+    "by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "bool",
+    "offset", "inf", "nan", "atan2",
+}
+
+
+def metric_names(expr):
+    """Metric names a PromQL expression reads (or a Grafana label_values(...) query)."""
+    m = re.fullmatch(r"\s*label_values\(\s*(.+?)\s*,\s*\w+\s*\)\s*", expr, re.S)
+    if m:
+        expr = m.group(1)
+    e = re.sub(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'', '""', expr)  # strings
+    e = re.sub(r"\{[^}]*\}", " ", e)  # label matchers
+    e = re.sub(r"\[[^\]]*\]", " ", e)  # ranges
+    e = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", e)  # label lists
+    e = re.sub(r"\$\w+", " ", e)  # Grafana variables
+    names = set()
+    for m in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*(\s*\()?", e):
+        tok, call = m.group(0).rstrip("( \t\n"), m.group(1)
+        if call or tok.lower() in PROMQL_WORDS:
+            continue
+        if re.fullmatch(r"\d+[smhdwy]?", tok):
+            continue
+        names.add(tok)
+    return names
+
+
+def expressions():
+    out = []
+    rules = yaml.safe_load((ROOT / "deploy" / "monitoring" / "alerts.yaml").read_text())
+    for g in rules["groups"]:
+        for r in g["rules"]:
+            out.append((f"alerts.yaml {r.get('alert') or r.get('record')}", r["expr"]))
+    dash = json.loads((ROOT / "deploy" / "monitoring" / "grafana-dashboard.json").read_text())
+
+    def walk(panels):
+        for p in panels:
+            for t in p.get("targets", []):
+                if t.get("expr"):
+                    out.append((f"dashboard panel '{p.get('title')}'", t["expr"]))
+            walk(p.get("panels", []))
+
+    walk(dash.get("panels", []))
+    for v in dash.get("templating", {}).get("list", []):
+        q = v.get("query")
+        q = q.get("query") if isinstance(q, dict) else q
+        if v.get("type") == "query" and q:
+            out.append((f"dashboard variable {v['name']}", q))
+    return out
+
+
+def free_port(kind=socket.SOCK_STREAM):
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(url, timeout=2):
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.status, r.read().decode()
+
+
+def wait_ready(url, proc, what, seconds=40):
+    deadline = time.monotonic() + seconds
+    last = ""
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        try:
+            status, _ = http_get(url)
+            if status == 200:
+                return
+        except urllib.error.HTTPError as e:
+            last = f"HTTP {e.code}: {e.read().decode().strip()}"
+        except OSError as e:
+            last = str(e)
+        time.sleep(0.2)
+    raise RuntimeError(f"{what} not ready after {seconds}s ({last})")
+
+
+def exported_families(text):
+    """Sample names each `# TYPE` line allows (counters' TYPE omits _total)."""
+    names = set()
+    suffixes = {
+        "counter": ["_total", "_created"],
+        "histogram": ["_bucket", "_sum", "_count", "_created"],
+        "summary": ["", "_sum", "_count", "_created"],
+        "gaugehistogram": ["_bucket", "_gsum", "_gcount"],
+        "info": ["_info"],
+        "stateset": [""],
+        "gauge": [""],
+        "unknown": [""],
+    }
+    for line in text.splitlines():
+        m = re.match(r"# TYPE (\S+) (\S+)", line)
+        if m:
+            fam, typ = m.groups()
+            for s in suffixes.get(typ, [""]):
+                names.add(fam + s)
+    return names
+
+
+def scrape_metrics(bins):
+    tmp = Path(tempfile.mkdtemp(prefix="relaygate-check-"))
+    procs = []
+    try:
+        gw_data, ag_data = tmp / "gw", tmp / "agent"
+        tcp, udp, admin_gw, admin_ag = free_port(), free_port(socket.SOCK_DGRAM), free_port(), free_port()
+        lease = free_port()
+        target = free_port()
+        gw = bins / "relaygate-gateway"
+        peer = run_bin(gw, ["--data-dir", str(gw_data), "peer-id"]).stdout.strip()
+        token = run_bin(gw, ["--data-dir", str(gw_data), "token"]).stdout.strip()
+        log = open(tmp / "gateway.log", "w")
+        procs.append(subprocess.Popen(
+            [str(gw), "--data-dir", str(gw_data), "--listen", f"/ip4/127.0.0.1/tcp/{tcp}",
+             "--listen", f"/ip4/127.0.0.1/udp/{udp}/quic-v1", "--admin-listen", f"127.0.0.1:{admin_gw}",
+             "--port-range", f"{lease}-{lease}"],
+            env=clean_env(), stdout=log, stderr=subprocess.STDOUT))
+        wait_ready(f"http://127.0.0.1:{admin_gw}/health/ready", procs[0], "gateway")
+        log2 = open(tmp / "agent.log", "w")
+        env = clean_env()
+        env["RELAYGATE_GATEWAY__TOKEN"] = token  # not on the command line
+        procs.append(subprocess.Popen(
+            [str(bins / "relaygate-agent"), "--data-dir", str(ag_data),
+             "--gateway", f"/ip4/127.0.0.1/tcp/{tcp}/p2p/{peer}",
+             "--tunnel", f"node=127.0.0.1:{target}", "--admin-listen", f"127.0.0.1:{admin_ag}"],
+            env=env, stdout=log2, stderr=subprocess.STDOUT))
+        wait_ready(f"http://127.0.0.1:{admin_ag}/health/ready", procs[1], "agent")
+        _, gw_text = http_get(f"http://127.0.0.1:{admin_gw}/metrics")
+        _, ag_text = http_get(f"http://127.0.0.1:{admin_ag}/metrics")
+        return exported_families(gw_text) | exported_families(ag_text)
+    except Exception:
+        for f in ("gateway.log", "agent.log"):
+            if (tmp / f).exists():
+                print(f"----- {f}\n" + (tmp / f).read_text()[-3000:])
+        raise
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_metrics(bins):
+    try:
+        exported = scrape_metrics(bins)
+    except Exception as e:  # noqa: BLE001
+        fail("metrics: start gateway and agent", e)
+        return
+    ok(f"metrics: gateway and agent from {bins.relative_to(ROOT) if bins.is_relative_to(ROOT) else bins} "
+       f"ready on loopback, {len(exported)} sample names exported")
+    bad = 0
+    used = set()
+    for where, expr in expressions():
+        for name in metric_names(expr):
+            used.add(name)
+            if name.startswith("relaygate_"):
+                if name not in exported:
+                    fail(f"metrics: {where}", f"{name} is not exported by the gateway or the agent")
+                    bad += 1
+            elif name not in EXTERNAL_METRICS:
+                fail(f"metrics: {where}", f"{name} is neither relaygate's nor a known external metric")
+                bad += 1
+    if not bad:
+        ours = sorted(n for n in used if n.startswith("relaygate_"))
+        ok(f"metrics: all {len(ours)} relaygate metric names in alerts.yaml and grafana-dashboard.json are "
+           f"exported (external: {', '.join(sorted(used - set(ours)))})")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main():
+    bins = find_bins()
+    if bins is None:
+        fail("binaries", "no relaygate-gateway and relaygate-agent in $RELAYGATE_BIN_DIR, target/release "
+             "or target/debug (cargo build -p relaygate-gateway -p relaygate-agent)")
+    check_charts(bins)
+    if bins is not None:
+        check_compose_and_examples(bins)
+        check_metrics(bins)
+    print(f"deploy-check: {passed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
