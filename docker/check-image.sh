@@ -2,7 +2,7 @@
 # Builds docker/Dockerfile.local (the runtime stage, FROM scratch) with podman from binaries built
 # here, then runs the image's binaries in a chroot of the image as uid 65532: `--version`, `peer-id`
 # and `check-config` of both, which proves the image carries every library they load.
-# Binaries: $RELAYGATE_BIN_DIR, else target/release, else target/debug (debug info is stripped).
+# Binaries: $RELAYGATE_BIN_DIR, else the newer of target/release and target/debug (debug info is stripped).
 # Prints SKIPPED and exits 0 when podman is missing or cannot build here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,8 +14,9 @@ fi
 
 bin_dir="${RELAYGATE_BIN_DIR:-}"
 if [[ -z "$bin_dir" ]]; then
-  for d in target/release target/debug; do
-    if [[ -x "$d/relaygate-gateway" && -x "$d/relaygate-agent" ]]; then bin_dir=$d; break; fi
+  for d in target/release target/debug; do  # both built: the newer
+    [[ -x "$d/relaygate-gateway" && -x "$d/relaygate-agent" ]] || continue
+    if [[ -z "$bin_dir" || "$d/relaygate-gateway" -nt "$bin_dir/relaygate-gateway" ]]; then bin_dir=$d; fi
   done
 fi
 if [[ -z "$bin_dir" || ! -x "$bin_dir/relaygate-gateway" || ! -x "$bin_dir/relaygate-agent" ]]; then

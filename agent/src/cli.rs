@@ -70,6 +70,9 @@ pub enum Cmd {
     PeerId,
     /// Exit 0 if the running agent's /health/ready answers 200 (session up, every tunnel leased).
     Health,
+    /// Check the gateway, the running agent's session and leases, a dial-back to each
+    /// leased port, the advertised addresses and transparent rules; exit 1 on any problem.
+    Doctor,
     /// Print the shell commands that set up transparent delivery (for an init container with NET_ADMIN).
     TransparentRules {
         /// Print the commands that remove them instead.
@@ -130,6 +133,7 @@ pub fn main() -> ExitCode {
             print!("{script}");
             Ok(())
         }
+        Cmd::Doctor => doctor(cfg),
         Cmd::Health => relaygate_common::admin::probe_ready(cfg.admin_listen(), &cfg.admin)
             .map_err(anyhow::Error::msg),
         Cmd::Run => run(cfg),
@@ -140,6 +144,19 @@ pub fn main() -> ExitCode {
             eprintln!("relaygate-agent: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn doctor(cfg: AgentConfig) -> anyhow::Result<()> {
+    cfg.validate()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start tokio")?;
+    if rt.block_on(crate::doctor::run(&cfg))? {
+        Ok(())
+    } else {
+        anyhow::bail!("doctor found problems (see above)")
     }
 }
 

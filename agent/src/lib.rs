@@ -10,6 +10,7 @@ pub mod app; // wiring: start everything, drain on signal
 pub mod cli; // command line: flags, subcommands, config layering
 pub mod config; // the configuration model
 pub mod deliver; // connecting a tunnelled connection to the local target
+pub mod doctor; // `doctor`: reachability, session, leases, dial-back, advertised addresses, rules
 pub mod host; // libp2p host (dial only)
 pub mod metrics; // Prometheus metrics
 pub mod session; // session with the gateway: dial, hello, leases, reconnect

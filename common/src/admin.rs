@@ -161,10 +161,18 @@ pub fn health_response(problems: Vec<String>) -> Response {
     }
 }
 
-/// `health` subcommands: GET `/health/ready` on the local admin API and
-/// report the status line, for container health checks (distroless images
-/// have no shell or curl). Blocking; used before any runtime starts.
+/// `health` subcommands: GET `/health/ready` on the local admin API; Ok when it
+/// answers 200 (container health checks: distroless images have no shell or curl).
 pub fn probe_ready(listen: SocketAddr, cfg: &AdminConfig) -> Result<(), String> {
+    match get(listen, cfg, "/health/ready")? {
+        (200, _) => Ok(()),
+        (status, body) => Err(format!("not ready (HTTP {status}): {}", body.trim())),
+    }
+}
+
+/// GET `path` on a local admin API (blocking, HTTP/1.0), with the configured
+/// token: `(status, body)`. For the binaries' own subcommands (`health`, `doctor`).
+pub fn get(listen: SocketAddr, cfg: &AdminConfig, path: &str) -> Result<(u16, String), String> {
     use std::io::{Read, Write};
     let mut addr = listen;
     if addr.ip().is_unspecified() {
@@ -186,21 +194,17 @@ pub fn probe_ready(listen: SocketAddr, cfg: &AdminConfig) -> Result<(), String> 
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
-    write!(
-        s,
-        "GET /health/ready HTTP/1.0\r\nHost: {addr}\r\n{auth}\r\n"
-    )
-    .map_err(|e| e.to_string())?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}\r\n").map_err(|e| e.to_string())?;
     let mut resp = String::new();
     s.read_to_string(&mut resp).map_err(|e| e.to_string())?;
-    let status = resp.split_whitespace().nth(1).unwrap_or("?");
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
     let body = resp
         .split_once("\r\n\r\n")
-        .map(|(_, b)| b.trim())
-        .unwrap_or("");
-    if status == "200" {
-        Ok(())
-    } else {
-        Err(format!("not ready (HTTP {status}): {body}"))
-    }
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
 }

@@ -23,6 +23,9 @@ use crate::names::{LeasePort, NameError, TunnelName, MAX_TUNNEL_NAME};
 
 pub const CONTROL_PROTOCOL: StreamProtocol = StreamProtocol::new("/relaygate/control/1");
 pub const TUNNEL_PROTOCOL: StreamProtocol = StreamProtocol::new("/relaygate/tunnel/1");
+/// `relaygate-agent doctor` asks the gateway to connect to one of the agent's
+/// leased ports from the gateway's side and report whether the target answered.
+pub const DIALBACK_PROTOCOL: StreamProtocol = StreamProtocol::new("/relaygate/dialback/1");
 
 /// Version carried in `Hello`/`Welcome` and in every stream header.
 pub const WIRE_VERSION: u16 = 1;
@@ -79,6 +82,16 @@ pub enum ControlMessage {
     Hello(Hello),
     Welcome(Welcome),
     Refused(Refusal),
+    /// On the dial-back protocol: please connect to this leased port.
+    Dialback {
+        version: u16,
+        port: LeasePort,
+    },
+    /// The dial-back's outcome.
+    DialbackResult {
+        reachable: bool,
+        detail: String,
+    },
 }
 
 /// First message of a session: who I am (the libp2p peer id says that), how I
@@ -233,7 +246,8 @@ pub fn decode_control(body: &[u8]) -> Result<ControlMessage, WireError> {
             h.version
         }
         ControlMessage::Welcome(w) => w.version,
-        ControlMessage::Refused(_) => WIRE_VERSION,
+        ControlMessage::Dialback { version, .. } => *version,
+        ControlMessage::Refused(_) | ControlMessage::DialbackResult { .. } => WIRE_VERSION,
     };
     if version != WIRE_VERSION {
         return Err(WireError::Version(version));

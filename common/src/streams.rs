@@ -54,6 +54,8 @@ pub enum OpenError {
 /// An inbound stream for one of the accepted protocols.
 pub struct Incoming {
     pub peer: PeerId,
+    /// The connection it arrived on (answer on the same one with [`Control::open_stream_on`]).
+    pub connection: ConnectionId,
     pub protocol: StreamProtocol,
     pub stream: Stream,
 }
@@ -62,6 +64,7 @@ pub struct Incoming {
 #[derive(Debug)]
 pub struct OpenRequest {
     peer: PeerId,
+    connection: Option<ConnectionId>,
     protocol: StreamProtocol,
     reply: oneshot::Sender<Result<Stream, OpenError>>,
 }
@@ -86,10 +89,30 @@ impl Control {
         peer: PeerId,
         protocol: StreamProtocol,
     ) -> Result<Stream, OpenError> {
+        self.open(peer, None, protocol).await
+    }
+
+    /// Opens a stream on one particular connection to `peer` (fails if it is gone).
+    pub async fn open_stream_on(
+        &self,
+        peer: PeerId,
+        connection: ConnectionId,
+        protocol: StreamProtocol,
+    ) -> Result<Stream, OpenError> {
+        self.open(peer, Some(connection), protocol).await
+    }
+
+    async fn open(
+        &self,
+        peer: PeerId,
+        connection: Option<ConnectionId>,
+        protocol: StreamProtocol,
+    ) -> Result<Stream, OpenError> {
         let (reply, rx) = oneshot::channel();
         self.requests
             .send(OpenRequest {
                 peer,
+                connection,
                 protocol,
                 reply,
             })
@@ -138,9 +161,10 @@ pub fn new(
 }
 
 impl Behaviour {
-    fn handler(&self, peer: PeerId) -> Handler {
+    fn handler(&self, peer: PeerId, connection: ConnectionId) -> Handler {
         Handler {
             peer,
+            connection,
             inbound: self.inbound.clone(),
             pending: VecDeque::new(),
         }
@@ -153,23 +177,23 @@ impl NetworkBehaviour for Behaviour {
 
     fn handle_established_inbound_connection(
         &mut self,
-        _: ConnectionId,
+        connection: ConnectionId,
         peer: PeerId,
         _: &Multiaddr,
         _: &Multiaddr,
     ) -> Result<THandler<Self>, ConnectionDenied> {
-        Ok(self.handler(peer))
+        Ok(self.handler(peer, connection))
     }
 
     fn handle_established_outbound_connection(
         &mut self,
-        _: ConnectionId,
+        connection: ConnectionId,
         peer: PeerId,
         _: &Multiaddr,
         _: Endpoint,
         _: PortUse,
     ) -> Result<THandler<Self>, ConnectionDenied> {
-        Ok(self.handler(peer))
+        Ok(self.handler(peer, connection))
     }
 
     fn on_swarm_event(&mut self, event: FromSwarm) {
@@ -210,8 +234,13 @@ impl NetworkBehaviour for Behaviour {
         cx: &mut Context<'_>,
     ) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
         while let Poll::Ready(Some(req)) = self.requests.poll_recv(cx) {
-            // The newest connection is the one most likely alive after a reconnect.
-            match self.connections.get(&req.peer).and_then(|v| v.last()) {
+            // The asked-for connection, else the newest: the one most likely alive after a reconnect.
+            let conns = self.connections.get(&req.peer);
+            let chosen = match req.connection {
+                Some(c) => conns.and_then(|v| v.iter().find(|x| **x == c)),
+                None => conns.and_then(|v| v.last()),
+            };
+            match chosen {
                 Some(conn) => {
                     return Poll::Ready(ToSwarm::NotifyHandler {
                         peer_id: req.peer,
@@ -230,6 +259,7 @@ impl NetworkBehaviour for Behaviour {
 
 pub struct Handler {
     peer: PeerId,
+    connection: ConnectionId,
     inbound: Arc<Inbound>,
     pending: VecDeque<OpenRequest>,
 }
@@ -280,6 +310,7 @@ impl ConnectionHandler for Handler {
             }) => {
                 let incoming = Incoming {
                     peer: self.peer,
+                    connection: self.connection,
                     protocol,
                     stream,
                 };

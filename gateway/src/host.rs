@@ -18,7 +18,7 @@ use libp2p::{
 };
 use relaygate_common::{
     metrics::Side,
-    protocol::CONTROL_PROTOCOL,
+    protocol::{CONTROL_PROTOCOL, DIALBACK_PROTOCOL},
     proxy_transport::ProxyAcceptor,
     streams::{self, Incoming},
     transport,
@@ -103,7 +103,8 @@ pub fn start(
     metrics: Arc<Metrics>,
 ) -> Result<(HostHandle, mpsc::Receiver<Incoming>), HostError> {
     let ping_cfg = transport::ping_config(&cfg.session);
-    let (streams, control, incoming) = streams::new(vec![CONTROL_PROTOCOL], CONTROL_QUEUE);
+    let (streams, control, incoming) =
+        streams::new(vec![CONTROL_PROTOCOL, DIALBACK_PROTOCOL], CONTROL_QUEUE);
     let mut swarm = transport::build_swarm(
         key,
         &cfg.session,

@@ -8,6 +8,7 @@ pub mod admission; // allow-list and join token
 pub mod app; // wiring: start everything, print join instructions, drain on signal
 pub mod cli; // command line: flags, subcommands, config layering
 pub mod config; // the configuration model
+pub mod dialback; // doctor's dial-back: connect to an agent's own leased port from the gateway
 pub mod host; // libp2p host: listeners, identify, ping, stream protocols
 pub mod lease; // port allocation per (agent, tunnel)
 pub mod listener; // leased public ports: accept, open tunnel stream, forward

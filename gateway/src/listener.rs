@@ -8,7 +8,7 @@
 
 use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
-use libp2p::PeerId;
+use libp2p::{swarm::ConnectionId, PeerId};
 use relaygate_common::{
     metrics::Side,
     protocol::{StreamHeader, StreamStatus, TUNNEL_PROTOCOL},
@@ -47,6 +47,9 @@ pub struct DataPlane {
 /// A bound public port of one tunnel.
 pub struct PublicPort {
     pub agent: PeerId,
+    /// The session's connection: tunnel streams go there, never to another
+    /// connection of the same peer (such as `doctor`'s).
+    pub connection: ConnectionId,
     pub stats: Arc<TunnelStats>,
     pub listener: TcpListener,
 }
@@ -79,6 +82,7 @@ impl PublicPort {
                 tcp,
                 source,
                 agent: self.agent,
+                connection: self.connection,
                 stats: self.stats.clone(),
                 dp: dp.clone(),
             };
@@ -93,6 +97,7 @@ struct Connection {
     /// The socket's peer; the PROXY header's source replaces it when trusted.
     source: SocketAddr,
     agent: PeerId,
+    connection: ConnectionId,
     stats: Arc<TunnelStats>,
     dp: Arc<DataPlane>,
 }
@@ -187,7 +192,10 @@ impl Connection {
     }
 
     async fn forward(&mut self, origin: Origin) -> io::Result<()> {
-        let open = self.dp.control.open_stream(self.agent, TUNNEL_PROTOCOL);
+        let open = self
+            .dp
+            .control
+            .open_stream_on(self.agent, self.connection, TUNNEL_PROTOCOL);
         let stream = match tokio::time::timeout(OPEN_TIMEOUT, open).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {

@@ -4,8 +4,9 @@
 
 use std::{sync::Arc, time::Duration};
 
-use libp2p::{PeerId, Stream};
+use libp2p::{swarm::ConnectionId, PeerId, Stream};
 use relaygate_common::{
+    protocol::DIALBACK_PROTOCOL,
     protocol::{
         read_control, write_control, ControlMessage, Hello, LeaseGrant, LeaseOutcome, LeaseRefusal,
         Refusal, RefusalCode, Welcome, WireError, WIRE_VERSION,
@@ -17,6 +18,7 @@ use tokio_util::{compat::FuturesAsyncReadCompatExt, sync::CancellationToken};
 
 use crate::{
     admission::Admission,
+    dialback,
     host::{Command, HostHandle},
     lease::Leases,
     listener::{self, DataPlane, PublicPort},
@@ -44,12 +46,25 @@ type Control = tokio_util::compat::Compat<Stream>;
 impl Sessions {
     /// Serves control streams until the host goes away.
     pub async fn run(self: Arc<Self>, mut incoming: tokio::sync::mpsc::Receiver<Incoming>) {
-        while let Some(Incoming { peer, stream, .. }) = incoming.recv().await {
-            tokio::spawn(self.clone().handle(peer, stream.compat()));
+        while let Some(Incoming {
+            peer,
+            connection,
+            stream,
+            protocol,
+        }) = incoming.recv().await
+        {
+            if protocol == DIALBACK_PROTOCOL {
+                let me = self.clone();
+                tokio::spawn(async move {
+                    dialback::serve(peer, stream.compat(), &me.leases, &me.public_hosts).await
+                });
+                continue;
+            }
+            tokio::spawn(self.clone().handle(peer, connection, stream.compat()));
         }
     }
 
-    async fn handle(self: Arc<Self>, peer: PeerId, mut ctl: Control) {
+    async fn handle(self: Arc<Self>, peer: PeerId, connection: ConnectionId, mut ctl: Control) {
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, read_control(&mut ctl)).await {
             Ok(Ok(ControlMessage::Hello(h))) => h,
             Ok(Ok(_)) => {
@@ -119,10 +134,17 @@ impl Sessions {
             self.host.send(Command::Disconnect(peer)).await;
             return;
         };
-        self.serve(peer, how.as_str(), hello, ctl).await;
+        self.serve(peer, connection, how.as_str(), hello, ctl).await;
     }
 
-    async fn serve(&self, peer: PeerId, how: &str, hello: Hello, mut ctl: Control) {
+    async fn serve(
+        &self,
+        peer: PeerId,
+        connection: ConnectionId,
+        how: &str,
+        hello: Hello,
+        mut ctl: Control,
+    ) {
         // A reconnecting agent replaces its old session: free its ports first.
         self.registry.end(&peer).await;
         let mut grants = self.leases.acquire(peer, &hello.tunnels).await;
@@ -142,6 +164,7 @@ impl Sessions {
                         ));
                         ports.push(PublicPort {
                             agent: peer,
+                            connection,
                             stats,
                             listener: l,
                         });

@@ -135,3 +135,77 @@ fn node_behind_nat_is_reachable_at_the_gateway_over_tcp_session() {
     }
     reach_node_through_gateway(Transport::Tcp);
 }
+
+#[test]
+fn doctor_checks_everything_from_behind_the_nat() {
+    if !require_root("doctor_checks_everything_from_behind_the_nat") {
+        return;
+    }
+    let lab = Lab::new("dr").expect("lab");
+    let gw_host = lab.internet_host("gw", 10);
+    let lan = lab.lan("lan", Nat::Masquerade, 1);
+    let node_host = lab.lan_host(&lan, "node", 10);
+    let (node, _peer) = start_node(&node_host, 9905);
+    let launch_gw = |b: &std::path::Path| gw_host.cmd(b);
+    let gw = Gateway::start(
+        &launch_gw,
+        GatewaySpec {
+            bind: "0.0.0.0".into(),
+            public_ip: gw_host.ip().to_string(),
+            ..Default::default()
+        },
+    );
+    let launch_agent = |b: &std::path::Path| node_host.cmd(b);
+    let tunnels = ["node=127.0.0.1:9905".to_string()];
+    let agent = Agent::start(&launch_agent, &gw, Transport::Quic, &tunnels, true, &[]);
+    agent
+        .wait_leased("node", Duration::from_secs(30))
+        .expect("lease");
+
+    let doctor = |label: &str| {
+        let mut cmd = node_host.cmd(relaygate_tests::procs::workspace_bin("relaygate-agent"));
+        cmd.arg("--data-dir").arg(agent.dir.path());
+        cmd.args([
+            "--gateway",
+            &gw.addr(Transport::Quic),
+            "--gateway",
+            &gw.addr(Transport::Tcp),
+        ]);
+        cmd.args([
+            "--admin-listen",
+            &agent.admin.to_string(),
+            "--tunnel",
+            &tunnels[0],
+            "doctor",
+        ]);
+        let mut p = Proc::spawn(label, cmd);
+        let st = p
+            .wait_exit(Duration::from_secs(60))
+            .expect("doctor finishes");
+        (st.success(), p.lines().join("\n"))
+    };
+    let (ok, out) = doctor("doctor");
+    assert!(ok, "doctor should find nothing wrong:\n{out}");
+    for want in [
+        "gateway reachable at /ip4/203.0.113.10/udp",
+        "gateway reachable at /ip4/203.0.113.10/tcp",
+        "session up",
+        "leased port",
+        "target answered",
+        "verdict: healthy",
+    ] {
+        assert!(out.contains(want), "missing {want:?} in\n{out}");
+    }
+
+    drop(node); // the target goes away
+    let (ok, out) = doctor("doctor-2");
+    assert!(!ok, "doctor must fail when the target is down:\n{out}");
+    assert!(
+        out.contains("[FAIL] dial-back") && out.contains("could not reach its target"),
+        "{out}"
+    );
+    assert!(
+        out.contains("fix: make sure the node listens on 127.0.0.1:9905"),
+        "{out}"
+    );
+}

@@ -126,6 +126,9 @@ containers (sidecar.mode container).
 {{- $transparent := include "relaygate-agent.transparent" . }}
 {{- $repo := ternary $v.image.transparentRepository $v.image.repository (not (empty $transparent)) }}
 {{- $full := include "relaygate-agent.fullname" . -}}
+{{- if and (eq $v.sidecar.mode "native") (semverCompare "<1.29.0-0" .Capabilities.KubeVersion.Version) -}}
+{{- fail (printf "sidecar.mode native needs Kubernetes 1.29+ (this is %s): set sidecar.mode container" .Capabilities.KubeVersion.Version) -}}
+{{- end -}}
 - name: {{ $v.sidecar.name }}
   image: {{ printf "%s:%s" $repo (default (include "relaygate-agent.appVersion" .) $v.image.tag) | quote }}
   imagePullPolicy: {{ $v.image.pullPolicy }}

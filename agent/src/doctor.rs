@@ -1,0 +1,320 @@
+//! `relaygate-agent doctor`: checks, one verdict each with what to fix, the
+//! gateway's reachability, the running agent's session and leases, a dial-back
+//! from the gateway to every leased port, the advertised addresses, and the
+//! transparent-delivery rules.
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use libp2p::{
+    multiaddr::Protocol,
+    swarm::{dial_opts::DialOpts, dial_opts::PeerCondition, SwarmEvent},
+    Multiaddr, PeerId,
+};
+use relaygate_common::{
+    names::LeasePort,
+    protocol::{read_control, write_control, ControlMessage, DIALBACK_PROTOCOL, WIRE_VERSION},
+    streams, transport,
+};
+use serde::Deserialize;
+use tokio_util::compat::FuturesAsyncReadCompatExt;
+
+use crate::{app::load_identity, config::AgentConfig, deliver::DeliveryMode, transparent};
+
+struct Report {
+    problems: usize,
+}
+
+impl Report {
+    fn ok(&mut self, what: &str) {
+        println!("[ ok ] {what}");
+    }
+    fn fail(&mut self, what: &str, fix: &str) {
+        self.problems += 1;
+        println!("[FAIL] {what}\n       fix: {fix}");
+    }
+}
+
+/// The parts of the agent's `/v1/advertise` that doctor reads.
+#[derive(Deserialize)]
+struct Advertise {
+    session: Option<serde_json::Value>,
+    tunnels: Vec<TunnelView>,
+}
+
+#[derive(Deserialize)]
+struct TunnelView {
+    name: String,
+    port: Option<u16>,
+    addresses: Vec<String>,
+    error: Option<String>,
+}
+
+/// Runs every check; returns whether all passed.
+pub async fn run(cfg: &AgentConfig) -> anyhow::Result<bool> {
+    let mut r = Report { problems: 0 };
+    let gateway = cfg.gateway_peer()?;
+    let key = load_identity(cfg)?;
+    let (behaviour, control, _incoming) = streams::new(vec![], 1);
+    let mut swarm = transport::build_swarm(key, &cfg.session, None, |_| behaviour)?;
+
+    // 1. gateway reachability, every address
+    let mut reached = false;
+    for addr in &cfg.gateway.addresses {
+        let started = Instant::now();
+        match dial(&mut swarm, gateway, addr.clone(), cfg.gateway.dial_timeout).await {
+            Ok(()) => {
+                reached = true;
+                r.ok(&format!(
+                    "gateway reachable at {addr} ({} ms)",
+                    started.elapsed().as_millis()
+                ));
+            }
+            Err(e) => r.fail(
+                &format!("gateway not reachable at {addr}: {e}"),
+                transport_fix(addr),
+            ),
+        }
+    }
+    // Keep the swarm running for the dial-back streams below.
+    let driver = tokio::spawn(async move {
+        loop {
+            swarm.select_next_some().await;
+        }
+    });
+
+    // 2. the running agent: session and leases
+    let listen = cfg.admin_listen();
+    let admin = cfg.admin.clone();
+    let view = tokio::task::spawn_blocking(move || {
+        relaygate_common::admin::get(listen, &admin, "/v1/advertise")
+    })
+    .await?;
+    let view: Option<Advertise> = match view {
+        Ok((200, body)) => serde_json::from_str(&body).ok(),
+        Ok((status, _)) => {
+            r.fail(
+                &format!("agent admin API at {listen} answered HTTP {status}"),
+                "check admin.token / admin.token_file",
+            );
+            None
+        }
+        Err(e) => {
+            r.fail(
+                &format!("running agent not found: {e}"),
+                "start relaygate-agent with this same config (doctor reads its admin API at admin.listen)",
+            );
+            None
+        }
+    };
+    if let Some(v) = &view {
+        match &v.session {
+            Some(s) => r.ok(&format!("session up: {s}")),
+            None => r.fail(
+                "agent has no session with the gateway",
+                "see the agent's log: refused (join token, allow-list) or unreachable",
+            ),
+        }
+        for t in &v.tunnels {
+            match (t.port, &t.error) {
+                (Some(p), _) => r.ok(&format!("tunnel {} leased port {p}", t.name)),
+                (None, Some(e)) => r.fail(
+                    &format!("tunnel {} has no lease: {e}", t.name),
+                    "see the error; pick another port or ask the gateway operator",
+                ),
+                (None, None) => r.fail(
+                    &format!("tunnel {} has no lease yet", t.name),
+                    "wait for the session, or see the agent's log",
+                ),
+            }
+        }
+    }
+
+    // 3. dial-back from the gateway to each leased port
+    if let (true, Some(v)) = (reached, &view) {
+        for t in v.tunnels.iter().filter(|t| t.port.is_some()) {
+            let port = t.port.and_then(LeasePort::new);
+            let Some(port) = port else { continue };
+            match dialback(&control, gateway, port).await {
+                Ok((true, detail)) => {
+                    r.ok(&format!("dial-back to {} (port {port}): {detail}", t.name))
+                }
+                Ok((false, detail)) => r.fail(
+                    &format!("dial-back to {} (port {port}): {detail}", t.name),
+                    &target_fix(cfg, &t.name),
+                ),
+                Err(e) => r.fail(
+                    &format!("dial-back to {} failed: {e}", t.name),
+                    "upgrade the gateway (it needs /relaygate/dialback/1)",
+                ),
+            }
+        }
+    }
+
+    // 4. advertised addresses
+    if let Some(v) = &view {
+        for t in &v.tunnels {
+            let Some(port) = t.port else { continue };
+            let cfg_t = cfg.tunnels.iter().find(|c| c.name.as_str() == t.name);
+            let problems =
+                advertise_problems(&t.addresses, port, cfg_t.and_then(|c| c.node_peer_id));
+            if problems.is_empty() {
+                r.ok(&format!(
+                    "tunnel {} advertises {}",
+                    t.name,
+                    t.addresses.join(",")
+                ));
+            } else {
+                r.fail(
+                    &format!(
+                        "tunnel {} advertises {:?}: {}",
+                        t.name,
+                        t.addresses,
+                        problems.join("; ")
+                    ),
+                    "set the gateway's advertise to its public DNS name or IP",
+                );
+            }
+            if let Some(path) = cfg_t.and_then(|c| c.advertise_file.as_ref()) {
+                match std::fs::read_to_string(path) {
+                    Ok(s) if s.trim() == t.addresses.join(",") => {
+                        r.ok(&format!("advertise file {} is current", path.display()))
+                    }
+                    Ok(s) => r.fail(
+                        &format!("advertise file {} holds {:?}", path.display(), s.trim()),
+                        "the agent rewrites it on each session; check the volume is writable",
+                    ),
+                    Err(e) => r.fail(
+                        &format!("advertise file {}: {e}", path.display()),
+                        "mount the shared volume in the agent and the node",
+                    ),
+                }
+            }
+        }
+    }
+
+    // 5. transparent delivery
+    if cfg
+        .tunnels
+        .iter()
+        .any(|t| t.deliver == DeliveryMode::Transparent)
+    {
+        match transparent::check_socket().and_then(|()| transparent::check_rules(&cfg.transparent)) {
+            Ok(()) => r.ok("transparent delivery: IP_TRANSPARENT works and the mark rule and local route are in place"),
+            Err(e) => r.fail(&format!("transparent delivery: {e}"), "give the agent CAP_NET_ADMIN, or run `relaygate-agent transparent-rules | sh` in an init container"),
+        }
+    }
+
+    driver.abort();
+    if r.problems == 0 {
+        println!("verdict: healthy");
+    } else {
+        println!("verdict: {} problem(s)", r.problems);
+    }
+    Ok(r.problems == 0)
+}
+
+async fn dial(
+    swarm: &mut libp2p::Swarm<streams::Behaviour>,
+    peer: PeerId,
+    addr: Multiaddr,
+    timeout: Duration,
+) -> Result<(), String> {
+    let opts = DialOpts::peer_id(peer)
+        .addresses(vec![addr])
+        .condition(PeerCondition::Always)
+        .build();
+    let id = opts.connection_id();
+    swarm.dial(opts).map_err(|e| e.to_string())?;
+    let wait = async {
+        loop {
+            match swarm.select_next_some().await {
+                SwarmEvent::ConnectionEstablished { connection_id, .. } if connection_id == id => {
+                    return Ok(())
+                }
+                SwarmEvent::OutgoingConnectionError {
+                    connection_id,
+                    error,
+                    ..
+                } if connection_id == id => return Err(error.to_string()),
+                _ => {}
+            }
+        }
+    };
+    tokio::time::timeout(timeout, wait)
+        .await
+        .map_err(|_| "timed out".to_string())?
+}
+
+async fn dialback(
+    control: &streams::Control,
+    gateway: PeerId,
+    port: LeasePort,
+) -> Result<(bool, String), String> {
+    let s = control
+        .open_stream(gateway, DIALBACK_PROTOCOL)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut s = s.compat();
+    write_control(
+        &mut s,
+        &ControlMessage::Dialback {
+            version: WIRE_VERSION,
+            port,
+        },
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    match tokio::time::timeout(Duration::from_secs(10), read_control(&mut s)).await {
+        Ok(Ok(ControlMessage::DialbackResult { reachable, detail })) => Ok((reachable, detail)),
+        Ok(Ok(other)) => Err(format!("unexpected answer {other:?}")),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("no answer".into()),
+    }
+}
+
+fn advertise_problems(addrs: &[String], port: u16, node: Option<PeerId>) -> Vec<String> {
+    let mut out = Vec::new();
+    if addrs.is_empty() {
+        out.push("no addresses".into());
+    }
+    for a in addrs {
+        let Ok(m) = a.parse::<Multiaddr>() else {
+            out.push(format!("{a} is not a multiaddr"));
+            continue;
+        };
+        if !m.iter().any(|p| p == Protocol::Tcp(port)) {
+            out.push(format!("{a} does not name the leased port {port}"));
+        }
+        match m.iter().next() {
+            Some(Protocol::Ip4(ip)) if ip.is_private() || ip.is_loopback() => {
+                out.push(format!("{a} is not public: remote peers cannot dial it"))
+            }
+            _ => {}
+        }
+        if let Some(n) = node {
+            if !m.iter().any(|p| p == Protocol::P2p(n)) {
+                out.push(format!("{a} lacks /p2p/{n}"));
+            }
+        }
+    }
+    out
+}
+
+fn transport_fix(addr: &Multiaddr) -> &'static str {
+    if addr.iter().any(|p| matches!(p, Protocol::QuicV1)) {
+        "open UDP on the gateway's firewall for QUIC (TCP is the fallback), and check the address and peer id"
+    } else {
+        "open the gateway's TCP port in its firewall, and check the address and peer id the gateway printed"
+    }
+}
+
+fn target_fix(cfg: &AgentConfig, name: &str) -> String {
+    match cfg.tunnels.iter().find(|t| t.name.as_str() == name) {
+        Some(t) => format!(
+            "make sure the node listens on {} (as seen from the agent)",
+            t.target
+        ),
+        None => "check the tunnel's target".into(),
+    }
+}
