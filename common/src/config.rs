@@ -6,7 +6,7 @@
 //! errors everywhere (every config struct denies unknown fields), so a typo never
 //! silently falls back to a default.
 
-use std::{collections::HashMap, path::Path};
+use std::path::Path;
 
 use serde::{de::DeserializeOwned, Serialize};
 
@@ -80,23 +80,22 @@ pub fn load<T: DeserializeOwned + Serialize + Default>(
         }
         b = b.add_source(config::File::from(path).format(config::FileFormat::Toml));
     }
-    let env: HashMap<String, String> = std::env::vars()
-        .filter(|(k, _)| {
-            k.starts_with(&format!("{ENV_PREFIX}_")) && !NOT_KEYS.contains(&k.as_str())
-        })
+    // Environment as overrides applied before the command line's, taken as
+    // text: an all-digit key or token must stay the string it is (numeric and
+    // boolean keys still parse from their text), lists split on commas.
+    let mut env = Overrides::default();
+    let prefix = format!("{ENV_PREFIX}_");
+    let mut vars: Vec<(String, String)> = std::env::vars()
+        .filter(|(k, _)| k.starts_with(&prefix) && !NOT_KEYS.contains(&k.as_str()))
         .collect();
-    let mut env_src = config::Environment::with_prefix(ENV_PREFIX)
-        .prefix_separator("_")
-        .separator("__")
-        .try_parsing(true)
-        .source(Some(env));
-    if !list_keys.is_empty() {
-        env_src = env_src.list_separator(",");
-        for k in list_keys {
-            env_src = env_src.with_list_parse_key(k);
-        }
+    vars.sort();
+    for (k, v) in vars {
+        let key = k[prefix.len()..].to_lowercase().replace("__", ".");
+        env.parse_set(&format!("{key}={v}"), list_keys)?;
     }
-    b = b.add_source(env_src);
+    for (k, v) in env.0 {
+        b = b.set_override(k, v).map_err(invalid)?;
+    }
     for (k, v) in overrides.0 {
         b = b.set_override(k, v).map_err(invalid)?;
     }

@@ -43,12 +43,25 @@ impl IdentityConfig {
     }
 }
 
-/// Creates `dir` (and parents) and restricts it to its owner: it holds keys and tokens.
+/// Creates `dir` (and parents) owner-only: it holds keys and tokens. An
+/// existing dir (e.g. a mounted volume we may not chmod) is only warned about.
 pub fn ensure_private_dir(dir: &Path) -> Result<(), IdentityError> {
     let werr = |source| IdentityError::Write {
         path: dir.display().to_string(),
         source,
     };
+    if dir.is_dir() {
+        let mode = fs::metadata(dir).map_err(werr)?.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 && fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).is_err()
+        {
+            tracing::warn!(
+                dir = %dir.display(),
+                mode = format!("{mode:o}"),
+                "data dir is readable by others and cannot be restricted; the key files in it are still 0600"
+            );
+        }
+        return Ok(());
+    }
     fs::create_dir_all(dir).map_err(werr)?;
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(werr)
 }

@@ -32,13 +32,14 @@ pub fn load_identity(cfg: &GatewayConfig) -> anyhow::Result<(Keypair, KeySource)
     Ok(cfg.identity.load(&cfg.data_dir)?)
 }
 
-fn load_token(cfg: &GatewayConfig) -> anyhow::Result<Option<(Secret, bool)>> {
+pub fn load_token(cfg: &GatewayConfig) -> anyhow::Result<Option<(Secret, bool)>> {
     if !cfg.admission.tokens {
         return Ok(None);
     }
     if !cfg.admission.token.is_empty() {
         return Ok(Some((cfg.admission.token.clone(), false)));
     }
+    ensure_data_dir(&cfg.data_dir)?;
     Ok(Some(admission::load_or_create_token(&cfg.token_file())?))
 }
 

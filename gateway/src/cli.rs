@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use relaygate_common::config::{self, Overrides};
 
-use crate::{admission, app, config::GatewayConfig};
+use crate::{app, config::GatewayConfig};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -131,10 +131,13 @@ pub fn main() -> ExitCode {
 }
 
 fn token(cfg: &GatewayConfig) -> anyhow::Result<()> {
-    app::ensure_data_dir(&cfg.data_dir)?;
-    let (t, _) = admission::load_or_create_token(&cfg.token_file())?;
-    println!("{}", t.expose());
-    Ok(())
+    match app::load_token(cfg)? {
+        Some((t, _)) => {
+            println!("{}", t.expose());
+            Ok(())
+        }
+        None => anyhow::bail!("join tokens are off (admission.tokens = false): admit agents by peer id in admission.allow"),
+    }
 }
 
 fn run(cfg: GatewayConfig) -> anyhow::Result<()> {

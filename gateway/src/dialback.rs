@@ -67,12 +67,14 @@ async fn target(public_hosts: &[String], port: u16) -> SocketAddr {
 async fn probe(addr: SocketAddr) -> (bool, String) {
     let mut c = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
         Ok(Ok(c)) => c,
-        Ok(Err(e)) => return (
-            false,
-            format!(
+        Ok(Err(e)) => {
+            return (
+                false,
+                format!(
                 "cannot connect to {addr} from the gateway: {e} (is the session up? a firewall?)"
             ),
-        ),
+            )
+        }
         Err(_) => {
             return (
                 false,

@@ -311,6 +311,8 @@ fn environment_overrides_file_and_flags_override_environment() {
             "check-config",
         ])
         .env("RELAYGATE_LEASES__PORT_RANGE", "31000-31010")
+        .env("RELAYGATE_SESSION__MAX_STREAMS", "77")
+        .env("RELAYGATE_ADMISSION__TOKEN", "0123456789")
         .env(
             "RELAYGATE_ADVERTISE",
             "/dns4/gw.example.com/tcp/4001,/dns4/gw.example.com/udp/4001/quic-v1",
@@ -338,6 +340,20 @@ fn environment_overrides_file_and_flags_override_environment() {
     assert!(
         stdout.contains("format = \"json\""),
         "flags beat file: {stdout}"
+    );
+    assert!(
+        stdout.contains("max_streams = 77"),
+        "numbers parse from env text: {stdout}"
+    );
+    let out = Command::new(workspace_bin("relaygate-gateway"))
+        .args(["--config", cfg.to_str().unwrap(), "token"])
+        .env("RELAYGATE_ADMISSION__TOKEN", "0123456789")
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "0123456789",
+        "an all-digit secret stays text"
     );
 }
 

@@ -44,9 +44,17 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 
-{{/* Where the admin token file is mounted. */}}
+{{/* Where the Secret's files are mounted. */}}
 {{- define "relaygate-gateway.adminTokenFile" -}}
-/etc/relaygate/admin/token
+/etc/relaygate/secret/admin-token
+{{- end }}
+{{- define "relaygate-gateway.joinTokenFile" -}}
+/etc/relaygate/secret/join-token
+{{- end }}
+
+{{/* "true" when the join token comes from a Secret (else the gateway generates <data_dir>/join-token). */}}
+{{- define "relaygate-gateway.hasJoinToken" -}}
+{{- if or .Values.secrets.existingSecret .Values.secrets.joinToken }}true{{ end }}
 {{- end }}
 
 {{/* The admin port, from config.admin.listen ("0.0.0.0:9600", "[::]:9600"). */}}
@@ -127,6 +135,9 @@ shutdown_grace = {{ $c.shutdown_grace | toJson }}
 [admission]
 allow = {{ $c.admission.allow | toJson }}
 tokens = {{ $c.admission.tokens }}
+{{- if include "relaygate-gateway.hasJoinToken" . }}
+token_file = {{ include "relaygate-gateway.joinTokenFile" . | toJson }}
+{{- end }}
 
 [leases]
 port_range = {{ $c.leases.port_range | toString | toJson }}
