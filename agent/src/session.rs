@@ -155,7 +155,7 @@ impl Session {
             Ok(Err(e)) => return Err(e.into()),
             Ok(Ok(ControlMessage::Welcome(w))) => w,
             Ok(Ok(ControlMessage::Refused(r))) => {
-                Metrics::count(&self.metrics.refusals, r.code.as_str());
+                self.metrics.refuse(r.code.as_str());
                 if r.code == RefusalCode::NotAdmitted {
                     self.host.disconnect(self.gateway).await;
                 }
@@ -165,7 +165,7 @@ impl Session {
                 });
             }
             Ok(Ok(other)) => {
-                Metrics::count(&self.metrics.bad_input, "unexpected_message");
+                self.metrics.bad_input("unexpected_message");
                 return Err(
                     WireError::Malformed(format!("expected welcome, got {other:?}")).into(),
                 );
@@ -179,7 +179,7 @@ impl Session {
         // Nothing more is expected on the control stream; its end is the session's end.
         Ok(match read_control(&mut ctl).await {
             Ok(m) => {
-                Metrics::count(&self.metrics.bad_input, "unexpected_message");
+                self.metrics.bad_input("unexpected_message");
                 format!("unexpected message {m:?}")
             }
             Err(WireError::Truncated) => "gateway closed the session".into(),
@@ -203,7 +203,7 @@ impl Session {
                 Ok(Err(e)) => errors.push(format!("{addr}: {e}")),
                 Err(_) => errors.push(format!("{addr}: timed out")),
             }
-            Metrics::count(&self.metrics.dial_failures, "gateway");
+            self.metrics.dial_failed("gateway");
         }
         Err(SessionError::Unreachable(errors.join("; ")))
     }
@@ -237,7 +237,7 @@ impl Session {
                     }
                 }
                 Some(LeaseOutcome::Refused { code, message }) => {
-                    Metrics::count(&self.metrics.refusals, code.as_str());
+                    self.metrics.refuse(code.as_str());
                     tracing::error!(tunnel = %t.name, code = code.as_str(), %message, "gateway refused the tunnel's lease");
                     status.error = Some(format!("{}: {message}", code.as_str()));
                 }

@@ -6,7 +6,7 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 use libp2p::PeerId;
 use prometheus_client::metrics::counter::Counter;
 use relaygate_common::{
-    metrics::{Direction, Side, SideLabels, TunnelBytesLabels, TunnelLabels},
+    metrics::{Side, SideLabels},
     names::TunnelName,
     protocol::{StreamHeader, StreamStatus},
     splice::splice_framed,
@@ -49,27 +49,11 @@ impl Tunnels {
         let routes = tunnels
             .iter()
             .map(|t| {
-                let tunnel = t.name.to_string();
-                let bytes = |direction| {
-                    metrics
-                        .tunnel_bytes
-                        .get_or_create(&TunnelBytesLabels {
-                            agent: agent.clone(),
-                            tunnel: tunnel.clone(),
-                            direction,
-                        })
-                        .clone()
-                };
+                let (opened, bytes_in, bytes_out) = metrics.tunnel(&agent, t.name.as_str());
                 let route = Route {
-                    opened: metrics
-                        .tunnel_connections
-                        .get_or_create(&TunnelLabels {
-                            agent: agent.clone(),
-                            tunnel: tunnel.clone(),
-                        })
-                        .clone(),
-                    bytes_in: bytes(Direction::Inbound),
-                    bytes_out: bytes(Direction::Outbound),
+                    opened,
+                    bytes_in,
+                    bytes_out,
                     cfg: t.clone(),
                 };
                 (t.name.clone(), route)
@@ -92,7 +76,7 @@ impl Tunnels {
     ) {
         while let Some(Incoming { peer, stream, .. }) = incoming.recv().await {
             if peer != self.gateway {
-                Metrics::count(&self.metrics.refusals, "stream_from_unknown_peer");
+                self.metrics.refuse("stream_from_unknown_peer");
                 tracing::warn!(%peer, "tunnel stream from a peer that is not our gateway; dropped");
                 continue;
             }
@@ -105,19 +89,19 @@ impl Tunnels {
             match tokio::time::timeout(HEADER_TIMEOUT, StreamHeader::read(&mut stream)).await {
                 Ok(Ok(h)) => h,
                 Ok(Err(e)) => {
-                    Metrics::count(&self.metrics.bad_input, e.kind());
+                    self.metrics.bad_input(e.kind());
                     tracing::warn!(error = %e, "bad tunnel stream header");
                     let _ = stream.write_u8(StreamStatus::BadHeader as u8).await;
                     let _ = stream.shutdown().await;
                     return;
                 }
                 Err(_) => {
-                    Metrics::count(&self.metrics.bad_input, "header_timeout");
+                    self.metrics.bad_input("header_timeout");
                     return;
                 }
             };
         let Some(route) = self.routes.get(&header.tunnel) else {
-            Metrics::count(&self.metrics.refusals, "unknown_tunnel");
+            self.metrics.refuse("unknown_tunnel");
             tracing::warn!(tunnel = %header.tunnel, "stream for a tunnel this agent does not have");
             let _ = stream.write_u8(StreamStatus::UnknownTunnel as u8).await;
             let _ = stream.shutdown().await;
@@ -138,7 +122,7 @@ impl Tunnels {
                 t
             }
             Err(e) => {
-                Metrics::count(&self.metrics.dial_failures, e.reason());
+                self.metrics.dial_failed(e.reason());
                 self.metrics
                     .delivered(route.cfg.deliver.as_str(), e.reason());
                 tracing::warn!(tunnel = %header.tunnel, source = %header.source, error = %e, "cannot deliver connection");

@@ -53,3 +53,133 @@ pub struct TunnelBytesLabels {
     pub tunnel: String,
     pub direction: Direction,
 }
+
+use prometheus_client::{
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+/// The families both binaries export, under their own prefix
+/// (`relaygate_gateway_`, `relaygate_agent_`), so a dashboard asks both the same way.
+pub struct Core {
+    pub registry: Registry,
+    /// Open connections by side.
+    pub connections_active: Family<SideLabels, Gauge>,
+    pub connections_opened: Family<SideLabels, Counter>,
+    /// Agent sessions (gateway: admitted now; agent: 1 while up).
+    pub sessions_active: Gauge,
+    pub sessions_opened: Counter,
+    /// Leases held (gateway: in the store; agent: tunnels holding one).
+    pub leases: Gauge,
+    pub tunnel_connections: Family<TunnelLabels, Counter>,
+    pub tunnel_bytes: Family<TunnelBytesLabels, Counter>,
+    /// Everything refused, by reason.
+    pub refusals: Family<ReasonLabels, Counter>,
+    /// Failed dials and stream opens, by reason.
+    pub dial_failures: Family<ReasonLabels, Counter>,
+    /// Malformed network input, by kind.
+    pub bad_input: Family<ReasonLabels, Counter>,
+}
+
+impl Core {
+    pub fn new(prefix: &str) -> Self {
+        let mut registry = Registry::with_prefix(prefix);
+        let c = Self {
+            registry: Registry::default(),
+            connections_active: Family::default(),
+            connections_opened: Family::default(),
+            sessions_active: Gauge::default(),
+            sessions_opened: Counter::default(),
+            leases: Gauge::default(),
+            tunnel_connections: Family::default(),
+            tunnel_bytes: Family::default(),
+            refusals: Family::default(),
+            dial_failures: Family::default(),
+            bad_input: Family::default(),
+        };
+        registry.register(
+            "connections_active",
+            "Open connections by side",
+            c.connections_active.clone(),
+        );
+        registry.register(
+            "connections_opened",
+            "Connections opened by side",
+            c.connections_opened.clone(),
+        );
+        registry.register(
+            "sessions_active",
+            "Agent sessions up",
+            c.sessions_active.clone(),
+        );
+        registry.register(
+            "sessions_opened",
+            "Agent sessions established",
+            c.sessions_opened.clone(),
+        );
+        registry.register("leases", "Leases held", c.leases.clone());
+        registry.register(
+            "tunnel_connections",
+            "Tunnelled connections per tunnel",
+            c.tunnel_connections.clone(),
+        );
+        registry.register(
+            "tunnel_bytes",
+            "Bytes per tunnel and direction",
+            c.tunnel_bytes.clone(),
+        );
+        registry.register("refusals", "Refusals by reason", c.refusals.clone());
+        registry.register(
+            "dial_failures",
+            "Failed dials and stream opens by reason",
+            c.dial_failures.clone(),
+        );
+        registry.register(
+            "bad_input",
+            "Malformed network input by kind",
+            c.bad_input.clone(),
+        );
+        Self { registry, ..c }
+    }
+
+    pub fn refuse(&self, reason: &str) {
+        self.refusals
+            .get_or_create(&ReasonLabels::new(reason))
+            .inc();
+    }
+
+    pub fn bad_input(&self, kind: &str) {
+        self.bad_input.get_or_create(&ReasonLabels::new(kind)).inc();
+    }
+
+    pub fn dial_failed(&self, reason: &str) {
+        self.dial_failures
+            .get_or_create(&ReasonLabels::new(reason))
+            .inc();
+    }
+
+    /// The three counters of one tunnel: connections, bytes inbound, bytes outbound.
+    pub fn tunnel(&self, agent: &str, tunnel: &str) -> (Counter, Counter, Counter) {
+        let bytes = |direction| {
+            self.tunnel_bytes
+                .get_or_create(&TunnelBytesLabels {
+                    agent: agent.into(),
+                    tunnel: tunnel.into(),
+                    direction,
+                })
+                .clone()
+        };
+        let opened = self
+            .tunnel_connections
+            .get_or_create(&TunnelLabels {
+                agent: agent.into(),
+                tunnel: tunnel.into(),
+            })
+            .clone();
+        (
+            opened,
+            bytes(Direction::Inbound),
+            bytes(Direction::Outbound),
+        )
+    }
+}

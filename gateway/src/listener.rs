@@ -199,19 +199,11 @@ impl Connection {
         let stream = match tokio::time::timeout(OPEN_TIMEOUT, open).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
-                self.dp
-                    .metrics
-                    .dial_failures
-                    .get_or_create(&reason("open_stream"))
-                    .inc();
+                self.dp.metrics.dial_failed("open_stream");
                 return Err(io::Error::other(e.to_string()));
             }
             Err(_) => {
-                self.dp
-                    .metrics
-                    .dial_failures
-                    .get_or_create(&reason("open_timeout"))
-                    .inc();
+                self.dp.metrics.dial_failed("open_timeout");
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     "agent did not accept a stream",
@@ -283,8 +275,4 @@ impl Connection {
         tokio::try_join!(up, down)?;
         Ok(())
     }
-}
-
-fn reason(r: &str) -> relaygate_common::metrics::ReasonLabels {
-    relaygate_common::metrics::ReasonLabels::new(r)
 }

@@ -9,10 +9,7 @@ use std::{
 
 use libp2p::{Multiaddr, PeerId};
 use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
-use relaygate_common::{
-    metrics::{Direction, TunnelBytesLabels, TunnelLabels},
-    names::{LeasePort, TunnelName},
-};
+use relaygate_common::names::{LeasePort, TunnelName};
 use serde::Serialize;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -54,28 +51,11 @@ impl TunnelStats {
     }
 
     pub fn new(metrics: &Metrics, agent: &PeerId, name: TunnelName, port: LeasePort) -> Self {
-        let agent = agent.to_string();
-        let tunnel = name.to_string();
-        let bytes = |direction| {
-            metrics
-                .tunnel_bytes
-                .get_or_create(&TunnelBytesLabels {
-                    agent: agent.clone(),
-                    tunnel: tunnel.clone(),
-                    direction,
-                })
-                .clone()
-        };
+        let (opened, bytes_in, bytes_out) = metrics.tunnel(&agent.to_string(), name.as_str());
         Self {
-            opened: metrics
-                .tunnel_connections
-                .get_or_create(&TunnelLabels {
-                    agent: agent.clone(),
-                    tunnel: tunnel.clone(),
-                })
-                .clone(),
-            bytes_in: bytes(Direction::Inbound),
-            bytes_out: bytes(Direction::Outbound),
+            opened,
+            bytes_in,
+            bytes_out,
             active: Gauge::default(),
             recent: Default::default(),
             name,
