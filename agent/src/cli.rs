@@ -1,11 +1,11 @@
 //! Command line of `relaygate-agent`. Flags override the config file and
 //! `RELAYGATE_*` environment; `--set key=value` reaches every config key.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use relaygate_common::config::{self, Overrides};
+use relaygate_common::config::{self, CommonOpts, Overrides};
 
 use crate::{
     app,
@@ -28,12 +28,8 @@ pub struct Cli {
 
 #[derive(Args, Debug, Default)]
 pub struct Opts {
-    /// TOML config file.
-    #[arg(short, long, env = "RELAYGATE_CONFIG", global = true)]
-    pub config: Option<PathBuf>,
-    /// Directory for the agent's identity key [data_dir].
-    #[arg(long, global = true)]
-    pub data_dir: Option<String>,
+    #[command(flatten)]
+    pub common: CommonOpts,
     /// Gateway multiaddr ending in /p2p/<peer id>, repeatable [gateway.addresses].
     #[arg(long, global = true, value_name = "MULTIADDR")]
     pub gateway: Vec<String>,
@@ -43,21 +39,14 @@ pub struct Opts {
     /// File holding the join token [gateway.token_file].
     #[arg(long, global = true)]
     pub token_file: Option<String>,
-    /// A tunnel NAME=HOST:PORT[@PUBLIC_PORT], repeatable; replaces [[tunnels]] from the config.
-    #[arg(long, global = true, value_name = "NAME=HOST:PORT[@PORT]")]
+    /// A tunnel, repeatable; replaces [[tunnels]] from the config:
+    /// NAME=HOST:PORT[@PUBLIC_PORT][,deliver=plain|transparent|proxy-v1|proxy-v2][,node_peer_id=ID][,advertise_file=PATH]
+    #[arg(
+        long,
+        global = true,
+        value_name = "NAME=HOST:PORT[@PORT][,OPTION=VALUE]"
+    )]
     pub tunnel: Vec<TunnelConfig>,
-    /// Admin API address [admin.listen].
-    #[arg(long, global = true, value_name = "HOST:PORT")]
-    pub admin_listen: Option<String>,
-    /// Log format: text or json [log.format].
-    #[arg(long, global = true)]
-    pub log_format: Option<String>,
-    /// Log filter, e.g. info or relaygate_agent=debug [log.level].
-    #[arg(long, global = true)]
-    pub log_level: Option<String>,
-    /// Set any config key, repeatable: --set reconnect.max=10s.
-    #[arg(long = "set", global = true, value_name = "KEY=VALUE")]
-    pub set: Vec<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -86,21 +75,14 @@ impl Opts {
         let mut o = Overrides::default();
         o.set_list("gateway.addresses", &self.gateway);
         for (key, v) in [
-            ("data_dir", &self.data_dir),
             ("gateway.token", &self.token),
             ("gateway.token_file", &self.token_file),
-            ("admin.listen", &self.admin_listen),
-            ("log.format", &self.log_format),
-            ("log.level", &self.log_level),
         ] {
             if let Some(v) = v {
                 o.set(key, v.clone());
             }
         }
-        for kv in &self.set {
-            o.parse_set(kv, AgentConfig::LIST_KEYS)?;
-        }
-        let mut cfg: AgentConfig = config::load(self.config.as_deref(), AgentConfig::LIST_KEYS, o)?;
+        let mut cfg: AgentConfig = self.common.load(o, AgentConfig::LIST_KEYS)?;
         if !self.tunnel.is_empty() {
             cfg.tunnels = self.tunnel.clone();
         }

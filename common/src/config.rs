@@ -109,3 +109,50 @@ pub fn load<T: DeserializeOwned + Serialize + Default>(
 pub fn render<T: Serialize>(cfg: &T) -> String {
     toml::to_string_pretty(cfg).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
 }
+
+/// Flags both binaries take, flattened into each one's command line.
+#[derive(clap::Args, Debug, Default)]
+pub struct CommonOpts {
+    /// TOML config file.
+    #[arg(short, long, env = "RELAYGATE_CONFIG", global = true)]
+    pub config: Option<std::path::PathBuf>,
+    /// Directory for the identity key (and, on the gateway, join token and leases) [data_dir].
+    #[arg(long, global = true)]
+    pub data_dir: Option<String>,
+    /// Admin API address [admin.listen].
+    #[arg(long, global = true, value_name = "HOST:PORT")]
+    pub admin_listen: Option<String>,
+    /// Log format: text or json [log.format].
+    #[arg(long, global = true)]
+    pub log_format: Option<String>,
+    /// Log filter, e.g. info or relaygate_gateway=debug [log.level].
+    #[arg(long, global = true)]
+    pub log_level: Option<String>,
+    /// Set any config key, repeatable: --set session.timeout=10s.
+    #[arg(long = "set", global = true, value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+}
+
+impl CommonOpts {
+    /// Loads `T` with `own` (the binary's flags) plus these, `--set` last.
+    pub fn load<T: DeserializeOwned + Serialize + Default>(
+        &self,
+        mut own: Overrides,
+        list_keys: &[&str],
+    ) -> Result<T, ConfigError> {
+        for (key, v) in [
+            ("data_dir", &self.data_dir),
+            ("admin.listen", &self.admin_listen),
+            ("log.format", &self.log_format),
+            ("log.level", &self.log_level),
+        ] {
+            if let Some(v) = v {
+                own.set(key, v.clone());
+            }
+        }
+        for kv in &self.set {
+            own.parse_set(kv, list_keys)?;
+        }
+        load(self.config.as_deref(), list_keys, own)
+    }
+}

@@ -1,11 +1,11 @@
 //! Command line of `relaygate-gateway`. Flags override the config file and
 //! `RELAYGATE_*` environment; `--set key=value` reaches every config key.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use relaygate_common::config::{self, Overrides};
+use relaygate_common::config::{self, CommonOpts, Overrides};
 
 use crate::{app, config::GatewayConfig};
 
@@ -25,12 +25,8 @@ pub struct Cli {
 
 #[derive(Args, Debug, Default)]
 pub struct Opts {
-    /// TOML config file.
-    #[arg(short, long, env = "RELAYGATE_CONFIG", global = true)]
-    pub config: Option<PathBuf>,
-    /// Directory for the identity key, join token and lease store [data_dir].
-    #[arg(long, global = true)]
-    pub data_dir: Option<String>,
+    #[command(flatten)]
+    pub common: CommonOpts,
     /// libp2p listen multiaddr, repeatable [listen].
     #[arg(long, global = true, value_name = "MULTIADDR")]
     pub listen: Vec<String>,
@@ -43,18 +39,6 @@ pub struct Opts {
     /// Ports leased automatically, e.g. 20000-20999 [leases.port_range].
     #[arg(long, global = true, value_name = "LOW-HIGH")]
     pub port_range: Option<String>,
-    /// Admin API address [admin.listen].
-    #[arg(long, global = true, value_name = "HOST:PORT")]
-    pub admin_listen: Option<String>,
-    /// Log format: text or json [log.format].
-    #[arg(long, global = true)]
-    pub log_format: Option<String>,
-    /// Log filter, e.g. info or relaygate_gateway=debug [log.level].
-    #[arg(long, global = true)]
-    pub log_level: Option<String>,
-    /// Set any config key, repeatable: --set leases.max_tunnels_per_agent=4.
-    #[arg(long = "set", global = true, value_name = "KEY=VALUE")]
-    pub set: Vec<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -74,26 +58,13 @@ pub enum Cmd {
 impl Opts {
     pub fn load(&self) -> anyhow::Result<GatewayConfig> {
         let mut o = Overrides::default();
-        if let Some(v) = &self.data_dir {
-            o.set("data_dir", v.clone());
-        }
         o.set_list("listen", &self.listen);
         o.set_list("advertise", &self.advertise);
         o.set_list("admission.allow", &self.allow_peer);
-        for (key, v) in [
-            ("leases.port_range", &self.port_range),
-            ("admin.listen", &self.admin_listen),
-            ("log.format", &self.log_format),
-            ("log.level", &self.log_level),
-        ] {
-            if let Some(v) = v {
-                o.set(key, v.clone());
-            }
+        if let Some(v) = &self.port_range {
+            o.set("leases.port_range", v.clone());
         }
-        for kv in &self.set {
-            o.parse_set(kv, GatewayConfig::LIST_KEYS)?;
-        }
-        let cfg: GatewayConfig = config::load(self.config.as_deref(), GatewayConfig::LIST_KEYS, o)?;
+        let cfg: GatewayConfig = self.common.load(o, GatewayConfig::LIST_KEYS)?;
         cfg.validate()?;
         Ok(cfg)
     }
