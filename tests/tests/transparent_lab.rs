@@ -260,12 +260,16 @@ fn nodes_own_traffic_is_untouched_while_transparent_delivery_runs() {
         "/ip4/0.0.0.0/tcp/9905",
         "--addr",
         &public_addr,
+        // long enough for the remote below to reach it meanwhile
         "--pings",
-        "3",
+        "5",
         "--timeout-secs",
         "20",
     ]);
     let mut node = Proc::spawn("node", node);
+    let node_ip = w.node_host.ip().to_string();
+    node.wait_for(|l| l.contains("\"listening\"") && l.contains(&node_ip), T)
+        .expect("node listens before the remote dials");
     // Meanwhile a remote reaches the same node through the tunnel.
     let mut remote = w.remote.cmd(LAB_NODE);
     remote.args([
