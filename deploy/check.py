@@ -639,28 +639,40 @@ def scrape_metrics(bins):
 
 
 def registered_families():
-    """Sample names registered in gateway/src/metrics.rs and agent/src/metrics.rs.
+    """Sample names the binaries register: the shared families of common/src/metrics.rs
+    (`Core`, under each binary's prefix) plus each binary's own, from its src/metrics.rs.
 
     prometheus-client (0.25) leaves a labelled family out of /metrics entirely, TYPE line included,
     until a label set was used; a family that the traffic above cannot reach (bad_input needs a
     misbehaving libp2p peer) is checked against its registration instead, and reported as such.
     """
+    reg = re.compile(r'register\(\s*"(\w+)",\s*"[^"]*",\s*(?:\w+\.)?(\w+)\.clone\(\)')
+    field_re = re.compile(r"pub (\w+): ([^\n]+),")
+
+    def sample_names(prefix, pairs, fields):
+        out = set()
+        for name, field in pairs:
+            typ = fields.get(field, "")
+            fam = f"{prefix}_{name}"
+            if "Counter" in typ:
+                out.add(fam + "_total")
+            elif "Histogram" in typ:
+                out |= {fam + "_bucket", fam + "_sum", fam + "_count"}
+            else:
+                out.add(fam)
+        return out
+
+    core = (ROOT / "common" / "src" / "metrics.rs").read_text()
+    core_pairs = reg.findall(core)
+    core_fields = dict(field_re.findall(core))
     names = set()
     for f in (ROOT / "gateway" / "src" / "metrics.rs", ROOT / "agent" / "src" / "metrics.rs"):
         src = f.read_text()
-        prefix = re.search(r'Registry::with_prefix\(\s*"(\w+)"\s*\)', src)
+        prefix = re.search(r'(?:Core::new|Registry::with_prefix)\(\s*"(\w+)"\s*\)', src)
         if not prefix:
             continue
-        fields = dict(re.findall(r"pub (\w+): ([^\n]+),", src))
-        for name, field in re.findall(r'register\(\s*"(\w+)",\s*"[^"]*",\s*m\.(\w+)\.clone\(\)', src):
-            typ = fields.get(field, "")
-            fam = f"{prefix.group(1)}_{name}"
-            if "Counter" in typ:
-                names.add(fam + "_total")
-            elif "Histogram" in typ:
-                names |= {fam + "_bucket", fam + "_sum", fam + "_count"}
-            else:
-                names.add(fam)
+        names |= sample_names(prefix.group(1), core_pairs, core_fields)
+        names |= sample_names(prefix.group(1), reg.findall(src), dict(field_re.findall(src)))
     return names
 
 
