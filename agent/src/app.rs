@@ -56,11 +56,21 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     ));
     let accept = tokio::spawn(tunnels.run(incoming, tracker.clone()));
 
-    let (active, refused) = check_delivery(&cfg);
+    let (mut active, mut refused) = check_delivery(&cfg);
     // Kept until exit: dropping it removes the rules this process installed.
-    let _rules = match transparent_ready(&cfg, &active) {
+    // Runs `nft`/`ip`, so off the async workers.
+    let (c, a) = (cfg.clone(), active.clone());
+    let rules = match tokio::task::spawn_blocking(move || transparent_ready(&c, &a)).await? {
         Ok(r) => r,
-        Err(e) => return Err(e.into()),
+        Err(e) => {
+            // Refuse the transparent tunnels only; the others still start.
+            let (t, rest): (Vec<_>, Vec<_>) = active
+                .into_iter()
+                .partition(|t| t.deliver == DeliveryMode::Transparent);
+            refused.extend(t.into_iter().map(|t| (t, e.to_string())));
+            active = rest;
+            None
+        }
     };
     let stop = CancellationToken::new();
     let session_cfg = AgentConfig {
@@ -116,6 +126,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let _ = session_task.await;
     stop_admin.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(1), admin_task).await;
+    if let Some(r) = rules {
+        let _ = tokio::task::spawn_blocking(move || drop(r)).await;
+    }
     tracing::info!("agent stopped");
     Ok(())
 }

@@ -68,9 +68,10 @@ pub struct Leases {
     table: Mutex<Table>,
 }
 
-/// A change that still has to reach the store.
-enum Pending {
-    Put(Lease, Option<LeasePort>),
+/// A lease that still has to reach the store, with the port it replaces (for rollback).
+struct Pending {
+    lease: Lease,
+    previous: Option<LeasePort>,
 }
 
 impl Leases {
@@ -112,7 +113,7 @@ impl Leases {
     pub async fn acquire(&self, agent: PeerId, requests: &[TunnelRequest]) -> Vec<LeaseGrant> {
         let (mut grants, pending) = self.decide(agent, requests);
         // Persist outside the lock; roll back what the store would not take.
-        for (i, Pending::Put(lease, previous)) in pending {
+        for (i, Pending { lease, previous }) in pending {
             let store = self.store.clone();
             let l = lease.clone();
             let res = tokio::task::spawn_blocking(move || store.put(&l)).await;
@@ -162,7 +163,13 @@ impl Leases {
                     Ok((port, changed)) => {
                         if changed {
                             let previous = t.insert(key.clone(), port);
-                            pending.push((i, Pending::Put(Lease { key, port }, previous)));
+                            pending.push((
+                                i,
+                                Pending {
+                                    lease: Lease { key, port },
+                                    previous,
+                                },
+                            ));
                         }
                         LeaseOutcome::Granted { port }
                     }

@@ -407,3 +407,38 @@ fn without_the_capability_the_tunnel_is_refused_not_downgraded() {
         "no silent fallback to plain delivery"
     );
 }
+
+#[test]
+fn missing_rules_refuse_only_the_transparent_tunnel() {
+    if !require_root("missing_rules_refuse_only_the_transparent_tunnel") {
+        return;
+    }
+    let w = world();
+    let gw = gateway(&w);
+    // `external`: the rules should come from an init container, which did not run.
+    let launch = |b: &Path| w.node_host.cmd(b);
+    let a = Agent::start(
+        &launch,
+        &gw,
+        Transport::Quic,
+        &[
+            format!("node={}:9905,deliver=transparent", w.node_host.ip()),
+            "plain=127.0.0.1:9905".to_string(),
+        ],
+        true,
+        &["--set".into(), "transparent.rules=external".into()],
+    );
+    a.proc
+        .wait_for(
+            |l| l.contains("tunnel not started") && l.contains("transparent-rules"),
+            T,
+        )
+        .expect("says the rules are missing and how to install them");
+    a.wait_leased("plain", T)
+        .expect("the plain tunnel still runs");
+    assert_eq!(a.lease_count("node"), 0, "no silent fallback");
+    assert!(
+        !sh(&w.node_host, "nft list tables").contains("relaygate"),
+        "external mode installs nothing"
+    );
+}
