@@ -29,48 +29,6 @@ pub struct Moved {
     pub b_to_a: u64,
 }
 
-/// Copies `a` <-> `b` until both directions reached EOF, or one failed.
-/// On error the caller should reset the connections it owns.
-pub async fn splice<A, B>(
-    a: &mut A,
-    b: &mut B,
-    a_to_b: &Counter,
-    b_to_a: &Counter,
-) -> io::Result<Moved>
-where
-    A: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
-{
-    let (ar, aw) = tokio::io::split(a);
-    let (br, bw) = tokio::io::split(b);
-    let (x, y) = tokio::try_join!(pump(ar, bw, a_to_b), pump(br, aw, b_to_a))?;
-    Ok(Moved {
-        a_to_b: x,
-        b_to_a: y,
-    })
-}
-
-/// Copies `r` into `w` until EOF, then shuts `w` down (half-close).
-pub async fn pump<R, W>(mut r: R, mut w: W, counter: &Counter) -> io::Result<u64>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut buf = vec![0u8; BUF];
-    let mut total = 0u64;
-    loop {
-        let n = r.read(&mut buf).await?;
-        if n == 0 {
-            w.shutdown().await?;
-            return Ok(total);
-        }
-        w.write_all(&buf[..n]).await?;
-        w.flush().await?;
-        counter.inc_by(n as u64);
-        total += n as u64;
-    }
-}
-
 /// Splices a raw connection with a framed tunnel stream, both ways.
 /// `Err` means a reset or a broken stream: the caller resets its raw socket.
 pub async fn splice_framed<S, R>(
@@ -196,18 +154,26 @@ mod tests {
     use tokio::net::{TcpListener, TcpStream};
 
     #[tokio::test]
-    async fn half_close_travels_both_ways() {
-        // client <-> [a | splice | b] <-> server, all real sockets
+    async fn half_close_travels_both_ways_through_two_framed_splices() {
+        // client <-> tcp <-> [splice_framed | stream | splice_framed] <-> tcp <-> server
         let l1 = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let l2 = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (a1, a2) = (l1.local_addr().unwrap(), l2.local_addr().unwrap());
-        let up = Counter::default();
-        let down = Counter::default();
-        let (u2, d2) = (up.clone(), down.clone());
-        let mid = tokio::spawn(async move {
+        let (mut s1, mut s2) = tokio::io::duplex(64 * 1024);
+        let (c1, c2, c3, c4) = (
+            Counter::default(),
+            Counter::default(),
+            Counter::default(),
+            Counter::default(),
+        );
+        let (k1, k2) = (c1.clone(), c2.clone());
+        let near = tokio::spawn(async move {
             let (mut a, _) = l1.accept().await.unwrap();
+            splice_framed(&mut s1, &mut a, &k1, &k2).await.unwrap()
+        });
+        let far = tokio::spawn(async move {
             let mut b = TcpStream::connect(a2).await.unwrap();
-            splice(&mut a, &mut b, &u2, &d2).await.unwrap()
+            splice_framed(&mut s2, &mut b, &c3, &c4).await.unwrap()
         });
         let mut client = TcpStream::connect(a1).await.unwrap();
         let (mut server, _) = l2.accept().await.unwrap();
@@ -217,20 +183,26 @@ mod tests {
         server.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, b"ping");
         // the server may still answer after the client's half-close
-        server.write_all(b"pong").await.unwrap();
+        server.write_all(b"pong!").await.unwrap();
         server.shutdown().await.unwrap();
         let mut got = Vec::new();
         client.read_to_end(&mut got).await.unwrap();
-        assert_eq!(got, b"pong");
-        let moved = mid.await.unwrap();
+        assert_eq!(got, b"pong!");
         assert_eq!(
-            moved,
+            near.await.unwrap(),
             Moved {
-                a_to_b: 4,
+                a_to_b: 5,
                 b_to_a: 4
             }
         );
-        assert_eq!((up.get(), down.get()), (4, 4));
+        assert_eq!(
+            far.await.unwrap(),
+            Moved {
+                a_to_b: 4,
+                b_to_a: 5
+            }
+        );
+        assert_eq!((c1.get(), c2.get()), (5, 4));
     }
 
     #[tokio::test]
