@@ -360,32 +360,11 @@ pub fn round_trip(port: u16, data: &[u8]) -> std::io::Result<Vec<u8>> {
     Ok(out)
 }
 
-/// Minimal HTTP/1.0 GET against an admin API: (status, body).
+/// GET against an admin API without a token: (status, body), or (0, "") when it
+/// cannot be reached. The binaries' own client, so tests speak to it as `health` does.
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    http_request(addr, path, None)
-}
-
-pub fn http_request(addr: SocketAddr, path: &str, bearer: Option<&str>) -> (u16, String) {
-    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
-        return (0, String::new());
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    let auth = bearer
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    let _ = write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n{auth}\r\n");
-    let mut resp = String::new();
-    let _ = s.read_to_string(&mut resp);
-    let status = resp
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+    relaygate_common::admin::get(addr, &relaygate_common::admin::AdminConfig::default(), path)
+        .unwrap_or((0, String::new()))
 }
 
 /// Reads one sample of a metric (`name{labels} value`) from a Prometheus text body.
