@@ -6,12 +6,13 @@ use axum::{extract::State, routing::get, Json, Router};
 use relaygate_common::admin::{health_response, render_metrics};
 use serde_json::json;
 
-use crate::{metrics::Metrics, state::AgentState};
+use crate::{metrics::Metrics, paths::Paths, state::AgentState};
 
 #[derive(Clone)]
 pub struct AdminState {
     pub metrics: Arc<Metrics>,
     pub state: Arc<AgentState>,
+    pub paths: Arc<Paths>,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -28,8 +29,17 @@ pub fn router(state: AdminState) -> Router {
         .route(
             "/v1/advertise",
             get(|State(s): State<AdminState>| async move {
-                Json(json!({ "session": s.state.session(), "tunnels": s.state.tunnels() }))
+                Json(json!({
+                    "session": s.state.session(),
+                    "tunnels": s.state.tunnels(),
+                    "circuit": s.state.circuit_addrs(),
+                    "reachability": s.state.reachability(),
+                }))
             }),
+        )
+        .route(
+            "/v1/peers",
+            get(|State(s): State<AdminState>| async move { Json(s.paths.snapshot()) }),
         )
         .with_state(state)
 }

@@ -5,7 +5,8 @@ use std::{sync::Arc, time::Duration};
 
 use anyhow::Context;
 use libp2p::identity::Keypair;
-use relaygate_common::{names::Secret, shutdown};
+use relaygate_common::{names::Secret, protocol::SERVICE_PROTOCOL, shutdown, streams::Incoming};
+use tokio::sync::mpsc;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
@@ -14,10 +15,12 @@ use crate::{
     deliver::DeliveryMode,
     host,
     metrics::Metrics,
+    services::Services,
     session::Session,
     state::{AgentState, TunnelStatus},
     transparent::{self, InstalledRules},
     tunnel::Tunnels,
+    visitor::Visitor,
 };
 
 pub fn load_identity(cfg: &AgentConfig) -> anyhow::Result<Keypair> {
@@ -43,9 +46,29 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let admin_listen = cfg.admin_listen();
     let admin_auth = cfg.admin.auth(admin_listen)?;
 
-    let (host, incoming) = host::start(key, &cfg, metrics.clone())?;
+    let (host, incoming) = host::start(key, &cfg, metrics.clone(), state.clone())?;
     let gateway = cfg.gateway_peer()?;
     let tracker = TaskTracker::new();
+    // Visitor ports bind before anything else, so a taken port fails the start.
+    let mut visitors = Vec::new();
+    for v in &cfg.connect {
+        let visitor = Arc::new(Visitor::new(
+            v.clone(),
+            host.clone(),
+            &cfg.gateway.addresses,
+            metrics.clone(),
+        ));
+        let listener = visitor.bind().await.with_context(|| {
+            format!("cannot listen on {} for connect to {} {}", v.listen, v.peer, v.service)
+        })?;
+        visitors.push(tokio::spawn(visitor.run(listener, tracker.clone())));
+    }
+    let services = Arc::new(Services::new(
+        &cfg.services,
+        host.paths.clone(),
+        metrics.clone(),
+        cfg.connect_timeout,
+    ));
     let tunnels = Arc::new(Tunnels::new(
         &cfg.tunnels,
         host.peer_id,
@@ -54,7 +77,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         cfg.connect_timeout,
         cfg.transparent.mark,
     ));
-    let accept = tokio::spawn(tunnels.run(incoming, tracker.clone()));
+    let (to_tunnels, tunnel_streams) = mpsc::channel(cfg.session.max_streams.max(1));
+    let accept = tokio::spawn(route(incoming, to_tunnels, services, tracker.clone()));
+    let tunnels_task = tokio::spawn(tunnels.run(tunnel_streams, tracker.clone()));
 
     let (mut active, mut refused) = check_delivery(&cfg);
     // Kept until exit: dropping it removes the rules this process installed.
@@ -104,6 +129,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         admin::router(admin::AdminState {
             metrics: metrics.clone(),
             state: state.clone(),
+            paths: host.paths.clone(),
         }),
         admin_auth,
         stop_admin.clone(),
@@ -113,8 +139,12 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 
     let sig = shutdown::signal_received().await;
     tracing::info!(signal = sig, grace = ?cfg.shutdown_grace, "stopping: no new connections, draining open ones");
-    // Refuse new tunnel streams; the session stays up while open connections drain.
+    // Refuse new streams and visitor connections; the session stays up while open ones drain.
     accept.abort();
+    tunnels_task.abort();
+    for v in &visitors {
+        v.abort();
+    }
     let left = shutdown::drain(&tracker, cfg.shutdown_grace).await;
     if left > 0 {
         tracing::warn!(
@@ -131,6 +161,22 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     }
     tracing::info!("agent stopped");
     Ok(())
+}
+
+/// Sends service streams to the services, tunnel streams to the tunnels.
+async fn route(
+    mut incoming: mpsc::Receiver<Incoming>,
+    tunnels: mpsc::Sender<Incoming>,
+    services: Arc<Services>,
+    tracker: TaskTracker,
+) {
+    while let Some(i) = incoming.recv().await {
+        if i.protocol == SERVICE_PROTOCOL {
+            tracker.spawn(services.clone().serve(i.peer, i.connection, i.stream));
+        } else if tunnels.send(i).await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Splits the tunnels into those that can start and those refused, with why.

@@ -9,7 +9,7 @@ use relaygate_common::config::{self, CommonOpts, Overrides};
 
 use crate::{
     app,
-    config::{AgentConfig, TunnelConfig},
+    config::{AgentConfig, ServiceConfig, ServicePeer, TunnelConfig, VisitorConfig},
 };
 
 #[derive(Parser, Debug)]
@@ -47,6 +47,14 @@ pub struct Opts {
         value_name = "NAME=HOST:PORT[@PORT][,OPTION=VALUE]"
     )]
     pub tunnel: Vec<TunnelConfig>,
+    /// A service offered to peers by peer id, repeatable; replaces [[services]]:
+    /// NAME=HOST:PORT,allow=PEER_ID[,allow=PEER_ID][,proxy=v2]
+    #[arg(
+        long,
+        global = true,
+        value_name = "NAME=HOST:PORT,allow=PEER_ID[,OPTION=VALUE]"
+    )]
+    pub service: Vec<ServiceConfig>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -62,6 +70,19 @@ pub enum Cmd {
     /// Check the gateway, the running agent's session and leases, a dial-back to each
     /// leased port, the advertised addresses and transparent rules; exit 1 on any problem.
     Doctor,
+    /// Run the agent with a local port that reaches another agent's service,
+    /// through the gateway's relay and, once hole punching succeeds, directly.
+    Connect {
+        /// The peer offering the service: a peer id (reached through this
+        /// agent's gateway) or a full circuit multiaddr ending in /p2p/<peer id>.
+        peer: ServicePeer,
+        /// The service's name on that peer.
+        #[arg(value_name = "SERVICE")]
+        service_name: relaygate_common::names::ServiceName,
+        /// Local address to listen on, e.g. 127.0.0.1:2222.
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+    },
     /// Print the shell commands that set up transparent delivery (for an init container with NET_ADMIN).
     TransparentRules {
         /// Print the commands that remove them instead.
@@ -86,6 +107,9 @@ impl Opts {
         if !self.tunnel.is_empty() {
             cfg.tunnels = self.tunnel.clone();
         }
+        if !self.service.is_empty() {
+            cfg.services = self.service.clone();
+        }
         Ok(cfg)
     }
 }
@@ -94,7 +118,21 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let cmd = cli.command.unwrap_or(Cmd::Run);
     let cfg = match cli.opts.load() {
-        Ok(c) => c,
+        Ok(mut c) => {
+            if let Cmd::Connect {
+                peer,
+                service_name,
+                listen,
+            } = &cmd
+            {
+                c.connect.push(VisitorConfig {
+                    peer: peer.clone(),
+                    service: service_name.clone(),
+                    listen: *listen,
+                });
+            }
+            c
+        }
         Err(e) => {
             eprintln!("relaygate-agent: {e:#}");
             return ExitCode::from(2);
@@ -118,7 +156,7 @@ pub fn main() -> ExitCode {
         Cmd::Doctor => doctor(cfg),
         Cmd::Health => relaygate_common::admin::probe_ready(cfg.admin_listen(), &cfg.admin)
             .map_err(anyhow::Error::msg),
-        Cmd::Run => run(cfg),
+        Cmd::Run | Cmd::Connect { .. } => run(cfg),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -150,4 +188,28 @@ fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         .build()
         .context("cannot start tokio")?;
     rt.block_on(app::run(cfg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn flags_and_subcommands_are_consistent() {
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from([
+            "relaygate-agent",
+            "--service",
+            "ssh=127.0.0.1:22,allow=12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN",
+            "connect",
+            "12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN",
+            "ssh",
+            "--listen",
+            "127.0.0.1:2222",
+        ])
+        .expect("parses");
+        assert_eq!(cli.opts.service.len(), 1);
+        assert!(matches!(cli.command, Some(Cmd::Connect { .. })));
+    }
 }

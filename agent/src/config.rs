@@ -7,7 +7,7 @@ use libp2p::{multiaddr::Protocol, Multiaddr, PeerId};
 use relaygate_common::{
     admin::AdminConfig,
     identity::IdentityConfig,
-    names::{LeasePort, Secret, TunnelName},
+    names::{LeasePort, Secret, ServiceName, TunnelName},
     telemetry::LogConfig,
     transport::SessionTuning,
 };
@@ -26,6 +26,12 @@ pub struct AgentConfig {
     pub gateway: GatewayLink,
     /// The tunnels to lease: `[[tunnels]]` tables.
     pub tunnels: Vec<TunnelConfig>,
+    /// Reservation on the gateway's relay, hole punching, AutoNAT.
+    pub relay: RelayClientConfig,
+    /// Local services offered to peers by peer id: `[[services]]` tables.
+    pub services: Vec<ServiceConfig>,
+    /// Local ports that reach other agents' services: `[[connect]]` tables.
+    pub connect: Vec<VisitorConfig>,
     pub reconnect: ReconnectConfig,
     pub session: SessionTuning,
     /// How long to wait for the local target to accept a connection.
@@ -180,6 +186,150 @@ impl<'de> Deserialize<'de> for TargetAddr {
     }
 }
 
+/// The agent as a relay client of its gateway.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RelayClientConfig {
+    /// Reserve on the gateway's relay, so peers reach this agent by peer id.
+    pub enabled: bool,
+    /// Local listeners used only as the source port of hole punches and of
+    /// the session (port reuse keeps the NAT mapping the gateway observed).
+    /// Empty: no hole punching, relay only.
+    pub punch_listen: Vec<Multiaddr>,
+    /// Ask the gateway (AutoNAT) whether this agent is publicly reachable.
+    pub autonat: bool,
+    /// File that receives the circuit addresses, one line, comma-separated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise_file: Option<PathBuf>,
+}
+
+impl Default for RelayClientConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            punch_listen: ["/ip4/0.0.0.0/tcp/0", "/ip4/0.0.0.0/udp/0/quic-v1"]
+                .iter()
+                .filter_map(|a| a.parse().ok())
+                .collect(),
+            autonat: true,
+            advertise_file: None,
+        }
+    }
+}
+
+/// What a service hands its target in front of the bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServiceProxy {
+    /// Nothing: the target sees a local connection.
+    #[default]
+    None,
+    /// A PROXY v2 header with the caller's peer id in TLV 0xE1.
+    V2,
+}
+
+/// A local service offered to peers by peer id.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    pub name: ServiceName,
+    /// Local target, `host:port`.
+    pub target: TargetAddr,
+    /// Peer ids allowed to connect (required: services are allow-list only).
+    pub allow: Vec<PeerId>,
+    #[serde(default)]
+    pub proxy_protocol: ServiceProxy,
+}
+
+/// `--service NAME=HOST:PORT,allow=PEER[,allow=PEER][,proxy=v2]`
+impl FromStr for ServiceConfig {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let usage = || format!("--service expects NAME=HOST:PORT,allow=PEER_ID[,allow=PEER_ID][,proxy=v2], got {s:?}");
+        let mut parts = s.split(',');
+        let head = parts.next().unwrap_or_default();
+        let (name, target) = head.split_once('=').ok_or_else(usage)?;
+        let mut svc = Self {
+            name: name.parse().map_err(|e: relaygate_common::names::NameError| e.to_string())?,
+            target: target.parse()?,
+            allow: Vec::new(),
+            proxy_protocol: ServiceProxy::None,
+        };
+        for opt in parts {
+            match opt.split_once('=').ok_or_else(usage)? {
+                ("allow", v) => svc.allow.push(v.parse().map_err(|_| format!("bad peer id {v:?} in --service"))?),
+                ("proxy", "v2") => svc.proxy_protocol = ServiceProxy::V2,
+                ("proxy", "none") => svc.proxy_protocol = ServiceProxy::None,
+                _ => return Err(usage()),
+            }
+        }
+        Ok(svc)
+    }
+}
+
+/// Where a visitor reaches a service: a peer id (through this agent's
+/// gateway relay) or a full circuit multiaddr ending in `/p2p/<peer id>`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ServicePeer {
+    Id(PeerId),
+    Address { peer: PeerId, addr: Multiaddr },
+}
+
+impl ServicePeer {
+    pub fn peer_id(&self) -> PeerId {
+        match self {
+            ServicePeer::Id(p) | ServicePeer::Address { peer: p, .. } => *p,
+        }
+    }
+}
+
+impl FromStr for ServicePeer {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Ok(p) = s.parse::<PeerId>() {
+            return Ok(ServicePeer::Id(p));
+        }
+        let addr: Multiaddr = s
+            .parse()
+            .map_err(|_| format!("expected a peer id or a multiaddr ending in /p2p/<peer id>, got {s:?}"))?;
+        match addr.iter().last() {
+            Some(Protocol::P2p(peer)) => Ok(ServicePeer::Address { peer, addr }),
+            _ => Err(format!("multiaddr {s} must end in /p2p/<peer id>")),
+        }
+    }
+}
+
+impl std::fmt::Display for ServicePeer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ServicePeer::Id(p) => write!(f, "{p}"),
+            ServicePeer::Address { addr, .. } => write!(f, "{addr}"),
+        }
+    }
+}
+
+impl Serialize for ServicePeer {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ServicePeer {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A local port whose connections reach `service` on `peer`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VisitorConfig {
+    pub peer: ServicePeer,
+    pub service: ServiceName,
+    /// Local address to listen on, e.g. `127.0.0.1:2222`.
+    pub listen: std::net::SocketAddr,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ReconnectConfig {
@@ -207,6 +357,9 @@ impl Default for AgentConfig {
             identity: IdentityConfig::default(),
             gateway: GatewayLink::default(),
             tunnels: Vec::new(),
+            relay: RelayClientConfig::default(),
+            services: Vec::new(),
+            connect: Vec::new(),
             reconnect: ReconnectConfig::default(),
             session: SessionTuning::default(),
             connect_timeout: Duration::from_secs(5),
@@ -229,15 +382,25 @@ pub enum ConfigProblem {
     #[error("gateway addresses name different peer ids ({0} and {1}); one agent session talks to one gateway")]
     MixedPeers(String, String),
     #[error(
-        "no tunnels configured: pass --tunnel NAME=HOST:PORT or add [[tunnels]] to the config"
+        "nothing to do: pass --tunnel NAME=HOST:PORT, --service NAME=HOST:PORT,allow=PEER, or use `connect`"
     )]
     NoTunnels,
     #[error("tunnel name {0} appears twice")]
     DuplicateTunnel(TunnelName),
+    #[error("service name {0} appears twice")]
+    DuplicateService(ServiceName),
+    #[error("service {0} allows no peer: add allow = [\"<peer id>\"] (services are allow-list only)")]
+    ServiceWithoutAllow(ServiceName),
+    #[error("services and connect need the relay: set relay.enabled = true")]
+    RelayOff,
 }
 
 impl AgentConfig {
-    pub const LIST_KEYS: &'static [&'static str] = &["gateway.addresses", "admin.open_paths"];
+    pub const LIST_KEYS: &'static [&'static str] = &[
+        "gateway.addresses",
+        "admin.open_paths",
+        "relay.punch_listen",
+    ];
 
     pub fn admin_listen(&self) -> std::net::SocketAddr {
         self.admin.listen.unwrap_or_else(|| {
@@ -266,7 +429,7 @@ impl AgentConfig {
 
     pub fn validate(&self) -> Result<(), ConfigProblem> {
         self.gateway_peer()?;
-        if self.tunnels.is_empty() {
+        if self.tunnels.is_empty() && self.services.is_empty() && self.connect.is_empty() {
             return Err(ConfigProblem::NoTunnels);
         }
         let mut seen = std::collections::HashSet::new();
@@ -274,6 +437,18 @@ impl AgentConfig {
             if !seen.insert(&t.name) {
                 return Err(ConfigProblem::DuplicateTunnel(t.name.clone()));
             }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for s in &self.services {
+            if !seen.insert(&s.name) {
+                return Err(ConfigProblem::DuplicateService(s.name.clone()));
+            }
+            if s.allow.is_empty() {
+                return Err(ConfigProblem::ServiceWithoutAllow(s.name.clone()));
+            }
+        }
+        if !self.relay.enabled && !(self.services.is_empty() && self.connect.is_empty()) {
+            return Err(ConfigProblem::RelayOff);
         }
         Ok(())
     }

@@ -78,6 +78,39 @@ impl DeliverError {
     }
 }
 
+/// An ordinary connection to `target` within `timeout` (services use this).
+pub async fn connect_plain(target: &TargetAddr, timeout: Duration) -> Result<TcpStream, DeliverError> {
+    let t = target.to_string();
+    let fut = async {
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((target.host.as_str(), target.port))
+            .await
+            .map_err(|e| DeliverError::Resolve {
+                target: t.clone(),
+                reason: e.to_string(),
+            })?
+            .collect();
+        let mut last = None;
+        for a in addrs {
+            match TcpStream::connect(a).await {
+                Ok(s) => return Ok(s),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(DeliverError::Refused {
+            target: t.clone(),
+            source: last.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address")),
+        })
+    };
+    let stream = tokio::time::timeout(timeout, fut)
+        .await
+        .map_err(|_| DeliverError::Timeout {
+            target: t.clone(),
+            timeout,
+        })??;
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
 /// A delivery: where to connect, on whose behalf, and how.
 pub struct Delivery<'a> {
     pub mode: DeliveryMode,

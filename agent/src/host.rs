@@ -1,37 +1,56 @@
-//! The agent's libp2p host. It never listens: it only dials the gateway.
-//! A single task drives the swarm; sessions ask it to dial through [`HostHandle`].
+//! The agent's libp2p host. It dials the gateway, reserves on the gateway's
+//! relay, and runs DCUtR so that peers reaching it through the relay move to a
+//! direct connection. Its only listeners are the hole-punch sockets (the
+//! session dials from the same port, so the NAT mapping the gateway observes is
+//! the one a punch uses). A single task drives the swarm; the rest of the
+//! agent talks to it through [`HostHandle`].
 
-use std::{collections::HashMap, sync::Arc};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use futures::StreamExt;
 use libp2p::{
+    autonat,
     core::ConnectedPoint,
-    identify,
+    dcutr, identify,
     identity::Keypair,
-    ping,
+    multiaddr::Protocol,
+    ping, relay,
     swarm::{
-        dial_opts::DialOpts, dial_opts::PeerCondition, ConnectionId, NetworkBehaviour, SwarmEvent,
+        behaviour::toggle::Toggle,
+        dial_opts::{DialOpts, PeerCondition},
+        ConnectionId, NetworkBehaviour, SwarmEvent,
     },
+    core::transport::ListenerId,
     Multiaddr, PeerId,
 };
 use relaygate_common::{
-    metrics::Side,
-    protocol::TUNNEL_PROTOCOL,
+    metrics::{ReasonLabels, Side},
+    protocol::{SERVICE_PROTOCOL, TUNNEL_PROTOCOL},
     streams::{self, Incoming},
     transport,
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::{config::AgentConfig, metrics::Metrics};
+use crate::{
+    advertise,
+    config::AgentConfig,
+    metrics::{Metrics, PunchLabels, PunchResult, TransportLabels},
+    paths::{Paths, PunchEvent},
+    state::AgentState,
+};
 
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
     identify: identify::Behaviour,
     ping: ping::Behaviour,
+    relay: relay::client::Behaviour,
+    dcutr: dcutr::Behaviour,
+    autonat: Toggle<autonat::Behaviour>,
     streams: streams::Behaviour,
 }
 
 type DialReply = oneshot::Sender<Result<Multiaddr, String>>;
+type ConnectReply = oneshot::Sender<Result<(), String>>;
 
 enum Command {
     Dial {
@@ -40,13 +59,23 @@ enum Command {
         reply: DialReply,
     },
     Disconnect(PeerId),
+    /// Reserve on the relay reached at this address (ending in `/p2p/<relay>`).
+    Reserve(Multiaddr),
+    /// Be connected to `peer`, dialing these addresses if not yet.
+    Connect {
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        reply: ConnectReply,
+    },
 }
 
 #[derive(Clone)]
 pub struct HostHandle {
     pub peer_id: PeerId,
     pub control: streams::Control,
+    pub paths: Arc<Paths>,
     commands: mpsc::Sender<Command>,
+    listening: watch::Receiver<bool>,
 }
 
 impl HostHandle {
@@ -63,83 +92,415 @@ impl HostHandle {
     pub async fn disconnect(&self, peer: PeerId) {
         let _ = self.commands.send(Command::Disconnect(peer)).await;
     }
+
+    /// Reserves on the relay at `relay` (replacing an earlier reservation).
+    pub async fn reserve(&self, relay: Multiaddr) {
+        let _ = self.commands.send(Command::Reserve(relay)).await;
+    }
+
+    /// Ensures a connection to `peer`, dialing `addrs` (circuit addresses) if needed.
+    pub async fn connect(&self, peer: PeerId, addrs: Vec<Multiaddr>) -> Result<(), String> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Connect { peer, addrs, reply })
+            .await
+            .map_err(|_| "host stopped".to_string())?;
+        rx.await.map_err(|_| "host stopped".to_string())?
+    }
+
+    /// Waits (briefly) until the hole-punch listeners are up, so the session's
+    /// dial reuses their port.
+    pub async fn wait_listening(&self, max: Duration) {
+        let mut rx = self.listening.clone();
+        let _ = tokio::time::timeout(max, rx.wait_for(|up| *up)).await;
+    }
 }
 
 pub fn start(
     key: Keypair,
     cfg: &AgentConfig,
     metrics: Arc<Metrics>,
+    state: Arc<AgentState>,
 ) -> Result<(HostHandle, mpsc::Receiver<Incoming>), transport::BuildError> {
     let ping_cfg = transport::ping_config(&cfg.session);
     // Deep enough for a burst of every stream a session may carry.
-    let (streams, control, incoming) = streams::new(vec![TUNNEL_PROTOCOL], cfg.session.max_streams);
-    let swarm = transport::build_swarm(key, &cfg.session, None, |key| Behaviour {
-        identify: identify::Behaviour::new(
-            identify::Config::new("/relaygate/1.0.0".into(), key.public())
-                .with_agent_version(format!("relaygate-agent/{}", env!("CARGO_PKG_VERSION"))),
-        ),
-        ping: ping::Behaviour::new(ping_cfg),
-        streams,
+    let (streams, control, incoming) = streams::new(
+        vec![TUNNEL_PROTOCOL, SERVICE_PROTOCOL],
+        cfg.session.max_streams,
+    );
+    let gateway = cfg.gateway_peer().ok();
+    let use_autonat = cfg.relay.enabled && cfg.relay.autonat;
+    let mut swarm = transport::build_relay_client_swarm(key, &cfg.session, |key, relay| {
+        let me = key.public().to_peer_id();
+        let autonat = use_autonat.then(|| {
+            let mut a = autonat::Behaviour::new(
+                me,
+                autonat::Config {
+                    // Only the gateway is asked; it is the one server we trust.
+                    use_connected: false,
+                    boot_delay: Duration::from_secs(2),
+                    retry_interval: Duration::from_secs(30),
+                    refresh_interval: Duration::from_secs(300),
+                    only_global_ips: false,
+                    ..Default::default()
+                },
+            );
+            if let Some(gw) = gateway {
+                for a_ in &cfg.gateway.addresses {
+                    a.add_server(gw, Some(a_.clone()));
+                }
+            }
+            a
+        });
+        Behaviour {
+            identify: identify::Behaviour::new(
+                identify::Config::new("/relaygate/1.0.0".into(), key.public())
+                    .with_agent_version(format!("relaygate-agent/{}", env!("CARGO_PKG_VERSION"))),
+            ),
+            ping: ping::Behaviour::new(ping_cfg),
+            relay,
+            dcutr: dcutr::Behaviour::new(me),
+            autonat: Toggle::from(autonat),
+            streams,
+        }
     })?;
-    let (tx, rx) = mpsc::channel(16);
+    let mut expected = 0;
+    if cfg.relay.enabled {
+        for addr in &cfg.relay.punch_listen {
+            match swarm.listen_on(addr.clone()) {
+                Ok(_) => expected += 1,
+                Err(e) => tracing::warn!(%addr, error = %e, "cannot open hole-punch listener; punching over it is off"),
+            }
+        }
+    }
+    let (listening_tx, listening) = watch::channel(expected == 0);
+    let (tx, rx) = mpsc::channel(64);
+    let paths = Arc::new(Paths::default());
     let handle = HostHandle {
         peer_id: *swarm.local_peer_id(),
         control,
+        paths: paths.clone(),
         commands: tx,
+        listening,
     };
-    tokio::spawn(drive(swarm, rx, metrics));
+    let driver = Driver {
+        metrics,
+        state,
+        paths,
+        listening: listening_tx,
+        expected_listeners: expected,
+        listeners_up: HashMap::new(),
+        relay_listener: None,
+        relay_addr: None,
+        retry_reserve: None,
+        pending_dials: HashMap::new(),
+        pending_connects: HashMap::new(),
+        advertise_file: cfg.relay.advertise_file.clone(),
+        gateway,
+    };
+    tokio::spawn(driver.run(swarm, rx));
     Ok((handle, incoming))
 }
 
-async fn drive(
-    mut swarm: libp2p::Swarm<Behaviour>,
-    mut commands: mpsc::Receiver<Command>,
+/// A refused or lost reservation is tried again after this long.
+const RESERVE_RETRY: Duration = Duration::from_secs(5);
+
+struct Driver {
     metrics: Arc<Metrics>,
-) {
-    let session = relaygate_common::metrics::SideLabels {
-        side: Side::Session,
-    };
-    let mut pending: HashMap<ConnectionId, DialReply> = HashMap::new();
-    loop {
-        tokio::select! {
-            cmd = commands.recv() => match cmd {
-                Some(Command::Dial { peer, addr, reply }) => {
-                    let opts = DialOpts::peer_id(peer).addresses(vec![addr]).condition(PeerCondition::Always).build();
-                    let id = opts.connection_id();
-                    match swarm.dial(opts) {
-                        Ok(()) => { pending.insert(id, reply); }
-                        Err(e) => { let _ = reply.send(Err(e.to_string())); }
+    state: Arc<AgentState>,
+    paths: Arc<Paths>,
+    listening: watch::Sender<bool>,
+    expected_listeners: usize,
+    listeners_up: HashMap<ListenerId, usize>,
+    relay_listener: Option<ListenerId>,
+    relay_addr: Option<Multiaddr>,
+    retry_reserve: Option<tokio::time::Instant>,
+    pending_dials: HashMap<ConnectionId, DialReply>,
+    pending_connects: HashMap<PeerId, Vec<ConnectReply>>,
+    advertise_file: Option<std::path::PathBuf>,
+    gateway: Option<PeerId>,
+}
+
+impl Driver {
+    async fn run(mut self, mut swarm: libp2p::Swarm<Behaviour>, mut commands: mpsc::Receiver<Command>) {
+        loop {
+            let retry = self.retry_reserve;
+            tokio::select! {
+                cmd = commands.recv() => match cmd {
+                    Some(cmd) => self.command(&mut swarm, cmd),
+                    None => return,
+                },
+                _ = sleep_until(retry) => {
+                    self.retry_reserve = None;
+                    if let Some(addr) = self.relay_addr.clone() {
+                        self.listen_relay(&mut swarm, addr);
                     }
                 }
-                Some(Command::Disconnect(peer)) => { let _ = swarm.disconnect_peer_id(peer); }
-                None => return,
-            },
-            event = swarm.select_next_some() => match event {
-                SwarmEvent::ConnectionEstablished { connection_id, endpoint, peer_id, .. } => {
-                    metrics.connections_opened.get_or_create(&session).inc();
-                    metrics.connections_active.get_or_create(&session).inc();
-                    let addr = match endpoint {
-                        ConnectedPoint::Dialer { address, .. } => address,
-                        ConnectedPoint::Listener { send_back_addr, .. } => send_back_addr,
-                    };
-                    tracing::debug!(peer = %peer_id, %addr, "connection up");
-                    if let Some(reply) = pending.remove(&connection_id) { let _ = reply.send(Ok(addr)); }
-                }
-                SwarmEvent::ConnectionClosed { peer_id, cause, .. } => {
-                    metrics.connections_active.get_or_create(&session).dec();
-                    tracing::debug!(peer = %peer_id, ?cause, "connection closed");
-                }
-                SwarmEvent::OutgoingConnectionError { connection_id, error, .. } => {
-                    if let Some(reply) = pending.remove(&connection_id) { let _ = reply.send(Err(error.to_string())); }
-                }
-                SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event { peer, connection, result: Err(e) }))
-                    if !matches!(e, ping::Failure::Unsupported) =>
-                {
-                    tracing::info!(%peer, error = %e, "ping failed; closing connection");
-                    swarm.close_connection(connection);
-                }
-                _ => {}
+                event = swarm.select_next_some() => self.event(&mut swarm, event),
             }
         }
+    }
+
+    fn command(&mut self, swarm: &mut libp2p::Swarm<Behaviour>, cmd: Command) {
+        match cmd {
+            Command::Dial { peer, addr, reply } => {
+                let opts = DialOpts::peer_id(peer)
+                    .addresses(vec![addr])
+                    .condition(PeerCondition::Always)
+                    .build();
+                let id = opts.connection_id();
+                match swarm.dial(opts) {
+                    Ok(()) => {
+                        self.pending_dials.insert(id, reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e.to_string()));
+                    }
+                }
+            }
+            Command::Disconnect(peer) => {
+                let _ = swarm.disconnect_peer_id(peer);
+            }
+            Command::Reserve(addr) => {
+                self.relay_addr = Some(addr.clone());
+                self.listen_relay(swarm, addr);
+            }
+            Command::Connect { peer, addrs, reply } => {
+                if swarm.is_connected(&peer) {
+                    let _ = reply.send(Ok(()));
+                    return;
+                }
+                let waiting = self.pending_connects.entry(peer).or_default();
+                waiting.push(reply);
+                if waiting.len() > 1 {
+                    return; // a dial is already under way
+                }
+                let opts = DialOpts::peer_id(peer)
+                    .addresses(addrs)
+                    .condition(PeerCondition::DisconnectedAndNotDialing)
+                    .build();
+                if let Err(e) = swarm.dial(opts) {
+                    for r in self.pending_connects.remove(&peer).unwrap_or_default() {
+                        let _ = r.send(Err(e.to_string()));
+                    }
+                }
+            }
+        }
+    }
+
+    fn listen_relay(&mut self, swarm: &mut libp2p::Swarm<Behaviour>, relay: Multiaddr) {
+        if let Some(old) = self.relay_listener.take() {
+            swarm.remove_listener(old);
+        }
+        let circuit = relay.with(Protocol::P2pCircuit);
+        match swarm.listen_on(circuit.clone()) {
+            Ok(id) => self.relay_listener = Some(id),
+            Err(e) => {
+                tracing::warn!(address = %circuit, error = %e, "cannot reserve on the relay");
+                self.retry_reserve = Some(tokio::time::Instant::now() + RESERVE_RETRY);
+            }
+        }
+    }
+
+    fn publish_circuits(&self) {
+        let addrs = self.state.circuit_addrs();
+        if let Some(path) = &self.advertise_file {
+            let parsed: Vec<Multiaddr> = addrs.iter().filter_map(|a| a.parse().ok()).collect();
+            if let Err(e) = advertise::write_file(path, &parsed) {
+                tracing::error!(path = %path.display(), error = %e, "cannot write relay.advertise_file");
+            }
+        }
+    }
+
+    fn event(&mut self, swarm: &mut libp2p::Swarm<Behaviour>, event: SwarmEvent<BehaviourEvent>) {
+        let session = relaygate_common::metrics::SideLabels {
+            side: Side::Session,
+        };
+        let peers = &self.metrics.peers;
+        match event {
+            SwarmEvent::NewListenAddr {
+                listener_id,
+                address,
+            } => {
+                if Some(listener_id) == self.relay_listener {
+                    tracing::info!(%address, "relay reservation active; reachable by peer id at this address");
+                    self.state.add_circuit_addr(address.to_string());
+                    self.publish_circuits();
+                } else {
+                    tracing::debug!(%address, "hole-punch listener up");
+                    *self.listeners_up.entry(listener_id).or_default() += 1;
+                    if self.listeners_up.len() >= self.expected_listeners {
+                        let _ = self.listening.send(true);
+                    }
+                }
+            }
+            SwarmEvent::ExpiredListenAddr {
+                listener_id,
+                address,
+            } if Some(listener_id) == self.relay_listener => {
+                self.state.remove_circuit_addr(&address.to_string());
+                self.publish_circuits();
+            }
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                reason,
+                ..
+            } => {
+                if Some(listener_id) == self.relay_listener {
+                    self.relay_listener = None;
+                    self.state.clear_circuit_addrs();
+                    self.publish_circuits();
+                    peers.reservation_active.set(0);
+                    let gateway_up = self.gateway.is_some_and(|g| swarm.is_connected(&g));
+                    match reason {
+                        Err(e) => {
+                            tracing::warn!(error = %e, "relay reservation failed or lost");
+                            if gateway_up {
+                                self.retry_reserve = Some(tokio::time::Instant::now() + RESERVE_RETRY);
+                            }
+                        }
+                        Ok(()) => tracing::debug!("relay reservation closed"),
+                    }
+                } else if let Err(e) = reason {
+                    tracing::warn!(error = %e, "hole-punch listener closed");
+                }
+            }
+            SwarmEvent::ListenerError { error, .. } => tracing::debug!(%error, "listener error"),
+            SwarmEvent::ConnectionEstablished {
+                connection_id,
+                endpoint,
+                peer_id,
+                ..
+            } => {
+                self.metrics.connections_opened.get_or_create(&session).inc();
+                self.metrics.connections_active.get_or_create(&session).inc();
+                let relayed = endpoint.is_relayed();
+                let (addr, remote) = match &endpoint {
+                    ConnectedPoint::Dialer { address, .. } => (address.clone(), address.clone()),
+                    ConnectedPoint::Listener {
+                        local_addr,
+                        send_back_addr,
+                    } => (local_addr.clone(), send_back_addr.clone()),
+                };
+                tracing::debug!(peer = %peer_id, %remote, relayed, "connection up");
+                if let Some(reply) = self.pending_dials.remove(&connection_id) {
+                    let _ = reply.send(Ok(remote.clone()));
+                }
+                for r in self.pending_connects.remove(&peer_id).unwrap_or_default() {
+                    let _ = r.send(Ok(()));
+                }
+                if Some(peer_id) == self.gateway {
+                    self.paths.connection_up(peer_id, connection_id, remote, false, &addr);
+                    return;
+                }
+                match self.paths.connection_up(peer_id, connection_id, remote, relayed, &addr) {
+                    Some(PunchEvent::Started(transport)) => {
+                        peers
+                            .holepunch_attempts
+                            .get_or_create(&TransportLabels { transport })
+                            .inc();
+                    }
+                    Some(PunchEvent::Succeeded { transport, after }) => {
+                        tracing::info!(peer = %peer_id, ?transport, ms = after.as_millis() as u64, "hole punch succeeded; new streams use the direct connection");
+                        peers
+                            .holepunch_results
+                            .get_or_create(&PunchLabels {
+                                transport,
+                                result: PunchResult::Success,
+                            })
+                            .inc();
+                        peers
+                            .holepunch_seconds
+                            .get_or_create(&TransportLabels { transport })
+                            .observe(after.as_secs_f64());
+                    }
+                    None => {}
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                connection_id,
+                cause,
+                ..
+            } => {
+                self.metrics.connections_active.get_or_create(&session).dec();
+                self.paths.connection_down(connection_id);
+                tracing::debug!(peer = %peer_id, ?cause, "connection closed");
+            }
+            SwarmEvent::OutgoingConnectionError {
+                connection_id,
+                peer_id,
+                error,
+            } => {
+                if let Some(reply) = self.pending_dials.remove(&connection_id) {
+                    let _ = reply.send(Err(error.to_string()));
+                }
+                if let Some(peer) = peer_id {
+                    if self.paths.dial_failed(&peer) {
+                        peers.holepunch_dial_failures.inc();
+                    }
+                    if !swarm.is_connected(&peer) {
+                        for r in self.pending_connects.remove(&peer).unwrap_or_default() {
+                            let _ = r.send(Err(error.to_string()));
+                        }
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
+                peer,
+                connection,
+                result: Err(e),
+            })) if !matches!(e, ping::Failure::Unsupported) => {
+                tracing::info!(%peer, error = %e, "ping failed; closing connection");
+                swarm.close_connection(connection);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Relay(e)) => match e {
+                relay::client::Event::ReservationReqAccepted { renewal, .. } => {
+                    peers.reservation_active.set(1);
+                    let result = if renewal { "renewed" } else { "accepted" };
+                    peers.reservations.get_or_create(&ReasonLabels::new(result)).inc();
+                }
+                other => tracing::debug!(event = ?other, "relay client"),
+            },
+            SwarmEvent::Behaviour(BehaviourEvent::Dcutr(dcutr::Event {
+                remote_peer_id,
+                result,
+            })) => match result {
+                Ok(_) => tracing::debug!(peer = %remote_peer_id, "DCUtR direct connection up"),
+                Err(e) => {
+                    tracing::info!(peer = %remote_peer_id, error = %e, "hole punch failed; the relay stays in use");
+                    if let Some(transport) = self.paths.punch_failed(&remote_peer_id, e.to_string()) {
+                        peers
+                            .holepunch_results
+                            .get_or_create(&PunchLabels {
+                                transport,
+                                result: PunchResult::Failure,
+                            })
+                            .inc();
+                    }
+                }
+            },
+            SwarmEvent::Behaviour(BehaviourEvent::Autonat(autonat::Event::StatusChanged {
+                new,
+                ..
+            })) => {
+                let (v, text) = match &new {
+                    autonat::NatStatus::Public(a) => (1, format!("public at {a}")),
+                    autonat::NatStatus::Private => (0, "private (behind NAT)".to_string()),
+                    autonat::NatStatus::Unknown => (-1, "unknown".to_string()),
+                };
+                peers.reachable.set(v);
+                self.state.set_reachability(text.clone());
+                tracing::info!(reachability = %text, "AutoNAT verdict from the gateway");
+            }
+            _ => {}
+        }
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => futures::future::pending().await,
     }
 }

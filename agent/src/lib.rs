@@ -3,6 +3,9 @@
 //!
 //! Data flows one way: the [`session`] leases ports, the gateway opens a
 //! [`tunnel`] stream per public connection, [`deliver`] connects it to the target.
+//! Between agents: a [`visitor`] opens a service stream to a peer (relayed,
+//! then direct once DCUtR punches through), and that peer's [`services`]
+//! connect it to the local service.
 
 pub mod admin; // admin API routes: metrics, health, /v1/advertise
 pub mod advertise; // advertised addresses: compute, log, write the file
@@ -11,9 +14,12 @@ pub mod cli; // command line: flags, subcommands, config layering
 pub mod config; // the configuration model
 pub mod deliver; // connecting a tunnelled connection to the local target
 pub mod doctor; // `doctor`: reachability, session, leases, dial-back, advertised addresses, rules
-pub mod host; // libp2p host (dial only)
+pub mod host; // libp2p host: gateway session, relay client, DCUtR, AutoNAT client
 pub mod metrics; // Prometheus metrics
-pub mod session; // session with the gateway: dial, hello, leases, reconnect
+pub mod paths; // connections to peers: relayed or direct, hole-punch records
+pub mod services; // services offered to peers: allow-list, target, PROXY v2 peer id
+pub mod session; // session with the gateway: dial, hello, leases, relay reservation, reconnect
 pub mod state; // current session and lease status
 pub mod transparent; // transparent delivery: capability checks, nftables + policy routing rules
 pub mod tunnel; // inbound tunnel streams: header, deliver, splice
+pub mod visitor; // `connect`: local port -> another agent's service, relay first, direct after DCUtR

@@ -175,6 +175,14 @@ impl Session {
         self.metrics.sessions_opened.inc();
         self.metrics.sessions_active.set(1);
         self.apply(&welcome, &dialled);
+        if self.cfg.relay.enabled {
+            // Every session reserves afresh: a reservation dies with its connection.
+            let relay = match dialled.iter().last() {
+                Some(Protocol::P2p(_)) => dialled.clone(),
+                _ => dialled.clone().with(Protocol::P2p(self.gateway)),
+            };
+            self.host.reserve(relay).await;
+        }
 
         // Nothing more is expected on the control stream; its end is the session's end.
         Ok(match read_control(&mut ctl).await {
@@ -188,6 +196,9 @@ impl Session {
     }
 
     async fn dial(&self) -> Result<Multiaddr, SessionError> {
+        // Dial from the hole-punch listeners' port, so the mapping the gateway
+        // observes is the one a hole punch will use.
+        self.host.wait_listening(Duration::from_secs(2)).await;
         let mut errors = Vec::new();
         for addr in &self.addresses {
             match tokio::time::timeout(

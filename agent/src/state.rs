@@ -34,6 +34,10 @@ pub struct AgentState {
 struct Inner {
     session: Option<SessionInfo>,
     tunnels: BTreeMap<TunnelName, TunnelStatus>,
+    /// This agent's addresses through the gateway's relay (`.../p2p-circuit/p2p/<me>`).
+    circuit: Vec<String>,
+    /// AutoNAT's verdict, in words.
+    reachability: Option<String>,
 }
 
 impl AgentState {
@@ -67,6 +71,33 @@ impl AgentState {
             .get(name)
             .and_then(|t| t.port)
             .and_then(LeasePort::new)
+    }
+
+    pub fn add_circuit_addr(&self, addr: String) {
+        let mut g = self.lock();
+        if !g.circuit.contains(&addr) {
+            g.circuit.push(addr);
+        }
+    }
+
+    pub fn remove_circuit_addr(&self, addr: &str) {
+        self.lock().circuit.retain(|a| a != addr);
+    }
+
+    pub fn clear_circuit_addrs(&self) {
+        self.lock().circuit.clear();
+    }
+
+    pub fn circuit_addrs(&self) -> Vec<String> {
+        self.lock().circuit.clone()
+    }
+
+    pub fn set_reachability(&self, text: String) {
+        self.lock().reachability = Some(text);
+    }
+
+    pub fn reachability(&self) -> Option<String> {
+        self.lock().reachability.clone()
     }
 
     pub fn session(&self) -> Option<SessionInfo> {

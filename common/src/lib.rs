@@ -4,6 +4,7 @@
 //! that both binaries would otherwise write twice.
 
 pub mod admin; // admin HTTP listener: loopback default, bearer token, health + metrics routes
+pub mod circuit; // circuit relay v2 wire format: hop/stop messages, voucher, framing
 pub mod config; // layered config loading (embedded defaults, TOML file, env, --set) and secrets
 pub mod identity; // libp2p identity key files: create 0600, load protobuf or hex
 pub mod metrics; // label sets shared by both binaries' Prometheus metrics

@@ -14,6 +14,8 @@ pub const MAX_TUNNEL_NAME: usize = 63;
 pub enum NameError {
     #[error("tunnel name must be 1 to {MAX_TUNNEL_NAME} characters of [A-Za-z0-9._-], got {0:?}")]
     TunnelName(String),
+    #[error("service name must be 1 to {MAX_TUNNEL_NAME} characters of [A-Za-z0-9._-], got {0:?}")]
+    ServiceName(String),
     #[error("port must be 1-65535, got {0:?}")]
     Port(String),
     #[error("port range must look like 20000-20999 or 9905 (low <= high), got {0:?}")]
@@ -33,11 +35,7 @@ impl TunnelName {
 impl FromStr for TunnelName {
     type Err = NameError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let ok = !s.is_empty()
-            && s.len() <= MAX_TUNNEL_NAME
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-        if ok {
+        if valid_name(s) {
             Ok(Self(s.to_owned()))
         } else {
             Err(NameError::TunnelName(s.to_owned()))
@@ -46,6 +44,40 @@ impl FromStr for TunnelName {
 }
 
 impl fmt::Display for TunnelName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_TUNNEL_NAME
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Name of a service an agent offers to peers (`ssh`), same rules as a tunnel name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceName(String);
+
+impl ServiceName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for ServiceName {
+    type Err = NameError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if valid_name(s) {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err(NameError::ServiceName(s.to_owned()))
+        }
+    }
+}
+
+impl fmt::Display for ServiceName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
     }
@@ -195,7 +227,7 @@ macro_rules! serde_via_str {
         }
     )*};
 }
-serde_via_str!(TunnelName, LeasePort, PortRange);
+serde_via_str!(TunnelName, ServiceName, LeasePort, PortRange);
 
 #[cfg(test)]
 mod tests {

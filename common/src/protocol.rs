@@ -9,6 +9,10 @@
 //! * [`TUNNEL_PROTOCOL`]: opened by the gateway, one per public connection. It
 //!   starts with a binary [`StreamHeader`]; the agent answers one [`StreamStatus`]
 //!   byte, and from then on the stream carries the connection's bytes untouched.
+//! * [`SERVICE_PROTOCOL`]: opened by a visitor agent toward a peer offering a
+//!   named service (over the relay or a hole-punched connection). It starts with a
+//!   [`ServiceRequest`]; the offering agent answers one [`StreamStatus`] byte, and
+//!   then the stream carries framed bytes like a tunnel stream.
 
 use std::{
     io,
@@ -19,13 +23,16 @@ use libp2p::StreamProtocol;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::names::{LeasePort, NameError, TunnelName, MAX_TUNNEL_NAME};
+use crate::names::{LeasePort, NameError, ServiceName, TunnelName, MAX_TUNNEL_NAME};
 
 pub const CONTROL_PROTOCOL: StreamProtocol = StreamProtocol::new("/relaygate/control/1");
 pub const TUNNEL_PROTOCOL: StreamProtocol = StreamProtocol::new("/relaygate/tunnel/1");
 /// `relaygate-agent doctor` asks the gateway to connect to one of the agent's
 /// leased ports from the gateway's side and report whether the target answered.
 pub const DIALBACK_PROTOCOL: StreamProtocol = StreamProtocol::new("/relaygate/dialback/1");
+
+/// A visitor's stream to a service offered by another agent.
+pub const SERVICE_PROTOCOL: StreamProtocol = StreamProtocol::new("/relaygate/service/1");
 
 /// Version carried in `Hello`/`Welcome` and in every stream header.
 pub const WIRE_VERSION: u16 = 1;
@@ -425,6 +432,65 @@ impl<'a> Cursor<'a> {
     }
 }
 
+// ---------------------------------------------------------------- service stream
+
+/// First bytes of a service stream: `u8 version | u8 name_len | name`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceRequest {
+    pub service: ServiceName,
+}
+
+impl ServiceRequest {
+    pub fn encode(&self) -> Vec<u8> {
+        let name = self.service.as_str().as_bytes();
+        let mut out = Vec::with_capacity(2 + name.len());
+        out.push(WIRE_VERSION as u8);
+        out.push(name.len() as u8);
+        out.extend_from_slice(name);
+        out
+    }
+
+    /// Decodes a complete request from `buf`; `Ok(None)` means more bytes are needed.
+    pub fn decode(buf: &[u8]) -> Result<Option<(Self, usize)>, WireError> {
+        let mut cur = Cursor { buf, pos: 0 };
+        let Some(version) = cur.u8() else {
+            return Ok(None);
+        };
+        if u16::from(version) != WIRE_VERSION {
+            return Err(WireError::Version(version.into()));
+        }
+        let Some(len) = cur.u8() else { return Ok(None) };
+        let len = usize::from(len);
+        if len == 0 || len > MAX_TUNNEL_NAME {
+            return Err(WireError::Header("service name length out of range"));
+        }
+        let Some(name) = cur.take(len) else {
+            return Ok(None);
+        };
+        let name =
+            std::str::from_utf8(name).map_err(|_| WireError::Header("service name is not UTF-8"))?;
+        let service = name.parse()?;
+        Ok(Some((Self { service }, cur.pos)))
+    }
+
+    pub async fn read<R: AsyncRead + Unpin>(r: &mut R) -> Result<Self, WireError> {
+        let mut head = [0u8; 2];
+        r.read_exact(&mut head).await.map_err(map_eof)?;
+        let mut buf = head.to_vec();
+        if let Some((req, _)) = Self::decode(&buf)? {
+            return Ok(req);
+        }
+        // decode checked the length byte, so this allocation is bounded.
+        let start = buf.len();
+        buf.resize(start + usize::from(head[1]), 0);
+        r.read_exact(&mut buf[start..]).await.map_err(map_eof)?;
+        match Self::decode(&buf)? {
+            Some((req, _)) => Ok(req),
+            None => Err(WireError::Truncated),
+        }
+    }
+}
+
 /// The agent's one-byte answer to a stream header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -439,6 +505,8 @@ pub enum StreamStatus {
     UnknownTunnel = 3,
     /// The header could not be decoded.
     BadHeader = 4,
+    /// The caller is not on the service's allow-list.
+    NotAllowed = 5,
 }
 
 impl StreamStatus {
@@ -449,6 +517,7 @@ impl StreamStatus {
             2 => Self::TargetUnreachable,
             3 => Self::UnknownTunnel,
             4 => Self::BadHeader,
+            5 => Self::NotAllowed,
             _ => return None,
         })
     }
@@ -459,6 +528,7 @@ impl StreamStatus {
             Self::TargetUnreachable => "target_unreachable",
             Self::UnknownTunnel => "unknown_tunnel",
             Self::BadHeader => "bad_header",
+            Self::NotAllowed => "not_allowed",
         }
     }
 }
@@ -585,6 +655,34 @@ mod tests {
         assert!(matches!(
             decode_control(bad_name),
             Err(WireError::Malformed(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn service_request_round_trips_and_rejects_bad_names() {
+        let req = ServiceRequest {
+            service: "ssh".parse().unwrap(),
+        };
+        let mut bytes = req.encode();
+        bytes.extend_from_slice(b"payload");
+        let mut r = &bytes[..];
+        assert_eq!(ServiceRequest::read(&mut r).await.unwrap(), req);
+        assert_eq!(r, b"payload", "no payload byte is consumed with the header");
+        assert!(matches!(
+            ServiceRequest::decode(&[1, 3, b'a', b' ', b'b']),
+            Err(WireError::Name(_))
+        ));
+        assert!(matches!(
+            ServiceRequest::decode(&[1, 0]),
+            Err(WireError::Header(_))
+        ));
+        assert!(matches!(
+            ServiceRequest::decode(&[9, 1, b'a']),
+            Err(WireError::Version(9))
+        ));
+        assert!(matches!(
+            ServiceRequest::read(&mut &[1u8, 5, b'a'][..]).await,
+            Err(WireError::Truncated)
         ));
     }
 }

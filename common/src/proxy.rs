@@ -77,6 +77,31 @@ pub fn encode(
     }
 }
 
+/// A PROXY v2 header naming a libp2p caller: its peer id in TLV 0xE1, and its
+/// address when it is known (a direct connection); without one the address
+/// family is UNSPEC (a relayed caller has no address the target could use).
+pub fn encode_v2_for_peer(addrs: Option<(SocketAddr, SocketAddr)>, peer: &PeerId) -> Vec<u8> {
+    let b = match addrs {
+        Some((s, d)) => {
+            let (s, d) = same_family(s, d);
+            v2::Builder::with_addresses(
+                v2::Version::Two | v2::Command::Proxy,
+                v2::Protocol::Stream,
+                v2::Addresses::from((s, d)),
+            )
+        }
+        None => v2::Builder::with_addresses(
+            v2::Version::Two | v2::Command::Proxy,
+            v2::Protocol::Unspecified,
+            v2::Addresses::Unspecified,
+        ),
+    };
+    match b.write_tlv(PEER_ID_TLV, peer.to_bytes().as_slice()) {
+        Ok(b) => b.build().unwrap_or_default(),
+        Err(_) => unreachable_builder(),
+    }
+}
+
 // The builder only fails on a write to its own Vec, which cannot fail.
 fn unreachable_builder() -> ! {
     panic!("PROXY v2 builder failed writing to memory")
@@ -318,5 +343,19 @@ mod tests {
             read_header(&mut &b"PROXY TCP4 1.2"[..]).await.err(),
             Some(ProxyError::Truncated)
         );
+    }
+
+    #[test]
+    fn v2_for_a_relayed_peer_carries_only_the_peer_id() {
+        let peer = PeerId::random();
+        let h = encode_v2_for_peer(None, &peer);
+        let (got, used) = decode(&h).unwrap().unwrap();
+        assert_eq!(used, h.len());
+        assert_eq!(got.source, None);
+        assert_eq!(got.peer_id, Some(peer));
+        let s: SocketAddr = "203.0.113.20:4000".parse().unwrap();
+        let d: SocketAddr = "198.18.1.2:5000".parse().unwrap();
+        let (got, _) = decode(&encode_v2_for_peer(Some((s, d)), &peer)).unwrap().unwrap();
+        assert_eq!((got.source, got.peer_id), (Some(s), Some(peer)));
     }
 }

@@ -60,13 +60,24 @@ pub struct Incoming {
     pub stream: Stream,
 }
 
+/// An outbound stream and the connection it runs on.
+#[derive(Debug)]
+pub struct Opened {
+    pub stream: Stream,
+    pub connection: ConnectionId,
+    /// Whether that connection goes through a relay.
+    pub relayed: bool,
+}
+
 /// A request to open a stream, routed to one connection's handler.
 #[derive(Debug)]
 pub struct OpenRequest {
     peer: PeerId,
     connection: Option<ConnectionId>,
     protocol: StreamProtocol,
-    reply: oneshot::Sender<Result<Stream, OpenError>>,
+    /// Set by the behaviour once it chose the connection.
+    relayed: bool,
+    reply: oneshot::Sender<Result<Opened, OpenError>>,
 }
 
 struct Inbound {
@@ -83,13 +94,23 @@ pub struct Control {
 }
 
 impl Control {
-    /// Opens a stream to `peer` over its newest connection. Does not dial.
+    /// Opens a stream to `peer` over its newest direct connection, else its
+    /// newest relayed one. Does not dial.
     pub async fn open_stream(
         &self,
         peer: PeerId,
         protocol: StreamProtocol,
     ) -> Result<Stream, OpenError> {
-        self.open(peer, None, protocol).await
+        self.request(peer, None, protocol).await.map(|o| o.stream)
+    }
+
+    /// As [`Self::open_stream`], also saying which connection was used.
+    pub async fn open(
+        &self,
+        peer: PeerId,
+        protocol: StreamProtocol,
+    ) -> Result<Opened, OpenError> {
+        self.request(peer, None, protocol).await
     }
 
     /// Opens a stream on one particular connection to `peer` (fails if it is gone).
@@ -99,21 +120,24 @@ impl Control {
         connection: ConnectionId,
         protocol: StreamProtocol,
     ) -> Result<Stream, OpenError> {
-        self.open(peer, Some(connection), protocol).await
+        self.request(peer, Some(connection), protocol)
+            .await
+            .map(|o| o.stream)
     }
 
-    async fn open(
+    async fn request(
         &self,
         peer: PeerId,
         connection: Option<ConnectionId>,
         protocol: StreamProtocol,
-    ) -> Result<Stream, OpenError> {
+    ) -> Result<Opened, OpenError> {
         let (reply, rx) = oneshot::channel();
         self.requests
             .send(OpenRequest {
                 peer,
                 connection,
                 protocol,
+                relayed: false,
                 reply,
             })
             .map_err(|_| OpenError::Closed)?;
@@ -129,7 +153,8 @@ impl Control {
 pub struct Behaviour {
     requests: mpsc::UnboundedReceiver<OpenRequest>,
     inbound: Arc<Inbound>,
-    connections: HashMap<PeerId, Vec<ConnectionId>>,
+    /// Open connections per peer, oldest first, with whether each is relayed.
+    connections: HashMap<PeerId, Vec<(ConnectionId, bool)>>,
 }
 
 /// Builds the behaviour, its control, and the queue of inbound streams for
@@ -202,7 +227,7 @@ impl NetworkBehaviour for Behaviour {
                 self.connections
                     .entry(e.peer_id)
                     .or_default()
-                    .push(e.connection_id);
+                    .push((e.connection_id, e.endpoint.is_relayed()));
             }
             FromSwarm::ConnectionClosed(ConnectionClosed {
                 peer_id,
@@ -210,7 +235,7 @@ impl NetworkBehaviour for Behaviour {
                 ..
             }) => {
                 if let Some(v) = self.connections.get_mut(&peer_id) {
-                    v.retain(|c| *c != connection_id);
+                    v.retain(|(c, _)| *c != connection_id);
                     if v.is_empty() {
                         self.connections.remove(&peer_id);
                     }
@@ -234,19 +259,29 @@ impl NetworkBehaviour for Behaviour {
         cx: &mut Context<'_>,
     ) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
         while let Poll::Ready(Some(req)) = self.requests.poll_recv(cx) {
-            // The asked-for connection, else the newest: the one most likely alive after a reconnect.
+            // The asked-for connection, else the newest direct one (the one most
+            // likely alive after a reconnect, and a hole-punched path beats the
+            // relay), else the newest relayed one.
             let conns = self.connections.get(&req.peer);
             let chosen = match req.connection {
-                Some(c) => conns.and_then(|v| v.iter().find(|x| **x == c)),
-                None => conns.and_then(|v| v.last()),
-            };
+                Some(c) => conns.and_then(|v| v.iter().find(|(x, _)| *x == c)),
+                None => conns.and_then(|v| {
+                    v.iter()
+                        .rev()
+                        .find(|(_, relayed)| !relayed)
+                        .or_else(|| v.last())
+                }),
+            }
+            .copied();
             match chosen {
-                Some(conn) => {
+                Some((conn, relayed)) => {
+                    let mut req = req;
+                    req.relayed = relayed;
                     return Poll::Ready(ToSwarm::NotifyHandler {
                         peer_id: req.peer,
-                        handler: NotifyHandler::One(*conn),
+                        handler: NotifyHandler::One(conn),
                         event: req,
-                    })
+                    });
                 }
                 None => {
                     let _ = req.reply.send(Err(OpenError::NotConnected(req.peer)));
@@ -264,7 +299,11 @@ pub struct Handler {
     pending: VecDeque<OpenRequest>,
 }
 
-type Reply = (StreamProtocol, oneshot::Sender<Result<Stream, OpenError>>);
+type Reply = (
+    StreamProtocol,
+    bool,
+    oneshot::Sender<Result<Opened, OpenError>>,
+);
 
 impl ConnectionHandler for Handler {
     type FromBehaviour = OpenRequest;
@@ -288,7 +327,7 @@ impl ConnectionHandler for Handler {
             Some(req) => Poll::Ready(ConnectionHandlerEvent::OutboundSubstreamRequest {
                 protocol: SubstreamProtocol::new(
                     ReadyUpgrade::new(req.protocol.clone()),
-                    (req.protocol, req.reply),
+                    (req.protocol, req.relayed, req.reply),
                 ),
             }),
             None => Poll::Pending,
@@ -321,12 +360,16 @@ impl ConnectionHandler for Handler {
             }
             ConnectionEvent::FullyNegotiatedOutbound(FullyNegotiatedOutbound {
                 protocol: stream,
-                info: (_, reply),
+                info: (_, relayed, reply),
             }) => {
-                let _ = reply.send(Ok(stream));
+                let _ = reply.send(Ok(Opened {
+                    stream,
+                    connection: self.connection,
+                    relayed,
+                }));
             }
             ConnectionEvent::DialUpgradeError(DialUpgradeError {
-                info: (protocol, reply),
+                info: (protocol, _, reply),
                 error,
             }) => {
                 let e = match error {

@@ -48,6 +48,54 @@ impl Default for SessionTuning {
 /// connection window, so TCP sessions carry at most this many streams.
 pub const YAMUX_MAX_STREAMS: usize = 4096;
 
+/// The agent's swarm: TCP and QUIC as in [`build_swarm`] (no PROXY), plus the
+/// circuit relay v2 client transport, so it can reserve on the gateway and dial
+/// `/p2p-circuit` addresses.
+pub fn build_relay_client_swarm<B: NetworkBehaviour>(
+    key: Keypair,
+    tuning: &SessionTuning,
+    make: impl FnOnce(&Keypair, libp2p::relay::client::Behaviour) -> B,
+) -> Result<Swarm<B>, BuildError> {
+    let yamux_streams = tuning.max_streams.min(YAMUX_MAX_STREAMS);
+    let yamux_cfg = move || {
+        let mut c = yamux::Config::default();
+        c.set_max_num_streams(yamux_streams);
+        c
+    };
+    let quic = quic_tuning(tuning);
+    let err = |e: &dyn std::fmt::Display| BuildError(e.to_string());
+    Ok(SwarmBuilder::with_existing_identity(key)
+        .with_tokio()
+        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux_cfg)
+        .map_err(|e| err(&e))?
+        .with_quic_config(quic)
+        .with_dns()
+        .map_err(|e| err(&e))?
+        .with_relay_client(noise::Config::new, yamux_cfg)
+        .map_err(|e| err(&e))?
+        .with_behaviour(make)
+        .map_err(|e| err(&e))?
+        .with_swarm_config(idle_timeout)
+        .build())
+}
+
+fn quic_tuning(tuning: &SessionTuning) -> impl FnOnce(libp2p::quic::Config) -> libp2p::quic::Config {
+    let keepalive = tuning.keepalive;
+    let timeout_ms = u32::try_from(tuning.timeout.as_millis()).unwrap_or(u32::MAX);
+    let streams = u32::try_from(tuning.max_streams).unwrap_or(u32::MAX);
+    move |mut c: libp2p::quic::Config| {
+        c.keep_alive_interval = keepalive;
+        c.max_idle_timeout = timeout_ms;
+        c.max_concurrent_stream_limit = streams;
+        c
+    }
+}
+
+/// Sessions stay up through their control stream; the idle timeout only reaps strays.
+fn idle_timeout(c: libp2p::swarm::Config) -> libp2p::swarm::Config {
+    c.with_idle_connection_timeout(Duration::from_secs(30))
+}
+
 pub fn build_swarm<B: NetworkBehaviour>(
     key: Keypair,
     tuning: &SessionTuning,
@@ -61,18 +109,9 @@ pub fn build_swarm<B: NetworkBehaviour>(
         c.set_max_num_streams(yamux_streams);
         c
     };
-    let keepalive = tuning.keepalive;
-    let timeout_ms = u32::try_from(tuning.timeout.as_millis()).unwrap_or(u32::MAX);
-    let streams = u32::try_from(max_streams).unwrap_or(u32::MAX);
-    let quic = move |mut c: libp2p::quic::Config| {
-        c.keep_alive_interval = keepalive;
-        c.max_idle_timeout = timeout_ms;
-        c.max_concurrent_stream_limit = streams;
-        c
-    };
+    let quic = quic_tuning(tuning);
     let err = |e: &dyn std::fmt::Display| BuildError(e.to_string());
-    // Sessions stay up through their control stream; the idle timeout only reaps strays.
-    let idle = |c: libp2p::swarm::Config| c.with_idle_connection_timeout(Duration::from_secs(30));
+    let idle = idle_timeout;
     let tcp_cfg = tcp::Config::default().nodelay(true);
     let builder = SwarmBuilder::with_existing_identity(key).with_tokio();
     let swarm = match proxy {

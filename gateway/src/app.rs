@@ -5,21 +5,26 @@ use std::{path::Path, sync::Arc, time::Duration};
 
 use libp2p::{identity::Keypair, multiaddr::Protocol, Multiaddr};
 use relaygate_common::{
+    circuit::HOP_PROTOCOL,
     identity::{self, KeySource},
     names::Secret,
     shutdown,
+    streams::Incoming,
 };
+use tokio::sync::mpsc;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     admin,
     admission::{self, Admission},
     config::GatewayConfig,
+    hop::{Hop, Members},
     host,
     lease::{Leases, PortPolicy},
     listener::DataPlane,
     metrics::Metrics,
     registry::AgentRegistry,
+    reservations::Reservations,
     session::Sessions,
     store::EmbeddedStore,
 };
@@ -64,7 +69,7 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     let admin_listen = cfg.admin_listen();
     let admin_auth = cfg.admin.auth(admin_listen)?;
 
-    let (host, incoming) = host::start(key, &cfg, metrics.clone())?;
+    let (host, incoming) = host::start(key.clone(), &cfg, metrics.clone())?;
     let registry = Arc::new(AgentRegistry::default());
     let dataplane = Arc::new(DataPlane {
         control: host.control.clone(),
@@ -86,7 +91,25 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         public_hosts: cfg.public_hosts(),
         bind: cfg.leases.bind,
     });
-    tokio::spawn(sessions.run(incoming));
+    let hop = Arc::new(Hop {
+        key,
+        cfg: cfg.relay.clone(),
+        books: Reservations::new(cfg.relay.clone()),
+        members: Members {
+            registry: registry.clone(),
+            allow: cfg.admission.allow.iter().copied().collect(),
+        },
+        limited: cfg.relay.limited_peers.iter().copied().collect(),
+        host: host.clone(),
+        advertise: cfg.advertise.clone(),
+        metrics: metrics.clone(),
+        tracker: dataplane.tracker.clone(),
+        draining: dataplane.stop_accepting.clone(),
+    });
+    let (to_sessions, session_streams) = mpsc::channel(1024);
+    tokio::spawn(route(incoming, to_sessions, hop.clone()));
+    tokio::spawn(sessions.run(session_streams));
+    tokio::spawn(sweep_reservations(hop));
 
     let stop_admin = CancellationToken::new();
     let state = admin::AdminState {
@@ -140,6 +163,28 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(1), admin_task).await;
     tracing::info!("gateway stopped");
     Ok(())
+}
+
+/// Sends relay hop streams to the hop, the rest (control, dial-back) to the sessions.
+async fn route(mut incoming: mpsc::Receiver<Incoming>, sessions: mpsc::Sender<Incoming>, hop: Arc<Hop>) {
+    while let Some(i) = incoming.recv().await {
+        if i.protocol == HOP_PROTOCOL {
+            tokio::spawn(hop.clone().serve(i.peer, i.connection, i.stream));
+        } else if sessions.send(i).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Keeps `relay_reservations_active` true as reservations expire or lose their connection.
+async fn sweep_reservations(hop: Arc<Hop>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        let state = hop.host.state.clone();
+        let live = hop.books.sweep(|c| state.is_open(c));
+        hop.metrics.relay.reservations_active.set(live as i64);
+    }
 }
 
 /// Addresses an agent can dial: advertised ones, else the concrete listen addresses.

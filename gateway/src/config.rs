@@ -31,6 +31,8 @@ pub struct GatewayConfig {
     pub admission: AdmissionConfig,
     pub leases: LeaseConfig,
     pub proxy_protocol: ProxyPolicy,
+    pub relay: RelayConfig,
+    pub autonat: AutonatConfig,
     pub session: SessionTuning,
     pub admin: AdminConfig,
     pub log: LogConfig,
@@ -79,6 +81,93 @@ impl ProxyPolicy {
     }
 }
 
+/// The circuit relay v2 hop. Members (token-admitted agents with a session, and
+/// peers on `admission.allow`) reserve freely and their circuits carry no
+/// Limit; `limited_peers` may reserve with `limit`; everyone else is refused.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RelayConfig {
+    pub enabled: bool,
+    /// Lifetime of a reservation; clients renew before it ends.
+    #[serde(with = "humantime_serde")]
+    pub reservation_ttl: Duration,
+    pub max_reservations: usize,
+    /// Reservations one peer may hold (one per connection).
+    pub max_reservations_per_peer: usize,
+    pub max_reservations_per_ip: usize,
+    pub max_circuits: usize,
+    /// Circuits one peer may have open, as source or as destination.
+    pub max_circuits_per_peer: usize,
+    /// Circuits opened from one source IP.
+    pub max_circuits_per_ip: usize,
+    /// A circuit that moves no byte for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub circuit_idle_timeout: Duration,
+    /// Per circuit and direction, in bytes per second; 0 is uncapped.
+    pub circuit_rate: u64,
+    /// Non-member peers allowed to reserve; circuits to them carry `limit`.
+    pub limited_peers: Vec<PeerId>,
+    pub limit: CircuitLimit,
+}
+
+/// The Limit sent with circuits to `limited_peers`, and enforced.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CircuitLimit {
+    #[serde(with = "humantime_serde")]
+    pub duration: Duration,
+    /// Bytes per direction.
+    pub data: u64,
+}
+
+impl Default for CircuitLimit {
+    fn default() -> Self {
+        // rust-libp2p's and go-libp2p's defaults for limited relays.
+        Self {
+            duration: Duration::from_secs(120),
+            data: 128 * 1024,
+        }
+    }
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            reservation_ttl: Duration::from_secs(3600),
+            max_reservations: 4096,
+            max_reservations_per_peer: 4,
+            max_reservations_per_ip: 64,
+            max_circuits: 4096,
+            max_circuits_per_peer: 128,
+            max_circuits_per_ip: 256,
+            circuit_idle_timeout: Duration::from_secs(120),
+            circuit_rate: 0,
+            limited_peers: Vec::new(),
+            limit: CircuitLimit::default(),
+        }
+    }
+}
+
+/// AutoNAT (v1) server: peers ask the gateway to dial them back and learn
+/// whether they are publicly reachable.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AutonatConfig {
+    pub enabled: bool,
+    /// Dial back only public IPs (turn off for private or lab networks).
+    pub only_global_ips: bool,
+}
+
+impl Default for AutonatConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            only_global_ips: true,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LeaseConfig {
@@ -119,6 +208,8 @@ impl Default for GatewayConfig {
             admission: AdmissionConfig::default(),
             leases: LeaseConfig::default(),
             proxy_protocol: ProxyPolicy::default(),
+            relay: RelayConfig::default(),
+            autonat: AutonatConfig::default(),
             session: SessionTuning::default(),
             admin: AdminConfig::default(),
             log: LogConfig::default(),
@@ -136,6 +227,7 @@ impl GatewayConfig {
         "proxy_protocol.trusted",
         "leases.allowed_ports",
         "admin.open_paths",
+        "relay.limited_peers",
     ];
 
     pub fn token_file(&self) -> PathBuf {

@@ -1,5 +1,6 @@
-//! The gateway's libp2p host: identity, TCP + QUIC listeners, identify, ping
-//! and the stream protocols. A single task drives the swarm; the rest of the
+//! The gateway's libp2p host: identity, TCP + QUIC listeners, identify (which
+//! tells peers their observed address), ping, the AutoNAT server and the
+//! stream protocols (control, dial-back, relay hop). A single task drives the swarm; the rest of the
 //! gateway talks to it through [`HostHandle`] and reads [`HostState`].
 
 use std::{
@@ -9,14 +10,17 @@ use std::{
 
 use futures::StreamExt;
 use libp2p::{
+    autonat,
     core::ConnectedPoint,
     identify,
     identity::Keypair,
+    multiaddr::Protocol,
     ping,
-    swarm::{NetworkBehaviour, SwarmEvent},
+    swarm::{behaviour::toggle::Toggle, ConnectionId, NetworkBehaviour, SwarmEvent},
     Multiaddr, PeerId,
 };
 use relaygate_common::{
+    circuit::HOP_PROTOCOL,
     metrics::Side,
     protocol::{CONTROL_PROTOCOL, DIALBACK_PROTOCOL},
     proxy_transport::ProxyAcceptor,
@@ -33,6 +37,7 @@ pub const IDENTIFY_PROTOCOL: &str = "/relaygate/1.0.0";
 pub struct Behaviour {
     identify: identify::Behaviour,
     ping: ping::Behaviour,
+    autonat: Toggle<autonat::Behaviour>,
     streams: streams::Behaviour,
 }
 
@@ -41,6 +46,7 @@ pub struct Behaviour {
 pub struct HostState {
     listeners: Mutex<HashMap<libp2p::core::transport::ListenerId, Vec<Multiaddr>>>,
     peers: Mutex<HashMap<PeerId, Multiaddr>>,
+    connections: Mutex<HashMap<ConnectionId, PeerId>>,
     expected_listeners: usize,
 }
 
@@ -57,6 +63,18 @@ impl HostState {
     /// The address an agent's connection came from.
     pub fn remote_addr(&self, peer: &PeerId) -> Option<Multiaddr> {
         lock(&self.peers).get(peer).cloned()
+    }
+    /// The IP of `peer`'s latest connection.
+    pub fn remote_ip(&self, peer: &PeerId) -> Option<std::net::IpAddr> {
+        self.remote_addr(peer)?.iter().find_map(|p| match p {
+            Protocol::Ip4(ip) => Some(ip.into()),
+            Protocol::Ip6(ip) => Some(ip.into()),
+            _ => None,
+        })
+    }
+    /// Whether a connection is still open.
+    pub fn is_open(&self, connection: ConnectionId) -> bool {
+        lock(&self.connections).contains_key(&connection)
     }
 }
 
@@ -103,8 +121,17 @@ pub fn start(
     metrics: Arc<Metrics>,
 ) -> Result<(HostHandle, mpsc::Receiver<Incoming>), HostError> {
     let ping_cfg = transport::ping_config(&cfg.session);
-    let (streams, control, incoming) =
-        streams::new(vec![CONTROL_PROTOCOL, DIALBACK_PROTOCOL], CONTROL_QUEUE);
+    let mut protocols = vec![CONTROL_PROTOCOL, DIALBACK_PROTOCOL];
+    if cfg.relay.enabled {
+        protocols.push(HOP_PROTOCOL);
+    }
+    let (streams, control, incoming) = streams::new(protocols, CONTROL_QUEUE);
+    let autonat_cfg = autonat::Config {
+        only_global_ips: cfg.autonat.only_global_ips,
+        // A server only: never probe our own addresses through others.
+        use_connected: false,
+        ..Default::default()
+    };
     let mut swarm = transport::build_swarm(
         key,
         &cfg.session,
@@ -115,6 +142,11 @@ pub fn start(
                     .with_agent_version(format!("relaygate-gateway/{}", env!("CARGO_PKG_VERSION"))),
             ),
             ping: ping::Behaviour::new(ping_cfg),
+            autonat: Toggle::from(
+                cfg.autonat
+                    .enabled
+                    .then(|| autonat::Behaviour::new(key.public().to_peer_id(), autonat_cfg)),
+            ),
             streams,
         },
     )?;
@@ -181,7 +213,8 @@ async fn drive(
                     lock(&state.listeners).remove(&listener_id);
                 }
                 SwarmEvent::ListenerError { error, .. } => tracing::warn!(%error, "libp2p listener error"),
-                SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
+                SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, .. } => {
+                    lock(&state.connections).insert(connection_id, peer_id);
                     metrics.connections_opened.get_or_create(&session).inc();
                     metrics.connections_active.get_or_create(&session).inc();
                     let remote = match endpoint {
@@ -191,7 +224,8 @@ async fn drive(
                     tracing::debug!(peer = %peer_id, %remote, "session connection up");
                     lock(&state.peers).insert(peer_id, remote);
                 }
-                SwarmEvent::ConnectionClosed { peer_id, num_established, cause, .. } => {
+                SwarmEvent::ConnectionClosed { peer_id, connection_id, num_established, cause, .. } => {
+                    lock(&state.connections).remove(&connection_id);
                     metrics.connections_active.get_or_create(&session).dec();
                     tracing::debug!(peer = %peer_id, cause = ?cause, "session connection closed");
                     if num_established == 0 { lock(&state.peers).remove(&peer_id); }

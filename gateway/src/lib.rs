@@ -1,18 +1,23 @@
 //! relaygate-gateway: gives nodes behind NAT a stable public address.
 //!
 //! Data flows one way: a public [`listener`] accepts a connection, the agent's
-//! [`session`] owns the port, a tunnel stream carries it to the agent.
+//! [`session`] owns the port, a tunnel stream carries it to the agent. Peers
+//! reached by peer id go through the relay [`hop`]: a [`reservations`] entry
+//! names the destination, a [`circuit`] carries the bytes.
 
 pub mod admin; // admin API routes: metrics, health, /v1/agents
 pub mod admission; // allow-list and join token
 pub mod app; // wiring: start everything, print join instructions, drain on signal
+pub mod circuit; // one relayed circuit: copy both ways, count, enforce Limit/idle/rate
 pub mod cli; // command line: flags, subcommands, config layering
 pub mod config; // the configuration model
 pub mod dialback; // doctor's dial-back: connect to an agent's own leased port from the gateway
-pub mod host; // libp2p host: listeners, identify, ping, stream protocols
+pub mod hop; // circuit relay v2 hop: RESERVE, CONNECT, STOP
+pub mod host; // libp2p host: listeners, identify, ping, AutoNAT server, stream protocols
 pub mod lease; // port allocation per (agent, tunnel)
 pub mod listener; // leased public ports: accept, open tunnel stream, forward
 pub mod metrics; // Prometheus metrics
 pub mod registry; // live sessions and per-tunnel counters
+pub mod reservations; // relay reservations and circuit slots, within the caps
 pub mod session; // control streams: admit, lease, bind, keep alive
 pub mod store; // lease persistence: LeaseStore trait, embedded redb store

@@ -1,13 +1,60 @@
 //! The gateway's Prometheus metrics, all prefixed `relaygate_gateway_`: the
 //! families both binaries share, plus the gateway's own.
 
-use prometheus_client::metrics::gauge::Gauge;
-use relaygate_common::metrics::{Core, Side, SideLabels};
+use prometheus_client::{
+    encoding::{EncodeLabelSet, EncodeLabelValue},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+};
+use relaygate_common::metrics::{Core, ReasonLabels, Side, SideLabels};
 
 pub struct Metrics {
     core: Core,
     /// Tunnels with a bound public port.
     pub tunnels_active: Gauge,
+    pub relay: RelayMetrics,
+}
+
+/// Who a reservation belongs to, and so whether its circuits carry a Limit.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum ReservationClass {
+    /// Admitted agent or allow-listed peer: no Limit.
+    Member,
+    /// On `relay.limited_peers`: circuits carry `relay.limit`.
+    Limited,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClassLabels {
+    pub class: ReservationClass,
+}
+
+/// Which way relayed bytes went, seen from the circuit's initiator.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum RelayDirection {
+    /// From the peer that asked for the circuit to the reserved peer.
+    SrcToDst,
+    DstToSrc,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RelayDirectionLabels {
+    pub direction: RelayDirection,
+}
+
+/// The circuit relay v2 hop's metrics.
+#[derive(Default)]
+pub struct RelayMetrics {
+    pub reservations_active: Gauge,
+    pub reservations_accepted: Family<ClassLabels, Counter>,
+    pub reservations_renewed: Counter,
+    /// By the spec's status name (PERMISSION_DENIED, ...).
+    pub reservations_denied: Family<ReasonLabels, Counter>,
+    pub circuits_active: Gauge,
+    pub circuits_opened: Family<ClassLabels, Counter>,
+    pub circuits_denied: Family<ReasonLabels, Counter>,
+    /// Why circuits ended: closed, idle, limit_duration, limit_data, reset.
+    pub circuits_closed: Family<ReasonLabels, Counter>,
+    pub bytes: Family<RelayDirectionLabels, Counter>,
 }
 
 impl Metrics {
@@ -19,9 +66,21 @@ impl Metrics {
             "Tunnels with a bound public port",
             tunnels_active.clone(),
         );
+        let relay = RelayMetrics::default();
+        let r = &mut core.registry;
+        r.register("relay_reservations_active", "Live relay reservations", relay.reservations_active.clone());
+        r.register("relay_reservations_accepted", "Relay reservations accepted, by class", relay.reservations_accepted.clone());
+        r.register("relay_reservations_renewed", "Relay reservations refreshed by their holder", relay.reservations_renewed.clone());
+        r.register("relay_reservations_denied", "Relay reservations denied, by status", relay.reservations_denied.clone());
+        r.register("relay_circuits_active", "Open relayed circuits", relay.circuits_active.clone());
+        r.register("relay_circuits_opened", "Relayed circuits opened, by the destination's class", relay.circuits_opened.clone());
+        r.register("relay_circuits_denied", "Relayed circuits denied, by status", relay.circuits_denied.clone());
+        r.register("relay_circuits_closed", "Relayed circuits ended, by reason", relay.circuits_closed.clone());
+        r.register("relay_bytes", "Bytes relayed through circuits, by direction", relay.bytes.clone());
         Self {
             core,
             tunnels_active,
+            relay,
         }
     }
 

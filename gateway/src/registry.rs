@@ -155,6 +155,11 @@ impl AgentRegistry {
         }
     }
 
+    /// Whether `peer` has a session now.
+    pub fn contains(&self, peer: &PeerId) -> bool {
+        self.lock().contains_key(peer)
+    }
+
     pub fn len(&self) -> usize {
         self.lock().len()
     }

@@ -183,15 +183,6 @@ impl Sessions {
                 }
             }
         }
-        let welcome = Welcome {
-            version: WIRE_VERSION,
-            public_hosts: self.public_hosts.clone(),
-            leases: grants.clone(),
-        };
-        if let Err(e) = write_control(&mut ctl, &ControlMessage::Welcome(welcome)).await {
-            tracing::info!(%peer, error = %e, "agent left before welcome");
-            return;
-        }
         let tunnels: Vec<_> = ports.iter().map(|p| p.stats.clone()).collect();
         let n_ports = ports.len();
         let tasks = ports
@@ -199,18 +190,31 @@ impl Sessions {
             .map(|p| tokio::spawn(p.serve(self.dataplane.clone(), cancel.clone())))
             .collect();
         let remote = self.host.state.remote_addr(&peer);
-        tracing::info!(
-            %peer, admitted = how, remote = remote.as_ref().map(|a| a.to_string()).unwrap_or_default(),
-            tunnels = %describe(&grants), "agent session up"
-        );
+        // Registered before the welcome: an agent reserves on the relay as soon as
+        // it is welcomed, and the relay asks the registry who is a member.
         let id = self.registry.register(
             peer,
             NewSession {
-                remote,
+                remote: remote.clone(),
                 tunnels,
                 cancel: cancel.clone(),
                 tasks,
             },
+        );
+        let welcome = Welcome {
+            version: WIRE_VERSION,
+            public_hosts: self.public_hosts.clone(),
+            leases: grants.clone(),
+        };
+        if let Err(e) = write_control(&mut ctl, &ControlMessage::Welcome(welcome)).await {
+            tracing::info!(%peer, error = %e, "agent left before welcome");
+            cancel.cancel();
+            self.registry.unregister(&peer, id);
+            return;
+        }
+        tracing::info!(
+            %peer, admitted = how, remote = remote.as_ref().map(|a| a.to_string()).unwrap_or_default(),
+            tunnels = %describe(&grants), "agent session up"
         );
         self.metrics.sessions_opened.inc();
         self.metrics.sessions_active.inc();

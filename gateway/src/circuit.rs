@@ -1,0 +1,251 @@
+//! One relayed circuit's bytes: copy both ways between the source's hop stream
+//! and the destination's stop stream, count them per direction as they pass,
+//! and end the circuit on its Limit (duration or bytes per direction), after
+//! `circuit_idle_timeout` without a byte, or on the first error. Half-close
+//! crosses: an end of stream on one side closes the other's write half.
+
+use std::{
+    io,
+    num::NonZeroU32,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use prometheus_client::metrics::counter::Counter;
+
+const BUF: usize = 16 * 1024;
+
+/// What bounds one circuit.
+#[derive(Clone, Copy, Debug)]
+pub struct Bounds {
+    /// The Limit's duration, if any.
+    pub deadline: Option<Duration>,
+    /// The Limit's bytes per direction, if any.
+    pub data: Option<u64>,
+    pub idle: Duration,
+    /// Bytes per second per direction; 0 is uncapped.
+    pub rate: u64,
+}
+
+/// Why a circuit ended (the `reason` label of `relay_circuits_closed`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum End {
+    Closed,
+    Idle,
+    LimitDuration,
+    LimitData,
+    Reset,
+}
+
+impl End {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            End::Closed => "closed",
+            End::Idle => "idle",
+            End::LimitDuration => "limit_duration",
+            End::LimitData => "limit_data",
+            End::Reset => "reset",
+        }
+    }
+}
+
+/// Relays until both directions end or a bound is hit.
+pub async fn relay<A, B>(
+    src: A,
+    dst: B,
+    bounds: Bounds,
+    src_to_dst: Counter,
+    dst_to_src: Counter,
+) -> End
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let (sr, sw) = src.split();
+    let (dr, dw) = dst.split();
+    let activity = Arc::new(Activity::new());
+    let limiter = |rate: u64| {
+        let per_sec = NonZeroU32::new(u32::try_from(rate).unwrap_or(u32::MAX))?;
+        Some(RateLimiter::direct(Quota::per_second(per_sec)))
+    };
+    let (l1, l2) = (limiter(bounds.rate), limiter(bounds.rate));
+    // A rate below the buffer size reads smaller chunks, so every chunk fits the bucket.
+    let chunk = match bounds.rate {
+        0 => BUF,
+        r => BUF.min(usize::try_from(r).unwrap_or(BUF)),
+    };
+    let both = async {
+        futures::try_join!(
+            pump(sr, dw, chunk, &src_to_dst, bounds.data, l1.as_ref(), &activity),
+            pump(dr, sw, chunk, &dst_to_src, bounds.data, l2.as_ref(), &activity),
+        )
+    };
+    let deadline = async {
+        match bounds.deadline {
+            Some(d) => tokio::time::sleep(d).await,
+            None => futures::future::pending().await,
+        }
+    };
+    tokio::select! {
+        r = both => match r {
+            Ok(_) => End::Closed,
+            Err(e) if e.kind() == io::ErrorKind::FileTooLarge => End::LimitData,
+            Err(_) => End::Reset,
+        },
+        _ = deadline => End::LimitDuration,
+        _ = activity.idle(bounds.idle) => End::Idle,
+    }
+}
+
+/// Copies one direction; EOF closes the other side's write half.
+async fn pump<R, W>(
+    mut r: R,
+    mut w: W,
+    chunk: usize,
+    counter: &Counter,
+    data_limit: Option<u64>,
+    rate: Option<&DefaultDirectRateLimiter>,
+    activity: &Activity,
+) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; chunk];
+    let mut moved: u64 = 0;
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            w.close().await?;
+            return Ok(());
+        }
+        moved += n as u64;
+        if data_limit.is_some_and(|max| moved > max) {
+            return Err(io::Error::new(
+                io::ErrorKind::FileTooLarge,
+                "circuit data limit",
+            ));
+        }
+        if let Some(l) = rate {
+            let n32 = NonZeroU32::new(u32::try_from(n).unwrap_or(u32::MAX));
+            if let Some(n32) = n32 {
+                // Never fails: the chunk is no larger than the bucket.
+                let _ = l.until_n_ready(n32).await;
+            }
+        }
+        w.write_all(&buf[..n]).await?;
+        w.flush().await?;
+        counter.inc_by(n as u64);
+        activity.touch();
+    }
+}
+
+/// Last time a byte moved, shared by both directions.
+struct Activity {
+    start: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+    fn touch(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+    async fn idle(&self, limit: Duration) {
+        loop {
+            let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+            let quiet = self.start.elapsed().saturating_sub(last);
+            if quiet >= limit {
+                return;
+            }
+            tokio::time::sleep(limit - quiet).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_util::compat::TokioAsyncReadCompatExt;
+
+    fn bounds() -> Bounds {
+        Bounds {
+            deadline: None,
+            data: None,
+            idle: Duration::from_secs(5),
+            rate: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn copies_both_ways_with_half_close_and_counts() {
+        let (a_far, a_near) = tokio::io::duplex(64 * 1024);
+        let (b_near, b_far) = tokio::io::duplex(64 * 1024);
+        let (c1, c2) = (Counter::default(), Counter::default());
+        let task = tokio::spawn(relay(
+            a_near.compat(),
+            b_near.compat(),
+            bounds(),
+            c1.clone(),
+            c2.clone(),
+        ));
+        let (mut a, mut b) = (a_far.compat(), b_far.compat());
+        a.write_all(b"hello").await.unwrap();
+        a.close().await.unwrap();
+        let mut got = Vec::new();
+        b.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"hello");
+        b.write_all(b"back").await.unwrap();
+        b.close().await.unwrap();
+        let mut back = Vec::new();
+        a.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back, b"back");
+        assert_eq!(task.await.unwrap(), End::Closed);
+        assert_eq!((c1.get(), c2.get()), (5, 4));
+    }
+
+    #[tokio::test]
+    async fn data_limit_and_idle_end_the_circuit() {
+        let (a_far, a_near) = tokio::io::duplex(64 * 1024);
+        let (b_near, _b_far) = tokio::io::duplex(64 * 1024);
+        let task = tokio::spawn(relay(
+            a_near.compat(),
+            b_near.compat(),
+            Bounds {
+                data: Some(10),
+                ..bounds()
+            },
+            Counter::default(),
+            Counter::default(),
+        ));
+        let mut a = a_far.compat();
+        a.write_all(&[0u8; 11]).await.unwrap();
+        assert_eq!(task.await.unwrap(), End::LimitData);
+
+        let (_x, x_near) = tokio::io::duplex(1024);
+        let (y_near, _y) = tokio::io::duplex(1024);
+        let idle = relay(
+            x_near.compat(),
+            y_near.compat(),
+            Bounds {
+                idle: Duration::from_millis(50),
+                ..bounds()
+            },
+            Counter::default(),
+            Counter::default(),
+        )
+        .await;
+        assert_eq!(idle, End::Idle);
+    }
+}

@@ -1,0 +1,266 @@
+//! The circuit relay v2 hop: answers RESERVE (members freely, `limited_peers`
+//! with a Limit, anyone else PERMISSION_DENIED) and CONNECT (STOP toward the
+//! reserved peer on the connection it reserved over, then relay the bytes).
+//! Circuits to members carry no Limit, so go-libp2p and js-libp2p treat them
+//! as full connections.
+
+use std::{collections::HashSet, sync::Arc, time::Duration};
+
+use libp2p::{identity::Keypair, multiaddr::Protocol, swarm::ConnectionId, Multiaddr, PeerId, Stream};
+use relaygate_common::circuit::{
+    self, encode_addrs, read_message, write_message, HopMessage, HopType, Limit, Status,
+    StopMessage, STOP_PROTOCOL,
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    circuit::{relay, Bounds},
+    config::RelayConfig,
+    host::HostHandle,
+    metrics::{ClassLabels, Metrics, RelayDirection, RelayDirectionLabels, ReservationClass},
+    registry::AgentRegistry,
+    reservations::{Reservations, Reserved},
+};
+use relaygate_common::metrics::ReasonLabels;
+
+/// A peer must send its hop message this soon after opening the stream.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// The reserved peer must accept a STOP this soon.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Who may reserve without a Limit.
+pub struct Members {
+    pub registry: Arc<AgentRegistry>,
+    pub allow: HashSet<PeerId>,
+}
+
+impl Members {
+    fn contains(&self, peer: &PeerId) -> bool {
+        self.allow.contains(peer) || self.registry.contains(peer)
+    }
+}
+
+pub struct Hop {
+    pub key: Keypair,
+    pub cfg: RelayConfig,
+    pub books: Arc<Reservations>,
+    pub members: Members,
+    pub limited: HashSet<PeerId>,
+    pub host: HostHandle,
+    /// Addresses put in reservations; the listen addresses when empty.
+    pub advertise: Vec<Multiaddr>,
+    pub metrics: Arc<Metrics>,
+    pub tracker: TaskTracker,
+    /// Cancelled when the gateway drains: no new reservations.
+    pub draining: CancellationToken,
+}
+
+impl Hop {
+    /// Serves one inbound hop stream.
+    pub async fn serve(self: Arc<Self>, peer: PeerId, connection: ConnectionId, mut stream: Stream) {
+        let msg = match tokio::time::timeout(REQUEST_TIMEOUT, read_message::<HopMessage, _>(&mut stream)).await {
+            Err(_) => {
+                self.metrics.bad_input("relay_request_timeout");
+                return;
+            }
+            Ok(Err(e)) => {
+                self.metrics.bad_input(e.kind());
+                tracing::debug!(%peer, error = %e, "malformed hop message");
+                self.deny_circuit(&mut stream, Status::MalformedMessage).await;
+                return;
+            }
+            Ok(Ok(m)) => m,
+        };
+        match msg.kind() {
+            Some(HopType::Reserve) => self.reserve(peer, connection, stream).await,
+            Some(HopType::Connect) => self.connect(peer, msg, stream).await,
+            Some(HopType::Status) | None => {
+                self.metrics.bad_input("relay_unexpected_message");
+                self.deny_circuit(&mut stream, Status::UnexpectedMessage).await;
+            }
+        }
+    }
+
+    async fn reserve(&self, peer: PeerId, connection: ConnectionId, mut stream: Stream) {
+        let class = if self.members.contains(&peer) {
+            ReservationClass::Member
+        } else if self.limited.contains(&peer) {
+            ReservationClass::Limited
+        } else {
+            tracing::info!(%peer, "relay reservation refused: not a member (admit the agent, or add it to admission.allow or relay.limited_peers)");
+            return self.deny_reservation(&mut stream, Status::PermissionDenied).await;
+        };
+        if self.draining.is_cancelled() {
+            return self.deny_reservation(&mut stream, Status::ReservationRefused).await;
+        }
+        let addrs = self.relay_addrs();
+        if addrs.is_empty() {
+            tracing::warn!("relay reservation refused: no address to give out (set advertise)");
+            return self.deny_reservation(&mut stream, Status::ReservationRefused).await;
+        }
+        let ip = self.host.state.remote_ip(&peer);
+        let (kind, r) = match self.books.reserve(peer, connection, class, ip) {
+            Ok(x) => x,
+            Err(status) => return self.deny_reservation(&mut stream, status).await,
+        };
+        let answer = HopMessage {
+            r#type: HopType::Status as i32,
+            peer: None,
+            reservation: Some(circuit::Reservation {
+                expire: r.expires_unix,
+                addrs: encode_addrs(&addrs),
+                voucher: circuit::voucher(&self.key, peer, r.expires_unix),
+            }),
+            limit: self.limit_for(class),
+            status: Some(Status::Ok as i32),
+        };
+        if let Err(e) = write_message(&mut stream, &answer).await {
+            tracing::debug!(%peer, error = %e, "cannot answer reservation");
+            return;
+        }
+        let _ = futures::AsyncWriteExt::close(&mut stream).await;
+        let m = &self.metrics.relay;
+        match kind {
+            Reserved::New => {
+                m.reservations_accepted.get_or_create(&ClassLabels { class }).inc();
+                tracing::info!(%peer, ?class, "relay reservation accepted");
+            }
+            Reserved::Renewed => {
+                m.reservations_renewed.inc();
+            }
+        }
+        let state = self.host.state.clone();
+        m.reservations_active
+            .set(self.books.sweep(|c| state.is_open(c)) as i64);
+    }
+
+    async fn connect(&self, src: PeerId, msg: HopMessage, mut stream: Stream) {
+        let Some(dst) = msg.peer_id() else {
+            self.metrics.bad_input("relay_bad_peer_id");
+            return self.deny_circuit(&mut stream, Status::MalformedMessage).await;
+        };
+        let state = self.host.state.clone();
+        let Some(res) = self.books.lookup(&dst, |c| state.is_open(c)) else {
+            tracing::debug!(%src, %dst, "circuit refused: no reservation");
+            return self.deny_circuit(&mut stream, Status::NoReservation).await;
+        };
+        let slot = match self.books.open_circuit(src, dst, state.remote_ip(&src), &self.metrics.relay) {
+            Ok(s) => s,
+            Err(status) => return self.deny_circuit(&mut stream, status).await,
+        };
+        let limit = self.limit_for(res.class);
+        let stop = match self.stop(src, dst, res.connection, limit).await {
+            Ok(s) => s,
+            Err(why) => {
+                tracing::info!(%src, %dst, %why, "circuit failed: destination did not accept");
+                self.metrics.dial_failed("relay_stop");
+                return self.deny_circuit(&mut stream, Status::ConnectionFailed).await;
+            }
+        };
+        let ok = HopMessage {
+            limit,
+            ..HopMessage::answer(Status::Ok)
+        };
+        if write_message(&mut stream, &ok).await.is_err() {
+            return;
+        }
+        let m = &self.metrics.relay;
+        m.circuits_opened.get_or_create(&ClassLabels { class: res.class }).inc();
+        tracing::debug!(%src, %dst, class = ?res.class, "circuit open");
+        let bounds = Bounds {
+            deadline: limit.and_then(|l| l.duration).map(|s| Duration::from_secs(s.into())),
+            data: limit.and_then(|l| l.data),
+            idle: self.cfg.circuit_idle_timeout,
+            rate: self.cfg.circuit_rate,
+        };
+        let up = m.bytes.get_or_create(&RelayDirectionLabels { direction: RelayDirection::SrcToDst }).clone();
+        let down = m.bytes.get_or_create(&RelayDirectionLabels { direction: RelayDirection::DstToSrc }).clone();
+        let closed = m.circuits_closed.clone();
+        self.tracker.spawn(async move {
+            let end = relay(stream, stop, bounds, up, down).await;
+            closed.get_or_create(&ReasonLabels::new(end.as_str())).inc();
+            tracing::debug!(%src, %dst, end = end.as_str(), "circuit closed");
+            drop(slot);
+        });
+    }
+
+    /// Asks `dst` to accept a circuit from `src` on the connection it reserved over.
+    async fn stop(
+        &self,
+        src: PeerId,
+        dst: PeerId,
+        connection: ConnectionId,
+        limit: Option<Limit>,
+    ) -> Result<Stream, String> {
+        let open = self.host.control.open_stream_on(dst, connection, STOP_PROTOCOL);
+        let mut stop = tokio::time::timeout(STOP_TIMEOUT, open)
+            .await
+            .map_err(|_| "timed out opening stop stream".to_string())?
+            .map_err(|e| e.to_string())?;
+        write_message(&mut stop, &StopMessage::connect(src, limit))
+            .await
+            .map_err(|e| e.to_string())?;
+        let answer = tokio::time::timeout(STOP_TIMEOUT, read_message::<StopMessage, _>(&mut stop))
+            .await
+            .map_err(|_| "timed out waiting for stop status".to_string())?
+            .map_err(|e| {
+                self.metrics.bad_input(e.kind());
+                e.to_string()
+            })?;
+        match answer.status_answer() {
+            Some(Status::Ok) => Ok(stop),
+            Some(other) => Err(format!("destination answered {}", other.name())),
+            None => {
+                self.metrics.bad_input("relay_unexpected_message");
+                Err("destination sent no status".into())
+            }
+        }
+    }
+
+    fn limit_for(&self, class: ReservationClass) -> Option<Limit> {
+        match class {
+            ReservationClass::Member => None,
+            ReservationClass::Limited => Some(Limit {
+                duration: Some(u32::try_from(self.cfg.limit.duration.as_secs()).unwrap_or(u32::MAX)),
+                data: Some(self.cfg.limit.data),
+            }),
+        }
+    }
+
+    /// The relay's own addresses, each ending in `/p2p/<gateway>`.
+    fn relay_addrs(&self) -> Vec<Multiaddr> {
+        let base = if self.advertise.is_empty() {
+            self.host.state.listen_addrs()
+        } else {
+            self.advertise.clone()
+        };
+        let me = self.host.peer_id;
+        base.into_iter()
+            .map(|a| match a.iter().last() {
+                Some(Protocol::P2p(_)) => a,
+                _ => a.with(Protocol::P2p(me)),
+            })
+            .collect()
+    }
+
+    async fn deny_reservation(&self, stream: &mut Stream, status: Status) {
+        self.metrics
+            .relay
+            .reservations_denied
+            .get_or_create(&ReasonLabels::new(status.name()))
+            .inc();
+        self.metrics.refuse(&format!("relay_{}", status.name().to_ascii_lowercase()));
+        let _ = write_message(stream, &HopMessage::answer(status)).await;
+        let _ = futures::AsyncWriteExt::close(stream).await;
+    }
+
+    async fn deny_circuit(&self, stream: &mut Stream, status: Status) {
+        self.metrics
+            .relay
+            .circuits_denied
+            .get_or_create(&ReasonLabels::new(status.name()))
+            .inc();
+        let _ = write_message(stream, &HopMessage::answer(status)).await;
+        let _ = futures::AsyncWriteExt::close(stream).await;
+    }
+}

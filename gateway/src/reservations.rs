@@ -1,0 +1,280 @@
+//! The relay's books: who holds a reservation (per connection, with expiry and
+//! class) and which circuits are open (per peer and per source IP), with the
+//! caps from `[relay]`. Slots are RAII guards, so a circuit that ends for any
+//! reason gives its place back.
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, Instant, SystemTime},
+};
+
+use libp2p::{swarm::ConnectionId, PeerId};
+use relaygate_common::circuit::Status;
+
+use crate::{
+    config::RelayConfig,
+    metrics::{ReservationClass, RelayMetrics},
+};
+
+#[derive(Clone, Copy, Debug)]
+pub struct Reservation {
+    pub connection: ConnectionId,
+    pub class: ReservationClass,
+    pub ip: Option<IpAddr>,
+    pub expires: Instant,
+    /// Unix seconds of `expires`, as sent to the holder.
+    pub expires_unix: u64,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reserved {
+    New,
+    Renewed,
+}
+
+#[derive(Default)]
+struct Books {
+    reservations: HashMap<PeerId, HashMap<ConnectionId, Reservation>>,
+    circuits_total: usize,
+    circuits_per_peer: HashMap<PeerId, usize>,
+    circuits_per_ip: HashMap<IpAddr, usize>,
+}
+
+pub struct Reservations {
+    cfg: RelayConfig,
+    books: Mutex<Books>,
+}
+
+impl Reservations {
+    pub fn new(cfg: RelayConfig) -> Arc<Self> {
+        Arc::new(Self {
+            cfg,
+            books: Mutex::new(Books::default()),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Books> {
+        self.books.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records (or renews) `peer`'s reservation on `connection`, within the caps.
+    pub fn reserve(
+        &self,
+        peer: PeerId,
+        connection: ConnectionId,
+        class: ReservationClass,
+        ip: Option<IpAddr>,
+    ) -> Result<(Reserved, Reservation), Status> {
+        let now = Instant::now();
+        let ttl = self.cfg.reservation_ttl;
+        let expires_unix = SystemTime::now()
+            .checked_add(ttl)
+            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .map(|d| d.as_secs())
+            .unwrap_or(u64::MAX);
+        let r = Reservation {
+            connection,
+            class,
+            ip,
+            expires: now + ttl,
+            expires_unix,
+        };
+        let mut b = self.lock();
+        prune(&mut b, now);
+        if let Some(existing) = b
+            .reservations
+            .get_mut(&peer)
+            .and_then(|m| m.get_mut(&connection))
+        {
+            *existing = r;
+            return Ok((Reserved::Renewed, r));
+        }
+        let total: usize = b.reservations.values().map(HashMap::len).sum();
+        let of_peer = b.reservations.get(&peer).map_or(0, HashMap::len);
+        let of_ip = ip.map_or(0, |ip| {
+            b.reservations
+                .values()
+                .flat_map(HashMap::values)
+                .filter(|x| x.ip == Some(ip))
+                .count()
+        });
+        if total >= self.cfg.max_reservations
+            || of_peer >= self.cfg.max_reservations_per_peer
+            || of_ip >= self.cfg.max_reservations_per_ip
+        {
+            return Err(Status::ResourceLimitExceeded);
+        }
+        b.reservations.entry(peer).or_default().insert(connection, r);
+        Ok((Reserved::New, r))
+    }
+
+    /// The newest live reservation of `peer` whose connection `is_open`.
+    pub fn lookup(
+        &self,
+        peer: &PeerId,
+        is_open: impl Fn(ConnectionId) -> bool,
+    ) -> Option<Reservation> {
+        let now = Instant::now();
+        let mut b = self.lock();
+        let m = b.reservations.get_mut(peer)?;
+        m.retain(|c, r| r.expires > now && is_open(*c));
+        let best = m.values().max_by_key(|r| r.expires).copied();
+        if m.is_empty() {
+            b.reservations.remove(peer);
+        }
+        best
+    }
+
+    /// Drops expired reservations and those whose connection closed; returns how many are left.
+    pub fn sweep(&self, is_open: impl Fn(ConnectionId) -> bool) -> usize {
+        let now = Instant::now();
+        let mut b = self.lock();
+        for m in b.reservations.values_mut() {
+            m.retain(|c, r| r.expires > now && is_open(*c));
+        }
+        b.reservations.retain(|_, m| !m.is_empty());
+        b.reservations.values().map(HashMap::len).sum()
+    }
+
+    /// Takes a circuit slot for `src` (from `ip`) to `dst`, within the caps.
+    pub fn open_circuit(
+        self: &Arc<Self>,
+        src: PeerId,
+        dst: PeerId,
+        ip: Option<IpAddr>,
+        metrics: &RelayMetrics,
+    ) -> Result<CircuitSlot, Status> {
+        let mut b = self.lock();
+        let per = |b: &Books, p: &PeerId| b.circuits_per_peer.get(p).copied().unwrap_or(0);
+        let of_ip = ip.map_or(0, |ip| b.circuits_per_ip.get(&ip).copied().unwrap_or(0));
+        if b.circuits_total >= self.cfg.max_circuits
+            || per(&b, &src) >= self.cfg.max_circuits_per_peer
+            || per(&b, &dst) >= self.cfg.max_circuits_per_peer
+            || of_ip >= self.cfg.max_circuits_per_ip
+        {
+            return Err(Status::ResourceLimitExceeded);
+        }
+        b.circuits_total += 1;
+        *b.circuits_per_peer.entry(src).or_default() += 1;
+        *b.circuits_per_peer.entry(dst).or_default() += 1;
+        if let Some(ip) = ip {
+            *b.circuits_per_ip.entry(ip).or_default() += 1;
+        }
+        metrics.circuits_active.inc();
+        Ok(CircuitSlot {
+            books: self.clone(),
+            src,
+            dst,
+            ip,
+            active: metrics.circuits_active.clone(),
+        })
+    }
+
+    pub fn ttl(&self) -> Duration {
+        self.cfg.reservation_ttl
+    }
+}
+
+fn prune(b: &mut Books, now: Instant) {
+    for m in b.reservations.values_mut() {
+        m.retain(|_, r| r.expires > now);
+    }
+    b.reservations.retain(|_, m| !m.is_empty());
+}
+
+/// One open circuit's place in the caps; dropping it frees the place.
+pub struct CircuitSlot {
+    books: Arc<Reservations>,
+    src: PeerId,
+    dst: PeerId,
+    ip: Option<IpAddr>,
+    active: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl Drop for CircuitSlot {
+    fn drop(&mut self) {
+        let mut b = self.books.lock();
+        b.circuits_total = b.circuits_total.saturating_sub(1);
+        for p in [self.src, self.dst] {
+            if let Some(n) = b.circuits_per_peer.get_mut(&p) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    b.circuits_per_peer.remove(&p);
+                }
+            }
+        }
+        if let Some(ip) = self.ip {
+            if let Some(n) = b.circuits_per_ip.get_mut(&ip) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    b.circuits_per_ip.remove(&ip);
+                }
+            }
+        }
+        self.active.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> RelayConfig {
+        RelayConfig {
+            max_reservations: 3,
+            max_reservations_per_peer: 2,
+            max_reservations_per_ip: 2,
+            max_circuits: 2,
+            max_circuits_per_peer: 1,
+            max_circuits_per_ip: 2,
+            ..RelayConfig::default()
+        }
+    }
+
+    #[test]
+    fn reservation_caps_and_renewal() {
+        let r = Reservations::new(cfg());
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let (c1, c2, c3) = (
+            ConnectionId::new_unchecked(1),
+            ConnectionId::new_unchecked(2),
+            ConnectionId::new_unchecked(3),
+        );
+        let ip: IpAddr = [198, 51, 100, 1].into();
+        let m = ReservationClass::Member;
+        assert_eq!(r.reserve(a, c1, m, Some(ip)).map(|x| x.0), Ok(Reserved::New));
+        assert_eq!(r.reserve(a, c1, m, Some(ip)).map(|x| x.0), Ok(Reserved::Renewed));
+        assert_eq!(r.reserve(a, c2, m, Some(ip)).map(|x| x.0), Ok(Reserved::New));
+        // per peer: a holds 2
+        assert_eq!(
+            r.reserve(a, c3, m, None).map(|x| x.0),
+            Err(Status::ResourceLimitExceeded)
+        );
+        // per ip: 198.51.100.1 holds 2
+        assert_eq!(
+            r.reserve(b, c3, m, Some(ip)).map(|x| x.0),
+            Err(Status::ResourceLimitExceeded)
+        );
+        assert_eq!(r.reserve(b, c3, m, None).map(|x| x.0), Ok(Reserved::New));
+        assert!(r.lookup(&a, |c| c == c2).is_some());
+        assert!(r.lookup(&b, |_| false).is_none(), "closed connection");
+        assert_eq!(r.sweep(|_| true), 1, "a keeps c2 only, b was dropped");
+    }
+
+    #[test]
+    fn circuit_slots_are_returned_on_drop() {
+        let r = Reservations::new(cfg());
+        let metrics = RelayMetrics::default();
+        let (a, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
+        let slot = r.open_circuit(a, b, None, &metrics);
+        assert!(slot.is_ok());
+        assert_eq!(metrics.circuits_active.get(), 1);
+        // b already has one circuit (per-peer cap 1)
+        assert!(r.open_circuit(c, b, None, &metrics).is_err());
+        drop(slot);
+        assert_eq!(metrics.circuits_active.get(), 0);
+        assert!(r.open_circuit(c, b, None, &metrics).is_ok());
+    }
+}
