@@ -6,8 +6,14 @@
 //!   lab-node dial --addr /ip4/203.0.113.10/tcp/4001/p2p/<id> [--expect-peer <id>] [--pings 3]
 //!                 [--timeout-secs 20] [--listen <multiaddr>...]
 //!
+//!   lab-node reserve --relay /ip4/.../tcp/4001/p2p/<relay> [--seed 9]
+//!
+//! It is also a circuit relay v2 client: `dial` takes `/p2p-circuit` addresses,
+//! and `reserve` holds a reservation on a relay (exit 1 when it is refused).
+//!
 //! Events: listening, connected, identify, ping, ping_failed, closed, denied,
-//! dial_error, incoming_error, listener_error; dial adds done / error and exits 0 / 1.
+//! dial_error, incoming_error, listener_error, reservation, circuit;
+//! dial adds done / error and exits 0 / 1; reserve adds reservation_failed.
 
 use std::{collections::HashMap, io::Write, time::Duration};
 
@@ -68,6 +74,14 @@ enum Cmd {
         #[command(flatten)]
         common: Common,
     },
+    /// Reserve on a relay and answer whoever comes through it, until killed.
+    Reserve {
+        /// The relay's address, ending in /p2p/<relay peer id>.
+        #[arg(long)]
+        relay: Multiaddr,
+        #[command(flatten)]
+        common: Common,
+    },
     /// A plain TCP echo server that reports every peer address it accepts.
     TcpEcho {
         #[arg(long, required = true, num_args = 1..)]
@@ -99,6 +113,7 @@ struct Node {
     gate: gate::Gate,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
+    relay: libp2p::relay::client::Behaviour,
 }
 
 #[tokio::main]
@@ -124,6 +139,28 @@ async fn main() -> anyhow::Result<()> {
             loop {
                 let ev = swarm.select_next_some().await;
                 report(&swarm, &ev);
+            }
+        }
+        Cmd::Reserve { relay, common } => {
+            let mut swarm = build(&common, false)?;
+            let circuit = relay.with(Protocol::P2pCircuit);
+            let id = swarm
+                .listen_on(circuit.clone())
+                .with_context(|| format!("listen on {circuit}"))?;
+            loop {
+                let ev = swarm.select_next_some().await;
+                report(&swarm, &ev);
+                if let SwarmEvent::ListenerClosed {
+                    listener_id,
+                    reason: Err(e),
+                    ..
+                } = &ev
+                {
+                    if *listener_id == id {
+                        emit(json!({"event": "reservation_failed", "reason": format!("{e:?}")}));
+                        std::process::exit(1);
+                    }
+                }
             }
         }
         Cmd::Dial {
@@ -204,6 +241,9 @@ async fn dial(
         report(&swarm, &ev);
         match ev {
             // Inbound connections (a dialing node may also listen) are not the dial's answer.
+            // Through a relay, the connection to the relay itself comes first.
+            SwarmEvent::ConnectionEstablished { endpoint, .. }
+                if is_circuit(&addr) && !endpoint.is_relayed() => {}
             SwarmEvent::ConnectionEstablished {
                 peer_id, endpoint, ..
             } if endpoint.is_dialer() => {
@@ -236,6 +276,10 @@ async fn dial(
             _ => {}
         }
     }
+}
+
+fn is_circuit(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| p == Protocol::P2pCircuit)
 }
 
 fn is_unspecified(addr: &Multiaddr) -> bool {
@@ -275,7 +319,9 @@ fn build(common: &Common, deny_private_sources: bool) -> anyhow::Result<Swarm<No
             yamux::Config::default,
         )?
         .with_quic()
-        .with_behaviour(|key| Node {
+        .with_relay_client(noise::Config::new, yamux::Config::default)?
+        .with_behaviour(|key, relay| Node {
+            relay,
             gate: gate::Gate {
                 deny_private_sources,
             },
@@ -354,6 +400,42 @@ fn report(swarm: &Swarm<Node>, ev: &SwarmEvent<NodeEvent>) {
                 json!({"event": "ping_failed", "peer": peer.to_string(), "error": e.to_string()})
             }
         },
+        SwarmEvent::Behaviour(NodeEvent::Relay(e)) => {
+            use libp2p::relay::client::Event as R;
+            // libp2p does not export the Limit type's name, so a macro reads it.
+            macro_rules! limit {
+                ($l:expr) => {
+                    match $l {
+                        Some(l) => json!({
+                            "duration_secs": l.duration().map(|d| d.as_secs()),
+                            "data_bytes": l.data_in_bytes(),
+                        }),
+                        None => Value::Null,
+                    }
+                };
+            }
+            match e {
+                R::ReservationReqAccepted {
+                    relay_peer_id,
+                    renewal,
+                    limit: l,
+                } => json!({
+                    "event": "reservation", "relay": relay_peer_id.to_string(),
+                    "renewal": renewal, "limit": limit!(l),
+                }),
+                R::OutboundCircuitEstablished {
+                    relay_peer_id,
+                    limit: l,
+                } => json!({
+                    "event": "circuit", "direction": "outbound", "relay": relay_peer_id.to_string(),
+                    "limit": limit!(l),
+                }),
+                R::InboundCircuitEstablished { src_peer_id, limit: l } => json!({
+                    "event": "circuit", "direction": "inbound", "peer": src_peer_id.to_string(),
+                    "limit": limit!(l),
+                }),
+            }
+        }
         SwarmEvent::Behaviour(NodeEvent::Gate(never)) => match *never {},
         _ => return,
     };
