@@ -93,6 +93,8 @@ impl Gateway {
         if spec.public_ip != spec.bind {
             args.push("--advertise".into());
             args.push(format!("/ip4/{}/tcp/{tcp}", spec.public_ip));
+            args.push("--advertise".into());
+            args.push(format!("/ip4/{}/udp/{quic}/quic-v1", spec.public_ip));
         }
         args.extend(spec.extra.iter().cloned());
         let mut gw = Gateway {

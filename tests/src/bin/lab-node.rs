@@ -87,6 +87,24 @@ enum Cmd {
         #[arg(long, required = true, num_args = 1..)]
         listen: Vec<std::net::SocketAddr>,
     },
+    /// Connect to an echo service and stream a known byte pattern for `seconds`,
+    /// checking every echoed byte; exit 0 when all came back exactly.
+    TcpStream {
+        #[arg(long)]
+        addr: std::net::SocketAddr,
+        #[arg(long, default_value_t = 3)]
+        seconds: u64,
+        /// Pace, in KiB per second.
+        #[arg(long, default_value_t = 2048)]
+        kib_per_sec: u64,
+    },
+    /// GET `path` from an HTTP server (an admin API inside a namespace) and print the body.
+    HttpGet {
+        #[arg(long)]
+        addr: std::net::SocketAddr,
+        #[arg(long)]
+        path: String,
+    },
     /// Connect, send `data`, half-close, print what came back; exit 0 when it echoed.
     TcpSend {
         #[arg(long)]
@@ -120,6 +138,21 @@ struct Node {
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::TcpEcho { listen } => plain_tcp::echo(listen).await,
+        Cmd::TcpStream {
+            addr,
+            seconds,
+            kib_per_sec,
+        } => plain_tcp::stream(addr, Duration::from_secs(seconds), kib_per_sec).await,
+        Cmd::HttpGet { addr, path } => {
+            let cfg = relaygate_common::admin::AdminConfig::default();
+            let (status, body) = relaygate_common::admin::get(addr, &cfg, &path)
+                .map_err(|e| anyhow::anyhow!("GET {path}: {e}"))?;
+            print!("{body}");
+            if status != 200 {
+                anyhow::bail!("GET {path}: status {status}");
+            }
+            Ok(())
+        }
         Cmd::TcpSend {
             addr,
             data,
@@ -615,6 +648,66 @@ mod plain_tcp {
     };
 
     use super::emit;
+
+    /// Byte `i` of the stream: a pattern that catches loss, duplication and reordering.
+    fn pattern(i: u64) -> u8 {
+        (i.wrapping_mul(2_654_435_761) >> 13) as u8
+    }
+
+    pub async fn stream(addr: SocketAddr, length: Duration, kib_per_sec: u64) -> anyhow::Result<()> {
+        let s = TcpStream::connect(addr).await?;
+        s.set_nodelay(true)?;
+        let local = s.local_addr()?.to_string();
+        emit(json!({"event": "connected", "local": local}));
+        let (mut r, mut w) = s.into_split();
+        let chunk = 16 * 1024u64;
+        let per_tick = (kib_per_sec * 1024 / 20).max(1);
+        let writer = tokio::spawn(async move {
+            let start = tokio::time::Instant::now();
+            let mut sent: u64 = 0;
+            let mut tick = tokio::time::interval(Duration::from_millis(50));
+            while start.elapsed() < length {
+                tick.tick().await;
+                let mut budget = per_tick;
+                while budget > 0 {
+                    let n = budget.min(chunk);
+                    let buf: Vec<u8> = (sent..sent + n).map(pattern).collect();
+                    w.write_all(&buf).await?;
+                    sent += n;
+                    budget -= n;
+                }
+            }
+            w.shutdown().await?;
+            anyhow::Ok(sent)
+        });
+        let mut received: u64 = 0;
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut last = tokio::time::Instant::now();
+        let mut bad = None;
+        loop {
+            let n = tokio::time::timeout(Duration::from_secs(15), r.read(&mut buf)).await??;
+            if n == 0 {
+                break;
+            }
+            for (k, b) in buf[..n].iter().enumerate() {
+                if bad.is_none() && *b != pattern(received + k as u64) {
+                    bad = Some(received + k as u64);
+                }
+            }
+            received += n as u64;
+            if last.elapsed() >= Duration::from_millis(500) {
+                emit(json!({"event": "progress", "received": received}));
+                last = tokio::time::Instant::now();
+            }
+        }
+        let sent = writer.await??;
+        let ok = bad.is_none() && received == sent;
+        emit(json!({"event": "stream_done", "sent": sent, "received": received, "ok": ok, "first_bad": bad}));
+        if !ok {
+            anyhow::bail!("echo differs: sent {sent}, received {received}, first bad byte {bad:?}");
+        }
+        Ok(())
+    }
 
     pub async fn echo(listen: Vec<SocketAddr>) -> anyhow::Result<()> {
         let mut tasks = Vec::new();
