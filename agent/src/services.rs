@@ -91,7 +91,7 @@ impl Services {
             let addrs = (!relayed)
                 .then(|| socket_addr(&remote))
                 .flatten()
-                .zip(target.local_addr().ok());
+                .zip(target.peer_addr().ok());
             let header = proxy::encode_v2_for_peer(addrs, &peer);
             if target.write_all(&header).await.is_err() {
                 let _ = stream.write_all(&[StreamStatus::TargetRefused as u8]).await;

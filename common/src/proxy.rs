@@ -78,24 +78,20 @@ pub fn encode(
 }
 
 /// A PROXY v2 header naming a libp2p caller: its peer id in TLV 0xE1, and its
-/// address when it is known (a direct connection); without one the address
-/// family is UNSPEC (a relayed caller has no address the target could use).
+/// address when it is known (a direct connection). A relayed caller has no
+/// address the target could use: its source is `0.0.0.0:0`. (An UNSPEC family
+/// would be more literal, but parsers disagree on where its TLVs start.)
 pub fn encode_v2_for_peer(addrs: Option<(SocketAddr, SocketAddr)>, peer: &PeerId) -> Vec<u8> {
-    let b = match addrs {
-        Some((s, d)) => {
-            let (s, d) = same_family(s, d);
-            v2::Builder::with_addresses(
-                v2::Version::Two | v2::Command::Proxy,
-                v2::Protocol::Stream,
-                v2::Addresses::from((s, d)),
-            )
-        }
-        None => v2::Builder::with_addresses(
-            v2::Version::Two | v2::Command::Proxy,
-            v2::Protocol::Unspecified,
-            v2::Addresses::Unspecified,
-        ),
-    };
+    let (s, d) = addrs.unwrap_or((
+        SocketAddr::from(([0, 0, 0, 0], 0)),
+        SocketAddr::from(([0, 0, 0, 0], 0)),
+    ));
+    let (s, d) = same_family(s, d);
+    let b = v2::Builder::with_addresses(
+        v2::Version::Two | v2::Command::Proxy,
+        v2::Protocol::Stream,
+        v2::Addresses::from((s, d)),
+    );
     match b.write_tlv(PEER_ID_TLV, peer.to_bytes().as_slice()) {
         Ok(b) => b.build().unwrap_or_default(),
         Err(_) => unreachable_builder(),
@@ -351,7 +347,7 @@ mod tests {
         let h = encode_v2_for_peer(None, &peer);
         let (got, used) = decode(&h).unwrap().unwrap();
         assert_eq!(used, h.len());
-        assert_eq!(got.source, None);
+        assert_eq!(got.source, Some(SocketAddr::from(([0, 0, 0, 0], 0))));
         assert_eq!(got.peer_id, Some(peer));
         let s: SocketAddr = "203.0.113.20:4000".parse().unwrap();
         let d: SocketAddr = "198.18.1.2:5000".parse().unwrap();

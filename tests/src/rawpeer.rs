@@ -97,6 +97,29 @@ impl RawPeer {
     }
 }
 
+impl RawPeer {
+    /// Opens a stream of `protocol`, writes `bytes`, half-closes, and returns
+    /// every byte the gateway sends back before it closes the stream.
+    pub fn exchange(&self, protocol: &'static str, bytes: &[u8]) -> Result<Vec<u8>, String> {
+        use tokio::io::AsyncReadExt;
+        self.rt.block_on(async {
+            let s = self
+                .control
+                .open_stream(self.gateway, StreamProtocol::new(protocol))
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut s = s.compat();
+            s.write_all(bytes).await.map_err(|e| e.to_string())?;
+            let _ = s.shutdown().await;
+            let mut out = Vec::new();
+            match tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut out)).await {
+                Ok(_) => Ok(out),
+                Err(_) => Err("no answer in time".into()),
+            }
+        })
+    }
+}
+
 /// A libp2p peer posing as a gateway: it admits one agent with a fixed lease,
 /// then opens tunnel streams carrying whatever bytes a test wants.
 pub struct FakeGateway {
