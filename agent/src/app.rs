@@ -59,7 +59,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             metrics.clone(),
         ));
         let listener = visitor.bind().await.with_context(|| {
-            format!("cannot listen on {} for connect to {} {}", v.listen, v.peer, v.service)
+            format!(
+                "cannot listen on {} for connect to {} {}",
+                v.listen, v.peer, v.service
+            )
         })?;
         visitors.push(tokio::spawn(visitor.run(listener, tracker.clone())));
     }

@@ -245,19 +245,26 @@ pub struct ServiceConfig {
 impl FromStr for ServiceConfig {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let usage = || format!("--service expects NAME=HOST:PORT,allow=PEER_ID[,allow=PEER_ID][,proxy=v2], got {s:?}");
+        let usage = || {
+            format!("--service expects NAME=HOST:PORT,allow=PEER_ID[,allow=PEER_ID][,proxy=v2], got {s:?}")
+        };
         let mut parts = s.split(',');
         let head = parts.next().unwrap_or_default();
         let (name, target) = head.split_once('=').ok_or_else(usage)?;
         let mut svc = Self {
-            name: name.parse().map_err(|e: relaygate_common::names::NameError| e.to_string())?,
+            name: name
+                .parse()
+                .map_err(|e: relaygate_common::names::NameError| e.to_string())?,
             target: target.parse()?,
             allow: Vec::new(),
             proxy_protocol: ServiceProxy::None,
         };
         for opt in parts {
             match opt.split_once('=').ok_or_else(usage)? {
-                ("allow", v) => svc.allow.push(v.parse().map_err(|_| format!("bad peer id {v:?} in --service"))?),
+                ("allow", v) => svc.allow.push(
+                    v.parse()
+                        .map_err(|_| format!("bad peer id {v:?} in --service"))?,
+                ),
                 ("proxy", "v2") => svc.proxy_protocol = ServiceProxy::V2,
                 ("proxy", "none") => svc.proxy_protocol = ServiceProxy::None,
                 _ => return Err(usage()),
@@ -289,9 +296,9 @@ impl FromStr for ServicePeer {
         if let Ok(p) = s.parse::<PeerId>() {
             return Ok(ServicePeer::Id(p));
         }
-        let addr: Multiaddr = s
-            .parse()
-            .map_err(|_| format!("expected a peer id or a multiaddr ending in /p2p/<peer id>, got {s:?}"))?;
+        let addr: Multiaddr = s.parse().map_err(|_| {
+            format!("expected a peer id or a multiaddr ending in /p2p/<peer id>, got {s:?}")
+        })?;
         match addr.iter().last() {
             Some(Protocol::P2p(peer)) => Ok(ServicePeer::Address { peer, addr }),
             _ => Err(format!("multiaddr {s} must end in /p2p/<peer id>")),
@@ -316,7 +323,9 @@ impl Serialize for ServicePeer {
 
 impl<'de> Deserialize<'de> for ServicePeer {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -389,7 +398,9 @@ pub enum ConfigProblem {
     DuplicateTunnel(TunnelName),
     #[error("service name {0} appears twice")]
     DuplicateService(ServiceName),
-    #[error("service {0} allows no peer: add allow = [\"<peer id>\"] (services are allow-list only)")]
+    #[error(
+        "service {0} allows no peer: add allow = [\"<peer id>\"] (services are allow-list only)"
+    )]
     ServiceWithoutAllow(ServiceName),
     #[error("services and connect need the relay: set relay.enabled = true")]
     RelayOff,
@@ -447,7 +458,8 @@ impl AgentConfig {
                 return Err(ConfigProblem::ServiceWithoutAllow(s.name.clone()));
             }
         }
-        if !self.relay.enabled && !(self.services.is_empty() && self.connect.is_empty()) {
+        let uses_relay = !self.services.is_empty() || !self.connect.is_empty();
+        if uses_relay && !self.relay.enabled {
             return Err(ConfigProblem::RelayOff);
         }
         Ok(())

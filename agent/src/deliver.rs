@@ -79,7 +79,10 @@ impl DeliverError {
 }
 
 /// An ordinary connection to `target` within `timeout` (services use this).
-pub async fn connect_plain(target: &TargetAddr, timeout: Duration) -> Result<TcpStream, DeliverError> {
+pub async fn connect_plain(
+    target: &TargetAddr,
+    timeout: Duration,
+) -> Result<TcpStream, DeliverError> {
     let t = target.to_string();
     let fut = async {
         let addrs: Vec<SocketAddr> = tokio::net::lookup_host((target.host.as_str(), target.port))
@@ -101,12 +104,13 @@ pub async fn connect_plain(target: &TargetAddr, timeout: Duration) -> Result<Tcp
             source: last.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address")),
         })
     };
-    let stream = tokio::time::timeout(timeout, fut)
-        .await
-        .map_err(|_| DeliverError::Timeout {
-            target: t.clone(),
-            timeout,
-        })??;
+    let stream =
+        tokio::time::timeout(timeout, fut)
+            .await
+            .map_err(|_| DeliverError::Timeout {
+                target: t.clone(),
+                timeout,
+            })??;
     let _ = stream.set_nodelay(true);
     Ok(stream)
 }

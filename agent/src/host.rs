@@ -10,6 +10,7 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 use futures::StreamExt;
 use libp2p::{
     autonat,
+    core::transport::ListenerId,
     core::ConnectedPoint,
     dcutr, identify,
     identity::Keypair,
@@ -20,7 +21,6 @@ use libp2p::{
         dial_opts::{DialOpts, PeerCondition},
         ConnectionId, NetworkBehaviour, SwarmEvent,
     },
-    core::transport::ListenerId,
     Multiaddr, PeerId,
 };
 use relaygate_common::{
@@ -169,7 +169,9 @@ pub fn start(
         for addr in &cfg.relay.punch_listen {
             match swarm.listen_on(addr.clone()) {
                 Ok(_) => expected += 1,
-                Err(e) => tracing::warn!(%addr, error = %e, "cannot open hole-punch listener; punching over it is off"),
+                Err(e) => {
+                    tracing::warn!(%addr, error = %e, "cannot open hole-punch listener; punching over it is off")
+                }
             }
         }
     }
@@ -222,7 +224,11 @@ struct Driver {
 }
 
 impl Driver {
-    async fn run(mut self, mut swarm: libp2p::Swarm<Behaviour>, mut commands: mpsc::Receiver<Command>) {
+    async fn run(
+        mut self,
+        mut swarm: libp2p::Swarm<Behaviour>,
+        mut commands: mpsc::Receiver<Command>,
+    ) {
         loop {
             let retry = self.retry_reserve;
             tokio::select! {
@@ -356,7 +362,8 @@ impl Driver {
                         Err(e) => {
                             tracing::warn!(error = %e, "relay reservation failed or lost");
                             if gateway_up {
-                                self.retry_reserve = Some(tokio::time::Instant::now() + RESERVE_RETRY);
+                                self.retry_reserve =
+                                    Some(tokio::time::Instant::now() + RESERVE_RETRY);
                             }
                         }
                         Ok(()) => tracing::debug!("relay reservation closed"),
@@ -372,8 +379,14 @@ impl Driver {
                 peer_id,
                 ..
             } => {
-                self.metrics.connections_opened.get_or_create(&session).inc();
-                self.metrics.connections_active.get_or_create(&session).inc();
+                self.metrics
+                    .connections_opened
+                    .get_or_create(&session)
+                    .inc();
+                self.metrics
+                    .connections_active
+                    .get_or_create(&session)
+                    .inc();
                 let relayed = endpoint.is_relayed();
                 let (addr, remote) = match &endpoint {
                     ConnectedPoint::Dialer { address, .. } => (address.clone(), address.clone()),
@@ -390,10 +403,14 @@ impl Driver {
                     let _ = r.send(Ok(()));
                 }
                 if Some(peer_id) == self.gateway {
-                    self.paths.connection_up(peer_id, connection_id, remote, false, &addr);
+                    self.paths
+                        .connection_up(peer_id, connection_id, remote, false, &addr);
                     return;
                 }
-                match self.paths.connection_up(peer_id, connection_id, remote, relayed, &addr) {
+                match self
+                    .paths
+                    .connection_up(peer_id, connection_id, remote, relayed, &addr)
+                {
                     Some(PunchEvent::Started(transport)) => {
                         peers
                             .holepunch_attempts
@@ -423,7 +440,10 @@ impl Driver {
                 cause,
                 ..
             } => {
-                self.metrics.connections_active.get_or_create(&session).dec();
+                self.metrics
+                    .connections_active
+                    .get_or_create(&session)
+                    .dec();
                 self.paths.connection_down(connection_id);
                 tracing::debug!(peer = %peer_id, ?cause, "connection closed");
             }
@@ -458,7 +478,10 @@ impl Driver {
                 relay::client::Event::ReservationReqAccepted { renewal, .. } => {
                     peers.reservation_active.set(1);
                     let result = if renewal { "renewed" } else { "accepted" };
-                    peers.reservations.get_or_create(&ReasonLabels::new(result)).inc();
+                    peers
+                        .reservations
+                        .get_or_create(&ReasonLabels::new(result))
+                        .inc();
                 }
                 other => tracing::debug!(event = ?other, "relay client"),
             },
@@ -469,7 +492,8 @@ impl Driver {
                 Ok(_) => tracing::debug!(peer = %remote_peer_id, "DCUtR direct connection up"),
                 Err(e) => {
                     tracing::info!(peer = %remote_peer_id, error = %e, "hole punch failed; the relay stays in use");
-                    if let Some(transport) = self.paths.punch_failed(&remote_peer_id, e.to_string()) {
+                    if let Some(transport) = self.paths.punch_failed(&remote_peer_id, e.to_string())
+                    {
                         peers
                             .holepunch_results
                             .get_or_create(&PunchLabels {

@@ -145,15 +145,51 @@ impl Metrics {
         };
         peers.reachable.set(-1);
         let r = &mut core.registry;
-        r.register("relay_reservation_active", "1 while the reservation on the gateway's relay is active", peers.reservation_active.clone());
-        r.register("relay_reservations", "Reservation attempts on the gateway's relay, by result", peers.reservations.clone());
-        r.register("holepunch_attempts", "Hole punches started (relayed connection, no direct one yet), by transport", peers.holepunch_attempts.clone());
-        r.register("holepunch_results", "Hole punch outcomes by transport and result", peers.holepunch_results.clone());
-        r.register("holepunch_dial_failures", "Direct dials that failed during a hole punch", peers.holepunch_dial_failures.clone());
-        r.register("holepunch_seconds", "Time from the relayed connection to the first direct one", peers.holepunch_seconds.clone());
-        r.register("service_streams", "Service streams by role, path and result", peers.service_streams.clone());
-        r.register("service_bytes", "Service bytes (both directions) by role and path: relayed or direct", peers.service_bytes.clone());
-        r.register("reachable", "AutoNAT verdict from the gateway: 1 public, 0 private, -1 unknown", peers.reachable.clone());
+        r.register(
+            "relay_reservation_active",
+            "1 while the reservation on the gateway's relay is active",
+            peers.reservation_active.clone(),
+        );
+        r.register(
+            "relay_reservations",
+            "Reservation attempts on the gateway's relay, by result",
+            peers.reservations.clone(),
+        );
+        r.register(
+            "holepunch_attempts",
+            "Hole punches started (relayed connection, no direct one yet), by transport",
+            peers.holepunch_attempts.clone(),
+        );
+        r.register(
+            "holepunch_results",
+            "Hole punch outcomes by transport and result",
+            peers.holepunch_results.clone(),
+        );
+        r.register(
+            "holepunch_dial_failures",
+            "Direct dials that failed during a hole punch",
+            peers.holepunch_dial_failures.clone(),
+        );
+        r.register(
+            "holepunch_seconds",
+            "Time from the relayed connection to the first direct one",
+            peers.holepunch_seconds.clone(),
+        );
+        r.register(
+            "service_streams",
+            "Service streams by role, path and result",
+            peers.service_streams.clone(),
+        );
+        r.register(
+            "service_bytes",
+            "Service bytes (both directions) by role and path: relayed or direct",
+            peers.service_bytes.clone(),
+        );
+        r.register(
+            "reachable",
+            "AutoNAT verdict from the gateway: 1 public, 0 private, -1 unknown",
+            peers.reachable.clone(),
+        );
         Self {
             core,
             deliveries,

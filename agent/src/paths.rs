@@ -97,7 +97,11 @@ impl Paths {
         );
         let transport = Transport::of(address);
         if relayed {
-            if had_direct || g.punches.get(&peer).is_some_and(|p| p.record.result.is_none()) {
+            if had_direct
+                || g.punches
+                    .get(&peer)
+                    .is_some_and(|p| p.record.result.is_none())
+            {
                 return None;
             }
             let started_ms = SystemTime::now()
@@ -225,7 +229,10 @@ mod tests {
         let peer = PeerId::random();
         let relay_addr: Multiaddr = "/ip4/203.0.113.1/tcp/4001/p2p-circuit".parse().unwrap();
         let direct: Multiaddr = "/ip4/203.0.113.20/tcp/5000".parse().unwrap();
-        let (c1, c2) = (ConnectionId::new_unchecked(1), ConnectionId::new_unchecked(2));
+        let (c1, c2) = (
+            ConnectionId::new_unchecked(1),
+            ConnectionId::new_unchecked(2),
+        );
         assert!(matches!(
             paths.connection_up(peer, c1, relay_addr.clone(), true, &relay_addr),
             Some(PunchEvent::Started(Transport::Tcp))

@@ -39,7 +39,10 @@ impl Services {
         connect_timeout: Duration,
     ) -> Self {
         Self {
-            services: services.iter().map(|s| (s.name.clone(), s.clone())).collect(),
+            services: services
+                .iter()
+                .map(|s| (s.name.clone(), s.clone()))
+                .collect(),
             paths,
             metrics,
             connect_timeout,
@@ -54,18 +57,19 @@ impl Services {
             .unwrap_or((Multiaddr::empty(), true));
         let path = Path::of(relayed);
         let mut stream = stream.compat();
-        let req = match tokio::time::timeout(REQUEST_TIMEOUT, ServiceRequest::read(&mut stream)).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => {
-                self.metrics.bad_input(e.kind());
-                let _ = stream.write_all(&[StreamStatus::BadHeader as u8]).await;
-                return self.count(path, "bad_header");
-            }
-            Err(_) => {
-                self.metrics.bad_input("service_request_timeout");
-                return self.count(path, "timeout");
-            }
-        };
+        let req =
+            match tokio::time::timeout(REQUEST_TIMEOUT, ServiceRequest::read(&mut stream)).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => {
+                    self.metrics.bad_input(e.kind());
+                    let _ = stream.write_all(&[StreamStatus::BadHeader as u8]).await;
+                    return self.count(path, "bad_header");
+                }
+                Err(_) => {
+                    self.metrics.bad_input("service_request_timeout");
+                    return self.count(path, "timeout");
+                }
+            };
         let Some(svc) = self.services.get(&req.service) else {
             tracing::info!(%peer, service = %req.service, "service stream for an unknown service");
             let _ = stream.write_all(&[StreamStatus::UnknownTunnel as u8]).await;
@@ -98,7 +102,11 @@ impl Services {
                 return self.count(path, "target_refused");
             }
         }
-        if stream.write_all(&[StreamStatus::Connected as u8]).await.is_err() {
+        if stream
+            .write_all(&[StreamStatus::Connected as u8])
+            .await
+            .is_err()
+        {
             return self.count(path, "caller_gone");
         }
         self.count(path, StreamStatus::Connected.as_str());
@@ -112,7 +120,10 @@ impl Services {
                 path,
             })
             .clone();
-        if splice_framed(&mut stream, &mut target, &bytes, &bytes).await.is_err() {
+        if splice_framed(&mut stream, &mut target, &bytes, &bytes)
+            .await
+            .is_err()
+        {
             // Reset: make the target see an abortive close, not a clean end.
             let _ = target.set_zero_linger();
         }
@@ -138,7 +149,9 @@ fn socket_addr(addr: &Multiaddr) -> Option<SocketAddr> {
         match p {
             Protocol::Ip4(a) => ip = Some(std::net::IpAddr::from(a)),
             Protocol::Ip6(a) => ip = Some(std::net::IpAddr::from(a)),
-            Protocol::Tcp(port) | Protocol::Udp(port) => return ip.map(|i| SocketAddr::new(i, port)),
+            Protocol::Tcp(port) | Protocol::Udp(port) => {
+                return ip.map(|i| SocketAddr::new(i, port))
+            }
             _ => {}
         }
     }

@@ -44,12 +44,21 @@ pub struct Visitor {
 }
 
 impl Visitor {
-    pub fn new(cfg: VisitorConfig, host: HostHandle, gateways: &[Multiaddr], metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        cfg: VisitorConfig,
+        host: HostHandle,
+        gateways: &[Multiaddr],
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let addrs = match &cfg.peer {
             ServicePeer::Address { addr, .. } => vec![addr.clone()],
             ServicePeer::Id(peer) => gateways
                 .iter()
-                .map(|g| g.clone().with(Protocol::P2pCircuit).with(Protocol::P2p(*peer)))
+                .map(|g| {
+                    g.clone()
+                        .with(Protocol::P2pCircuit)
+                        .with(Protocol::P2p(*peer))
+                })
                 .collect(),
         };
         Self {
@@ -112,15 +121,16 @@ impl Visitor {
                 path,
             })
             .clone();
-        if splice_framed(&mut stream, &mut tcp, &bytes, &bytes).await.is_err() {
+        if splice_framed(&mut stream, &mut tcp, &bytes, &bytes)
+            .await
+            .is_err()
+        {
             let _ = tcp.set_zero_linger();
         }
     }
 
     /// Connects to the peer if needed and opens a service stream on its best connection.
-    async fn open(
-        &self,
-    ) -> Result<(tokio_util::compat::Compat<libp2p::Stream>, Path), VisitError> {
+    async fn open(&self) -> Result<(tokio_util::compat::Compat<libp2p::Stream>, Path), VisitError> {
         let peer = self.cfg.peer.peer_id();
         self.host
             .connect(peer, self.addrs.clone())

@@ -4,9 +4,7 @@
 //! agents use rust-libp2p's own relay client.
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use libp2p::{
-    core::SignedEnvelope, identity::Keypair, Multiaddr, PeerId, StreamProtocol,
-};
+use libp2p::{core::SignedEnvelope, identity::Keypair, Multiaddr, PeerId, StreamProtocol};
 
 pub const HOP_PROTOCOL: StreamProtocol = StreamProtocol::new("/libp2p/circuit/relay/0.2.0/hop");
 pub const STOP_PROTOCOL: StreamProtocol = StreamProtocol::new("/libp2p/circuit/relay/0.2.0/stop");

@@ -467,8 +467,8 @@ impl ServiceRequest {
         let Some(name) = cur.take(len) else {
             return Ok(None);
         };
-        let name =
-            std::str::from_utf8(name).map_err(|_| WireError::Header("service name is not UTF-8"))?;
+        let name = std::str::from_utf8(name)
+            .map_err(|_| WireError::Header("service name is not UTF-8"))?;
         let service = name.parse()?;
         Ok(Some((Self { service }, cur.pos)))
     }

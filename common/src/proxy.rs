@@ -351,7 +351,9 @@ mod tests {
         assert_eq!(got.peer_id, Some(peer));
         let s: SocketAddr = "203.0.113.20:4000".parse().unwrap();
         let d: SocketAddr = "198.18.1.2:5000".parse().unwrap();
-        let (got, _) = decode(&encode_v2_for_peer(Some((s, d)), &peer)).unwrap().unwrap();
+        let (got, _) = decode(&encode_v2_for_peer(Some((s, d)), &peer))
+            .unwrap()
+            .unwrap();
         assert_eq!((got.source, got.peer_id), (Some(s), Some(peer)));
     }
 }

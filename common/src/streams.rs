@@ -105,11 +105,7 @@ impl Control {
     }
 
     /// As [`Self::open_stream`], also saying which connection was used.
-    pub async fn open(
-        &self,
-        peer: PeerId,
-        protocol: StreamProtocol,
-    ) -> Result<Opened, OpenError> {
+    pub async fn open(&self, peer: PeerId, protocol: StreamProtocol) -> Result<Opened, OpenError> {
         self.request(peer, None, protocol).await
     }
 

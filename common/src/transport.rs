@@ -66,7 +66,11 @@ pub fn build_relay_client_swarm<B: NetworkBehaviour>(
     let err = |e: &dyn std::fmt::Display| BuildError(e.to_string());
     Ok(SwarmBuilder::with_existing_identity(key)
         .with_tokio()
-        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux_cfg)
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux_cfg,
+        )
         .map_err(|e| err(&e))?
         .with_quic_config(quic)
         .with_dns()
@@ -79,7 +83,9 @@ pub fn build_relay_client_swarm<B: NetworkBehaviour>(
         .build())
 }
 
-fn quic_tuning(tuning: &SessionTuning) -> impl FnOnce(libp2p::quic::Config) -> libp2p::quic::Config {
+fn quic_tuning(
+    tuning: &SessionTuning,
+) -> impl FnOnce(libp2p::quic::Config) -> libp2p::quic::Config {
     let keepalive = tuning.keepalive;
     let timeout_ms = u32::try_from(tuning.timeout.as_millis()).unwrap_or(u32::MAX);
     let streams = u32::try_from(tuning.max_streams).unwrap_or(u32::MAX);

@@ -166,7 +166,11 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
 }
 
 /// Sends relay hop streams to the hop, the rest (control, dial-back) to the sessions.
-async fn route(mut incoming: mpsc::Receiver<Incoming>, sessions: mpsc::Sender<Incoming>, hop: Arc<Hop>) {
+async fn route(
+    mut incoming: mpsc::Receiver<Incoming>,
+    sessions: mpsc::Sender<Incoming>,
+    hop: Arc<Hop>,
+) {
     while let Some(i) = incoming.recv().await {
         if i.protocol == HOP_PROTOCOL {
             tokio::spawn(hop.clone().serve(i.peer, i.connection, i.stream));

@@ -81,8 +81,24 @@ where
     };
     let both = async {
         futures::try_join!(
-            pump(sr, dw, chunk, &src_to_dst, bounds.data, l1.as_ref(), &activity),
-            pump(dr, sw, chunk, &dst_to_src, bounds.data, l2.as_ref(), &activity),
+            pump(
+                sr,
+                dw,
+                chunk,
+                &src_to_dst,
+                bounds.data,
+                l1.as_ref(),
+                &activity
+            ),
+            pump(
+                dr,
+                sw,
+                chunk,
+                &dst_to_src,
+                bounds.data,
+                l2.as_ref(),
+                &activity
+            ),
         )
     };
     let deadline = async {
@@ -247,5 +263,36 @@ mod tests {
         )
         .await;
         assert_eq!(idle, End::Idle);
+    }
+
+    #[tokio::test]
+    async fn rate_cap_paces_each_direction() {
+        let (a_far, a_near) = tokio::io::duplex(256 * 1024);
+        let (b_near, b_far) = tokio::io::duplex(256 * 1024);
+        let started = Instant::now();
+        let task = tokio::spawn(relay(
+            a_near.compat(),
+            b_near.compat(),
+            Bounds {
+                rate: 64 * 1024,
+                ..bounds()
+            },
+            Counter::default(),
+            Counter::default(),
+        ));
+        let (mut a, mut b) = (a_far.compat(), b_far.compat());
+        // One second's bucket passes at once; the second 64 KiB waits for it to refill.
+        a.write_all(&vec![7u8; 128 * 1024]).await.unwrap();
+        a.close().await.unwrap();
+        let mut got = Vec::new();
+        b.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got.len(), 128 * 1024);
+        assert!(
+            started.elapsed() >= Duration::from_millis(900),
+            "128 KiB at 64 KiB/s took {:?}",
+            started.elapsed()
+        );
+        b.close().await.unwrap();
+        assert_eq!(task.await.unwrap(), End::Closed);
     }
 }

@@ -6,7 +6,9 @@
 
 use std::{collections::HashSet, sync::Arc, time::Duration};
 
-use libp2p::{identity::Keypair, multiaddr::Protocol, swarm::ConnectionId, Multiaddr, PeerId, Stream};
+use libp2p::{
+    identity::Keypair, multiaddr::Protocol, swarm::ConnectionId, Multiaddr, PeerId, Stream,
+};
 use relaygate_common::circuit::{
     self, encode_addrs, read_message, write_message, HopMessage, HopType, Limit, Status,
     StopMessage, STOP_PROTOCOL,
@@ -57,26 +59,36 @@ pub struct Hop {
 
 impl Hop {
     /// Serves one inbound hop stream.
-    pub async fn serve(self: Arc<Self>, peer: PeerId, connection: ConnectionId, mut stream: Stream) {
-        let msg = match tokio::time::timeout(REQUEST_TIMEOUT, read_message::<HopMessage, _>(&mut stream)).await {
-            Err(_) => {
-                self.metrics.bad_input("relay_request_timeout");
-                return;
-            }
-            Ok(Err(e)) => {
-                self.metrics.bad_input(e.kind());
-                tracing::debug!(%peer, error = %e, "malformed hop message");
-                self.deny_circuit(&mut stream, Status::MalformedMessage).await;
-                return;
-            }
-            Ok(Ok(m)) => m,
-        };
+    pub async fn serve(
+        self: Arc<Self>,
+        peer: PeerId,
+        connection: ConnectionId,
+        mut stream: Stream,
+    ) {
+        let msg =
+            match tokio::time::timeout(REQUEST_TIMEOUT, read_message::<HopMessage, _>(&mut stream))
+                .await
+            {
+                Err(_) => {
+                    self.metrics.bad_input("relay_request_timeout");
+                    return;
+                }
+                Ok(Err(e)) => {
+                    self.metrics.bad_input(e.kind());
+                    tracing::debug!(%peer, error = %e, "malformed hop message");
+                    self.deny_circuit(&mut stream, Status::MalformedMessage)
+                        .await;
+                    return;
+                }
+                Ok(Ok(m)) => m,
+            };
         match msg.kind() {
             Some(HopType::Reserve) => self.reserve(peer, connection, stream).await,
             Some(HopType::Connect) => self.connect(peer, msg, stream).await,
             Some(HopType::Status) | None => {
                 self.metrics.bad_input("relay_unexpected_message");
-                self.deny_circuit(&mut stream, Status::UnexpectedMessage).await;
+                self.deny_circuit(&mut stream, Status::UnexpectedMessage)
+                    .await;
             }
         }
     }
@@ -88,15 +100,21 @@ impl Hop {
             ReservationClass::Limited
         } else {
             tracing::info!(%peer, "relay reservation refused: not a member (admit the agent, or add it to admission.allow or relay.limited_peers)");
-            return self.deny_reservation(&mut stream, Status::PermissionDenied).await;
+            return self
+                .deny_reservation(&mut stream, Status::PermissionDenied)
+                .await;
         };
         if self.draining.is_cancelled() {
-            return self.deny_reservation(&mut stream, Status::ReservationRefused).await;
+            return self
+                .deny_reservation(&mut stream, Status::ReservationRefused)
+                .await;
         }
         let addrs = self.relay_addrs();
         if addrs.is_empty() {
             tracing::warn!("relay reservation refused: no address to give out (set advertise)");
-            return self.deny_reservation(&mut stream, Status::ReservationRefused).await;
+            return self
+                .deny_reservation(&mut stream, Status::ReservationRefused)
+                .await;
         }
         let ip = self.host.state.remote_ip(&peer);
         let (kind, r) = match self.books.reserve(peer, connection, class, ip) {
@@ -122,7 +140,9 @@ impl Hop {
         let m = &self.metrics.relay;
         match kind {
             Reserved::New => {
-                m.reservations_accepted.get_or_create(&ClassLabels { class }).inc();
+                m.reservations_accepted
+                    .get_or_create(&ClassLabels { class })
+                    .inc();
                 tracing::info!(%peer, ?class, "relay reservation accepted");
             }
             Reserved::Renewed => {
@@ -137,24 +157,32 @@ impl Hop {
     async fn connect(&self, src: PeerId, msg: HopMessage, mut stream: Stream) {
         let Some(dst) = msg.peer_id() else {
             self.metrics.bad_input("relay_bad_peer_id");
-            return self.deny_circuit(&mut stream, Status::MalformedMessage).await;
+            return self
+                .deny_circuit(&mut stream, Status::MalformedMessage)
+                .await;
         };
         let state = self.host.state.clone();
         let Some(res) = self.books.lookup(&dst, |c| state.is_open(c)) else {
             tracing::debug!(%src, %dst, "circuit refused: no reservation");
             return self.deny_circuit(&mut stream, Status::NoReservation).await;
         };
-        let slot = match self.books.open_circuit(src, dst, state.remote_ip(&src), &self.metrics.relay) {
-            Ok(s) => s,
-            Err(status) => return self.deny_circuit(&mut stream, status).await,
-        };
+        let slot =
+            match self
+                .books
+                .open_circuit(src, dst, state.remote_ip(&src), &self.metrics.relay)
+            {
+                Ok(s) => s,
+                Err(status) => return self.deny_circuit(&mut stream, status).await,
+            };
         let limit = self.limit_for(res.class);
         let stop = match self.stop(src, dst, res.connection, limit).await {
             Ok(s) => s,
             Err(why) => {
                 tracing::info!(%src, %dst, %why, "circuit failed: destination did not accept");
                 self.metrics.dial_failed("relay_stop");
-                return self.deny_circuit(&mut stream, Status::ConnectionFailed).await;
+                return self
+                    .deny_circuit(&mut stream, Status::ConnectionFailed)
+                    .await;
             }
         };
         let ok = HopMessage {
@@ -165,16 +193,30 @@ impl Hop {
             return;
         }
         let m = &self.metrics.relay;
-        m.circuits_opened.get_or_create(&ClassLabels { class: res.class }).inc();
+        m.circuits_opened
+            .get_or_create(&ClassLabels { class: res.class })
+            .inc();
         tracing::debug!(%src, %dst, class = ?res.class, "circuit open");
         let bounds = Bounds {
-            deadline: limit.and_then(|l| l.duration).map(|s| Duration::from_secs(s.into())),
+            deadline: limit
+                .and_then(|l| l.duration)
+                .map(|s| Duration::from_secs(s.into())),
             data: limit.and_then(|l| l.data),
             idle: self.cfg.circuit_idle_timeout,
             rate: self.cfg.circuit_rate,
         };
-        let up = m.bytes.get_or_create(&RelayDirectionLabels { direction: RelayDirection::SrcToDst }).clone();
-        let down = m.bytes.get_or_create(&RelayDirectionLabels { direction: RelayDirection::DstToSrc }).clone();
+        let up = m
+            .bytes
+            .get_or_create(&RelayDirectionLabels {
+                direction: RelayDirection::SrcToDst,
+            })
+            .clone();
+        let down = m
+            .bytes
+            .get_or_create(&RelayDirectionLabels {
+                direction: RelayDirection::DstToSrc,
+            })
+            .clone();
         let closed = m.circuits_closed.clone();
         self.tracker.spawn(async move {
             let end = relay(stream, stop, bounds, up, down).await;
@@ -192,7 +234,10 @@ impl Hop {
         connection: ConnectionId,
         limit: Option<Limit>,
     ) -> Result<Stream, String> {
-        let open = self.host.control.open_stream_on(dst, connection, STOP_PROTOCOL);
+        let open = self
+            .host
+            .control
+            .open_stream_on(dst, connection, STOP_PROTOCOL);
         let mut stop = tokio::time::timeout(STOP_TIMEOUT, open)
             .await
             .map_err(|_| "timed out opening stop stream".to_string())?
@@ -221,7 +266,9 @@ impl Hop {
         match class {
             ReservationClass::Member => None,
             ReservationClass::Limited => Some(Limit {
-                duration: Some(u32::try_from(self.cfg.limit.duration.as_secs()).unwrap_or(u32::MAX)),
+                duration: Some(
+                    u32::try_from(self.cfg.limit.duration.as_secs()).unwrap_or(u32::MAX),
+                ),
                 data: Some(self.cfg.limit.data),
             }),
         }
@@ -249,7 +296,8 @@ impl Hop {
             .reservations_denied
             .get_or_create(&ReasonLabels::new(status.name()))
             .inc();
-        self.metrics.refuse(&format!("relay_{}", status.name().to_ascii_lowercase()));
+        self.metrics
+            .refuse(&format!("relay_{}", status.name().to_ascii_lowercase()));
         let _ = write_message(stream, &HopMessage::answer(status)).await;
         let _ = futures::AsyncWriteExt::close(stream).await;
     }

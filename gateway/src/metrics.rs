@@ -68,15 +68,51 @@ impl Metrics {
         );
         let relay = RelayMetrics::default();
         let r = &mut core.registry;
-        r.register("relay_reservations_active", "Live relay reservations", relay.reservations_active.clone());
-        r.register("relay_reservations_accepted", "Relay reservations accepted, by class", relay.reservations_accepted.clone());
-        r.register("relay_reservations_renewed", "Relay reservations refreshed by their holder", relay.reservations_renewed.clone());
-        r.register("relay_reservations_denied", "Relay reservations denied, by status", relay.reservations_denied.clone());
-        r.register("relay_circuits_active", "Open relayed circuits", relay.circuits_active.clone());
-        r.register("relay_circuits_opened", "Relayed circuits opened, by the destination's class", relay.circuits_opened.clone());
-        r.register("relay_circuits_denied", "Relayed circuits denied, by status", relay.circuits_denied.clone());
-        r.register("relay_circuits_closed", "Relayed circuits ended, by reason", relay.circuits_closed.clone());
-        r.register("relay_bytes", "Bytes relayed through circuits, by direction", relay.bytes.clone());
+        r.register(
+            "relay_reservations_active",
+            "Live relay reservations",
+            relay.reservations_active.clone(),
+        );
+        r.register(
+            "relay_reservations_accepted",
+            "Relay reservations accepted, by class",
+            relay.reservations_accepted.clone(),
+        );
+        r.register(
+            "relay_reservations_renewed",
+            "Relay reservations refreshed by their holder",
+            relay.reservations_renewed.clone(),
+        );
+        r.register(
+            "relay_reservations_denied",
+            "Relay reservations denied, by status",
+            relay.reservations_denied.clone(),
+        );
+        r.register(
+            "relay_circuits_active",
+            "Open relayed circuits",
+            relay.circuits_active.clone(),
+        );
+        r.register(
+            "relay_circuits_opened",
+            "Relayed circuits opened, by the destination's class",
+            relay.circuits_opened.clone(),
+        );
+        r.register(
+            "relay_circuits_denied",
+            "Relayed circuits denied, by status",
+            relay.circuits_denied.clone(),
+        );
+        r.register(
+            "relay_circuits_closed",
+            "Relayed circuits ended, by reason",
+            relay.circuits_closed.clone(),
+        );
+        r.register(
+            "relay_bytes",
+            "Bytes relayed through circuits, by direction",
+            relay.bytes.clone(),
+        );
         Self {
             core,
             tunnels_active,

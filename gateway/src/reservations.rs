@@ -15,7 +15,7 @@ use relaygate_common::circuit::Status;
 
 use crate::{
     config::RelayConfig,
-    metrics::{ReservationClass, RelayMetrics},
+    metrics::{RelayMetrics, ReservationClass},
 };
 
 #[derive(Clone, Copy, Debug)]
@@ -106,7 +106,10 @@ impl Reservations {
         {
             return Err(Status::ResourceLimitExceeded);
         }
-        b.reservations.entry(peer).or_default().insert(connection, r);
+        b.reservations
+            .entry(peer)
+            .or_default()
+            .insert(connection, r);
         Ok((Reserved::New, r))
     }
 
@@ -244,9 +247,18 @@ mod tests {
         );
         let ip: IpAddr = [198, 51, 100, 1].into();
         let m = ReservationClass::Member;
-        assert_eq!(r.reserve(a, c1, m, Some(ip)).map(|x| x.0), Ok(Reserved::New));
-        assert_eq!(r.reserve(a, c1, m, Some(ip)).map(|x| x.0), Ok(Reserved::Renewed));
-        assert_eq!(r.reserve(a, c2, m, Some(ip)).map(|x| x.0), Ok(Reserved::New));
+        assert_eq!(
+            r.reserve(a, c1, m, Some(ip)).map(|x| x.0),
+            Ok(Reserved::New)
+        );
+        assert_eq!(
+            r.reserve(a, c1, m, Some(ip)).map(|x| x.0),
+            Ok(Reserved::Renewed)
+        );
+        assert_eq!(
+            r.reserve(a, c2, m, Some(ip)).map(|x| x.0),
+            Ok(Reserved::New)
+        );
         // per peer: a holds 2
         assert_eq!(
             r.reserve(a, c3, m, None).map(|x| x.0),

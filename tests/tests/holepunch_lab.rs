@@ -128,7 +128,10 @@ fn setup(tag: &str, t: Transport, nat_b: Nat) -> Setup {
         ],
     );
     a.proc
-        .wait_for(|l| l.contains("relay reservation active"), Duration::from_secs(30))
+        .wait_for(
+            |l| l.contains("relay reservation active"),
+            Duration::from_secs(30),
+        )
         .expect("A reserved on the relay");
     let a_id = peer_id_of(a.dir.path());
     let launch_b = |b: &Path| b_host.cmd(b);
@@ -153,7 +156,10 @@ fn setup(tag: &str, t: Transport, nat_b: Nat) -> Setup {
         .wait_for(|l| l.contains("visitor port open"), Duration::from_secs(30))
         .expect("B's visitor port");
     b.proc
-        .wait_for(|l| l.contains("relay reservation active"), Duration::from_secs(30))
+        .wait_for(
+            |l| l.contains("relay reservation active"),
+            Duration::from_secs(30),
+        )
         .expect("B's session up");
     Setup {
         _lab: lab,
@@ -201,11 +207,16 @@ fn punch_through(tag: &str, t: Transport) {
     assert!(record["direct_connections"].as_u64() >= Some(1));
     // The stream opened on the relay was not broken by the upgrade.
     let first_bytes = stream_ok(&mut first);
-    assert!(first_bytes > 1_000_000, "first stream moved {first_bytes} bytes");
+    assert!(
+        first_bytes > 1_000_000,
+        "first stream moved {first_bytes} bytes"
+    );
     let b_metrics = ns_get(&s.b_host, s.b.admin, "/metrics");
     assert!(
-        metric_sum(&b_metrics, "relaygate_agent_service_bytes_total{role=\"Visit\",path=\"Relayed\"}")
-            >= (2 * first_bytes) as f64,
+        metric_sum(
+            &b_metrics,
+            "relaygate_agent_service_bytes_total{role=\"Visit\",path=\"Relayed\"}"
+        ) >= (2 * first_bytes) as f64,
         "the first stream ran over the relay:\n{b_metrics}"
     );
 
@@ -219,7 +230,9 @@ fn punch_through(tag: &str, t: Transport) {
         .expect("second stream flowing");
     let second_bytes = stream_ok(&mut second);
     let relayed_during = relayed_bytes(&s) - relayed_before;
-    println!("second stream: {second_bytes} bytes direct, gateway relayed {relayed_during} meanwhile");
+    println!(
+        "second stream: {second_bytes} bytes direct, gateway relayed {relayed_during} meanwhile"
+    );
     assert!(second_bytes > 1_000_000);
     assert!(
         relayed_during < 20_000.0,
@@ -227,8 +240,10 @@ fn punch_through(tag: &str, t: Transport) {
     );
     let b_metrics = ns_get(&s.b_host, s.b.admin, "/metrics");
     assert!(
-        metric_sum(&b_metrics, "relaygate_agent_service_bytes_total{role=\"Visit\",path=\"Direct\"}")
-            >= (2 * second_bytes) as f64
+        metric_sum(
+            &b_metrics,
+            "relaygate_agent_service_bytes_total{role=\"Visit\",path=\"Direct\"}"
+        ) >= (2 * second_bytes) as f64
     );
     let a_metrics = ns_get(&s.a_host, s.a.admin, "/metrics");
     assert!(metric_sum(&a_metrics, "relaygate_agent_holepunch_attempts_total") >= 1.0);
@@ -263,12 +278,18 @@ fn symmetric_nat_keeps_the_service_on_the_relay() {
     // A (the DCUtR initiator) gives up after its attempts; nothing direct exists.
     let a_failed = eventually(Duration::from_secs(60), || {
         let m = ns_get(&s.a_host, s.a.admin, "/metrics");
-        metric_sum(&m, "relaygate_agent_holepunch_results_total{transport=\"Quic\",result=\"Failure\"}") >= 1.0
+        metric_sum(
+            &m,
+            "relaygate_agent_holepunch_results_total{transport=\"Quic\",result=\"Failure\"}",
+        ) >= 1.0
     });
     let b_view = punch_record(&s.b_host, s.b.admin, &s.a_id).unwrap_or_default();
     println!("symmetric: B's view {b_view}");
     assert!(a_failed, "A reports the failed hole punch");
-    assert_eq!(b_view["direct_connections"], 0, "no direct connection: {b_view}");
+    assert_eq!(
+        b_view["direct_connections"], 0,
+        "no direct connection: {b_view}"
+    );
     // The service still works, byte-exact, through the relay.
     let mut again = stream(&s.b_host, 2);
     let bytes2 = stream_ok(&mut again);
@@ -276,5 +297,53 @@ fn symmetric_nat_keeps_the_service_on_the_relay() {
     assert!(
         relayed >= (2 * (bytes + bytes2)) as f64,
         "both streams crossed the relay ({relayed} bytes relayed)"
+    );
+}
+
+#[test]
+fn autonat_tells_agents_whether_they_are_reachable() {
+    if !require_root("autonat_tells_agents_whether_they_are_reachable") {
+        return;
+    }
+    let lab = Lab::new("an").expect("lab");
+    let gw_host = lab.internet_host("gw", 10);
+    let public_host = lab.internet_host("pub", 20);
+    let lan = lab.lan("a", Nat::Masquerade, 1);
+    let private_host = lab.lan_host(&lan, "priv", 10);
+    let launch_gw = |b: &Path| gw_host.cmd(b);
+    let gw = Gateway::start(
+        &launch_gw,
+        GatewaySpec {
+            bind: "0.0.0.0".into(),
+            public_ip: gw_host.ip().to_string(),
+            extra: vec!["--set".into(), "autonat.only_global_ips=false".into()],
+            ..Default::default()
+        },
+    );
+    let service = [
+        "--service".to_string(),
+        "none=127.0.0.1:1,allow=12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN".to_string(),
+    ];
+    let launch_pub = |b: &Path| public_host.cmd(b);
+    let public = Agent::start(&launch_pub, &gw, Transport::Tcp, &[], true, &service);
+    let launch_priv = |b: &Path| private_host.cmd(b);
+    let private = Agent::start(&launch_priv, &gw, Transport::Tcp, &[], true, &service);
+    let reachable = |host: &Host, a: &Agent| {
+        let m = ns_get(host, a.admin, "/metrics");
+        relaygate_tests::stack::metric(&m, "relaygate_agent_reachable")
+    };
+    assert!(
+        eventually(Duration::from_secs(45), || reachable(&public_host, &public)
+            == Some(1.0)),
+        "an agent on the internet segment learns it is public (got {:?})",
+        reachable(&public_host, &public)
+    );
+    assert!(
+        eventually(Duration::from_secs(45), || reachable(
+            &private_host,
+            &private
+        ) == Some(0.0)),
+        "an agent behind a NAT learns it is private (got {:?})",
+        reachable(&private_host, &private)
     );
 }

@@ -63,10 +63,16 @@ fn sum_matching(body: &str, family: &str, label: &str) -> f64 {
 #[test]
 fn relay_admits_members_limits_guests_and_refuses_strangers() {
     let guest = seed_peer(9);
-    let gw = Gateway::start(
+    let mut gw = Gateway::start(
         &here,
         GatewaySpec {
-            extra: vec!["--set".into(), format!("relay.limited_peers={guest}")],
+            extra: vec![
+                "--set".into(),
+                format!("relay.limited_peers={guest}"),
+                // Short, so the test sees clients renew (at 3/4 of it).
+                "--set".into(),
+                "relay.reservation_ttl=4s".into(),
+            ],
             ..Default::default()
         },
     );
@@ -75,7 +81,10 @@ fn relay_admits_members_limits_guests_and_refuses_strangers() {
     // A peer that is neither an admitted agent nor listed may not reserve.
     let mut stranger = lab_node(&["reserve", "--relay", &relay, "--seed", "8"]);
     let refused = stranger
-        .wait_for(|l| l.contains("reservation_failed"), Duration::from_secs(15))
+        .wait_for(
+            |l| l.contains("reservation_failed"),
+            Duration::from_secs(15),
+        )
         .expect("stranger refused");
     assert!(refused.contains("PERMISSION_DENIED"), "{refused}");
     assert!(stranger
@@ -106,13 +115,23 @@ fn relay_admits_members_limits_guests_and_refuses_strangers() {
         .is_some_and(|s| s.success()));
 
     // An admitted agent is a member: circuits to it carry no Limit.
-    let agent = Agent::start(&here, &gw, Transport::Quic, &[], true, &[
-        "--service".into(),
-        format!("none=127.0.0.1:1,allow={}", seed_peer(3)),
-    ]);
+    let agent = Agent::start(
+        &here,
+        &gw,
+        Transport::Quic,
+        &[],
+        true,
+        &[
+            "--service".into(),
+            format!("none=127.0.0.1:1,allow={}", seed_peer(3)),
+        ],
+    );
     agent
         .proc
-        .wait_for(|l| l.contains("relay reservation active"), Duration::from_secs(20))
+        .wait_for(
+            |l| l.contains("relay reservation active"),
+            Duration::from_secs(20),
+        )
         .expect("agent reserved");
     let agent_id = peer_id_of(agent.dir.path());
     let mut to_member = lab_node(&[
@@ -144,15 +163,85 @@ fn relay_admits_members_limits_guests_and_refuses_strangers() {
 
     let m = gw.metrics();
     let denied = |reason: &str| {
-        sum_matching(&m, "relaygate_gateway_relay_reservations_denied_total", reason)
+        sum_matching(
+            &m,
+            "relaygate_gateway_relay_reservations_denied_total",
+            reason,
+        )
     };
     assert_eq!(denied("PERMISSION_DENIED"), 1.0, "{m}");
-    assert!(sum_matching(&m, "relaygate_gateway_relay_reservations_accepted_total", "Member") >= 1.0);
-    assert_eq!(sum_matching(&m, "relaygate_gateway_relay_reservations_accepted_total", "Limited"), 1.0);
-    assert!(sum_matching(&m, "relaygate_gateway_relay_circuits_opened_total", "Member") >= 1.0);
-    assert_eq!(sum_matching(&m, "relaygate_gateway_relay_circuits_opened_total", "Limited"), 1.0);
-    assert!(sum_matching(&m, "relaygate_gateway_relay_circuits_denied_total", "NO_RESERVATION") >= 1.0);
+    assert!(
+        sum_matching(
+            &m,
+            "relaygate_gateway_relay_reservations_accepted_total",
+            "Member"
+        ) >= 1.0
+    );
+    assert_eq!(
+        sum_matching(
+            &m,
+            "relaygate_gateway_relay_reservations_accepted_total",
+            "Limited"
+        ),
+        1.0
+    );
+    assert!(
+        sum_matching(
+            &m,
+            "relaygate_gateway_relay_circuits_opened_total",
+            "Member"
+        ) >= 1.0
+    );
+    assert_eq!(
+        sum_matching(
+            &m,
+            "relaygate_gateway_relay_circuits_opened_total",
+            "Limited"
+        ),
+        1.0
+    );
+    assert!(
+        sum_matching(
+            &m,
+            "relaygate_gateway_relay_circuits_denied_total",
+            "NO_RESERVATION"
+        ) >= 1.0
+    );
     assert!(metric_sum(&m, "relaygate_gateway_relay_bytes_total") > 0.0);
+
+    // Reservations are renewed before they expire.
+    assert!(
+        eventually(Duration::from_secs(15), || metric_sum(
+            &gw.metrics(),
+            "relaygate_gateway_relay_reservations_renewed_total"
+        ) >= 1.0),
+        "a client renewed its reservation"
+    );
+
+    // After the gateway restarts, the agent reserves again and is reachable.
+    let reserved = |a: &Agent| {
+        a.proc
+            .lines()
+            .iter()
+            .filter(|l| l.contains("relay reservation active"))
+            .count()
+    };
+    let before = reserved(&agent);
+    gw.crash_and_restart(&here);
+    assert!(
+        eventually(Duration::from_secs(30), || reserved(&agent) > before),
+        "the agent reserved again after the gateway restarted"
+    );
+    let mut again = lab_node(&[
+        "dial",
+        "--addr",
+        &format!("{relay}/p2p-circuit/p2p/{agent_id}"),
+        "--pings",
+        "1",
+    ]);
+    assert!(again
+        .wait_exit(Duration::from_secs(20))
+        .is_some_and(|s| s.success()));
 }
 
 fn hop_answer(raw: &RawPeer, bytes: &[u8]) -> Option<Status> {
@@ -195,7 +284,10 @@ fn relay_hop_answers_malformed_messages_and_keeps_serving() {
     let bytes = prost::Message::encode_length_delimited_to_vec(&bad_peer);
     assert_eq!(hop_answer(&raw, &bytes), Some(Status::MalformedMessage));
     // A truncated message: the stream ends mid-frame.
-    assert_eq!(hop_answer(&raw, &[0x10, 0x08]), Some(Status::MalformedMessage));
+    assert_eq!(
+        hop_answer(&raw, &[0x10, 0x08]),
+        Some(Status::MalformedMessage)
+    );
     // A stranger's RESERVE is refused.
     let reserve = HopMessage {
         r#type: HopType::Reserve as i32,
@@ -208,12 +300,20 @@ fn relay_hop_answers_malformed_messages_and_keeps_serving() {
     assert_eq!(hop_answer(&raw, &bytes), Some(Status::PermissionDenied));
 
     let m = gw.metrics();
-    assert!(metric_sum(&m, "relaygate_gateway_bad_input_total") >= 5.0, "{m}");
+    assert!(
+        metric_sum(&m, "relaygate_gateway_bad_input_total") >= 5.0,
+        "{m}"
+    );
     // Still serving: an honest agent's tunnel works.
     let echo = relaygate_tests::stack::Echo::start();
     let agent = Agent::start(&here, &gw, Transport::Tcp, &[echo.tunnel("t")], true, &[]);
-    let port = agent.wait_leased("t", Duration::from_secs(20)).expect("lease");
-    assert_eq!(round_trip(port, b"still here").expect("round trip"), b"still here");
+    let port = agent
+        .wait_leased("t", Duration::from_secs(20))
+        .expect("lease");
+    assert_eq!(
+        round_trip(port, b"still here").expect("round trip"),
+        b"still here"
+    );
 }
 
 /// A target that reads a PROXY v2 header first, records the peer id in it,
@@ -267,25 +367,46 @@ fn proxy_echo() -> (u16, Arc<Mutex<Vec<Option<String>>>>) {
 fn service_reaches_allowed_peers_with_their_peer_id_and_refuses_others() {
     let gw = Gateway::start(&here, GatewaySpec::default());
     let (target, seen) = proxy_echo();
-    let (b_dir, c_dir) = (tempfile::tempdir().expect("dir"), tempfile::tempdir().expect("dir"));
+    let (b_dir, c_dir) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
     let b_id = peer_id_of(b_dir.path());
-    let a = Agent::start(&here, &gw, Transport::Quic, &[], true, &[
-        "--service".into(),
-        format!("echo=127.0.0.1:{target},allow={b_id},proxy=v2"),
-    ]);
+    let a = Agent::start(
+        &here,
+        &gw,
+        Transport::Quic,
+        &[],
+        true,
+        &[
+            "--service".into(),
+            format!("echo=127.0.0.1:{target},allow={b_id},proxy=v2"),
+        ],
+    );
     a.proc
-        .wait_for(|l| l.contains("relay reservation active"), Duration::from_secs(20))
+        .wait_for(
+            |l| l.contains("relay reservation active"),
+            Duration::from_secs(20),
+        )
         .expect("A reserved");
     let a_id = peer_id_of(a.dir.path());
 
     let visit = |dir: tempfile::TempDir, port: u16| {
-        Agent::start_in(&here, &gw, Transport::Quic, &[], true, &[
-            "connect".into(),
-            a_id.clone(),
-            "echo".into(),
-            "--listen".into(),
-            format!("127.0.0.1:{port}"),
-        ], dir)
+        Agent::start_in(
+            &here,
+            &gw,
+            Transport::Quic,
+            &[],
+            true,
+            &[
+                "connect".into(),
+                a_id.clone(),
+                "echo".into(),
+                "--listen".into(),
+                format!("127.0.0.1:{port}"),
+            ],
+            dir,
+        )
     };
     let (b_port, c_port) = (free_tcp_port(), free_tcp_port());
     let b = visit(b_dir, b_port);
@@ -303,7 +424,11 @@ fn service_reaches_allowed_peers_with_their_peer_id_and_refuses_others() {
     );
     assert_eq!(back, data, "byte-exact through the service");
     assert_eq!(
-        seen.lock().unwrap_or_else(|e| e.into_inner()).first().cloned().flatten(),
+        seen.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .first()
+            .cloned()
+            .flatten(),
         Some(b_id.clone()),
         "the target received the caller's peer id in the PROXY v2 TLV"
     );
@@ -323,10 +448,23 @@ fn service_reaches_allowed_peers_with_their_peer_id_and_refuses_others() {
     });
     assert!(refused, "A refused C");
     assert!(
-        round_trip(c_port, b"let me in").unwrap_or_default().is_empty(),
+        round_trip(c_port, b"let me in")
+            .unwrap_or_default()
+            .is_empty(),
         "C gets no byte through"
     );
     let cm = relaygate_tests::stack::http_get(c.admin, "/metrics").1;
-    assert!(sum_matching(&cm, "relaygate_agent_service_streams_total{role=\"Visit\"", "not_allowed") >= 1.0, "{cm}");
-    assert_eq!(seen.lock().unwrap_or_else(|e| e.into_inner()).len(), 1, "C never reached the target");
+    assert!(
+        sum_matching(
+            &cm,
+            "relaygate_agent_service_streams_total{role=\"Visit\"",
+            "not_allowed"
+        ) >= 1.0,
+        "{cm}"
+    );
+    assert_eq!(
+        seen.lock().unwrap_or_else(|e| e.into_inner()).len(),
+        1,
+        "C never reached the target"
+    );
 }

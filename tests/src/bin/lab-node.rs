@@ -463,7 +463,10 @@ fn report(swarm: &Swarm<Node>, ev: &SwarmEvent<NodeEvent>) {
                     "event": "circuit", "direction": "outbound", "relay": relay_peer_id.to_string(),
                     "limit": limit!(l),
                 }),
-                R::InboundCircuitEstablished { src_peer_id, limit: l } => json!({
+                R::InboundCircuitEstablished {
+                    src_peer_id,
+                    limit: l,
+                } => json!({
                     "event": "circuit", "direction": "inbound", "peer": src_peer_id.to_string(),
                     "limit": limit!(l),
                 }),
@@ -654,7 +657,11 @@ mod plain_tcp {
         (i.wrapping_mul(2_654_435_761) >> 13) as u8
     }
 
-    pub async fn stream(addr: SocketAddr, length: Duration, kib_per_sec: u64) -> anyhow::Result<()> {
+    pub async fn stream(
+        addr: SocketAddr,
+        length: Duration,
+        kib_per_sec: u64,
+    ) -> anyhow::Result<()> {
         let s = TcpStream::connect(addr).await?;
         s.set_nodelay(true)?;
         let local = s.local_addr()?.to_string();
@@ -702,7 +709,9 @@ mod plain_tcp {
         }
         let sent = writer.await??;
         let ok = bad.is_none() && received == sent;
-        emit(json!({"event": "stream_done", "sent": sent, "received": received, "ok": ok, "first_bad": bad}));
+        emit(
+            json!({"event": "stream_done", "sent": sent, "received": received, "ok": ok, "first_bad": bad}),
+        );
         if !ok {
             anyhow::bail!("echo differs: sent {sent}, received {received}, first bad byte {bad:?}");
         }

@@ -1,0 +1,24 @@
+//! Circuit relay v2 hop and stop messages, as the gateway's relay hop reads
+//! them from any connected peer (and stop answers from reserved peers).
+#![no_main]
+use futures::executor::block_on;
+use libfuzzer_sys::fuzz_target;
+use relaygate_common::circuit::{decode_frame, read_message, HopMessage, StopMessage};
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(m) = decode_frame::<HopMessage>(data) {
+        let _ = (m.kind(), m.peer_id());
+        // what decodes must encode and decode to the same message
+        let again = prost::Message::encode_length_delimited_to_vec(&m);
+        assert_eq!(decode_frame::<HopMessage>(&again).ok(), Some(m));
+    }
+    if let Ok(m) = decode_frame::<StopMessage>(data) {
+        let _ = m.status_answer();
+    }
+    // The streaming reader must agree with the in-memory decoder.
+    let mut cur = futures::io::Cursor::new(data);
+    let streamed = block_on(read_message::<HopMessage, _>(&mut cur)).ok();
+    if let Some(m) = streamed {
+        assert_eq!(decode_frame::<HopMessage>(data).ok(), Some(m));
+    }
+});

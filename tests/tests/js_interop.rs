@@ -1,0 +1,126 @@
+//! Interop with a real js-libp2p 3.x node (tests/js, installed by `npm ci`):
+//! it dials an agent's circuit address through the gateway's relay, pings it,
+//! and its connection is not marked limited; a js node that is not a member
+//! cannot reserve.
+
+use std::{
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use relaygate_tests::{
+    procs::{workspace_bin, Proc},
+    stack::{here, Agent, Gateway, GatewaySpec, Transport},
+};
+use serde_json::Value;
+
+fn js_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("js")
+}
+
+/// True when node and the harness's packages are installed. Otherwise prints
+/// a loud skip line, and under `CI=true` fails: CI must run this test.
+fn require_js(test: &str) -> bool {
+    let node = Command::new("node")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    let modules = js_dir().join("node_modules").join("libp2p").exists();
+    if node && modules {
+        return true;
+    }
+    let msg = format!(
+        "!!! SKIPPED {test}: needs node and `npm ci --prefix tests/js` (node: {node}, packages: {modules}) !!!"
+    );
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{msg} (CI=true, and a skipped test must fail CI)");
+    }
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{msg}");
+    false
+}
+
+fn js(args: &[&str]) -> Proc {
+    let mut cmd = Command::new("node");
+    cmd.arg(js_dir().join("interop.mjs")).args(args);
+    // Proc kills it when dropped, so a failing test leaves no node behind.
+    Proc::spawn("js", cmd)
+}
+
+fn json(line: &str) -> Value {
+    serde_json::from_str(line.trim()).unwrap_or(Value::Null)
+}
+
+#[test]
+fn js_libp2p_reaches_an_agent_through_the_relay_unlimited() {
+    if !require_js("js_libp2p_reaches_an_agent_through_the_relay_unlimited") {
+        return;
+    }
+    let gw = Gateway::start(&here, GatewaySpec::default());
+    let agent = Agent::start(
+        &here,
+        &gw,
+        Transport::Tcp,
+        &[],
+        true,
+        &[
+            "--service".into(),
+            "none=127.0.0.1:1,allow=12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN".into(),
+        ],
+    );
+    agent
+        .proc
+        .wait_for(
+            |l| l.contains("relay reservation active"),
+            Duration::from_secs(20),
+        )
+        .expect("agent reserved");
+    let out = Command::new(workspace_bin("relaygate-agent"))
+        .arg("--data-dir")
+        .arg(agent.dir.path())
+        .arg("peer-id")
+        .output()
+        .expect("peer-id");
+    let agent_id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let circuit = format!("{}/p2p-circuit/p2p/{agent_id}", gw.addr(Transport::Tcp));
+
+    let mut dial = js(&["dial", &circuit, "--pings", "3"]);
+    let connected = dial
+        .wait_for(|l| l.contains("\"connected\""), Duration::from_secs(40))
+        .expect("js connected");
+    let c = json(&connected);
+    assert_eq!(c["peer"], agent_id.as_str(), "{connected}");
+    assert_eq!(c["limited"], false, "not a limited connection: {connected}");
+    assert_eq!(c["relay_limit_bytes"], Value::Null, "{connected}");
+    assert_eq!(c["relay_limit_seconds"], Value::Null, "{connected}");
+    dial.wait_for(|l| l.contains("\"done\""), Duration::from_secs(30))
+        .expect("js pinged the agent three times");
+    let pings = dial
+        .lines()
+        .iter()
+        .filter(|l| l.contains("\"ping\""))
+        .count();
+    assert_eq!(pings, 3);
+    assert!(dial
+        .wait_exit(Duration::from_secs(10))
+        .is_some_and(|s| s.success()));
+    let m = gw.metrics();
+    assert!(
+        m.lines().any(|l| l
+            .starts_with("relaygate_gateway_relay_circuits_opened_total{class=\"Member\"}")
+            && !l.ends_with(" 0")),
+        "{m}"
+    );
+
+    // A js node that is not a member cannot reserve.
+    let mut reserve = js(&["reserve", &gw.addr(Transport::Tcp), "--timeout-ms", "10000"]);
+    let err = reserve
+        .wait_for(|l| l.contains("\"error\""), Duration::from_secs(30))
+        .expect("js reservation refused");
+    assert_eq!(json(&err)["status"], "PERMISSION_DENIED", "{err}");
+    assert!(reserve
+        .wait_exit(Duration::from_secs(10))
+        .is_some_and(|s| !s.success()));
+}
