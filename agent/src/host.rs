@@ -269,6 +269,7 @@ impl Driver {
             }
             Command::Reserve(addr) => {
                 self.relay_addr = Some(addr.clone());
+                self.retry_reserve = None;
                 self.listen_relay(swarm, addr);
             }
             Command::Connect { peer, addrs, reply } => {
@@ -298,6 +299,7 @@ impl Driver {
         if let Some(old) = self.relay_listener.take() {
             swarm.remove_listener(old);
         }
+        self.state.clear_circuit_addrs();
         let circuit = relay.with(Protocol::P2pCircuit);
         match swarm.listen_on(circuit.clone()) {
             Ok(id) => self.relay_listener = Some(id),
@@ -357,16 +359,14 @@ impl Driver {
                     self.state.clear_circuit_addrs();
                     self.publish_circuits();
                     peers.reservation_active.set(0);
-                    let gateway_up = self.gateway.is_some_and(|g| swarm.is_connected(&g));
-                    match reason {
-                        Err(e) => {
-                            tracing::warn!(error = %e, "relay reservation failed or lost");
-                            if gateway_up {
-                                self.retry_reserve =
-                                    Some(tokio::time::Instant::now() + RESERVE_RETRY);
-                            }
-                        }
-                        Ok(()) => tracing::debug!("relay reservation closed"),
+                    match &reason {
+                        Err(e) => tracing::warn!(error = %e, "relay reservation failed or lost"),
+                        Ok(()) => tracing::info!("relay reservation ended with its connection"),
+                    }
+                    // While the session is up, a lost reservation is taken again;
+                    // a new session reserves anyway.
+                    if self.gateway.is_some_and(|g| swarm.is_connected(&g)) {
+                        self.retry_reserve = Some(tokio::time::Instant::now() + RESERVE_RETRY);
                     }
                 } else if let Err(e) = reason {
                     tracing::warn!(error = %e, "hole-punch listener closed");

@@ -125,7 +125,7 @@ impl Paths {
             return Some(PunchEvent::Started(transport));
         }
         let p = g.punches.get_mut(&peer)?;
-        if p.record.direct_after_ms.is_some() {
+        if p.record.result.is_some() {
             return None;
         }
         let after = p.started.elapsed();
@@ -136,7 +136,23 @@ impl Paths {
     }
 
     pub fn connection_down(&self, connection: ConnectionId) {
-        self.lock().conns.remove(&connection);
+        let mut g = self.lock();
+        let Some(gone) = g.conns.remove(&connection) else {
+            return;
+        };
+        let peer = gone.peer;
+        let left = g.conns.values().filter(|c| c.peer == peer).count();
+        let relayed_left = g.conns.values().any(|c| c.peer == peer && c.relayed);
+        if left == 0 {
+            // Records live as long as the peer's connections: memory stays bounded.
+            g.punches.remove(&peer);
+        } else if !relayed_left {
+            if let Some(p) = g.punches.get_mut(&peer) {
+                if p.record.result.is_none() {
+                    p.record.result = Some("abandoned: the relayed connection closed".into());
+                }
+            }
+        }
     }
 
     /// A direct dial to `peer` failed; counts toward its punch if one is under way.

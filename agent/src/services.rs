@@ -70,6 +70,14 @@ impl Services {
                     return self.count(path, "timeout");
                 }
             };
+        // A peer on no allow-list learns nothing, not even which names exist.
+        if !self.services.values().any(|s| s.allow.contains(&peer)) {
+            self.metrics.refuse("service_not_allowed");
+            tracing::warn!(%peer, service = %req.service, "peer is on no service's allow-list; refused");
+            let _ = stream.write_all(&[StreamStatus::NotAllowed as u8]).await;
+            let _ = stream.shutdown().await;
+            return self.count(path, StreamStatus::NotAllowed.as_str());
+        }
         let Some(svc) = self.services.get(&req.service) else {
             tracing::info!(%peer, service = %req.service, "service stream for an unknown service");
             let _ = stream.write_all(&[StreamStatus::UnknownTunnel as u8]).await;

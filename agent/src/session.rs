@@ -97,6 +97,9 @@ impl Session {
             };
             self.state.session_down();
             self.metrics.sessions_active.set(0);
+            // No stale connection outlives its session: the next one starts clean
+            // (and the relay reservation follows the new connection).
+            self.host.disconnect(self.gateway).await;
             match result {
                 Ok(reason) => {
                     tracing::warn!(gateway = %self.gateway, %reason, "session ended; reconnecting")

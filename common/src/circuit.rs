@@ -67,7 +67,7 @@ pub struct Limit {
     /// Seconds.
     #[prost(uint32, optional, tag = "1")]
     pub duration: Option<u32>,
-    /// Bytes, both directions together.
+    /// Bytes, per direction.
     #[prost(uint64, optional, tag = "2")]
     pub data: Option<u64>,
 }

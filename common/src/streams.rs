@@ -84,6 +84,15 @@ struct Inbound {
     protocols: Vec<StreamProtocol>,
     queue: mpsc::Sender<Incoming>,
     dropped: AtomicU64,
+    /// Connections open now: recorded before any stream can arrive on them,
+    /// so a stream's receiver can always ask about its own connection.
+    open: std::sync::Mutex<std::collections::HashSet<ConnectionId>>,
+    /// Connections kept open while idle (e.g. those holding a relay reservation).
+    pinned: std::sync::Mutex<std::collections::HashSet<ConnectionId>>,
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Opens streams; cheap to clone, usable from any task.
@@ -140,6 +149,22 @@ impl Control {
         rx.await.map_err(|_| OpenError::Closed)?
     }
 
+    /// Whether `connection` is open.
+    pub fn is_open(&self, connection: ConnectionId) -> bool {
+        lock(&self.inbound.open).contains(&connection)
+    }
+
+    /// Keeps `connection` open while idle (`true`), or lets the idle timeout
+    /// close it again (`false`).
+    pub fn pin(&self, connection: ConnectionId, keep: bool) {
+        let mut p = lock(&self.inbound.pinned);
+        if keep {
+            p.insert(connection);
+        } else {
+            p.remove(&connection);
+        }
+    }
+
     /// Inbound streams dropped because the queue was full.
     pub fn inbound_dropped(&self) -> u64 {
         self.inbound.dropped.load(Ordering::Relaxed)
@@ -165,6 +190,8 @@ pub fn new(
         protocols: accept,
         queue: tx,
         dropped: AtomicU64::new(0),
+        open: Default::default(),
+        pinned: Default::default(),
     });
     let control = Control {
         requests: req_tx,
@@ -203,6 +230,7 @@ impl NetworkBehaviour for Behaviour {
         _: &Multiaddr,
         _: &Multiaddr,
     ) -> Result<THandler<Self>, ConnectionDenied> {
+        lock(&self.inbound.open).insert(connection);
         Ok(self.handler(peer, connection))
     }
 
@@ -214,6 +242,7 @@ impl NetworkBehaviour for Behaviour {
         _: Endpoint,
         _: PortUse,
     ) -> Result<THandler<Self>, ConnectionDenied> {
+        lock(&self.inbound.open).insert(connection);
         Ok(self.handler(peer, connection))
     }
 
@@ -230,6 +259,8 @@ impl NetworkBehaviour for Behaviour {
                 connection_id,
                 ..
             }) => {
+                lock(&self.inbound.open).remove(&connection_id);
+                lock(&self.inbound.pinned).remove(&connection_id);
                 if let Some(v) = self.connections.get_mut(&peer_id) {
                     v.retain(|(c, _)| *c != connection_id);
                     if v.is_empty() {
@@ -311,6 +342,10 @@ impl ConnectionHandler for Handler {
 
     fn listen_protocol(&self) -> SubstreamProtocol<Self::InboundProtocol> {
         SubstreamProtocol::new(Protocols(self.inbound.protocols.clone()), ())
+    }
+
+    fn connection_keep_alive(&self) -> bool {
+        lock(&self.inbound.pinned).contains(&self.connection)
     }
 
     fn poll(

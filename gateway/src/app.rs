@@ -185,9 +185,7 @@ async fn sweep_reservations(hop: Arc<Hop>) {
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     loop {
         tick.tick().await;
-        let state = hop.host.state.clone();
-        let live = hop.books.sweep(|c| state.is_open(c));
-        hop.metrics.relay.reservations_active.set(live as i64);
+        hop.sweep();
     }
 }
 

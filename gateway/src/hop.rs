@@ -100,6 +100,8 @@ impl Hop {
             ReservationClass::Limited
         } else {
             tracing::info!(%peer, "relay reservation refused: not a member (admit the agent, or add it to admission.allow or relay.limited_peers)");
+            // A refused renewal ends the reservation it would have renewed.
+            self.end_reservation(&peer, connection);
             return self
                 .deny_reservation(&mut stream, Status::PermissionDenied)
                 .await;
@@ -121,6 +123,8 @@ impl Hop {
             Ok(x) => x,
             Err(status) => return self.deny_reservation(&mut stream, status).await,
         };
+        // The connection must outlive idle periods while it holds the reservation.
+        self.host.control.pin(connection, true);
         let answer = HopMessage {
             r#type: HopType::Status as i32,
             peer: None,
@@ -149,9 +153,24 @@ impl Hop {
                 m.reservations_renewed.inc();
             }
         }
-        let state = self.host.state.clone();
-        m.reservations_active
-            .set(self.books.sweep(|c| state.is_open(c)) as i64);
+        self.sweep();
+    }
+
+    /// Drops expired and orphaned reservations, unpins their connections and
+    /// updates `relay_reservations_active`.
+    pub fn sweep(&self) {
+        let control = &self.host.control;
+        let (live, dropped) = self.books.sweep(|c| control.is_open(c));
+        for c in dropped {
+            control.pin(c, false);
+        }
+        self.metrics.relay.reservations_active.set(live as i64);
+    }
+
+    fn end_reservation(&self, peer: &PeerId, connection: ConnectionId) {
+        if self.books.remove(peer, connection) {
+            self.host.control.pin(connection, false);
+        }
     }
 
     async fn connect(&self, src: PeerId, msg: HopMessage, mut stream: Stream) {
@@ -161,19 +180,24 @@ impl Hop {
                 .deny_circuit(&mut stream, Status::MalformedMessage)
                 .await;
         };
-        let state = self.host.state.clone();
-        let Some(res) = self.books.lookup(&dst, |c| state.is_open(c)) else {
+        let control = &self.host.control;
+        let res = self
+            .books
+            .lookup(&dst, |c| control.is_open(c))
+            // A member that left (its session ended) no longer has a free pass.
+            .filter(|r| r.class != ReservationClass::Member || self.members.contains(&dst));
+        let Some(res) = res else {
             tracing::debug!(%src, %dst, "circuit refused: no reservation");
             return self.deny_circuit(&mut stream, Status::NoReservation).await;
         };
-        let slot =
-            match self
-                .books
-                .open_circuit(src, dst, state.remote_ip(&src), &self.metrics.relay)
-            {
-                Ok(s) => s,
-                Err(status) => return self.deny_circuit(&mut stream, status).await,
-            };
+        let src_ip = self.host.state.remote_ip(&src);
+        let slot = match self
+            .books
+            .open_circuit(src, dst, src_ip, &self.metrics.relay)
+        {
+            Ok(s) => s,
+            Err(status) => return self.deny_circuit(&mut stream, status).await,
+        };
         let limit = self.limit_for(res.class);
         let stop = match self.stop(src, dst, res.connection, limit).await {
             Ok(s) => s,
@@ -265,11 +289,13 @@ impl Hop {
     fn limit_for(&self, class: ReservationClass) -> Option<Limit> {
         match class {
             ReservationClass::Member => None,
+            // Zero means "no limit" on the wire, so a zero dimension is left out.
             ReservationClass::Limited => Some(Limit {
                 duration: Some(
                     u32::try_from(self.cfg.limit.duration.as_secs()).unwrap_or(u32::MAX),
-                ),
-                data: Some(self.cfg.limit.data),
+                )
+                .filter(|s| *s > 0),
+                data: Some(self.cfg.limit.data).filter(|d| *d > 0),
             }),
         }
     }

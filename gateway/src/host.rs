@@ -16,7 +16,7 @@ use libp2p::{
     identity::Keypair,
     multiaddr::Protocol,
     ping,
-    swarm::{behaviour::toggle::Toggle, ConnectionId, NetworkBehaviour, SwarmEvent},
+    swarm::{behaviour::toggle::Toggle, NetworkBehaviour, SwarmEvent},
     Multiaddr, PeerId,
 };
 use relaygate_common::{
@@ -46,7 +46,6 @@ pub struct Behaviour {
 pub struct HostState {
     listeners: Mutex<HashMap<libp2p::core::transport::ListenerId, Vec<Multiaddr>>>,
     peers: Mutex<HashMap<PeerId, Multiaddr>>,
-    connections: Mutex<HashMap<ConnectionId, PeerId>>,
     expected_listeners: usize,
 }
 
@@ -71,10 +70,6 @@ impl HostState {
             Protocol::Ip6(ip) => Some(ip.into()),
             _ => None,
         })
-    }
-    /// Whether a connection is still open.
-    pub fn is_open(&self, connection: ConnectionId) -> bool {
-        lock(&self.connections).contains_key(&connection)
     }
 }
 
@@ -213,8 +208,7 @@ async fn drive(
                     lock(&state.listeners).remove(&listener_id);
                 }
                 SwarmEvent::ListenerError { error, .. } => tracing::warn!(%error, "libp2p listener error"),
-                SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, .. } => {
-                    lock(&state.connections).insert(connection_id, peer_id);
+                SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
                     metrics.connections_opened.get_or_create(&session).inc();
                     metrics.connections_active.get_or_create(&session).inc();
                     let remote = match endpoint {
@@ -224,8 +218,7 @@ async fn drive(
                     tracing::debug!(peer = %peer_id, %remote, "session connection up");
                     lock(&state.peers).insert(peer_id, remote);
                 }
-                SwarmEvent::ConnectionClosed { peer_id, connection_id, num_established, cause, .. } => {
-                    lock(&state.connections).remove(&connection_id);
+                SwarmEvent::ConnectionClosed { peer_id, num_established, cause, .. } => {
                     metrics.connections_active.get_or_create(&session).dec();
                     tracing::debug!(peer = %peer_id, cause = ?cause, "session connection closed");
                     if num_established == 0 { lock(&state.peers).remove(&peer_id); }

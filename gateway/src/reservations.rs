@@ -82,7 +82,6 @@ impl Reservations {
             expires_unix,
         };
         let mut b = self.lock();
-        prune(&mut b, now);
         if let Some(existing) = b
             .reservations
             .get_mut(&peer)
@@ -91,12 +90,23 @@ impl Reservations {
             *existing = r;
             return Ok((Reserved::Renewed, r));
         }
-        let total: usize = b.reservations.values().map(HashMap::len).sum();
-        let of_peer = b.reservations.get(&peer).map_or(0, HashMap::len);
+        // Expired entries wait for the next sweep; they do not count.
+        let live = |r: &&Reservation| r.expires > now;
+        let total = b
+            .reservations
+            .values()
+            .flat_map(HashMap::values)
+            .filter(live)
+            .count();
+        let of_peer = b
+            .reservations
+            .get(&peer)
+            .map_or(0, |m| m.values().filter(live).count());
         let of_ip = ip.map_or(0, |ip| {
             b.reservations
                 .values()
                 .flat_map(HashMap::values)
+                .filter(live)
                 .filter(|x| x.ip == Some(ip))
                 .count()
         });
@@ -120,25 +130,45 @@ impl Reservations {
         is_open: impl Fn(ConnectionId) -> bool,
     ) -> Option<Reservation> {
         let now = Instant::now();
+        let b = self.lock();
+        b.reservations
+            .get(peer)?
+            .iter()
+            .filter(|(c, r)| r.expires > now && is_open(**c))
+            .map(|(_, r)| *r)
+            .max_by_key(|r| r.expires)
+    }
+
+    /// Ends `peer`'s reservation on `connection`, if it has one.
+    pub fn remove(&self, peer: &PeerId, connection: ConnectionId) -> bool {
         let mut b = self.lock();
-        let m = b.reservations.get_mut(peer)?;
-        m.retain(|c, r| r.expires > now && is_open(*c));
-        let best = m.values().max_by_key(|r| r.expires).copied();
+        let Some(m) = b.reservations.get_mut(peer) else {
+            return false;
+        };
+        let had = m.remove(&connection).is_some();
         if m.is_empty() {
             b.reservations.remove(peer);
         }
-        best
+        had
     }
 
-    /// Drops expired reservations and those whose connection closed; returns how many are left.
-    pub fn sweep(&self, is_open: impl Fn(ConnectionId) -> bool) -> usize {
+    /// Drops expired reservations and those whose connection closed; returns
+    /// how many are left and the connections that lost theirs.
+    pub fn sweep(&self, is_open: impl Fn(ConnectionId) -> bool) -> (usize, Vec<ConnectionId>) {
         let now = Instant::now();
         let mut b = self.lock();
+        let mut dropped = Vec::new();
         for m in b.reservations.values_mut() {
-            m.retain(|c, r| r.expires > now && is_open(*c));
+            m.retain(|c, r| {
+                let keep = r.expires > now && is_open(*c);
+                if !keep {
+                    dropped.push(*c);
+                }
+                keep
+            });
         }
         b.reservations.retain(|_, m| !m.is_empty());
-        b.reservations.values().map(HashMap::len).sum()
+        (b.reservations.values().map(HashMap::len).sum(), dropped)
     }
 
     /// Takes a circuit slot for `src` (from `ip`) to `dst`, within the caps.
@@ -178,13 +208,6 @@ impl Reservations {
     pub fn ttl(&self) -> Duration {
         self.cfg.reservation_ttl
     }
-}
-
-fn prune(b: &mut Books, now: Instant) {
-    for m in b.reservations.values_mut() {
-        m.retain(|_, r| r.expires > now);
-    }
-    b.reservations.retain(|_, m| !m.is_empty());
 }
 
 /// One open circuit's place in the caps; dropping it frees the place.
@@ -272,7 +295,13 @@ mod tests {
         assert_eq!(r.reserve(b, c3, m, None).map(|x| x.0), Ok(Reserved::New));
         assert!(r.lookup(&a, |c| c == c2).is_some());
         assert!(r.lookup(&b, |_| false).is_none(), "closed connection");
-        assert_eq!(r.sweep(|_| true), 1, "a keeps c2 only, b was dropped");
+        assert_eq!(
+            r.sweep(|c| c != c3).0,
+            2,
+            "a keeps c1 and c2, b's c3 closed"
+        );
+        assert!(r.remove(&a, c1));
+        assert_eq!(r.sweep(|_| true).0, 1);
     }
 
     #[test]

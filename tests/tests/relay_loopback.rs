@@ -468,3 +468,34 @@ fn service_reaches_allowed_peers_with_their_peer_id_and_refuses_others() {
         "C never reached the target"
     );
 }
+
+#[test]
+fn an_idle_reservation_outlives_the_idle_connection_timeout() {
+    // A peer without a session (a plain libp2p node) holds its reservation on an
+    // otherwise idle connection; the gateway must not reap it after 30 s.
+    let guest = seed_peer(11);
+    let gw = Gateway::start(
+        &here,
+        GatewaySpec {
+            extra: vec!["--set".into(), format!("relay.limited_peers={guest}")],
+            ..Default::default()
+        },
+    );
+    let relay = gw.addr(Transport::Tcp);
+    let node = lab_node(&["reserve", "--relay", &relay, "--seed", "11"]);
+    node.wait_for(|l| l.contains("\"reservation\""), Duration::from_secs(15))
+        .expect("reserved");
+    thread::sleep(Duration::from_secs(40));
+    let mut dial = lab_node(&[
+        "dial",
+        "--addr",
+        &format!("{relay}/p2p-circuit/p2p/{guest}"),
+        "--pings",
+        "1",
+    ]);
+    assert!(
+        dial.wait_exit(Duration::from_secs(20))
+            .is_some_and(|s| s.success()),
+        "the reservation still works after 40 idle seconds"
+    );
+}
