@@ -2,16 +2,61 @@
 
 use std::sync::Arc;
 
-use axum::{extract::State, response::IntoResponse, routing::get, Json, Router};
+use axum::{
+    extract::{Query, State},
+    http::StatusCode,
+    response::IntoResponse,
+    routing::get,
+    Json, Router,
+};
 use relaygate_common::admin::{health_response, render_metrics};
+use serde::Deserialize;
 
-use crate::{host::HostState, metrics::Metrics, registry::AgentRegistry};
+use crate::{
+    gate::ip_of,
+    guard::{BanRequest, BanSource, BanTarget, Guard},
+    host::{Command, HostHandle, HostState},
+    metrics::Metrics,
+    registry::AgentRegistry,
+};
 
 #[derive(Clone)]
 pub struct AdminState {
     pub metrics: Arc<Metrics>,
     pub registry: Arc<AgentRegistry>,
     pub host: Arc<HostState>,
+    pub guard: Arc<Guard>,
+    /// Closes the connections of a peer banned at runtime.
+    pub disconnect: HostHandle,
+}
+
+#[derive(Deserialize)]
+struct TargetQuery {
+    target: String,
+}
+
+async fn ban(State(s): State<AdminState>, Json(req): Json<BanRequest>) -> impl IntoResponse {
+    let target = req.target.clone();
+    let view = s.guard.ban(req, BanSource::Admin);
+    // Connections already open from the banned peer or network are closed too.
+    for (peer, addr) in s.host.peers() {
+        let hit = match &target {
+            BanTarget::Peer(p) => *p == peer,
+            BanTarget::Net(n) => ip_of(&addr).is_some_and(|ip| n.contains(&ip)),
+        };
+        if hit {
+            s.disconnect.send(Command::Disconnect(peer)).await;
+        }
+    }
+    (StatusCode::CREATED, Json(view))
+}
+
+async fn unban(State(s): State<AdminState>, Query(q): Query<TargetQuery>) -> impl IntoResponse {
+    match q.target.parse::<BanTarget>() {
+        Err(e) => (StatusCode::BAD_REQUEST, e).into_response(),
+        Ok(t) if s.guard.unban(&t) => StatusCode::NO_CONTENT.into_response(),
+        Ok(t) => (StatusCode::NOT_FOUND, format!("no ban on {t}\n")).into_response(),
+    }
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -22,6 +67,12 @@ pub fn router(state: AdminState) -> Router {
         )
         .route("/health/live", get(|| async { "ok\n" }))
         .route("/health/ready", get(ready))
+        .route(
+            "/v1/blacklist",
+            get(|State(s): State<AdminState>| async move { Json(s.guard.list()) })
+                .post(ban)
+                .delete(unban),
+        )
         .route(
             "/v1/agents",
             get(|State(s): State<AdminState>| async move { Json(s.registry.snapshot()) }),

@@ -18,6 +18,7 @@ use crate::{
     admin,
     admission::{self, Admission},
     config::GatewayConfig,
+    guard::Guard,
     hop::{Hop, Members},
     host,
     lease::{Leases, PortPolicy},
@@ -69,7 +70,9 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     let admin_listen = cfg.admin_listen();
     let admin_auth = cfg.admin.auth(admin_listen)?;
 
-    let (host, incoming) = host::start(key.clone(), &cfg, metrics.clone())?;
+    let guard = Guard::new(cfg.guard.clone(), metrics.clone());
+    check_open_files(&cfg);
+    let (host, incoming) = host::start(key.clone(), &cfg, metrics.clone(), guard.clone())?;
     let registry = Arc::new(AgentRegistry::default());
     let dataplane = Arc::new(DataPlane {
         control: host.control.clone(),
@@ -77,6 +80,8 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         tracker: TaskTracker::new(),
         stop_accepting: CancellationToken::new(),
         proxy: cfg.proxy_protocol.clone(),
+        guard: guard.clone(),
+        max_per_tunnel: cfg.limits.max_connections_per_tunnel,
     });
     let sessions = Arc::new(Sessions {
         host: host.clone(),
@@ -105,6 +110,7 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         tracker: dataplane.tracker.clone(),
         draining: dataplane.stop_accepting.clone(),
+        guard: guard.clone(),
     });
     let (to_sessions, session_streams) = mpsc::channel(1024);
     tokio::spawn(route(incoming, to_sessions, hop.clone()));
@@ -116,6 +122,8 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         registry: registry.clone(),
         host: host.state.clone(),
+        guard: guard.clone(),
+        disconnect: host.clone(),
     };
     let (admin_addr, admin_task) = relaygate_common::admin::serve(
         admin_listen,
@@ -163,6 +171,20 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(1), admin_task).await;
     tracing::info!("gateway stopped");
     Ok(())
+}
+
+/// Raises the open-files limit to its hard maximum and warns when even that
+/// is below what the configured caps can use.
+fn check_open_files(cfg: &GatewayConfig) {
+    let need = cfg.limits.descriptors_needed();
+    match rlimit::increase_nofile_limit(need) {
+        Ok(got) if got < need => tracing::warn!(
+            limit = got, need,
+            "open-files limit is below what the connection caps can use; raise it to {need} (ulimit -n {need}, or LimitNOFILE={need} in the systemd unit) or lower limits.*"
+        ),
+        Ok(got) => tracing::debug!(limit = got, need, "open-files limit"),
+        Err(e) => tracing::warn!(error = %e, need, "cannot read the open-files limit"),
+    }
 }
 
 /// Sends relay hop streams to the hop, the rest (control, dial-back) to the sessions.

@@ -33,6 +33,8 @@ pub struct GatewayConfig {
     pub proxy_protocol: ProxyPolicy,
     pub relay: RelayConfig,
     pub autonat: AutonatConfig,
+    pub limits: LimitsConfig,
+    pub guard: crate::guard::GuardConfig,
     pub session: SessionTuning,
     pub admin: AdminConfig,
     pub log: LogConfig,
@@ -149,6 +151,44 @@ impl Default for RelayConfig {
     }
 }
 
+/// Connection caps. Sessions are connections too: `max_connections` bounds
+/// agents, relay users and everyone else together.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Established inbound libp2p connections.
+    pub max_connections: u32,
+    /// Inbound libp2p connections still in their handshake.
+    pub max_pending_connections: u32,
+    pub max_connections_per_ip: usize,
+    pub max_connections_per_peer: u32,
+    /// Open connections on one leased port.
+    pub max_connections_per_tunnel: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 10_000,
+            max_pending_connections: 256,
+            max_connections_per_ip: 64,
+            max_connections_per_peer: 8,
+            max_connections_per_tunnel: 4096,
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// File descriptors the caps can use at once (libp2p connections, one
+    /// full tunnel, listeners and files), for the start-up check.
+    pub fn descriptors_needed(&self) -> u64 {
+        u64::from(self.max_connections)
+            + u64::from(self.max_pending_connections)
+            + self.max_connections_per_tunnel as u64
+            + 256
+    }
+}
+
 /// AutoNAT (v1) server: peers ask the gateway to dial them back and learn
 /// whether they are publicly reachable.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -210,6 +250,8 @@ impl Default for GatewayConfig {
             proxy_protocol: ProxyPolicy::default(),
             relay: RelayConfig::default(),
             autonat: AutonatConfig::default(),
+            limits: LimitsConfig::default(),
+            guard: crate::guard::GuardConfig::default(),
             session: SessionTuning::default(),
             admin: AdminConfig::default(),
             log: LogConfig::default(),

@@ -18,6 +18,8 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     circuit::{relay, Bounds},
     config::RelayConfig,
+    guard::{Action, Guard, Offender},
+    host::Command,
     host::HostHandle,
     metrics::{ClassLabels, Metrics, RelayDirection, RelayDirectionLabels, ReservationClass},
     registry::AgentRegistry,
@@ -55,6 +57,7 @@ pub struct Hop {
     pub tracker: TaskTracker,
     /// Cancelled when the gateway drains: no new reservations.
     pub draining: CancellationToken,
+    pub guard: Arc<Guard>,
 }
 
 impl Hop {
@@ -76,6 +79,7 @@ impl Hop {
                 Ok(Err(e)) => {
                     self.metrics.bad_input(e.kind());
                     tracing::debug!(%peer, error = %e, "malformed hop message");
+                    self.violation(peer, e.kind()).await;
                     self.deny_circuit(&mut stream, Status::MalformedMessage)
                         .await;
                     return;
@@ -87,6 +91,7 @@ impl Hop {
             Some(HopType::Connect) => self.connect(peer, msg, stream).await,
             Some(HopType::Status) | None => {
                 self.metrics.bad_input("relay_unexpected_message");
+                self.violation(peer, "relay_unexpected_message").await;
                 self.deny_circuit(&mut stream, Status::UnexpectedMessage)
                     .await;
             }
@@ -94,6 +99,11 @@ impl Hop {
     }
 
     async fn reserve(&self, peer: PeerId, connection: ConnectionId, mut stream: Stream) {
+        if self.guard.check_peer(&peer, Action::Reservation).is_err() {
+            return self
+                .deny_reservation(&mut stream, Status::ResourceLimitExceeded)
+                .await;
+        }
         let class = if self.members.contains(&peer) {
             ReservationClass::Member
         } else if self.limited.contains(&peer) {
@@ -156,6 +166,13 @@ impl Hop {
         self.sweep();
     }
 
+    /// Counts a protocol violation; enough of them ban the peer and close its connections.
+    async fn violation(&self, peer: PeerId, kind: &str) {
+        if self.guard.violation(Offender::Peer(peer), kind).is_some() {
+            self.host.send(Command::Disconnect(peer)).await;
+        }
+    }
+
     /// Drops expired and orphaned reservations, unpins their connections and
     /// updates `relay_reservations_active`.
     pub fn sweep(&self) {
@@ -165,6 +182,7 @@ impl Hop {
             control.pin(c, false);
         }
         self.metrics.relay.reservations_active.set(live as i64);
+        self.guard.housekeeping();
     }
 
     fn end_reservation(&self, peer: &PeerId, connection: ConnectionId) {
@@ -176,6 +194,7 @@ impl Hop {
     async fn connect(&self, src: PeerId, msg: HopMessage, mut stream: Stream) {
         let Some(dst) = msg.peer_id() else {
             self.metrics.bad_input("relay_bad_peer_id");
+            self.violation(src, "relay_bad_peer_id").await;
             return self
                 .deny_circuit(&mut stream, Status::MalformedMessage)
                 .await;
@@ -191,6 +210,18 @@ impl Hop {
             return self.deny_circuit(&mut stream, Status::NoReservation).await;
         };
         let src_ip = self.host.state.remote_ip(&src);
+        let allowed = self
+            .guard
+            .check_peer(&src, Action::Circuit)
+            .and_then(|()| match src_ip {
+                Some(ip) => self.guard.check_ip(ip, Action::Circuit),
+                None => Ok(()),
+            });
+        if allowed.is_err() {
+            return self
+                .deny_circuit(&mut stream, Status::ResourceLimitExceeded)
+                .await;
+        }
         let slot = match self
             .books
             .open_circuit(src, dst, src_ip, &self.metrics.relay)

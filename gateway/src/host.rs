@@ -10,7 +10,7 @@ use std::{
 
 use futures::StreamExt;
 use libp2p::{
-    autonat,
+    autonat, connection_limits,
     core::ConnectedPoint,
     identify,
     identity::Keypair,
@@ -29,12 +29,15 @@ use relaygate_common::{
 };
 use tokio::sync::mpsc;
 
-use crate::{config::GatewayConfig, metrics::Metrics};
+use crate::{config::GatewayConfig, gate::Gate, guard::Guard, metrics::Metrics};
 
 pub const IDENTIFY_PROTOCOL: &str = "/relaygate/1.0.0";
 
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
+    // First: refusals happen before any other behaviour sees the connection.
+    gate: Gate,
+    limits: connection_limits::Behaviour,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     autonat: Toggle<autonat::Behaviour>,
@@ -62,6 +65,13 @@ impl HostState {
     /// The address an agent's connection came from.
     pub fn remote_addr(&self, peer: &PeerId) -> Option<Multiaddr> {
         lock(&self.peers).get(peer).cloned()
+    }
+    /// Every connected peer with the address of its latest connection.
+    pub fn peers(&self) -> Vec<(PeerId, Multiaddr)> {
+        lock(&self.peers)
+            .iter()
+            .map(|(p, a)| (*p, a.clone()))
+            .collect()
     }
     /// The IP of `peer`'s latest connection.
     pub fn remote_ip(&self, peer: &PeerId) -> Option<std::net::IpAddr> {
@@ -114,6 +124,7 @@ pub fn start(
     key: Keypair,
     cfg: &GatewayConfig,
     metrics: Arc<Metrics>,
+    guard: Arc<Guard>,
 ) -> Result<(HostHandle, mpsc::Receiver<Incoming>), HostError> {
     let ping_cfg = transport::ping_config(&cfg.session);
     let mut protocols = vec![CONTROL_PROTOCOL, DIALBACK_PROTOCOL];
@@ -121,6 +132,9 @@ pub fn start(
         protocols.push(HOP_PROTOCOL);
     }
     let (streams, control, incoming) = streams::new(protocols, CONTROL_QUEUE);
+    let policy = cfg.proxy_protocol.clone();
+    let trusted: Arc<dyn Fn(std::net::IpAddr) -> bool + Send + Sync> =
+        Arc::new(move |ip| policy.trusts(ip));
     let autonat_cfg = autonat::Config {
         only_global_ips: cfg.autonat.only_global_ips,
         // A server only: never probe our own addresses through others.
@@ -132,6 +146,13 @@ pub fn start(
         &cfg.session,
         Some(proxy_acceptor(cfg, &metrics)),
         |key| Behaviour {
+            gate: Gate::new(guard, trusted, cfg.limits.max_connections_per_ip),
+            limits: connection_limits::Behaviour::new(
+                connection_limits::ConnectionLimits::default()
+                    .with_max_established_incoming(Some(cfg.limits.max_connections))
+                    .with_max_pending_incoming(Some(cfg.limits.max_pending_connections))
+                    .with_max_established_per_peer(Some(cfg.limits.max_connections_per_peer)),
+            ),
             identify: identify::Behaviour::new(
                 identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
                     .with_agent_version(format!("relaygate-gateway/{}", env!("CARGO_PKG_VERSION"))),

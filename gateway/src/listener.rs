@@ -21,7 +21,12 @@ use tokio::{
 };
 use tokio_util::{compat::FuturesAsyncReadCompatExt, sync::CancellationToken, task::TaskTracker};
 
-use crate::{config::ProxyPolicy, metrics::Metrics, registry::TunnelStats};
+use crate::{
+    config::ProxyPolicy,
+    guard::{Action, Guard},
+    metrics::Metrics,
+    registry::TunnelStats,
+};
 
 /// How long the gateway waits for the agent to open a stream.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -42,6 +47,10 @@ pub struct DataPlane {
     pub stop_accepting: CancellationToken,
     /// Which peers may send PROXY headers.
     pub proxy: ProxyPolicy,
+    /// Bans and per-IP rates, checked against the real source.
+    pub guard: Arc<Guard>,
+    /// Open connections allowed on one leased port.
+    pub max_per_tunnel: usize,
 }
 
 /// A bound public port of one tunnel.
@@ -62,6 +71,7 @@ pub async fn bind(ip: std::net::IpAddr, port: u16) -> io::Result<TcpListener> {
 impl PublicPort {
     /// Accepts until the session ends or the gateway stops accepting.
     pub async fn serve(self, dp: Arc<DataPlane>, session: CancellationToken) {
+        let slots = Arc::new(tokio::sync::Semaphore::new(dp.max_per_tunnel));
         loop {
             let accepted = tokio::select! {
                 _ = session.cancelled() => break,
@@ -78,7 +88,24 @@ impl PublicPort {
                     continue;
                 }
             };
+            // The socket's peer is checked now; a balancer's client after its PROXY header.
+            let direct = !dp.proxy.trusts(source.ip());
+            if direct
+                && dp
+                    .guard
+                    .check_ip(source.ip(), Action::TunnelConnection)
+                    .is_err()
+            {
+                let _ = tcp.set_zero_linger();
+                continue;
+            }
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                dp.metrics.refuse("tunnel_connection_limit");
+                let _ = tcp.set_zero_linger();
+                continue;
+            };
             let conn = Connection {
+                _slot: slot,
                 tcp,
                 source,
                 agent: self.agent,
@@ -93,6 +120,8 @@ impl PublicPort {
 }
 
 struct Connection {
+    /// This connection's place under `max_connections_per_tunnel`.
+    _slot: tokio::sync::OwnedSemaphorePermit,
     tcp: TcpStream,
     /// The socket's peer; the PROXY header's source replaces it when trusted.
     source: SocketAddr,
@@ -123,6 +152,19 @@ impl Connection {
         self.stats.active.inc();
         let _ = self.tcp.set_nodelay(true);
         let result = match self.origin().await {
+            Ok(origin)
+                if !origin.untrusted
+                    && self
+                        .dp
+                        .guard
+                        .check_ip(origin.source.ip(), Action::TunnelConnection)
+                        .is_err() =>
+            {
+                Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    "source refused by the guard",
+                ))
+            }
             Ok(origin) => {
                 self.stats.saw(origin.source);
                 self.forward(origin).await

@@ -12,6 +12,10 @@ pub struct Metrics {
     /// Tunnels with a bound public port.
     pub tunnels_active: Gauge,
     pub relay: RelayMetrics,
+    /// Bans in force (blacklist entries, config, admin and automatic).
+    pub bans_active: Gauge,
+    /// Bans added, by source (config, admin, automatic).
+    pub bans_added: Family<ReasonLabels, Counter>,
 }
 
 /// Who a reservation belongs to, and so whether its circuits carry a Limit.
@@ -113,10 +117,18 @@ impl Metrics {
             "Bytes relayed through circuits, by direction",
             relay.bytes.clone(),
         );
+        let bans_active = Gauge::default();
+        let bans_added = Family::<ReasonLabels, Counter>::default();
+        core.registry
+            .register("bans_active", "Bans in force", bans_active.clone());
+        core.registry
+            .register("bans_added", "Bans added, by source", bans_added.clone());
         Self {
             core,
             tunnels_active,
             relay,
+            bans_active,
+            bans_added,
         }
     }
 

@@ -89,7 +89,16 @@ fn main() -> anyhow::Result<()> {
     let gw = Gateway::start(
         &here,
         GatewaySpec {
-            extra: vec!["--set".into(), "log.level=info".into()],
+            // The benchmark is one client hammering one tunnel: lift the per-IP
+            // rate and per-tunnel caps meant for the internet.
+            extra: [
+                "log.level=info",
+                "guard.tunnel_connections_per_ip.per_second=0",
+                "limits.max_connections_per_tunnel=100000",
+            ]
+            .iter()
+            .flat_map(|kv| ["--set".to_string(), kv.to_string()])
+            .collect(),
             ..Default::default()
         },
     );

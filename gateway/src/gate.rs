@@ -1,0 +1,145 @@
+//! The [`Guard`] applied to libp2p connections: a pending inbound connection
+//! is refused by IP (ban, rate, per-IP cap) before any handshake work; an
+//! established one by peer id (ban). Counts and caps open connections per IP.
+
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    net::IpAddr,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use libp2p::{
+    core::{transport::PortUse, Endpoint},
+    multiaddr::Protocol,
+    swarm::{
+        dummy, ConnectionClosed, ConnectionDenied, ConnectionId, FromSwarm, NetworkBehaviour,
+        THandler, THandlerInEvent, THandlerOutEvent, ToSwarm,
+    },
+    Multiaddr, PeerId,
+};
+
+use crate::guard::{Action, Guard};
+
+#[derive(Debug, thiserror::Error)]
+#[error("refused by the gateway's guard: {0}")]
+pub struct Refusal(&'static str);
+
+pub struct Gate {
+    guard: Arc<Guard>,
+    /// Peers whose PROXY headers are believed (load balancers): their socket
+    /// address is not the client's, so per-IP checks skip them.
+    trusted: Arc<dyn Fn(IpAddr) -> bool + Send + Sync>,
+    max_per_ip: usize,
+    per_ip: HashMap<IpAddr, usize>,
+    by_connection: HashMap<ConnectionId, IpAddr>,
+}
+
+impl Gate {
+    pub fn new(
+        guard: Arc<Guard>,
+        trusted: Arc<dyn Fn(IpAddr) -> bool + Send + Sync>,
+        max_per_ip: usize,
+    ) -> Self {
+        Self {
+            guard,
+            trusted,
+            max_per_ip,
+            per_ip: HashMap::new(),
+            by_connection: HashMap::new(),
+        }
+    }
+
+    fn client_ip(&self, addr: &Multiaddr) -> Option<IpAddr> {
+        let ip = ip_of(addr)?;
+        (!(self.trusted)(ip)).then_some(ip)
+    }
+}
+
+pub fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
+    addr.iter().find_map(|p| match p {
+        Protocol::Ip4(ip) => Some(IpAddr::from(ip)),
+        Protocol::Ip6(ip) => Some(IpAddr::from(ip)),
+        _ => None,
+    })
+}
+
+impl NetworkBehaviour for Gate {
+    type ConnectionHandler = dummy::ConnectionHandler;
+    type ToSwarm = Infallible;
+
+    fn handle_pending_inbound_connection(
+        &mut self,
+        _: ConnectionId,
+        _: &Multiaddr,
+        remote: &Multiaddr,
+    ) -> Result<(), ConnectionDenied> {
+        let Some(ip) = self.client_ip(remote) else {
+            return Ok(());
+        };
+        if let Err(why) = self.guard.check_ip(ip, Action::Connection) {
+            return Err(ConnectionDenied::new(Refusal(why.as_str())));
+        }
+        if self.per_ip.get(&ip).copied().unwrap_or(0) >= self.max_per_ip {
+            self.guard.count_refusal("connections_per_ip");
+            return Err(ConnectionDenied::new(Refusal("connections_per_ip")));
+        }
+        Ok(())
+    }
+
+    fn handle_established_inbound_connection(
+        &mut self,
+        connection: ConnectionId,
+        peer: PeerId,
+        _: &Multiaddr,
+        remote: &Multiaddr,
+    ) -> Result<THandler<Self>, ConnectionDenied> {
+        if self.guard.is_banned_peer(&peer) {
+            self.guard.count_refusal("banned");
+            return Err(ConnectionDenied::new(Refusal("banned")));
+        }
+        if let Some(ip) = self.client_ip(remote) {
+            *self.per_ip.entry(ip).or_default() += 1;
+            self.by_connection.insert(connection, ip);
+        }
+        Ok(dummy::ConnectionHandler)
+    }
+
+    fn handle_established_outbound_connection(
+        &mut self,
+        _: ConnectionId,
+        _: PeerId,
+        _: &Multiaddr,
+        _: Endpoint,
+        _: PortUse,
+    ) -> Result<THandler<Self>, ConnectionDenied> {
+        Ok(dummy::ConnectionHandler)
+    }
+
+    fn on_swarm_event(&mut self, event: FromSwarm) {
+        if let FromSwarm::ConnectionClosed(ConnectionClosed { connection_id, .. }) = event {
+            if let Some(ip) = self.by_connection.remove(&connection_id) {
+                if let Some(n) = self.per_ip.get_mut(&ip) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        self.per_ip.remove(&ip);
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_connection_handler_event(
+        &mut self,
+        _: PeerId,
+        _: ConnectionId,
+        event: THandlerOutEvent<Self>,
+    ) {
+        match event {}
+    }
+
+    fn poll(&mut self, _: &mut Context<'_>) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
+        Poll::Pending
+    }
+}

@@ -1,0 +1,210 @@
+//! Abuse control on a live gateway: the blacklist changed at runtime through
+//! the admin API (networks and peer ids), per-IP connection rates, and the
+//! automatic ban of a peer that keeps sending malformed input.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    time::Duration,
+};
+
+use relaygate_tests::{
+    procs::Proc,
+    rawpeer::RawPeer,
+    stack::{
+        eventually, here, metric_sum, round_trip, Agent, Echo, Gateway, GatewaySpec, Transport,
+    },
+};
+
+const LAB_NODE: &str = env!("CARGO_BIN_EXE_lab-node");
+
+/// A request with a body (the binaries' own client only does GET).
+fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    let Ok(mut s) = TcpStream::connect(addr) else {
+        return (0, String::new());
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    if s.write_all(req.as_bytes()).is_err() {
+        return (0, String::new());
+    }
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
+    (status, body)
+}
+
+fn seed_peer(seed: u8) -> String {
+    libp2p::identity::Keypair::ed25519_from_bytes([seed; 32])
+        .expect("seed key")
+        .public()
+        .to_peer_id()
+        .to_string()
+}
+
+fn dial(gw: &Gateway, seed: u8) -> bool {
+    let mut cmd = std::process::Command::new(LAB_NODE);
+    cmd.args([
+        "dial",
+        "--addr",
+        &gw.addr(Transport::Tcp),
+        "--pings",
+        "1",
+        "--timeout-secs",
+        "5",
+        "--seed",
+        &seed.to_string(),
+    ]);
+    let mut p = Proc::spawn("dial", cmd);
+    p.wait_exit(Duration::from_secs(15))
+        .is_some_and(|s| s.success())
+}
+
+#[test]
+fn blacklist_changes_at_runtime_for_networks_and_peers() {
+    let gw = Gateway::start(&here, GatewaySpec::default());
+    let echo = Echo::start();
+    let agent = Agent::start(&here, &gw, Transport::Tcp, &[echo.tunnel("t")], true, &[]);
+    let port = agent
+        .wait_leased("t", Duration::from_secs(20))
+        .expect("lease");
+    assert_eq!(round_trip(port, b"before").expect("round trip"), b"before");
+
+    // Ban a peer id: that peer cannot connect, others can.
+    let (code, body) = http(
+        gw.admin,
+        "POST",
+        "/v1/blacklist",
+        &format!(
+            r#"{{"target":"{}","reason":"test peer","ttl":"1h"}}"#,
+            seed_peer(5)
+        ),
+    );
+    assert_eq!(code, 201, "{body}");
+    assert!(!dial(&gw, 5), "a banned peer id is refused");
+    assert!(dial(&gw, 6), "another peer still gets in");
+
+    // Ban the loopback network: new public connections and sessions from it are refused.
+    let (code, body) = http(
+        gw.admin,
+        "POST",
+        "/v1/blacklist",
+        r#"{"target":"127.0.0.0/8","reason":"test net"}"#,
+    );
+    assert_eq!(code, 201, "{body}");
+    assert!(
+        round_trip(port, b"during").unwrap_or_default().is_empty(),
+        "no byte crosses for a banned network"
+    );
+    assert!(
+        !dial(&gw, 6),
+        "a banned network cannot open libp2p connections"
+    );
+    let (code, list) = http(gw.admin, "GET", "/v1/blacklist", "");
+    assert_eq!(code, 200);
+    assert!(
+        list.contains("127.0.0.0/8") && list.contains("test net"),
+        "{list}"
+    );
+    assert!(list.contains(&seed_peer(5)), "{list}");
+    assert!(
+        metric_sum(
+            &gw.metrics(),
+            "relaygate_gateway_refusals_total{reason=\"banned\"}"
+        ) >= 2.0
+    );
+
+    // Bad requests get a clear 4xx, not a crash.
+    let (code, _) = http(
+        gw.admin,
+        "POST",
+        "/v1/blacklist",
+        r#"{"target":"nonsense"}"#,
+    );
+    assert!((400..500).contains(&code), "got {code}");
+    let (code, _) = http(gw.admin, "DELETE", "/v1/blacklist?target=10.9.9.9", "");
+    assert_eq!(code, 404);
+
+    // Lift it: the agent returns and the tunnel works again.
+    let (code, _) = http(gw.admin, "DELETE", "/v1/blacklist?target=127.0.0.0/8", "");
+    assert_eq!(code, 204);
+    assert!(
+        eventually(Duration::from_secs(30), || round_trip(port, b"after")
+            .unwrap_or_default()
+            == b"after"),
+        "the tunnel works again once the ban is lifted"
+    );
+}
+
+#[test]
+fn connection_rate_per_ip_is_capped() {
+    let gw = Gateway::start(
+        &here,
+        GatewaySpec {
+            extra: vec![
+                "--set".into(),
+                "guard.connections_per_ip.per_second=1".into(),
+                "--set".into(),
+                "guard.connections_per_ip.burst=2".into(),
+            ],
+            ..Default::default()
+        },
+    );
+    let results: Vec<bool> = (10..16).map(|seed| dial(&gw, seed)).collect();
+    assert!(
+        results.iter().any(|ok| *ok),
+        "some dials get in: {results:?}"
+    );
+    assert!(results.iter().any(|ok| !*ok), "a burst is cut: {results:?}");
+    assert!(
+        metric_sum(
+            &gw.metrics(),
+            "relaygate_gateway_refusals_total{reason=\"rate_limited_connection\"}"
+        ) >= 1.0
+    );
+}
+
+#[test]
+fn repeated_malformed_input_earns_a_temporary_ban() {
+    let gw = Gateway::start(
+        &here,
+        GatewaySpec {
+            extra: vec!["--set".into(), "guard.violations_before_ban=3".into()],
+            ..Default::default()
+        },
+    );
+    let raw = RawPeer::connect(&gw.addr(Transport::Tcp)).expect("raw peer");
+    for _ in 0..3 {
+        let _ = raw.exchange(
+            "/libp2p/circuit/relay/0.2.0/hop",
+            &[0x05, 0xff, 0xff, 0xff, 0xff, 0xff],
+        );
+    }
+    assert!(
+        eventually(Duration::from_secs(10), || metric_sum(
+            &gw.metrics(),
+            "relaygate_gateway_bans_added_total{reason=\"automatic\"}"
+        ) == 1.0),
+        "the third violation banned the peer"
+    );
+    let (_, list) = http(gw.admin, "GET", "/v1/blacklist", "");
+    assert!(
+        list.contains("automatic") && list.contains("protocol violations"),
+        "{list}"
+    );
+    // Its connection was closed, and it cannot open streams any more.
+    assert!(
+        eventually(Duration::from_secs(10), || raw
+            .exchange("/libp2p/circuit/relay/0.2.0/hop", &[0x00])
+            .is_err()),
+        "the banned peer is disconnected"
+    );
+}
