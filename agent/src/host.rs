@@ -76,6 +76,8 @@ pub struct HostHandle {
     pub paths: Arc<Paths>,
     commands: mpsc::Sender<Command>,
     listening: watch::Receiver<bool>,
+    /// Bumped whenever a connection to the gateway is declared dead (ping failure).
+    gateway_lost: watch::Receiver<u64>,
 }
 
 impl HostHandle {
@@ -106,6 +108,17 @@ impl HostHandle {
             .await
             .map_err(|_| "host stopped".to_string())?;
         rx.await.map_err(|_| "host stopped".to_string())?
+    }
+
+    /// Resolves when a connection to the gateway is declared dead after this
+    /// call: a graceful close can hang on a stalled TCP connection, so the
+    /// session must not wait for it.
+    pub fn gateway_lost(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.gateway_lost.clone();
+        rx.mark_unchanged();
+        async move {
+            let _ = rx.changed().await;
+        }
     }
 
     /// Waits (briefly) until the hole-punch listeners are up, so the session's
@@ -176,6 +189,7 @@ pub fn start(
         }
     }
     let (listening_tx, listening) = watch::channel(expected == 0);
+    let (lost_tx, gateway_lost) = watch::channel(0u64);
     let (tx, rx) = mpsc::channel(64);
     let paths = Arc::new(Paths::default());
     let handle = HostHandle {
@@ -184,12 +198,14 @@ pub fn start(
         paths: paths.clone(),
         commands: tx,
         listening,
+        gateway_lost,
     };
     let driver = Driver {
         metrics,
         state,
         paths,
         listening: listening_tx,
+        gateway_lost: lost_tx,
         expected_listeners: expected,
         listeners_up: HashMap::new(),
         relay_listener: None,
@@ -212,6 +228,7 @@ struct Driver {
     state: Arc<AgentState>,
     paths: Arc<Paths>,
     listening: watch::Sender<bool>,
+    gateway_lost: watch::Sender<u64>,
     expected_listeners: usize,
     listeners_up: HashMap<ListenerId, usize>,
     relay_listener: Option<ListenerId>,
@@ -473,6 +490,9 @@ impl Driver {
             })) if !matches!(e, ping::Failure::Unsupported) => {
                 tracing::info!(%peer, error = %e, "ping failed; closing connection");
                 swarm.close_connection(connection);
+                if Some(peer) == self.gateway {
+                    self.gateway_lost.send_modify(|n| *n += 1);
+                }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Relay(e)) => match e {
                 relay::client::Event::ReservationReqAccepted { renewal, .. } => {

@@ -187,8 +187,14 @@ impl Session {
             self.host.reserve(relay).await;
         }
 
-        // Nothing more is expected on the control stream; its end is the session's end.
-        Ok(match read_control(&mut ctl).await {
+        // Nothing more is expected on the control stream; its end is the
+        // session's end, and so is a failed keep-alive (whose close may hang).
+        let lost = self.host.gateway_lost();
+        let read = tokio::select! {
+            r = read_control(&mut ctl) => r,
+            _ = lost => return Ok("gateway stopped answering keep-alives".into()),
+        };
+        Ok(match read {
             Ok(m) => {
                 self.metrics.bad_input("unexpected_message");
                 format!("unexpected message {m:?}")

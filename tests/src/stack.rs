@@ -38,6 +38,8 @@ pub struct GatewaySpec {
     pub public_ip: String,
     pub port_range: Option<String>,
     pub extra: Vec<String>,
+    /// Data dir to use instead of a fresh temporary one.
+    pub data_dir: Option<PathBuf>,
 }
 
 impl Default for GatewaySpec {
@@ -47,6 +49,7 @@ impl Default for GatewaySpec {
             public_ip: "127.0.0.1".into(),
             port_range: None,
             extra: Vec::new(),
+            data_dir: None,
         }
     }
 }
@@ -66,6 +69,10 @@ pub struct Gateway {
 impl Gateway {
     pub fn start(launch: Launch, spec: GatewaySpec) -> Gateway {
         let dir = tempfile::tempdir().expect("tempdir");
+        let data_dir = spec
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| dir.path().to_path_buf());
         let (tcp, quic, admin_port) = (free_tcp_port(), free_udp_port(), free_tcp_port());
         let range = spec.port_range.clone().unwrap_or_else(|| {
             let p = free_tcp_port();
@@ -76,7 +83,7 @@ impl Gateway {
             .expect("admin addr");
         let mut args = vec![
             "--data-dir".into(),
-            dir.path().display().to_string(),
+            data_dir.display().to_string(),
             "--listen".into(),
             format!("/ip4/{}/tcp/{tcp}", spec.bind),
             "--listen".into(),
@@ -109,7 +116,7 @@ impl Gateway {
             args,
         };
         gw.await_up();
-        gw.token = std::fs::read_to_string(gw.dir.path().join("join-token"))
+        gw.token = std::fs::read_to_string(data_dir.join("join-token"))
             .unwrap_or_default()
             .trim()
             .to_string();
