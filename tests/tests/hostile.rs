@@ -162,7 +162,7 @@ fn every_listener_survives_hostile_input_while_an_honest_transfer_completes() {
         "--kib-per-sec",
         "2048",
     ]);
-    let mut honest = Proc::spawn("honest", honest);
+    let honest = Proc::spawn("honest", honest);
     honest
         .wait_for(|l| l.contains("progress"), Duration::from_secs(10))
         .expect("honest transfer flowing");
