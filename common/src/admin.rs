@@ -27,6 +27,11 @@ pub struct AdminConfig {
     pub token_file: Option<PathBuf>,
     /// Paths served without the token even when one is set.
     pub open_paths: Vec<String>,
+    /// PEM certificate chain; with `tls_key` the admin API speaks only HTTPS
+    /// (rustls). `health` and `doctor` trust the certificates in this file.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +43,8 @@ pub enum AdminError {
         path: String,
         source: std::io::Error,
     },
+    #[error("admin TLS: {0}")]
+    Tls(String),
     #[error("cannot bind the admin API on {addr}: {source} (pick another admin.listen)")]
     Bind {
         addr: SocketAddr,
@@ -46,10 +53,36 @@ pub enum AdminError {
 }
 
 /// Who may call the admin API.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct AdminAuth {
     token: Option<Secret>,
     open_paths: Arc<Vec<String>>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+fn crypto() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn read_certs(
+    path: &std::path::Path,
+) -> Result<Vec<rustls_pki_types::CertificateDer<'static>>, AdminError> {
+    use rustls_pki_types::pem::PemObject;
+    let certs = rustls_pki_types::CertificateDer::pem_file_iter(path)
+        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| {
+            AdminError::Tls(format!(
+                "cannot read certificates from {}: {e}",
+                path.display()
+            ))
+        })?;
+    if certs.is_empty() {
+        return Err(AdminError::Tls(format!(
+            "no certificate in {}",
+            path.display()
+        )));
+    }
+    Ok(certs)
 }
 
 impl AdminConfig {
@@ -73,8 +106,121 @@ impl AdminConfig {
         Ok(AdminAuth {
             token,
             open_paths: Arc::new(self.open_paths.clone()),
+            tls: self.server_tls()?,
         })
     }
+
+    /// The rustls server config, when `tls_cert` and `tls_key` are set.
+    fn server_tls(&self) -> Result<Option<Arc<rustls::ServerConfig>>, AdminError> {
+        use rustls_pki_types::pem::PemObject;
+        let (cert, key) = match (&self.tls_cert, &self.tls_key) {
+            (None, None) => return Ok(None),
+            (Some(c), Some(k)) => (c, k),
+            _ => {
+                return Err(AdminError::Tls(
+                    "set both admin.tls_cert and admin.tls_key, or neither".into(),
+                ))
+            }
+        };
+        let certs = read_certs(cert)?;
+        let key = rustls_pki_types::PrivateKeyDer::from_pem_file(key).map_err(|e| {
+            AdminError::Tls(format!(
+                "cannot read the private key {}: {e}",
+                key.display()
+            ))
+        })?;
+        let mut cfg = rustls::ServerConfig::builder_with_provider(crypto())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| AdminError::Tls(e.to_string()))?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .map_err(|e| AdminError::Tls(format!("certificate and key do not fit: {e}")))?;
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Some(Arc::new(cfg)))
+    }
+
+    /// A client config trusting the certificates of `tls_cert` (for `health`, `doctor`).
+    fn client_tls(&self) -> Result<Option<Arc<rustls::ClientConfig>>, String> {
+        let Some(cert) = &self.tls_cert else {
+            return Ok(None);
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        for c in read_certs(cert).map_err(|e| e.to_string())? {
+            roots
+                .add(c)
+                .map_err(|e| format!("admin TLS certificate: {e}"))?;
+        }
+        let cfg = rustls::ClientConfig::builder_with_provider(crypto())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(Some(Arc::new(cfg)))
+    }
+}
+
+/// Accepted TLS connections, handed to axum once their handshake is done.
+struct TlsListener {
+    rx: tokio::sync::mpsc::Receiver<(
+        tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+        SocketAddr,
+    )>,
+    local: SocketAddr,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.rx.recv().await {
+            Some(x) => x,
+            // The acceptor stopped (shutdown): wait for axum's graceful shutdown.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
+    }
+}
+
+/// Accepts TCP and runs handshakes off the accept loop (a slow client cannot
+/// stall others), at most 64 at a time and 10 s each.
+fn tls_listener(
+    listener: tokio::net::TcpListener,
+    local: SocketAddr,
+    tls: Arc<rustls::ServerConfig>,
+    stop: CancellationToken,
+) -> TlsListener {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(64));
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                _ = stop.cancelled() => return,
+                a = listener.accept() => a,
+            };
+            let Ok((tcp, peer)) = accepted else {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            };
+            let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                continue; // too many handshakes in flight: drop this one
+            };
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                let hs =
+                    tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp));
+                if let Ok(Ok(s)) = hs.await {
+                    drop(permit);
+                    let _ = tx.send((s, peer)).await;
+                }
+            });
+        }
+    });
+    TlsListener { rx, local }
 }
 
 /// Binds `listen` and serves `router` until `stop` is cancelled.
@@ -94,11 +240,22 @@ pub async fn serve(
         addr: listen,
         source,
     })?;
+    let tls = auth.tls.clone();
     let app = router.layer(middleware::from_fn_with_state(auth, require_token));
     let handle = tokio::spawn(async move {
-        let res = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await;
+        let stopped = stop.clone();
+        let shutdown = async move { stopped.cancelled().await };
+        let res = match tls {
+            Some(tls) => {
+                let l = tls_listener(listener, local, tls, stop);
+                axum::serve(l, app).with_graceful_shutdown(shutdown).await
+            }
+            None => {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(shutdown)
+                    .await
+            }
+        };
         if let Err(e) = res {
             tracing::warn!(error = %e, "admin API stopped");
         }
@@ -194,9 +351,30 @@ pub fn get(listen: SocketAddr, cfg: &AdminConfig, path: &str) -> Result<(u16, St
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}\r\n").map_err(|e| e.to_string())?;
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}\r\n");
     let mut resp = String::new();
-    s.read_to_string(&mut resp).map_err(|e| e.to_string())?;
+    match cfg.client_tls()? {
+        None => {
+            s.write_all(request.as_bytes()).map_err(|e| e.to_string())?;
+            s.read_to_string(&mut resp).map_err(|e| e.to_string())?;
+        }
+        Some(tls) => {
+            // The certificate must name the address dialled (an IP SAN).
+            let name = rustls_pki_types::ServerName::IpAddress(addr.ip().into());
+            let conn = rustls::ClientConnection::new(tls, name).map_err(|e| e.to_string())?;
+            let mut t = rustls::StreamOwned::new(conn, s);
+            t.write_all(request.as_bytes())
+                .map_err(|e| format!("admin API TLS at {addr}: {e}"))?;
+            // A peer closing without close_notify still ends the response.
+            let mut buf = Vec::new();
+            match t.read_to_end(&mut buf) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
+                Err(e) => return Err(format!("admin API TLS at {addr}: {e}")),
+            }
+            resp = String::from_utf8_lossy(&buf).into_owned();
+        }
+    }
     let status = resp
         .split_whitespace()
         .nth(1)
