@@ -7,6 +7,7 @@ pub mod admin; // admin HTTP listener: loopback default, bearer token, health + 
 pub mod circuit; // circuit relay v2 wire format: hop/stop messages, voucher, framing
 pub mod config; // layered config loading (embedded defaults, TOML file, env, --set) and secrets
 pub mod identity; // libp2p identity key files: create 0600, load protobuf or hex
+pub mod idle; // idle timeouts for spliced connections
 pub mod metrics; // label sets shared by both binaries' Prometheus metrics
 pub mod names; // typed values: TunnelName, LeasePort, PortRange, Secret
 pub mod protocol; // wire formats: control messages and the tunnel stream header

@@ -82,6 +82,7 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         proxy: cfg.proxy_protocol.clone(),
         guard: guard.clone(),
         max_per_tunnel: cfg.limits.max_connections_per_tunnel,
+        idle_timeout: cfg.limits.idle_timeout,
     });
     let sessions = Arc::new(Sessions {
         host: host.clone(),

@@ -164,6 +164,9 @@ pub struct LimitsConfig {
     pub max_connections_per_peer: u32,
     /// Open connections on one leased port.
     pub max_connections_per_tunnel: usize,
+    /// A public connection that moves no byte for this long is closed; `0s` never.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
 }
 
 impl Default for LimitsConfig {
@@ -174,6 +177,7 @@ impl Default for LimitsConfig {
             max_connections_per_ip: 64,
             max_connections_per_peer: 8,
             max_connections_per_tunnel: 4096,
+            idle_timeout: Duration::from_secs(60),
         }
     }
 }

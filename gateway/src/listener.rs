@@ -51,6 +51,8 @@ pub struct DataPlane {
     pub guard: Arc<Guard>,
     /// Open connections allowed on one leased port.
     pub max_per_tunnel: usize,
+    /// A public connection moving no byte for this long is closed (zero: never).
+    pub idle_timeout: Duration,
 }
 
 /// A bound public port of one tunnel.
@@ -265,7 +267,10 @@ impl Connection {
         );
 
         let (mut sr, mut sw) = tokio::io::split(stream);
-        let (mut tr, mut tw) = self.tcp.split();
+        let activity = relaygate_common::idle::Activity::new();
+        let (tr, tw) = self.tcp.split();
+        let mut tr = relaygate_common::idle::Watched::new(tr, activity.clone());
+        let mut tw = relaygate_common::idle::Watched::new(tw, activity.clone());
         let (bytes_in, bytes_out, metrics) = (
             &self.stats.bytes_in,
             &self.stats.bytes_out,
@@ -314,7 +319,13 @@ impl Connection {
                 }
             }
         };
-        tokio::try_join!(up, down)?;
-        Ok(())
+        let idle = self.dp.idle_timeout;
+        tokio::select! {
+            r = async { tokio::try_join!(up, down) } => r.map(|_| ()),
+            _ = activity.idle(idle) => {
+                tracing::debug!(tunnel = %self.stats.name, ?idle, "public connection idle; closed");
+                Err(io::Error::new(io::ErrorKind::TimedOut, "idle"))
+            }
+        }
     }
 }

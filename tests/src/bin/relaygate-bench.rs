@@ -95,6 +95,8 @@ fn main() -> anyhow::Result<()> {
                 "log.level=info",
                 "guard.tunnel_connections_per_ip.per_second=0",
                 "limits.max_connections_per_tunnel=100000",
+                // Held idle connections are what the memory figure measures.
+                "limits.idle_timeout=0s",
             ]
             .iter()
             .flat_map(|kv| ["--set".to_string(), kv.to_string()])

@@ -1,0 +1,93 @@
+//! Connection caps and idle timeouts on leased ports.
+
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    thread,
+    time::Duration,
+};
+
+use relaygate_tests::stack::{
+    here, metric_sum, round_trip, Agent, Echo, Gateway, GatewaySpec, Transport,
+};
+
+fn gateway(settings: &[&str]) -> Gateway {
+    Gateway::start(
+        &here,
+        GatewaySpec {
+            extra: settings
+                .iter()
+                .flat_map(|kv| ["--set".to_string(), kv.to_string()])
+                .collect(),
+            ..Default::default()
+        },
+    )
+}
+
+/// Sends one byte and reads its echo; false when the connection is gone.
+fn ping(s: &mut TcpStream) -> bool {
+    let mut b = [0u8; 1];
+    s.write_all(b"p").is_ok() && s.read_exact(&mut b).is_ok()
+}
+
+#[test]
+fn idle_public_connections_are_closed_and_busy_ones_kept() {
+    let gw = gateway(&["limits.idle_timeout=2s"]);
+    let echo = Echo::start();
+    let agent = Agent::start(&here, &gw, Transport::Tcp, &[echo.tunnel("t")], true, &[]);
+    let port = agent
+        .wait_leased("t", Duration::from_secs(20))
+        .expect("lease");
+    let mut idle = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let mut busy = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    for s in [&mut idle, &mut busy] {
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        assert!(ping(s));
+    }
+    for _ in 0..8 {
+        thread::sleep(Duration::from_millis(500));
+        assert!(ping(&mut busy), "a connection moving bytes stays open");
+    }
+    assert!(
+        !ping(&mut idle),
+        "a connection idle for 4 s (limit 2 s) was closed"
+    );
+}
+
+#[test]
+fn a_leased_port_holds_at_most_its_connection_cap() {
+    let gw = gateway(&["limits.max_connections_per_tunnel=2"]);
+    let echo = Echo::start();
+    let agent = Agent::start(&here, &gw, Transport::Tcp, &[echo.tunnel("t")], true, &[]);
+    let port = agent
+        .wait_leased("t", Duration::from_secs(20))
+        .expect("lease");
+    let mut held: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(5)))
+                .expect("timeout");
+            assert!(ping(&mut s));
+            s
+        })
+        .collect();
+    let mut third = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    third
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    assert!(!ping(&mut third), "the third connection is refused");
+    assert!(
+        metric_sum(
+            &gw.metrics(),
+            "relaygate_gateway_refusals_total{reason=\"tunnel_connection_limit\"}"
+        ) >= 1.0
+    );
+    // A place frees up when one closes.
+    drop(held.pop());
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        round_trip(port, b"fits again").expect("round trip"),
+        b"fits again"
+    );
+}
