@@ -172,19 +172,7 @@ impl std::fmt::Display for TargetAddr {
     }
 }
 
-impl Serialize for TargetAddr {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for TargetAddr {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?
-            .parse()
-            .map_err(serde::de::Error::custom)
-    }
-}
+relaygate_common::serde_via_str!(ServicePeer, TargetAddr);
 
 /// The agent as a relay client of its gateway.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -312,20 +300,6 @@ impl std::fmt::Display for ServicePeer {
             ServicePeer::Id(p) => write!(f, "{p}"),
             ServicePeer::Address { addr, .. } => write!(f, "{addr}"),
         }
-    }
-}
-
-impl Serialize for ServicePeer {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for ServicePeer {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?
-            .parse()
-            .map_err(serde::de::Error::custom)
     }
 }
 

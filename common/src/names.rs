@@ -205,24 +205,27 @@ impl<'de> Deserialize<'de> for Secret {
     }
 }
 
-/// Implements serde through `FromStr`/`Display` for the typed values above.
+/// Implements serde through `FromStr`/`Display` (typed values in config and
+/// JSON). Exported for the binaries' own typed values; callers need `serde`
+/// and `serde_json` as dependencies.
+#[macro_export]
 macro_rules! serde_via_str {
     ($($t:ty),*) => {$(
-        impl Serialize for $t {
-            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        impl ::serde::Serialize for $t {
+            fn serialize<S: ::serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
                 s.collect_str(self)
             }
         }
-        impl<'de> Deserialize<'de> for $t {
-            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        impl<'de> ::serde::Deserialize<'de> for $t {
+            fn deserialize<D: ::serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
                 // Accept numbers too: env vars and TOML may give a port as an integer.
-                let v = serde_json::Value::deserialize(d)?;
+                let v = <::serde_json::Value as ::serde::Deserialize>::deserialize(d)?;
                 let s = match v {
-                    serde_json::Value::String(s) => s,
-                    serde_json::Value::Number(n) => n.to_string(),
-                    other => return Err(serde::de::Error::custom(format!("expected a string, got {other}"))),
+                    ::serde_json::Value::String(s) => s,
+                    ::serde_json::Value::Number(n) => n.to_string(),
+                    other => return Err(<D::Error as ::serde::de::Error>::custom(format!("expected a string, got {other}"))),
                 };
-                s.parse().map_err(serde::de::Error::custom)
+                s.parse().map_err(<D::Error as ::serde::de::Error>::custom)
             }
         }
     )*};

@@ -284,11 +284,8 @@ pub const MAX_HEADER_LEN: usize = 2 + MAX_TUNNEL_NAME + 2 * 19;
 
 impl StreamHeader {
     pub fn encode(&self) -> Vec<u8> {
-        let name = self.tunnel.as_str().as_bytes();
         let mut out = Vec::with_capacity(MAX_HEADER_LEN);
-        out.push(WIRE_VERSION as u8);
-        out.push(name.len() as u8);
-        out.extend_from_slice(name);
+        put_versioned_name(&mut out, self.tunnel.as_str());
         put_addr(&mut out, self.source);
         put_addr(&mut out, self.destination);
         out
@@ -298,22 +295,13 @@ impl StreamHeader {
     /// `Ok(None)` means more bytes are needed.
     pub fn decode(buf: &[u8]) -> Result<Option<(Self, usize)>, WireError> {
         let mut cur = Cursor { buf, pos: 0 };
-        let Some(version) = cur.u8() else {
+        let Some(name) = cur.versioned_name(
+            "tunnel name length out of range",
+            "tunnel name is not UTF-8",
+        )?
+        else {
             return Ok(None);
         };
-        if u16::from(version) != WIRE_VERSION {
-            return Err(WireError::Version(version.into()));
-        }
-        let Some(len) = cur.u8() else { return Ok(None) };
-        let len = usize::from(len);
-        if len == 0 || len > MAX_TUNNEL_NAME {
-            return Err(WireError::Header("tunnel name length out of range"));
-        }
-        let Some(name) = cur.take(len) else {
-            return Ok(None);
-        };
-        let name =
-            std::str::from_utf8(name).map_err(|_| WireError::Header("tunnel name is not UTF-8"))?;
         let tunnel = name.parse()?;
         let Some(source) = cur.addr()? else {
             return Ok(None);
@@ -378,6 +366,14 @@ fn addr_len(family: u8) -> usize {
     }
 }
 
+/// `u8 version | u8 len | name`: how both stream kinds start. Names are
+/// validated at parse time to at most `MAX_TUNNEL_NAME` bytes.
+fn put_versioned_name(out: &mut Vec<u8>, name: &str) {
+    out.push(WIRE_VERSION as u8);
+    out.push(name.len() as u8);
+    out.extend_from_slice(name.as_bytes());
+}
+
 fn put_addr(out: &mut Vec<u8>, addr: SocketAddr) {
     match addr.ip() {
         IpAddr::V4(ip) => {
@@ -405,6 +401,32 @@ impl<'a> Cursor<'a> {
     }
     fn u8(&mut self) -> Option<u8> {
         self.take(1).map(|b| b[0])
+    }
+    /// Reads `u8 version | u8 len | name`; `Ok(None)` when more bytes are needed.
+    fn versioned_name(
+        &mut self,
+        bad_len: &'static str,
+        bad_utf8: &'static str,
+    ) -> Result<Option<&'a str>, WireError> {
+        let Some(version) = self.u8() else {
+            return Ok(None);
+        };
+        if u16::from(version) != WIRE_VERSION {
+            return Err(WireError::Version(version.into()));
+        }
+        let Some(len) = self.u8() else {
+            return Ok(None);
+        };
+        let len = usize::from(len);
+        if len == 0 || len > MAX_TUNNEL_NAME {
+            return Err(WireError::Header(bad_len));
+        }
+        let Some(name) = self.take(len) else {
+            return Ok(None);
+        };
+        std::str::from_utf8(name)
+            .map(Some)
+            .map_err(|_| WireError::Header(bad_utf8))
     }
     fn addr(&mut self) -> Result<Option<SocketAddr>, WireError> {
         let Some(family) = self.u8() else {
@@ -442,33 +464,21 @@ pub struct ServiceRequest {
 
 impl ServiceRequest {
     pub fn encode(&self) -> Vec<u8> {
-        let name = self.service.as_str().as_bytes();
-        let mut out = Vec::with_capacity(2 + name.len());
-        out.push(WIRE_VERSION as u8);
-        out.push(name.len() as u8);
-        out.extend_from_slice(name);
+        let mut out = Vec::with_capacity(2 + MAX_TUNNEL_NAME);
+        put_versioned_name(&mut out, self.service.as_str());
         out
     }
 
     /// Decodes a complete request from `buf`; `Ok(None)` means more bytes are needed.
     pub fn decode(buf: &[u8]) -> Result<Option<(Self, usize)>, WireError> {
         let mut cur = Cursor { buf, pos: 0 };
-        let Some(version) = cur.u8() else {
+        let Some(name) = cur.versioned_name(
+            "service name length out of range",
+            "service name is not UTF-8",
+        )?
+        else {
             return Ok(None);
         };
-        if u16::from(version) != WIRE_VERSION {
-            return Err(WireError::Version(version.into()));
-        }
-        let Some(len) = cur.u8() else { return Ok(None) };
-        let len = usize::from(len);
-        if len == 0 || len > MAX_TUNNEL_NAME {
-            return Err(WireError::Header("service name length out of range"));
-        }
-        let Some(name) = cur.take(len) else {
-            return Ok(None);
-        };
-        let name = std::str::from_utf8(name)
-            .map_err(|_| WireError::Header("service name is not UTF-8"))?;
         let service = name.parse()?;
         Ok(Some((Self { service }, cur.pos)))
     }

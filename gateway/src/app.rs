@@ -116,7 +116,7 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     let (to_sessions, session_streams) = mpsc::channel(1024);
     tokio::spawn(route(incoming, to_sessions, hop.clone()));
     tokio::spawn(sessions.run(session_streams));
-    tokio::spawn(sweep_reservations(hop));
+    tokio::spawn(housekeeping(hop, guard.clone()));
 
     let stop_admin = CancellationToken::new();
     let state = admin::AdminState {
@@ -203,12 +203,14 @@ async fn route(
     }
 }
 
-/// Keeps `relay_reservations_active` true as reservations expire or lose their connection.
-async fn sweep_reservations(hop: Arc<Hop>) {
+/// Periodic upkeep: expired reservations (so `relay_reservations_active`
+/// stays true) and the rate limiters' idle keys.
+async fn housekeeping(hop: Arc<Hop>, guard: Arc<Guard>) {
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     loop {
         tick.tick().await;
         hop.sweep();
+        guard.housekeeping();
     }
 }
 

@@ -4,19 +4,12 @@
 //! `circuit_idle_timeout` without a byte, or on the first error. Half-close
 //! crosses: an end of stream on one side closes the other's write half.
 
-use std::{
-    io,
-    num::NonZeroU32,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
-    time::{Duration, Instant},
-};
+use std::{io, num::NonZeroU32, time::Duration};
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use prometheus_client::metrics::counter::Counter;
+use relaygate_common::idle::Activity;
 
 const BUF: usize = 16 * 1024;
 
@@ -68,7 +61,7 @@ where
 {
     let (sr, sw) = src.split();
     let (dr, dw) = dst.split();
-    let activity = Arc::new(Activity::new());
+    let activity = Activity::new();
     let limiter = |rate: u64| {
         let per_sec = NonZeroU32::new(u32::try_from(rate).unwrap_or(u32::MAX))?;
         Some(RateLimiter::direct(Quota::per_second(per_sec)))
@@ -161,38 +154,10 @@ where
     }
 }
 
-/// Last time a byte moved, shared by both directions.
-struct Activity {
-    start: Instant,
-    last_ms: AtomicU64,
-}
-
-impl Activity {
-    fn new() -> Self {
-        Self {
-            start: Instant::now(),
-            last_ms: AtomicU64::new(0),
-        }
-    }
-    fn touch(&self) {
-        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_ms.store(ms, Ordering::Relaxed);
-    }
-    async fn idle(&self, limit: Duration) {
-        loop {
-            let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
-            let quiet = self.start.elapsed().saturating_sub(last);
-            if quiet >= limit {
-                return;
-            }
-            tokio::time::sleep(limit - quiet).await;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
     use tokio_util::compat::TokioAsyncReadCompatExt;
 
     fn bounds() -> Bounds {

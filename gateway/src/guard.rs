@@ -63,19 +63,7 @@ impl fmt::Display for BanTarget {
     }
 }
 
-impl Serialize for BanTarget {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for BanTarget {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?
-            .parse()
-            .map_err(serde::de::Error::custom)
-    }
-}
+relaygate_common::serde_via_str!(BanTarget);
 
 /// A blacklist entry as written in config or posted to the admin API.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -126,6 +114,12 @@ pub struct BanView {
 struct Ban {
     view: BanView,
     until: Option<Instant>,
+}
+
+impl Ban {
+    fn in_force(&self, now: Instant) -> bool {
+        self.until.is_none_or(|u| u > now)
+    }
 }
 
 /// A token bucket: `per_second` sustained, `burst` at once.
@@ -302,9 +296,15 @@ impl Guard {
         self.banned(|t| *t == BanTarget::Peer(*peer))
     }
 
-    /// Forgets buckets that are full again, so the key tables stay as small
-    /// as the set of recently active IPs and peers. Call periodically.
+    /// Drops expired bans and forgets buckets that are full again, so the
+    /// tables stay as small as the set of recently active IPs and peers.
+    /// Call periodically.
     pub fn housekeeping(&self) {
+        let now = Instant::now();
+        let mut bans = lock(&self.bans);
+        bans.retain(|b| b.in_force(now));
+        self.metrics.bans_active.set(bans.len() as i64);
+        drop(bans);
         for l in [
             &self.connections_per_ip,
             &self.tunnel_connections_per_ip,
@@ -335,12 +335,13 @@ impl Guard {
         Err(why)
     }
 
+    /// Checked on every new connection: a read-only scan; expired bans are
+    /// skipped here and removed by [`Self::housekeeping`].
     fn banned(&self, matches: impl Fn(&BanTarget) -> bool) -> bool {
         let now = Instant::now();
-        let mut bans = lock(&self.bans);
-        bans.retain(|b| b.until.is_none_or(|u| u > now));
-        self.metrics.bans_active.set(bans.len() as i64);
-        bans.iter().any(|b| matches(&b.view.target))
+        lock(&self.bans)
+            .iter()
+            .any(|b| b.in_force(now) && matches(&b.view.target))
     }
 
     /// Adds (or replaces) a ban.
@@ -387,9 +388,11 @@ impl Guard {
 
     pub fn list(&self) -> Vec<BanView> {
         let now = Instant::now();
-        let mut bans = lock(&self.bans);
-        bans.retain(|b| b.until.is_none_or(|u| u > now));
-        bans.iter().map(|b| b.view.clone()).collect()
+        lock(&self.bans)
+            .iter()
+            .filter(|b| b.in_force(now))
+            .map(|b| b.view.clone())
+            .collect()
     }
 
     /// Records a protocol violation; returns the ban when this one earned it.

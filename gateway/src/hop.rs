@@ -182,7 +182,6 @@ impl Hop {
             control.pin(c, false);
         }
         self.metrics.relay.reservations_active.set(live as i64);
-        self.guard.housekeeping();
     }
 
     fn end_reservation(&self, peer: &PeerId, connection: ConnectionId) {

@@ -14,7 +14,6 @@ use libp2p::{
     core::ConnectedPoint,
     identify,
     identity::Keypair,
-    multiaddr::Protocol,
     ping,
     swarm::{behaviour::toggle::Toggle, NetworkBehaviour, SwarmEvent},
     Multiaddr, PeerId,
@@ -75,11 +74,7 @@ impl HostState {
     }
     /// The IP of `peer`'s latest connection.
     pub fn remote_ip(&self, peer: &PeerId) -> Option<std::net::IpAddr> {
-        self.remote_addr(peer)?.iter().find_map(|p| match p {
-            Protocol::Ip4(ip) => Some(ip.into()),
-            Protocol::Ip6(ip) => Some(ip.into()),
-            _ => None,
-        })
+        crate::gate::ip_of(&self.remote_addr(peer)?)
     }
 }
 

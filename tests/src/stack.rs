@@ -393,6 +393,33 @@ pub fn metric_sum(body: &str, prefix: &str) -> f64 {
         .sum()
 }
 
+/// `--set key=value` arguments for each setting.
+pub fn settings(kv: &[&str]) -> Vec<String> {
+    kv.iter()
+        .flat_map(|kv| ["--set".to_string(), kv.to_string()])
+        .collect()
+}
+
+/// The peer id of the agent identity in `dir` (created if missing).
+pub fn agent_peer_id(dir: &Path) -> String {
+    let out = std::process::Command::new(workspace_bin("relaygate-agent"))
+        .arg("--data-dir")
+        .arg(dir)
+        .arg("peer-id")
+        .output()
+        .expect("relaygate-agent peer-id");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// The peer id of `lab-node --seed N`.
+pub fn seed_peer_id(seed: u8) -> String {
+    libp2p::identity::Keypair::ed25519_from_bytes([seed; 32])
+        .expect("seed key")
+        .public()
+        .to_peer_id()
+        .to_string()
+}
+
 /// Polls `f` until it returns true or `timeout` passes.
 pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;

@@ -12,7 +12,8 @@ use relaygate_tests::{
     procs::Proc,
     rawpeer::RawPeer,
     stack::{
-        eventually, here, metric_sum, round_trip, Agent, Echo, Gateway, GatewaySpec, Transport,
+        eventually, here, metric_sum, round_trip, seed_peer_id, Agent, Echo, Gateway, GatewaySpec,
+        Transport,
     },
 };
 
@@ -40,14 +41,6 @@ fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String)
         .unwrap_or(0);
     let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
     (status, body)
-}
-
-fn seed_peer(seed: u8) -> String {
-    libp2p::identity::Keypair::ed25519_from_bytes([seed; 32])
-        .expect("seed key")
-        .public()
-        .to_peer_id()
-        .to_string()
 }
 
 fn dial(gw: &Gateway, seed: u8) -> bool {
@@ -85,7 +78,7 @@ fn blacklist_changes_at_runtime_for_networks_and_peers() {
         "/v1/blacklist",
         &format!(
             r#"{{"target":"{}","reason":"test peer","ttl":"1h"}}"#,
-            seed_peer(5)
+            seed_peer_id(5)
         ),
     );
     assert_eq!(code, 201, "{body}");
@@ -114,7 +107,7 @@ fn blacklist_changes_at_runtime_for_networks_and_peers() {
         list.contains("127.0.0.0/8") && list.contains("test net"),
         "{list}"
     );
-    assert!(list.contains(&seed_peer(5)), "{list}");
+    assert!(list.contains(&seed_peer_id(5)), "{list}");
     assert!(
         metric_sum(
             &gw.metrics(),

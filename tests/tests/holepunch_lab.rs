@@ -8,8 +8,8 @@ use std::{path::Path, time::Duration};
 
 use relaygate_tests::{
     netlab::{require_root, Host, Lab, Nat},
-    procs::{workspace_bin, Proc},
-    stack::{eventually, metric_sum, Agent, Gateway, GatewaySpec, Transport},
+    procs::Proc,
+    stack::{agent_peer_id, eventually, metric_sum, Agent, Gateway, GatewaySpec, Transport},
 };
 use serde_json::Value;
 
@@ -25,16 +25,6 @@ fn ns_get(host: &Host, admin: std::net::SocketAddr, path: &str) -> String {
         .output()
         .expect("run http-get");
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn peer_id_of(dir: &Path) -> String {
-    let out = std::process::Command::new(workspace_bin("relaygate-agent"))
-        .arg("--data-dir")
-        .arg(dir)
-        .arg("peer-id")
-        .output()
-        .expect("peer-id");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// The hole-punch record B keeps about A, once it has a result.
@@ -112,7 +102,7 @@ fn setup(tag: &str, t: Transport, nat_b: Nat) -> Setup {
         Transport::Quic => "relay.punch_listen=/ip4/0.0.0.0/udp/0/quic-v1",
     };
     let b_dir = tempfile::tempdir().expect("tempdir");
-    let b_id = peer_id_of(b_dir.path());
+    let b_id = agent_peer_id(b_dir.path());
     let launch_a = |b: &Path| a_host.cmd(b);
     let a = Agent::start(
         &launch_a,
@@ -133,7 +123,7 @@ fn setup(tag: &str, t: Transport, nat_b: Nat) -> Setup {
             Duration::from_secs(30),
         )
         .expect("A reserved on the relay");
-    let a_id = peer_id_of(a.dir.path());
+    let a_id = agent_peer_id(a.dir.path());
     let launch_b = |b: &Path| b_host.cmd(b);
     let b = Agent::start_in(
         &launch_b,

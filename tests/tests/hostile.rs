@@ -13,7 +13,10 @@ use std::{
 
 use relaygate_tests::{
     procs::Proc,
-    stack::{here, http_get, metric_sum, round_trip, Agent, Echo, Gateway, GatewaySpec, Transport},
+    stack::{
+        here, http_get, metric_sum, round_trip, settings, Agent, Echo, Gateway, GatewaySpec,
+        Transport,
+    },
 };
 
 const LAB_NODE: &str = env!("CARGO_BIN_EXE_lab-node");
@@ -126,14 +129,11 @@ fn every_listener_survives_hostile_input_while_an_honest_transfer_completes() {
         GatewaySpec {
             // The attacks come from 127.0.0.1, like the honest client: lift the
             // per-IP buckets so the test measures robustness, not rate limiting.
-            extra: [
+            extra: settings(&[
                 "guard.connections_per_ip.per_second=0",
                 "guard.tunnel_connections_per_ip.per_second=0",
                 "limits.max_connections_per_ip=100000",
-            ]
-            .iter()
-            .flat_map(|kv| ["--set".to_string(), kv.to_string()])
-            .collect(),
+            ]),
             ..Default::default()
         },
     );

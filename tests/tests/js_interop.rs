@@ -10,8 +10,8 @@ use std::{
 };
 
 use relaygate_tests::{
-    procs::{workspace_bin, Proc},
-    stack::{here, Agent, Gateway, GatewaySpec, Transport},
+    procs::Proc,
+    stack::{agent_peer_id, here, Agent, Gateway, GatewaySpec, Transport},
 };
 use serde_json::Value;
 
@@ -77,13 +77,7 @@ fn js_libp2p_reaches_an_agent_through_the_relay_unlimited() {
             Duration::from_secs(20),
         )
         .expect("agent reserved");
-    let out = Command::new(workspace_bin("relaygate-agent"))
-        .arg("--data-dir")
-        .arg(agent.dir.path())
-        .arg("peer-id")
-        .output()
-        .expect("peer-id");
-    let agent_id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let agent_id = agent_peer_id(agent.dir.path());
     let circuit = format!("{}/p2p-circuit/p2p/{agent_id}", gw.addr(Transport::Tcp));
 
     let mut dial = js(&["dial", &circuit, "--pings", "3"]);

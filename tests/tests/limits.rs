@@ -8,17 +8,14 @@ use std::{
 };
 
 use relaygate_tests::stack::{
-    here, metric_sum, round_trip, Agent, Echo, Gateway, GatewaySpec, Transport,
+    self, here, metric_sum, round_trip, Agent, Echo, Gateway, GatewaySpec, Transport,
 };
 
-fn gateway(settings: &[&str]) -> Gateway {
+fn gateway(kv: &[&str]) -> Gateway {
     Gateway::start(
         &here,
         GatewaySpec {
-            extra: settings
-                .iter()
-                .flat_map(|kv| ["--set".to_string(), kv.to_string()])
-                .collect(),
+            extra: stack::settings(kv),
             ..Default::default()
         },
     )

@@ -6,7 +6,6 @@
 use std::{
     io::{Read, Write},
     net::TcpListener,
-    path::Path,
     sync::{Arc, Mutex},
     thread,
     time::Duration,
@@ -17,31 +16,16 @@ use relaygate_common::{
     proxy,
 };
 use relaygate_tests::{
-    procs::{free_tcp_port, workspace_bin, Proc},
+    procs::{free_tcp_port, Proc},
     rawpeer::RawPeer,
-    stack::{eventually, here, metric_sum, round_trip, Agent, Gateway, GatewaySpec, Transport},
+    stack::{
+        agent_peer_id, eventually, here, metric_sum, round_trip, seed_peer_id, Agent, Gateway,
+        GatewaySpec, Transport,
+    },
 };
 use serde_json::Value;
 
 const LAB_NODE: &str = env!("CARGO_BIN_EXE_lab-node");
-
-fn peer_id_of(dir: &Path) -> String {
-    let out = std::process::Command::new(workspace_bin("relaygate-agent"))
-        .arg("--data-dir")
-        .arg(dir)
-        .arg("peer-id")
-        .output()
-        .expect("peer-id");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-fn seed_peer(seed: u8) -> String {
-    libp2p::identity::Keypair::ed25519_from_bytes([seed; 32])
-        .expect("seed key")
-        .public()
-        .to_peer_id()
-        .to_string()
-}
 
 fn lab_node(args: &[&str]) -> Proc {
     let mut cmd = std::process::Command::new(LAB_NODE);
@@ -62,7 +46,7 @@ fn sum_matching(body: &str, family: &str, label: &str) -> f64 {
 
 #[test]
 fn relay_admits_members_limits_guests_and_refuses_strangers() {
-    let guest = seed_peer(9);
+    let guest = seed_peer_id(9);
     let mut gw = Gateway::start(
         &here,
         GatewaySpec {
@@ -123,7 +107,7 @@ fn relay_admits_members_limits_guests_and_refuses_strangers() {
         true,
         &[
             "--service".into(),
-            format!("none=127.0.0.1:1,allow={}", seed_peer(3)),
+            format!("none=127.0.0.1:1,allow={}", seed_peer_id(3)),
         ],
     );
     agent
@@ -133,7 +117,7 @@ fn relay_admits_members_limits_guests_and_refuses_strangers() {
             Duration::from_secs(20),
         )
         .expect("agent reserved");
-    let agent_id = peer_id_of(agent.dir.path());
+    let agent_id = agent_peer_id(agent.dir.path());
     let mut to_member = lab_node(&[
         "dial",
         "--addr",
@@ -153,7 +137,7 @@ fn relay_admits_members_limits_guests_and_refuses_strangers() {
     let mut nowhere = lab_node(&[
         "dial",
         "--addr",
-        &format!("{relay}/p2p-circuit/p2p/{}", seed_peer(4)),
+        &format!("{relay}/p2p-circuit/p2p/{}", seed_peer_id(4)),
         "--timeout-secs",
         "10",
     ]);
@@ -371,7 +355,7 @@ fn service_reaches_allowed_peers_with_their_peer_id_and_refuses_others() {
         tempfile::tempdir().expect("dir"),
         tempfile::tempdir().expect("dir"),
     );
-    let b_id = peer_id_of(b_dir.path());
+    let b_id = agent_peer_id(b_dir.path());
     let a = Agent::start(
         &here,
         &gw,
@@ -389,7 +373,7 @@ fn service_reaches_allowed_peers_with_their_peer_id_and_refuses_others() {
             Duration::from_secs(20),
         )
         .expect("A reserved");
-    let a_id = peer_id_of(a.dir.path());
+    let a_id = agent_peer_id(a.dir.path());
 
     let visit = |dir: tempfile::TempDir, port: u16| {
         Agent::start_in(
@@ -473,7 +457,7 @@ fn service_reaches_allowed_peers_with_their_peer_id_and_refuses_others() {
 fn an_idle_reservation_outlives_the_idle_connection_timeout() {
     // A peer without a session (a plain libp2p node) holds its reservation on an
     // otherwise idle connection; the gateway must not reap it after 30 s.
-    let guest = seed_peer(11);
+    let guest = seed_peer_id(11);
     let gw = Gateway::start(
         &here,
         GatewaySpec {

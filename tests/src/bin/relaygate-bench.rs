@@ -19,7 +19,7 @@ use std::{
 };
 
 use clap::Parser;
-use relaygate_tests::stack::{here, Agent, Gateway, GatewaySpec, Transport};
+use relaygate_tests::stack::{here, settings, Agent, Gateway, GatewaySpec, Transport};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -91,16 +91,13 @@ fn main() -> anyhow::Result<()> {
         GatewaySpec {
             // The benchmark is one client hammering one tunnel: lift the per-IP
             // rate and per-tunnel caps meant for the internet.
-            extra: [
+            extra: settings(&[
                 "log.level=info",
                 "guard.tunnel_connections_per_ip.per_second=0",
                 "limits.max_connections_per_tunnel=100000",
                 // Held idle connections are what the memory figure measures.
                 "limits.idle_timeout=0s",
-            ]
-            .iter()
-            .flat_map(|kv| ["--set".to_string(), kv.to_string()])
-            .collect(),
+            ]),
             ..Default::default()
         },
     );
