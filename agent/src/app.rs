@@ -14,6 +14,7 @@ use crate::{
     config::{AgentConfig, TunnelConfig},
     deliver::DeliveryMode,
     host,
+    limits::{self, Limits},
     metrics::Metrics,
     services::Services,
     session::Session,
@@ -49,6 +50,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let (host, incoming) = host::start(key, &cfg, metrics.clone(), state.clone())?;
     let gateway = cfg.gateway_peer()?;
     let tracker = TaskTracker::new();
+    let limits = Limits::new(&cfg.limits, metrics.clone());
+    limits::check_open_files(&cfg.limits);
     // Visitor ports bind before anything else, so a taken port fails the start.
     let mut visitors = Vec::new();
     for v in &cfg.connect {
@@ -57,6 +60,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             host.clone(),
             &cfg.gateway.addresses,
             metrics.clone(),
+            limits.clone(),
         ));
         let listener = visitor.bind().await.with_context(|| {
             format!(
@@ -71,6 +75,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         host.paths.clone(),
         metrics.clone(),
         cfg.connect_timeout,
+        limits.clone(),
     ));
     let tunnels = Arc::new(Tunnels::new(
         &cfg.tunnels,
@@ -79,6 +84,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         metrics.clone(),
         cfg.connect_timeout,
         cfg.transparent.mark,
+        limits,
     ));
     let (to_tunnels, tunnel_streams) = mpsc::channel(cfg.session.max_streams.max(1));
     let accept = tokio::spawn(route(incoming, to_tunnels, services, tracker.clone()));

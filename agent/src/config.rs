@@ -34,6 +34,7 @@ pub struct AgentConfig {
     pub connect: Vec<VisitorConfig>,
     pub reconnect: ReconnectConfig,
     pub session: SessionTuning,
+    pub limits: crate::limits::LimitsConfig,
     /// How long to wait for the local target to accept a connection.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
@@ -345,6 +346,7 @@ impl Default for AgentConfig {
             connect: Vec::new(),
             reconnect: ReconnectConfig::default(),
             session: SessionTuning::default(),
+            limits: crate::limits::LimitsConfig::default(),
             connect_timeout: Duration::from_secs(5),
             transparent: TransparentConfig::default(),
             admin: AdminConfig::default(),

@@ -15,6 +15,7 @@ pub mod config; // the configuration model
 pub mod deliver; // connecting a tunnelled connection to the local target
 pub mod doctor; // `doctor`: reachability, session, leases, dial-back, advertised addresses, rules
 pub mod host; // libp2p host: gateway session, relay client, DCUtR, AutoNAT client
+pub mod limits; // caps on connections the agent opens, idle timeout
 pub mod metrics; // Prometheus metrics
 pub mod paths; // connections to peers: relayed or direct, hole-punch records
 pub mod services; // services offered to peers: allow-list, target, PROXY v2 peer id

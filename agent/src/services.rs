@@ -10,7 +10,7 @@ use relaygate_common::{
     names::ServiceName,
     protocol::{ServiceRequest, StreamStatus},
     proxy,
-    splice::splice_framed,
+    splice::splice_framed_idle,
 };
 use tokio::io::AsyncWriteExt;
 use tokio_util::compat::FuturesAsyncReadCompatExt;
@@ -18,6 +18,7 @@ use tokio_util::compat::FuturesAsyncReadCompatExt;
 use crate::{
     config::{ServiceConfig, ServiceProxy},
     deliver::connect_plain,
+    limits::Limits,
     metrics::{Metrics, Path, Role, ServiceBytesLabels, ServiceStreamLabels},
     paths::Paths,
 };
@@ -29,6 +30,7 @@ pub struct Services {
     paths: Arc<Paths>,
     metrics: Arc<Metrics>,
     connect_timeout: Duration,
+    limits: Arc<Limits>,
 }
 
 impl Services {
@@ -37,6 +39,7 @@ impl Services {
         paths: Arc<Paths>,
         metrics: Arc<Metrics>,
         connect_timeout: Duration,
+        limits: Arc<Limits>,
     ) -> Self {
         Self {
             services: services
@@ -46,6 +49,7 @@ impl Services {
             paths,
             metrics,
             connect_timeout,
+            limits,
         }
     }
 
@@ -90,6 +94,11 @@ impl Services {
             let _ = stream.shutdown().await;
             return self.count(path, StreamStatus::NotAllowed.as_str());
         }
+        let Some(_slot) = self.limits.admit() else {
+            let _ = stream.write_all(&[StreamStatus::Busy as u8]).await;
+            let _ = stream.shutdown().await;
+            return self.count(path, StreamStatus::Busy.as_str());
+        };
         let mut target = match connect_plain(&svc.target, self.connect_timeout).await {
             Ok(t) => t,
             Err(e) => {
@@ -128,7 +137,8 @@ impl Services {
                 path,
             })
             .clone();
-        if splice_framed(&mut stream, &mut target, &bytes, &bytes)
+        let idle = self.limits.idle_timeout;
+        if splice_framed_idle(&mut stream, &mut target, &bytes, &bytes, idle)
             .await
             .is_err()
         {

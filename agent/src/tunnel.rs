@@ -9,13 +9,13 @@ use relaygate_common::{
     metrics::{Side, SideLabels},
     names::TunnelName,
     protocol::{StreamHeader, StreamStatus},
-    splice::splice_framed,
+    splice::splice_framed_idle,
     streams::Incoming,
 };
 use tokio::io::AsyncWriteExt;
 use tokio_util::{compat::FuturesAsyncReadCompatExt, task::TaskTracker};
 
-use crate::{config::TunnelConfig, deliver::Delivery, metrics::Metrics};
+use crate::{config::TunnelConfig, deliver::Delivery, limits::Limits, metrics::Metrics};
 
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -34,6 +34,7 @@ pub struct Tunnels {
     connect_timeout: Duration,
     /// SO_MARK of transparent delivery sockets.
     mark: u32,
+    limits: Arc<Limits>,
 }
 
 impl Tunnels {
@@ -44,6 +45,7 @@ impl Tunnels {
         metrics: Arc<Metrics>,
         connect_timeout: Duration,
         mark: u32,
+        limits: Arc<Limits>,
     ) -> Self {
         let agent = me.to_string();
         let routes = tunnels
@@ -65,6 +67,7 @@ impl Tunnels {
             metrics,
             connect_timeout,
             mark,
+            limits,
         }
     }
 
@@ -108,6 +111,11 @@ impl Tunnels {
             return;
         };
         route.opened.inc();
+        let Some(_slot) = self.limits.admit() else {
+            let _ = stream.write_u8(StreamStatus::Busy as u8).await;
+            let _ = stream.shutdown().await;
+            return;
+        };
         let delivery = Delivery {
             mode: route.cfg.deliver,
             target: &route.cfg.target,
@@ -143,8 +151,10 @@ impl Tunnels {
         let active = self.metrics.connections_active.get_or_create(&side).clone();
         active.inc();
         tracing::debug!(tunnel = %header.tunnel, source = %header.source, deliver = route.cfg.deliver.as_str(), "delivering connection");
+        let idle = self.limits.idle_timeout;
+        let (bytes_in, bytes_out) = (&route.bytes_in, &route.bytes_out);
         if let Err(e) =
-            splice_framed(&mut stream, &mut target, &route.bytes_in, &route.bytes_out).await
+            splice_framed_idle(&mut stream, &mut target, bytes_in, bytes_out, idle).await
         {
             tracing::debug!(tunnel = %header.tunnel, source = %header.source, error = %e, "connection reset");
             let _ = target.set_zero_linger();

@@ -9,7 +9,7 @@ use std::{sync::Arc, time::Duration};
 use libp2p::{multiaddr::Protocol, Multiaddr, PeerId};
 use relaygate_common::{
     protocol::{ServiceRequest, StreamStatus, SERVICE_PROTOCOL},
-    splice::splice_framed,
+    splice::splice_framed_idle,
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -20,6 +20,7 @@ use tokio_util::{compat::FuturesAsyncReadCompatExt, task::TaskTracker};
 use crate::{
     config::{ServicePeer, VisitorConfig},
     host::HostHandle,
+    limits::Limits,
     metrics::{Metrics, Path, Role, ServiceBytesLabels, ServiceStreamLabels},
 };
 
@@ -41,6 +42,7 @@ pub struct Visitor {
     /// Circuit addresses of the peer through our gateway(s).
     pub addrs: Vec<Multiaddr>,
     pub metrics: Arc<Metrics>,
+    pub limits: Arc<Limits>,
 }
 
 impl Visitor {
@@ -49,6 +51,7 @@ impl Visitor {
         host: HostHandle,
         gateways: &[Multiaddr],
         metrics: Arc<Metrics>,
+        limits: Arc<Limits>,
     ) -> Self {
         let addrs = match &cfg.peer {
             ServicePeer::Address { addr, .. } => vec![addr.clone()],
@@ -66,6 +69,7 @@ impl Visitor {
             host,
             addrs,
             metrics,
+            limits,
         }
     }
 
@@ -92,6 +96,11 @@ impl Visitor {
     }
 
     async fn handle(self: Arc<Self>, mut tcp: TcpStream) {
+        let Some(_slot) = self.limits.admit() else {
+            self.count(Path::Relayed, StreamStatus::Busy.as_str());
+            let _ = tcp.set_zero_linger();
+            return;
+        };
         let _ = tcp.set_nodelay(true);
         let (mut stream, path) = match tokio::time::timeout(OPEN_TIMEOUT, self.open()).await {
             Ok(Ok(x)) => x,
@@ -121,7 +130,8 @@ impl Visitor {
                 path,
             })
             .clone();
-        if splice_framed(&mut stream, &mut tcp, &bytes, &bytes)
+        let idle = self.limits.idle_timeout;
+        if splice_framed_idle(&mut stream, &mut tcp, &bytes, &bytes, idle)
             .await
             .is_err()
         {

@@ -517,6 +517,8 @@ pub enum StreamStatus {
     BadHeader = 4,
     /// The caller is not on the service's allow-list.
     NotAllowed = 5,
+    /// The agent holds as many connections as its limits allow.
+    Busy = 6,
 }
 
 impl StreamStatus {
@@ -528,6 +530,7 @@ impl StreamStatus {
             3 => Self::UnknownTunnel,
             4 => Self::BadHeader,
             5 => Self::NotAllowed,
+            6 => Self::Busy,
             _ => return None,
         })
     }
@@ -539,6 +542,7 @@ impl StreamStatus {
             Self::UnknownTunnel => "unknown_tunnel",
             Self::BadHeader => "bad_header",
             Self::NotAllowed => "not_allowed",
+            Self::Busy => "busy",
         }
     }
 }

@@ -18,6 +18,8 @@ const BUF: usize = 16 * 1024;
 
 /// Largest payload of one frame.
 pub const MAX_FRAME: usize = BUF;
+/// How long to wait for the stream's own end after an `END` frame.
+const END_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 const DATA: u8 = 0;
 const END: u8 = 1;
 const RESET: u8 = 2;
@@ -51,6 +53,27 @@ where
         a_to_b: x,
         b_to_a: y,
     })
+}
+
+/// [`splice_framed`] that gives up with `TimedOut` once nothing has moved
+/// for `idle` (never when zero).
+pub async fn splice_framed_idle<S, R>(
+    stream: &mut S,
+    raw: &mut R,
+    from_stream: &Counter,
+    to_stream: &Counter,
+    idle: std::time::Duration,
+) -> io::Result<Moved>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    R: AsyncRead + AsyncWrite + Unpin,
+{
+    let activity = crate::idle::Activity::new();
+    let mut raw = crate::idle::Watched::new(raw, activity.clone());
+    tokio::select! {
+        r = splice_framed(stream, &mut raw, from_stream, to_stream) => r,
+        () = activity.idle(idle) => Err(io::Error::new(io::ErrorKind::TimedOut, "idle")),
+    }
 }
 
 /// Reads a raw connection and writes it as frames. EOF sends `END`, a read
@@ -130,6 +153,10 @@ where
             }
             END => {
                 w.shutdown().await?;
+                // The sender closes its half right after END: read that close,
+                // so the muxer sees the stream consumed and frees it at once
+                // (quinn otherwise keeps a stopped stream's receive state).
+                let _ = tokio::time::timeout(END_GRACE, r.read(&mut buf[..1])).await;
                 return Ok(total);
             }
             RESET => {

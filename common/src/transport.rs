@@ -32,6 +32,30 @@ pub struct SessionTuning {
     /// Concurrent streams per session (one per tunnelled connection); TCP
     /// sessions are capped at 4096 by yamux, QUIC sessions take the full number.
     pub max_streams: usize,
+    /// Streams a peer may open towards this process at once over QUIC.
+    /// quinn keeps state for every stream slot it allows (about 100 bytes
+    /// from the start, about 1 KiB once a slot has carried a stream), so a
+    /// gateway, whose peers open only control, relay and keep-alive streams,
+    /// allows few; an agent accepts one stream per tunnelled connection.
+    pub max_inbound_streams: usize,
+    /// Inbound streams per connection still negotiating their protocol;
+    /// beyond it new ones are dropped.
+    pub max_negotiating_streams: usize,
+    /// Bytes a peer may send on one QUIC stream before it is read: what one
+    /// stream can make this process buffer (yamux: a fixed 256 KiB).
+    pub stream_window: u32,
+    /// The same for a whole QUIC connection, all its streams together.
+    pub connection_window: u32,
+}
+
+impl SessionTuning {
+    /// A gateway's defaults: agents and relay users open few streams to it.
+    pub fn gateway() -> Self {
+        Self {
+            max_inbound_streams: 256,
+            ..Self::default()
+        }
+    }
 }
 
 impl Default for SessionTuning {
@@ -40,6 +64,10 @@ impl Default for SessionTuning {
             keepalive: Duration::from_secs(1),
             timeout: Duration::from_secs(5),
             max_streams: 16_384,
+            max_inbound_streams: 4096,
+            max_negotiating_streams: 64,
+            stream_window: 4 << 20,
+            connection_window: 16 << 20,
         }
     }
 }
@@ -79,7 +107,7 @@ pub fn build_relay_client_swarm<B: NetworkBehaviour>(
         .map_err(|e| err(&e))?
         .with_behaviour(make)
         .map_err(|e| err(&e))?
-        .with_swarm_config(idle_timeout)
+        .with_swarm_config(swarm_config(tuning))
         .build())
 }
 
@@ -88,18 +116,28 @@ fn quic_tuning(
 ) -> impl FnOnce(libp2p::quic::Config) -> libp2p::quic::Config {
     let keepalive = tuning.keepalive;
     let timeout_ms = u32::try_from(tuning.timeout.as_millis()).unwrap_or(u32::MAX);
-    let streams = u32::try_from(tuning.max_streams).unwrap_or(u32::MAX);
+    let streams = u32::try_from(tuning.max_inbound_streams).unwrap_or(u32::MAX);
+    let (stream_window, connection_window) = (tuning.stream_window, tuning.connection_window);
     move |mut c: libp2p::quic::Config| {
         c.keep_alive_interval = keepalive;
         c.max_idle_timeout = timeout_ms;
         c.max_concurrent_stream_limit = streams;
+        c.max_stream_data = stream_window;
+        c.max_connection_data = connection_window.max(stream_window);
         c
     }
 }
 
-/// Sessions stay up through their control stream; the idle timeout only reaps strays.
-fn idle_timeout(c: libp2p::swarm::Config) -> libp2p::swarm::Config {
-    c.with_idle_connection_timeout(Duration::from_secs(30))
+/// Sessions stay up through their control stream; the idle timeout only
+/// reaps strays. Streams still negotiating are capped per connection.
+fn swarm_config(
+    tuning: &SessionTuning,
+) -> impl FnOnce(libp2p::swarm::Config) -> libp2p::swarm::Config {
+    let negotiating = tuning.max_negotiating_streams.max(1);
+    move |c| {
+        c.with_idle_connection_timeout(Duration::from_secs(30))
+            .with_max_negotiating_inbound_streams(negotiating)
+    }
 }
 
 pub fn build_swarm<B: NetworkBehaviour>(
@@ -117,7 +155,7 @@ pub fn build_swarm<B: NetworkBehaviour>(
     };
     let quic = quic_tuning(tuning);
     let err = |e: &dyn std::fmt::Display| BuildError(e.to_string());
-    let idle = idle_timeout;
+    let idle = swarm_config(tuning);
     let tcp_cfg = tcp::Config::default().nodelay(true);
     let builder = SwarmBuilder::with_existing_identity(key).with_tokio();
     let swarm = match proxy {

@@ -24,6 +24,7 @@ use crate::{
     lease::{Leases, PortPolicy},
     listener::DataPlane,
     metrics::Metrics,
+    overload::Overload,
     registry::AgentRegistry,
     reservations::Reservations,
     session::Sessions,
@@ -70,7 +71,16 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     let admin_listen = cfg.admin_listen();
     let admin_auth = cfg.admin.auth(admin_listen)?;
 
-    let guard = Guard::new(cfg.guard.clone(), metrics.clone());
+    let overload = Arc::new(Overload::new(cfg.limits.max_memory));
+    tracing::info!(
+        limit_mib = overload.limit() >> 20,
+        "memory limit for new work (limits.max_memory)"
+    );
+    let guard = Guard::new(cfg.guard.clone(), metrics.clone(), overload.clone());
+    {
+        let gauge = metrics.memory_overloaded.clone();
+        tokio::spawn(async move { overload.watch(Duration::from_secs(1), gauge).await });
+    }
     check_open_files(&cfg);
     let (host, incoming) = host::start(key.clone(), &cfg, metrics.clone(), guard.clone())?;
     let registry = Arc::new(AgentRegistry::default());
@@ -96,6 +106,7 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         public_hosts: cfg.public_hosts(),
         bind: cfg.leases.bind,
+        guard: guard.clone(),
     });
     let hop = Arc::new(Hop {
         key,
@@ -112,6 +123,7 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         tracker: dataplane.tracker.clone(),
         draining: dataplane.stop_accepting.clone(),
         guard: guard.clone(),
+        requests: Arc::new(tokio::sync::Semaphore::new(cfg.relay.max_pending_requests)),
     });
     let (to_sessions, session_streams) = mpsc::channel(1024);
     tokio::spawn(route(incoming, to_sessions, hop.clone()));
@@ -196,7 +208,18 @@ async fn route(
 ) {
     while let Some(i) = incoming.recv().await {
         if i.protocol == HOP_PROTOCOL {
-            tokio::spawn(hop.clone().serve(i.peer, i.connection, i.stream));
+            // Hop requests in their handshake are bounded; an open circuit
+            // is counted by the circuit caps instead.
+            match hop.requests.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    let hop = hop.clone();
+                    tokio::spawn(async move {
+                        hop.serve(i.peer, i.connection, i.stream).await;
+                        drop(permit);
+                    });
+                }
+                Err(_) => hop.guard.count_refusal("relay_requests_busy"),
+            }
         } else if sessions.send(i).await.is_err() {
             return;
         }

@@ -98,10 +98,17 @@ pub struct RelayConfig {
     pub max_reservations_per_peer: usize,
     pub max_reservations_per_ip: usize,
     pub max_circuits: usize,
-    /// Circuits one peer may have open, as source or as destination.
-    pub max_circuits_per_peer: usize,
+    /// Circuits one peer may have open as their source. Kept well below
+    /// `max_circuits_per_destination`, so that strangers cannot take all of a
+    /// member's slots.
+    pub max_circuits_per_source: usize,
+    /// Circuits one reserved peer may have open as their destination.
+    pub max_circuits_per_destination: usize,
     /// Circuits opened from one source IP.
     pub max_circuits_per_ip: usize,
+    /// Hop requests (RESERVE, CONNECT) being read or answered at once;
+    /// beyond it new hop streams are reset and counted.
+    pub max_pending_requests: usize,
     /// A circuit that moves no byte for this long is closed.
     #[serde(with = "humantime_serde")]
     pub circuit_idle_timeout: Duration,
@@ -141,8 +148,10 @@ impl Default for RelayConfig {
             max_reservations_per_peer: 4,
             max_reservations_per_ip: 64,
             max_circuits: 4096,
-            max_circuits_per_peer: 128,
-            max_circuits_per_ip: 256,
+            max_circuits_per_source: 16,
+            max_circuits_per_destination: 128,
+            max_circuits_per_ip: 64,
+            max_pending_requests: 256,
             circuit_idle_timeout: Duration::from_secs(120),
             circuit_rate: 0,
             limited_peers: Vec::new(),
@@ -167,6 +176,10 @@ pub struct LimitsConfig {
     /// A public connection that moves no byte for this long is closed; `0s` never.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// Resident bytes above which new connections, circuits and reservations
+    /// are refused until usage falls under 90% of it; `0`: three quarters of
+    /// the memory this process may use (cgroup limit, else the machine's).
+    pub max_memory: u64,
 }
 
 impl Default for LimitsConfig {
@@ -178,6 +191,7 @@ impl Default for LimitsConfig {
             max_connections_per_peer: 8,
             max_connections_per_tunnel: 4096,
             idle_timeout: Duration::from_secs(60),
+            max_memory: 0,
         }
     }
 }
@@ -256,7 +270,7 @@ impl Default for GatewayConfig {
             autonat: AutonatConfig::default(),
             limits: LimitsConfig::default(),
             guard: crate::guard::GuardConfig::default(),
-            session: SessionTuning::default(),
+            session: SessionTuning::gateway(),
             admin: AdminConfig::default(),
             log: LogConfig::default(),
             shutdown_grace: Duration::from_secs(10),

@@ -21,7 +21,10 @@ use ipnet::IpNet;
 use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 
-use crate::metrics::Metrics;
+use crate::{
+    host::{Command, HostHandle},
+    metrics::Metrics,
+};
 
 /// What a ban applies to.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -197,12 +200,15 @@ pub enum Action {
 pub enum Refused {
     Banned,
     RateLimited(Action),
+    /// The gateway is over `limits.max_memory`.
+    MemoryPressure,
 }
 
 impl Refused {
     pub fn as_str(self) -> &'static str {
         match self {
             Refused::Banned => "banned",
+            Refused::MemoryPressure => "memory_pressure",
             Refused::RateLimited(Action::Connection) => "rate_limited_connection",
             Refused::RateLimited(Action::TunnelConnection) => "rate_limited_tunnel_connection",
             Refused::RateLimited(Action::Reservation) => "rate_limited_reservation",
@@ -231,6 +237,7 @@ pub struct Guard {
     circuits_per_ip: Option<IpLimiter>,
     violations: Mutex<HashMap<Offender, (u32, Instant)>>,
     metrics: Arc<Metrics>,
+    overload: Arc<crate::overload::Overload>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -238,7 +245,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Guard {
-    pub fn new(cfg: GuardConfig, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(
+        cfg: GuardConfig,
+        metrics: Arc<Metrics>,
+        overload: Arc<crate::overload::Overload>,
+    ) -> Arc<Self> {
         fn keyed<K: Clone + Eq + std::hash::Hash>(r: Rate) -> Option<DefaultKeyedRateLimiter<K>> {
             r.quota().map(RateLimiter::keyed)
         }
@@ -251,6 +262,7 @@ impl Guard {
             bans: Mutex::new(Vec::new()),
             violations: Mutex::new(HashMap::new()),
             metrics,
+            overload,
             cfg,
         };
         for b in g.cfg.blacklist.clone() {
@@ -263,6 +275,9 @@ impl Guard {
     pub fn check_ip(&self, ip: IpAddr, action: Action) -> Result<(), Refused> {
         if self.banned(|t| t.covers_ip(ip)) {
             return self.refuse(Refused::Banned);
+        }
+        if self.overload.is_on() {
+            return self.refuse(Refused::MemoryPressure);
         }
         let limiter = match action {
             Action::Connection => &self.connections_per_ip,
@@ -280,6 +295,9 @@ impl Guard {
     pub fn check_peer(&self, peer: &PeerId, action: Action) -> Result<(), Refused> {
         if self.is_banned_peer(peer) {
             return self.refuse(Refused::Banned);
+        }
+        if self.overload.is_on() {
+            return self.refuse(Refused::MemoryPressure);
         }
         let limiter = match action {
             Action::Reservation => &self.reservations_per_peer,
@@ -395,6 +413,14 @@ impl Guard {
             .collect()
     }
 
+    /// Counts a protocol violation by an authenticated peer; enough of them
+    /// ban it and close its connections.
+    pub async fn peer_violation(&self, host: &HostHandle, peer: PeerId, kind: &str) {
+        if self.violation(Offender::Peer(peer), kind).is_some() {
+            host.send(Command::Disconnect(peer)).await;
+        }
+    }
+
     /// Records a protocol violation; returns the ban when this one earned it.
     pub fn violation(&self, who: Offender, kind: &str) -> Option<BanView> {
         if self.cfg.violations_before_ban == 0 {
@@ -437,7 +463,11 @@ mod tests {
     use super::*;
 
     fn guard(cfg: GuardConfig) -> Arc<Guard> {
-        Guard::new(cfg, Arc::new(Metrics::new()))
+        Guard::new(
+            cfg,
+            Arc::new(Metrics::new()),
+            Arc::new(crate::overload::Overload::new(0)),
+        )
     }
 
     #[test]

@@ -18,8 +18,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     circuit::{relay, Bounds},
     config::RelayConfig,
-    guard::{Action, Guard, Offender},
-    host::Command,
+    guard::{Action, Guard},
     host::HostHandle,
     metrics::{ClassLabels, Metrics, RelayDirection, RelayDirectionLabels, ReservationClass},
     registry::AgentRegistry,
@@ -58,6 +57,8 @@ pub struct Hop {
     /// Cancelled when the gateway drains: no new reservations.
     pub draining: CancellationToken,
     pub guard: Arc<Guard>,
+    /// Hop requests being read or answered at once (`relay.max_pending_requests`).
+    pub requests: Arc<tokio::sync::Semaphore>,
 }
 
 impl Hop {
@@ -166,11 +167,8 @@ impl Hop {
         self.sweep();
     }
 
-    /// Counts a protocol violation; enough of them ban the peer and close its connections.
     async fn violation(&self, peer: PeerId, kind: &str) {
-        if self.guard.violation(Offender::Peer(peer), kind).is_some() {
-            self.host.send(Command::Disconnect(peer)).await;
-        }
+        self.guard.peer_violation(&self.host, peer, kind).await;
     }
 
     /// Drops expired and orphaned reservations, unpins their connections and
@@ -191,6 +189,12 @@ impl Hop {
     }
 
     async fn connect(&self, src: PeerId, msg: HopMessage, mut stream: Stream) {
+        if self.draining.is_cancelled() {
+            tracing::debug!(%src, "circuit refused: the gateway is draining");
+            return self
+                .deny_circuit(&mut stream, Status::ConnectionFailed)
+                .await;
+        }
         let Some(dst) = msg.peer_id() else {
             self.metrics.bad_input("relay_bad_peer_id");
             self.violation(src, "relay_bad_peer_id").await;

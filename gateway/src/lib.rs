@@ -19,6 +19,7 @@ pub mod host; // libp2p host: listeners, identify, ping, AutoNAT server, stream 
 pub mod lease; // port allocation per (agent, tunnel)
 pub mod listener; // leased public ports: accept, open tunnel stream, forward
 pub mod metrics; // Prometheus metrics
+pub mod overload; // memory overload: refuse new work above limits.max_memory
 pub mod registry; // live sessions and per-tunnel counters
 pub mod reservations; // relay reservations and circuit slots, within the caps
 pub mod session; // control streams: admit, lease, bind, keep alive

@@ -16,6 +16,8 @@ pub struct Metrics {
     pub bans_active: Gauge,
     /// Bans added, by source (config, admin, automatic).
     pub bans_added: Family<ReasonLabels, Counter>,
+    /// 1 while memory is over `limits.max_memory` and new work is refused.
+    pub memory_overloaded: Gauge,
 }
 
 /// Who a reservation belongs to, and so whether its circuits carry a Limit.
@@ -123,12 +125,19 @@ impl Metrics {
             .register("bans_active", "Bans in force", bans_active.clone());
         core.registry
             .register("bans_added", "Bans added, by source", bans_added.clone());
+        let memory_overloaded = Gauge::default();
+        core.registry.register(
+            "memory_overloaded",
+            "1 while resident memory is over limits.max_memory and new connections, circuits and reservations are refused",
+            memory_overloaded.clone(),
+        );
         Self {
             core,
             tunnels_active,
             relay,
             bans_active,
             bans_added,
+            memory_overloaded,
         }
     }
 

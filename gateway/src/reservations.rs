@@ -38,7 +38,8 @@ pub enum Reserved {
 struct Books {
     reservations: HashMap<PeerId, HashMap<ConnectionId, Reservation>>,
     circuits_total: usize,
-    circuits_per_peer: HashMap<PeerId, usize>,
+    circuits_from: HashMap<PeerId, usize>,
+    circuits_to: HashMap<PeerId, usize>,
     circuits_per_ip: HashMap<IpAddr, usize>,
 }
 
@@ -180,18 +181,18 @@ impl Reservations {
         metrics: &RelayMetrics,
     ) -> Result<CircuitSlot, Status> {
         let mut b = self.lock();
-        let per = |b: &Books, p: &PeerId| b.circuits_per_peer.get(p).copied().unwrap_or(0);
+        let count = |m: &HashMap<PeerId, usize>, p: &PeerId| m.get(p).copied().unwrap_or(0);
         let of_ip = ip.map_or(0, |ip| b.circuits_per_ip.get(&ip).copied().unwrap_or(0));
         if b.circuits_total >= self.cfg.max_circuits
-            || per(&b, &src) >= self.cfg.max_circuits_per_peer
-            || per(&b, &dst) >= self.cfg.max_circuits_per_peer
+            || count(&b.circuits_from, &src) >= self.cfg.max_circuits_per_source
+            || count(&b.circuits_to, &dst) >= self.cfg.max_circuits_per_destination
             || of_ip >= self.cfg.max_circuits_per_ip
         {
             return Err(Status::ResourceLimitExceeded);
         }
         b.circuits_total += 1;
-        *b.circuits_per_peer.entry(src).or_default() += 1;
-        *b.circuits_per_peer.entry(dst).or_default() += 1;
+        *b.circuits_from.entry(src).or_default() += 1;
+        *b.circuits_to.entry(dst).or_default() += 1;
         if let Some(ip) = ip {
             *b.circuits_per_ip.entry(ip).or_default() += 1;
         }
@@ -223,23 +224,23 @@ impl Drop for CircuitSlot {
     fn drop(&mut self) {
         let mut b = self.books.lock();
         b.circuits_total = b.circuits_total.saturating_sub(1);
-        for p in [self.src, self.dst] {
-            if let Some(n) = b.circuits_per_peer.get_mut(&p) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    b.circuits_per_peer.remove(&p);
-                }
-            }
-        }
+        let b = &mut *b;
+        release(&mut b.circuits_from, self.src);
+        release(&mut b.circuits_to, self.dst);
         if let Some(ip) = self.ip {
-            if let Some(n) = b.circuits_per_ip.get_mut(&ip) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    b.circuits_per_ip.remove(&ip);
-                }
-            }
+            release(&mut b.circuits_per_ip, ip);
         }
         self.active.dec();
+    }
+}
+
+/// Takes one from a per-key count, forgetting keys that reach zero.
+fn release<K: std::hash::Hash + Eq>(counts: &mut HashMap<K, usize>, key: K) {
+    if let Some(n) = counts.get_mut(&key) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            counts.remove(&key);
+        }
     }
 }
 
@@ -253,7 +254,8 @@ mod tests {
             max_reservations_per_peer: 2,
             max_reservations_per_ip: 2,
             max_circuits: 2,
-            max_circuits_per_peer: 1,
+            max_circuits_per_source: 2,
+            max_circuits_per_destination: 1,
             max_circuits_per_ip: 2,
             ..RelayConfig::default()
         }
@@ -312,10 +314,36 @@ mod tests {
         let slot = r.open_circuit(a, b, None, &metrics);
         assert!(slot.is_ok());
         assert_eq!(metrics.circuits_active.get(), 1);
-        // b already has one circuit (per-peer cap 1)
+        // b already has one circuit (per-destination cap 1)
         assert!(r.open_circuit(c, b, None, &metrics).is_err());
         drop(slot);
         assert_eq!(metrics.circuits_active.get(), 0);
         assert!(r.open_circuit(c, b, None, &metrics).is_ok());
+    }
+
+    #[test]
+    fn sources_and_destinations_are_capped_apart() {
+        let r = Reservations::new(RelayConfig {
+            max_circuits: 10,
+            max_circuits_per_source: 2,
+            max_circuits_per_destination: 3,
+            ..cfg()
+        });
+        let metrics = RelayMetrics::default();
+        let stranger = PeerId::random();
+        let member = PeerId::random();
+        let a = r.open_circuit(stranger, member, None, &metrics);
+        let b = r.open_circuit(stranger, member, None, &metrics);
+        assert!(a.is_ok() && b.is_ok());
+        // the stranger's own cap stops it, leaving the member's last slot free
+        assert!(r.open_circuit(stranger, member, None, &metrics).is_err());
+        let other = r.open_circuit(PeerId::random(), member, None, &metrics);
+        assert!(other.is_ok());
+        assert!(r
+            .open_circuit(PeerId::random(), member, None, &metrics)
+            .is_err());
+        // a member that is itself a source of many circuits still takes new ones
+        let c = r.open_circuit(member, stranger, None, &metrics);
+        assert!(c.is_ok());
     }
 }

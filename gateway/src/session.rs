@@ -19,6 +19,7 @@ use tokio_util::{compat::FuturesAsyncReadCompatExt, sync::CancellationToken};
 use crate::{
     admission::Admission,
     dialback,
+    guard::Guard,
     host::{Command, HostHandle},
     lease::Leases,
     listener::{self, DataPlane, PublicPort},
@@ -39,6 +40,8 @@ pub struct Sessions {
     /// Host parts of the advertised addresses, sent to agents.
     pub public_hosts: Vec<String>,
     pub bind: std::net::IpAddr,
+    /// Control-stream violations and refused join tokens count towards a ban.
+    pub guard: Arc<Guard>,
 }
 
 type Control = tokio_util::compat::Compat<Stream>;
@@ -104,6 +107,9 @@ impl Sessions {
             }
             Err(_) => {
                 self.metrics.bad_input("hello_timeout");
+                self.guard
+                    .peer_violation(&self.host, peer, "hello_timeout")
+                    .await;
                 tracing::info!(%peer, "no hello within {HELLO_TIMEOUT:?}; closing");
                 return;
             }
@@ -116,6 +122,11 @@ impl Sessions {
         }
         let Some(how) = self.admission.check(&peer, hello.token.as_deref()) else {
             self.metrics.refuse("not_admitted");
+            // Repeated wrong tokens are guessing; a misconfigured agent
+            // retrying every few seconds stays under the threshold.
+            self.guard
+                .peer_violation(&self.host, peer, "not_admitted")
+                .await;
             tracing::warn!(%peer, "refused agent: not on admission.allow and no valid join token");
             let msg = format!(
                 "peer {peer} is not admitted: add it to the gateway's admission.allow, or start the agent with the gateway's join token"
@@ -223,7 +234,11 @@ impl Sessions {
         // The session lives as long as the control stream; nothing more is expected on it.
         let end = tokio::select! {
             r = read_control(&mut ctl) => match r {
-                Ok(msg) => { self.metrics.bad_input("unexpected_message"); format!("unexpected {msg:?}") }
+                Ok(msg) => {
+                    self.metrics.bad_input("unexpected_message");
+                    self.guard.peer_violation(&self.host, peer, "unexpected_message").await;
+                    format!("unexpected {msg:?}")
+                }
                 Err(WireError::Truncated) => "agent closed the session".into(),
                 Err(e) => e.to_string(),
             },
@@ -249,6 +264,7 @@ impl Sessions {
     ) {
         if let Some(kind) = bad {
             self.metrics.bad_input(kind);
+            self.guard.peer_violation(&self.host, peer, kind).await;
         }
         self.metrics.refuse(code.as_str());
         tracing::warn!(%peer, code = code.as_str(), %message, "refused control stream");

@@ -149,16 +149,50 @@ impl Drop for Proc {
     }
 }
 
+/// Ports tests pick come from here: below the kernel's ephemeral range
+/// (32768-60999), so no outgoing connection or port-0 listener of another
+/// process can take one between its pick and its use; above the default
+/// lease range and the 200-agent test's 21000-21499.
+const PICK_FROM: std::ops::Range<u16> = 22_000..32_000;
+
+/// Ports already handed out by this test process.
+fn taken() -> &'static Mutex<std::collections::HashSet<u16>> {
+    static TAKEN: OnceLock<Mutex<std::collections::HashSet<u16>>> = OnceLock::new();
+    TAKEN.get_or_init(Default::default)
+}
+
+/// `n` consecutive ports, free now for `usable`, never handed out before.
+fn pick(n: u16, usable: impl Fn(u16) -> bool) -> u16 {
+    use rand::Rng;
+    let mut taken = taken().lock().unwrap_or_else(|e| e.into_inner());
+    for _ in 0..10_000 {
+        let base = rand::rng().random_range(PICK_FROM.start..PICK_FROM.end - n);
+        let ports = base..base + n;
+        if ports.clone().all(|p| !taken.contains(&p) && usable(p)) {
+            taken.extend(ports);
+            return base;
+        }
+    }
+    panic!("no {n} free ports in {PICK_FROM:?}");
+}
+
+fn tcp_free(p: u16) -> bool {
+    TcpListener::bind(("127.0.0.1", p)).is_ok() && TcpListener::bind(("0.0.0.0", p)).is_ok()
+}
+
+fn udp_free(p: u16) -> bool {
+    UdpSocket::bind(("127.0.0.1", p)).is_ok() && UdpSocket::bind(("0.0.0.0", p)).is_ok()
+}
+
 pub fn free_tcp_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free tcp port")
+    pick(1, tcp_free)
 }
 
 pub fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .map(|a| a.port())
-        .expect("free udp port")
+    pick(1, udp_free)
+}
+
+/// The first of `n` consecutive free TCP ports (a lease range).
+pub fn free_tcp_range(n: u16) -> u16 {
+    pick(n, tcp_free)
 }

@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::procs::{free_tcp_port, free_udp_port, workspace_bin, Proc};
+use crate::procs::{free_tcp_port, free_tcp_range, free_udp_port, workspace_bin, Proc};
 
 /// Builds the command that runs a binary (directly, or through `ip netns exec`).
 pub type Launch<'a> = &'a dyn Fn(&Path) -> Command;
@@ -75,8 +75,8 @@ impl Gateway {
             .unwrap_or_else(|| dir.path().to_path_buf());
         let (tcp, quic, admin_port) = (free_tcp_port(), free_udp_port(), free_tcp_port());
         let range = spec.port_range.clone().unwrap_or_else(|| {
-            let p = free_tcp_port();
-            format!("{p}-{}", p.saturating_add(9))
+            let p = free_tcp_range(10);
+            format!("{p}-{}", p + 9)
         });
         let admin: SocketAddr = format!("127.0.0.1:{admin_port}")
             .parse()

@@ -12,8 +12,8 @@ use relaygate_tests::{
     procs::Proc,
     rawpeer::RawPeer,
     stack::{
-        eventually, here, metric_sum, round_trip, seed_peer_id, Agent, Echo, Gateway, GatewaySpec,
-        Transport,
+        agent_peer_id, eventually, here, metric_sum, round_trip, seed_peer_id, Agent, Echo,
+        Gateway, GatewaySpec, Transport,
     },
 };
 
@@ -199,5 +199,38 @@ fn repeated_malformed_input_earns_a_temporary_ban() {
             .exchange("/libp2p/circuit/relay/0.2.0/hop", &[0x00])
             .is_err()),
         "the banned peer is disconnected"
+    );
+}
+
+#[test]
+fn guessing_the_join_token_earns_a_ban() {
+    let gw = Gateway::start(
+        &here,
+        GatewaySpec {
+            extra: vec!["--set".into(), "guard.violations_before_ban=3".into()],
+            ..Default::default()
+        },
+    );
+    let echo = Echo::start();
+    let agent = Agent::start(
+        &here,
+        &gw,
+        Transport::Tcp,
+        &[echo.tunnel("t")],
+        false,
+        &["--set".into(), "gateway.token=not-the-token".into()],
+    );
+    assert!(
+        eventually(Duration::from_secs(30), || metric_sum(
+            &gw.metrics(),
+            "relaygate_gateway_bans_added_total{reason=\"automatic\"}"
+        ) == 1.0),
+        "the third refused token banned the peer"
+    );
+    let (_, list) = http(gw.admin, "GET", "/v1/blacklist", "");
+    let me = agent_peer_id(agent.dir.path());
+    assert!(
+        list.contains(&me) && list.contains("not_admitted"),
+        "{list}"
     );
 }

@@ -88,3 +88,82 @@ fn a_leased_port_holds_at_most_its_connection_cap() {
         b"fits again"
     );
 }
+
+fn agent_metrics(agent: &Agent) -> String {
+    stack::http_get(agent.admin, "/metrics").1
+}
+
+#[test]
+fn the_agent_caps_its_connections_and_closes_idle_ones() {
+    // The gateway's own idle timeout is off: what closes is the agent's.
+    let gw = gateway(&["limits.idle_timeout=0s"]);
+    let echo = Echo::start();
+    let agent = Agent::start(
+        &here,
+        &gw,
+        Transport::Quic,
+        &[echo.tunnel("t")],
+        true,
+        &stack::settings(&["limits.max_connections=2", "limits.idle_timeout=2s"]),
+    );
+    let port = agent
+        .wait_leased("t", Duration::from_secs(20))
+        .expect("lease");
+    let open = || {
+        let s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        s
+    };
+    let (mut idle, mut busy) = (open(), open());
+    assert!(ping(&mut idle) && ping(&mut busy));
+    let mut third = open();
+    assert!(
+        !ping(&mut third),
+        "a third connection is over the agent's cap"
+    );
+    assert!(
+        metric_sum(
+            &agent_metrics(&agent),
+            "relaygate_agent_refusals_total{reason=\"agent_connection_limit\"}"
+        ) >= 1.0
+    );
+    for _ in 0..8 {
+        thread::sleep(Duration::from_millis(500));
+        assert!(ping(&mut busy), "a connection moving bytes stays open");
+    }
+    assert!(!ping(&mut idle), "idle for 4 s (agent limit 2 s): closed");
+    // Its slot is free again.
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        round_trip(port, b"fits again").expect("round trip"),
+        b"fits again"
+    );
+}
+
+#[test]
+fn a_gateway_over_its_memory_limit_refuses_new_work() {
+    // One byte: always over, so every new connection is refused.
+    let gw = gateway(&["limits.max_memory=1"]);
+    assert!(
+        stack::eventually(Duration::from_secs(10), || stack::metric(
+            &gw.metrics(),
+            "relaygate_gateway_memory_overloaded"
+        ) == Some(1.0)),
+        "the overload is reported"
+    );
+    let echo = Echo::start();
+    let agent = Agent::start(&here, &gw, Transport::Tcp, &[echo.tunnel("t")], true, &[]);
+    assert!(
+        stack::eventually(Duration::from_secs(15), || metric_sum(
+            &gw.metrics(),
+            "relaygate_gateway_refusals_total{reason=\"memory_pressure\"}"
+        ) >= 1.0),
+        "the agent's connection was refused for memory"
+    );
+    assert_eq!(
+        stack::metric(&gw.metrics(), "relaygate_gateway_sessions_active"),
+        Some(0.0)
+    );
+    drop(agent);
+}
