@@ -5,8 +5,10 @@
 //!   cargo run -p relaygate-tests --bin relaygate-bench -- --quick --output /tmp/b.md   # CI smoke
 //!
 //! Figures: throughput with 1 and 8 streams, 64-byte ping-pong RTT p50/p99,
-//! new connections per second (connect, 1-byte echo, close), and RSS per idle
-//! tunnelled connection on the gateway and the agent (RSS at 0 and N held).
+//! new connections per second (connect, 1-byte echo, close), RSS per idle
+//! tunnelled connection on the gateway and the agent (RSS at 0, 1,000 and
+//! 10,000 held), and the throughput of 50 agents pushing one stream each
+//! against one agent alone.
 
 use std::{
     net::SocketAddr,
@@ -36,10 +38,17 @@ struct Args {
     /// Seconds per throughput and connection-rate measurement.
     #[arg(long, default_value_t = 5.0)]
     seconds: f64,
-    /// Idle connections held for the memory figures (also measured at 1,000 when larger;
-    /// 10,000 needs an open-files hard limit above 20,000).
-    #[arg(long, default_value_t = 1_000)]
+    /// Idle connections held for the memory figures (also measured at 1,000 on
+    /// the way when larger). The idle echo target runs in its own process, so
+    /// this one needs only one descriptor per held connection.
+    #[arg(long, default_value_t = 10_000)]
     idle: usize,
+    /// Agents that push one stream each at once, against one agent alone.
+    #[arg(long, default_value_t = 50)]
+    agents: usize,
+    /// Internal: serve as the idle echo target on this address.
+    #[arg(long, hide = true)]
+    serve_echo: Option<SocketAddr>,
     /// Session transport between agent and gateway.
     #[arg(long, default_value = "quic")]
     transport: String,
@@ -66,14 +75,25 @@ struct Memory {
     agent_total_mib: f64,
 }
 
+#[derive(Clone, Debug, Default)]
+struct Fleet {
+    agents: usize,
+    one_gbit: f64,
+    together_gbit: f64,
+}
+
 fn main() -> anyhow::Result<()> {
     let mut a = Args::parse();
+    raise_nofile();
+    if let Some(addr) = a.serve_echo {
+        return serve_echo(addr);
+    }
     if a.quick {
         a.runs = 1;
         a.seconds = 1.0;
         a.idle = 200;
+        a.agents = 4;
     }
-    raise_nofile();
     let transport = if a.transport == "tcp" {
         Transport::Tcp
     } else {
@@ -86,6 +106,7 @@ fn main() -> anyhow::Result<()> {
         rt.block_on(async { Ok::<_, anyhow::Error>((start_sink().await?, start_echo().await?)) })?;
 
     // info level: the tests' per-connection debug logs would distort the figures
+    let ports = relaygate_tests::procs::free_tcp_range(100);
     let gw = Gateway::start(
         &here,
         GatewaySpec {
@@ -94,26 +115,43 @@ fn main() -> anyhow::Result<()> {
             extra: settings(&[
                 "log.level=info",
                 "guard.tunnel_connections_per_ip.per_second=0",
+                "guard.connections_per_ip.per_second=0",
                 "limits.max_connections_per_tunnel=100000",
+                "limits.max_connections_per_ip=1000",
+                "relay.max_reservations_per_ip=1000",
                 // Held idle connections are what the memory figure measures.
                 "limits.idle_timeout=0s",
             ]),
+            port_range: Some(format!("{ports}-{}", ports + 99)),
             ..Default::default()
         },
     );
+    let (_idle_echo, idle_echo) = spawn_echo()?;
     let agent = Agent::start(
         &here,
         &gw,
         transport,
-        &[format!("sink={sink}"), format!("echo={echo}")],
+        &[
+            format!("sink={sink}"),
+            format!("echo={echo}"),
+            format!("idle={idle_echo}"),
+        ],
         true,
-        &["--set".into(), "log.level=info".into()],
+        &settings(&[
+            "log.level=info",
+            "limits.max_connections=20000",
+            "limits.idle_timeout=0s",
+            "session.max_inbound_streams=16384",
+        ]),
     );
     let sink_port = agent
         .wait_leased("sink", Duration::from_secs(30))
         .map_err(anyhow::Error::msg)?;
     let echo_port = agent
         .wait_leased("echo", Duration::from_secs(30))
+        .map_err(anyhow::Error::msg)?;
+    let idle_port = agent
+        .wait_leased("idle", Duration::from_secs(30))
         .map_err(anyhow::Error::msg)?;
     let tunnel_sink: SocketAddr = ([127, 0, 0, 1], sink_port).into();
     let tunnel_echo: SocketAddr = ([127, 0, 0, 1], echo_port).into();
@@ -126,16 +164,20 @@ fn main() -> anyhow::Result<()> {
         direct.push(rt.block_on(measure(sink, echo, d))?);
         tunnel.push(rt.block_on(measure(tunnel_sink, tunnel_echo, d))?);
     }
-    let mut memory = Vec::new();
     let steps: Vec<usize> = if a.idle > 1000 {
         vec![1000, a.idle]
     } else {
         vec![a.idle]
     };
-    for n in steps {
-        memory.push(rt.block_on(idle_memory(tunnel_echo, n, gw.proc.pid(), agent.proc.pid()))?);
-    }
-    let report = render(&a, transport, &direct, &tunnel, &memory);
+    let tunnel_idle: SocketAddr = ([127, 0, 0, 1], idle_port).into();
+    let memory = rt.block_on(idle_memory(
+        tunnel_idle,
+        &steps,
+        gw.proc.pid(),
+        agent.proc.pid(),
+    ))?;
+    let fleet = rt.block_on(fleet(&gw, transport, sink, tunnel_sink, a.agents, d))?;
+    let report = render(&a, transport, &direct, &tunnel, &memory, &fleet);
     println!("{report}");
     std::fs::write(&a.output, &report)?;
     eprintln!("wrote {}", a.output.display());
@@ -234,27 +276,120 @@ async fn conn_rate(echo: SocketAddr, workers: usize, d: Duration) -> anyhow::Res
     Ok(count.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64())
 }
 
-async fn idle_memory(echo: SocketAddr, n: usize, gw: u32, agent: u32) -> anyhow::Result<Memory> {
+/// RSS of gateway and agent with 0 idle connections, then with each of
+/// `steps` held at once (opened on top of the ones before).
+async fn idle_memory(
+    echo: SocketAddr,
+    steps: &[usize],
+    gw: u32,
+    agent: u32,
+) -> anyhow::Result<Vec<Memory>> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (g0, a0) = (rss_kib(gw)?, rss_kib(agent)?);
-    let mut held = Vec::with_capacity(n);
-    for _ in 0..n {
-        let mut s = TcpStream::connect(echo).await?;
-        // one echo proves the connection reached the target, then it idles
-        s.write_all(b"i").await?;
-        let mut b = [0u8; 1];
-        s.read_exact(&mut b).await?;
-        held.push(s);
+    let mut held = Vec::new();
+    let mut out = Vec::new();
+    for &n in steps {
+        while held.len() < n {
+            let mut s = TcpStream::connect(echo).await?;
+            // one echo proves the connection reached the target, then it idles
+            s.write_all(b"i").await?;
+            let mut b = [0u8; 1];
+            s.read_exact(&mut b).await?;
+            held.push(s);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (g1, a1) = (rss_kib(gw)?, rss_kib(agent)?);
+        out.push(Memory {
+            held: n,
+            gw_kib_per_conn: (g1 as f64 - g0 as f64) / n as f64,
+            agent_kib_per_conn: (a1 as f64 - a0 as f64) / n as f64,
+            gw_total_mib: g1 as f64 / 1024.0,
+            agent_total_mib: a1 as f64 / 1024.0,
+        });
     }
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let (g1, a1) = (rss_kib(gw)?, rss_kib(agent)?);
-    drop(held);
-    Ok(Memory {
-        held: n,
-        gw_kib_per_conn: (g1 as f64 - g0 as f64) / n as f64,
-        agent_kib_per_conn: (a1 as f64 - a0 as f64) / n as f64,
-        gw_total_mib: g1 as f64 / 1024.0,
-        agent_total_mib: a1 as f64 / 1024.0,
+    Ok(out)
+}
+
+/// One stream through one agent, then `n` more agents on the same gateway
+/// pushing one stream each at once: what they get together.
+async fn fleet(
+    gw: &Gateway,
+    transport: Transport,
+    sink: SocketAddr,
+    one: SocketAddr,
+    n: usize,
+    d: Duration,
+) -> anyhow::Result<Fleet> {
+    let one_gbit = throughput(one, 1, d).await?;
+    let agents: Vec<Agent> = (0..n)
+        .map(|_| {
+            Agent::start(
+                &here,
+                gw,
+                transport,
+                &[format!("sink={sink}")],
+                true,
+                &settings(&["log.level=info"]),
+            )
+        })
+        .collect();
+    let mut ports = Vec::with_capacity(n);
+    for a in &agents {
+        ports.push(
+            a.wait_leased("sink", Duration::from_secs(120))
+                .map_err(anyhow::Error::msg)?,
+        );
+    }
+    let sinks: Vec<SocketAddr> = ports.iter().map(|p| ([127, 0, 0, 1], *p).into()).collect();
+    let together_gbit = throughput_each(&sinks, d).await?;
+    Ok(Fleet {
+        agents: n,
+        one_gbit,
+        together_gbit,
+    })
+}
+
+/// Gbit/s of one stream to each of `sinks` at once, all together.
+async fn throughput_each(sinks: &[SocketAddr], d: Duration) -> anyhow::Result<f64> {
+    // Each task reports its own stream's rate; they run over the same span.
+    let tasks: Vec<_> = sinks
+        .iter()
+        .map(|&s| tokio::spawn(throughput(s, 1, d)))
+        .collect();
+    let mut total = 0.0;
+    for t in tasks {
+        total += t.await??;
+    }
+    Ok(total)
+}
+
+/// The idle echo target, in a process of its own (`--serve-echo`), so the
+/// benchmark process stays under the open-files limit while holding 10,000.
+fn spawn_echo() -> anyhow::Result<(relaygate_tests::procs::Proc, SocketAddr)> {
+    let addr: SocketAddr = ([127, 0, 0, 1], relaygate_tests::procs::free_tcp_port()).into();
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.args(["--serve-echo", &addr.to_string()]);
+    let p = relaygate_tests::procs::Proc::spawn("idle-echo", cmd);
+    p.wait_for(|l| l.contains("echo listening"), Duration::from_secs(10))
+        .map_err(anyhow::Error::msg)?;
+    Ok((p, addr))
+}
+
+fn serve_echo(addr: SocketAddr) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let l = TcpListener::bind(addr).await?;
+        println!("echo listening on {addr}");
+        loop {
+            let (mut s, _) = l.accept().await?;
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
     })
 }
 
@@ -332,6 +467,7 @@ fn render(
     direct: &[Figures],
     tunnel: &[Figures],
     memory: &[Memory],
+    fleet: &Fleet,
 ) -> String {
     let pick = |v: &[Figures], f: fn(&Figures) -> f64| median(v.iter().map(f).collect());
     let raw = |v: &[Figures], f: fn(&Figures) -> f64| {
@@ -388,6 +524,13 @@ fn render(
             m.held, m.gw_kib_per_conn, m.agent_kib_per_conn, m.gw_total_mib, m.agent_total_mib
         ));
     }
+    s.push_str(&format!(
+        "\n| agents, one stream each | one agent alone, Gbit/s | together, Gbit/s | together / one |\n|---|---|---|---|\n| {} | {:.2} | {:.2} | {:.0}% |\n",
+        fleet.agents,
+        fleet.one_gbit,
+        fleet.together_gbit,
+        fleet.together_gbit / fleet.one_gbit * 100.0
+    ));
     s.push_str("\nRaw values per run (direct | tunnel):\n\n");
     for (name, f, _) in rows {
         s.push_str(&format!(
