@@ -57,17 +57,9 @@ impl Limits {
     }
 }
 
-/// Raises the open-files limit to its hard maximum and warns when even that
-/// is below what `max_connections` can use (one descriptor each, plus the
-/// session, listeners and files).
+/// Raises the open-files limit for `max_connections` (one descriptor each,
+/// plus the session, listeners and files).
 pub fn check_open_files(cfg: &LimitsConfig) {
     let need = cfg.max_connections as u64 + 256;
-    match rlimit::increase_nofile_limit(need) {
-        Ok(got) if got < need => tracing::warn!(
-            limit = got, need,
-            "open-files limit is below what limits.max_connections can use; raise it to {need} (ulimit -n {need}, or LimitNOFILE={need} in the systemd unit) or lower limits.max_connections"
-        ),
-        Ok(got) => tracing::debug!(limit = got, need, "open-files limit"),
-        Err(e) => tracing::warn!(error = %e, need, "cannot read the open-files limit"),
-    }
+    relaygate_common::nofile::raise_open_files(need, "limits.max_connections");
 }

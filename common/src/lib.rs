@@ -10,6 +10,7 @@ pub mod identity; // libp2p identity key files: create 0600, load protobuf or he
 pub mod idle; // idle timeouts for spliced connections
 pub mod metrics; // label sets shared by both binaries' Prometheus metrics
 pub mod names; // typed values: TunnelName, LeasePort, PortRange, Secret
+pub mod nofile; // open-files limit: raise at start, warn with the number to set
 pub mod protocol; // wire formats: control messages and the tunnel stream header
 pub mod proxy; // PROXY protocol v1/v2 headers (ppp), with the peer-id TLV
 pub mod proxy_transport; // libp2p TCP transport that reads PROXY headers from trusted balancers

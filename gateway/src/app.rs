@@ -190,14 +190,7 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
 /// is below what the configured caps can use.
 fn check_open_files(cfg: &GatewayConfig) {
     let need = cfg.limits.descriptors_needed();
-    match rlimit::increase_nofile_limit(need) {
-        Ok(got) if got < need => tracing::warn!(
-            limit = got, need,
-            "open-files limit is below what the connection caps can use; raise it to {need} (ulimit -n {need}, or LimitNOFILE={need} in the systemd unit) or lower limits.*"
-        ),
-        Ok(got) => tracing::debug!(limit = got, need, "open-files limit"),
-        Err(e) => tracing::warn!(error = %e, need, "cannot read the open-files limit"),
-    }
+    relaygate_common::nofile::raise_open_files(need, "limits.*");
 }
 
 /// Sends relay hop streams to the hop, the rest (control, dial-back) to the sessions.

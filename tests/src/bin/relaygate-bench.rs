@@ -84,7 +84,8 @@ struct Fleet {
 
 fn main() -> anyhow::Result<()> {
     let mut a = Args::parse();
-    raise_nofile();
+    // Soft limit up to the hard one: 10,000 held connections need as many descriptors.
+    let _ = relaygate_tests::load::raise_nofile(u64::MAX);
     if let Some(addr) = a.serve_echo {
         return serve_echo(addr);
     }
@@ -394,12 +395,7 @@ fn serve_echo(addr: SocketAddr) -> anyhow::Result<()> {
 }
 
 fn rss_kib(pid: u32) -> anyhow::Result<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("no VmRSS for {pid}"))
+    Ok(relaygate_tests::load::ProcStats::of(pid)?.rss_kib)
 }
 
 async fn start_sink() -> anyhow::Result<SocketAddr> {
@@ -440,20 +436,6 @@ async fn start_echo() -> anyhow::Result<SocketAddr> {
         }
     });
     Ok(addr)
-}
-
-fn raise_nofile() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain syscalls on a stack struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
