@@ -5,7 +5,9 @@ use std::{sync::Arc, time::Duration};
 
 use anyhow::Context;
 use libp2p::identity::Keypair;
-use relaygate_common::{names::Secret, protocol::SERVICE_PROTOCOL, shutdown, streams::Incoming};
+use relaygate_common::{
+    names::Secret, protocol::SERVICE_PROTOCOL, shutdown, streams::Incoming, transport::DataPath,
+};
 use tokio::sync::mpsc;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -14,6 +16,7 @@ use crate::{
     config::{AgentConfig, TunnelConfig},
     deliver::DeliveryMode,
     host,
+    lane::LaneDialer,
     limits::{self, Limits},
     metrics::Metrics,
     services::Services,
@@ -47,7 +50,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let admin_listen = cfg.admin_listen();
     let admin_auth = cfg.admin.auth(admin_listen)?;
 
-    let (host, incoming) = host::start(key, &cfg, metrics.clone(), state.clone())?;
+    let (host, incoming) = host::start(key.clone(), &cfg, metrics.clone(), state.clone())?;
     let gateway = cfg.gateway_peer()?;
     let tracker = TaskTracker::new();
     let limits = Limits::new(&cfg.limits, metrics.clone());
@@ -88,7 +91,17 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     ));
     let (to_tunnels, tunnel_streams) = mpsc::channel(cfg.session.max_streams.max(1));
     let accept = tokio::spawn(route(incoming, to_tunnels, services, tracker.clone()));
-    let tunnels_task = tokio::spawn(tunnels.run(tunnel_streams, tracker.clone()));
+    let tunnels_task = tokio::spawn(tunnels.clone().run(tunnel_streams, tracker.clone()));
+    let lane = match cfg.session.data_path {
+        DataPath::Lane => Some(Arc::new(LaneDialer::new(
+            &key,
+            gateway,
+            tunnels,
+            tracker.clone(),
+            metrics.clone(),
+        )?)),
+        DataPath::Session => None,
+    };
 
     let (mut active, mut refused) = check_delivery(&cfg);
     // Kept until exit: dropping it removes the rules this process installed.
@@ -111,13 +124,14 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         tunnels: active,
         ..cfg.clone()
     };
-    let session = Session::new(
+    let mut session = Session::new(
         &session_cfg,
         host.clone(),
         token,
         state.clone(),
         metrics.clone(),
     )?;
+    session.lane = lane;
     for (t, why) in refused {
         tracing::error!(tunnel = %t.name, error = %why, "tunnel not started");
         state.set_tunnel(

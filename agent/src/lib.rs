@@ -2,7 +2,8 @@
 //! the gateway's public connections to the node.
 //!
 //! Data flows one way: the [`session`] leases ports, the gateway opens a
-//! [`tunnel`] stream per public connection, [`deliver`] connects it to the target.
+//! [`tunnel`] stream per public connection (on the agent's [`lane`], or on the
+//! session while no lane is up), [`deliver`] connects it to the target.
 //! Between agents: a [`visitor`] opens a service stream to a peer (relayed,
 //! then direct once DCUtR punches through), and that peer's [`services`]
 //! connect it to the local service.
@@ -15,6 +16,7 @@ pub mod config; // the configuration model
 pub mod deliver; // connecting a tunnelled connection to the local target
 pub mod doctor; // `doctor`: reachability, session, leases, dial-back, advertised addresses, rules
 pub mod host; // libp2p host: gateway session, relay client, DCUtR, AutoNAT client
+pub mod lane; // the lane to the gateway: TLS connection carrying tunnelled connections
 pub mod limits; // caps on connections the agent opens, idle timeout
 pub mod metrics; // Prometheus metrics
 pub mod paths; // connections to peers: relayed or direct, hole-punch records

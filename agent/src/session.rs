@@ -19,6 +19,7 @@ use crate::{
     advertise,
     config::{AgentConfig, TunnelConfig},
     host::HostHandle,
+    lane::LaneDialer,
     metrics::Metrics,
     state::{AgentState, TunnelStatus},
 };
@@ -50,6 +51,8 @@ pub struct Session {
     pub state: Arc<AgentState>,
     pub metrics: Arc<Metrics>,
     pub cfg: AgentConfig,
+    /// Keeps the lane up while a session is (`session.data_path = "lane"`).
+    pub lane: Option<Arc<LaneDialer>>,
 }
 
 impl Session {
@@ -83,6 +86,7 @@ impl Session {
             state,
             metrics,
             cfg: cfg.clone(),
+            lane: None,
         })
     }
 
@@ -190,9 +194,16 @@ impl Session {
         // Nothing more is expected on the control stream; its end is the
         // session's end, and so is a failed keep-alive (whose close may hang).
         let lost = self.host.gateway_lost();
+        let lane = async {
+            match &self.lane {
+                Some(l) => l.keep(&dialled, welcome.lane_port).await,
+                None => std::future::pending().await,
+            }
+        };
         let read = tokio::select! {
             r = read_control(&mut ctl) => r,
             _ = lost => return Ok("gateway stopped answering keep-alives".into()),
+            () = lane => return Ok("lane keeper stopped".into()),
         };
         Ok(match read {
             Ok(m) => {

@@ -5,6 +5,8 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use libp2p::PeerId;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use relaygate_common::lane::{self, LaneStream};
 use relaygate_common::{
     metrics::{Side, SideLabels},
     names::TunnelName,
@@ -12,7 +14,10 @@ use relaygate_common::{
     splice::splice_framed_idle,
     streams::Incoming,
 };
-use tokio::io::AsyncWriteExt;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt},
+    net::TcpStream,
+};
 use tokio_util::{compat::FuturesAsyncReadCompatExt, task::TaskTracker};
 
 use crate::{config::TunnelConfig, deliver::Delivery, limits::Limits, metrics::Metrics};
@@ -87,34 +92,70 @@ impl Tunnels {
         }
     }
 
+    /// A tunnel stream of the session: framed bytes (see `splice`).
     async fn handle(self: Arc<Self>, mut stream: tokio_util::compat::Compat<libp2p::Stream>) {
-        let header =
-            match tokio::time::timeout(HEADER_TIMEOUT, StreamHeader::read(&mut stream)).await {
-                Ok(Ok(h)) => h,
-                Ok(Err(e)) => {
-                    self.metrics.bad_input(e.kind());
-                    tracing::warn!(error = %e, "bad tunnel stream header");
-                    let _ = stream.write_u8(StreamStatus::BadHeader as u8).await;
-                    let _ = stream.shutdown().await;
-                    return;
-                }
-                Err(_) => {
-                    self.metrics.bad_input("header_timeout");
-                    return;
-                }
-            };
+        self.metrics.tunnel_path("session");
+        let Some(mut d) = self.deliver(&mut stream).await else {
+            return;
+        };
+        let (bytes_in, bytes_out) = (&d.route.bytes_in, &d.route.bytes_out);
+        let idle = self.limits.idle_timeout;
+        if let Err(e) =
+            splice_framed_idle(&mut stream, &mut d.target, bytes_in, bytes_out, idle).await
+        {
+            tracing::debug!(tunnel = %d.header.tunnel, source = %d.header.source, error = %e, "connection reset");
+            let _ = d.target.set_zero_linger();
+        }
+    }
+
+    /// A stream of the lane: raw bytes, ends and resets are the lane's own.
+    pub async fn handle_lane(self: Arc<Self>, mut stream: LaneStream) {
+        self.metrics.tunnel_path("lane");
+        let Some(mut d) = self.deliver(&mut stream).await else {
+            return;
+        };
+        let (bytes_in, bytes_out) = (&d.route.bytes_in, &d.route.bytes_out);
+        let idle = self.limits.idle_timeout;
+        if let Err(e) =
+            lane::splice(stream, &mut d.target, bytes_in, bytes_out, idle, |_| Ok(())).await
+        {
+            tracing::debug!(tunnel = %d.header.tunnel, source = %d.header.source, error = %e, "connection reset");
+            let _ = d.target.set_zero_linger();
+        }
+    }
+
+    /// Reads the header, connects to the tunnel's target and answers the
+    /// status byte. None when refused (the stream got its answer).
+    async fn deliver<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        stream: &mut S,
+    ) -> Option<Delivered<'_>> {
+        let header = match tokio::time::timeout(HEADER_TIMEOUT, StreamHeader::read(stream)).await {
+            Ok(Ok(h)) => h,
+            Ok(Err(e)) => {
+                self.metrics.bad_input(e.kind());
+                tracing::warn!(error = %e, "bad tunnel stream header");
+                let _ = stream.write_u8(StreamStatus::BadHeader as u8).await;
+                let _ = stream.shutdown().await;
+                return None;
+            }
+            Err(_) => {
+                self.metrics.bad_input("header_timeout");
+                return None;
+            }
+        };
         let Some(route) = self.routes.get(&header.tunnel) else {
             self.metrics.refuse("unknown_tunnel");
             tracing::warn!(tunnel = %header.tunnel, "stream for a tunnel this agent does not have");
             let _ = stream.write_u8(StreamStatus::UnknownTunnel as u8).await;
             let _ = stream.shutdown().await;
-            return;
+            return None;
         };
         route.opened.inc();
-        let Some(_slot) = self.limits.admit() else {
+        let Some(slot) = self.limits.admit() else {
             let _ = stream.write_u8(StreamStatus::Busy as u8).await;
             let _ = stream.shutdown().await;
-            return;
+            return None;
         };
         let delivery = Delivery {
             mode: route.cfg.deliver,
@@ -123,7 +164,7 @@ impl Tunnels {
             timeout: self.connect_timeout,
             mark: self.mark,
         };
-        let mut target = match delivery.connect().await {
+        let target = match delivery.connect().await {
             Ok(t) => {
                 self.metrics
                     .delivered(route.cfg.deliver.as_str(), "connected");
@@ -136,7 +177,7 @@ impl Tunnels {
                 tracing::warn!(tunnel = %header.tunnel, source = %header.source, error = %e, "cannot deliver connection");
                 let _ = stream.write_u8(e.status() as u8).await;
                 let _ = stream.shutdown().await;
-                return;
+                return None;
             }
         };
         if stream
@@ -144,21 +185,35 @@ impl Tunnels {
             .await
             .is_err()
         {
-            return;
+            return None;
         }
         let side = SideLabels { side: Side::Target };
         self.metrics.connections_opened.get_or_create(&side).inc();
         let active = self.metrics.connections_active.get_or_create(&side).clone();
         active.inc();
         tracing::debug!(tunnel = %header.tunnel, source = %header.source, deliver = route.cfg.deliver.as_str(), "delivering connection");
-        let idle = self.limits.idle_timeout;
-        let (bytes_in, bytes_out) = (&route.bytes_in, &route.bytes_out);
-        if let Err(e) =
-            splice_framed_idle(&mut stream, &mut target, bytes_in, bytes_out, idle).await
-        {
-            tracing::debug!(tunnel = %header.tunnel, source = %header.source, error = %e, "connection reset");
-            let _ = target.set_zero_linger();
-        }
-        active.dec();
+        Some(Delivered {
+            header,
+            route,
+            target,
+            _slot: slot,
+            active,
+        })
+    }
+}
+
+/// A connection delivered to its target, ready to splice.
+struct Delivered<'a> {
+    header: StreamHeader,
+    route: &'a Route,
+    target: TcpStream,
+    /// This connection's place under `limits.max_connections`.
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    active: Gauge,
+}
+
+impl Drop for Delivered<'_> {
+    fn drop(&mut self) {
+        self.active.dec();
     }
 }

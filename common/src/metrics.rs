@@ -23,6 +23,11 @@ pub enum Direction {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PathLabels {
+    pub path: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SideLabels {
     pub side: Side,
 }
@@ -69,6 +74,10 @@ pub struct Core {
     /// Agent sessions (gateway: admitted now; agent: 1 while up).
     pub sessions_active: Gauge,
     pub sessions_opened: Counter,
+    /// Lanes up (gateway: agents with a lane; agent: 1 while up).
+    pub lanes_active: Gauge,
+    /// Tunnelled connections by the path they took: `lane` or `session`.
+    pub tunnel_paths: Family<PathLabels, Counter>,
     /// Leases held (gateway: in the store; agent: tunnels holding one).
     pub leases: Gauge,
     pub tunnel_connections: Family<TunnelLabels, Counter>,
@@ -90,6 +99,8 @@ impl Core {
             connections_opened: Family::default(),
             sessions_active: Gauge::default(),
             sessions_opened: Counter::default(),
+            lanes_active: Gauge::default(),
+            tunnel_paths: Family::default(),
             leases: Gauge::default(),
             tunnel_connections: Family::default(),
             tunnel_bytes: Family::default(),
@@ -117,6 +128,12 @@ impl Core {
             "Agent sessions established",
             c.sessions_opened.clone(),
         );
+        registry.register("lanes_active", "Lanes up", c.lanes_active.clone());
+        registry.register(
+            "tunnel_paths",
+            "Tunnelled connections by path (lane or session)",
+            c.tunnel_paths.clone(),
+        );
         registry.register("leases", "Leases held", c.leases.clone());
         registry.register(
             "tunnel_connections",
@@ -140,6 +157,10 @@ impl Core {
             c.bad_input.clone(),
         );
         Self { registry, ..c }
+    }
+
+    pub fn tunnel_path(&self, path: &'static str) {
+        self.tunnel_paths.get_or_create(&PathLabels { path }).inc();
     }
 
     pub fn refuse(&self, reason: &str) {

@@ -131,6 +131,10 @@ pub struct Welcome {
     /// then uses the host it dialled.
     pub public_hosts: Vec<String>,
     pub leases: Vec<LeaseGrant>,
+    /// TCP port of the gateway's lane (its libp2p TCP port), when it takes
+    /// lanes. An agent whose session runs over TCP dials the address it used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lane_port: Option<u16>,
 }
 
 // No deny_unknown_fields here: serde does not support it together with flatten.
@@ -644,6 +648,7 @@ mod tests {
                     },
                 },
             ],
+            lane_port: Some(4001),
         });
         let mut buf = Vec::new();
         write_control(&mut buf, &welcome).await.unwrap();

@@ -40,6 +40,18 @@ pub struct ProxyAcceptor {
     pub required: bool,
     /// Called with a reason (`proxy_untrusted`, `proxy_missing`, `proxy_malformed`) for each refusal.
     pub refused: Arc<dyn Fn(&'static str) + Send + Sync>,
+    /// Where connections that start with a TLS record go (agents' lanes);
+    /// without it they are handed to libp2p like any other.
+    pub lanes: Option<tokio::sync::mpsc::Sender<Diverted>>,
+}
+
+/// A connection taken from the libp2p listener for the lane acceptor.
+pub struct Diverted {
+    pub tcp: tokio::net::TcpStream,
+    /// Bytes read past a PROXY header; they belong to the connection.
+    pub prefix: Vec<u8>,
+    /// The real source (a trusted balancer's PROXY header's, else the socket's).
+    pub remote: SocketAddr,
 }
 
 type Upgrade = Ready<Result<Prefixed, io::Error>>;
@@ -153,6 +165,11 @@ async fn admit(
                 (acceptor.refused)("proxy_untrusted");
                 return None;
             }
+            if acceptor.lanes.is_some() && n > 0 && first[0] == crate::lane::TLS_HANDSHAKE_RECORD {
+                let remote = tcp.peer_addr().ok()?;
+                divert(acceptor, tcp, Vec::new(), remote).await;
+                return None;
+            }
         }
         return Some((
             Prefixed::plain(tcp::tokio::TcpStream(tcp)),
@@ -172,6 +189,24 @@ async fn admit(
             return None;
         }
     };
+    if acceptor.lanes.is_some() {
+        let mut first = [0u8; 1];
+        let starts_tls = match prefix.first() {
+            Some(b) => *b == crate::lane::TLS_HANDSHAKE_RECORD,
+            None => matches!(
+                tokio::time::timeout(HEADER_TIMEOUT, tcp.peek(&mut first)).await,
+                Ok(Ok(1)) if first[0] == crate::lane::TLS_HANDSHAKE_RECORD
+            ),
+        };
+        if starts_tls {
+            let remote = match source {
+                Some(s) => proxy::canonical(s),
+                None => tcp.peer_addr().ok()?,
+            };
+            divert(acceptor, tcp, prefix, remote).await;
+            return None;
+        }
+    }
     let addr = match source.map(proxy::canonical) {
         Some(SocketAddr::V4(a)) => Multiaddr::empty()
             .with(Protocol::Ip4(*a.ip()))
@@ -189,6 +224,27 @@ async fn admit(
         },
         addr,
     ))
+}
+
+/// Hands a lane's connection over; a full queue drops it (the agent retries).
+async fn divert(
+    acceptor: &ProxyAcceptor,
+    tcp: tokio::net::TcpStream,
+    prefix: Vec<u8>,
+    remote: SocketAddr,
+) {
+    if let Some(lanes) = &acceptor.lanes {
+        if lanes
+            .try_send(Diverted {
+                tcp,
+                prefix,
+                remote,
+            })
+            .is_err()
+        {
+            (acceptor.refused)("lane_queue_full");
+        }
+    }
 }
 
 /// A TCP stream that first yields bytes already read past a PROXY header.

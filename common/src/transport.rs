@@ -46,6 +46,21 @@ pub struct SessionTuning {
     pub stream_window: u32,
     /// The same for a whole QUIC connection, all its streams together.
     pub connection_window: u32,
+    /// Where tunnelled connections travel: over the lane (a TLS connection
+    /// beside the session, see [`crate::lane`]) or as streams of the session.
+    pub data_path: DataPath,
+}
+
+/// Where tunnelled connections travel between gateway and agent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataPath {
+    /// A TLS 1.3 connection per agent beside the session, authenticated with
+    /// the same identities; the session carries them while no lane is up.
+    #[default]
+    Lane,
+    /// Streams of the libp2p session (QUIC, or Noise + yamux over TCP).
+    Session,
 }
 
 impl SessionTuning {
@@ -68,6 +83,7 @@ impl Default for SessionTuning {
             max_negotiating_streams: 64,
             stream_window: 4 << 20,
             connection_window: 16 << 20,
+            data_path: DataPath::Lane,
         }
     }
 }

@@ -21,6 +21,7 @@ use crate::{
     guard::Guard,
     hop::{Hop, Members},
     host,
+    lanes::Lanes,
     lease::{Leases, PortPolicy},
     listener::DataPlane,
     metrics::Metrics,
@@ -82,10 +83,24 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         tokio::spawn(async move { overload.watch(Duration::from_secs(1), gauge).await });
     }
     check_open_files(&cfg);
-    let (host, incoming) = host::start(key.clone(), &cfg, metrics.clone(), guard.clone())?;
+    let host::Started {
+        handle: host,
+        incoming,
+        lanes: lane_conns,
+    } = host::start(key.clone(), &cfg, metrics.clone(), guard.clone())?;
     let registry = Arc::new(AgentRegistry::default());
+    let lanes = Arc::new(Lanes::new(
+        &key,
+        registry.clone(),
+        guard.clone(),
+        metrics.clone(),
+    )?);
+    if let Some(conns) = lane_conns {
+        tokio::spawn(lanes.clone().serve(conns));
+    }
     let dataplane = Arc::new(DataPlane {
         control: host.control.clone(),
+        lanes: lanes.clone(),
         metrics: metrics.clone(),
         tracker: TaskTracker::new(),
         stop_accepting: CancellationToken::new(),
@@ -105,6 +120,7 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         dataplane: dataplane.clone(),
         metrics: metrics.clone(),
         public_hosts: cfg.public_hosts(),
+        lane_port: cfg.lane_port(),
         bind: cfg.leases.bind,
         guard: guard.clone(),
     });

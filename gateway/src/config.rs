@@ -335,6 +335,31 @@ impl GatewayConfig {
         Ok(())
     }
 
+    /// The TCP port agents dial for their lane: the advertised one (what is
+    /// reachable from outside), else the one listened on. None when lanes are
+    /// off or the gateway listens on no fixed TCP port.
+    pub fn lane_port(&self) -> Option<u16> {
+        use libp2p::multiaddr::Protocol;
+        if self.session.data_path != relaygate_common::transport::DataPath::Lane {
+            return None;
+        }
+        let tcp_port = |a: &Multiaddr| {
+            let mut ps = a.iter();
+            let port = ps.find_map(|p| match p {
+                Protocol::Tcp(port) => Some(port),
+                _ => None,
+            })?;
+            // Not a TCP address if anything but the peer id follows (ws, ...).
+            ps.all(|p| matches!(p, Protocol::P2p(_)))
+                .then_some(port)
+                .filter(|p| *p != 0)
+        };
+        self.advertise
+            .iter()
+            .find_map(tcp_port)
+            .or_else(|| self.listen.iter().find_map(tcp_port))
+    }
+
     /// Host parts of the advertised addresses, deduplicated, in order.
     pub fn public_hosts(&self) -> Vec<String> {
         let mut out: Vec<String> = Vec::new();

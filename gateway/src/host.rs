@@ -22,9 +22,9 @@ use relaygate_common::{
     circuit::HOP_PROTOCOL,
     metrics::Side,
     protocol::{CONTROL_PROTOCOL, DIALBACK_PROTOCOL},
-    proxy_transport::ProxyAcceptor,
+    proxy_transport::{Diverted, ProxyAcceptor},
     streams::{self, Incoming},
-    transport,
+    transport::{self, DataPath},
 };
 use tokio::sync::mpsc;
 
@@ -114,13 +114,15 @@ pub enum HostError {
 /// Builds the swarm, starts listening and spawns the driver task.
 /// Queue of control streams waiting for their session task.
 const CONTROL_QUEUE: usize = 1024;
+/// Lane connections waiting for their handshake task.
+const LANE_QUEUE: usize = 256;
 
 pub fn start(
     key: Keypair,
     cfg: &GatewayConfig,
     metrics: Arc<Metrics>,
     guard: Arc<Guard>,
-) -> Result<(HostHandle, mpsc::Receiver<Incoming>), HostError> {
+) -> Result<Started, HostError> {
     let ping_cfg = transport::ping_config(&cfg.session);
     let mut protocols = vec![CONTROL_PROTOCOL, DIALBACK_PROTOCOL];
     if cfg.relay.enabled {
@@ -136,10 +138,18 @@ pub fn start(
         use_connected: false,
         ..Default::default()
     };
+    // Agents' lanes arrive on the libp2p TCP port; the transport hands them over.
+    let (lanes_tx, lanes) = match cfg.session.data_path {
+        DataPath::Lane => {
+            let (tx, rx) = mpsc::channel(LANE_QUEUE);
+            (Some(tx), Some(rx))
+        }
+        DataPath::Session => (None, None),
+    };
     let mut swarm = transport::build_swarm(
         key,
         &cfg.session,
-        Some(proxy_acceptor(cfg, &metrics)),
+        Some(proxy_acceptor(cfg, &metrics, lanes_tx)),
         |key| Behaviour {
             gate: Gate::new(guard, trusted, cfg.limits.max_connections_per_ip),
             limits: connection_limits::Behaviour::new(
@@ -184,17 +194,35 @@ pub fn start(
         commands: tx,
     };
     tokio::spawn(drive(swarm, rx, state, metrics));
-    Ok((handle, incoming))
+    Ok(Started {
+        handle,
+        incoming,
+        lanes,
+    })
+}
+
+/// What [`start`] gives the rest of the gateway.
+pub struct Started {
+    pub handle: HostHandle,
+    /// Streams of the gateway's own protocols (control, dial-back, hop).
+    pub incoming: mpsc::Receiver<Incoming>,
+    /// Lane connections, when `session.data_path` is `lane`.
+    pub lanes: Option<mpsc::Receiver<Diverted>>,
 }
 
 /// PROXY policy of the libp2p TCP listener: the same trusted balancers as the leased ports.
-fn proxy_acceptor(cfg: &GatewayConfig, metrics: &Arc<Metrics>) -> ProxyAcceptor {
+fn proxy_acceptor(
+    cfg: &GatewayConfig,
+    metrics: &Arc<Metrics>,
+    lanes: Option<mpsc::Sender<Diverted>>,
+) -> ProxyAcceptor {
     let policy = cfg.proxy_protocol.clone();
     let m = metrics.clone();
     ProxyAcceptor {
         required: policy.required,
         trusted: Arc::new(move |ip| policy.trusts(ip)),
         refused: Arc::new(move |reason| m.refuse(reason)),
+        lanes,
     }
 }
 

@@ -1,7 +1,8 @@
 //! relaygate-gateway: gives nodes behind NAT a stable public address.
 //!
 //! Data flows one way: a public [`listener`] accepts a connection, the agent's
-//! [`session`] owns the port, a tunnel stream carries it to the agent. Peers
+//! [`session`] owns the port, a stream of the agent's [`lanes`] lane (or of
+//! its session) carries it to the agent. Peers
 //! reached by peer id go through the relay [`hop`]: a [`reservations`] entry
 //! names the destination, a [`circuit`] carries the bytes.
 
@@ -16,6 +17,7 @@ pub mod gate; // the guard on libp2p connections: refuse by IP before the handsh
 pub mod guard; // blacklist, per-IP / per-peer token buckets, automatic bans
 pub mod hop; // circuit relay v2 hop: RESERVE, CONNECT, STOP
 pub mod host; // libp2p host: listeners, identify, ping, AutoNAT server, stream protocols
+pub mod lanes; // agents' lanes: the TLS connections that carry tunnelled connections
 pub mod lease; // port allocation per (agent, tunnel)
 pub mod listener; // leased public ports: accept, open tunnel stream, forward
 pub mod metrics; // Prometheus metrics

@@ -10,6 +10,7 @@ use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
 use libp2p::{swarm::ConnectionId, PeerId};
 use relaygate_common::{
+    lane::{self, LaneStream},
     metrics::Side,
     protocol::{StreamHeader, StreamStatus, TUNNEL_PROTOCOL},
     proxy,
@@ -24,6 +25,7 @@ use tokio_util::{compat::FuturesAsyncReadCompatExt, sync::CancellationToken, tas
 use crate::{
     config::ProxyPolicy,
     guard::{Action, Guard},
+    lanes::Lanes,
     metrics::Metrics,
     registry::TunnelStats,
 };
@@ -40,6 +42,8 @@ const PROXY_OPTIONAL_WAIT: Duration = Duration::from_millis(500);
 /// Shared by every public port.
 pub struct DataPlane {
     pub control: relaygate_common::streams::Control,
+    /// Agents' lanes, preferred over session streams.
+    pub lanes: Arc<Lanes>,
     pub metrics: Arc<Metrics>,
     /// Tracks every public connection, so shutdown can drain them.
     pub tracker: TaskTracker,
@@ -235,7 +239,88 @@ impl Connection {
         }
     }
 
+    /// Over the agent's lane when it has one, else as a session stream.
     async fn forward(&mut self, origin: Origin) -> io::Result<()> {
+        if let Some(lane) = self.dp.lanes.get(&self.agent) {
+            match lane.open().await {
+                Ok(stream) => {
+                    self.dp.metrics.tunnel_path("lane");
+                    return self.forward_lane(stream, origin).await;
+                }
+                Err(e) => {
+                    tracing::debug!(agent = %self.agent, error = %e, "lane closed; using the session")
+                }
+            }
+        }
+        self.dp.metrics.tunnel_path("session");
+        self.forward_session(origin).await
+    }
+
+    async fn forward_lane(&mut self, mut stream: LaneStream, origin: Origin) -> io::Result<()> {
+        let header = StreamHeader {
+            tunnel: self.stats.name.clone(),
+            source: origin.source,
+            destination: origin.destination,
+        };
+        stream.write_all(&header.encode()).await?;
+        if !origin.prefix.is_empty() {
+            stream.write_all(&origin.prefix).await?;
+            self.stats.bytes_in.inc_by(origin.prefix.len() as u64);
+        }
+        tracing::debug!(
+            source = %origin.source, peer = %self.source, tunnel = %self.stats.name, agent = %self.agent,
+            "public connection"
+        );
+        // The client's bytes wait in its socket until the target answers:
+        // they could not reach it sooner anyway.
+        let status = tokio::time::timeout(STATUS_TIMEOUT, stream.read_u8())
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "agent did not answer"))??;
+        self.check_status(status)?;
+        let metrics = &self.dp.metrics;
+        let untrusted = origin.untrusted;
+        // Only a trusted balancer may name another source.
+        let first = move |bytes: &[u8]| {
+            if untrusted && proxy::has_signature(bytes) {
+                metrics.refuse("proxy_untrusted");
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    "PROXY header from an untrusted address",
+                ));
+            }
+            Ok(())
+        };
+        lane::splice(
+            stream,
+            &mut self.tcp,
+            &self.stats.bytes_out,
+            &self.stats.bytes_in,
+            self.dp.idle_timeout,
+            first,
+        )
+        .await
+        .map(|_| ())
+    }
+
+    fn check_status(&self, status: u8) -> io::Result<()> {
+        let metrics = &self.dp.metrics;
+        match StreamStatus::from_byte(status) {
+            Some(StreamStatus::Connected) => Ok(()),
+            Some(s) => {
+                metrics.refuse(s.as_str());
+                Err(io::Error::new(io::ErrorKind::ConnectionRefused, s.as_str()))
+            }
+            None => {
+                metrics.bad_input("stream_status");
+                Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "unknown stream status",
+                ))
+            }
+        }
+    }
+
+    async fn forward_session(&mut self, origin: Origin) -> io::Result<()> {
         let open = self
             .dp
             .control

@@ -155,6 +155,11 @@ impl AgentRegistry {
         }
     }
 
+    /// Cancelled when `peer`'s current session ends.
+    pub fn cancel_token(&self, peer: &PeerId) -> Option<CancellationToken> {
+        self.lock().get(peer).map(|e| e.cancel.clone())
+    }
+
     /// Whether `peer` has a session now.
     pub fn contains(&self, peer: &PeerId) -> bool {
         self.lock().contains_key(peer)

@@ -39,6 +39,8 @@ pub struct Sessions {
     pub metrics: Arc<Metrics>,
     /// Host parts of the advertised addresses, sent to agents.
     pub public_hosts: Vec<String>,
+    /// Offered to agents for their lane (`session.data_path = "lane"`).
+    pub lane_port: Option<u16>,
     pub bind: std::net::IpAddr,
     /// Control-stream violations and refused join tokens count towards a ban.
     pub guard: Arc<Guard>,
@@ -216,6 +218,7 @@ impl Sessions {
             version: WIRE_VERSION,
             public_hosts: self.public_hosts.clone(),
             leases: grants.clone(),
+            lane_port: self.lane_port,
         };
         if let Err(e) = write_control(&mut ctl, &ControlMessage::Welcome(welcome)).await {
             tracing::info!(%peer, error = %e, "agent left before welcome");

@@ -181,6 +181,7 @@ impl FakeGateway {
                             name: name.clone(),
                             outcome: LeaseOutcome::Granted { port: lease },
                         }],
+                        lane_port: None,
                     };
                     let _ = write_control(&mut s, &ControlMessage::Welcome(welcome)).await;
                     let _ = tx.send(Some(inc.peer));

@@ -1,0 +1,137 @@
+//! The agent's lane: a TLS connection to the gateway beside the session that
+//! carries tunnelled connections (see `relaygate_common::lane`). Kept up for
+//! as long as the session is; while it is down the gateway uses the session.
+
+use std::{sync::Arc, time::Duration};
+
+use libp2p::{identity::Keypair, multiaddr::Protocol, Multiaddr, PeerId};
+use relaygate_common::lane::{Lane, LaneConfig, LaneError, LaneTls, Role};
+use tokio::net::TcpStream;
+use tokio_util::task::TaskTracker;
+
+use crate::{metrics::Metrics, tunnel::Tunnels};
+
+const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+const RETRY_MIN: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+pub struct LaneDialer {
+    tls: LaneTls,
+    gateway: PeerId,
+    tunnels: Arc<Tunnels>,
+    tracker: TaskTracker,
+    metrics: Arc<Metrics>,
+}
+
+impl LaneDialer {
+    pub fn new(
+        key: &Keypair,
+        gateway: PeerId,
+        tunnels: Arc<Tunnels>,
+        tracker: TaskTracker,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, LaneError> {
+        Ok(Self {
+            tls: LaneTls::new(key)?,
+            gateway,
+            tunnels,
+            tracker,
+            metrics,
+        })
+    }
+
+    /// Keeps a lane up while the returned future lives (the session's life).
+    pub async fn keep(&self, dialled: &Multiaddr, lane_port: Option<u16>) {
+        let Some((host, port)) = lane_address(dialled, lane_port) else {
+            tracing::info!(gateway = %dialled, "the gateway offers no lane; tunnels use the session");
+            return std::future::pending().await;
+        };
+        let mut retry = RETRY_MIN;
+        loop {
+            match self.dial(&host, port).await {
+                Ok(lane) => {
+                    retry = RETRY_MIN;
+                    tracing::info!(gateway = %self.gateway, address = %format!("{host}:{port}"), "lane up");
+                    self.metrics.lanes_active.set(1);
+                    while let Some(stream) = lane.accept().await {
+                        self.tracker.spawn(self.tunnels.clone().handle_lane(stream));
+                    }
+                    self.metrics.lanes_active.set(0);
+                    tracing::warn!(gateway = %self.gateway, "lane closed; tunnels use the session until it is back");
+                }
+                Err(e) => {
+                    self.metrics.dial_failed(e.kind());
+                    tracing::warn!(
+                        gateway = %self.gateway, address = %format!("{host}:{port}"), error = %e,
+                        "cannot open the lane (is the gateway's TCP port reachable?); tunnels use the session"
+                    );
+                }
+            }
+            tokio::time::sleep(retry).await;
+            retry = (retry * 2).min(RETRY_MAX);
+        }
+    }
+
+    async fn dial(&self, host: &str, port: u16) -> Result<Arc<Lane>, LaneError> {
+        let tcp = tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect((host, port)))
+            .await
+            .map_err(|_| LaneError::HandshakeTimeout)??;
+        tcp.set_nodelay(true)?;
+        let io = tokio::io::BufWriter::with_capacity(256 * 1024, tcp);
+        let tls = self.tls.connect(io, self.gateway).await?;
+        Ok(Lane::start(tls, Role::Dialer, LaneConfig::default()))
+    }
+}
+
+impl Drop for LaneDialer {
+    fn drop(&mut self) {
+        self.metrics.lanes_active.set(0);
+    }
+}
+
+/// Host and TCP port of the lane: the address the session dialled when it is
+/// TCP, else its host with the port the gateway named. None when the gateway
+/// named none: it takes no lanes.
+fn lane_address(dialled: &Multiaddr, lane_port: Option<u16>) -> Option<(String, u16)> {
+    lane_port?;
+    let mut host = None;
+    let mut port = None;
+    for p in dialled.iter() {
+        match p {
+            Protocol::Ip4(a) => host = Some(a.to_string()),
+            Protocol::Ip6(a) => host = Some(a.to_string()),
+            Protocol::Dns(h) | Protocol::Dns4(h) | Protocol::Dns6(h) => host = Some(h.to_string()),
+            Protocol::Tcp(p) => port = Some(p),
+            Protocol::Udp(_) => port = lane_port,
+            Protocol::P2pCircuit => return None,
+            _ => {}
+        }
+    }
+    Some((host?, port?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lane_goes_where_the_session_went() {
+        let tcp: Multiaddr =
+            "/ip4/203.0.113.7/tcp/4001/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"
+                .parse()
+                .unwrap();
+        assert_eq!(
+            lane_address(&tcp, Some(9)),
+            Some(("203.0.113.7".into(), 4001))
+        );
+        assert_eq!(lane_address(&tcp, None), None, "the gateway takes no lanes");
+        let quic: Multiaddr = "/dns4/gw.example.com/udp/4001/quic-v1".parse().unwrap();
+        assert_eq!(
+            lane_address(&quic, Some(4002)),
+            Some(("gw.example.com".into(), 4002))
+        );
+        assert_eq!(lane_address(&quic, None), None);
+        let v6: Multiaddr = "/ip6/::1/udp/4001/quic-v1".parse().unwrap();
+        assert_eq!(lane_address(&v6, Some(4001)), Some(("::1".into(), 4001)));
+    }
+}

@@ -1,0 +1,80 @@
+//! The lane's data path: a public or target TCP connection spliced with one
+//! lane stream. EOF becomes the stream's end and the stream's end a TCP
+//! half-close; a reset on either side resets the other. No buffer is held
+//! while the connection is idle: one is taken when the socket is readable.
+
+use std::{io, time::Duration};
+
+use prometheus_client::metrics::counter::Counter;
+use tokio::{io::AsyncWriteExt, net::TcpStream};
+
+use super::{LaneStream, Recv, HEADER_LEN, MAX_PAYLOAD};
+use crate::{idle::Activity, splice::Moved};
+
+/// Splices until both directions ended. `Err` means a reset, a broken lane or
+/// `idle` without a byte moving (never when zero): the caller resets `tcp`.
+/// `first` sees the first bytes read from `tcp` and may refuse them.
+pub async fn splice(
+    stream: LaneStream,
+    tcp: &mut TcpStream,
+    from_lane: &Counter,
+    to_lane: &Counter,
+    idle: Duration,
+    first: impl FnOnce(&[u8]) -> io::Result<()>,
+) -> io::Result<Moved> {
+    let mut first = Some(first);
+    let (mut lr, mut lw) = stream.split();
+    let (tr, mut tw) = tcp.split();
+    let activity = Activity::new();
+    let up = async {
+        let mut total = 0u64;
+        loop {
+            tr.readable().await?;
+            let mut buf = LaneStream::frame_buffer(MAX_PAYLOAD);
+            match tr.try_read_buf(&mut buf) {
+                Ok(0) => {
+                    lw.finish().await?;
+                    return Ok::<_, io::Error>(total);
+                }
+                Ok(n) => {
+                    if let Some(check) = first.take() {
+                        check(&buf[HEADER_LEN..])?;
+                    }
+                    activity.touch();
+                    to_lane.inc_by(n as u64);
+                    total += n as u64;
+                    lw.send(buf).await?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    };
+    let down = async {
+        let mut total = 0u64;
+        loop {
+            match lr.recv().await {
+                Recv::Data(b) => {
+                    tw.write_all(&b).await?;
+                    activity.touch();
+                    from_lane.inc_by(b.len() as u64);
+                    total += b.len() as u64;
+                }
+                Recv::End => {
+                    tw.shutdown().await?;
+                    return Ok::<_, io::Error>(total);
+                }
+                Recv::Reset => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::ConnectionReset,
+                        "reset by the other end of the tunnel",
+                    ))
+                }
+            }
+        }
+    };
+    tokio::select! {
+        r = async { tokio::try_join!(down, up) } => r.map(|(a_to_b, b_to_a)| Moved { a_to_b, b_to_a }),
+        () = activity.idle(idle) => Err(io::Error::new(io::ErrorKind::TimedOut, "idle")),
+    }
+}
