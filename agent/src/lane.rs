@@ -77,8 +77,8 @@ impl LaneDialer {
             .await
             .map_err(|_| LaneError::HandshakeTimeout)??;
         tcp.set_nodelay(true)?;
-        let io = tokio::io::BufWriter::with_capacity(256 * 1024, tcp);
-        let tls = self.tls.connect(io, self.gateway).await?;
+        // No buffer under TLS: rustls hands its records over in one vectored write.
+        let tls = self.tls.connect(tcp, self.gateway).await?;
         Ok(Lane::start(tls, Role::Dialer, LaneConfig::default()))
     }
 }

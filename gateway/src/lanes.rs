@@ -82,7 +82,8 @@ impl Lanes {
 
     async fn admit(self: Arc<Self>, d: Diverted) {
         let _ = d.tcp.set_nodelay(true);
-        let io = tokio::io::BufWriter::with_capacity(256 * 1024, Rewind::new(d.prefix, d.tcp));
+        // No buffer under TLS: rustls hands its records over in one vectored write.
+        let io = Rewind::new(d.prefix, d.tcp);
         let (tls, peer) = match self.tls.accept(io).await {
             Ok(x) => x,
             Err(e) => {

@@ -238,8 +238,13 @@ impl Lane {
                 r = read_loop(r, &reader_shared, accept_tx) => r,
                 () = closed.cancelled() => Ok(()),
             };
-            if let Err(e) = &r {
-                tracing::info!(error = %e, "lane closed");
+            match &r {
+                Ok(()) | Err(LaneError::Ended) => tracing::debug!("lane closed"),
+                Err(LaneError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    // The peer's process ended without closing TLS (killed).
+                    tracing::debug!("lane closed without TLS close_notify")
+                }
+                Err(e) => tracing::info!(error = %e, "lane closed"),
             }
             reader_shared.close_all();
         });
@@ -426,8 +431,11 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     closed: CancellationToken,
     keep_alive: Duration,
 ) -> io::Result<()> {
+    // Frames go straight into TLS (no buffer above it: that would cost a copy
+    // of every byte); the connection under TLS buffers the records until the
+    // flush that ends each batch.
     const BATCH: usize = 256 * 1024;
-    let mut w = tokio::io::BufWriter::with_capacity(BATCH, w);
+    let mut w = w;
     let ping = Header::new(0, Kind::Ping, 0).encode();
     loop {
         let first = tokio::select! {

@@ -11,6 +11,8 @@ use tokio::{io::AsyncWriteExt, net::TcpStream};
 use super::{LaneStream, Recv, HEADER_LEN, MAX_PAYLOAD};
 use crate::{idle::Activity, splice::Moved};
 
+const MIN_READ: usize = 4096;
+
 /// Splices until both directions ended. `Err` means a reset, a broken lane or
 /// `idle` without a byte moving (never when zero): the caller resets `tcp`.
 /// `first` sees the first bytes read from `tcp` and may refuse them.
@@ -28,9 +30,12 @@ pub async fn splice(
     let activity = Activity::new();
     let up = async {
         let mut total = 0u64;
+        // Sized to what the last read brought: a request-response connection
+        // allocates a few KiB per read, a bulk transfer grows to full frames.
+        let mut size = MIN_READ;
         loop {
             tr.readable().await?;
-            let mut buf = LaneStream::frame_buffer(MAX_PAYLOAD);
+            let mut buf = LaneStream::frame_buffer(size);
             match tr.try_read_buf(&mut buf) {
                 Ok(0) => {
                     lw.finish().await?;
@@ -40,6 +45,11 @@ pub async fn splice(
                     if let Some(check) = first.take() {
                         check(&buf[HEADER_LEN..])?;
                     }
+                    size = if n == size {
+                        (size * 4).min(MAX_PAYLOAD)
+                    } else {
+                        size.min((n * 2).max(MIN_READ))
+                    };
                     activity.touch();
                     to_lane.inc_by(n as u64);
                     total += n as u64;

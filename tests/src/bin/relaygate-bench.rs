@@ -52,6 +52,10 @@ struct Args {
     /// Session transport between agent and gateway.
     #[arg(long, default_value = "quic")]
     transport: String,
+    /// Where tunnelled connections travel: `lane` (the default) or `session`
+    /// (streams of the libp2p session), as the agent's `session.data_path`.
+    #[arg(long, default_value = "lane")]
+    data_path: String,
     /// Where to write the report.
     #[arg(long, default_value = "BENCHMARKS.md")]
     output: PathBuf,
@@ -143,6 +147,7 @@ fn main() -> anyhow::Result<()> {
             "limits.max_connections=20000",
             "limits.idle_timeout=0s",
             "session.max_inbound_streams=16384",
+            &format!("session.data_path={}", a.data_path),
         ]),
     );
     let sink_port = agent
@@ -154,6 +159,7 @@ fn main() -> anyhow::Result<()> {
     let idle_port = agent
         .wait_leased("idle", Duration::from_secs(30))
         .map_err(anyhow::Error::msg)?;
+    wait_lane(&agent, &a.data_path)?;
     let tunnel_sink: SocketAddr = ([127, 0, 0, 1], sink_port).into();
     let tunnel_echo: SocketAddr = ([127, 0, 0, 1], echo_port).into();
 
@@ -177,7 +183,15 @@ fn main() -> anyhow::Result<()> {
         gw.proc.pid(),
         agent.proc.pid(),
     ))?;
-    let fleet = rt.block_on(fleet(&gw, transport, sink, tunnel_sink, a.agents, d))?;
+    let fleet = rt.block_on(fleet(
+        &gw,
+        transport,
+        &a.data_path,
+        sink,
+        tunnel_sink,
+        a.agents,
+        d,
+    ))?;
     let report = render(&a, transport, &direct, &tunnel, &memory, &fleet);
     println!("{report}");
     std::fs::write(&a.output, &report)?;
@@ -313,9 +327,21 @@ async fn idle_memory(
 
 /// One stream through one agent, then `n` more agents on the same gateway
 /// pushing one stream each at once: what they get together.
+/// Measures only once tunnelled connections take the lane, when they should.
+fn wait_lane(agent: &Agent, data_path: &str) -> anyhow::Result<()> {
+    if data_path == "lane" {
+        agent
+            .proc
+            .wait_for(|l| l.contains("lane up"), Duration::from_secs(30))
+            .map_err(anyhow::Error::msg)?;
+    }
+    Ok(())
+}
+
 async fn fleet(
     gw: &Gateway,
     transport: Transport,
+    data_path: &str,
     sink: SocketAddr,
     one: SocketAddr,
     n: usize,
@@ -330,7 +356,7 @@ async fn fleet(
                 transport,
                 &[format!("sink={sink}")],
                 true,
-                &settings(&["log.level=info"]),
+                &settings(&["log.level=info", &format!("session.data_path={data_path}")]),
             )
         })
         .collect();
@@ -340,6 +366,7 @@ async fn fleet(
             a.wait_leased("sink", Duration::from_secs(120))
                 .map_err(anyhow::Error::msg)?,
         );
+        wait_lane(a, data_path)?;
     }
     let sinks: Vec<SocketAddr> = ports.iter().map(|p| ([127, 0, 0, 1], *p).into()).collect();
     let together_gbit = throughput_each(&sinks, d).await?;
@@ -485,9 +512,17 @@ fn render(
     ));
     s.push_str(&format!("Machine: {}\n\n", machine()));
     s.push_str(&format!(
-        "Session transport agent <-> gateway: {:?} (encrypted, authenticated). Medians of {} run(s), {} s per figure; \
+        "Session transport agent <-> gateway: {:?}; tunnelled connections travel on the {} \
+         (both encrypted and authenticated). Medians of {} run(s), {} s per figure; \
          load generator, sink and echo targets run in the benchmark process on loopback.\n\n",
-        t, a.runs, a.seconds
+        t,
+        if a.data_path == "lane" {
+            "lane (TLS 1.3)"
+        } else {
+            "session's streams"
+        },
+        a.runs,
+        a.seconds
     ));
     s.push_str("| figure | direct loopback | through gateway+agent | ratio |\n|---|---|---|---|\n");
     for (name, f, higher_better) in rows {

@@ -1,0 +1,38 @@
+//! Bytes from the other end of a lane (frames of many streams) into a real
+//! lane: it must end cleanly or with an error, never panic or hang.
+#![no_main]
+use std::time::Duration;
+
+use libfuzzer_sys::fuzz_target;
+use relaygate_common::lane::{Lane, LaneConfig, Role};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("a current-thread runtime")
+    })
+}
+
+fuzz_target!(|data: &[u8]| {
+    runtime().block_on(async {
+        let (ours, mut theirs) = tokio::io::duplex(1 << 20);
+        let lane = Lane::start(ours, Role::Listener, LaneConfig::default());
+        let _ = theirs.write_all(data).await;
+        drop(theirs);
+        // Every stream the bytes opened is read to its end or reset.
+        let drain = async {
+            while let Some(mut s) = lane.accept().await {
+                tokio::spawn(async move {
+                    let mut sink = Vec::new();
+                    let _ = s.read_to_end(&mut sink).await;
+                });
+            }
+        };
+        let ended = tokio::time::timeout(Duration::from_secs(5), drain).await;
+        assert!(ended.is_ok(), "the lane did not end after its connection did");
+    });
+});
