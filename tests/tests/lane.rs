@@ -40,6 +40,15 @@ fn tunnelled_connections_take_the_lane_with_quic_and_tcp_sessions() {
             .proc
             .wait_for(|l| l.contains("lane up"), LEASE)
             .expect("lane up");
+        // The agent's handshake ends a moment before the gateway's; until
+        // then connections travel on the session, as they should.
+        assert!(
+            eventually(LEASE, || metric(
+                &gw.metrics(),
+                "relaygate_gateway_lanes_active"
+            ) == Some(1.0)),
+            "{t:?}: the gateway never took the lane"
+        );
         let handles: Vec<_> = (0..16)
             .map(|i| {
                 thread::spawn(move || {
@@ -63,10 +72,6 @@ fn tunnelled_connections_take_the_lane_with_quic_and_tcp_sessions() {
             ),
             None,
             "{t:?}: nothing on the session once the lane is up"
-        );
-        assert_eq!(
-            metric(&gw.metrics(), "relaygate_gateway_lanes_active"),
-            Some(1.0)
         );
         drop(agent);
         assert!(
@@ -134,6 +139,10 @@ fn lanes_from_strangers_and_garbage_are_refused_and_counted() {
         .proc
         .wait_for(|l| l.contains("lane up"), LEASE)
         .expect("lane up");
+    assert!(eventually(LEASE, || metric(
+        &gw.metrics(),
+        "relaygate_gateway_lanes_active"
+    ) == Some(1.0)));
 
     // A valid libp2p identity with no session: the handshake completes (it
     // proves who it is), then the gateway closes the connection.

@@ -1,5 +1,6 @@
 //! Bytes from the other end of a lane (frames of many streams) into a real
-//! lane: it must end cleanly or with an error, never panic or hang.
+//! lane on the agent's side, which accepts streams: it must end cleanly or
+//! with an error, never panic or hang.
 #![no_main]
 use std::time::Duration;
 
@@ -20,7 +21,7 @@ fn runtime() -> &'static tokio::runtime::Runtime {
 fuzz_target!(|data: &[u8]| {
     runtime().block_on(async {
         let (ours, mut theirs) = tokio::io::duplex(1 << 20);
-        let lane = Lane::start(ours, Role::Listener, LaneConfig::default());
+        let lane = Lane::start(ours, Role::Dialer, LaneConfig::default());
         let _ = theirs.write_all(data).await;
         drop(theirs);
         // Every stream the bytes opened is read to its end or reset.

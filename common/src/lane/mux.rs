@@ -59,12 +59,14 @@ impl Default for LaneConfig {
     }
 }
 
-/// Which side of the lane this is: it picks the parity of the ids it opens.
+/// Which side of the lane this is. The listener (the gateway) opens streams,
+/// with even ids; the dialer (the agent) accepts them. A dialer's open is a
+/// protocol violation: a gateway never serves streams, so it must not hold them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
-    /// The side that dialled (the agent): odd ids.
+    /// The side that dialled (the agent).
     Dialer,
-    /// The side that accepted (the gateway): even ids.
+    /// The side that accepted (the gateway).
     Listener,
 }
 
@@ -358,11 +360,11 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 }
             }
             Kind::Open => {
-                let theirs = match shared.role {
-                    Role::Dialer => h.stream % 2 == 0,
-                    Role::Listener => h.stream % 2 == 1,
-                };
-                if !theirs || shared.streams().contains_key(&h.stream) {
+                // Only the gateway opens streams (even ids); the agent serves them.
+                if shared.role == Role::Listener {
+                    return Err(LaneError::Protocol("the gateway's side takes no streams"));
+                }
+                if h.stream % 2 == 1 || shared.streams().contains_key(&h.stream) {
                     return Err(LaneError::Protocol("open with a wrong or used stream id"));
                 }
                 if shared.streams().len() >= shared.cfg.max_streams {
@@ -885,6 +887,15 @@ mod tests {
                 gateway.is_closed()
             }
         );
+    }
+
+    #[tokio::test]
+    async fn the_gateway_takes_no_streams_from_an_agent() {
+        let (agent, gateway) = pair(LaneConfig::default());
+        let _s = agent.open().await.unwrap();
+        tokio::time::timeout(Duration::from_secs(2), gateway.closed())
+            .await
+            .expect("an agent's open ends the lane");
     }
 
     #[tokio::test]
