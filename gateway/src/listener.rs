@@ -17,7 +17,7 @@ use relaygate_common::{
     splice::{frames_to_raw, raw_to_frames, write_frames},
 };
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::{AsyncRead, AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
 };
 use tokio_util::{compat::FuturesAsyncReadCompatExt, sync::CancellationToken, task::TaskTracker};
@@ -273,11 +273,8 @@ impl Connection {
         );
         // The client's bytes wait in its socket until the target answers:
         // they could not reach it sooner anyway.
-        let status = tokio::time::timeout(STATUS_TIMEOUT, stream.read_u8())
-            .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "agent did not answer"))??;
-        self.check_status(status)?;
         let metrics = &self.dp.metrics;
+        agent_status(&mut stream, metrics).await?;
         let untrusted = origin.untrusted;
         // Only a trusted balancer may name another source.
         let first = move |bytes: &[u8]| {
@@ -300,24 +297,6 @@ impl Connection {
         )
         .await
         .map(|_| ())
-    }
-
-    fn check_status(&self, status: u8) -> io::Result<()> {
-        let metrics = &self.dp.metrics;
-        match StreamStatus::from_byte(status) {
-            Some(StreamStatus::Connected) => Ok(()),
-            Some(s) => {
-                metrics.refuse(s.as_str());
-                Err(io::Error::new(io::ErrorKind::ConnectionRefused, s.as_str()))
-            }
-            None => {
-                metrics.bad_input("stream_status");
-                Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "unknown stream status",
-                ))
-            }
-        }
     }
 
     async fn forward_session(&mut self, origin: Origin) -> io::Result<()> {
@@ -386,23 +365,8 @@ impl Connection {
             raw_to_frames(tr, sw, bytes_in).await
         };
         let down = async move {
-            let status = tokio::time::timeout(STATUS_TIMEOUT, sr.read_u8())
-                .await
-                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "agent did not answer"))??;
-            match StreamStatus::from_byte(status) {
-                Some(StreamStatus::Connected) => frames_to_raw(sr, &mut tw, bytes_out).await,
-                Some(s) => {
-                    metrics.refuse(s.as_str());
-                    Err(io::Error::new(io::ErrorKind::ConnectionRefused, s.as_str()))
-                }
-                None => {
-                    metrics.bad_input("stream_status");
-                    Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "unknown stream status",
-                    ))
-                }
-            }
+            agent_status(&mut sr, metrics).await?;
+            frames_to_raw(sr, &mut tw, bytes_out).await
         };
         let idle = self.dp.idle_timeout;
         tokio::select! {
@@ -411,6 +375,28 @@ impl Connection {
                 tracing::debug!(tunnel = %self.stats.name, ?idle, "public connection idle; closed");
                 Err(io::Error::new(io::ErrorKind::TimedOut, "idle"))
             }
+        }
+    }
+}
+
+/// Reads the agent's status byte: `Ok` once it connected the target; any
+/// other answer is counted and becomes the error that resets the connection.
+async fn agent_status<R: AsyncRead + Unpin>(r: &mut R, metrics: &Metrics) -> io::Result<()> {
+    let status = tokio::time::timeout(STATUS_TIMEOUT, r.read_u8())
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "agent did not answer"))??;
+    match StreamStatus::from_byte(status) {
+        Some(StreamStatus::Connected) => Ok(()),
+        Some(s) => {
+            metrics.refuse(s.as_str());
+            Err(io::Error::new(io::ErrorKind::ConnectionRefused, s.as_str()))
+        }
+        None => {
+            metrics.bad_input("stream_status");
+            Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "unknown stream status",
+            ))
         }
     }
 }

@@ -29,6 +29,22 @@ fn agent_metric(agent: &Agent, name: &str) -> Option<f64> {
     metric(&http_get(agent.admin, "/metrics").1, name)
 }
 
+/// Until both ends of the lane are up. The agent's handshake ends a moment
+/// before the gateway's; until then connections travel on the session.
+fn wait_lane(gw: &Gateway, agent: &Agent) {
+    agent
+        .proc
+        .wait_for(|l| l.contains("lane up"), LEASE)
+        .expect("lane up");
+    assert!(
+        eventually(LEASE, || metric(
+            &gw.metrics(),
+            "relaygate_gateway_lanes_active"
+        ) == Some(1.0)),
+        "the gateway never took the lane"
+    );
+}
+
 #[test]
 fn tunnelled_connections_take_the_lane_with_quic_and_tcp_sessions() {
     let gw = Gateway::start(&here, GatewaySpec::default());
@@ -36,19 +52,7 @@ fn tunnelled_connections_take_the_lane_with_quic_and_tcp_sessions() {
     for t in [Transport::Quic, Transport::Tcp] {
         let agent = Agent::start(&here, &gw, t, &[echo.tunnel("node")], true, &[]);
         let port = agent.wait_leased("node", LEASE).expect("lease");
-        agent
-            .proc
-            .wait_for(|l| l.contains("lane up"), LEASE)
-            .expect("lane up");
-        // The agent's handshake ends a moment before the gateway's; until
-        // then connections travel on the session, as they should.
-        assert!(
-            eventually(LEASE, || metric(
-                &gw.metrics(),
-                "relaygate_gateway_lanes_active"
-            ) == Some(1.0)),
-            "{t:?}: the gateway never took the lane"
-        );
+        wait_lane(&gw, &agent);
         let handles: Vec<_> = (0..16)
             .map(|i| {
                 thread::spawn(move || {
@@ -135,14 +139,7 @@ fn lanes_from_strangers_and_garbage_are_refused_and_counted() {
         &[],
     );
     let port = agent.wait_leased("node", LEASE).expect("lease");
-    agent
-        .proc
-        .wait_for(|l| l.contains("lane up"), LEASE)
-        .expect("lane up");
-    assert!(eventually(LEASE, || metric(
-        &gw.metrics(),
-        "relaygate_gateway_lanes_active"
-    ) == Some(1.0)));
+    wait_lane(&gw, &agent);
 
     // A valid libp2p identity with no session: the handshake completes (it
     // proves who it is), then the gateway closes the connection.
