@@ -116,8 +116,16 @@ impl Tunnels {
         };
         let (bytes_in, bytes_out) = (&d.route.bytes_in, &d.route.bytes_out);
         let idle = self.limits.idle_timeout;
-        if let Err(e) =
-            lane::splice(stream, &mut d.target, bytes_in, bytes_out, idle, |_| Ok(())).await
+        if let Err(e) = lane::splice(
+            stream,
+            &mut d.target,
+            bytes_in,
+            bytes_out,
+            idle,
+            |_| Ok(()),
+            async |_| Ok(()),
+        )
+        .await
         {
             tracing::debug!(tunnel = %d.header.tunnel, source = %d.header.source, error = %e, "connection reset");
             let _ = d.target.set_zero_linger();

@@ -271,10 +271,7 @@ impl Connection {
             source = %origin.source, peer = %self.source, tunnel = %self.stats.name, agent = %self.agent,
             "public connection"
         );
-        // The client's bytes wait in its socket until the target answers:
-        // they could not reach it sooner anyway.
         let metrics = &self.dp.metrics;
-        agent_status(&mut stream, metrics).await?;
         let untrusted = origin.untrusted;
         // Only a trusted balancer may name another source.
         let first = move |bytes: &[u8]| {
@@ -294,6 +291,9 @@ impl Connection {
             &self.stats.bytes_in,
             self.dp.idle_timeout,
             first,
+            // The client's first bytes go out with the open; the agent holds
+            // them (within the stream's credit) until the target is connected.
+            async |lane| agent_status(lane, metrics).await,
         )
         .await
         .map(|_| ())

@@ -323,14 +323,14 @@ async fn read_loop<R: AsyncRead + Unpin>(
     const READ: usize = 256 * 1024;
     let mut buf = BytesMut::with_capacity(READ);
     // Any frame counts as life; the peer pings every `keep_alive`.
-    let silence = shared.cfg.keep_alive * 3;
+    let mut silence = Silence::new(shared.cfg.keep_alive * 3);
     loop {
         let Some(h) = next_header(&buf)? else {
-            fill(&mut r, &mut buf, HEADER_LEN, silence).await?;
+            fill(&mut r, &mut buf, HEADER_LEN, &mut silence).await?;
             continue;
         };
         if h.kind == Kind::Data && buf.len() < HEADER_LEN + h.len as usize {
-            fill(&mut r, &mut buf, HEADER_LEN + h.len as usize, silence).await?;
+            fill(&mut r, &mut buf, HEADER_LEN + h.len as usize, &mut silence).await?;
             continue;
         }
         let _ = buf.split_to(HEADER_LEN);
@@ -402,24 +402,58 @@ fn next_header(buf: &[u8]) -> Result<Option<Header>, LaneError> {
     }
 }
 
+/// Watches for a silent peer with one timer for the lane's life rather than
+/// one per read.
+struct Silence {
+    limit: Duration,
+    last: tokio::time::Instant,
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Silence {
+    fn new(limit: Duration) -> Self {
+        let now = tokio::time::Instant::now();
+        Self {
+            limit,
+            last: now,
+            timer: Box::pin(tokio::time::sleep_until(now + limit)),
+        }
+    }
+
+    /// Resolves once nothing arrived for `limit`.
+    async fn expired(&mut self) {
+        loop {
+            self.timer.as_mut().await;
+            let due = self.last + self.limit;
+            if due <= tokio::time::Instant::now() {
+                return;
+            }
+            self.timer.as_mut().reset(due);
+        }
+    }
+}
+
 /// Reads until `buf` holds at least `want` bytes.
 async fn fill<R: AsyncRead + Unpin>(
     r: &mut R,
     buf: &mut BytesMut,
     want: usize,
-    silence: Duration,
+    silence: &mut Silence,
 ) -> Result<(), LaneError> {
     while buf.len() < want {
         // Fresh room once the rest of the buffer is taken by frames in use.
         if buf.capacity() - buf.len() < (want - buf.len()).max(16 * 1024) {
             buf.reserve((want - buf.len()).max(256 * 1024));
         }
-        match tokio::time::timeout(silence, r.read_buf(buf)).await {
-            Err(_) => return Err(LaneError::Silent),
-            Ok(Ok(0)) if buf.is_empty() => return Err(LaneError::Ended),
-            Ok(Ok(0)) => return Err(LaneError::Protocol("connection ended inside a frame")),
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(e.into()),
+        let read = tokio::select! {
+            r = r.read_buf(buf) => r,
+            () = silence.expired() => return Err(LaneError::Silent),
+        };
+        match read {
+            Ok(0) if buf.is_empty() => return Err(LaneError::Ended),
+            Ok(0) => return Err(LaneError::Protocol("connection ended inside a frame")),
+            Ok(_) => silence.last = tokio::time::Instant::now(),
+            Err(e) => return Err(e.into()),
         }
     }
     Ok(())
@@ -433,12 +467,12 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     closed: CancellationToken,
     keep_alive: Duration,
 ) -> io::Result<()> {
-    // Frames go straight into TLS (no buffer above it: that would cost a copy
-    // of every byte); the connection under TLS buffers the records until the
-    // flush that ends each batch.
     const BATCH: usize = 256 * 1024;
-    let mut w = w;
+    let mut w = Batcher::new(w);
     let ping = Header::new(0, Kind::Ping, 0).encode();
+    // One timer for the lane's life, not one per batch.
+    let mut pings = tokio::time::interval_at(tokio::time::Instant::now() + keep_alive, keep_alive);
+    pings.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let first = tokio::select! {
             biased;
@@ -448,9 +482,9 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                 Some(o) => o,
                 None => break,
             },
-            () = tokio::time::sleep(keep_alive) => Out::Control(ping),
+            _ = pings.tick() => Out::Control(ping),
         };
-        let mut size = write_out(&mut w, first).await?;
+        let mut size = w.put(first).await?;
         while size < BATCH {
             let next = match urgent.try_recv() {
                 Ok(h) => Out::Control(h),
@@ -459,25 +493,66 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                     Err(_) => break,
                 },
             };
-            size += write_out(&mut w, next).await?;
+            size += w.put(next).await?;
         }
         w.flush().await?;
     }
     let _ = w.flush().await;
-    let _ = w.shutdown().await;
+    let _ = w.io.shutdown().await;
     Ok(())
 }
 
-async fn write_out<W: AsyncWrite + Unpin>(w: &mut W, out: Out) -> io::Result<usize> {
-    match out {
-        Out::Data(b) => {
-            w.write_all(&b).await?;
-            Ok(b.len())
+/// Frames into TLS. A large frame goes straight in (a buffer above TLS would
+/// cost a copy of every byte; the connection under TLS takes the records);
+/// small ones are gathered into one write, so a batch of opens, statuses,
+/// credits and short messages costs one TLS record and one system call
+/// instead of one each.
+struct Batcher<W> {
+    io: W,
+    small: Vec<u8>,
+}
+
+impl<W: AsyncWrite + Unpin> Batcher<W> {
+    /// Frames up to this size are gathered.
+    const SMALL: usize = 2048;
+    /// One TLS record's worth of plaintext.
+    const RECORD: usize = 16 * 1024;
+
+    fn new(io: W) -> Self {
+        Self {
+            io,
+            small: Vec::new(),
         }
-        Out::Control(h) => {
-            w.write_all(&h).await?;
-            Ok(h.len())
+    }
+
+    async fn put(&mut self, out: Out) -> io::Result<usize> {
+        let bytes: &[u8] = match &out {
+            Out::Data(b) => b,
+            Out::Control(h) => h,
+        };
+        if bytes.len() > Self::SMALL {
+            self.write_small().await?;
+            self.io.write_all(bytes).await?;
+        } else {
+            if self.small.len() + bytes.len() > Self::RECORD {
+                self.write_small().await?;
+            }
+            self.small.extend_from_slice(bytes);
         }
+        Ok(bytes.len())
+    }
+
+    async fn write_small(&mut self) -> io::Result<()> {
+        if !self.small.is_empty() {
+            self.io.write_all(&self.small).await?;
+            self.small.clear();
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> io::Result<()> {
+        self.write_small().await?;
+        self.io.flush().await
     }
 }
 

@@ -8,7 +8,7 @@ use std::{io, time::Duration};
 use prometheus_client::metrics::counter::Counter;
 use tokio::{io::AsyncWriteExt, net::TcpStream};
 
-use super::{LaneStream, Recv, HEADER_LEN, MAX_PAYLOAD};
+use super::{LaneReader, LaneStream, Recv, HEADER_LEN, MAX_PAYLOAD};
 use crate::{idle::Activity, splice::Moved};
 
 const MIN_READ: usize = 4096;
@@ -16,6 +16,9 @@ const MIN_READ: usize = 4096;
 /// Splices until both directions ended. `Err` means a reset, a broken lane or
 /// `idle` without a byte moving (never when zero): the caller resets `tcp`.
 /// `first` sees the first bytes read from `tcp` and may refuse them.
+/// `answer` reads what precedes the data from the lane (the agent's status
+/// byte, at the gateway) while bytes already flow the other way: a client's
+/// first bytes travel with the stream's open instead of a round trip later.
 pub async fn splice(
     stream: LaneStream,
     tcp: &mut TcpStream,
@@ -23,6 +26,7 @@ pub async fn splice(
     to_lane: &Counter,
     idle: Duration,
     first: impl FnOnce(&[u8]) -> io::Result<()>,
+    answer: impl AsyncFnOnce(&mut LaneReader) -> io::Result<()>,
 ) -> io::Result<Moved> {
     let mut first = Some(first);
     let (mut lr, mut lw) = stream.split();
@@ -61,6 +65,7 @@ pub async fn splice(
         }
     };
     let down = async {
+        answer(&mut lr).await?;
         let mut total = 0u64;
         loop {
             match lr.recv().await {

@@ -39,16 +39,16 @@ struct Args {
     #[arg(long, default_value_t = 5.0)]
     seconds: f64,
     /// Idle connections held for the memory figures (also measured at 1,000 on
-    /// the way when larger). The idle echo target runs in its own process, so
+    /// the way when larger; 0 skips them). The idle echo target runs in its own process, so
     /// this one needs only one descriptor per held connection.
     #[arg(long, default_value_t = 10_000)]
     idle: usize,
-    /// Agents that push one stream each at once, against one agent alone.
+    /// Agents that push one stream each at once, against one agent alone (0 skips them).
     #[arg(long, default_value_t = 50)]
     agents: usize,
-    /// Internal: serve as the idle echo target on this address.
+    /// Internal: serve as the targets process (sink and echo).
     #[arg(long, hide = true)]
-    serve_echo: Option<SocketAddr>,
+    serve_targets: bool,
     /// Session transport between agent and gateway.
     #[arg(long, default_value = "quic")]
     transport: String,
@@ -56,9 +56,21 @@ struct Args {
     /// (streams of the libp2p session), as the agent's `session.data_path`.
     #[arg(long, default_value = "lane")]
     data_path: String,
+    /// Measure only this figure through the tunnel for `--seconds`, print it
+    /// and exit without a report (for profiling).
+    #[arg(long, value_enum)]
+    only: Option<Only>,
     /// Where to write the report.
     #[arg(long, default_value = "BENCHMARKS.md")]
     output: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum Only {
+    Stream1,
+    Streams8,
+    Rtt,
+    Connections,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -90,8 +102,8 @@ fn main() -> anyhow::Result<()> {
     let mut a = Args::parse();
     // Soft limit up to the hard one: 10,000 held connections need as many descriptors.
     let _ = relaygate_tests::load::raise_nofile(u64::MAX);
-    if let Some(addr) = a.serve_echo {
-        return serve_echo(addr);
+    if a.serve_targets {
+        return serve_targets();
     }
     if a.quick {
         a.runs = 1;
@@ -104,11 +116,14 @@ fn main() -> anyhow::Result<()> {
     } else {
         Transport::Quic
     };
+    // One worker per core whatever TOKIO_WORKER_THREADS says: that variable
+    // reaches the gateway and agent processes, for trying their settings.
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cores)
         .enable_all()
         .build()?;
-    let (sink, echo) =
-        rt.block_on(async { Ok::<_, anyhow::Error>((start_sink().await?, start_echo().await?)) })?;
+    let (_targets, sink, echo) = spawn_targets()?;
 
     // info level: the tests' per-connection debug logs would distort the figures
     let ports = relaygate_tests::procs::free_tcp_range(100);
@@ -131,7 +146,6 @@ fn main() -> anyhow::Result<()> {
             ..Default::default()
         },
     );
-    let (_idle_echo, idle_echo) = spawn_echo()?;
     let agent = Agent::start(
         &here,
         &gw,
@@ -139,7 +153,7 @@ fn main() -> anyhow::Result<()> {
         &[
             format!("sink={sink}"),
             format!("echo={echo}"),
-            format!("idle={idle_echo}"),
+            format!("idle={echo}"),
         ],
         true,
         &settings(&[
@@ -164,6 +178,26 @@ fn main() -> anyhow::Result<()> {
     let tunnel_echo: SocketAddr = ([127, 0, 0, 1], echo_port).into();
 
     let d = Duration::from_secs_f64(a.seconds);
+    if let Some(figure) = a.only {
+        // For profiling one figure: attach perf to the printed pids.
+        eprintln!(
+            "gateway pid {}, agent pid {}",
+            gw.proc.pid(),
+            agent.proc.pid()
+        );
+        let v = rt.block_on(async {
+            match figure {
+                Only::Stream1 => throughput(tunnel_sink, 1, d).await,
+                Only::Streams8 => throughput(tunnel_sink, 8, d).await,
+                Only::Rtt => rtt(tunnel_echo, (a.seconds * 5000.0) as usize)
+                    .await
+                    .map(|(_, p99)| p99),
+                Only::Connections => conn_rate(tunnel_echo, 4, d).await,
+            }
+        })?;
+        println!("{figure:?} through the tunnel: {v:.2}");
+        return Ok(());
+    }
     let mut direct = Vec::new();
     let mut tunnel = Vec::new();
     for run in 0..a.runs {
@@ -171,10 +205,11 @@ fn main() -> anyhow::Result<()> {
         direct.push(rt.block_on(measure(sink, echo, d))?);
         tunnel.push(rt.block_on(measure(tunnel_sink, tunnel_echo, d))?);
     }
-    let steps: Vec<usize> = if a.idle > 1000 {
-        vec![1000, a.idle]
-    } else {
-        vec![a.idle]
+    // 0 skips a part: handy when working on one figure.
+    let steps: Vec<usize> = match a.idle {
+        0 => vec![],
+        n if n > 1000 => vec![1000, n],
+        n => vec![n],
     };
     let tunnel_idle: SocketAddr = ([127, 0, 0, 1], idle_port).into();
     let memory = rt.block_on(idle_memory(
@@ -183,15 +218,10 @@ fn main() -> anyhow::Result<()> {
         gw.proc.pid(),
         agent.proc.pid(),
     ))?;
-    let fleet = rt.block_on(fleet(
-        &gw,
-        transport,
-        &a.data_path,
-        sink,
-        tunnel_sink,
-        a.agents,
-        d,
-    ))?;
+    let fleet = match a.agents {
+        0 => None,
+        n => Some(rt.block_on(fleet(&gw, transport, &a.data_path, sink, tunnel_sink, n, d))?),
+    };
     let report = render(&a, transport, &direct, &tunnel, &memory, &fleet);
     println!("{report}");
     std::fs::write(&a.output, &report)?;
@@ -391,33 +421,39 @@ async fn throughput_each(sinks: &[SocketAddr], d: Duration) -> anyhow::Result<f6
     Ok(total)
 }
 
-/// The idle echo target, in a process of its own (`--serve-echo`), so the
-/// benchmark process stays under the open-files limit while holding 10,000.
-fn spawn_echo() -> anyhow::Result<(relaygate_tests::procs::Proc, SocketAddr)> {
-    let addr: SocketAddr = ([127, 0, 0, 1], relaygate_tests::procs::free_tcp_port()).into();
+/// The targets (sink and echo) run in a process of their own, as a real
+/// service does: direct and tunnelled figures both cross processes, as with
+/// iperf3 or an echo server, and this process stays under the open-files
+/// limit while holding 10,000 idle connections.
+fn spawn_targets() -> anyhow::Result<(relaygate_tests::procs::Proc, SocketAddr, SocketAddr)> {
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
-    cmd.args(["--serve-echo", &addr.to_string()]);
-    let p = relaygate_tests::procs::Proc::spawn("idle-echo", cmd);
-    p.wait_for(|l| l.contains("echo listening"), Duration::from_secs(10))
+    cmd.arg("--serve-targets");
+    let p = relaygate_tests::procs::Proc::spawn("targets", cmd);
+    let line = p
+        .wait_for(|l| l.contains("targets listening"), Duration::from_secs(10))
         .map_err(anyhow::Error::msg)?;
-    Ok((p, addr))
+    let addr = |key: &str| -> anyhow::Result<SocketAddr> {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .ok_or_else(|| anyhow::anyhow!("no {key} in {line:?}"))?
+            .parse()
+            .map_err(anyhow::Error::from)
+    };
+    let (sink, echo) = (addr("sink=")?, addr("echo=")?);
+    Ok((p, sink, echo))
 }
 
-fn serve_echo(addr: SocketAddr) -> anyhow::Result<()> {
+fn serve_targets() -> anyhow::Result<()> {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+        .worker_threads(cores)
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let l = TcpListener::bind(addr).await?;
-        println!("echo listening on {addr}");
-        loop {
-            let (mut s, _) = l.accept().await?;
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
+        let (sink, echo) = (start_sink().await?, start_echo().await?);
+        println!("targets listening sink={sink} echo={echo}");
+        std::future::pending::<()>().await;
+        Ok(())
     })
 }
 
@@ -476,7 +512,7 @@ fn render(
     direct: &[Figures],
     tunnel: &[Figures],
     memory: &[Memory],
-    fleet: &Fleet,
+    fleet: &Option<Fleet>,
 ) -> String {
     let pick = |v: &[Figures], f: fn(&Figures) -> f64| median(v.iter().map(f).collect());
     let raw = |v: &[Figures], f: fn(&Figures) -> f64| {
@@ -514,7 +550,7 @@ fn render(
     s.push_str(&format!(
         "Session transport agent <-> gateway: {:?}; tunnelled connections travel on the {} \
          (both encrypted and authenticated). Medians of {} run(s), {} s per figure; \
-         load generator, sink and echo targets run in the benchmark process on loopback.\n\n",
+         load generator in the benchmark process, sink and echo targets in a process of their own, on loopback.\n\n",
         t,
         if a.data_path == "lane" {
             "lane (TLS 1.3)"
@@ -534,20 +570,24 @@ fn render(
         };
         s.push_str(&format!("| {name} | {d:.2} | {x:.2} | {ratio} |\n"));
     }
-    s.push_str("\n| idle tunnelled connections held | gateway KiB/conn | agent KiB/conn | gateway RSS MiB | agent RSS MiB |\n|---|---|---|---|---|\n");
+    if !memory.is_empty() {
+        s.push_str("\n| idle tunnelled connections held | gateway KiB/conn | agent KiB/conn | gateway RSS MiB | agent RSS MiB |\n|---|---|---|---|---|\n");
+    }
     for m in memory {
         s.push_str(&format!(
             "| {} | {:.1} | {:.1} | {:.1} | {:.1} |\n",
             m.held, m.gw_kib_per_conn, m.agent_kib_per_conn, m.gw_total_mib, m.agent_total_mib
         ));
     }
-    s.push_str(&format!(
-        "\n| agents, one stream each | one agent alone, Gbit/s | together, Gbit/s | together / one |\n|---|---|---|---|\n| {} | {:.2} | {:.2} | {:.0}% |\n",
-        fleet.agents,
-        fleet.one_gbit,
-        fleet.together_gbit,
-        fleet.together_gbit / fleet.one_gbit * 100.0
-    ));
+    if let Some(fleet) = fleet {
+        s.push_str(&format!(
+            "\n| agents, one stream each | one agent alone, Gbit/s | together, Gbit/s | together / one |\n|---|---|---|---|\n| {} | {:.2} | {:.2} | {:.0}% |\n",
+            fleet.agents,
+            fleet.one_gbit,
+            fleet.together_gbit,
+            fleet.together_gbit / fleet.one_gbit * 100.0
+        ));
+    }
     s.push_str("\nRaw values per run (direct | tunnel):\n\n");
     for (name, f, _) in rows {
         s.push_str(&format!(
