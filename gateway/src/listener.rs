@@ -205,7 +205,7 @@ impl Connection {
             PROXY_OPTIONAL_WAIT
         };
         let metrics = &self.dp.metrics;
-        match tokio::time::timeout(wait, proxy::read_header(&mut self.tcp)).await {
+        match tokio::time::timeout(wait, Box::pin(proxy::read_header(&mut self.tcp))).await {
             Ok(Ok((Some(h), prefix))) => Ok(Origin {
                 source: h.source.map(proxy::canonical).unwrap_or(source),
                 destination: h.destination.map(proxy::canonical).unwrap_or(destination),
@@ -239,24 +239,9 @@ impl Connection {
         }
     }
 
-    /// Over the agent's lane when it has one, else as a session stream.
-    async fn forward(&mut self, origin: Origin) -> io::Result<()> {
-        if let Some(lane) = self.dp.lanes.get(&self.agent) {
-            match lane.open().await {
-                Ok(stream) => {
-                    self.dp.metrics.tunnel_path("lane");
-                    return self.forward_lane(stream, origin).await;
-                }
-                Err(e) => {
-                    tracing::debug!(agent = %self.agent, error = %e, "lane closed; using the session")
-                }
-            }
-        }
-        self.dp.metrics.tunnel_path("session");
-        self.forward_session(origin).await
-    }
-
-    async fn forward_lane(&mut self, mut stream: LaneStream, origin: Origin) -> io::Result<()> {
+    /// Sends the stream header and any bytes read past a PROXY header;
+    /// returns whether the client is untrusted.
+    async fn announce(&mut self, stream: &mut LaneStream, origin: Origin) -> io::Result<bool> {
         let header = StreamHeader {
             tunnel: self.stats.name.clone(),
             source: origin.source,
@@ -271,8 +256,33 @@ impl Connection {
             source = %origin.source, peer = %self.source, tunnel = %self.stats.name, agent = %self.agent,
             "public connection"
         );
+        Ok(origin.untrusted)
+    }
+
+    /// Over the agent's lane when it has one, else as a session stream.
+    async fn forward(&mut self, origin: Origin) -> io::Result<()> {
+        if let Some(lane) = self.dp.lanes.get(&self.agent) {
+            match lane.open().await {
+                Ok(stream) => {
+                    self.dp.metrics.tunnel_path("lane");
+                    return self.forward_lane(stream, origin).await;
+                }
+                Err(e) => {
+                    tracing::debug!(agent = %self.agent, error = %e, "lane closed; using the session")
+                }
+            }
+        }
+        self.dp.metrics.tunnel_path("session");
+        // Boxed: the fallback path's state would otherwise size every
+        // connection's task, idle ones included.
+        Box::pin(self.forward_session(origin)).await
+    }
+
+    async fn forward_lane(&mut self, mut stream: LaneStream, origin: Origin) -> io::Result<()> {
+        // The header's locals live only in this call, not in the splice's
+        // state: an idle connection's task stays small.
+        let untrusted = self.announce(&mut stream, origin).await?;
         let metrics = &self.dp.metrics;
-        let untrusted = origin.untrusted;
         // Only a trusted balancer may name another source.
         let first = move |bytes: &[u8]| {
             if untrusted && proxy::has_signature(bytes) {
