@@ -49,6 +49,9 @@ struct Args {
     /// Internal: serve as the targets process (sink and echo).
     #[arg(long, hide = true)]
     serve_targets: bool,
+    /// Internal: serve as a plain TCP relay to each of these addresses.
+    #[arg(long, hide = true, num_args = 1..)]
+    serve_relays: Vec<SocketAddr>,
     /// Session transport between agent and gateway.
     #[arg(long, default_value = "quic")]
     transport: String,
@@ -104,6 +107,9 @@ fn main() -> anyhow::Result<()> {
     let _ = relaygate_tests::load::raise_nofile(u64::MAX);
     if a.serve_targets {
         return serve_targets();
+    }
+    if !a.serve_relays.is_empty() {
+        return serve_relays(&a.serve_relays);
     }
     if a.quick {
         a.runs = 1;
@@ -198,11 +204,19 @@ fn main() -> anyhow::Result<()> {
         println!("{figure:?} through the tunnel: {v:.2}");
         return Ok(());
     }
+    // The floor for any relay of two processes on this machine: two plain TCP
+    // forwarders in a row (no encryption, no multiplexing), like client ->
+    // gateway -> agent -> target.
+    let (_agent_side, near) = spawn_relays(&[sink, echo])?;
+    let (_gateway_side, far) = spawn_relays(&near)?;
+    let (chain_sink, chain_echo) = (far[0], far[1]);
     let mut direct = Vec::new();
+    let mut chain = Vec::new();
     let mut tunnel = Vec::new();
     for run in 0..a.runs {
         eprintln!("run {}/{}", run + 1, a.runs);
         direct.push(rt.block_on(measure(sink, echo, d))?);
+        chain.push(rt.block_on(measure(chain_sink, chain_echo, d))?);
         tunnel.push(rt.block_on(measure(tunnel_sink, tunnel_echo, d))?);
     }
     // 0 skips a part: handy when working on one figure.
@@ -222,7 +236,7 @@ fn main() -> anyhow::Result<()> {
         0 => None,
         n => Some(rt.block_on(fleet(&gw, transport, &a.data_path, sink, tunnel_sink, n, d))?),
     };
-    let report = render(&a, transport, &direct, &tunnel, &memory, &fleet);
+    let report = render(&a, transport, [&direct, &chain, &tunnel], &memory, &fleet);
     println!("{report}");
     std::fs::write(&a.output, &report)?;
     eprintln!("wrote {}", a.output.display());
@@ -443,6 +457,62 @@ fn spawn_targets() -> anyhow::Result<(relaygate_tests::procs::Proc, SocketAddr, 
     Ok((p, sink, echo))
 }
 
+/// A process relaying a local port to each of `targets`, in order.
+fn spawn_relays(
+    targets: &[SocketAddr],
+) -> anyhow::Result<(relaygate_tests::procs::Proc, Vec<SocketAddr>)> {
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.arg("--serve-relays")
+        .args(targets.iter().map(|t| t.to_string()));
+    let p = relaygate_tests::procs::Proc::spawn("relay", cmd);
+    let line = p
+        .wait_for(|l| l.contains("relays listening"), Duration::from_secs(10))
+        .map_err(anyhow::Error::msg)?;
+    let addrs = line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect::<Vec<SocketAddr>>();
+    anyhow::ensure!(addrs.len() == targets.len(), "relay printed {line:?}");
+    Ok((p, addrs))
+}
+
+fn serve_relays(targets: &[SocketAddr]) -> anyhow::Result<()> {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cores)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut addrs = Vec::new();
+        for &target in targets {
+            let l = TcpListener::bind("127.0.0.1:0").await?;
+            addrs.push(l.local_addr()?.to_string());
+            tokio::spawn(async move {
+                while let Ok((mut a, _)) = l.accept().await {
+                    tokio::spawn(async move {
+                        let Ok(mut b) = TcpStream::connect(target).await else {
+                            return;
+                        };
+                        let _ = a.set_nodelay(true);
+                        let _ = b.set_nodelay(true);
+                        // The lane's frame size, for a like-for-like copy.
+                        let _ = tokio::io::copy_bidirectional_with_sizes(
+                            &mut a,
+                            &mut b,
+                            64 * 1024,
+                            64 * 1024,
+                        )
+                        .await;
+                    });
+                }
+            });
+        }
+        println!("relays listening {}", addrs.join(" "));
+        std::future::pending::<()>().await;
+        Ok(())
+    })
+}
+
 fn serve_targets() -> anyhow::Result<()> {
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -509,8 +579,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn render(
     a: &Args,
     t: Transport,
-    direct: &[Figures],
-    tunnel: &[Figures],
+    [direct, chain, tunnel]: [&[Figures]; 3],
     memory: &[Memory],
     fleet: &Option<Fleet>,
 ) -> String {
@@ -560,16 +629,30 @@ fn render(
         a.runs,
         a.seconds
     ));
-    s.push_str("| figure | direct loopback | through gateway+agent | ratio |\n|---|---|---|---|\n");
+    s.push_str(
+        "| figure | direct loopback | through gateway+agent | ratio | two plain TCP relays (floor) | floor's ratio |\n|---|---|---|---|---|---|\n",
+    );
     for (name, f, higher_better) in rows {
-        let (d, x) = (pick(direct, f), pick(tunnel, f));
-        let ratio = if higher_better {
-            format!("{:.0}% of direct", x / d * 100.0)
-        } else {
-            format!("{:.2}× direct", x / d)
+        let (d, c, x) = (pick(direct, f), pick(chain, f), pick(tunnel, f));
+        let ratio = |v: f64| {
+            if higher_better {
+                format!("{:.0}% of direct", v / d * 100.0)
+            } else {
+                format!("{:.2}× direct", v / d)
+            }
         };
-        s.push_str(&format!("| {name} | {d:.2} | {x:.2} | {ratio} |\n"));
+        s.push_str(&format!(
+            "| {name} | {d:.2} | {x:.2} | {} | {c:.2} | {} |\n",
+            ratio(x),
+            ratio(c)
+        ));
     }
+    s.push_str(
+        "\nThe floor: two plain TCP forwarders in a row, each its own process (tokio, 64 KiB copies, no \
+         encryption, no multiplexing), in the places of gateway and agent. No relay of two processes \
+         does better on this machine; the gap between it and gateway+agent is what encryption and \
+         the lane cost.\n",
+    );
     if !memory.is_empty() {
         s.push_str("\n| idle tunnelled connections held | gateway KiB/conn | agent KiB/conn | gateway RSS MiB | agent RSS MiB |\n|---|---|---|---|---|\n");
     }
@@ -588,12 +671,13 @@ fn render(
             fleet.together_gbit / fleet.one_gbit * 100.0
         ));
     }
-    s.push_str("\nRaw values per run (direct | tunnel):\n\n");
+    s.push_str("\nRaw values per run (direct | gateway+agent | two plain relays):\n\n");
     for (name, f, _) in rows {
         s.push_str(&format!(
-            "- {name}: {} | {}\n",
+            "- {name}: {} | {} | {}\n",
             raw(direct, f),
-            raw(tunnel, f)
+            raw(tunnel, f),
+            raw(chain, f)
         ));
     }
     s
