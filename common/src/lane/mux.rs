@@ -708,6 +708,18 @@ impl LaneReader {
         }
         r
     }
+
+    /// What [`LaneReader::recv`] would return now, or `None` if it would wait.
+    pub fn try_recv(&mut self) -> Option<Recv> {
+        let r = match self.poll_inbound(&mut Context::from_waker(Waker::noop())) {
+            Poll::Pending => return None,
+            Poll::Ready(r) => r,
+        };
+        if let Recv::Data(b) = &r {
+            self.consumed(b.len());
+        }
+        Some(r)
+    }
 }
 
 impl Drop for LaneReader {
