@@ -45,7 +45,9 @@ impl Activity {
             if quiet >= limit {
                 return;
             }
-            tokio::time::sleep(limit - quiet).await;
+            // Boxed: a timer held inline would size every connection's task,
+            // and this allocation happens once per `limit`.
+            Box::pin(tokio::time::sleep(limit - quiet)).await;
         }
     }
 }

@@ -73,7 +73,9 @@ pub async fn splice(
         }
     };
     let down = async {
-        answer(&mut lr).await?;
+        // Boxed: it runs once, and its timer would otherwise size every
+        // connection's task for its whole life.
+        Box::pin(answer(&mut lr)).await?;
         let mut total = 0u64;
         loop {
             let first = match lr.recv().await {
@@ -86,26 +88,37 @@ pub async fn splice(
             };
             // Frames that arrived together leave in one write: fewer system
             // calls here and fewer wake-ups for the reader of `tcp`.
-            let mut batch = Batch::One(first);
-            let mut end = None;
-            while end.is_none() && batch.len() < MAX_BATCH {
+            let mut more = Vec::new();
+            let mut last = None;
+            while last.is_none() && more.len() < MAX_BATCH - 1 {
                 match lr.try_recv() {
-                    Some(Recv::Data(b)) => batch.push(b),
-                    Some(other) => end = Some(other),
+                    Some(Recv::Data(b)) => more.push(b),
+                    Some(Recv::End) => last = Some(Last::End),
+                    Some(Recv::Reset) => last = Some(Last::Reset),
                     None => break,
                 }
             }
-            let n = batch.write_to(&mut tw).await?;
+            let n = if more.is_empty() {
+                // Not kept across the write: an idle task stays small.
+                drop(more);
+                tw.write_all(&first).await?;
+                first.len() as u64
+            } else {
+                more.insert(0, first);
+                // Boxed: its state would otherwise enlarge every
+                // connection's task, idle ones included.
+                Box::pin(write_all_vectored(&mut tw, more)).await?
+            };
             activity.touch();
             from_lane.inc_by(n);
             total += n;
-            match end {
-                None | Some(Recv::Data(_)) => {}
-                Some(Recv::End) => {
+            match last {
+                None => {}
+                Some(Last::End) => {
                     tw.shutdown().await?;
                     return Ok(total);
                 }
-                Some(Recv::Reset) => return Err(reset_by_peer()),
+                Some(Last::Reset) => return Err(reset_by_peer()),
             }
         }
     };
@@ -125,69 +138,43 @@ fn reset_by_peer() -> io::Error {
 /// Frames written together at most.
 const MAX_BATCH: usize = 16;
 
-/// Received frames on their way to the socket; one frame (the usual case for
-/// a request-response connection) needs no allocation.
-enum Batch {
-    One(Bytes),
-    Many(Vec<Bytes>),
+/// How a stream's received data ended, seen while gathering a batch.
+enum Last {
+    End,
+    Reset,
 }
 
-impl Batch {
-    fn len(&self) -> usize {
-        match self {
-            Batch::One(_) => 1,
-            Batch::Many(v) => v.len(),
-        }
-    }
-
-    fn push(&mut self, b: Bytes) {
-        match self {
-            Batch::One(first) => {
-                let mut v = Vec::with_capacity(MAX_BATCH);
-                v.push(std::mem::take(first));
-                v.push(b);
-                *self = Batch::Many(v);
+/// Writes every byte of `bufs`, gathered, and returns how many.
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    mut bufs: Vec<Bytes>,
+) -> io::Result<u64> {
+    let total: usize = bufs.iter().map(Bytes::len).sum();
+    let mut done = 0;
+    while done < bufs.len() {
+        let mut n = {
+            let mut slices = [IoSlice::new(&[]); MAX_BATCH];
+            for (s, b) in slices.iter_mut().zip(&bufs[done..]) {
+                *s = IoSlice::new(b);
             }
-            Batch::Many(v) => v.push(b),
-        }
-    }
-
-    /// Writes every byte, gathered, and returns how many.
-    async fn write_to<W: AsyncWrite + Unpin>(self, w: &mut W) -> io::Result<u64> {
-        let mut bufs = match self {
-            Batch::One(b) => {
-                w.write_all(&b).await?;
-                return Ok(b.len() as u64);
-            }
-            Batch::Many(v) => v,
+            let k = (bufs.len() - done).min(MAX_BATCH);
+            w.write_vectored(&slices[..k]).await?
         };
-        let total: usize = bufs.iter().map(Bytes::len).sum();
-        let mut done = 0;
-        while done < bufs.len() {
-            let mut n = {
-                let mut slices = [IoSlice::new(&[]); MAX_BATCH];
-                for (s, b) in slices.iter_mut().zip(&bufs[done..]) {
-                    *s = IoSlice::new(b);
-                }
-                let k = (bufs.len() - done).min(MAX_BATCH);
-                w.write_vectored(&slices[..k]).await?
-            };
-            if n == 0 {
-                return Err(io::ErrorKind::WriteZero.into());
-            }
-            while n > 0 {
-                let b = &mut bufs[done];
-                if n >= b.len() {
-                    n -= b.len();
-                    done += 1;
-                } else {
-                    b.advance(n);
-                    n = 0;
-                }
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 {
+            let b = &mut bufs[done];
+            if n >= b.len() {
+                n -= b.len();
+                done += 1;
+            } else {
+                b.advance(n);
+                n = 0;
             }
         }
-        Ok(total as u64)
     }
+    Ok(total as u64)
 }
 
 #[cfg(test)]
@@ -242,12 +229,8 @@ mod tests {
         let frames: Vec<Bytes> = (0..20u8)
             .map(|i| Bytes::from(vec![i; 3 + i as usize]))
             .collect();
-        let mut batch = Batch::One(frames[0].clone());
-        for f in &frames[1..] {
-            batch.push(f.clone());
-        }
         let mut w = Trickle::default();
-        let n = batch.write_to(&mut w).await.unwrap();
+        let n = write_all_vectored(&mut w, frames.clone()).await.unwrap();
         let want: Vec<u8> = frames.iter().flat_map(|f| f.iter().copied()).collect();
         assert_eq!(n as usize, want.len());
         assert_eq!(w.0, want);
