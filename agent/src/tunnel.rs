@@ -7,6 +7,7 @@ use libp2p::PeerId;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use relaygate_common::lane::{self, LaneStream};
+use relaygate_common::transport::DataPath;
 use relaygate_common::{
     metrics::{Side, SideLabels},
     names::TunnelName,
@@ -94,7 +95,7 @@ impl Tunnels {
 
     /// A tunnel stream of the session: framed bytes (see `splice`).
     async fn handle(self: Arc<Self>, mut stream: tokio_util::compat::Compat<libp2p::Stream>) {
-        self.metrics.tunnel_path("session");
+        self.metrics.tunnel_path(DataPath::Session);
         let Some(mut d) = self.deliver(&mut stream).await else {
             return;
         };
@@ -110,7 +111,7 @@ impl Tunnels {
 
     /// A stream of the lane: raw bytes, ends and resets are the lane's own.
     pub async fn handle_lane(self: Arc<Self>, mut stream: LaneStream) {
-        self.metrics.tunnel_path("lane");
+        self.metrics.tunnel_path(DataPath::Lane);
         let Some(mut d) = self.deliver(&mut stream).await else {
             return;
         };

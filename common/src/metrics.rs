@@ -159,7 +159,8 @@ impl Core {
         Self { registry, ..c }
     }
 
-    pub fn tunnel_path(&self, path: &'static str) {
+    pub fn tunnel_path(&self, path: crate::transport::DataPath) {
+        let path = path.as_str();
         self.tunnel_paths.get_or_create(&PathLabels { path }).inc();
     }
 

@@ -63,6 +63,15 @@ pub enum DataPath {
     Session,
 }
 
+impl DataPath {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DataPath::Lane => "lane",
+            DataPath::Session => "session",
+        }
+    }
+}
+
 impl SessionTuning {
     /// A gateway's defaults: agents and relay users open few streams to it.
     pub fn gateway() -> Self {

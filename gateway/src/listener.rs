@@ -15,6 +15,7 @@ use relaygate_common::{
     protocol::{StreamHeader, StreamStatus, TUNNEL_PROTOCOL},
     proxy,
     splice::{frames_to_raw, raw_to_frames, write_frames},
+    transport::DataPath,
 };
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWriteExt},
@@ -264,7 +265,7 @@ impl Connection {
         if let Some(lane) = self.dp.lanes.get(&self.agent) {
             match lane.open().await {
                 Ok(stream) => {
-                    self.dp.metrics.tunnel_path("lane");
+                    self.dp.metrics.tunnel_path(DataPath::Lane);
                     return self.forward_lane(stream, origin).await;
                 }
                 Err(e) => {
@@ -272,7 +273,7 @@ impl Connection {
                 }
             }
         }
-        self.dp.metrics.tunnel_path("session");
+        self.dp.metrics.tunnel_path(DataPath::Session);
         // Boxed: the fallback path's state would otherwise size every
         // connection's task, idle ones included.
         Box::pin(self.forward_session(origin)).await

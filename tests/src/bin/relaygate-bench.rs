@@ -122,13 +122,7 @@ fn main() -> anyhow::Result<()> {
     } else {
         Transport::Quic
     };
-    // One worker per core whatever TOKIO_WORKER_THREADS says: that variable
-    // reaches the gateway and agent processes, for trying their settings.
-    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(cores)
-        .enable_all()
-        .build()?;
+    let rt = runtime()?;
     let (_targets, sink, echo) = spawn_targets()?;
 
     // info level: the tests' per-connection debug logs would distort the figures
@@ -442,12 +436,7 @@ async fn throughput_each(sinks: &[SocketAddr], d: Duration) -> anyhow::Result<f6
 /// iperf3 or an echo server, and this process stays under the open-files
 /// limit while holding 10,000 idle connections.
 fn spawn_targets() -> anyhow::Result<(relaygate_tests::procs::Proc, SocketAddr, SocketAddr)> {
-    let mut cmd = std::process::Command::new(std::env::current_exe()?);
-    cmd.arg("--serve-targets");
-    let p = relaygate_tests::procs::Proc::spawn("targets", cmd);
-    let line = p
-        .wait_for(|l| l.contains("targets listening"), Duration::from_secs(10))
-        .map_err(anyhow::Error::msg)?;
+    let (p, line) = spawn_self("targets", &["--serve-targets".into()], "targets listening")?;
     let addr = |key: &str| -> anyhow::Result<SocketAddr> {
         line.split_whitespace()
             .find_map(|w| w.strip_prefix(key))
@@ -463,13 +452,9 @@ fn spawn_targets() -> anyhow::Result<(relaygate_tests::procs::Proc, SocketAddr, 
 fn spawn_relays(
     targets: &[SocketAddr],
 ) -> anyhow::Result<(relaygate_tests::procs::Proc, Vec<SocketAddr>)> {
-    let mut cmd = std::process::Command::new(std::env::current_exe()?);
-    cmd.arg("--serve-relays")
-        .args(targets.iter().map(|t| t.to_string()));
-    let p = relaygate_tests::procs::Proc::spawn("relay", cmd);
-    let line = p
-        .wait_for(|l| l.contains("relays listening"), Duration::from_secs(10))
-        .map_err(anyhow::Error::msg)?;
+    let mut args = vec!["--serve-relays".to_string()];
+    args.extend(targets.iter().map(|t| t.to_string()));
+    let (p, line) = spawn_self("relay", &args, "relays listening")?;
     let addrs = line
         .split_whitespace()
         .filter_map(|w| w.parse().ok())
@@ -478,13 +463,33 @@ fn spawn_relays(
     Ok((p, addrs))
 }
 
-fn serve_relays(targets: &[SocketAddr]) -> anyhow::Result<()> {
+/// This binary in another role; returns it and its line containing `ready`.
+fn spawn_self(
+    label: &str,
+    args: &[String],
+    ready: &str,
+) -> anyhow::Result<(relaygate_tests::procs::Proc, String)> {
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.args(args);
+    let p = relaygate_tests::procs::Proc::spawn(label, cmd);
+    let line = p
+        .wait_for(|l| l.contains(ready), Duration::from_secs(10))
+        .map_err(anyhow::Error::msg)?;
+    Ok((p, line))
+}
+
+/// One worker per core whatever TOKIO_WORKER_THREADS says: that variable
+/// reaches the gateway and agent processes, for trying their settings.
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cores)
         .enable_all()
-        .build()?;
-    rt.block_on(async {
+        .build()
+}
+
+fn serve_relays(targets: &[SocketAddr]) -> anyhow::Result<()> {
+    runtime()?.block_on(async {
         let mut addrs = Vec::new();
         for &target in targets {
             let l = TcpListener::bind("127.0.0.1:0").await?;
@@ -516,12 +521,7 @@ fn serve_relays(targets: &[SocketAddr]) -> anyhow::Result<()> {
 }
 
 fn serve_targets() -> anyhow::Result<()> {
-    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(cores)
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
+    runtime()?.block_on(async {
         let (sink, echo) = (start_sink().await?, start_echo().await?);
         println!("targets listening sink={sink} echo={echo}");
         std::future::pending::<()>().await;
