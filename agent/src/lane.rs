@@ -5,7 +5,7 @@
 use std::{sync::Arc, time::Duration};
 
 use libp2p::{identity::Keypair, multiaddr::Protocol, Multiaddr, PeerId};
-use relaygate_common::lane::{Lane, LaneConfig, LaneError, LaneTls, Role};
+use relaygate_common::lane::{Lane, LaneConfig, LaneError, LaneTls};
 use tokio::net::TcpStream;
 use tokio_util::task::TaskTracker;
 
@@ -77,9 +77,9 @@ impl LaneDialer {
             .await
             .map_err(|_| LaneError::HandshakeTimeout)??;
         tcp.set_nodelay(true)?;
-        // No buffer under TLS: rustls hands its records over in one vectored write.
-        let tls = self.tls.connect(tcp, self.gateway).await?;
-        Ok(Lane::start(tls, Role::Dialer, LaneConfig::default()))
+        // No buffer under the lane: it writes its records gathered, in one call.
+        let (tcp, keys) = self.tls.connect(tcp, self.gateway).await?;
+        Ok(Lane::start(tcp, keys, LaneConfig::default()))
     }
 }
 

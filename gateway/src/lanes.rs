@@ -6,7 +6,7 @@ use std::{collections::HashMap, sync::Arc};
 
 use libp2p::{identity::Keypair, PeerId};
 use relaygate_common::{
-    lane::{Lane, LaneConfig, LaneTls, Rewind, Role},
+    lane::{Lane, LaneConfig, LaneTls, Rewind},
     proxy_transport::Diverted,
 };
 use tokio::sync::{mpsc, Semaphore};
@@ -82,9 +82,9 @@ impl Lanes {
 
     async fn admit(self: Arc<Self>, d: Diverted) {
         let _ = d.tcp.set_nodelay(true);
-        // No buffer under TLS: rustls hands its records over in one vectored write.
+        // No buffer under the lane: it writes its records gathered, in one call.
         let io = Rewind::new(d.prefix, d.tcp);
-        let (tls, peer) = match self.tls.accept(io).await {
+        let (io, peer, keys) = match self.tls.accept(io).await {
             Ok(x) => x,
             Err(e) => {
                 self.metrics.bad_input(e.kind());
@@ -98,7 +98,7 @@ impl Lanes {
             tracing::debug!(%peer, remote = %d.remote, "lane from a peer without a session; closed");
             return;
         };
-        let lane = Lane::start(tls, Role::Listener, self.cfg);
+        let lane = Lane::start(io, keys, self.cfg);
         if let Some(old) = self.live().insert(peer, lane.clone()) {
             old.close();
         }

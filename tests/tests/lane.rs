@@ -150,7 +150,7 @@ fn lanes_from_strangers_and_garbage_are_refused_and_counted() {
         let tcp = tokio::net::TcpStream::connect(("127.0.0.1", gw.tcp))
             .await
             .expect("connect");
-        let mut s = tls.connect(tcp, gateway_peer).await.expect("handshake");
+        let (mut s, _keys) = tls.connect(tcp, gateway_peer).await.expect("handshake");
         let mut buf = [0u8; 16];
         tokio::time::timeout(
             Duration::from_secs(5),

@@ -1,11 +1,12 @@
-//! Bytes from the other end of a lane (frames of many streams) into a real
-//! lane on the agent's side, which accepts streams: it must end cleanly or
-//! with an error, never panic or hang.
+//! Bytes from the other end of a lane (frames of many streams), sealed into
+//! records with the peer's keys, into a real lane on the agent's side, which
+//! accepts streams: it must end cleanly or with an error, never panic or
+//! hang. The first byte sizes the records, so frames also straddle them.
 #![no_main]
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
-use relaygate_common::lane::{Lane, LaneConfig, Role};
+use relaygate_common::lane::{Lane, LaneConfig, LaneKeys, Role, MAX_RECORD};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn runtime() -> &'static tokio::runtime::Runtime {
@@ -21,8 +22,25 @@ fn runtime() -> &'static tokio::runtime::Runtime {
 fuzz_target!(|data: &[u8]| {
     runtime().block_on(async {
         let (ours, mut theirs) = tokio::io::duplex(1 << 20);
-        let lane = Lane::start(ours, Role::Dialer, LaneConfig::default());
-        let _ = theirs.write_all(data).await;
+        let secret = [9u8; 32];
+        let lane = Lane::start(
+            ours,
+            LaneKeys::from_secret(&secret, Role::Dialer),
+            LaneConfig::default(),
+        );
+        let mut peer = LaneKeys::from_secret(&secret, Role::Listener);
+        let (size, frames) = match data.split_first() {
+            Some((s, rest)) => (1 + usize::from(*s) * 64, rest),
+            None => (1, data),
+        };
+        for plain in frames.chunks(size.min(MAX_RECORD)) {
+            let Ok(record) = peer.seal_copy(plain) else {
+                break;
+            };
+            if theirs.write_all(&record).await.is_err() {
+                break;
+            }
+        }
         drop(theirs);
         // Every stream the bytes opened is read to its end or reset.
         let drain = async {

@@ -2,9 +2,10 @@
 //!
 //! One TCP connection per agent session, dialled by the agent to the gateway's
 //! libp2p TCP port (the gateway tells the two apart by the first byte: a TLS
-//! record here, multistream-select there). TLS 1.3 with libp2p-tls
-//! certificates authenticates both peer ids, as the session does. Over it a
-//! small multiplexer carries one stream per public connection.
+//! record here, multistream-select there). A TLS 1.3 handshake with libp2p-tls
+//! certificates authenticates both peer ids, as the session does, and gives
+//! the keys of the lane's own AEAD records (see `seal`). Over them a small
+//! multiplexer carries one stream per public connection.
 //!
 //! Why not tunnel streams on the libp2p session: measured on the same machine,
 //! this path moves about twice the bytes per CPU second of QUIC or
@@ -13,14 +14,17 @@
 //! relay and hole punching, and carries tunnel streams whenever no lane is up.
 
 mod frame;
+mod gather;
 mod mux;
 mod rewind;
+mod seal;
 mod splice;
 mod tls;
 
 pub use frame::{Header, Kind, HEADER_LEN, MAX_PAYLOAD};
 pub use mux::{Lane, LaneConfig, LaneReader, LaneStream, LaneWriter, Recv, Role};
 pub use rewind::Rewind;
+pub use seal::{LaneKeys, MAX_RECORD, PAYLOAD_OFFSET, RECORD_HEADER, TAG_LEN};
 pub use splice::splice;
 pub use tls::{LaneTls, TLS_HANDSHAKE_RECORD};
 

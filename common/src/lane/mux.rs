@@ -18,7 +18,7 @@ use std::{
     time::Duration,
 };
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
     sync::{mpsc, Semaphore},
@@ -27,6 +27,8 @@ use tokio_util::sync::{CancellationToken, PollSender};
 
 use super::{
     frame::{Header, Kind, HEADER_LEN, MAX_PAYLOAD},
+    gather::write_all_vectored,
+    seal::{LaneKeys, Opener, Sealer, PAYLOAD_OFFSET, RECORD_HEADER, TAG_LEN},
     LaneError,
 };
 
@@ -72,7 +74,8 @@ pub enum Role {
 
 /// What the writer sends, in order.
 enum Out {
-    Data(Bytes),
+    /// A data frame with its record's room: see [`LaneStream::frame_buffer`].
+    Data(BytesMut),
     Control([u8; HEADER_LEN]),
 }
 
@@ -200,13 +203,16 @@ pub struct Lane {
 }
 
 impl Lane {
-    /// Starts the reader and writer tasks over `io`. The lane ends when the
-    /// connection does, on a protocol violation, or on [`Lane::close`].
-    pub fn start<S>(io: S, role: Role, mut cfg: LaneConfig) -> Arc<Self>
+    /// Starts the reader and writer tasks over `io`, sealing and opening
+    /// records with `keys`. The lane ends when the connection does, on a
+    /// protocol violation, or on [`Lane::close`].
+    pub fn start<S>(io: S, keys: LaneKeys, mut cfg: LaneConfig) -> Arc<Self>
     where
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
         cfg.window = cfg.window.max(MAX_PAYLOAD as u32);
+        let role = keys.role();
+        let (seal, open) = keys.split();
         let (r, w) = tokio::io::split(io);
         let (ordered_tx, ordered_rx) = mpsc::channel(cfg.send_queue);
         let (urgent_tx, urgent_rx) = mpsc::unbounded_channel();
@@ -227,7 +233,14 @@ impl Lane {
         let writer_closed = shared.closed.clone();
         let keep_alive = cfg.keep_alive;
         tokio::spawn(async move {
-            let r = write_loop(w, ordered_rx, urgent_rx, writer_closed.clone(), keep_alive).await;
+            let r = write_loop(
+                Batcher::new(w, seal),
+                ordered_rx,
+                urgent_rx,
+                writer_closed.clone(),
+                keep_alive,
+            )
+            .await;
             if let Err(e) = r {
                 tracing::debug!(error = %e, "lane writer ended");
             }
@@ -237,15 +250,11 @@ impl Lane {
         tokio::spawn(async move {
             let closed = reader_shared.closed.clone();
             let r = tokio::select! {
-                r = read_loop(r, &reader_shared, accept_tx) => r,
+                r = read_loop(r, open, &reader_shared, accept_tx) => r,
                 () = closed.cancelled() => Ok(()),
             };
             match &r {
                 Ok(()) | Err(LaneError::Ended) => tracing::debug!("lane closed"),
-                Err(LaneError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                    // The peer's process ended without closing TLS (killed).
-                    tracing::debug!("lane closed without TLS close_notify")
-                }
                 Err(e) => tracing::info!(error = %e, "lane closed"),
             }
             reader_shared.close_all();
@@ -313,31 +322,53 @@ impl Drop for Lane {
     }
 }
 
-/// Reads frames and routes them to their streams. Payloads are split off one
-/// large read buffer, so a data frame reaches its stream without a copy.
+/// Reads records, opens them in place and routes their frames. Payloads are
+/// split off one large read buffer, so a data frame reaches its stream
+/// without a copy.
 async fn read_loop<R: AsyncRead + Unpin>(
     mut r: R,
+    mut open: Opener,
     shared: &Arc<Shared>,
     accept: mpsc::Sender<LaneStream>,
 ) -> Result<(), LaneError> {
     const READ: usize = 256 * 1024;
     let mut buf = BytesMut::with_capacity(READ);
-    // Any frame counts as life; the peer pings every `keep_alive`.
+    // Any record counts as life; the peer pings every `keep_alive`.
     let mut silence = Silence::new(shared.cfg.keep_alive * 3);
     loop {
-        let Some(h) = next_header(&buf)? else {
-            fill(&mut r, &mut buf, HEADER_LEN, &mut silence).await?;
+        let Some(len) = Opener::record_len(&buf)? else {
+            fill(&mut r, &mut buf, RECORD_HEADER, &mut silence).await?;
             continue;
         };
-        if h.kind == Kind::Data && buf.len() < HEADER_LEN + h.len as usize {
-            fill(&mut r, &mut buf, HEADER_LEN + h.len as usize, &mut silence).await?;
+        if buf.len() < len {
+            fill(&mut r, &mut buf, len, &mut silence).await?;
             continue;
         }
-        let _ = buf.split_to(HEADER_LEN);
+        let mut record = buf.split_to(len);
+        let plain = open.open(&mut record)?;
+        route(record.freeze().slice(plain), shared, &accept).await?;
+    }
+}
+
+/// Hands the frames of one opened record to their streams.
+async fn route(
+    mut frames: Bytes,
+    shared: &Arc<Shared>,
+    accept: &mpsc::Sender<LaneStream>,
+) -> Result<(), LaneError> {
+    while !frames.is_empty() {
+        let h = frames
+            .first_chunk::<HEADER_LEN>()
+            .ok_or(LaneError::Protocol("a frame split across records"))?;
+        let h = Header::decode(h)?;
+        frames.advance(HEADER_LEN);
         match h.kind {
             Kind::Ping => {}
             Kind::Data => {
-                let payload = buf.split_to(h.len as usize).freeze();
+                if frames.len() < h.len as usize {
+                    return Err(LaneError::Protocol("a frame split across records"));
+                }
+                let payload = frames.split_to(h.len as usize);
                 // Backpressure for the whole lane when consumers fall behind.
                 let permits = shared
                     .buffered
@@ -393,13 +424,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
             }
         }
     }
-}
-
-fn next_header(buf: &[u8]) -> Result<Option<Header>, LaneError> {
-    match buf.first_chunk::<HEADER_LEN>() {
-        Some(h) => Header::decode(h).map(Some),
-        None => Ok(None),
-    }
+    Ok(())
 }
 
 /// Watches for a silent peer with one timer for the lane's life rather than
@@ -461,14 +486,13 @@ async fn fill<R: AsyncRead + Unpin>(
 
 /// Writes queued frames, batching whatever is ready into one flush.
 async fn write_loop<W: AsyncWrite + Unpin>(
-    w: W,
+    mut w: Batcher<W>,
     mut ordered: mpsc::Receiver<Out>,
     mut urgent: mpsc::UnboundedReceiver<[u8; HEADER_LEN]>,
     closed: CancellationToken,
     keep_alive: Duration,
-) -> io::Result<()> {
+) -> Result<(), LaneError> {
     const BATCH: usize = 256 * 1024;
-    let mut w = Batcher::new(w);
     let ping = Header::new(0, Kind::Ping, 0).encode();
     // One timer for the lane's life, not one per batch.
     let mut pings = tokio::time::interval_at(tokio::time::Instant::now() + keep_alive, keep_alive);
@@ -484,8 +508,8 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             },
             _ = pings.tick() => Out::Control(ping),
         };
-        let mut size = w.put(first).await?;
-        while size < BATCH {
+        w.put(first)?;
+        while w.size() < BATCH {
             let next = match urgent.try_recv() {
                 Ok(h) => Out::Control(h),
                 Err(_) => match ordered.try_recv() {
@@ -493,7 +517,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                     Err(_) => break,
                 },
             };
-            size += w.put(next).await?;
+            w.put(next)?;
         }
         w.flush().await?;
     }
@@ -502,57 +526,89 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// Frames into TLS. A large frame goes straight in (a buffer above TLS would
-/// cost a copy of every byte; the connection under TLS takes the records);
-/// small ones are gathered into one write, so a batch of opens, statuses,
-/// credits and short messages costs one TLS record and one system call
-/// instead of one each.
+/// Seals frames into records and writes them gathered. A large data frame
+/// is sealed in place in its own buffer, as its own record; small frames
+/// (opens, statuses, credits, fins, short messages) are gathered into one
+/// record, so a batch of them costs one seal and one system call.
 struct Batcher<W> {
     io: W,
-    small: Vec<u8>,
+    seal: Sealer,
+    /// Small frames for the next record, after room for its length.
+    small: BytesMut,
+    /// Sealed records, in order, for the next gathered write.
+    sealed: Vec<Bytes>,
+    sealed_len: usize,
 }
 
 impl<W: AsyncWrite + Unpin> Batcher<W> {
-    /// Frames up to this size are gathered.
+    /// Data frames up to this payload size are gathered.
     const SMALL: usize = 2048;
-    /// One TLS record's worth of plaintext.
-    const RECORD: usize = 16 * 1024;
+    /// Frames gathered into one record at most.
+    const GATHER: usize = 16 * 1024;
 
-    fn new(io: W) -> Self {
+    fn new(io: W, seal: Sealer) -> Self {
         Self {
             io,
-            small: Vec::new(),
+            seal,
+            small: BytesMut::new(),
+            sealed: Vec::new(),
+            sealed_len: 0,
         }
     }
 
-    async fn put(&mut self, out: Out) -> io::Result<usize> {
-        let bytes: &[u8] = match &out {
-            Out::Data(b) => b,
-            Out::Control(h) => h,
-        };
-        if bytes.len() > Self::SMALL {
-            self.write_small().await?;
-            self.io.write_all(bytes).await?;
-        } else {
-            if self.small.len() + bytes.len() > Self::RECORD {
-                self.write_small().await?;
+    /// Bytes waiting for the next flush.
+    fn size(&self) -> usize {
+        self.sealed_len + self.small.len()
+    }
+
+    fn put(&mut self, out: Out) -> Result<(), LaneError> {
+        match out {
+            Out::Control(h) => self.gather(&h),
+            Out::Data(frame) if frame.len() <= PAYLOAD_OFFSET + Self::SMALL => {
+                self.gather(&frame[RECORD_HEADER..])
             }
-            self.small.extend_from_slice(bytes);
+            Out::Data(mut frame) => {
+                self.seal_gathered()?;
+                self.seal.seal(&mut frame)?;
+                self.push(frame);
+                Ok(())
+            }
         }
-        Ok(bytes.len())
     }
 
-    async fn write_small(&mut self) -> io::Result<()> {
-        if !self.small.is_empty() {
-            self.io.write_all(&self.small).await?;
-            self.small.clear();
+    fn gather(&mut self, frame: &[u8]) -> Result<(), LaneError> {
+        if self.small.len() + frame.len() > RECORD_HEADER + Self::GATHER {
+            self.seal_gathered()?;
+        }
+        if self.small.is_empty() {
+            // Takes back the room of records already written.
+            self.small.reserve(RECORD_HEADER + Self::GATHER + TAG_LEN);
+            self.small.resize(RECORD_HEADER, 0);
+        }
+        self.small.extend_from_slice(frame);
+        Ok(())
+    }
+
+    fn seal_gathered(&mut self) -> Result<(), LaneError> {
+        if self.small.len() > RECORD_HEADER {
+            let mut record = self.small.split();
+            self.seal.seal(&mut record)?;
+            self.push(record);
         }
         Ok(())
     }
 
-    async fn flush(&mut self) -> io::Result<()> {
-        self.write_small().await?;
-        self.io.flush().await
+    fn push(&mut self, record: BytesMut) {
+        self.sealed_len += record.len();
+        self.sealed.push(record.freeze());
+    }
+
+    async fn flush(&mut self) -> Result<(), LaneError> {
+        self.seal_gathered()?;
+        write_all_vectored(&mut self.io, &mut self.sealed).await?;
+        self.sealed_len = 0;
+        self.io.flush().await?;
+        Ok(())
     }
 }
 
@@ -651,10 +707,12 @@ impl LaneStream {
         self.writer.finish().await
     }
 
-    /// A buffer for [`LaneWriter::send`]: room for the frame header, then `capacity`.
+    /// A buffer for [`LaneWriter::send`]: room for the record's length and
+    /// the frame's header, then `capacity` for the payload, and spare room
+    /// for the record's tag, so the frame is sealed where it lies.
     pub fn frame_buffer(capacity: usize) -> BytesMut {
-        let mut b = BytesMut::with_capacity(HEADER_LEN + capacity.min(MAX_PAYLOAD));
-        b.resize(HEADER_LEN, 0);
+        let mut b = BytesMut::with_capacity(PAYLOAD_OFFSET + capacity.min(MAX_PAYLOAD) + TAG_LEN);
+        b.resize(PAYLOAD_OFFSET, 0);
         b
     }
 }
@@ -739,7 +797,7 @@ impl LaneWriter {
     /// Sends a buffer from [`LaneStream::frame_buffer`] holding payload after
     /// the header room, without copying it.
     pub async fn send(&mut self, mut frame: BytesMut) -> io::Result<()> {
-        let len = frame.len().saturating_sub(HEADER_LEN);
+        let len = frame.len().saturating_sub(PAYLOAD_OFFSET);
         if len == 0 {
             return Ok(());
         }
@@ -758,8 +816,8 @@ impl LaneWriter {
             .map_err(|_| reset())?;
         self.credit.take(len as u64);
         let header = Header::new(self.core.id, Kind::Data, len as u32).encode();
-        frame[..HEADER_LEN].copy_from_slice(&header);
-        permit.send(Out::Data(frame.freeze()));
+        frame[RECORD_HEADER..PAYLOAD_OFFSET].copy_from_slice(&header);
+        permit.send(Out::Data(frame));
         Ok(())
     }
 
@@ -837,10 +895,11 @@ impl AsyncWrite for LaneWriter {
             Poll::Ready(Ok(())) => {}
         }
         let n = buf.len().min(MAX_PAYLOAD).min(available as usize);
-        let mut frame = BytesMut::with_capacity(HEADER_LEN + n);
-        frame.extend_from_slice(&Header::new(this.core.id, Kind::Data, n as u32).encode());
+        let mut frame = LaneStream::frame_buffer(n);
+        frame[RECORD_HEADER..]
+            .copy_from_slice(&Header::new(this.core.id, Kind::Data, n as u32).encode());
         frame.extend_from_slice(&buf[..n]);
-        if this.sender.send_item(Out::Data(frame.freeze())).is_err() {
+        if this.sender.send_item(Out::Data(frame)).is_err() {
             return Poll::Ready(Err(reset()));
         }
         this.credit.take(n as u64);
@@ -887,11 +946,17 @@ impl AsyncWrite for LaneStream {
 mod tests {
     use super::*;
 
+    const SECRET: [u8; 32] = [3; 32];
+
+    fn keys(role: Role) -> LaneKeys {
+        LaneKeys::from_secret(&SECRET, role)
+    }
+
     fn pair(cfg: LaneConfig) -> (Arc<Lane>, Arc<Lane>) {
         let (a, b) = tokio::io::duplex(1 << 20);
         (
-            Lane::start(a, Role::Dialer, cfg),
-            Lane::start(b, Role::Listener, cfg),
+            Lane::start(a, keys(Role::Dialer), cfg),
+            Lane::start(b, keys(Role::Listener), cfg),
         )
     }
 
@@ -986,9 +1051,42 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_wire_carries_sealed_records_and_a_tampered_one_ends_the_lane() {
+        let (a, mut from_gateway) = tokio::io::duplex(1 << 20);
+        let (b, mut to_agent) = tokio::io::duplex(1 << 20);
+        let gateway = Lane::start(a, keys(Role::Listener), LaneConfig::default());
+        let agent = Lane::start(b, keys(Role::Dialer), LaneConfig::default());
+        let text = b"a recognisable plaintext; ".repeat(150);
+        let mut s = gateway.open().await.unwrap();
+        s.write_all(&text).await.unwrap();
+        // Its open (gathered into a record), then its data (a record of its own).
+        let expected = (RECORD_HEADER + HEADER_LEN + TAG_LEN) * 2 + text.len();
+        let mut wire = vec![0u8; expected];
+        from_gateway.read_exact(&mut wire).await.unwrap();
+        assert!(!wire.windows(16).any(|w| w == &text[..16]));
+        to_agent.write_all(&wire).await.unwrap();
+        let mut t = agent.accept().await.unwrap();
+        let mut got = vec![0u8; text.len()];
+        t.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, text);
+
+        // One flipped bit in the next record ends the lane.
+        s.write_all(b"more").await.unwrap();
+        let mut wire = vec![0u8; RECORD_HEADER + HEADER_LEN + 4 + TAG_LEN];
+        from_gateway.read_exact(&mut wire).await.unwrap();
+        wire[RECORD_HEADER + 2] ^= 1;
+        to_agent.write_all(&wire).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(2), agent.closed())
+            .await
+            .expect("a tampered record ends the lane");
+        let e = t.read(&mut got).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
+    }
+
+    #[tokio::test]
     async fn garbage_ends_the_lane() {
         let (a, mut b) = tokio::io::duplex(4096);
-        let lane = Lane::start(a, Role::Listener, LaneConfig::default());
+        let lane = Lane::start(a, keys(Role::Listener), LaneConfig::default());
         b.write_all(&[0xff; 9]).await.unwrap();
         tokio::time::timeout(Duration::from_secs(2), lane.closed())
             .await

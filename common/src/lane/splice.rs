@@ -3,20 +3,16 @@
 //! half-close; a reset on either side resets the other. No buffer is held
 //! while the connection is idle: one is taken when the socket is readable.
 
-use std::{
-    io::{self, IoSlice},
-    time::Duration,
-};
+use std::{io, time::Duration};
 
-use bytes::{Buf, Bytes};
-
+use bytes::BufMut;
 use prometheus_client::metrics::counter::Counter;
-use tokio::{
-    io::{AsyncWrite, AsyncWriteExt},
-    net::TcpStream,
-};
+use tokio::{io::AsyncWriteExt, net::TcpStream};
 
-use super::{LaneReader, LaneStream, Recv, HEADER_LEN, MAX_PAYLOAD};
+use super::{
+    gather::{write_all_vectored, MAX_BATCH},
+    LaneReader, LaneStream, Recv, MAX_PAYLOAD, PAYLOAD_OFFSET,
+};
 use crate::{idle::Activity, splice::Moved};
 
 const MIN_READ: usize = 4096;
@@ -48,14 +44,15 @@ pub async fn splice(
         loop {
             tr.readable().await?;
             let mut buf = LaneStream::frame_buffer(size);
-            match tr.try_read_buf(&mut buf) {
+            // Limited: the buffer's spare room past `size` is the tag's.
+            match tr.try_read_buf(&mut (&mut buf).limit(size)) {
                 Ok(0) => {
                     lw.finish().await?;
                     return Ok::<_, io::Error>(total);
                 }
                 Ok(n) => {
                     if let Some(check) = first.take() {
-                        check(&buf[HEADER_LEN..])?;
+                        check(&buf[PAYLOAD_OFFSET..])?;
                     }
                     size = if n == size {
                         (size * 4).min(MAX_PAYLOAD)
@@ -107,7 +104,7 @@ pub async fn splice(
                 more.insert(0, first);
                 // Boxed: its state would otherwise enlarge every
                 // connection's task, idle ones included.
-                Box::pin(write_all_vectored(&mut tw, more)).await?
+                Box::pin(write_all_vectored(&mut tw, &mut more)).await?
             };
             activity.touch();
             from_lane.inc_by(n);
@@ -135,104 +132,8 @@ fn reset_by_peer() -> io::Error {
     )
 }
 
-/// Frames written together at most.
-const MAX_BATCH: usize = 16;
-
 /// How a stream's received data ended, seen while gathering a batch.
 enum Last {
     End,
     Reset,
-}
-
-/// Writes every byte of `bufs`, gathered, and returns how many.
-async fn write_all_vectored<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    mut bufs: Vec<Bytes>,
-) -> io::Result<u64> {
-    let total: usize = bufs.iter().map(Bytes::len).sum();
-    let mut done = 0;
-    while done < bufs.len() {
-        let mut n = {
-            let mut slices = [IoSlice::new(&[]); MAX_BATCH];
-            for (s, b) in slices.iter_mut().zip(&bufs[done..]) {
-                *s = IoSlice::new(b);
-            }
-            let k = (bufs.len() - done).min(MAX_BATCH);
-            w.write_vectored(&slices[..k]).await?
-        };
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        while n > 0 {
-            let b = &mut bufs[done];
-            if n >= b.len() {
-                n -= b.len();
-                done += 1;
-            } else {
-                b.advance(n);
-                n = 0;
-            }
-        }
-    }
-    Ok(total as u64)
-}
-
-#[cfg(test)]
-mod tests {
-    use std::{
-        pin::Pin,
-        task::{Context, Poll},
-    };
-
-    use super::*;
-
-    /// Takes at most 7 bytes per write, as a full socket buffer might.
-    #[derive(Default)]
-    struct Trickle(Vec<u8>);
-
-    impl AsyncWrite for Trickle {
-        fn poll_write(
-            mut self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            buf: &[u8],
-        ) -> Poll<io::Result<usize>> {
-            let n = buf.len().min(7);
-            self.0.extend_from_slice(&buf[..n]);
-            Poll::Ready(Ok(n))
-        }
-        fn poll_write_vectored(
-            mut self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            bufs: &[IoSlice<'_>],
-        ) -> Poll<io::Result<usize>> {
-            let mut left = 7;
-            for b in bufs {
-                let n = b.len().min(left);
-                self.0.extend_from_slice(&b[..n]);
-                left -= n;
-            }
-            Poll::Ready(Ok(7 - left))
-        }
-        fn is_write_vectored(&self) -> bool {
-            true
-        }
-        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-    }
-
-    #[tokio::test]
-    async fn a_batch_survives_short_writes_in_order() {
-        let frames: Vec<Bytes> = (0..20u8)
-            .map(|i| Bytes::from(vec![i; 3 + i as usize]))
-            .collect();
-        let mut w = Trickle::default();
-        let n = write_all_vectored(&mut w, frames.clone()).await.unwrap();
-        let want: Vec<u8> = frames.iter().flat_map(|f| f.iter().copied()).collect();
-        assert_eq!(n as usize, want.len());
-        assert_eq!(w.0, want);
-    }
 }

@@ -1,46 +1,61 @@
 //! The lane's handshake: TLS 1.3 with libp2p-tls certificates, so each side
-//! proves the same peer id its libp2p session did.
+//! proves the same peer id its libp2p session did. The handshake ends with
+//! record keys exported from it ([`LaneKeys`]); the lane's frames then travel
+//! in those records, not in TLS's.
+//!
+//! rustls is driven by hand, one whole TLS record at a time, so it never
+//! reads past the handshake's last record: what follows on the connection
+//! is the lane's, and nothing of it is left inside rustls.
 
 use std::{sync::Arc, time::Duration};
 
 use libp2p::{identity::Keypair, PeerId};
+use rustls::{ClientConnection, Connection, ServerConfig, ServerConnection};
 use rustls_pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio_rustls::{client, server, TlsAcceptor, TlsConnector};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::LaneError;
+use super::{
+    seal::{LaneKeys, EXPORTER_LABEL},
+    LaneError, Role,
+};
 
 /// The first byte of a TLS connection (a handshake record). A libp2p
 /// connection starts with multistream-select's length byte instead.
 pub const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// TLS's largest record body (RFC 8446, 5.2: 2^14 + 256 for 1.3; 1.2 allows 2^14 + 2048).
+const MAX_TLS_RECORD: usize = (1 << 14) + 2048;
 
 /// One side's TLS identity.
 pub struct LaneTls {
     key: Keypair,
-    acceptor: TlsAcceptor,
+    server: Arc<ServerConfig>,
 }
 
 impl LaneTls {
     pub fn new(key: &Keypair) -> Result<Self, LaneError> {
-        let server = libp2p_tls::make_server_config(key)
+        let mut server = libp2p_tls::make_server_config(key)
             .map_err(|e| LaneError::Handshake(format!("cannot make the TLS certificate: {e}")))?;
+        // Nothing may follow the handshake inside TLS: the lane's records do.
+        server.send_tls13_tickets = 0;
         Ok(Self {
             key: key.clone(),
-            acceptor: TlsAcceptor::from(Arc::new(server)),
+            server: Arc::new(server),
         })
     }
 
-    /// Gateway side: completes the handshake and returns the client's peer id.
-    pub async fn accept<S>(&self, io: S) -> Result<(server::TlsStream<S>, PeerId), LaneError>
+    /// Gateway side: completes the handshake and returns the client's peer
+    /// id and the lane's keys; `io` is left exactly after the handshake.
+    pub async fn accept<S>(&self, mut io: S) -> Result<(S, PeerId, LaneKeys), LaneError>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor.accept(io))
-            .await
-            .map_err(|_| LaneError::HandshakeTimeout)?
+        let conn = ServerConnection::new(self.server.clone())
             .map_err(|e| LaneError::Handshake(e.to_string()))?;
-        let (_, conn) = tls.get_ref();
+        let mut conn = Connection::Server(conn);
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut io, &mut conn))
+            .await
+            .map_err(|_| LaneError::HandshakeTimeout)??;
         let cert = conn
             .peer_certificates()
             .and_then(|c| c.first())
@@ -48,15 +63,12 @@ impl LaneTls {
         let peer = libp2p_tls::certificate::parse(cert)
             .map_err(|e| LaneError::Handshake(e.to_string()))?
             .peer_id();
-        Ok((tls, peer))
+        let keys = export(&conn, Role::Listener)?;
+        Ok((io, peer, keys))
     }
 
     /// Agent side: the handshake succeeds only if the server is `gateway`.
-    pub async fn connect<S>(
-        &self,
-        io: S,
-        gateway: PeerId,
-    ) -> Result<client::TlsStream<S>, LaneError>
+    pub async fn connect<S>(&self, mut io: S, gateway: PeerId) -> Result<(S, LaneKeys), LaneError>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -64,12 +76,120 @@ impl LaneTls {
             .map_err(|e| LaneError::Handshake(format!("cannot make the TLS certificate: {e}")))?;
         // libp2p-tls checks the peer id, not a name; any name does.
         let name = ServerName::IpAddress(std::net::Ipv4Addr::UNSPECIFIED.into());
-        tokio::time::timeout(
-            HANDSHAKE_TIMEOUT,
-            TlsConnector::from(Arc::new(cfg)).connect(name, io),
-        )
-        .await
-        .map_err(|_| LaneError::HandshakeTimeout)?
-        .map_err(|e| LaneError::Handshake(e.to_string()))
+        let conn = ClientConnection::new(Arc::new(cfg), name)
+            .map_err(|e| LaneError::Handshake(e.to_string()))?;
+        let mut conn = Connection::Client(conn);
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut io, &mut conn))
+            .await
+            .map_err(|_| LaneError::HandshakeTimeout)??;
+        let keys = export(&conn, Role::Dialer)?;
+        Ok((io, keys))
+    }
+}
+
+/// Runs the handshake to its end, reading whole TLS records only.
+async fn handshake<S>(io: &mut S, conn: &mut Connection) -> Result<(), LaneError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut out = Vec::new();
+    loop {
+        while conn.wants_write() {
+            conn.write_tls(&mut out)?;
+        }
+        if !out.is_empty() {
+            io.write_all(&out).await?;
+            io.flush().await?;
+            out.clear();
+        }
+        if !conn.is_handshaking() {
+            return Ok(());
+        }
+        let record = read_record(io).await?;
+        let mut rest = &record[..];
+        while !rest.is_empty() {
+            let taken = conn.read_tls(&mut rest)?;
+            if let Err(e) = conn.process_new_packets() {
+                // Tell the peer why (an alert) before giving up.
+                while conn.wants_write() && conn.write_tls(&mut out).is_ok() {}
+                let _ = io.write_all(&out).await;
+                return Err(LaneError::Handshake(e.to_string()));
+            }
+            if taken == 0 {
+                break;
+            }
+        }
+    }
+}
+
+/// One whole TLS record: its 5-byte header, then the body it announces.
+async fn read_record<S: AsyncRead + Unpin>(io: &mut S) -> Result<Vec<u8>, LaneError> {
+    let mut header = [0u8; 5];
+    io.read_exact(&mut header).await?;
+    let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
+    if len > MAX_TLS_RECORD {
+        return Err(LaneError::Handshake(
+            "TLS record over its size limit".into(),
+        ));
+    }
+    let mut record = Vec::with_capacity(header.len() + len);
+    record.extend_from_slice(&header);
+    record.resize(header.len() + len, 0);
+    io.read_exact(&mut record[header.len()..]).await?;
+    Ok(record)
+}
+
+fn export(conn: &Connection, role: Role) -> Result<LaneKeys, LaneError> {
+    let secret = conn
+        .export_keying_material([0u8; 32], EXPORTER_LABEL, None)
+        .map_err(|e| LaneError::Handshake(format!("cannot export the lane's keys: {e}")))?;
+    Ok(LaneKeys::from_secret(&secret, role))
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::lane::{Kind, RECORD_HEADER, TAG_LEN};
+
+    #[tokio::test]
+    async fn the_handshake_proves_peer_ids_and_leaves_the_lane_its_bytes() {
+        let (gw_key, agent_key) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
+        let gw = LaneTls::new(&gw_key).unwrap();
+        let agent = LaneTls::new(&agent_key).unwrap();
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let open = super::super::Header::new(2, Kind::Open, 0).encode();
+        let client = async {
+            let (mut io, mut keys) = agent.connect(b, gw_key.public().to_peer_id()).await?;
+            // The lane's first record, right behind the handshake's last.
+            io.write_all(&keys.seal_copy(&open)?).await?;
+            Ok::<_, LaneError>(io)
+        };
+        let (server, client) = tokio::join!(gw.accept(a), client);
+        let _client = client.unwrap();
+        let (mut io, peer, keys) = server.unwrap();
+        assert_eq!(peer, agent_key.public().to_peer_id());
+        assert_eq!(keys.role(), Role::Listener);
+        let (_, mut opener) = keys.split();
+        let mut record = vec![0u8; RECORD_HEADER + open.len() + TAG_LEN];
+        io.read_exact(&mut record).await.unwrap();
+        let plain = opener.open(&mut record).unwrap();
+        assert_eq!(record[plain], open);
+    }
+
+    #[tokio::test]
+    async fn an_agent_refuses_a_gateway_with_another_peer_id() {
+        let gw = LaneTls::new(&Keypair::generate_ed25519()).unwrap();
+        let agent = LaneTls::new(&Keypair::generate_ed25519()).unwrap();
+        let expected = Keypair::generate_ed25519().public().to_peer_id();
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let (server, client) = tokio::join!(gw.accept(a), agent.connect(b, expected));
+        assert!(
+            matches!(client, Err(LaneError::Handshake(_))),
+            "{:?}",
+            client.err()
+        );
+        assert!(server.is_err());
     }
 }
