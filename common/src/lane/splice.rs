@@ -3,7 +3,11 @@
 //! half-close; a reset on either side resets the other. No buffer is held
 //! while the connection is idle: one is taken when the socket is readable.
 
-use std::{io, time::Duration};
+use std::{
+    io,
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
 
 use bytes::BufMut;
 use prometheus_client::metrics::counter::Counter;
@@ -36,6 +40,9 @@ pub async fn splice(
     let (mut lr, mut lw) = stream.split();
     let (tr, mut tw) = tcp.split();
     let activity = Activity::new();
+    // Once `tcp`'s reading side has ended too, closing it sends the FIN
+    // and a separate shutdown is a system call for nothing.
+    let tcp_read_ended = AtomicBool::new(false);
     let up = async {
         let mut total = 0u64;
         // Sized to what the last read brought: a request-response connection
@@ -47,6 +54,7 @@ pub async fn splice(
             // Limited: the buffer's spare room past `size` is the tag's.
             match tr.try_read_buf(&mut (&mut buf).limit(size)) {
                 Ok(0) => {
+                    tcp_read_ended.store(true, Ordering::Relaxed);
                     lw.finish().await?;
                     return Ok::<_, io::Error>(total);
                 }
@@ -78,7 +86,9 @@ pub async fn splice(
             let first = match lr.recv().await {
                 Recv::Data(b) => b,
                 Recv::End => {
-                    tw.shutdown().await?;
+                    if !tcp_read_ended.load(Ordering::Relaxed) {
+                        tw.shutdown().await?;
+                    }
                     return Ok::<_, io::Error>(total);
                 }
                 Recv::Reset => return Err(reset_by_peer()),
@@ -112,7 +122,9 @@ pub async fn splice(
             match last {
                 None => {}
                 Some(Last::End) => {
-                    tw.shutdown().await?;
+                    if !tcp_read_ended.load(Ordering::Relaxed) {
+                        tw.shutdown().await?;
+                    }
                     return Ok(total);
                 }
                 Some(Last::Reset) => return Err(reset_by_peer()),
