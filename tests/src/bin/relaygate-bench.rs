@@ -624,7 +624,7 @@ fn render(
          load generator in the benchmark process, sink and echo targets in a process of their own, on loopback.\n\n",
         t,
         if a.data_path == "lane" {
-            "lane (TLS 1.3)"
+            "lane (TLS 1.3 handshake, AES-128-GCM records)"
         } else {
             "session's streams"
         },
