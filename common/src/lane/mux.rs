@@ -368,7 +368,16 @@ async fn route(
                 if frames.len() < h.len as usize {
                     return Err(LaneError::Protocol("a frame split across records"));
                 }
-                let payload = frames.split_to(h.len as usize);
+                // A full frame stays a slice of the read buffer (a quarter
+                // of it at most); a shorter one is copied out, so a consumer
+                // that stalls pins at most 4x the bytes it is counted for.
+                let payload = if h.len as usize == MAX_PAYLOAD {
+                    frames.split_to(MAX_PAYLOAD)
+                } else {
+                    let p = Bytes::copy_from_slice(&frames[..h.len as usize]);
+                    frames.advance(h.len as usize);
+                    p
+                };
                 // Backpressure for the whole lane when consumers fall behind.
                 let permits = shared
                     .buffered
@@ -591,8 +600,9 @@ impl<W: AsyncWrite + Unpin> Batcher<W> {
 
     fn seal_gathered(&mut self) -> Result<(), LaneError> {
         if self.small.len() > RECORD_HEADER {
-            let mut record = self.small.split();
-            self.seal.seal(&mut record)?;
+            // Sealed before the split, so the tag goes into the room reserved for it.
+            self.seal.seal(&mut self.small)?;
+            let record = self.small.split();
             self.push(record);
         }
         Ok(())

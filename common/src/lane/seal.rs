@@ -6,15 +6,16 @@
 //! Why not TLS's own records: rustls copies every byte into its records and
 //! out of them again (6-11% of each side's CPU, docs/performance.md), and a
 //! TLS record holds at most 16 KiB. These records are sealed and opened in
-//! place, in the buffers the data was read into, one per data frame.
+//! place, in the buffers the data was read into: a large data frame is a
+//! record of its own, small frames are gathered into one.
 //!
 //! A record is `u32 length` (big-endian, authenticated as associated data),
 //! `length` bytes of sealed frames, then the 16-byte tag. The nonce is the
 //! direction's IV xor the record's sequence number, so a dropped, repeated or
 //! reordered record fails to open. AES-128-GCM is TLS 1.3's mandatory suite
 //! and cheaper per byte than AES-256 (10 rounds, not 14). The key changes
-//! every 2^16 records: at most 4 GiB under one key, far inside AES-GCM's
-//! limits.
+//! every 2^16 records: about 4 GiB under one key at most, far inside
+//! AES-GCM's limits.
 
 use std::ops::Range;
 

@@ -23,6 +23,8 @@ const MIN_READ: usize = 4096;
 
 /// Splices until both directions ended. `Err` means a reset, a broken lane or
 /// `idle` without a byte moving (never when zero): the caller resets `tcp`.
+/// On `Ok` the caller drops `tcp` at once: when its reading side ended first,
+/// that close is what sends the FIN.
 /// `first` sees the first bytes read from `tcp` and may refuse them.
 /// `answer` reads what precedes the data from the lane (the agent's status
 /// byte, at the gateway) while bytes already flow the other way: a client's
@@ -54,8 +56,8 @@ pub async fn splice(
             // Limited: the buffer's spare room past `size` is the tag's.
             match tr.try_read_buf(&mut (&mut buf).limit(size)) {
                 Ok(0) => {
-                    tcp_read_ended.store(true, Ordering::Relaxed);
                     lw.finish().await?;
+                    tcp_read_ended.store(true, Ordering::Relaxed);
                     return Ok::<_, io::Error>(total);
                 }
                 Ok(n) => {

@@ -38,6 +38,9 @@ impl LaneTls {
             .map_err(|e| LaneError::Handshake(format!("cannot make the TLS certificate: {e}")))?;
         // Nothing may follow the handshake inside TLS: the lane's records do.
         server.send_tls13_tickets = 0;
+        // libp2p-tls logs secrets when SSLKEYLOGFILE is set; the lane's keys
+        // derive from them, so none are logged.
+        server.key_log = Arc::new(rustls::NoKeyLog);
         Ok(Self {
             key: key.clone(),
             server: Arc::new(server),
@@ -72,8 +75,9 @@ impl LaneTls {
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        let cfg = libp2p_tls::make_client_config(&self.key, Some(gateway))
+        let mut cfg = libp2p_tls::make_client_config(&self.key, Some(gateway))
             .map_err(|e| LaneError::Handshake(format!("cannot make the TLS certificate: {e}")))?;
+        cfg.key_log = Arc::new(rustls::NoKeyLog);
         // libp2p-tls checks the peer id, not a name; any name does.
         let name = ServerName::IpAddress(std::net::Ipv4Addr::UNSPECIFIED.into());
         let conn = ClientConnection::new(Arc::new(cfg), name)
@@ -113,10 +117,11 @@ where
                 // Tell the peer why (an alert) before giving up.
                 while conn.wants_write() && conn.write_tls(&mut out).is_ok() {}
                 let _ = io.write_all(&out).await;
+                let _ = io.flush().await;
                 return Err(LaneError::Handshake(e.to_string()));
             }
             if taken == 0 {
-                break;
+                return Err(LaneError::Handshake("TLS took no more of a record".into()));
             }
         }
     }
