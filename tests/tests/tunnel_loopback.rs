@@ -385,9 +385,14 @@ fn admin_api_reports_agents_advertise_and_health() {
     );
     let port = agent.wait_leased("node", LEASE).unwrap();
     let expected = format!("/ip4/127.0.0.1/tcp/{port}/p2p/{node}");
-    assert_eq!(
-        std::fs::read_to_string(&file).unwrap(),
-        format!("{expected}\n")
+    // The agent writes the file after it logs the lease: wait for it.
+    let want = format!("{expected}\n");
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            std::fs::read_to_string(&file).is_ok_and(|f| f == want)
+        }),
+        "advertise file: {:?}",
+        std::fs::read_to_string(&file)
     );
     let (s, body) = http_get(agent.admin, "/v1/advertise");
     assert_eq!(s, 200);
