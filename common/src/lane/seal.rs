@@ -157,6 +157,14 @@ fn generation_key(secret: &Prk, generation: u64) -> LessSafeKey {
     }
 }
 
+/// A record's plaintext length, checked: both ends hold records to the same bounds.
+fn bounded(len: usize) -> Result<usize, LaneError> {
+    if len == 0 || len > MAX_RECORD {
+        return Err(LaneError::Protocol("record size out of bounds"));
+    }
+    Ok(len)
+}
+
 /// Seals this end's records.
 pub(super) struct Sealer(Direction);
 
@@ -164,10 +172,7 @@ impl Sealer {
     /// Seals `record[RECORD_HEADER..]` in place: writes the length in front
     /// and appends the tag (into spare capacity when the caller left some).
     pub(super) fn seal(&mut self, record: &mut BytesMut) -> Result<(), LaneError> {
-        let len = record.len() - RECORD_HEADER;
-        if len == 0 || len > MAX_RECORD {
-            return Err(LaneError::Protocol("record size out of bounds"));
-        }
+        let len = bounded(record.len() - RECORD_HEADER)?;
         record[..RECORD_HEADER].copy_from_slice(&(len as u32).to_be_bytes());
         let nonce = self.0.next_nonce()?;
         let (head, body) = record.split_at_mut(RECORD_HEADER);
@@ -191,10 +196,7 @@ impl Opener {
         let Some(len) = buf.first_chunk::<RECORD_HEADER>() else {
             return Ok(None);
         };
-        let len = u32::from_be_bytes(*len) as usize;
-        if len == 0 || len > MAX_RECORD {
-            return Err(LaneError::Protocol("record size out of bounds"));
-        }
+        let len = bounded(u32::from_be_bytes(*len) as usize)?;
         Ok(Some(RECORD_HEADER + len + TAG_LEN))
     }
 
