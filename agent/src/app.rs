@@ -96,6 +96,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         DataPath::Lane => Some(Arc::new(LaneDialer::new(
             &key,
             gateway,
+            cfg.session.lanes,
             tunnels,
             tracker.clone(),
             metrics.clone(),

@@ -1,11 +1,13 @@
-//! The agent's lane: a TLS connection to the gateway beside the session that
-//! carries tunnelled connections (see `relaygate_common::lane`). Kept up for
-//! as long as the session is; while it is down the gateway uses the session.
+//! The agent's lanes: TLS connections to the gateway beside the session that
+//! carry tunnelled connections (see `relaygate_common::lane`). Kept up for as
+//! long as the session is, each in its own slot and redialled on its own;
+//! while none is up the gateway uses the session.
 
 use std::{sync::Arc, time::Duration};
 
 use libp2p::{identity::Keypair, multiaddr::Protocol, Multiaddr, PeerId};
-use relaygate_common::lane::{Lane, LaneConfig, LaneError, LaneTls};
+use prometheus_client::metrics::gauge::Gauge;
+use relaygate_common::lane::{Lane, LaneConfig, LaneCount, LaneError, LaneSlot, LaneTls};
 use tokio::net::TcpStream;
 use tokio_util::task::TaskTracker;
 
@@ -18,6 +20,8 @@ const RETRY_MAX: Duration = Duration::from_secs(30);
 pub struct LaneDialer {
     tls: LaneTls,
     gateway: PeerId,
+    /// Lanes wanted (`session.lanes`); fewer if the gateway takes fewer.
+    lanes: LaneCount,
     tunnels: Arc<Tunnels>,
     tracker: TaskTracker,
     metrics: Arc<Metrics>,
@@ -27,6 +31,7 @@ impl LaneDialer {
     pub fn new(
         key: &Keypair,
         gateway: PeerId,
+        lanes: LaneCount,
         tunnels: Arc<Tunnels>,
         tracker: TaskTracker,
         metrics: Arc<Metrics>,
@@ -34,35 +39,51 @@ impl LaneDialer {
         Ok(Self {
             tls: LaneTls::new(key)?,
             gateway,
+            lanes,
             tunnels,
             tracker,
             metrics,
         })
     }
 
-    /// Keeps a lane up while the returned future lives (the session's life).
-    pub async fn keep(&self, dialled: &Multiaddr, lane_port: Option<u16>) {
+    /// Keeps the lanes up while the returned future lives (the session's
+    /// life). `gateway_lanes` is what the gateway takes from one agent.
+    pub async fn keep(
+        &self,
+        dialled: &Multiaddr,
+        lane_port: Option<u16>,
+        gateway_lanes: Option<LaneCount>,
+    ) {
         let Some((host, port)) = lane_address(dialled, lane_port) else {
             tracing::info!(gateway = %dialled, "the gateway offers no lane; tunnels use the session");
             return std::future::pending().await;
         };
+        let lanes = self.lanes.min(gateway_lanes.unwrap_or(LaneCount::ONE));
+        if lanes != self.lanes {
+            tracing::info!(wanted = %self.lanes, taken = %lanes, "the gateway takes fewer lanes per agent");
+        }
+        futures::future::join_all(lanes.slots().map(|slot| self.keep_slot(slot, &host, port)))
+            .await;
+    }
+
+    async fn keep_slot(&self, slot: LaneSlot, host: &str, port: u16) {
         let mut retry = RETRY_MIN;
         loop {
-            match self.dial(&host, port).await {
+            match self.dial(slot, host, port).await {
                 Ok(lane) => {
                     retry = RETRY_MIN;
-                    tracing::info!(gateway = %self.gateway, address = %format!("{host}:{port}"), "lane up");
-                    self.metrics.lanes_active.set(1);
+                    tracing::info!(gateway = %self.gateway, address = %format!("{host}:{port}"), %slot, "lane up");
+                    let up = Up::new(&self.metrics.lanes_active);
                     while let Some(stream) = lane.accept().await {
                         self.tracker.spawn(self.tunnels.clone().handle_lane(stream));
                     }
-                    self.metrics.lanes_active.set(0);
-                    tracing::warn!(gateway = %self.gateway, "lane closed; tunnels use the session until it is back");
+                    drop(up);
+                    tracing::warn!(gateway = %self.gateway, %slot, "lane closed; redialling (tunnels use the other lanes, or the session)");
                 }
                 Err(e) => {
                     self.metrics.dial_failed(e.kind());
                     tracing::warn!(
-                        gateway = %self.gateway, address = %format!("{host}:{port}"), error = %e,
+                        gateway = %self.gateway, address = %format!("{host}:{port}"), %slot, error = %e,
                         "cannot open the lane (is the gateway's TCP port reachable?); tunnels use the session"
                     );
                 }
@@ -72,20 +93,31 @@ impl LaneDialer {
         }
     }
 
-    async fn dial(&self, host: &str, port: u16) -> Result<Arc<Lane>, LaneError> {
+    async fn dial(&self, slot: LaneSlot, host: &str, port: u16) -> Result<Arc<Lane>, LaneError> {
         let tcp = tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect((host, port)))
             .await
             .map_err(|_| LaneError::HandshakeTimeout)??;
         tcp.set_nodelay(true)?;
         // No buffer under the lane: it writes its records gathered, in one call.
-        let (tcp, keys) = self.tls.connect(tcp, self.gateway).await?;
+        let (tcp, keys) = self.tls.connect(tcp, self.gateway, slot).await?;
         Ok(Lane::start(tcp, keys, LaneConfig::default()))
     }
 }
 
-impl Drop for LaneDialer {
+/// Counts a lane in `lanes_active` while it is up, also when the session's
+/// end drops the keeper mid-lane.
+struct Up(Gauge);
+
+impl Up {
+    fn new(gauge: &Gauge) -> Self {
+        gauge.inc();
+        Up(gauge.clone())
+    }
+}
+
+impl Drop for Up {
     fn drop(&mut self) {
-        self.metrics.lanes_active.set(0);
+        self.0.dec();
     }
 }
 

@@ -8,7 +8,7 @@ pub mod circuit; // circuit relay v2 wire format: hop/stop messages, voucher, fr
 pub mod config; // layered config loading (embedded defaults, TOML file, env, --set) and secrets
 pub mod identity; // libp2p identity key files: create 0600, load protobuf or hex
 pub mod idle; // idle timeouts for spliced connections
-pub mod lane; // the tunnel data path: one TLS connection per agent, multiplexed streams
+pub mod lane; // the tunnel data path: a few TLS connections per agent, multiplexed streams
 pub mod metrics; // label sets shared by both binaries' Prometheus metrics
 pub mod names; // typed values: TunnelName, LeasePort, PortRange, Secret
 pub mod nofile; // open-files limit: raise at start, warn with the number to set

@@ -74,7 +74,7 @@ pub struct Core {
     /// Agent sessions (gateway: admitted now; agent: 1 while up).
     pub sessions_active: Gauge,
     pub sessions_opened: Counter,
-    /// Lanes up (gateway: agents with a lane; agent: 1 while up).
+    /// Lanes up (gateway: all agents' lanes; agent: its lanes to the gateway).
     pub lanes_active: Gauge,
     /// Tunnelled connections by the path they took: `lane` or `session`.
     pub tunnel_paths: Family<PathLabels, Counter>,

@@ -23,7 +23,10 @@ use libp2p::StreamProtocol;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::names::{LeasePort, NameError, ServiceName, TunnelName, MAX_TUNNEL_NAME};
+use crate::{
+    lane::LaneCount,
+    names::{LeasePort, NameError, ServiceName, TunnelName, MAX_TUNNEL_NAME},
+};
 
 pub const CONTROL_PROTOCOL: StreamProtocol = StreamProtocol::new("/relaygate/control/1");
 pub const TUNNEL_PROTOCOL: StreamProtocol = StreamProtocol::new("/relaygate/tunnel/1");
@@ -135,6 +138,9 @@ pub struct Welcome {
     /// lanes. An agent whose session runs over TCP dials the address it used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lane_port: Option<u16>,
+    /// Most lanes the gateway takes from one agent; absent, one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lanes: Option<LaneCount>,
 }
 
 // No deny_unknown_fields here: serde does not support it together with flatten.
@@ -649,6 +655,7 @@ mod tests {
                 },
             ],
             lane_port: Some(4001),
+            lanes: LaneCount::new(4),
         });
         let mut buf = Vec::new();
         write_control(&mut buf, &welcome).await.unwrap();

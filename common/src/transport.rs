@@ -12,7 +12,10 @@ use libp2p::{
     tcp, yamux, Swarm, SwarmBuilder,
 };
 
-use crate::proxy_transport::{ProxyAcceptor, ProxyTcp};
+use crate::{
+    lane::LaneCount,
+    proxy_transport::{ProxyAcceptor, ProxyTcp},
+};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +52,11 @@ pub struct SessionTuning {
     /// Where tunnelled connections travel: over the lane (a TLS connection
     /// beside the session, see [`crate::lane`]) or as streams of the session.
     pub data_path: DataPath,
+    /// Lanes per agent. An agent keeps this many (or fewer, if its gateway
+    /// takes fewer); a gateway takes at most this many from one agent. More
+    /// than one lets the sealing and opening of many busy connections run on
+    /// more than one core.
+    pub lanes: LaneCount,
 }
 
 /// Where tunnelled connections travel between gateway and agent.
@@ -77,6 +85,7 @@ impl SessionTuning {
     pub fn gateway() -> Self {
         Self {
             max_inbound_streams: 256,
+            lanes: GATEWAY_LANES,
             ..Self::default()
         }
     }
@@ -93,9 +102,22 @@ impl Default for SessionTuning {
             stream_window: 4 << 20,
             connection_window: 16 << 20,
             data_path: DataPath::Lane,
+            lanes: AGENT_LANES,
         }
     }
 }
+
+/// An agent's lanes by default: two, so a busy agent's traffic is sealed and
+/// opened on two cores of its gateway and its own host.
+const AGENT_LANES: LaneCount = match LaneCount::new(2) {
+    Some(c) => c,
+    None => LaneCount::ONE,
+};
+/// What a gateway takes from one agent by default.
+const GATEWAY_LANES: LaneCount = match LaneCount::new(4) {
+    Some(c) => c,
+    None => LaneCount::ONE,
+};
 
 /// yamux requires 256 KiB of receive window per stream within its fixed 1 GiB
 /// connection window, so TCP sessions carry at most this many streams.

@@ -91,6 +91,7 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     let registry = Arc::new(AgentRegistry::default());
     let lanes = Arc::new(Lanes::new(
         &key,
+        cfg.session.lanes,
         registry.clone(),
         guard.clone(),
         metrics.clone(),
@@ -121,6 +122,7 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         public_hosts: cfg.public_hosts(),
         lane_port: cfg.lane_port(),
+        lanes: cfg.session.lanes,
         bind: cfg.leases.bind,
         guard: guard.clone(),
     });

@@ -1,12 +1,14 @@
 //! Agents' lanes: the TLS connections beside their sessions that carry
 //! tunnelled connections (see `relaygate_common::lane`). A lane is accepted
-//! only from an agent with a live session, and lives no longer than it.
+//! only from an agent with a live session, and lives no longer than it. An
+//! agent keeps a few, one per slot; a new connection takes the one with the
+//! fewest streams.
 
 use std::{collections::HashMap, sync::Arc};
 
 use libp2p::{identity::Keypair, PeerId};
 use relaygate_common::{
-    lane::{Lane, LaneConfig, LaneTls, Rewind},
+    lane::{Accepted, Lane, LaneConfig, LaneCount, LaneSlot, LaneTls, Rewind},
     proxy_transport::Diverted,
 };
 use tokio::sync::{mpsc, Semaphore};
@@ -23,7 +25,9 @@ const MAX_HANDSHAKES: usize = 64;
 pub struct Lanes {
     tls: LaneTls,
     cfg: LaneConfig,
-    live: std::sync::Mutex<HashMap<PeerId, Arc<Lane>>>,
+    /// Most lanes one agent may keep.
+    per_agent: LaneCount,
+    book: LaneBook,
     registry: Arc<AgentRegistry>,
     guard: Arc<Guard>,
     metrics: Arc<Metrics>,
@@ -33,6 +37,7 @@ pub struct Lanes {
 impl Lanes {
     pub fn new(
         key: &Keypair,
+        per_agent: LaneCount,
         registry: Arc<AgentRegistry>,
         guard: Arc<Guard>,
         metrics: Arc<Metrics>,
@@ -40,7 +45,8 @@ impl Lanes {
         Ok(Self {
             tls: LaneTls::new(key)?,
             cfg: LaneConfig::default(),
-            live: Default::default(),
+            per_agent,
+            book: LaneBook::default(),
             registry,
             guard,
             metrics,
@@ -48,13 +54,9 @@ impl Lanes {
         })
     }
 
-    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<PeerId, Arc<Lane>>> {
-        self.live.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// The agent's lane, while it is up.
+    /// The agent's lane with the fewest open streams, while one is up.
     pub fn get(&self, agent: &PeerId) -> Option<Arc<Lane>> {
-        self.live().get(agent).filter(|l| !l.is_closed()).cloned()
+        self.book.get(agent)
     }
 
     /// Takes lane connections from the libp2p TCP listener until it goes away.
@@ -84,7 +86,12 @@ impl Lanes {
         let _ = d.tcp.set_nodelay(true);
         // No buffer under the lane: it writes its records gathered, in one call.
         let io = Rewind::new(d.prefix, d.tcp);
-        let (io, peer, keys) = match self.tls.accept(io).await {
+        let Accepted {
+            io,
+            peer,
+            slot,
+            keys,
+        } = match self.tls.accept(io).await {
             Ok(x) => x,
             Err(e) => {
                 self.metrics.bad_input(e.kind());
@@ -98,23 +105,133 @@ impl Lanes {
             tracing::debug!(%peer, remote = %d.remote, "lane from a peer without a session; closed");
             return;
         };
-        let lane = Lane::start(io, keys, self.cfg);
-        if let Some(old) = self.live().insert(peer, lane.clone()) {
-            old.close();
+        if !self.per_agent.holds(slot) {
+            self.metrics.refuse("lane_slot_over_limit");
+            tracing::debug!(%peer, %slot, per_agent = %self.per_agent, "lane over the agent's limit; closed");
+            return;
         }
+        let lane = Lane::start(io, keys, self.cfg);
+        self.book.insert(peer, slot, lane.clone());
         self.metrics.lanes_active.inc();
-        tracing::debug!(%peer, remote = %d.remote, "lane up");
+        tracing::debug!(%peer, %slot, remote = %d.remote, "lane up");
         tokio::select! {
             () = lane.closed() => {}
             () = session.cancelled() => lane.close(),
         }
-        {
+        self.book.remove(&peer, slot, &lane);
+        self.metrics.lanes_active.dec();
+        tracing::debug!(%peer, %slot, "lane down");
+    }
+}
+
+/// One agent's lanes, by slot (at most `MAX_LANES`: a scan is cheap).
+type AgentLanes = Vec<(LaneSlot, Arc<Lane>)>;
+
+/// The lanes that are up, by agent and slot.
+#[derive(Default)]
+struct LaneBook {
+    live: std::sync::Mutex<HashMap<PeerId, AgentLanes>>,
+}
+
+impl LaneBook {
+    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<PeerId, AgentLanes>> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The agent's lane with the fewest open streams, while one is up.
+    fn get(&self, agent: &PeerId) -> Option<Arc<Lane>> {
+        self.live()
+            .get(agent)?
+            .iter()
+            .filter(|(_, l)| !l.is_closed())
+            .min_by_key(|(_, l)| l.streams())
+            .map(|(_, l)| l.clone())
+    }
+
+    /// Files the agent's lane in its slot; the lane that held the slot (the
+    /// agent redialled it) is closed.
+    fn insert(&self, agent: PeerId, slot: LaneSlot, lane: Arc<Lane>) {
+        let old = {
             let mut live = self.live();
-            if live.get(&peer).is_some_and(|l| Arc::ptr_eq(l, &lane)) {
-                live.remove(&peer);
+            let lanes = live.entry(agent).or_default();
+            match lanes.iter_mut().find(|(s, _)| *s == slot) {
+                Some((_, held)) => Some(std::mem::replace(held, lane)),
+                None => {
+                    lanes.push((slot, lane));
+                    None
+                }
+            }
+        };
+        if let Some(old) = old {
+            old.close();
+        }
+    }
+
+    /// Forgets `lane` if it still holds its slot.
+    fn remove(&self, agent: &PeerId, slot: LaneSlot, lane: &Arc<Lane>) {
+        let mut live = self.live();
+        if let Some(lanes) = live.get_mut(agent) {
+            lanes.retain(|(s, l)| !(*s == slot && Arc::ptr_eq(l, lane)));
+            if lanes.is_empty() {
+                live.remove(agent);
             }
         }
-        self.metrics.lanes_active.dec();
-        tracing::debug!(%peer, "lane down");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use relaygate_common::lane::{LaneKeys, Role};
+
+    use super::*;
+
+    /// A lane over an in-memory connection, and its other end.
+    fn lane() -> (Arc<Lane>, Arc<Lane>) {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let secret = [7u8; 32];
+        let cfg = LaneConfig::default();
+        let ours = Lane::start(a, LaneKeys::from_secret(&secret, Role::Listener), cfg);
+        let theirs = Lane::start(b, LaneKeys::from_secret(&secret, Role::Dialer), cfg);
+        (ours, theirs)
+    }
+
+    fn is(found: Option<Arc<Lane>>, lane: &Arc<Lane>) -> bool {
+        found.is_some_and(|f| Arc::ptr_eq(&f, lane))
+    }
+
+    #[tokio::test]
+    async fn connections_take_the_least_busy_lane_and_a_redialled_slot_replaces_its_lane() {
+        let book = LaneBook::default();
+        let agent = Keypair::generate_ed25519().public().to_peer_id();
+        let slots: Vec<LaneSlot> = LaneCount::new(2).unwrap().slots().collect();
+        let (first, _f) = lane();
+        let (second, _s) = lane();
+        book.insert(agent, slots[0], first.clone());
+        book.insert(agent, slots[1], second.clone());
+
+        let _one = first.open().await.unwrap();
+        assert!(is(book.get(&agent), &second), "the idle lane is taken");
+        let _two = second.open().await.unwrap();
+        let _three = second.open().await.unwrap();
+        assert!(is(book.get(&agent), &first), "then the less busy one");
+
+        // The agent redials slot 1: the new lane replaces the old, which closes.
+        let (third, _t) = lane();
+        book.insert(agent, slots[1], third.clone());
+        assert!(second.is_closed(), "the replaced lane is closed");
+        assert!(is(book.get(&agent), &third));
+        // The old lane's end does not remove its successor.
+        book.remove(&agent, slots[1], &second);
+        assert!(is(book.get(&agent), &third));
+
+        third.close();
+        assert!(is(book.get(&agent), &first), "a closed lane is skipped");
+        book.remove(&agent, slots[1], &third);
+        book.remove(&agent, slots[0], &first);
+        assert!(book.get(&agent).is_none());
+        assert!(
+            book.live().is_empty(),
+            "an agent without lanes leaves no entry"
+        );
     }
 }

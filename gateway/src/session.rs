@@ -6,6 +6,7 @@ use std::{sync::Arc, time::Duration};
 
 use libp2p::{swarm::ConnectionId, PeerId, Stream};
 use relaygate_common::{
+    lane::LaneCount,
     protocol::DIALBACK_PROTOCOL,
     protocol::{
         read_control, write_control, ControlMessage, Hello, LeaseGrant, LeaseOutcome, LeaseRefusal,
@@ -39,8 +40,10 @@ pub struct Sessions {
     pub metrics: Arc<Metrics>,
     /// Host parts of the advertised addresses, sent to agents.
     pub public_hosts: Vec<String>,
-    /// Offered to agents for their lane (`session.data_path = "lane"`).
+    /// Offered to agents for their lanes (`session.data_path = "lane"`).
     pub lane_port: Option<u16>,
+    /// Most lanes one agent may keep (`session.lanes`).
+    pub lanes: LaneCount,
     pub bind: std::net::IpAddr,
     /// Control-stream violations and refused join tokens count towards a ban.
     pub guard: Arc<Guard>,
@@ -219,6 +222,7 @@ impl Sessions {
             public_hosts: self.public_hosts.clone(),
             leases: grants.clone(),
             lane_port: self.lane_port,
+            lanes: self.lane_port.map(|_| self.lanes),
         };
         if let Err(e) = write_control(&mut ctl, &ControlMessage::Welcome(welcome)).await {
             tracing::info!(%peer, error = %e, "agent left before welcome");

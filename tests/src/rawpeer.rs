@@ -182,6 +182,7 @@ impl FakeGateway {
                             outcome: LeaseOutcome::Granted { port: lease },
                         }],
                         lane_port: None,
+                        lanes: None,
                     };
                     let _ = write_control(&mut s, &ControlMessage::Welcome(welcome)).await;
                     let _ = tx.send(Some(inc.peer));

@@ -1,6 +1,6 @@
-//! The lane: tunnelled connections travel on one TLS connection per agent
-//! beside its session, on the gateway's libp2p TCP port. Real processes on
-//! loopback.
+//! The lanes: tunnelled connections travel on a few TLS connections per
+//! agent beside its session, on the gateway's libp2p TCP port. Real processes
+//! on loopback.
 
 use std::{
     io::{Read, Write},
@@ -11,7 +11,10 @@ use std::{
 
 use libp2p::identity::Keypair;
 use rand::RngCore;
-use relaygate_common::lane::LaneTls;
+use relaygate_common::{
+    identity::load_or_create,
+    lane::{LaneCount, LaneSlot, LaneTls},
+};
 use relaygate_tests::stack::{
     eventually, here, http_get, metric, round_trip, settings, Agent, Echo, Gateway, GatewaySpec,
     Transport,
@@ -29,20 +32,51 @@ fn agent_metric(agent: &Agent, name: &str) -> Option<f64> {
     metric(&http_get(agent.admin, "/metrics").1, name)
 }
 
-/// Until both ends of the lane are up. The agent's handshake ends a moment
+/// An agent keeps two lanes by default (`session.lanes`).
+const DEFAULT_LANES: f64 = 2.0;
+
+/// Until both ends of `n` lanes are up. The agent's handshake ends a moment
 /// before the gateway's; until then connections travel on the session.
-fn wait_lane(gw: &Gateway, agent: &Agent) {
-    agent
-        .proc
-        .wait_for(|l| l.contains("lane up"), LEASE)
-        .expect("lane up");
+fn wait_lanes(gw: &Gateway, agent: &Agent, n: f64) {
     assert!(
-        eventually(LEASE, || metric(
-            &gw.metrics(),
-            "relaygate_gateway_lanes_active"
-        ) == Some(1.0)),
-        "the gateway never took the lane"
+        eventually(LEASE, || agent_metric(
+            agent,
+            "relaygate_agent_lanes_active"
+        ) == Some(n)
+            && metric(&gw.metrics(), "relaygate_gateway_lanes_active")
+                == Some(n)),
+        "the lanes never came up: agent {:?}, gateway {:?}",
+        agent_metric(agent, "relaygate_agent_lanes_active"),
+        metric(&gw.metrics(), "relaygate_gateway_lanes_active")
     );
+}
+
+/// Dials a lane to the gateway as `key`, in `slot`; returns the connection
+/// once the handshake is done (or the handshake's error).
+async fn dial_lane(
+    gw: &Gateway,
+    key: &Keypair,
+    slot: LaneSlot,
+) -> Result<tokio::net::TcpStream, String> {
+    let tls = LaneTls::new(key).map_err(|e| e.to_string())?;
+    let gateway_peer = gw.peer_id.parse().map_err(|e| format!("{e}"))?;
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", gw.tcp))
+        .await
+        .map_err(|e| e.to_string())?;
+    let (s, _keys) = tls
+        .connect(tcp, gateway_peer, slot)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(s)
+}
+
+/// Whether the gateway closes `s` within `within` (without sending anything).
+async fn closed_by_gateway(mut s: tokio::net::TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 16];
+    matches!(
+        tokio::time::timeout(within, tokio::io::AsyncReadExt::read(&mut s, &mut buf),).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
 }
 
 #[test]
@@ -52,7 +86,7 @@ fn tunnelled_connections_take_the_lane_with_quic_and_tcp_sessions() {
     for t in [Transport::Quic, Transport::Tcp] {
         let agent = Agent::start(&here, &gw, t, &[echo.tunnel("node")], true, &[]);
         let port = agent.wait_leased("node", LEASE).expect("lease");
-        wait_lane(&gw, &agent);
+        wait_lanes(&gw, &agent, DEFAULT_LANES);
         let handles: Vec<_> = (0..16)
             .map(|i| {
                 thread::spawn(move || {
@@ -139,29 +173,18 @@ fn lanes_from_strangers_and_garbage_are_refused_and_counted() {
         &[],
     );
     let port = agent.wait_leased("node", LEASE).expect("lease");
-    wait_lane(&gw, &agent);
+    wait_lanes(&gw, &agent, DEFAULT_LANES);
 
     // A valid libp2p identity with no session: the handshake completes (it
     // proves who it is), then the gateway closes the connection.
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let gateway_peer = gw.peer_id.parse().expect("gateway peer id");
     let closed = rt.block_on(async {
-        let tls = LaneTls::new(&Keypair::generate_ed25519()).expect("tls");
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", gw.tcp))
+        let s = dial_lane(&gw, &Keypair::generate_ed25519(), LaneSlot::FIRST)
             .await
-            .expect("connect");
-        let (mut s, _keys) = tls.connect(tcp, gateway_peer).await.expect("handshake");
-        let mut buf = [0u8; 16];
-        tokio::time::timeout(
-            Duration::from_secs(5),
-            tokio::io::AsyncReadExt::read(&mut s, &mut buf),
-        )
-        .await
+            .expect("handshake");
+        closed_by_gateway(s, Duration::from_secs(5)).await
     });
-    assert!(
-        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
-        "stranger's lane not closed: {closed:?}"
-    );
+    assert!(closed, "stranger's lane not closed");
 
     // A TLS record header followed by garbage.
     let mut raw = TcpStream::connect(("127.0.0.1", gw.tcp)).expect("connect");
@@ -186,11 +209,94 @@ fn lanes_from_strangers_and_garbage_are_refused_and_counted() {
         }),
         "{m}"
     );
-    // The member's lane is untouched.
+    // The member's lanes are untouched.
     let data = random(300_000);
     assert!(round_trip(port, &data).expect("round trip") == data);
     assert_eq!(
         metric(&gw.metrics(), "relaygate_gateway_lanes_active"),
+        Some(DEFAULT_LANES)
+    );
+}
+
+#[test]
+fn an_agent_keeps_its_lanes_in_slots_within_the_gateways_limit() {
+    let gw = Gateway::start(
+        &here,
+        GatewaySpec {
+            extra: settings(&["session.lanes=2"]),
+            ..Default::default()
+        },
+    );
+    let echo = Echo::start();
+    let agent = Agent::start(
+        &here,
+        &gw,
+        Transport::Quic,
+        &[echo.tunnel("node")],
+        true,
+        &settings(&["session.lanes=3"]),
+    );
+    let port = agent.wait_leased("node", LEASE).expect("lease");
+    agent
+        .proc
+        .wait_for(|l| l.contains("the gateway takes fewer lanes"), LEASE)
+        .expect("the agent keeps to the gateway's limit");
+    wait_lanes(&gw, &agent, 2.0);
+
+    let (key, _) = load_or_create(&agent.dir.path().join("identity.key")).expect("agent key");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let third = LaneCount::new(3)
+        .expect("count")
+        .slots()
+        .nth(2)
+        .expect("slot");
+    let refused = rt.block_on(async {
+        let s = dial_lane(&gw, &key, third).await.expect("handshake");
+        closed_by_gateway(s, Duration::from_secs(5)).await
+    });
+    assert!(refused, "a lane beyond the gateway's limit was kept");
+    assert_eq!(
+        metric(
+            &gw.metrics(),
+            "relaygate_gateway_refusals_total{reason=\"lane_slot_over_limit\"}"
+        ),
         Some(1.0)
+    );
+
+    // A lane dialled again in its slot replaces the one there: the agent's own
+    // slot-0 lane closes, the agent redials it, and that replaces ours.
+    let replaced = rt.block_on(async {
+        let s = dial_lane(&gw, &key, LaneSlot::FIRST)
+            .await
+            .expect("handshake");
+        closed_by_gateway(s, Duration::from_secs(10)).await
+    });
+    assert!(replaced, "the agent's redialled lane did not replace ours");
+    agent
+        .proc
+        .wait_for(
+            |l| l.contains("lane closed; redialling") && l.contains("slot=0"),
+            LEASE,
+        )
+        .expect("the agent saw its lane replaced");
+    wait_lanes(&gw, &agent, 2.0);
+    let handles: Vec<_> = (0..8)
+        .map(|i| {
+            thread::spawn(move || {
+                let data = random((128 << 10) + i * 7919);
+                round_trip(port, &data).map(|back| back == data)
+            })
+        })
+        .collect();
+    for h in handles {
+        assert!(matches!(h.join(), Ok(Ok(true))), "a round trip failed");
+    }
+    assert_eq!(
+        agent_metric(
+            &agent,
+            "relaygate_agent_tunnel_paths_total{path=\"session\"}"
+        ),
+        None,
+        "all connections took a lane"
     );
 }

@@ -1,6 +1,6 @@
 //! The lane: the tunnel data path between an agent and its gateway.
 //!
-//! One TCP connection per agent session, dialled by the agent to the gateway's
+//! A few TCP connections per agent session (see `slot`), dialled by the agent to the gateway's
 //! libp2p TCP port (the gateway tells the two apart by the first byte: a TLS
 //! record here, multistream-select there). A TLS 1.3 handshake with libp2p-tls
 //! certificates authenticates both peer ids, as the session does, and gives
@@ -18,6 +18,7 @@ mod gather;
 mod mux;
 mod rewind;
 mod seal;
+mod slot;
 mod splice;
 mod tls;
 
@@ -25,8 +26,9 @@ pub use frame::{Header, Kind, HEADER_LEN, MAX_PAYLOAD};
 pub use mux::{Lane, LaneConfig, LaneReader, LaneStream, LaneWriter, Recv, Role};
 pub use rewind::Rewind;
 pub use seal::{LaneKeys, MAX_RECORD, PAYLOAD_OFFSET, RECORD_HEADER, TAG_LEN};
+pub use slot::{LaneCount, LaneSlot, MAX_LANES};
 pub use splice::splice;
-pub use tls::{LaneTls, TLS_HANDSHAKE_RECORD};
+pub use tls::{Accepted, LaneTls, TLS_HANDSHAKE_RECORD};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LaneError {

@@ -16,7 +16,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::{
     seal::{LaneKeys, EXPORTER_LABEL},
-    LaneError, Role,
+    LaneError, LaneSlot, Role,
 };
 
 /// The first byte of a TLS connection (a handshake record). A libp2p
@@ -25,6 +25,15 @@ pub const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// TLS's largest record body (RFC 8446, 5.2: 2^14 + 256 for 1.3; 1.2 allows 2^14 + 2048).
 const MAX_TLS_RECORD: usize = (1 << 14) + 2048;
+
+/// A lane the gateway took: the agent's connection, left exactly after the
+/// handshake, who the agent is, which of its lanes this is, and the keys.
+pub struct Accepted<S> {
+    pub io: S,
+    pub peer: PeerId,
+    pub slot: LaneSlot,
+    pub keys: LaneKeys,
+}
 
 /// One side's TLS identity.
 pub struct LaneTls {
@@ -47,9 +56,8 @@ impl LaneTls {
         })
     }
 
-    /// Gateway side: completes the handshake and returns the client's peer
-    /// id and the lane's keys; `io` is left exactly after the handshake.
-    pub async fn accept<S>(&self, mut io: S) -> Result<(S, PeerId, LaneKeys), LaneError>
+    /// Gateway side: completes the handshake and returns the lane.
+    pub async fn accept<S>(&self, mut io: S) -> Result<Accepted<S>, LaneError>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -66,20 +74,36 @@ impl LaneTls {
         let peer = libp2p_tls::certificate::parse(cert)
             .map_err(|e| LaneError::Handshake(e.to_string()))?
             .peer_id();
+        let slot = match &conn {
+            Connection::Server(c) => LaneSlot::from_server_name(c.server_name())?,
+            Connection::Client(_) => LaneSlot::FIRST,
+        };
         let keys = export(&conn, Role::Listener)?;
-        Ok((io, peer, keys))
+        Ok(Accepted {
+            io,
+            peer,
+            slot,
+            keys,
+        })
     }
 
-    /// Agent side: the handshake succeeds only if the server is `gateway`.
-    pub async fn connect<S>(&self, mut io: S, gateway: PeerId) -> Result<(S, LaneKeys), LaneError>
+    /// Agent side: the handshake for lane `slot` succeeds only if the server
+    /// is `gateway`.
+    pub async fn connect<S>(
+        &self,
+        mut io: S,
+        gateway: PeerId,
+        slot: LaneSlot,
+    ) -> Result<(S, LaneKeys), LaneError>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let mut cfg = libp2p_tls::make_client_config(&self.key, Some(gateway))
             .map_err(|e| LaneError::Handshake(format!("cannot make the TLS certificate: {e}")))?;
         cfg.key_log = Arc::new(rustls::NoKeyLog);
-        // libp2p-tls checks the peer id, not a name; any name does.
-        let name = ServerName::IpAddress(std::net::Ipv4Addr::UNSPECIFIED.into());
+        // libp2p-tls checks the peer id, not the name; the name says which lane.
+        let name = ServerName::try_from(slot.server_name())
+            .map_err(|e| LaneError::Handshake(format!("lane server name: {e}")))?;
         let conn = ClientConnection::new(Arc::new(cfg), name)
             .map_err(|e| LaneError::Handshake(e.to_string()))?;
         let mut conn = Connection::Client(conn);
@@ -165,16 +189,23 @@ mod tests {
         let agent = LaneTls::new(&agent_key).unwrap();
         let (a, b) = tokio::io::duplex(64 * 1024);
         let open = super::super::Header::new(2, Kind::Open, 0).encode();
+        let slot = LaneSlot::from_server_name(Some("lane3.relaygate")).unwrap();
         let client = async {
-            let (mut io, mut keys) = agent.connect(b, gw_key.public().to_peer_id()).await?;
+            let (mut io, mut keys) = agent.connect(b, gw_key.public().to_peer_id(), slot).await?;
             // The lane's first record, right behind the handshake's last.
             io.write_all(&keys.seal_copy(&open)?).await?;
             Ok::<_, LaneError>(io)
         };
         let (server, client) = tokio::join!(gw.accept(a), client);
         let _client = client.unwrap();
-        let (mut io, peer, keys) = server.unwrap();
+        let Accepted {
+            mut io,
+            peer,
+            slot: accepted_slot,
+            keys,
+        } = server.unwrap();
         assert_eq!(peer, agent_key.public().to_peer_id());
+        assert_eq!(accepted_slot, slot, "the gateway learns which lane this is");
         assert_eq!(keys.role(), Role::Listener);
         let (_, mut opener) = keys.split();
         let mut record = vec![0u8; RECORD_HEADER + open.len() + TAG_LEN];
@@ -189,7 +220,8 @@ mod tests {
         let agent = LaneTls::new(&Keypair::generate_ed25519()).unwrap();
         let expected = Keypair::generate_ed25519().public().to_peer_id();
         let (a, b) = tokio::io::duplex(64 * 1024);
-        let (server, client) = tokio::join!(gw.accept(a), agent.connect(b, expected));
+        let (server, client) =
+            tokio::join!(gw.accept(a), agent.connect(b, expected, LaneSlot::FIRST));
         assert!(
             matches!(client, Err(LaneError::Handshake(_))),
             "{:?}",

@@ -21,7 +21,9 @@ use std::{
 };
 
 use clap::Parser;
-use relaygate_tests::stack::{here, settings, Agent, Gateway, GatewaySpec, Transport};
+use relaygate_tests::stack::{
+    eventually, here, http_get, metric, settings, Agent, Gateway, GatewaySpec, Transport,
+};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -59,10 +61,23 @@ struct Args {
     /// (streams of the libp2p session), as the agent's `session.data_path`.
     #[arg(long, default_value = "lane")]
     data_path: String,
-    /// Measure only this figure through the tunnel for `--seconds`, print it
-    /// and exit without a report (for profiling).
+    /// Lanes the agent keeps (its `session.lanes`).
+    #[arg(long, default_value_t = 2)]
+    lanes: u8,
+    /// Measure only this figure, direct and through the tunnel, for
+    /// `--seconds`, print both and exit without a report (for profiling and
+    /// for comparing with other tunnels, see `--via`).
     #[arg(long, value_enum)]
     only: Option<Only>,
+    /// Ports for the sink and echo targets (`SINK,ECHO`; default: free ones),
+    /// so that another tunnel can be set up to reach them.
+    #[arg(long, value_delimiter = ',')]
+    targets_ports: Vec<u16>,
+    /// With `--only`: measure through these sink and echo addresses
+    /// (`SINK,ECHO`: another tunnel's public side, leading to the targets at
+    /// `--targets-ports`) instead of through gateway+agent.
+    #[arg(long, value_delimiter = ',', requires = "only")]
+    via: Vec<SocketAddr>,
     /// Where to write the report.
     #[arg(long, default_value = "BENCHMARKS.md")]
     output: PathBuf,
@@ -105,9 +120,18 @@ fn main() -> anyhow::Result<()> {
     let mut a = Args::parse();
     // Soft limit up to the hard one: 10,000 held connections need as many descriptors.
     let _ = relaygate_tests::load::raise_nofile(u64::MAX);
+    let (sink_port, echo_port) = match a.targets_ports[..] {
+        [] => (0, 0),
+        [s, e] => (s, e),
+        _ => anyhow::bail!("--targets-ports takes two ports: SINK,ECHO"),
+    };
     if a.serve_targets {
-        return serve_targets();
+        return serve_targets(sink_port, echo_port);
     }
+    anyhow::ensure!(
+        a.via.is_empty() || a.via.len() == 2,
+        "--via takes two addresses: SINK,ECHO"
+    );
     if !a.serve_relays.is_empty() {
         return serve_relays(&a.serve_relays);
     }
@@ -123,7 +147,7 @@ fn main() -> anyhow::Result<()> {
         Transport::Quic
     };
     let rt = runtime()?;
-    let (_targets, sink, echo) = spawn_targets()?;
+    let (_targets, sink, echo) = spawn_targets(&a.targets_ports)?;
 
     // info level: the tests' per-connection debug logs would distort the figures
     let ports = relaygate_tests::procs::free_tcp_range(100);
@@ -162,6 +186,7 @@ fn main() -> anyhow::Result<()> {
             "limits.idle_timeout=0s",
             "session.max_inbound_streams=16384",
             &format!("session.data_path={}", a.data_path),
+            &format!("session.lanes={}", a.lanes),
         ]),
     );
     let sink_port = agent
@@ -173,7 +198,7 @@ fn main() -> anyhow::Result<()> {
     let idle_port = agent
         .wait_leased("idle", Duration::from_secs(30))
         .map_err(anyhow::Error::msg)?;
-    wait_lane(&agent, &a.data_path)?;
+    wait_lanes(&agent, &a.data_path, a.lanes)?;
     let tunnel_sink: SocketAddr = ([127, 0, 0, 1], sink_port).into();
     let tunnel_echo: SocketAddr = ([127, 0, 0, 1], echo_port).into();
 
@@ -185,17 +210,28 @@ fn main() -> anyhow::Result<()> {
             gw.proc.pid(),
             agent.proc.pid()
         );
-        let v = rt.block_on(async {
-            match figure {
-                Only::Stream1 => throughput(tunnel_sink, 1, d).await,
-                Only::Streams8 => throughput(tunnel_sink, 8, d).await,
-                Only::Rtt => rtt(tunnel_echo, (a.seconds * 5000.0) as usize)
-                    .await
-                    .map(|(_, p99)| p99),
-                Only::Connections => conn_rate(tunnel_echo, 4, d).await,
-            }
-        })?;
-        println!("{figure:?} through the tunnel: {v:.2}");
+        let (through, label) = match a.via[..] {
+            [s, e] => ((s, e), "via"),
+            _ => ((tunnel_sink, tunnel_echo), "through gateway+agent"),
+        };
+        let one = |(sink, echo): (SocketAddr, SocketAddr)| {
+            rt.block_on(async {
+                match figure {
+                    Only::Stream1 => throughput(sink, 1, d).await,
+                    Only::Streams8 => throughput(sink, 8, d).await,
+                    Only::Rtt => rtt(echo, (a.seconds * 5000.0) as usize)
+                        .await
+                        .map(|(_, p99)| p99),
+                    Only::Connections => conn_rate(echo, 4, d).await,
+                }
+            })
+        };
+        let direct = one((sink, echo))?;
+        let v = one(through)?;
+        println!(
+            "{figure:?}: direct {direct:.2}, {label} {v:.2}, ratio {:.3}",
+            v / direct
+        );
         return Ok(());
     }
     // The floor for any relay of two processes on this machine: two plain TCP
@@ -228,7 +264,7 @@ fn main() -> anyhow::Result<()> {
     ))?;
     let fleet = match a.agents {
         0 => None,
-        n => Some(rt.block_on(fleet(&gw, transport, &a.data_path, sink, tunnel_sink, n, d))?),
+        n => Some(rt.block_on(fleet(&gw, transport, &a, sink, tunnel_sink, n, d))?),
     };
     let report = render(&a, transport, [&direct, &chain, &tunnel], &memory, &fleet);
     println!("{report}");
@@ -367,13 +403,18 @@ async fn idle_memory(
 
 /// One stream through one agent, then `n` more agents on the same gateway
 /// pushing one stream each at once: what they get together.
-/// Measures only once tunnelled connections take the lane, when they should.
-fn wait_lane(agent: &Agent, data_path: &str) -> anyhow::Result<()> {
+/// Measures only once tunnelled connections take all `lanes`, when they should.
+fn wait_lanes(agent: &Agent, data_path: &str, lanes: u8) -> anyhow::Result<()> {
     if data_path == "lane" {
-        agent
-            .proc
-            .wait_for(|l| l.contains("lane up"), Duration::from_secs(30))
-            .map_err(anyhow::Error::msg)?;
+        let up = || {
+            metric(
+                &http_get(agent.admin, "/metrics").1,
+                "relaygate_agent_lanes_active",
+            )
+        };
+        if !eventually(Duration::from_secs(30), || up() == Some(f64::from(lanes))) {
+            anyhow::bail!("the agent's lanes did not come up: {:?} of {lanes}", up());
+        }
     }
     Ok(())
 }
@@ -381,7 +422,7 @@ fn wait_lane(agent: &Agent, data_path: &str) -> anyhow::Result<()> {
 async fn fleet(
     gw: &Gateway,
     transport: Transport,
-    data_path: &str,
+    args: &Args,
     sink: SocketAddr,
     one: SocketAddr,
     n: usize,
@@ -396,7 +437,11 @@ async fn fleet(
                 transport,
                 &[format!("sink={sink}")],
                 true,
-                &settings(&["log.level=info", &format!("session.data_path={data_path}")]),
+                &settings(&[
+                    "log.level=info",
+                    &format!("session.data_path={}", args.data_path),
+                    &format!("session.lanes={}", args.lanes),
+                ]),
             )
         })
         .collect();
@@ -406,7 +451,7 @@ async fn fleet(
             a.wait_leased("sink", Duration::from_secs(120))
                 .map_err(anyhow::Error::msg)?,
         );
-        wait_lane(a, data_path)?;
+        wait_lanes(a, &args.data_path, args.lanes)?;
     }
     let sinks: Vec<SocketAddr> = ports.iter().map(|p| ([127, 0, 0, 1], *p).into()).collect();
     let together_gbit = throughput_each(&sinks, d).await?;
@@ -435,8 +480,14 @@ async fn throughput_each(sinks: &[SocketAddr], d: Duration) -> anyhow::Result<f6
 /// service does: direct and tunnelled figures both cross processes, as with
 /// iperf3 or an echo server, and this process stays under the open-files
 /// limit while holding 10,000 idle connections.
-fn spawn_targets() -> anyhow::Result<(relaygate_tests::procs::Proc, SocketAddr, SocketAddr)> {
-    let (p, line) = spawn_self("targets", &["--serve-targets".into()], "targets listening")?;
+fn spawn_targets(
+    ports: &[u16],
+) -> anyhow::Result<(relaygate_tests::procs::Proc, SocketAddr, SocketAddr)> {
+    let mut args = vec!["--serve-targets".to_string()];
+    if let [s, e] = ports {
+        args.extend(["--targets-ports".into(), format!("{s},{e}")]);
+    }
+    let (p, line) = spawn_self("targets", &args, "targets listening")?;
     let addr = |key: &str| -> anyhow::Result<SocketAddr> {
         line.split_whitespace()
             .find_map(|w| w.strip_prefix(key))
@@ -520,9 +571,9 @@ fn serve_relays(targets: &[SocketAddr]) -> anyhow::Result<()> {
     })
 }
 
-fn serve_targets() -> anyhow::Result<()> {
+fn serve_targets(sink_port: u16, echo_port: u16) -> anyhow::Result<()> {
     runtime()?.block_on(async {
-        let (sink, echo) = (start_sink().await?, start_echo().await?);
+        let (sink, echo) = (start_sink(sink_port).await?, start_echo(echo_port).await?);
         println!("targets listening sink={sink} echo={echo}");
         std::future::pending::<()>().await;
         Ok(())
@@ -533,8 +584,8 @@ fn rss_kib(pid: u32) -> anyhow::Result<u64> {
     Ok(relaygate_tests::load::ProcStats::of(pid)?.rss_kib)
 }
 
-async fn start_sink() -> anyhow::Result<SocketAddr> {
-    let l = TcpListener::bind("127.0.0.1:0").await?;
+async fn start_sink(port: u16) -> anyhow::Result<SocketAddr> {
+    let l = TcpListener::bind(("127.0.0.1", port)).await?;
     let addr = l.local_addr()?;
     tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {
@@ -557,8 +608,8 @@ async fn start_sink() -> anyhow::Result<SocketAddr> {
     Ok(addr)
 }
 
-async fn start_echo() -> anyhow::Result<SocketAddr> {
-    let l = TcpListener::bind("127.0.0.1:0").await?;
+async fn start_echo(port: u16) -> anyhow::Result<SocketAddr> {
+    let l = TcpListener::bind(("127.0.0.1", port)).await?;
     let addr = l.local_addr()?;
     tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {
@@ -624,9 +675,12 @@ fn render(
          load generator in the benchmark process, sink and echo targets in a process of their own, on loopback.\n\n",
         t,
         if a.data_path == "lane" {
-            "lane (TLS 1.3 handshake, AES-128-GCM records)"
+            format!(
+                "agent's {} lane(s) (TLS 1.3 handshake, AES-128-GCM records)",
+                a.lanes
+            )
         } else {
-            "session's streams"
+            "session's streams".to_string()
         },
         a.runs,
         a.seconds
