@@ -47,18 +47,20 @@ impl LaneDialer {
     }
 
     /// Keeps the lanes up while the returned future lives (the session's
-    /// life). `gateway_lanes` is what the gateway takes from one agent.
+    /// life). `gateway_lanes` is what the gateway takes from one agent (an
+    /// older gateway names none and takes one).
     pub async fn keep(
         &self,
         dialled: &Multiaddr,
         lane_port: Option<u16>,
-        gateway_lanes: Option<LaneCount>,
+        gateway_lanes: Option<u8>,
     ) {
         let Some((host, port)) = lane_address(dialled, lane_port) else {
             tracing::info!(gateway = %dialled, "the gateway offers no lane; tunnels use the session");
             return std::future::pending().await;
         };
-        let lanes = self.lanes.min(gateway_lanes.unwrap_or(LaneCount::ONE));
+        let taken = gateway_lanes.map_or(LaneCount::ONE, LaneCount::clamped);
+        let lanes = self.lanes.min(taken);
         if lanes != self.lanes {
             tracing::info!(wanted = %self.lanes, taken = %lanes, "the gateway takes fewer lanes per agent");
         }
@@ -84,7 +86,7 @@ impl LaneDialer {
                     self.metrics.dial_failed(e.kind());
                     tracing::warn!(
                         gateway = %self.gateway, address = %format!("{host}:{port}"), %slot, error = %e,
-                        "cannot open the lane (is the gateway's TCP port reachable?); tunnels use the session"
+                        "cannot open the lane (is the gateway's TCP port reachable?); tunnels use the other lanes, or the session"
                     );
                 }
             }

@@ -23,10 +23,7 @@ use libp2p::StreamProtocol;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::{
-    lane::LaneCount,
-    names::{LeasePort, NameError, ServiceName, TunnelName, MAX_TUNNEL_NAME},
-};
+use crate::names::{LeasePort, NameError, ServiceName, TunnelName, MAX_TUNNEL_NAME};
 
 pub const CONTROL_PROTOCOL: StreamProtocol = StreamProtocol::new("/relaygate/control/1");
 pub const TUNNEL_PROTOCOL: StreamProtocol = StreamProtocol::new("/relaygate/tunnel/1");
@@ -125,8 +122,9 @@ pub struct TunnelRequest {
     pub port: Option<LeasePort>,
 }
 
+/// The gateway's answer to a hello. Fields the agent does not know are
+/// ignored: the gateway adds them for newer agents, and it is authenticated.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Welcome {
     pub version: u16,
     /// Host parts of the gateway's advertised addresses (`/dns4/gw.example.com`,
@@ -138,9 +136,11 @@ pub struct Welcome {
     /// lanes. An agent whose session runs over TCP dials the address it used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lane_port: Option<u16>,
-    /// Most lanes the gateway takes from one agent; absent, one.
+    /// Most lanes the gateway takes from one agent; absent, one. A plain
+    /// number, clamped by the agent (`LaneCount::clamped`), so a later
+    /// gateway's larger limit does not spoil the whole welcome.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lanes: Option<LaneCount>,
+    pub lanes: Option<u8>,
 }
 
 // No deny_unknown_fields here: serde does not support it together with flatten.
@@ -560,6 +560,7 @@ impl StreamStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lane::{LaneCount, MAX_LANES};
 
     fn header(src: &str, dst: &str) -> StreamHeader {
         StreamHeader {
@@ -655,7 +656,7 @@ mod tests {
                 },
             ],
             lane_port: Some(4001),
-            lanes: LaneCount::new(4),
+            lanes: Some(4),
         });
         let mut buf = Vec::new();
         write_control(&mut buf, &welcome).await.unwrap();
@@ -675,6 +676,20 @@ mod tests {
             decode_control(b"\xff\x00garbage"),
             Err(WireError::Malformed(_))
         ));
+        // A welcome from an older gateway (no lane fields) and from a newer
+        // one (fields this build does not know, a larger lane limit) decode.
+        let older = br#"{"type":"welcome","version":1,"public_hosts":[],"leases":[]}"#;
+        match decode_control(older) {
+            Ok(ControlMessage::Welcome(w)) => assert_eq!((w.lane_port, w.lanes), (None, None)),
+            other => panic!("older welcome: {other:?}"),
+        }
+        let newer = br#"{"type":"welcome","version":1,"public_hosts":[],"leases":[],"lane_port":4001,"lanes":12,"later":{"x":1}}"#;
+        match decode_control(newer) {
+            Ok(ControlMessage::Welcome(w)) => {
+                assert_eq!(w.lanes.map(LaneCount::clamped), LaneCount::new(MAX_LANES))
+            }
+            other => panic!("newer welcome: {other:?}"),
+        }
         let v2 = br#"{"type":"hello","version":2,"tunnels":[]}"#;
         assert!(matches!(decode_control(v2), Err(WireError::Version(2))));
         let bad_name = br#"{"type":"hello","version":1,"tunnels":[{"name":"a b"}]}"#;

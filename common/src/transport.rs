@@ -111,12 +111,12 @@ impl Default for SessionTuning {
 /// opened on two cores of its gateway and its own host.
 const AGENT_LANES: LaneCount = match LaneCount::new(2) {
     Some(c) => c,
-    None => LaneCount::ONE,
+    None => panic!("2 lanes are allowed"),
 };
 /// What a gateway takes from one agent by default.
 const GATEWAY_LANES: LaneCount = match LaneCount::new(4) {
     Some(c) => c,
-    None => LaneCount::ONE,
+    None => panic!("4 lanes are allowed"),
 };
 
 /// yamux requires 256 KiB of receive window per stream within its fixed 1 GiB

@@ -4,14 +4,20 @@
 //! agent keeps a few, one per slot; a new connection takes the one with the
 //! fewest streams.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+};
 
 use libp2p::{identity::Keypair, PeerId};
 use relaygate_common::{
-    lane::{Accepted, Lane, LaneConfig, LaneCount, LaneSlot, LaneTls, Rewind},
+    lane::{Accepted, Lane, LaneConfig, LaneCount, LaneSlot, LaneTls, Rewind, MAX_LANES},
     proxy_transport::Diverted,
 };
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::{
     guard::{Action, Guard},
@@ -74,24 +80,24 @@ impl Lanes {
                 self.metrics.refuse("lane_handshakes_busy");
                 continue;
             };
-            let me = self.clone();
-            tokio::spawn(async move {
-                me.admit(d).await;
-                drop(permit);
-            });
+            tokio::spawn(self.clone().admit(d, permit));
         }
     }
 
-    async fn admit(self: Arc<Self>, d: Diverted) {
+    /// Runs one lane from its handshake to its end. `handshake` is its place
+    /// among the handshakes in progress, given back once the handshake ends.
+    async fn admit(self: Arc<Self>, d: Diverted, handshake: OwnedSemaphorePermit) {
         let _ = d.tcp.set_nodelay(true);
         // No buffer under the lane: it writes its records gathered, in one call.
         let io = Rewind::new(d.prefix, d.tcp);
+        let accepted = self.tls.accept(io).await;
+        drop(handshake);
         let Accepted {
             io,
             peer,
             slot,
             keys,
-        } = match self.tls.accept(io).await {
+        } = match accepted {
             Ok(x) => x,
             Err(e) => {
                 self.metrics.bad_input(e.kind());
@@ -131,6 +137,8 @@ type AgentLanes = Vec<(LaneSlot, Arc<Lane>)>;
 #[derive(Default)]
 struct LaneBook {
     live: std::sync::Mutex<HashMap<PeerId, AgentLanes>>,
+    /// Whose turn it is among equally busy lanes.
+    turn: AtomicUsize,
 }
 
 impl LaneBook {
@@ -138,14 +146,25 @@ impl LaneBook {
         self.live.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The agent's lane with the fewest open streams, while one is up.
+    /// The agent's lane with the fewest open streams, while one is up; lanes
+    /// that tie take turns, so a burst of new connections spreads.
     fn get(&self, agent: &PeerId) -> Option<Arc<Lane>> {
-        self.live()
-            .get(agent)?
-            .iter()
-            .filter(|(_, l)| !l.is_closed())
-            .min_by_key(|(_, l)| l.streams())
-            .map(|(_, l)| l.clone())
+        let live = self.live();
+        let lanes = live.get(agent)?;
+        let mut load = [(0usize, 0usize); MAX_LANES as usize];
+        let mut n = 0;
+        for (i, (_, lane)) in lanes.iter().enumerate().take(load.len()) {
+            if !lane.is_closed() {
+                load[n] = (i, lane.streams());
+                n += 1;
+            }
+        }
+        let load = &load[..n];
+        let least = load.iter().map(|&(_, streams)| streams).min()?;
+        let tied = || load.iter().filter(move |&&(_, streams)| streams == least);
+        let turn = self.turn.fetch_add(1, Ordering::Relaxed) % tied().count();
+        let (i, _) = tied().nth(turn)?;
+        Some(lanes[*i].1.clone())
     }
 
     /// Files the agent's lane in its slot; the lane that held the slot (the
@@ -209,8 +228,17 @@ mod tests {
         book.insert(agent, slots[0], first.clone());
         book.insert(agent, slots[1], second.clone());
 
+        let (a, b) = (book.get(&agent), book.get(&agent));
+        assert!(
+            (is(a.clone(), &first) && is(b.clone(), &second)) || (is(a, &second) && is(b, &first)),
+            "equally busy lanes take turns"
+        );
         let _one = first.open().await.unwrap();
         assert!(is(book.get(&agent), &second), "the idle lane is taken");
+        assert!(
+            is(book.get(&agent), &second),
+            "and again, while it is less busy"
+        );
         let _two = second.open().await.unwrap();
         let _three = second.open().await.unwrap();
         assert!(is(book.get(&agent), &first), "then the less busy one");

@@ -260,16 +260,20 @@ impl Connection {
         Ok(origin.untrusted)
     }
 
-    /// Over the agent's lane when it has one, else as a session stream.
+    /// Over one of the agent's lanes when it has one, else as a session stream.
     async fn forward(&mut self, origin: Origin) -> io::Result<()> {
-        if let Some(lane) = self.dp.lanes.get(&self.agent) {
+        // A lane that closed as the stream opened is skipped by the next pick.
+        for _ in 0..lane::MAX_LANES {
+            let Some(lane) = self.dp.lanes.get(&self.agent) else {
+                break;
+            };
             match lane.open().await {
                 Ok(stream) => {
                     self.dp.metrics.tunnel_path(DataPath::Lane);
                     return self.forward_lane(stream, origin).await;
                 }
                 Err(e) => {
-                    tracing::debug!(agent = %self.agent, error = %e, "lane closed; using the session")
+                    tracing::debug!(agent = %self.agent, error = %e, "lane closed; trying the next")
                 }
             }
         }

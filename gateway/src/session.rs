@@ -222,7 +222,7 @@ impl Sessions {
             public_hosts: self.public_hosts.clone(),
             leases: grants.clone(),
             lane_port: self.lane_port,
-            lanes: self.lane_port.map(|_| self.lanes),
+            lanes: self.lane_port.map(|_| self.lanes.get()),
         };
         if let Err(e) = write_control(&mut ctl, &ControlMessage::Welcome(welcome)).await {
             tracing::info!(%peer, error = %e, "agent left before welcome");

@@ -193,6 +193,16 @@ fn two_hundred_agents_on_one_gateway() {
         metric(&gw.metrics(), "relaygate_gateway_sessions_active"),
         Some(AGENTS as f64)
     );
+    // Every agent keeps its two lanes (the gateway once took 64 in all).
+    let lanes = (2 * AGENTS) as f64;
+    assert!(
+        eventually(Duration::from_secs(60), || metric(
+            &gw.metrics(),
+            "relaygate_gateway_lanes_active"
+        ) == Some(lanes)),
+        "lanes up: {:?} of {lanes}",
+        metric(&gw.metrics(), "relaygate_gateway_lanes_active")
+    );
 
     // A connection through every agent at once.
     let ok = rt.block_on(async {
@@ -217,6 +227,14 @@ fn two_hundred_agents_on_one_gateway() {
     assert_eq!(
         ok, AGENTS,
         "every agent's port carries a byte-exact round trip"
+    );
+    assert_eq!(
+        metric(
+            &gw.metrics(),
+            "relaygate_gateway_tunnel_paths_total{path=\"lane\"}"
+        ),
+        Some(AGENTS as f64),
+        "every connection took a lane"
     );
     std::thread::sleep(Duration::from_secs(2));
     let g1 = stats(gw.proc.pid());

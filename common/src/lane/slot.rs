@@ -13,6 +13,9 @@ use super::LaneError;
 /// Most lanes one agent keeps to one gateway.
 pub const MAX_LANES: u8 = 8;
 
+// A slot's server name has one digit.
+const _: () = assert!(MAX_LANES <= 10);
+
 const NAME_PREFIX: &str = "lane";
 const NAME_SUFFIX: &str = ".relaygate";
 
@@ -35,6 +38,11 @@ impl LaneCount {
 
     pub const fn get(self) -> u8 {
         self.0
+    }
+
+    /// `n` brought into 1 to [`MAX_LANES`].
+    pub fn clamped(n: u8) -> LaneCount {
+        LaneCount(n.clamp(1, MAX_LANES))
     }
 
     /// The slots of this many lanes: 0, 1, ...
@@ -79,10 +87,6 @@ pub struct LaneSlot(u8);
 impl LaneSlot {
     /// A lane that names no slot (an agent from before slots) is the first.
     pub const FIRST: LaneSlot = LaneSlot(0);
-
-    pub const fn index(self) -> u8 {
-        self.0
-    }
 
     /// The TLS server name the agent sends for this slot.
     pub fn server_name(self) -> String {
@@ -143,6 +147,8 @@ mod tests {
         assert_eq!(two.slots().count(), 2);
         assert!(two.holds(LaneSlot(1)) && !two.holds(LaneSlot(2)));
         assert_eq!(two.min(LaneCount::ONE), LaneCount::ONE);
+        assert_eq!(LaneCount::clamped(0), LaneCount::ONE);
+        assert_eq!(LaneCount::clamped(200).get(), MAX_LANES);
         let parsed: LaneCount = serde_json::from_str("3").unwrap();
         assert_eq!(parsed.get(), 3);
         assert!(serde_json::from_str::<LaneCount>("9").is_err());

@@ -10,7 +10,7 @@
 use std::{sync::Arc, time::Duration};
 
 use libp2p::{identity::Keypair, PeerId};
-use rustls::{ClientConnection, Connection, ServerConfig, ServerConnection};
+use rustls::{ClientConnection, ConnectionCommon, ServerConfig, ServerConnection};
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -61,9 +61,8 @@ impl LaneTls {
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        let conn = ServerConnection::new(self.server.clone())
+        let mut conn = ServerConnection::new(self.server.clone())
             .map_err(|e| LaneError::Handshake(e.to_string()))?;
-        let mut conn = Connection::Server(conn);
         tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut io, &mut conn))
             .await
             .map_err(|_| LaneError::HandshakeTimeout)??;
@@ -74,10 +73,7 @@ impl LaneTls {
         let peer = libp2p_tls::certificate::parse(cert)
             .map_err(|e| LaneError::Handshake(e.to_string()))?
             .peer_id();
-        let slot = match &conn {
-            Connection::Server(c) => LaneSlot::from_server_name(c.server_name())?,
-            Connection::Client(_) => LaneSlot::FIRST,
-        };
+        let slot = LaneSlot::from_server_name(conn.server_name())?;
         let keys = export(&conn, Role::Listener)?;
         Ok(Accepted {
             io,
@@ -91,9 +87,24 @@ impl LaneTls {
     /// is `gateway`.
     pub async fn connect<S>(
         &self,
-        mut io: S,
+        io: S,
         gateway: PeerId,
         slot: LaneSlot,
+    ) -> Result<(S, LaneKeys), LaneError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        // libp2p-tls checks the peer id, not the name; the name says which lane.
+        let name = ServerName::try_from(slot.server_name())
+            .map_err(|e| LaneError::Handshake(format!("lane server name: {e}")))?;
+        self.connect_named(io, gateway, name).await
+    }
+
+    async fn connect_named<S>(
+        &self,
+        mut io: S,
+        gateway: PeerId,
+        name: ServerName<'static>,
     ) -> Result<(S, LaneKeys), LaneError>
     where
         S: AsyncRead + AsyncWrite + Unpin,
@@ -101,12 +112,8 @@ impl LaneTls {
         let mut cfg = libp2p_tls::make_client_config(&self.key, Some(gateway))
             .map_err(|e| LaneError::Handshake(format!("cannot make the TLS certificate: {e}")))?;
         cfg.key_log = Arc::new(rustls::NoKeyLog);
-        // libp2p-tls checks the peer id, not the name; the name says which lane.
-        let name = ServerName::try_from(slot.server_name())
-            .map_err(|e| LaneError::Handshake(format!("lane server name: {e}")))?;
-        let conn = ClientConnection::new(Arc::new(cfg), name)
+        let mut conn = ClientConnection::new(Arc::new(cfg), name)
             .map_err(|e| LaneError::Handshake(e.to_string()))?;
-        let mut conn = Connection::Client(conn);
         tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut io, &mut conn))
             .await
             .map_err(|_| LaneError::HandshakeTimeout)??;
@@ -116,7 +123,7 @@ impl LaneTls {
 }
 
 /// Runs the handshake to its end, reading whole TLS records only.
-async fn handshake<S>(io: &mut S, conn: &mut Connection) -> Result<(), LaneError>
+async fn handshake<S, Data>(io: &mut S, conn: &mut ConnectionCommon<Data>) -> Result<(), LaneError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -168,7 +175,7 @@ async fn read_record<S: AsyncRead + Unpin>(io: &mut S) -> Result<Vec<u8>, LaneEr
     Ok(record)
 }
 
-fn export(conn: &Connection, role: Role) -> Result<LaneKeys, LaneError> {
+fn export<Data>(conn: &ConnectionCommon<Data>, role: Role) -> Result<LaneKeys, LaneError> {
     let secret = conn
         .export_keying_material([0u8; 32], EXPORTER_LABEL, None)
         .map_err(|e| LaneError::Handshake(format!("cannot export the lane's keys: {e}")))?;
@@ -212,6 +219,23 @@ mod tests {
         io.read_exact(&mut record).await.unwrap();
         let plain = opener.open(&mut record).unwrap();
         assert_eq!(record[plain], open);
+    }
+
+    #[tokio::test]
+    async fn an_agent_that_names_no_slot_takes_the_first() {
+        // Agents from before slots named an IP address: rustls sends no
+        // server name for one.
+        let gw_key = Keypair::generate_ed25519();
+        let gw = LaneTls::new(&gw_key).unwrap();
+        let agent = LaneTls::new(&Keypair::generate_ed25519()).unwrap();
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let ip = ServerName::IpAddress(std::net::Ipv4Addr::UNSPECIFIED.into());
+        let (server, client) = tokio::join!(
+            gw.accept(a),
+            agent.connect_named(b, gw_key.public().to_peer_id(), ip)
+        );
+        assert!(client.is_ok());
+        assert_eq!(server.map(|a| a.slot).ok(), Some(LaneSlot::FIRST));
     }
 
     #[tokio::test]

@@ -61,8 +61,8 @@ struct Args {
     /// (streams of the libp2p session), as the agent's `session.data_path`.
     #[arg(long, default_value = "lane")]
     data_path: String,
-    /// Lanes the agent keeps (its `session.lanes`).
-    #[arg(long, default_value_t = 2)]
+    /// Lanes the agent keeps (its `session.lanes`, 1 to 8; the gateway takes up to 8).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=8))]
     lanes: u8,
     /// Measure only this figure, direct and through the tunnel, for
     /// `--seconds`, print both and exit without a report (for profiling and
@@ -165,6 +165,8 @@ fn main() -> anyhow::Result<()> {
                 "relay.max_reservations_per_ip=1000",
                 // Held idle connections are what the memory figure measures.
                 "limits.idle_timeout=0s",
+                // Whatever --lanes asks for.
+                "session.lanes=8",
             ]),
             port_range: Some(format!("{ports}-{}", ports + 99)),
             ..Default::default()
@@ -401,8 +403,6 @@ async fn idle_memory(
     Ok(out)
 }
 
-/// One stream through one agent, then `n` more agents on the same gateway
-/// pushing one stream each at once: what they get together.
 /// Measures only once tunnelled connections take all `lanes`, when they should.
 fn wait_lanes(agent: &Agent, data_path: &str, lanes: u8) -> anyhow::Result<()> {
     if data_path == "lane" {
@@ -419,6 +419,8 @@ fn wait_lanes(agent: &Agent, data_path: &str, lanes: u8) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One stream through one agent, then `n` more agents on the same gateway
+/// pushing one stream each at once: what they get together.
 async fn fleet(
     gw: &Gateway,
     transport: Transport,
