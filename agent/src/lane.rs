@@ -6,8 +6,10 @@
 use std::{sync::Arc, time::Duration};
 
 use libp2p::{identity::Keypair, multiaddr::Protocol, Multiaddr, PeerId};
-use prometheus_client::metrics::gauge::Gauge;
-use relaygate_common::lane::{Lane, LaneConfig, LaneCount, LaneError, LaneSlot, LaneTls};
+use relaygate_common::{
+    lane::{Lane, LaneConfig, LaneCount, LaneError, LaneSlot, LaneTls},
+    metrics::Held,
+};
 use tokio::net::TcpStream;
 use tokio_util::task::TaskTracker;
 
@@ -75,7 +77,8 @@ impl LaneDialer {
                 Ok(lane) => {
                     retry = RETRY_MIN;
                     tracing::info!(gateway = %self.gateway, address = %format!("{host}:{port}"), %slot, "lane up");
-                    let up = Up::new(&self.metrics.lanes_active);
+                    // Counted while up, also when the session's end drops this mid-lane.
+                    let up = Held::new(&self.metrics.lanes_active);
                     while let Some(stream) = lane.accept().await {
                         self.tracker.spawn(self.tunnels.clone().handle_lane(stream));
                     }
@@ -103,23 +106,6 @@ impl LaneDialer {
         // No buffer under the lane: it writes its records gathered, in one call.
         let (tcp, keys) = self.tls.connect(tcp, self.gateway, slot).await?;
         Ok(Lane::start(tcp, keys, LaneConfig::default()))
-    }
-}
-
-/// Counts a lane in `lanes_active` while it is up, also when the session's
-/// end drops the keeper mid-lane.
-struct Up(Gauge);
-
-impl Up {
-    fn new(gauge: &Gauge) -> Self {
-        gauge.inc();
-        Up(gauge.clone())
-    }
-}
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        self.0.dec();
     }
 }
 

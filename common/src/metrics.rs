@@ -205,3 +205,20 @@ impl Core {
         )
     }
 }
+
+/// Counts one in a gauge while it lives: the count falls however its owner
+/// ends, also when a task holding it is dropped mid-await.
+pub struct Held(Gauge);
+
+impl Held {
+    pub fn new(gauge: &Gauge) -> Self {
+        gauge.inc();
+        Held(gauge.clone())
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}

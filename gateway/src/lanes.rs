@@ -15,6 +15,7 @@ use std::{
 use libp2p::{identity::Keypair, PeerId};
 use relaygate_common::{
     lane::{Accepted, Lane, LaneConfig, LaneCount, LaneSlot, LaneTls, Rewind, MAX_LANES},
+    metrics::Held,
     proxy_transport::Diverted,
 };
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
@@ -118,14 +119,14 @@ impl Lanes {
         }
         let lane = Lane::start(io, keys, self.cfg);
         self.book.insert(peer, slot, lane.clone());
-        self.metrics.lanes_active.inc();
+        let up = Held::new(&self.metrics.lanes_active);
         tracing::debug!(%peer, %slot, remote = %d.remote, "lane up");
         tokio::select! {
             () = lane.closed() => {}
             () = session.cancelled() => lane.close(),
         }
         self.book.remove(&peer, slot, &lane);
-        self.metrics.lanes_active.dec();
+        drop(up);
         tracing::debug!(%peer, %slot, "lane down");
     }
 }

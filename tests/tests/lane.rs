@@ -74,9 +74,51 @@ async fn dial_lane(
 async fn closed_by_gateway(mut s: tokio::net::TcpStream, within: Duration) -> bool {
     let mut buf = [0u8; 16];
     matches!(
-        tokio::time::timeout(within, tokio::io::AsyncReadExt::read(&mut s, &mut buf),).await,
+        tokio::time::timeout(within, tokio::io::AsyncReadExt::read(&mut s, &mut buf)).await,
         Ok(Ok(0)) | Ok(Err(_))
     )
+}
+
+/// A gateway (with `gateway` settings), an echo target and an agent (with
+/// `agent` settings, over a `t` session) tunnelling to it, and the leased port.
+fn echo_tunnel(gateway: &[&str], t: Transport, agent: &[&str]) -> (Gateway, Echo, Agent, u16) {
+    let gw = Gateway::start(
+        &here,
+        GatewaySpec {
+            extra: settings(gateway),
+            ..Default::default()
+        },
+    );
+    let echo = Echo::start();
+    let agent = Agent::start(
+        &here,
+        &gw,
+        t,
+        &[echo.tunnel("node")],
+        true,
+        &settings(agent),
+    );
+    let port = agent.wait_leased("node", LEASE).expect("lease");
+    (gw, echo, agent, port)
+}
+
+/// `n` round trips through `port` at once, each of its own size from `base`
+/// bytes up; panics unless every one comes back byte-exact.
+fn round_trips_at_once(port: u16, n: usize, base: usize, what: &str) {
+    let handles: Vec<_> = (0..n)
+        .map(|i| {
+            thread::spawn(move || {
+                let data = random(base + i * 4099);
+                round_trip(port, &data).map(|back| back == data)
+            })
+        })
+        .collect();
+    for h in handles {
+        assert!(
+            matches!(h.join(), Ok(Ok(true))),
+            "{what}: a round trip failed or differed"
+        );
+    }
 }
 
 #[test]
@@ -87,20 +129,7 @@ fn tunnelled_connections_take_the_lane_with_quic_and_tcp_sessions() {
         let agent = Agent::start(&here, &gw, t, &[echo.tunnel("node")], true, &[]);
         let port = agent.wait_leased("node", LEASE).expect("lease");
         wait_lanes(&gw, &agent, DEFAULT_LANES);
-        let handles: Vec<_> = (0..16)
-            .map(|i| {
-                thread::spawn(move || {
-                    let data = random((256 << 10) + i * 4099);
-                    round_trip(port, &data).map(|back| back == data)
-                })
-            })
-            .collect();
-        for h in handles {
-            assert!(
-                matches!(h.join(), Ok(Ok(true))),
-                "{t:?}: a round trip failed or differed"
-            );
-        }
+        round_trips_at_once(port, 16, 256 << 10, &format!("{t:?}"));
         let on_lane = agent_metric(&agent, "relaygate_agent_tunnel_paths_total{path=\"lane\"}");
         assert!(on_lane >= Some(16.0), "{t:?}: lane carried {on_lane:?}");
         assert_eq!(
@@ -124,23 +153,7 @@ fn tunnelled_connections_take_the_lane_with_quic_and_tcp_sessions() {
 
 #[test]
 fn a_gateway_without_lanes_carries_tunnels_on_the_session() {
-    let gw = Gateway::start(
-        &here,
-        GatewaySpec {
-            extra: settings(&["session.data_path=session"]),
-            ..Default::default()
-        },
-    );
-    let echo = Echo::start();
-    let agent = Agent::start(
-        &here,
-        &gw,
-        Transport::Tcp,
-        &[echo.tunnel("node")],
-        true,
-        &[],
-    );
-    let port = agent.wait_leased("node", LEASE).expect("lease");
+    let (gw, _echo, agent, port) = echo_tunnel(&["session.data_path=session"], Transport::Tcp, &[]);
     agent
         .proc
         .wait_for(|l| l.contains("offers no lane"), LEASE)
@@ -162,17 +175,7 @@ fn a_gateway_without_lanes_carries_tunnels_on_the_session() {
 
 #[test]
 fn lanes_from_strangers_and_garbage_are_refused_and_counted() {
-    let gw = Gateway::start(&here, GatewaySpec::default());
-    let echo = Echo::start();
-    let agent = Agent::start(
-        &here,
-        &gw,
-        Transport::Quic,
-        &[echo.tunnel("node")],
-        true,
-        &[],
-    );
-    let port = agent.wait_leased("node", LEASE).expect("lease");
+    let (gw, _echo, agent, port) = echo_tunnel(&[], Transport::Quic, &[]);
     wait_lanes(&gw, &agent, DEFAULT_LANES);
 
     // A valid libp2p identity with no session: the handshake completes (it
@@ -220,23 +223,8 @@ fn lanes_from_strangers_and_garbage_are_refused_and_counted() {
 
 #[test]
 fn an_agent_keeps_its_lanes_in_slots_within_the_gateways_limit() {
-    let gw = Gateway::start(
-        &here,
-        GatewaySpec {
-            extra: settings(&["session.lanes=2"]),
-            ..Default::default()
-        },
-    );
-    let echo = Echo::start();
-    let agent = Agent::start(
-        &here,
-        &gw,
-        Transport::Quic,
-        &[echo.tunnel("node")],
-        true,
-        &settings(&["session.lanes=3"]),
-    );
-    let port = agent.wait_leased("node", LEASE).expect("lease");
+    let (gw, _echo, agent, port) =
+        echo_tunnel(&["session.lanes=2"], Transport::Quic, &["session.lanes=3"]);
     agent
         .proc
         .wait_for(|l| l.contains("the gateway takes fewer lanes"), LEASE)
@@ -280,17 +268,7 @@ fn an_agent_keeps_its_lanes_in_slots_within_the_gateways_limit() {
         )
         .expect("the agent saw its lane replaced");
     wait_lanes(&gw, &agent, 2.0);
-    let handles: Vec<_> = (0..8)
-        .map(|i| {
-            thread::spawn(move || {
-                let data = random((128 << 10) + i * 7919);
-                round_trip(port, &data).map(|back| back == data)
-            })
-        })
-        .collect();
-    for h in handles {
-        assert!(matches!(h.join(), Ok(Ok(true))), "a round trip failed");
-    }
+    round_trips_at_once(port, 8, 128 << 10, "after the replacement");
     assert_eq!(
         agent_metric(
             &agent,

@@ -21,7 +21,7 @@ const NAME_SUFFIX: &str = ".relaygate";
 
 /// How many lanes an agent keeps (agent), or takes from one agent (gateway):
 /// 1 to [`MAX_LANES`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "u8", into = "u8")]
 pub struct LaneCount(u8);
 
@@ -53,10 +53,6 @@ impl LaneCount {
     /// Whether `slot` is one of this many lanes.
     pub fn holds(self, slot: LaneSlot) -> bool {
         slot.0 < self.0
-    }
-
-    pub fn min(self, other: LaneCount) -> LaneCount {
-        LaneCount(self.0.min(other.0))
     }
 }
 
