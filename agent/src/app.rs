@@ -97,6 +97,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             &key,
             gateway,
             cfg.session.lanes,
+            cfg.session.lane(),
             tunnels,
             tracker.clone(),
             metrics.clone(),

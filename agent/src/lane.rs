@@ -3,12 +3,16 @@
 //! long as the session is, each in its own slot and redialled on its own;
 //! while none is up the gateway uses the session.
 
-use std::{sync::Arc, time::Duration};
+use std::{os::fd::AsRawFd, sync::Arc, time::Duration};
 
 use libp2p::{identity::Keypair, multiaddr::Protocol, Multiaddr, PeerId};
 use relaygate_common::{
-    lane::{Lane, LaneConfig, LaneCount, LaneError, LaneSlot, LaneTls},
+    lane::{
+        tcp_rtt_probe, Budget, Lane, LaneConfig, LaneCount, LaneError, LaneFlow, LaneLink,
+        LaneSlot, LaneTls,
+    },
     metrics::Held,
+    protocol::Welcome,
 };
 use tokio::net::TcpStream;
 use tokio_util::task::TaskTracker;
@@ -24,6 +28,9 @@ pub struct LaneDialer {
     gateway: PeerId,
     /// Lanes wanted (`session.lanes`); fewer if the gateway takes fewer.
     lanes: LaneCount,
+    cfg: LaneConfig,
+    /// What all lanes' streams may make this agent buffer (`session.lane_buffer`).
+    budget: Arc<Budget>,
     tunnels: Arc<Tunnels>,
     tracker: TaskTracker,
     metrics: Arc<Metrics>,
@@ -34,6 +41,7 @@ impl LaneDialer {
         key: &Keypair,
         gateway: PeerId,
         lanes: LaneCount,
+        (cfg, buffer): (LaneConfig, u64),
         tunnels: Arc<Tunnels>,
         tracker: TaskTracker,
         metrics: Arc<Metrics>,
@@ -42,6 +50,8 @@ impl LaneDialer {
             tls: LaneTls::new(key)?,
             gateway,
             lanes,
+            cfg,
+            budget: Budget::new(buffer, Some(metrics.lane_window_bytes.clone())),
             tunnels,
             tracker,
             metrics,
@@ -49,31 +59,32 @@ impl LaneDialer {
     }
 
     /// Keeps the lanes up while the returned future lives (the session's
-    /// life). `gateway_lanes` is what the gateway takes from one agent (an
-    /// older gateway names none and takes one).
-    pub async fn keep(
-        &self,
-        dialled: &Multiaddr,
-        lane_port: Option<u16>,
-        gateway_lanes: Option<u8>,
-    ) {
-        let Some((host, port)) = lane_address(dialled, lane_port) else {
+    /// life), as the gateway's welcome offers them: its lane port, how many
+    /// it takes from one agent (an older gateway names none and takes one)
+    /// and the flow control it speaks.
+    pub async fn keep(&self, dialled: &Multiaddr, welcome: &Welcome) {
+        let Some((host, port)) = lane_address(dialled, welcome.lane_port) else {
             tracing::info!(gateway = %dialled, "the gateway offers no lane; tunnels use the session");
             return std::future::pending().await;
         };
-        let taken = gateway_lanes.map_or(LaneCount::ONE, LaneCount::clamped);
+        let taken = welcome.lanes.map_or(LaneCount::ONE, LaneCount::clamped);
+        let flow = LaneFlow::from_version(welcome.lane_flow);
         let lanes = self.lanes.min(taken);
         if lanes != self.lanes {
             tracing::info!(wanted = %self.lanes, taken = %lanes, "the gateway takes fewer lanes per agent");
         }
-        futures::future::join_all(lanes.slots().map(|slot| self.keep_slot(slot, &host, port)))
-            .await;
+        futures::future::join_all(
+            lanes
+                .slots()
+                .map(|slot| self.keep_slot(slot, flow, &host, port)),
+        )
+        .await;
     }
 
-    async fn keep_slot(&self, slot: LaneSlot, host: &str, port: u16) {
+    async fn keep_slot(&self, slot: LaneSlot, flow: LaneFlow, host: &str, port: u16) {
         let mut retry = RETRY_MIN;
         loop {
-            match self.dial(slot, host, port).await {
+            match self.dial(slot, flow, host, port).await {
                 Ok(lane) => {
                     retry = RETRY_MIN;
                     tracing::info!(gateway = %self.gateway, address = %format!("{host}:{port}"), %slot, "lane up");
@@ -98,14 +109,31 @@ impl LaneDialer {
         }
     }
 
-    async fn dial(&self, slot: LaneSlot, host: &str, port: u16) -> Result<Arc<Lane>, LaneError> {
+    async fn dial(
+        &self,
+        slot: LaneSlot,
+        flow: LaneFlow,
+        host: &str,
+        port: u16,
+    ) -> Result<Arc<Lane>, LaneError> {
         let tcp = tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect((host, port)))
             .await
             .map_err(|_| LaneError::HandshakeTimeout)??;
         tcp.set_nodelay(true)?;
+        // The lane owns the socket from here on; the probe runs inside it.
+        let rtt = Some(tcp_rtt_probe(tcp.as_raw_fd()));
         // No buffer under the lane: it writes its records gathered, in one call.
-        let (tcp, keys) = self.tls.connect(tcp, self.gateway, slot).await?;
-        Ok(Lane::start(tcp, keys, LaneConfig::default()))
+        let (tcp, keys) = self.tls.connect(tcp, self.gateway, slot, flow).await?;
+        let link = LaneLink {
+            budget: self.budget.clone(),
+            rtt,
+        };
+        Ok(Lane::start(
+            tcp,
+            keys,
+            LaneConfig { flow, ..self.cfg },
+            link,
+        ))
     }
 }
 

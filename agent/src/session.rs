@@ -196,7 +196,7 @@ impl Session {
         let lost = self.host.gateway_lost();
         let lane = async {
             match &self.lane {
-                Some(l) => l.keep(&dialled, welcome.lane_port, welcome.lanes).await,
+                Some(l) => l.keep(&dialled, &welcome).await,
                 None => std::future::pending().await,
             }
         };

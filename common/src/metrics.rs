@@ -76,6 +76,9 @@ pub struct Core {
     pub sessions_opened: Counter,
     /// Lanes up (gateway: all agents' lanes; agent: its lanes to the gateway).
     pub lanes_active: Gauge,
+    /// Receive window bytes committed by lane streams (what their peers may
+    /// make this process buffer), all agents together.
+    pub lane_window_bytes: Gauge,
     /// Tunnelled connections by the path they took: `lane` or `session`.
     pub tunnel_paths: Family<PathLabels, Counter>,
     /// Leases held (gateway: in the store; agent: tunnels holding one).
@@ -100,6 +103,7 @@ impl Core {
             sessions_active: Gauge::default(),
             sessions_opened: Counter::default(),
             lanes_active: Gauge::default(),
+            lane_window_bytes: Gauge::default(),
             tunnel_paths: Family::default(),
             leases: Gauge::default(),
             tunnel_connections: Family::default(),
@@ -129,6 +133,11 @@ impl Core {
             c.sessions_opened.clone(),
         );
         registry.register("lanes_active", "Lanes up", c.lanes_active.clone());
+        registry.register(
+            "lane_window_bytes",
+            "Receive window bytes committed by lane streams",
+            c.lane_window_bytes.clone(),
+        );
         registry.register(
             "tunnel_paths",
             "Tunnelled connections by path (lane or session)",

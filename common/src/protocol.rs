@@ -141,6 +141,11 @@ pub struct Welcome {
     /// gateway's larger limit does not spoil the whole welcome.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lanes: Option<u8>,
+    /// The lane flow control the gateway speaks (`LaneFlow::TUNED_VERSION`);
+    /// absent, windows fixed at 1 MiB. The agent names what it speaks in its
+    /// lanes' TLS server names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lane_flow: Option<u8>,
 }
 
 // No deny_unknown_fields here: serde does not support it together with flatten.
@@ -657,6 +662,7 @@ mod tests {
             ],
             lane_port: Some(4001),
             lanes: Some(4),
+            lane_flow: Some(2),
         });
         let mut buf = Vec::new();
         write_control(&mut buf, &welcome).await.unwrap();

@@ -92,6 +92,7 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     let lanes = Arc::new(Lanes::new(
         &key,
         cfg.session.lanes,
+        cfg.session.lane(),
         registry.clone(),
         guard.clone(),
         metrics.clone(),

@@ -6,15 +6,19 @@
 
 use std::{
     collections::HashMap,
+    os::fd::AsRawFd,
     sync::{
         atomic::{AtomicUsize, Ordering},
-        Arc,
+        Arc, Weak,
     },
 };
 
 use libp2p::{identity::Keypair, PeerId};
 use relaygate_common::{
-    lane::{Accepted, Lane, LaneConfig, LaneCount, LaneSlot, LaneTls, Rewind, MAX_LANES},
+    lane::{
+        tcp_rtt_probe, Accepted, Budget, Lane, LaneConfig, LaneCount, LaneLink, LaneSlot, LaneTls,
+        Rewind, MAX_LANES,
+    },
     metrics::Held,
     proxy_transport::Diverted,
 };
@@ -32,6 +36,10 @@ const MAX_HANDSHAKES: usize = 64;
 pub struct Lanes {
     tls: LaneTls,
     cfg: LaneConfig,
+    /// Receive window bytes one agent's lanes may commit (`session.lane_buffer`).
+    buffer: u64,
+    /// Each agent's budget, shared by its lanes while any is up.
+    budgets: std::sync::Mutex<HashMap<PeerId, Weak<Budget>>>,
     /// Most lanes one agent may keep.
     per_agent: LaneCount,
     book: LaneBook,
@@ -45,13 +53,16 @@ impl Lanes {
     pub fn new(
         key: &Keypair,
         per_agent: LaneCount,
+        (cfg, buffer): (LaneConfig, u64),
         registry: Arc<AgentRegistry>,
         guard: Arc<Guard>,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Self> {
         Ok(Self {
             tls: LaneTls::new(key)?,
-            cfg: LaneConfig::default(),
+            cfg,
+            buffer,
+            budgets: Default::default(),
             per_agent,
             book: LaneBook::default(),
             registry,
@@ -89,6 +100,8 @@ impl Lanes {
     /// among the handshakes in progress, given back once the handshake ends.
     async fn admit(self: Arc<Self>, d: Diverted, handshake: OwnedSemaphorePermit) {
         let _ = d.tcp.set_nodelay(true);
+        // The lane owns the socket from here on; the probe runs inside it.
+        let rtt = Some(tcp_rtt_probe(d.tcp.as_raw_fd()));
         // No buffer under the lane: it writes its records gathered, in one call.
         let io = Rewind::new(d.prefix, d.tcp);
         let accepted = self.tls.accept(io).await;
@@ -97,6 +110,7 @@ impl Lanes {
             io,
             peer,
             slot,
+            flow,
             keys,
         } = match accepted {
             Ok(x) => x,
@@ -117,7 +131,11 @@ impl Lanes {
             tracing::debug!(%peer, %slot, per_agent = %self.per_agent, "lane over the agent's limit; closed");
             return;
         }
-        let lane = Lane::start(io, keys, self.cfg);
+        let link = LaneLink {
+            budget: self.budget(peer),
+            rtt,
+        };
+        let lane = Lane::start(io, keys, LaneConfig { flow, ..self.cfg }, link);
         self.book.insert(peer, slot, lane.clone());
         let up = Held::new(&self.metrics.lanes_active);
         tracing::debug!(%peer, %slot, remote = %d.remote, "lane up");
@@ -128,6 +146,21 @@ impl Lanes {
         self.book.remove(&peer, slot, &lane);
         drop(up);
         tracing::debug!(%peer, %slot, "lane down");
+    }
+}
+
+impl Lanes {
+    /// The budget `agent`'s lanes share: the one its live lanes hold, or a
+    /// new one.
+    fn budget(&self, agent: PeerId) -> Arc<Budget> {
+        let mut budgets = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = budgets.get(&agent).and_then(Weak::upgrade) {
+            return b;
+        }
+        budgets.retain(|_, b| b.strong_count() > 0);
+        let b = Budget::new(self.buffer, Some(self.metrics.lane_window_bytes.clone()));
+        budgets.insert(agent, Arc::downgrade(&b));
+        b
     }
 }
 
@@ -210,8 +243,14 @@ mod tests {
         let (a, b) = tokio::io::duplex(1 << 16);
         let secret = [7u8; 32];
         let cfg = LaneConfig::default();
-        let ours = Lane::start(a, LaneKeys::from_secret(&secret, Role::Listener), cfg);
-        let theirs = Lane::start(b, LaneKeys::from_secret(&secret, Role::Dialer), cfg);
+        let link = || LaneLink::alone(64 << 20);
+        let ours = Lane::start(
+            a,
+            LaneKeys::from_secret(&secret, Role::Listener),
+            cfg,
+            link(),
+        );
+        let theirs = Lane::start(b, LaneKeys::from_secret(&secret, Role::Dialer), cfg, link());
         (ours, theirs)
     }
 

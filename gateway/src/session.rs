@@ -223,6 +223,9 @@ impl Sessions {
             leases: grants.clone(),
             lane_port: self.lane_port,
             lanes: self.lane_port.map(|_| self.lanes.get()),
+            lane_flow: self
+                .lane_port
+                .map(|_| relaygate_common::lane::LaneFlow::TUNED_VERSION),
         };
         if let Err(e) = write_control(&mut ctl, &ControlMessage::Welcome(welcome)).await {
             tracing::info!(%peer, error = %e, "agent left before welcome");

@@ -183,6 +183,7 @@ impl FakeGateway {
                         }],
                         lane_port: None,
                         lanes: None,
+                        lane_flow: None,
                     };
                     let _ = write_control(&mut s, &ControlMessage::Welcome(welcome)).await;
                     let _ = tx.send(Some(inc.peer));

@@ -13,7 +13,7 @@ use libp2p::identity::Keypair;
 use rand::RngCore;
 use relaygate_common::{
     identity::load_or_create,
-    lane::{LaneCount, LaneSlot, LaneTls},
+    lane::{LaneCount, LaneFlow, LaneSlot, LaneTls},
 };
 use relaygate_tests::stack::{
     eventually, here, http_get, metric, round_trip, settings, Agent, Echo, Gateway, GatewaySpec,
@@ -64,7 +64,7 @@ async fn dial_lane(
         .await
         .map_err(|e| e.to_string())?;
     let (s, _keys) = tls
-        .connect(tcp, gateway_peer, slot)
+        .connect(tcp, gateway_peer, slot, LaneFlow::Tuned)
         .await
         .map_err(|e| e.to_string())?;
     Ok(s)

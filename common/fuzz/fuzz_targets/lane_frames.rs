@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
-use relaygate_common::lane::{Lane, LaneConfig, LaneKeys, Role, MAX_RECORD};
+use relaygate_common::lane::{Lane, LaneConfig, LaneKeys, LaneLink, Role, MAX_RECORD};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn runtime() -> &'static tokio::runtime::Runtime {
@@ -28,6 +28,7 @@ fuzz_target!(|data: &[u8]| {
             ours,
             LaneKeys::from_secret(&secret, Role::Dialer),
             LaneConfig::default(),
+            LaneLink::alone(64 << 20),
         );
         let mut peer = LaneKeys::from_secret(&secret, Role::Listener);
         let (first, frames) = data.split_first().map_or((0, data), |(f, r)| (*f, r));

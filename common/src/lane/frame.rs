@@ -1,6 +1,7 @@
 //! The lane's frame header: `u32 stream | u8 kind | u32 length`, big-endian.
 //! `Data` is followed by `length` payload bytes; for `Credit` the length is the
-//! credit returned; every other kind has length zero.
+//! credit returned; for `Open` the opener's receive window (see `flow`);
+//! every other kind has length zero.
 
 use super::LaneError;
 
@@ -10,7 +11,8 @@ pub const MAX_PAYLOAD: usize = 64 * 1024;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
-    /// A new stream, opened by the side whose parity the id has.
+    /// A new stream, opened by the side whose parity the id has; the length
+    /// is the window its opener gives the peer (0 from a peer that names none).
     Open,
     Data,
     /// The sender will send no more on this stream (half-close).
@@ -79,7 +81,7 @@ impl Header {
             }
             Kind::Data if len == 0 => return Err(LaneError::Protocol("empty data frame")),
             Kind::Credit if len == 0 => return Err(LaneError::Protocol("zero credit")),
-            Kind::Open | Kind::Fin | Kind::Reset | Kind::Ping if len != 0 => {
+            Kind::Fin | Kind::Reset | Kind::Ping if len != 0 => {
                 return Err(LaneError::Protocol("length on a frame without payload"))
             }
             _ => {}
@@ -99,6 +101,7 @@ mod tests {
     fn headers_round_trip_and_bad_ones_are_refused() {
         for h in [
             Header::new(7, Kind::Open, 0),
+            Header::new(7, Kind::Open, 256 * 1024),
             Header::new(7, Kind::Data, 65536),
             Header::new(8, Kind::Credit, 1 << 20),
             Header::new(0, Kind::Ping, 0),

@@ -13,21 +13,32 @@
 //! 15-20 (see docs/performance.md). The libp2p session stays for control,
 //! relay and hole punching, and carries tunnel streams whenever no lane is up.
 
+mod flow;
 mod frame;
 mod gather;
 mod mux;
+mod reader;
 mod rewind;
 mod seal;
 mod slot;
 mod splice;
+mod stream;
 mod tls;
+mod writer;
 
+#[cfg(test)]
+mod tests;
+
+pub use flow::{
+    tcp_rtt_probe, Budget, LaneFlow, RttProbe, ACCEPT_WINDOW, MAX_WINDOW, MIN_WINDOW, OPEN_WINDOW,
+};
 pub use frame::{Header, Kind, HEADER_LEN, MAX_PAYLOAD};
-pub use mux::{Lane, LaneConfig, LaneReader, LaneStream, LaneWriter, Recv, Role};
+pub use mux::{Lane, LaneConfig, LaneLink, Role};
 pub use rewind::Rewind;
 pub use seal::{LaneKeys, MAX_RECORD, PAYLOAD_OFFSET, RECORD_HEADER, TAG_LEN};
 pub use slot::{LaneCount, LaneSlot, MAX_LANES};
 pub use splice::splice;
+pub use stream::{LaneReader, LaneStream, LaneWriter, Recv};
 pub use tls::{Accepted, LaneTls, TLS_HANDSHAKE_RECORD};
 
 #[derive(Debug, thiserror::Error)]

@@ -2,13 +2,15 @@
 //! lane on each side, spread over the gateway's and the agent's cores. Each
 //! lane has a slot number, sent as the TLS server name: a lane the agent
 //! redials replaces the one in its slot at once, instead of a dead one
-//! lingering until its keep-alive runs out.
+//! lingering until its keep-alive runs out. The name also says which flow
+//! control the agent speaks (`lane3.flow2.relaygate`; a name without it is
+//! an agent from before window tuning).
 
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use super::LaneError;
+use super::{LaneError, LaneFlow};
 
 /// Most lanes one agent keeps to one gateway.
 pub const MAX_LANES: u8 = 8;
@@ -18,6 +20,7 @@ const _: () = assert!(MAX_LANES <= 10);
 
 const NAME_PREFIX: &str = "lane";
 const NAME_SUFFIX: &str = ".relaygate";
+const TUNED_MARK: &str = ".flow2";
 
 /// How many lanes an agent keeps (agent), or takes from one agent (gateway):
 /// 1 to [`MAX_LANES`].
@@ -84,22 +87,32 @@ impl LaneSlot {
     /// A lane that names no slot (an agent from before slots) is the first.
     pub const FIRST: LaneSlot = LaneSlot(0);
 
-    /// The TLS server name the agent sends for this slot.
-    pub fn server_name(self) -> String {
-        format!("{NAME_PREFIX}{}{NAME_SUFFIX}", self.0)
+    /// The TLS server name the agent sends for this slot, speaking `flow`.
+    pub fn server_name(self, flow: LaneFlow) -> String {
+        let mark = match flow {
+            LaneFlow::Fixed => "",
+            LaneFlow::Tuned => TUNED_MARK,
+        };
+        format!("{NAME_PREFIX}{}{mark}{NAME_SUFFIX}", self.0)
     }
 
-    /// The slot a TLS server name names; none named is the first slot.
-    pub fn from_server_name(name: Option<&str>) -> Result<LaneSlot, LaneError> {
+    /// The slot a TLS server name names, and the flow control the agent
+    /// speaks; none named is the first slot of an agent from before both.
+    pub fn from_server_name(name: Option<&str>) -> Result<(LaneSlot, LaneFlow), LaneError> {
         let Some(name) = name else {
-            return Ok(LaneSlot::FIRST);
+            return Ok((LaneSlot::FIRST, LaneFlow::Fixed));
         };
-        name.strip_prefix(NAME_PREFIX)
-            .and_then(|rest| rest.strip_suffix(NAME_SUFFIX))
-            .filter(|n| n.len() == 1)
+        let rest = name
+            .strip_prefix(NAME_PREFIX)
+            .and_then(|r| r.strip_suffix(NAME_SUFFIX));
+        let (n, flow) = match rest.and_then(|r| r.strip_suffix(TUNED_MARK)) {
+            Some(n) => (Some(n), LaneFlow::Tuned),
+            None => (rest, LaneFlow::Fixed),
+        };
+        n.filter(|n| n.len() == 1)
             .and_then(|n| n.parse::<u8>().ok())
             .filter(|n| *n < MAX_LANES)
-            .map(LaneSlot)
+            .map(|n| (LaneSlot(n), flow))
             .ok_or_else(|| LaneError::Handshake("the TLS server name names no lane slot".into()))
     }
 }
@@ -118,16 +131,31 @@ mod tests {
     fn slots_travel_as_server_names_and_strange_names_are_refused() {
         let all = LaneCount::try_from(MAX_LANES).unwrap();
         for slot in all.slots() {
-            let name = slot.server_name();
-            assert_eq!(LaneSlot::from_server_name(Some(&name)).unwrap(), slot);
+            for flow in [LaneFlow::Fixed, LaneFlow::Tuned] {
+                let name = slot.server_name(flow);
+                assert_eq!(
+                    LaneSlot::from_server_name(Some(&name)).unwrap(),
+                    (slot, flow)
+                );
+            }
         }
-        assert_eq!(LaneSlot::from_server_name(None).unwrap(), LaneSlot::FIRST);
+        assert_eq!(
+            LaneSlot::from_server_name(Some("lane3.relaygate")).unwrap(),
+            (LaneSlot(3), LaneFlow::Fixed),
+            "an agent from before window tuning"
+        );
+        assert_eq!(
+            LaneSlot::from_server_name(None).unwrap(),
+            (LaneSlot::FIRST, LaneFlow::Fixed)
+        );
         for bad in [
             "lane8.relaygate",
             "lane01.relaygate",
             "lane.relaygate",
             "lane-1.relaygate",
             "lane1.example.com",
+            "lane1.flow3.relaygate",
+            "lane.flow2.relaygate",
             "example.com",
             "",
         ] {

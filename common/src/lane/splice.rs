@@ -51,10 +51,14 @@ pub async fn splice(
         // allocates a few KiB per read, a bulk transfer grows to full frames.
         let mut size = MIN_READ;
         loop {
+            // Read only what the peer lets us send: bytes it cannot take
+            // stay in the socket, where TCP pushes back on the client.
+            let credit = lw.credit().await?;
             tr.readable().await?;
-            let mut buf = LaneStream::frame_buffer(size);
-            // Limited: the buffer's spare room past `size` is the tag's.
-            match tr.try_read_buf(&mut (&mut buf).limit(size)) {
+            let want = size.min(usize::try_from(credit).unwrap_or(usize::MAX));
+            let mut buf = LaneStream::frame_buffer(want);
+            // Limited: the buffer's spare room past `want` is the tag's.
+            match tr.try_read_buf(&mut (&mut buf).limit(want)) {
                 Ok(0) => {
                     lw.finish().await?;
                     tcp_read_ended.store(true, Ordering::Relaxed);
@@ -64,10 +68,13 @@ pub async fn splice(
                     if let Some(check) = first.take() {
                         check(&buf[PAYLOAD_OFFSET..])?;
                     }
+                    // A read cut short by credit says nothing of the traffic.
                     size = if n == size {
                         (size * 4).min(MAX_PAYLOAD)
-                    } else {
+                    } else if n < want {
                         size.min((n * 2).max(MIN_READ))
+                    } else {
+                        size
                     };
                     activity.touch();
                     to_lane.inc_by(n as u64);

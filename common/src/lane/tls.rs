@@ -16,7 +16,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::{
     seal::{LaneKeys, EXPORTER_LABEL},
-    LaneError, LaneSlot, Role,
+    LaneError, LaneFlow, LaneSlot, Role,
 };
 
 /// The first byte of a TLS connection (a handshake record). A libp2p
@@ -32,6 +32,8 @@ pub struct Accepted<S> {
     pub io: S,
     pub peer: PeerId,
     pub slot: LaneSlot,
+    /// The flow control the agent speaks.
+    pub flow: LaneFlow,
     pub keys: LaneKeys,
 }
 
@@ -73,29 +75,31 @@ impl LaneTls {
         let peer = libp2p_tls::certificate::parse(cert)
             .map_err(|e| LaneError::Handshake(e.to_string()))?
             .peer_id();
-        let slot = LaneSlot::from_server_name(conn.server_name())?;
+        let (slot, flow) = LaneSlot::from_server_name(conn.server_name())?;
         let keys = export(&conn, Role::Listener)?;
         Ok(Accepted {
             io,
             peer,
             slot,
+            flow,
             keys,
         })
     }
 
-    /// Agent side: the handshake for lane `slot` succeeds only if the server
-    /// is `gateway`.
+    /// Agent side: the handshake for lane `slot`, speaking `flow`, succeeds
+    /// only if the server is `gateway`.
     pub async fn connect<S>(
         &self,
         io: S,
         gateway: PeerId,
         slot: LaneSlot,
+        flow: LaneFlow,
     ) -> Result<(S, LaneKeys), LaneError>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
         // libp2p-tls checks the peer id, not the name; the name says which lane.
-        let name = ServerName::try_from(slot.server_name())
+        let name = ServerName::try_from(slot.server_name(flow))
             .map_err(|e| LaneError::Handshake(format!("lane server name: {e}")))?;
         self.connect_named(io, gateway, name).await
     }
@@ -196,9 +200,11 @@ mod tests {
         let agent = LaneTls::new(&agent_key).unwrap();
         let (a, b) = tokio::io::duplex(64 * 1024);
         let open = super::super::Header::new(2, Kind::Open, 0).encode();
-        let slot = LaneSlot::from_server_name(Some("lane3.relaygate")).unwrap();
+        let (slot, flow) = LaneSlot::from_server_name(Some("lane3.flow2.relaygate")).unwrap();
         let client = async {
-            let (mut io, mut keys) = agent.connect(b, gw_key.public().to_peer_id(), slot).await?;
+            let (mut io, mut keys) = agent
+                .connect(b, gw_key.public().to_peer_id(), slot, flow)
+                .await?;
             // The lane's first record, right behind the handshake's last.
             io.write_all(&keys.seal_copy(&open)?).await?;
             Ok::<_, LaneError>(io)
@@ -209,10 +215,12 @@ mod tests {
             mut io,
             peer,
             slot: accepted_slot,
+            flow: accepted_flow,
             keys,
         } = server.unwrap();
         assert_eq!(peer, agent_key.public().to_peer_id());
         assert_eq!(accepted_slot, slot, "the gateway learns which lane this is");
+        assert_eq!(accepted_flow, LaneFlow::Tuned, "and what the agent speaks");
         assert_eq!(keys.role(), Role::Listener);
         let (_, mut opener) = keys.split();
         let mut record = vec![0u8; RECORD_HEADER + open.len() + TAG_LEN];
@@ -235,7 +243,10 @@ mod tests {
             agent.connect_named(b, gw_key.public().to_peer_id(), ip)
         );
         assert!(client.is_ok());
-        assert_eq!(server.map(|a| a.slot).ok(), Some(LaneSlot::FIRST));
+        assert_eq!(
+            server.map(|a| (a.slot, a.flow)).ok(),
+            Some((LaneSlot::FIRST, LaneFlow::Fixed))
+        );
     }
 
     #[tokio::test]
@@ -244,8 +255,10 @@ mod tests {
         let agent = LaneTls::new(&Keypair::generate_ed25519()).unwrap();
         let expected = Keypair::generate_ed25519().public().to_peer_id();
         let (a, b) = tokio::io::duplex(64 * 1024);
-        let (server, client) =
-            tokio::join!(gw.accept(a), agent.connect(b, expected, LaneSlot::FIRST));
+        let (server, client) = tokio::join!(
+            gw.accept(a),
+            agent.connect(b, expected, LaneSlot::FIRST, LaneFlow::Tuned)
+        );
         assert!(
             matches!(client, Err(LaneError::Handshake(_))),
             "{:?}",
