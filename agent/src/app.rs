@@ -133,7 +133,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         state.clone(),
         metrics.clone(),
     )?;
-    session.lane = lane;
+    session.lane = lane.clone();
     for (t, why) in refused {
         tracing::error!(tunnel = %t.name, error = %why, "tunnel not started");
         state.set_tunnel(
@@ -167,6 +167,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     // Refuse new streams and visitor connections; the session stays up while open ones drain.
     accept.abort();
     tunnels_task.abort();
+    if let Some(l) = &lane {
+        l.drain();
+    }
     for v in &visitors {
         v.abort();
     }

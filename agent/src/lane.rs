@@ -15,7 +15,7 @@ use relaygate_common::{
     protocol::Welcome,
 };
 use tokio::net::TcpStream;
-use tokio_util::task::TaskTracker;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{metrics::Metrics, tunnel::Tunnels};
 
@@ -34,6 +34,8 @@ pub struct LaneDialer {
     tunnels: Arc<Tunnels>,
     tracker: TaskTracker,
     metrics: Arc<Metrics>,
+    /// Set when the agent stops: new streams are refused while open ones drain.
+    draining: CancellationToken,
 }
 
 impl LaneDialer {
@@ -55,7 +57,15 @@ impl LaneDialer {
             tunnels,
             tracker,
             metrics,
+            draining: CancellationToken::new(),
         })
+    }
+
+    /// From now on streams the gateway opens are reset at once (it sends the
+    /// public connection's client a reset, and the next one may find another
+    /// gateway or a restarted agent); those already open go on.
+    pub fn drain(&self) {
+        self.draining.cancel();
     }
 
     /// Keeps the lanes up while the returned future lives (the session's
@@ -91,6 +101,10 @@ impl LaneDialer {
                     // Counted while up, also when the session's end drops this mid-lane.
                     let up = Held::new(&self.metrics.lanes_active);
                     while let Some(stream) = lane.accept().await {
+                        if self.draining.is_cancelled() {
+                            self.metrics.refuse("draining");
+                            continue;
+                        }
                         self.tracker.spawn(self.tunnels.clone().handle_lane(stream));
                     }
                     drop(up);

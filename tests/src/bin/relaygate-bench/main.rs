@@ -10,17 +10,13 @@
 //! 10,000 held), and the throughput of 50 agents pushing one stream each
 //! against one agent alone.
 
-use std::{
-    net::SocketAddr,
-    path::PathBuf,
-    sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc,
-    },
-    time::{Duration, Instant},
-};
+mod load;
+mod report;
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Parser;
+use load::{conn_rate, rtt, start_echo, start_sink, throughput, throughput_each};
 use relaygate_tests::stack::{
     eventually, here, http_get, metric, settings, Agent, Gateway, GatewaySpec, Transport,
 };
@@ -268,7 +264,7 @@ fn main() -> anyhow::Result<()> {
         0 => None,
         n => Some(rt.block_on(fleet(&gw, transport, &a, sink, tunnel_sink, n, d))?),
     };
-    let report = render(&a, transport, [&direct, &chain, &tunnel], &memory, &fleet);
+    let report = report::render(&a, transport, [&direct, &chain, &tunnel], &memory, &fleet);
     println!("{report}");
     std::fs::write(&a.output, &report)?;
     eprintln!("wrote {}", a.output.display());
@@ -287,84 +283,6 @@ async fn measure(sink: SocketAddr, echo: SocketAddr, d: Duration) -> anyhow::Res
         p99_us,
         conns_per_s,
     })
-}
-
-/// Gbit/s pushed through `streams` connections for `d`, counted as bytes the sink acknowledged.
-async fn throughput(sink: SocketAddr, streams: usize, d: Duration) -> anyhow::Result<f64> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut tasks = Vec::new();
-    let start = Instant::now();
-    for _ in 0..streams {
-        let stop = stop.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut s = TcpStream::connect(sink).await?;
-            s.set_nodelay(true)?;
-            let buf = vec![0x5au8; 128 * 1024];
-            let mut sent = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                s.write_all(&buf).await?;
-                sent += buf.len() as u64;
-            }
-            s.shutdown().await?;
-            // the sink answers with the byte count it read, after our EOF
-            let got = s.read_u64().await?;
-            anyhow::ensure!(got == sent, "sink read {got} of {sent} bytes");
-            Ok::<u64, anyhow::Error>(got)
-        }));
-    }
-    tokio::time::sleep(d).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut total = 0;
-    for t in tasks {
-        total += t.await??;
-    }
-    Ok(total as f64 * 8.0 / start.elapsed().as_secs_f64() / 1e9)
-}
-
-async fn rtt(echo: SocketAddr, n: usize) -> anyhow::Result<(f64, f64)> {
-    let mut s = TcpStream::connect(echo).await?;
-    s.set_nodelay(true)?;
-    let msg = [0x42u8; 64];
-    let mut back = [0u8; 64];
-    for _ in 0..100 {
-        s.write_all(&msg).await?;
-        s.read_exact(&mut back).await?;
-    }
-    let mut samples = Vec::with_capacity(n);
-    for _ in 0..n {
-        let t = Instant::now();
-        s.write_all(&msg).await?;
-        s.read_exact(&mut back).await?;
-        samples.push(t.elapsed().as_secs_f64() * 1e6);
-    }
-    samples.sort_by(|a, b| a.total_cmp(b));
-    Ok((samples[n / 2], samples[(n * 99) / 100]))
-}
-
-async fn conn_rate(echo: SocketAddr, workers: usize, d: Duration) -> anyhow::Result<f64> {
-    let count = Arc::new(AtomicU64::new(0));
-    let deadline = Instant::now() + d;
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..workers {
-        let count = count.clone();
-        tasks.push(tokio::spawn(async move {
-            while Instant::now() < deadline {
-                let mut s = TcpStream::connect(echo).await?;
-                s.set_nodelay(true)?;
-                s.write_all(b"x").await?;
-                let mut b = [0u8; 1];
-                s.read_exact(&mut b).await?;
-                drop(s);
-                count.fetch_add(1, Ordering::Relaxed);
-            }
-            Ok::<(), anyhow::Error>(())
-        }));
-    }
-    for t in tasks {
-        t.await??;
-    }
-    Ok(count.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64())
 }
 
 /// RSS of gateway and agent with 0 idle connections, then with each of
@@ -462,20 +380,6 @@ async fn fleet(
         one_gbit,
         together_gbit,
     })
-}
-
-/// Gbit/s of one stream to each of `sinks` at once, all together.
-async fn throughput_each(sinks: &[SocketAddr], d: Duration) -> anyhow::Result<f64> {
-    // Each task reports its own stream's rate; they run over the same span.
-    let tasks: Vec<_> = sinks
-        .iter()
-        .map(|&s| tokio::spawn(throughput(s, 1, d)))
-        .collect();
-    let mut total = 0.0;
-    for t in tasks {
-        total += t.await??;
-    }
-    Ok(total)
 }
 
 /// The targets (sink and echo) run in a process of their own, as a real
@@ -586,195 +490,3 @@ fn rss_kib(pid: u32) -> anyhow::Result<u64> {
     Ok(relaygate_tests::load::ProcStats::of(pid)?.rss_kib)
 }
 
-async fn start_sink(port: u16) -> anyhow::Result<SocketAddr> {
-    let l = TcpListener::bind(("127.0.0.1", port)).await?;
-    let addr = l.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let _ = s.set_nodelay(true);
-                let mut buf = vec![0u8; 128 * 1024];
-                let mut n = 0u64;
-                loop {
-                    match s.read(&mut buf).await {
-                        Ok(0) => break,
-                        Ok(k) => n += k as u64,
-                        Err(_) => return,
-                    }
-                }
-                let _ = s.write_u64(n).await;
-                let _ = s.shutdown().await;
-            });
-        }
-    });
-    Ok(addr)
-}
-
-async fn start_echo(port: u16) -> anyhow::Result<SocketAddr> {
-    let l = TcpListener::bind(("127.0.0.1", port)).await?;
-    let addr = l.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let _ = s.set_nodelay(true);
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    Ok(addr)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
-fn render(
-    a: &Args,
-    t: Transport,
-    [direct, chain, tunnel]: [&[Figures]; 3],
-    memory: &[Memory],
-    fleet: &Option<Fleet>,
-) -> String {
-    let pick = |v: &[Figures], f: fn(&Figures) -> f64| median(v.iter().map(f).collect());
-    let raw = |v: &[Figures], f: fn(&Figures) -> f64| {
-        v.iter()
-            .map(|x| format!("{:.2}", f(x)))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    type Row = (&'static str, fn(&Figures) -> f64, bool);
-    let rows: [Row; 5] = [
-        ("throughput, 1 stream, Gbit/s", |f| f.tput1, true),
-        ("throughput, 8 streams, Gbit/s", |f| f.tput8, true),
-        ("64-byte RTT p50, µs", |f| f.p50_us, false),
-        ("64-byte RTT p99, µs", |f| f.p99_us, false),
-        (
-            "new connections/s (connect, 1-byte echo, close)",
-            |f| f.conns_per_s,
-            true,
-        ),
-    ];
-    let mut s = String::new();
-    s.push_str("# relaygate benchmarks\n\n");
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    s.push_str(&format!(
-        "Command: `cargo run{} -p relaygate-tests --bin relaygate-bench{}{}`\n\n",
-        if cfg!(debug_assertions) {
-            ""
-        } else {
-            " --release"
-        },
-        if args.is_empty() { "" } else { " -- " },
-        args.join(" ")
-    ));
-    s.push_str(&format!("Machine: {}\n\n", machine()));
-    s.push_str(&format!(
-        "Session transport agent <-> gateway: {:?}; tunnelled connections travel on the {} \
-         (both encrypted and authenticated). Medians of {} run(s), {} s per figure; \
-         load generator in the benchmark process, sink and echo targets in a process of their own, on loopback.\n\n",
-        t,
-        if a.data_path == "lane" {
-            format!(
-                "agent's {} lane(s) (TLS 1.3 handshake, AES-128-GCM records)",
-                a.lanes
-            )
-        } else {
-            "session's streams".to_string()
-        },
-        a.runs,
-        a.seconds
-    ));
-    s.push_str(
-        "| figure | direct loopback | through gateway+agent | ratio | two plain TCP relays (floor) | floor's ratio |\n|---|---|---|---|---|---|\n",
-    );
-    for (name, f, higher_better) in rows {
-        let (d, c, x) = (pick(direct, f), pick(chain, f), pick(tunnel, f));
-        let ratio = |v: f64| {
-            if higher_better {
-                format!("{:.0}% of direct", v / d * 100.0)
-            } else {
-                format!("{:.2}× direct", v / d)
-            }
-        };
-        s.push_str(&format!(
-            "| {name} | {d:.2} | {x:.2} | {} | {c:.2} | {} |\n",
-            ratio(x),
-            ratio(c)
-        ));
-    }
-    s.push_str(
-        "\nThe floor: two plain TCP forwarders in a row, each its own process (tokio, 64 KiB copies, no \
-         encryption, no multiplexing), in the places of gateway and agent. No relay of two processes \
-         does better on this machine; the gap between it and gateway+agent is what encryption and \
-         the lane cost.\n",
-    );
-    if !memory.is_empty() {
-        s.push_str("\n| idle tunnelled connections held | gateway KiB/conn | agent KiB/conn | gateway RSS MiB | agent RSS MiB |\n|---|---|---|---|---|\n");
-    }
-    for m in memory {
-        s.push_str(&format!(
-            "| {} | {:.1} | {:.1} | {:.1} | {:.1} |\n",
-            m.held, m.gw_kib_per_conn, m.agent_kib_per_conn, m.gw_total_mib, m.agent_total_mib
-        ));
-    }
-    if let Some(fleet) = fleet {
-        s.push_str(&format!(
-            "\n| agents, one stream each | one agent alone, Gbit/s | together, Gbit/s | together / one |\n|---|---|---|---|\n| {} | {:.2} | {:.2} | {:.0}% |\n",
-            fleet.agents,
-            fleet.one_gbit,
-            fleet.together_gbit,
-            fleet.together_gbit / fleet.one_gbit * 100.0
-        ));
-    }
-    s.push_str("\nRaw values per run (direct | gateway+agent | two plain relays):\n\n");
-    for (name, f, _) in rows {
-        s.push_str(&format!(
-            "- {name}: {} | {} | {}\n",
-            raw(direct, f),
-            raw(tunnel, f),
-            raw(chain, f)
-        ));
-    }
-    s
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_default();
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
-    let mem = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines().next().map(|l| {
-                l.split_whitespace()
-                    .nth(1)
-                    .unwrap_or("0")
-                    .parse::<u64>()
-                    .unwrap_or(0)
-                    / 1024
-                    / 1024
-            })
-        })
-        .unwrap_or(0);
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let profile = if cfg!(debug_assertions) {
-        "debug build"
-    } else {
-        "release build"
-    };
-    format!(
-        "{cpu}, {cores} cores, {mem} GiB RAM, Linux {}, {profile}",
-        kernel.trim()
-    )
-}

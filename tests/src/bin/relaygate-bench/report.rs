@@ -1,0 +1,156 @@
+//! The report: the tables of BENCHMARKS.md and the machine they were taken on.
+
+use crate::{Args, Figures, Fleet, Memory, Transport};
+
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+pub fn render(
+    a: &Args,
+    t: Transport,
+    [direct, chain, tunnel]: [&[Figures]; 3],
+    memory: &[Memory],
+    fleet: &Option<Fleet>,
+) -> String {
+    let pick = |v: &[Figures], f: fn(&Figures) -> f64| median(v.iter().map(f).collect());
+    let raw = |v: &[Figures], f: fn(&Figures) -> f64| {
+        v.iter()
+            .map(|x| format!("{:.2}", f(x)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    type Row = (&'static str, fn(&Figures) -> f64, bool);
+    let rows: [Row; 5] = [
+        ("throughput, 1 stream, Gbit/s", |f| f.tput1, true),
+        ("throughput, 8 streams, Gbit/s", |f| f.tput8, true),
+        ("64-byte RTT p50, µs", |f| f.p50_us, false),
+        ("64-byte RTT p99, µs", |f| f.p99_us, false),
+        (
+            "new connections/s (connect, 1-byte echo, close)",
+            |f| f.conns_per_s,
+            true,
+        ),
+    ];
+    let mut s = String::new();
+    s.push_str("# relaygate benchmarks\n\n");
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    s.push_str(&format!(
+        "Command: `cargo run{} -p relaygate-tests --bin relaygate-bench{}{}`\n\n",
+        if cfg!(debug_assertions) {
+            ""
+        } else {
+            " --release"
+        },
+        if args.is_empty() { "" } else { " -- " },
+        args.join(" ")
+    ));
+    s.push_str(&format!("Machine: {}\n\n", machine()));
+    s.push_str(&format!(
+        "Session transport agent <-> gateway: {:?}; tunnelled connections travel on the {} \
+         (both encrypted and authenticated). Medians of {} run(s), {} s per figure; \
+         load generator in the benchmark process, sink and echo targets in a process of their own, on loopback.\n\n",
+        t,
+        if a.data_path == "lane" {
+            format!(
+                "agent's {} lane(s) (TLS 1.3 handshake, AES-128-GCM records)",
+                a.lanes
+            )
+        } else {
+            "session's streams".to_string()
+        },
+        a.runs,
+        a.seconds
+    ));
+    s.push_str(
+        "| figure | direct loopback | through gateway+agent | ratio | two plain TCP relays (floor) | floor's ratio |\n|---|---|---|---|---|---|\n",
+    );
+    for (name, f, higher_better) in rows {
+        let (d, c, x) = (pick(direct, f), pick(chain, f), pick(tunnel, f));
+        let ratio = |v: f64| {
+            if higher_better {
+                format!("{:.0}% of direct", v / d * 100.0)
+            } else {
+                format!("{:.2}× direct", v / d)
+            }
+        };
+        s.push_str(&format!(
+            "| {name} | {d:.2} | {x:.2} | {} | {c:.2} | {} |\n",
+            ratio(x),
+            ratio(c)
+        ));
+    }
+    s.push_str(
+        "\nThe floor: two plain TCP forwarders in a row, each its own process (tokio, 64 KiB copies, no \
+         encryption, no multiplexing), in the places of gateway and agent. No relay of two processes \
+         does better on this machine; the gap between it and gateway+agent is what encryption and \
+         the lane cost.\n",
+    );
+    if !memory.is_empty() {
+        s.push_str("\n| idle tunnelled connections held | gateway KiB/conn | agent KiB/conn | gateway RSS MiB | agent RSS MiB |\n|---|---|---|---|---|\n");
+    }
+    for m in memory {
+        s.push_str(&format!(
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1} |\n",
+            m.held, m.gw_kib_per_conn, m.agent_kib_per_conn, m.gw_total_mib, m.agent_total_mib
+        ));
+    }
+    if let Some(fleet) = fleet {
+        s.push_str(&format!(
+            "\n| agents, one stream each | one agent alone, Gbit/s | together, Gbit/s | together / one |\n|---|---|---|---|\n| {} | {:.2} | {:.2} | {:.0}% |\n",
+            fleet.agents,
+            fleet.one_gbit,
+            fleet.together_gbit,
+            fleet.together_gbit / fleet.one_gbit * 100.0
+        ));
+    }
+    s.push_str("\nRaw values per run (direct | gateway+agent | two plain relays):\n\n");
+    for (name, f, _) in rows {
+        s.push_str(&format!(
+            "- {name}: {} | {} | {}\n",
+            raw(direct, f),
+            raw(tunnel, f),
+            raw(chain, f)
+        ));
+    }
+    s
+}
+
+pub fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines().next().map(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .unwrap_or("0")
+                    .parse::<u64>()
+                    .unwrap_or(0)
+                    / 1024
+                    / 1024
+            })
+        })
+        .unwrap_or(0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let profile = if cfg!(debug_assertions) {
+        "debug build"
+    } else {
+        "release build"
+    };
+    format!(
+        "{cpu}, {cores} cores, {mem} GiB RAM, Linux {}, {profile}",
+        kernel.trim()
+    )
+}
