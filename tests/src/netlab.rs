@@ -14,10 +14,16 @@
 //! so 203.0.113.101 is 2001:db8:1::101 and LAN 3 is fd00:3::/64 (NAT66 too).
 //! Every name comes from a unique lab id; dropping the `Lab` (also while a test
 //! panics) kills what runs inside and deletes every namespace it made.
+//!
+//! [`WanLab`] (wan.rs) is a second topology on the same namespaces and cleanup:
+//! two hosts with a userspace delay line (delay, loss) between them.
 
 mod cmd;
 mod owner;
 mod router;
+mod wan;
+
+pub use wan::{WanLab, WanPath};
 
 use std::{
     ffi::OsStr,
@@ -189,22 +195,7 @@ impl Lab {
     /// An empty internet (a bridge in its own namespace). `tag` names the
     /// lab in logs and in its marker (/run/relaygate-netlab/<id>).
     pub fn new(tag: &str) -> io::Result<Lab> {
-        // Leftovers of killed test runs, once per process.
-        static SWEPT: OnceLock<()> = OnceLock::new();
-        SWEPT.get_or_init(|| match Lab::cleanup_stale() {
-            Ok(gone) if !gone.is_empty() => eprintln!("netlab: removed stale namespaces {gone:?}"),
-            Ok(_) => {}
-            Err(e) => eprintln!("netlab: stale cleanup failed: {e}"),
-        });
-        let id = owner::claim_id(tag)?;
-        eprintln!("netlab: lab {id} for {tag}");
-        let mut lab = Lab {
-            id,
-            net_ns: String::new(),
-            namespaces: Mutex::default(),
-            addresses: Mutex::default(),
-            seq: AtomicUsize::new(0),
-        };
+        let mut lab = Lab::empty(tag)?;
         // From here on a failure drops `lab`, which removes what was made.
         lab.net_ns = lab.add_ns("net", &[])?;
         cmd::ip_batch(
@@ -217,6 +208,27 @@ impl Lab {
             ],
         )?;
         Ok(lab)
+    }
+
+    /// A lab id and no namespace yet (no internet either: `internet_ns` is
+    /// empty), for topologies of their own such as the WAN lab.
+    fn empty(tag: &str) -> io::Result<Lab> {
+        // Leftovers of killed test runs, once per process.
+        static SWEPT: OnceLock<()> = OnceLock::new();
+        SWEPT.get_or_init(|| match Lab::cleanup_stale() {
+            Ok(gone) if !gone.is_empty() => eprintln!("netlab: removed stale namespaces {gone:?}"),
+            Ok(_) => {}
+            Err(e) => eprintln!("netlab: stale cleanup failed: {e}"),
+        });
+        let id = owner::claim_id(tag)?;
+        eprintln!("netlab: lab {id} for {tag}");
+        Ok(Lab {
+            id,
+            net_ns: String::new(),
+            namespaces: Mutex::default(),
+            addresses: Mutex::default(),
+            seq: AtomicUsize::new(0),
+        })
     }
 
     /// Deletes namespaces left by labs whose process is gone (a test killed
