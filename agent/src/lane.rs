@@ -3,13 +3,12 @@
 //! long as the session is, each in its own slot and redialled on its own;
 //! while none is up the gateway uses the session.
 
-use std::{os::fd::AsRawFd, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use libp2p::{identity::Keypair, multiaddr::Protocol, Multiaddr, PeerId};
 use relaygate_common::{
     lane::{
-        tcp_rtt_probe, Budget, Lane, LaneConfig, LaneCount, LaneError, LaneFlow, LaneLink,
-        LaneSlot, LaneTls,
+        self, Budget, Lane, LaneConfig, LaneCount, LaneError, LaneFlow, LaneLink, LaneSlot, LaneTls,
     },
     metrics::Held,
     protocol::Welcome,
@@ -133,9 +132,8 @@ impl LaneDialer {
         let tcp = tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect((host, port)))
             .await
             .map_err(|_| LaneError::HandshakeTimeout)??;
-        tcp.set_nodelay(true)?;
         // The lane owns the socket from here on; the probe runs inside it.
-        let rtt = Some(tcp_rtt_probe(tcp.as_raw_fd()));
+        let rtt = Some(lane::prepare_socket(&tcp)?);
         // No buffer under the lane: it writes its records gathered, in one call.
         let (tcp, keys) = self.tls.connect(tcp, self.gateway, slot, flow).await?;
         let link = LaneLink {

@@ -6,7 +6,6 @@
 
 use std::{
     collections::HashMap,
-    os::fd::AsRawFd,
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc, Weak,
@@ -16,8 +15,8 @@ use std::{
 use libp2p::{identity::Keypair, PeerId};
 use relaygate_common::{
     lane::{
-        tcp_rtt_probe, Accepted, Budget, Lane, LaneConfig, LaneCount, LaneLink, LaneSlot, LaneTls,
-        Rewind, MAX_LANES,
+        Accepted, Budget, Lane, LaneConfig, LaneCount, LaneLink, LaneSlot, LaneTls, Rewind,
+        MAX_LANES,
     },
     metrics::Held,
     proxy_transport::Diverted,
@@ -99,9 +98,8 @@ impl Lanes {
     /// Runs one lane from its handshake to its end. `handshake` is its place
     /// among the handshakes in progress, given back once the handshake ends.
     async fn admit(self: Arc<Self>, d: Diverted, handshake: OwnedSemaphorePermit) {
-        let _ = d.tcp.set_nodelay(true);
         // The lane owns the socket from here on; the probe runs inside it.
-        let rtt = Some(tcp_rtt_probe(d.tcp.as_raw_fd()));
+        let rtt = relaygate_common::lane::prepare_socket(&d.tcp).ok();
         // No buffer under the lane: it writes its records gathered, in one call.
         let io = Rewind::new(d.prefix, d.tcp);
         let accepted = self.tls.accept(io).await;

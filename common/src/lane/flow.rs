@@ -163,38 +163,6 @@ impl Rtt {
     }
 }
 
-/// Reads a connection's round-trip time; called by the lane's reader while
-/// it owns the connection.
-pub type RttProbe = Box<dyn FnMut() -> Option<Duration> + Send>;
-
-/// The kernel's smoothed round-trip time of a TCP socket (`TCP_INFO`).
-/// `fd` must stay open while the probe is used: the lane's reader calls it
-/// only while it holds its half of the connection.
-#[cfg(target_os = "linux")]
-pub fn tcp_rtt_probe(fd: std::os::fd::RawFd) -> RttProbe {
-    Box::new(move || {
-        // SAFETY: tcp_info is plain data; getsockopt writes at most `len`
-        // bytes into it and fails cleanly on a closed or non-TCP fd.
-        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-        let r = unsafe {
-            libc::getsockopt(
-                fd,
-                libc::IPPROTO_TCP,
-                libc::TCP_INFO,
-                (&mut info as *mut libc::tcp_info).cast(),
-                &mut len,
-            )
-        };
-        (r == 0 && info.tcpi_rtt > 0).then(|| Duration::from_micros(u64::from(info.tcpi_rtt)))
-    })
-}
-
-#[cfg(not(target_os = "linux"))]
-pub fn tcp_rtt_probe(_fd: std::os::fd::RawFd) -> RttProbe {
-    Box::new(|| None)
-}
-
 /// The receiving side of one stream: its window, the bytes consumed and not
 /// yet returned, and when credit last went out.
 #[derive(Debug)]

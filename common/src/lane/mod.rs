@@ -21,6 +21,7 @@ mod reader;
 mod rewind;
 mod seal;
 mod slot;
+mod socket;
 mod splice;
 mod stream;
 mod tls;
@@ -29,14 +30,13 @@ mod writer;
 #[cfg(test)]
 mod tests;
 
-pub use flow::{
-    tcp_rtt_probe, Budget, LaneFlow, RttProbe, ACCEPT_WINDOW, MAX_WINDOW, MIN_WINDOW, OPEN_WINDOW,
-};
+pub use flow::{Budget, LaneFlow, ACCEPT_WINDOW, MAX_WINDOW, MIN_WINDOW, OPEN_WINDOW};
 pub use frame::{Header, Kind, HEADER_LEN, MAX_PAYLOAD};
 pub use mux::{Lane, LaneConfig, LaneLink, Role};
 pub use rewind::Rewind;
 pub use seal::{LaneKeys, MAX_RECORD, PAYLOAD_OFFSET, RECORD_HEADER, TAG_LEN};
 pub use slot::{LaneCount, LaneSlot, MAX_LANES};
+pub use socket::{prepare as prepare_socket, tcp_rtt_probe, RttProbe, NOTSENT_LOWAT};
 pub use splice::splice;
 pub use stream::{LaneReader, LaneStream, LaneWriter, Recv};
 pub use tls::{Accepted, LaneTls, TLS_HANDSHAKE_RECORD};

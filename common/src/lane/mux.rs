@@ -25,10 +25,11 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    flow::{Budget, LaneFlow, Rtt, RttProbe, SendCredit, MAX_WINDOW, MIN_WINDOW, OPEN_WINDOW},
+    flow::{Budget, LaneFlow, Rtt, SendCredit, MAX_WINDOW, MIN_WINDOW, OPEN_WINDOW},
     frame::{Header, Kind, HEADER_LEN, MAX_PAYLOAD},
     reader::read_loop,
     seal::LaneKeys,
+    socket::RttProbe,
     stream::{Inbound, LaneStream},
     writer::{write_loop, Batcher},
     LaneError,
@@ -59,7 +60,7 @@ impl Default for LaneConfig {
             max_window: MAX_WINDOW,
             open_window: OPEN_WINDOW,
             max_streams: 65_536,
-            send_queue: 256,
+            send_queue: 32,
             keep_alive: Duration::from_secs(10),
             flow: LaneFlow::Tuned,
         }
@@ -71,7 +72,7 @@ impl Default for LaneConfig {
 pub struct LaneLink {
     /// The agent's receive budget, shared by all its lanes.
     pub budget: Arc<Budget>,
-    /// Reads the connection's round-trip time (see `flow::tcp_rtt_probe`).
+    /// Reads the connection's round-trip time (see `socket::prepare`).
     pub rtt: Option<RttProbe>,
 }
 

@@ -13,10 +13,11 @@ use tokio::{
 };
 
 use super::{
-    flow::{LaneFlow, RttProbe},
+    flow::LaneFlow,
     frame::{Header, Kind, HEADER_LEN, MAX_PAYLOAD},
     mux::{Role, Shared},
     seal::{Opener, RECORD_HEADER},
+    socket::RttProbe,
     stream::{Inbound, LaneStream},
     LaneError,
 };

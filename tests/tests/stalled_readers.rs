@@ -1,0 +1,205 @@
+//! Public clients that connect, get data and stop reading: each holds its own
+//! stream's window at the gateway and nothing more. The lane keeps reading,
+//! and an honest client keeps making round trips through the same agent, on
+//! the same tunnel and on another. Real processes on loopback.
+
+use std::{net::SocketAddr, time::Duration};
+
+use relaygate_tests::{
+    load::{raise_nofile, ProcStats},
+    stack::{eventually, here, metric, settings, Agent, Echo, Gateway, GatewaySpec, Transport},
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+
+const STALLED: usize = 1000;
+/// The gateway's `session.lane_buffer` in this test: far less than the
+/// stalled clients would pin at 256 KiB each.
+const LANE_BUFFER: u64 = 16 << 20;
+/// Where a stream starts once the budget is spent (`lane::MIN_WINDOW`).
+const MIN_WINDOW: u64 = 16 * 1024;
+
+/// A target that floods every connection whose first byte is `F` and
+/// echoes every other one.
+async fn flood_or_echo() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut first = [0u8; 1];
+                if s.read_exact(&mut first).await.is_err() {
+                    return;
+                }
+                if first[0] == b'F' {
+                    let chunk = vec![0x46u8; 64 * 1024];
+                    while s.write_all(&chunk).await.is_ok() {}
+                } else {
+                    let _ = s.write_all(&first).await;
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// `n` round trips of 1 KiB on fresh connections to `port`, each within a
+/// second; returns their times, sorted.
+async fn round_trips(port: u16, first: u8, n: usize) -> Vec<Duration> {
+    let mut times = Vec::with_capacity(n);
+    for i in 0..n {
+        let started = std::time::Instant::now();
+        let done = tokio::time::timeout(Duration::from_secs(1), async {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).await?;
+            s.set_nodelay(true)?;
+            let mut msg = vec![first];
+            msg.extend((0..1023).map(|k| ((i + k) % 251) as u8));
+            s.write_all(&msg).await?;
+            let mut back = vec![0u8; msg.len()];
+            s.read_exact(&mut back).await?;
+            assert_eq!(back, msg, "round trip {i} came back changed");
+            Ok::<_, std::io::Error>(())
+        })
+        .await;
+        match done {
+            Ok(Ok(())) => times.push(started.elapsed()),
+            Ok(Err(e)) => panic!("round trip {i} through port {port} failed: {e}"),
+            Err(_) => panic!("round trip {i} through port {port} took over a second"),
+        }
+    }
+    times.sort();
+    times
+}
+
+fn p99(times: &[Duration]) -> Duration {
+    times[(times.len() * 99) / 100]
+}
+
+#[test]
+fn a_thousand_clients_that_stop_reading_freeze_nobody() {
+    raise_nofile(16_384).expect("open-files limit");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let target = rt.block_on(flood_or_echo());
+    let echo = Echo::start();
+    let gw = Gateway::start(
+        &here,
+        GatewaySpec {
+            extra: settings(&[
+                "guard.tunnel_connections_per_ip.per_second=0",
+                &format!("session.lane_buffer={LANE_BUFFER}"),
+                // Stalled clients stay until the test ends.
+                "limits.idle_timeout=0s",
+                "log.level=info",
+            ]),
+            ..Default::default()
+        },
+    );
+    let agent = Agent::start(
+        &here,
+        &gw,
+        Transport::Quic,
+        &[format!("flood={target}"), echo.tunnel("echo")],
+        true,
+        &settings(&["limits.max_connections=4000", "log.level=info"]),
+    );
+    let flood = agent.wait_leased("flood", Duration::from_secs(20)).unwrap();
+    let other = agent.wait_leased("echo", Duration::from_secs(20)).unwrap();
+    assert!(
+        eventually(Duration::from_secs(20), || metric(
+            &gw.metrics(),
+            "relaygate_gateway_lanes_active"
+        ) == Some(2.0)),
+        "the agent's lanes came up"
+    );
+    let rss_before = ProcStats::of(gw.proc.pid()).unwrap().rss_kib;
+    let (base_same, base_other) = rt.block_on(async {
+        (
+            round_trips(flood, b'E', 100).await,
+            round_trips(other, b'E', 100).await,
+        )
+    });
+
+    // The stalled clients: ask for the flood, never read. Small receive
+    // buffers, as an attacker who wants to pin memory at little cost of
+    // its own would set.
+    let stalled = rt.block_on(async {
+        let mut held = Vec::with_capacity(STALLED);
+        for _ in 0..STALLED {
+            let sock = tokio::net::TcpSocket::new_v4().unwrap();
+            sock.set_recv_buffer_size(16 * 1024).unwrap();
+            let mut s = sock.connect(([127, 0, 0, 1], flood).into()).await.unwrap();
+            s.write_all(b"F").await.unwrap();
+            held.push(s);
+        }
+        held
+    });
+    // Their windows fill, then their sockets' buffers in the kernel (about
+    // 1 MiB each here): until then this is a download of 1,000 streams,
+    // after it the stall. Measured once the flood stopped moving.
+    let flooded = || {
+        let body = relaygate_tests::stack::http_get(agent.admin, "/metrics").1;
+        body.lines()
+            .find(|l| {
+                l.contains("tunnel_bytes_total") && l.contains("flood") && l.contains("Outbound")
+            })
+            .and_then(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let mut last = -1.0;
+    let settled = eventually(Duration::from_secs(90), || {
+        std::thread::sleep(Duration::from_secs(1));
+        let now = flooded();
+        let still = now == last;
+        last = now;
+        still
+    });
+    assert!(settled, "the flood never stopped: {last} bytes so far");
+    let committed = metric(&gw.metrics(), "relaygate_gateway_lane_window_bytes").unwrap_or(0.0);
+    let (same, other_t) = rt.block_on(async {
+        (
+            round_trips(flood, b'E', 100).await,
+            round_trips(other, b'E', 100).await,
+        )
+    });
+    let rss_after = ProcStats::of(gw.proc.pid()).unwrap().rss_kib;
+    eprintln!(
+        "stalled {STALLED}: window bytes committed {committed} (budget {LANE_BUFFER}); \
+         gateway RSS {rss_before} -> {rss_after} KiB; round trip p99 same tunnel {:?} -> {:?}, \
+         other tunnel {:?} -> {:?}",
+        p99(&base_same),
+        p99(&same),
+        p99(&base_other),
+        p99(&other_t)
+    );
+    let ceiling = LANE_BUFFER + STALLED as u64 * MIN_WINDOW;
+    assert!(
+        committed > 0.0 && committed <= ceiling as f64,
+        "window bytes committed {committed}, ceiling {ceiling}"
+    );
+    // The honest side: every round trip succeeded (asserted as they ran),
+    // and the slow tail stays near its baseline (2x, plus a few ms of
+    // scheduling noise on a 2-core machine running 1,000 stalled streams).
+    for (base, now, what) in [
+        (&base_same, &same, "same tunnel"),
+        (&base_other, &other_t, "other tunnel"),
+    ] {
+        assert!(
+            p99(now) <= p99(base) * 2 + Duration::from_millis(5),
+            "{what}: p99 {:?} against a baseline of {:?}",
+            p99(now),
+            p99(base)
+        );
+    }
+    // What the gateway holds for them: their windows and their sockets,
+    // not the lane's whole read buffer per client.
+    let grown_mib = (rss_after.saturating_sub(rss_before)) / 1024;
+    assert!(
+        grown_mib < 4 * (ceiling >> 20) + 64,
+        "gateway RSS grew {grown_mib} MiB for {STALLED} stalled clients"
+    );
+    drop(stalled);
+}
