@@ -32,8 +32,8 @@ fn agent_metric(agent: &Agent, name: &str) -> Option<f64> {
     metric(&http_get(agent.admin, "/metrics").1, name)
 }
 
-/// An agent keeps two lanes by default (`session.lanes`).
-const DEFAULT_LANES: f64 = 2.0;
+/// An agent keeps four lanes by default (`session.lanes`).
+const DEFAULT_LANES: f64 = 4.0;
 
 /// Until both ends of `n` lanes are up. The agent's handshake ends a moment
 /// before the gateway's; until then connections travel on the session.

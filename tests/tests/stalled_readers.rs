@@ -112,7 +112,7 @@ fn a_thousand_clients_that_stop_reading_freeze_nobody() {
         eventually(Duration::from_secs(20), || metric(
             &gw.metrics(),
             "relaygate_gateway_lanes_active"
-        ) == Some(2.0)),
+        ) == Some(4.0)),
         "the agent's lanes came up"
     );
     let rss_before = ProcStats::of(gw.proc.pid()).unwrap().rss_kib;

@@ -35,8 +35,10 @@ pub const OPEN_WINDOW: u32 = 256 * 1024;
 /// No stream starts below this, even with its budget spent: enough for
 /// request-response traffic to keep moving.
 pub const MIN_WINDOW: u32 = 16 * 1024;
-/// The largest window a stream grows to by default: 150 ms at 1.8 Gbit/s.
-pub const MAX_WINDOW: u32 = 32 << 20;
+/// The largest window a stream grows to by default: what one connection
+/// needs to fill 150 ms at about 2 Gbit/s (the window also covers the
+/// queues along the path, not only its round trip).
+pub const MAX_WINDOW: u32 = 64 << 20;
 /// Windows of lanes to peers that predate window tuning: fixed at 1 MiB and
 /// not named in `Open` (see [`LaneFlow::Fixed`]).
 pub const FIXED_WINDOW: u32 = 1 << 20;

@@ -107,8 +107,8 @@ pub async fn throughput_each(sinks: &[SocketAddr], d: Duration) -> anyhow::Resul
     Ok(total)
 }
 
-pub async fn start_sink(port: u16) -> anyhow::Result<SocketAddr> {
-    let l = TcpListener::bind(("127.0.0.1", port)).await?;
+pub async fn start_sink(at: SocketAddr) -> anyhow::Result<SocketAddr> {
+    let l = TcpListener::bind(at).await?;
     let addr = l.local_addr()?;
     tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {
@@ -131,8 +131,8 @@ pub async fn start_sink(port: u16) -> anyhow::Result<SocketAddr> {
     Ok(addr)
 }
 
-pub async fn start_echo(port: u16) -> anyhow::Result<SocketAddr> {
-    let l = TcpListener::bind(("127.0.0.1", port)).await?;
+pub async fn start_echo(at: SocketAddr) -> anyhow::Result<SocketAddr> {
+    let l = TcpListener::bind(at).await?;
     let addr = l.local_addr()?;
     tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {
@@ -146,4 +146,3 @@ pub async fn start_echo(port: u16) -> anyhow::Result<SocketAddr> {
     });
     Ok(addr)
 }
-

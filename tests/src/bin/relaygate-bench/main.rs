@@ -12,6 +12,7 @@
 
 mod load;
 mod report;
+mod wan;
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
@@ -47,6 +48,9 @@ struct Args {
     /// Internal: serve as the targets process (sink and echo).
     #[arg(long, hide = true)]
     serve_targets: bool,
+    /// Internal: the address the targets listen on.
+    #[arg(long, hide = true, default_value = "127.0.0.1")]
+    targets_bind: std::net::IpAddr,
     /// Internal: serve as a plain TCP relay to each of these addresses.
     #[arg(long, hide = true, num_args = 1..)]
     serve_relays: Vec<SocketAddr>,
@@ -58,7 +62,7 @@ struct Args {
     #[arg(long, default_value = "lane")]
     data_path: String,
     /// Lanes the agent keeps (its `session.lanes`, 1 to 8; the gateway takes up to 8).
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=8))]
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(1..=8))]
     lanes: u8,
     /// Measure only this figure, direct and through the tunnel, for
     /// `--seconds`, print both and exit without a report (for profiling and
@@ -72,8 +76,26 @@ struct Args {
     /// With `--only`: measure through these sink and echo addresses
     /// (`SINK,ECHO`: another tunnel's public side, leading to the targets at
     /// `--targets-ports`) instead of through gateway+agent.
-    #[arg(long, value_delimiter = ',', requires = "only")]
+    #[arg(long, value_delimiter = ',')]
     via: Vec<SocketAddr>,
+    /// With `--rtt` or `--wan`: a shell command that sets up the `--via`
+    /// tunnel in each WAN lab (run with RELAYGATE_NEAR_NS, RELAYGATE_FAR_NS,
+    /// RELAYGATE_NEAR_IP, RELAYGATE_FAR_IP and RELAYGATE_SINK, the sink as
+    /// the far host sees it; killed when the lab goes).
+    #[arg(long, requires = "via")]
+    via_setup: Option<String>,
+    /// Measure over a WAN lab with this round-trip time instead of on
+    /// loopback (`50ms`, `0.15s`): 1 and 8 streams through gateway+agent and
+    /// direct over the same path. Needs root.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    rtt: Option<Duration>,
+    /// With `--rtt`: the share of packets the lab's router drops, each way.
+    #[arg(long, default_value_t = 0.0, requires = "rtt")]
+    loss: f64,
+    /// After the loopback figures, the WAN table: 0, 50 and 150 ms RTT, each
+    /// without and with 1% loss. Needs root.
+    #[arg(long)]
+    wan: bool,
     /// Where to write the report.
     #[arg(long, default_value = "BENCHMARKS.md")]
     output: PathBuf,
@@ -122,7 +144,7 @@ fn main() -> anyhow::Result<()> {
         _ => anyhow::bail!("--targets-ports takes two ports: SINK,ECHO"),
     };
     if a.serve_targets {
-        return serve_targets(sink_port, echo_port);
+        return serve_targets(a.targets_bind, sink_port, echo_port);
     }
     anyhow::ensure!(
         a.via.is_empty() || a.via.len() == 2,
@@ -142,6 +164,12 @@ fn main() -> anyhow::Result<()> {
     } else {
         Transport::Quic
     };
+    if let Some(rtt) = a.rtt {
+        // One WAN point: print it, write no report.
+        let f = wan::run(&a, transport, &[wan::Point { rtt, loss: a.loss }])?;
+        print!("{}", report::wan_table(&f));
+        return Ok(());
+    }
     let rt = runtime()?;
     let (_targets, sink, echo) = spawn_targets(&a.targets_ports)?;
 
@@ -264,7 +292,28 @@ fn main() -> anyhow::Result<()> {
         0 => None,
         n => Some(rt.block_on(fleet(&gw, transport, &a, sink, tunnel_sink, n, d))?),
     };
-    let report = report::render(&a, transport, [&direct, &chain, &tunnel], &memory, &fleet);
+    // The CI smoke run takes one WAN point too, so the lab keeps working.
+    let points = if a.wan {
+        wan::Point::table()
+    } else if a.quick && relaygate_tests::netlab::require_root("relaygate-bench --quick WAN point")
+    {
+        vec![wan::Point {
+            rtt: Duration::from_millis(50),
+            loss: 0.0,
+        }]
+    } else {
+        vec![]
+    };
+    drop((gw, agent));
+    let wan = wan::run(&a, transport, &points)?;
+    let report = report::render(
+        &a,
+        transport,
+        [&direct, &chain, &tunnel],
+        &memory,
+        &fleet,
+        &wan,
+    );
     println!("{report}");
     std::fs::write(&a.output, &report)?;
     eprintln!("wrote {}", a.output.display());
@@ -389,11 +438,25 @@ async fn fleet(
 fn spawn_targets(
     ports: &[u16],
 ) -> anyhow::Result<(relaygate_tests::procs::Proc, SocketAddr, SocketAddr)> {
-    let mut args = vec!["--serve-targets".to_string()];
+    spawn_targets_with(&here, "127.0.0.1", ports)
+}
+
+/// The targets process, started through `launch` (e.g. in a namespace) and
+/// listening on `bind`.
+fn spawn_targets_with(
+    launch: relaygate_tests::stack::Launch,
+    bind: &str,
+    ports: &[u16],
+) -> anyhow::Result<(relaygate_tests::procs::Proc, SocketAddr, SocketAddr)> {
+    let mut args = vec![
+        "--serve-targets".to_string(),
+        "--targets-bind".into(),
+        bind.into(),
+    ];
     if let [s, e] = ports {
         args.extend(["--targets-ports".into(), format!("{s},{e}")]);
     }
-    let (p, line) = spawn_self("targets", &args, "targets listening")?;
+    let (p, line) = spawn_self_with(launch, "targets", &args, "targets listening")?;
     let addr = |key: &str| -> anyhow::Result<SocketAddr> {
         line.split_whitespace()
             .find_map(|w| w.strip_prefix(key))
@@ -426,7 +489,16 @@ fn spawn_self(
     args: &[String],
     ready: &str,
 ) -> anyhow::Result<(relaygate_tests::procs::Proc, String)> {
-    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    spawn_self_with(&here, label, args, ready)
+}
+
+fn spawn_self_with(
+    launch: relaygate_tests::stack::Launch,
+    label: &str,
+    args: &[String],
+    ready: &str,
+) -> anyhow::Result<(relaygate_tests::procs::Proc, String)> {
+    let mut cmd = launch(&std::env::current_exe()?);
     cmd.args(args);
     let p = relaygate_tests::procs::Proc::spawn(label, cmd);
     let line = p
@@ -477,9 +549,12 @@ fn serve_relays(targets: &[SocketAddr]) -> anyhow::Result<()> {
     })
 }
 
-fn serve_targets(sink_port: u16, echo_port: u16) -> anyhow::Result<()> {
+fn serve_targets(bind: std::net::IpAddr, sink_port: u16, echo_port: u16) -> anyhow::Result<()> {
     runtime()?.block_on(async {
-        let (sink, echo) = (start_sink(sink_port).await?, start_echo(echo_port).await?);
+        let (sink, echo) = (
+            start_sink((bind, sink_port).into()).await?,
+            start_echo((bind, echo_port).into()).await?,
+        );
         println!("targets listening sink={sink} echo={echo}");
         std::future::pending::<()>().await;
         Ok(())
@@ -489,4 +564,3 @@ fn serve_targets(sink_port: u16, echo_port: u16) -> anyhow::Result<()> {
 fn rss_kib(pid: u32) -> anyhow::Result<u64> {
     Ok(relaygate_tests::load::ProcStats::of(pid)?.rss_kib)
 }
-

@@ -1,6 +1,6 @@
 //! The report: the tables of BENCHMARKS.md and the machine they were taken on.
 
-use crate::{Args, Figures, Fleet, Memory, Transport};
+use crate::{wan::WanFigures, Args, Figures, Fleet, Memory, Transport};
 
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -13,6 +13,7 @@ pub fn render(
     [direct, chain, tunnel]: [&[Figures]; 3],
     memory: &[Memory],
     fleet: &Option<Fleet>,
+    wan: &[WanFigures],
 ) -> String {
     let pick = |v: &[Figures], f: fn(&Figures) -> f64| median(v.iter().map(f).collect());
     let raw = |v: &[Figures], f: fn(&Figures) -> f64| {
@@ -105,6 +106,17 @@ pub fn render(
             fleet.together_gbit / fleet.one_gbit * 100.0
         ));
     }
+    if !wan.is_empty() {
+        s.push_str(&format!(
+            "\n## Over a WAN\n\nThe WAN lab (tests/src/netlab/wan.rs): the gateway and the load generator on one host, \
+             the agent and the sink on another, a router between them whose userspace delay line delays \
+             (and drops) every packet; jumbo frames, 64 MiB TCP buffers on both hosts. Direct: one TCP \
+             connection per stream from the load generator to the sink over the same path. Medians of {} run(s), \
+             {} s per figure.\n\n",
+            a.runs, a.seconds
+        ));
+        s.push_str(&wan_table(wan));
+    }
     s.push_str("\nRaw values per run (direct | gateway+agent | two plain relays):\n\n");
     for (name, f, _) in rows {
         s.push_str(&format!(
@@ -153,4 +165,34 @@ pub fn machine() -> String {
         "{cpu}, {cores} cores, {mem} GiB RAM, Linux {}, {profile}",
         kernel.trim()
     )
+}
+
+/// The WAN table: Gbit/s by round-trip time and loss.
+pub fn wan_table(wan: &[WanFigures]) -> String {
+    let via = wan.iter().any(|w| w.via.is_some());
+    let mut s = String::from(
+        "| RTT | loss | 1 stream: direct | gateway+agent | ratio | 8 streams: direct | gateway+agent | ratio |",
+    );
+    s.push_str(if via { " via, 1 | via, 8 |\n" } else { "\n" });
+    s.push_str("|---|---|---|---|---|---|---|---|");
+    s.push_str(if via { "---|---|\n" } else { "\n" });
+    for w in wan {
+        s.push_str(&format!(
+            "| {} ms | {}% | {:.2} | {:.2} | {:.0}% | {:.2} | {:.2} | {:.0}% |",
+            w.point.rtt.as_millis(),
+            w.point.loss * 100.0,
+            w.direct[0],
+            w.tunnel[0],
+            w.tunnel[0] / w.direct[0] * 100.0,
+            w.direct[1],
+            w.tunnel[1],
+            w.tunnel[1] / w.direct[1] * 100.0,
+        ));
+        match w.via {
+            Some(v) => s.push_str(&format!(" {:.2} | {:.2} |\n", v[0], v[1])),
+            None if via => s.push_str(" | |\n"),
+            None => s.push('\n'),
+        }
+    }
+    s
 }
