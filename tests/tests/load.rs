@@ -193,8 +193,8 @@ fn two_hundred_agents_on_one_gateway() {
         metric(&gw.metrics(), "relaygate_gateway_sessions_active"),
         Some(AGENTS as f64)
     );
-    // Every agent keeps its two lanes (the gateway once took 64 in all).
-    let lanes = (2 * AGENTS) as f64;
+    // Every agent keeps its four lanes (the gateway once took 64 in all).
+    let lanes = (4 * AGENTS) as f64;
     assert!(
         eventually(Duration::from_secs(60), || metric(
             &gw.metrics(),

@@ -303,6 +303,8 @@ impl Lane {
     pub async fn accept(&self) -> Option<LaneStream> {
         let mut rx = self.incoming.lock().await;
         tokio::select! {
+            // Streams the peer opened before the lane ended are still served.
+            biased;
             s = rx.recv() => s,
             () = self.shared.closed.cancelled() => None,
         }
