@@ -1,6 +1,7 @@
 //! The [`Guard`] applied to libp2p connections: a pending inbound connection
 //! is refused by IP (ban, rate, per-IP cap) before any handshake work; an
-//! established one by peer id (ban). Counts and caps open connections per IP.
+//! established one by peer id (ban). Counts and caps open connections per IP,
+//! giving the count back however a counted connection ends.
 
 use std::{
     collections::HashMap,
@@ -14,8 +15,8 @@ use libp2p::{
     core::{transport::PortUse, Endpoint},
     multiaddr::Protocol,
     swarm::{
-        dummy, ConnectionClosed, ConnectionDenied, ConnectionId, FromSwarm, NetworkBehaviour,
-        THandler, THandlerInEvent, THandlerOutEvent, ToSwarm,
+        dummy, ConnectionClosed, ConnectionDenied, ConnectionId, FromSwarm, ListenFailure,
+        NetworkBehaviour, THandler, THandlerInEvent, THandlerOutEvent, ToSwarm,
     },
     Multiaddr, PeerId,
 };
@@ -118,13 +119,21 @@ impl NetworkBehaviour for Gate {
     }
 
     fn on_swarm_event(&mut self, event: FromSwarm) {
-        if let FromSwarm::ConnectionClosed(ConnectionClosed { connection_id, .. }) = event {
-            if let Some(ip) = self.by_connection.remove(&connection_id) {
-                if let Some(n) = self.per_ip.get_mut(&ip) {
-                    *n = n.saturating_sub(1);
-                    if *n == 0 {
-                        self.per_ip.remove(&ip);
-                    }
+        // A connection counted here ends either closed, or refused after us
+        // by a behaviour listed later (`connection_limits`: per-peer caps),
+        // which the swarm reports as a failed inbound connection. Both give
+        // the count back; before, the second kept it until a restart, so a
+        // twin agent retrying against the per-peer cap locked its address out.
+        let connection_id = match event {
+            FromSwarm::ConnectionClosed(ConnectionClosed { connection_id, .. }) => connection_id,
+            FromSwarm::ListenFailure(ListenFailure { connection_id, .. }) => connection_id,
+            _ => return,
+        };
+        if let Some(ip) = self.by_connection.remove(&connection_id) {
+            if let Some(n) = self.per_ip.get_mut(&ip) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.per_ip.remove(&ip);
                 }
             }
         }

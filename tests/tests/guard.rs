@@ -234,3 +234,65 @@ fn guessing_the_join_token_earns_a_ban() {
         "{list}"
     );
 }
+
+/// A twin that keeps retrying with the identity of a connected peer (a
+/// rolling restart's second pod) is refused by the per-peer cap, and those
+/// refusals do not count against its address: a new peer from the same
+/// address still gets in. Before, each refused twin kept one count of the
+/// per-IP cap until the gateway restarted.
+#[test]
+fn a_twin_refused_per_peer_does_not_use_up_its_address() {
+    let gw = Gateway::start(
+        &here,
+        GatewaySpec {
+            extra: vec![
+                "--set".into(),
+                "limits.max_connections_per_peer=1".into(),
+                "--set".into(),
+                "limits.max_connections_per_ip=4".into(),
+                "--set".into(),
+                "guard.connections_per_ip.per_second=0".into(),
+            ],
+            ..Default::default()
+        },
+    );
+    // The original holds its one connection for the whole test.
+    let mut holder = std::process::Command::new(LAB_NODE);
+    holder.args([
+        "dial",
+        "--addr",
+        &gw.addr(Transport::Tcp),
+        "--pings",
+        "100000",
+        "--timeout-secs",
+        "120",
+        "--seed",
+        "40",
+    ]);
+    let holder = Proc::spawn("holder", holder);
+    holder
+        .wait_for(|l| l.contains(r#""event":"ping""#), Duration::from_secs(15))
+        .expect("the original is connected");
+    // Ten twins, each past the per-peer cap (and together past the per-IP one).
+    for _ in 0..10 {
+        assert!(!dial(&gw, 40), "a twin of a connected peer is refused");
+    }
+    assert!(
+        dial(&gw, 41),
+        "a new peer from the same address gets in: {}",
+        gw.metrics()
+            .lines()
+            .filter(|l| l.contains("refusals_total"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert_eq!(
+        metric_sum(
+            &gw.metrics(),
+            "relaygate_gateway_refusals_total{reason=\"connections_per_ip\"}"
+        ),
+        0.0,
+        "no refusal for the address"
+    );
+    drop(holder);
+}
