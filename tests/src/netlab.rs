@@ -18,6 +18,7 @@
 //! [`WanLab`] (wan.rs) is a second topology on the same namespaces and cleanup:
 //! two hosts with a userspace delay line (delay, loss) between them.
 
+pub mod bulk;
 mod cmd;
 mod owner;
 mod router;

@@ -7,7 +7,7 @@
 use std::{sync::Mutex, time::Duration};
 
 use relaygate_tests::{
-    netlab::{require_root, Host, WanLab, WanPath},
+    netlab::{bulk, require_root, Host, WanLab, WanPath},
     procs::Proc,
 };
 use serde_json::Value;
@@ -24,37 +24,12 @@ fn lab(tag: &str, path: WanPath) -> WanLab {
 
 /// `delay-line sink` listening in `host` on every address.
 fn sink(host: &Host) -> Proc {
-    let mut cmd = host.cmd(DELAY_LINE);
-    cmd.args(["sink", "--listen", &format!("[::]:{SINK_PORT}")]);
-    let p = Proc::spawn("sink", cmd);
-    p.wait_for(
-        |l| l.contains(r#""event":"listening""#),
-        Duration::from_secs(10),
-    )
-    .expect("sink listens");
-    p
+    bulk::sink(DELAY_LINE.as_ref(), host, &format!("[::]:{SINK_PORT}"))
 }
 
 /// `delay-line send` of `bytes` from `host` to `to`; its `sent` report.
 fn send(host: &Host, to: &str, bytes: u64, timeout_secs: u64) -> Value {
-    let out = host
-        .cmd(DELAY_LINE)
-        .args(["send", "--to", to, "--bytes", &bytes.to_string()])
-        .args(["--timeout-secs", &timeout_secs.to_string()])
-        .output()
-        .expect("run delay-line send");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "send failed ({}): {stdout}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .find(|v| v["event"] == "sent")
-        .unwrap_or_else(|| panic!("no sent report in {stdout:?}"))
+    bulk::send(DELAY_LINE.as_ref(), host, to, bytes, timeout_secs)
 }
 
 fn sysctl(host: &Host, key: &str) -> String {

@@ -9,27 +9,12 @@
 use std::{path::Path, thread, time::Duration};
 
 use relaygate_tests::{
-    netlab::{require_root, Host, WanLab, WanPath},
-    procs::Proc,
+    netlab::{bulk, require_root, Host, WanLab, WanPath},
     stack::{eventually, settings, Agent, Gateway, GatewaySpec, Transport},
 };
-use serde_json::Value;
 
 const DELAY_LINE: &str = env!("CARGO_BIN_EXE_delay-line");
 const SINK_PORT: u16 = 5201;
-
-/// `delay-line sink` in `host`, on every address.
-fn sink(host: &Host) -> Proc {
-    let mut cmd = host.cmd(DELAY_LINE);
-    cmd.args(["sink", "--listen", &format!("0.0.0.0:{SINK_PORT}")]);
-    let p = Proc::spawn("sink", cmd);
-    p.wait_for(
-        |l| l.contains(r#""event":"listening""#),
-        Duration::from_secs(10),
-    )
-    .expect("sink listens");
-    p
-}
 
 /// `streams` bulk transfers of `bytes` each from `host` to `to` at once;
 /// their rates added up, in Gbit/s (each over its whole transfer, slow
@@ -37,27 +22,13 @@ fn sink(host: &Host) -> Proc {
 fn push(host: &Host, to: &str, streams: usize, bytes: u64) -> f64 {
     let runs: Vec<_> = (0..streams)
         .map(|_| {
-            let mut cmd = host.cmd(DELAY_LINE);
-            cmd.args(["send", "--to", to, "--bytes", &bytes.to_string()])
-                .args(["--timeout-secs", "120"]);
-            thread::spawn(move || cmd.output().expect("run delay-line send"))
+            let (host, to) = (host.clone(), to.to_string());
+            thread::spawn(move || bulk::send(DELAY_LINE.as_ref(), &host, &to, bytes, 120))
         })
         .collect();
     runs.into_iter()
         .map(|r| {
-            let out = r.join().expect("sender thread");
-            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-            assert!(
-                out.status.success(),
-                "send to {to} failed ({}): {stdout}{}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            );
-            let sent = stdout
-                .lines()
-                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-                .find(|v| v["event"] == "sent")
-                .unwrap_or_else(|| panic!("no sent report in {stdout:?}"));
+            let sent = r.join().expect("sender thread");
             sent["gbit_s"].as_f64().expect("gbit_s")
         })
         .sum()
@@ -77,7 +48,7 @@ fn one_and_eight_streams_fill_a_50ms_path() {
     let (near, far) = (wan.near(), wan.far());
     let in_near = |b: &Path| near.cmd(b);
     let in_far = |b: &Path| far.cmd(b);
-    let _sink = sink(far);
+    let _sink = bulk::sink(DELAY_LINE.as_ref(), far, &format!("0.0.0.0:{SINK_PORT}"));
     let gw = Gateway::start(
         &in_near,
         GatewaySpec {

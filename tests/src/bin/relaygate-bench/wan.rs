@@ -17,7 +17,7 @@ use std::{
 use relaygate_tests::{
     netlab::{require_root, WanLab, WanPath},
     procs::Proc,
-    stack::{eventually, settings, Agent, Gateway, GatewaySpec, Transport},
+    stack::{settings, Agent, Gateway, GatewaySpec, Transport},
 };
 
 use crate::{load::throughput, spawn_targets_with, Args};
@@ -112,7 +112,7 @@ fn point(a: &Args, transport: Transport, line: &Path, p: Point) -> anyhow::Resul
     let port = agent
         .wait_leased("sink", Duration::from_secs(60))
         .map_err(anyhow::Error::msg)?;
-    wait_lanes(&agent.proc, &a.data_path, a.lanes)?;
+    crate::wait_lanes(&agent, &a.data_path, a.lanes)?;
     let via = match (&a.via[..], &a.via_setup) {
         ([s, _], Some(setup)) => Some((*s, via_setup(setup, &lab, sink.port())?)),
         ([s, _], None) => Some((*s, None)),
@@ -204,26 +204,6 @@ fn delay_line() -> anyhow::Result<PathBuf> {
         }
     );
     Ok(line)
-}
-
-/// Once the agent logged `lanes` lanes up, when tunnels should take them.
-fn wait_lanes(agent: &Proc, data_path: &str, lanes: u8) -> anyhow::Result<()> {
-    if data_path != "lane" {
-        return Ok(());
-    }
-    let up = || {
-        agent
-            .lines()
-            .iter()
-            .filter(|l| l.contains("lane up"))
-            .count()
-    };
-    anyhow::ensure!(
-        eventually(Duration::from_secs(30), || up() >= usize::from(lanes)),
-        "the agent's lanes did not come up: {} of {lanes}",
-        up()
-    );
-    Ok(())
 }
 
 /// Starts another tunnel in the lab: `setup` runs under `sh -c` with the
