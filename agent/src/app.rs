@@ -6,7 +6,11 @@ use std::{sync::Arc, time::Duration};
 use anyhow::Context;
 use libp2p::identity::Keypair;
 use relaygate_common::{
-    names::Secret, protocol::SERVICE_PROTOCOL, shutdown, streams::Incoming, transport::DataPath,
+    names::Secret,
+    protocol::{LANE_PROTOCOL, SERVICE_PROTOCOL},
+    shutdown,
+    streams::Incoming,
+    transport::DataPath,
 };
 use tokio::sync::mpsc;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -90,20 +94,28 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         limits,
     ));
     let (to_tunnels, tunnel_streams) = mpsc::channel(cfg.session.max_streams.max(1));
-    let accept = tokio::spawn(route(incoming, to_tunnels, services, tracker.clone()));
     let tunnels_task = tokio::spawn(tunnels.clone().run(tunnel_streams, tracker.clone()));
-    let lane = match cfg.session.data_path {
-        DataPath::Lane => Some(Arc::new(LaneDialer::new(
-            &key,
-            gateway,
-            cfg.session.lanes,
-            cfg.session.lane(),
-            tunnels,
-            tracker.clone(),
-            metrics.clone(),
-        )?)),
-        DataPath::Session => None,
-    };
+    let lanes = Arc::new(LaneDialer::new(
+        &key,
+        gateway,
+        cfg.session.lanes,
+        cfg.session.lane(),
+        tunnels,
+        tracker.clone(),
+        metrics.clone(),
+    )?);
+    let accept = tokio::spawn(route(
+        incoming,
+        to_tunnels,
+        services,
+        Gateway {
+            peer: gateway,
+            lanes: lanes.clone(),
+        },
+        tracker.clone(),
+    ));
+    // Lanes of our own only with `session.data_path = "lane"`.
+    let lane = (cfg.session.data_path == DataPath::Lane).then_some(lanes);
 
     let (mut active, mut refused) = check_delivery(&cfg);
     // Kept until exit: dropping it removes the rules this process installed.
@@ -196,15 +208,30 @@ async fn route(
     mut incoming: mpsc::Receiver<Incoming>,
     tunnels: mpsc::Sender<Incoming>,
     services: Arc<Services>,
+    gateway: Gateway,
     tracker: TaskTracker,
 ) {
     while let Some(i) = incoming.recv().await {
         if i.protocol == SERVICE_PROTOCOL {
             tracker.spawn(services.clone().serve(i.peer, i.connection, i.stream));
+        } else if i.protocol == LANE_PROTOCOL {
+            // Only the gateway carries tunnelled connections.
+            if i.peer == gateway.peer {
+                let lanes = gateway.lanes.clone();
+                tokio::spawn(async move { lanes.serve_session(i.stream).await });
+            } else {
+                gateway.lanes.refuse_stranger();
+            }
         } else if tunnels.send(i).await.is_err() {
             return;
         }
     }
+}
+
+/// Who may open lanes on this agent's session, and who serves them.
+struct Gateway {
+    peer: libp2p::PeerId,
+    lanes: Arc<LaneDialer>,
 }
 
 /// Splits the tunnels into those that can start and those refused, with why.

@@ -25,7 +25,7 @@ use libp2p::{
 };
 use relaygate_common::{
     metrics::{ReasonLabels, Side},
-    protocol::{SERVICE_PROTOCOL, TUNNEL_PROTOCOL},
+    protocol::{LANE_PROTOCOL, SERVICE_PROTOCOL, TUNNEL_PROTOCOL},
     streams::{self, Incoming},
     transport,
 };
@@ -137,10 +137,14 @@ pub fn start(
 ) -> Result<(HostHandle, mpsc::Receiver<Incoming>), transport::BuildError> {
     let ping_cfg = transport::ping_config(&cfg.session);
     // Deep enough for a burst of every stream a session may carry.
-    let (streams, control, incoming) = streams::new(
-        vec![TUNNEL_PROTOCOL, SERVICE_PROTOCOL],
-        cfg.session.max_streams,
-    );
+    let mut protocols = vec![TUNNEL_PROTOCOL, SERVICE_PROTOCOL];
+    // A gateway opens a lane on the session when this agent has none of its
+    // own; with `session.data_path = "session"` it finds it unsupported and
+    // uses session streams.
+    if cfg.session.data_path == transport::DataPath::Lane {
+        protocols.push(LANE_PROTOCOL);
+    }
+    let (streams, control, incoming) = streams::new(protocols, cfg.session.max_streams);
     let gateway = cfg.gateway_peer().ok();
     let use_autonat = cfg.relay.enabled && cfg.relay.autonat;
     let mut swarm = transport::build_relay_client_swarm(key, &cfg.session, |key, relay| {

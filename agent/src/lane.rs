@@ -8,13 +8,14 @@ use std::{sync::Arc, time::Duration};
 use libp2p::{identity::Keypair, multiaddr::Protocol, Multiaddr, PeerId};
 use relaygate_common::{
     lane::{
-        self, Budget, Lane, LaneConfig, LaneCount, LaneError, LaneFlow, LaneLink, LaneSlot, LaneTls,
+        self, Budget, Lane, LaneConfig, LaneCount, LaneError, LaneFlow, LaneKeys, LaneLink,
+        LaneSlot, LaneTls, Role,
     },
     metrics::Held,
-    protocol::Welcome,
+    protocol::{Welcome, LANE_SECRET_LEN},
 };
-use tokio::net::TcpStream;
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio::{io::AsyncReadExt, net::TcpStream};
+use tokio_util::{compat::FuturesAsyncReadCompatExt, sync::CancellationToken, task::TaskTracker};
 
 use crate::{metrics::Metrics, tunnel::Tunnels};
 
@@ -99,13 +100,7 @@ impl LaneDialer {
                     tracing::info!(gateway = %self.gateway, address = %format!("{host}:{port}"), %slot, "lane up");
                     // Counted while up, also when the session's end drops this mid-lane.
                     let up = Held::new(&self.metrics.lanes_active);
-                    while let Some(stream) = lane.accept().await {
-                        if self.draining.is_cancelled() {
-                            self.metrics.refuse("draining");
-                            continue;
-                        }
-                        self.tracker.spawn(self.tunnels.clone().handle_lane(stream));
-                    }
+                    self.serve(&lane, "lane").await;
                     drop(up);
                     tracing::warn!(gateway = %self.gateway, %slot, "lane closed; redialling (tunnels use the other lanes, or the session)");
                 }
@@ -120,6 +115,54 @@ impl LaneDialer {
             tokio::time::sleep(retry).await;
             retry = (retry * 2).min(RETRY_MAX);
         }
+    }
+
+    /// Serves the streams the gateway opens on `lane` until it closes.
+    async fn serve(&self, lane: &Lane, path: &'static str) {
+        while let Some(stream) = lane.accept().await {
+            if self.draining.is_cancelled() {
+                self.metrics.refuse("draining");
+                continue;
+            }
+            self.tracker
+                .spawn(self.tunnels.clone().handle_lane(stream, path));
+        }
+    }
+
+    /// A lane offered by a peer that is not the gateway: counted, dropped.
+    pub fn refuse_stranger(&self) {
+        self.metrics.refuse("lane_not_from_gateway");
+    }
+
+    /// A lane on a session stream the gateway opened (it does when this agent
+    /// has no lane of its own up): its secret first, then the lane's records.
+    pub async fn serve_session(&self, stream: libp2p::Stream) {
+        let mut stream = stream.compat();
+        let mut secret = [0u8; LANE_SECRET_LEN];
+        let read = tokio::time::timeout(DIAL_TIMEOUT, stream.read_exact(&mut secret)).await;
+        if !matches!(read, Ok(Ok(_))) {
+            self.metrics.bad_input("session_lane");
+            return;
+        }
+        let link = LaneLink {
+            budget: self.budget.clone(),
+            rtt: None,
+        };
+        let cfg = LaneConfig {
+            flow: LaneFlow::Tuned,
+            ..self.cfg
+        };
+        let lane = Lane::start(
+            stream,
+            LaneKeys::from_secret(&secret, Role::Dialer),
+            cfg,
+            link,
+        );
+        tracing::info!(gateway = %self.gateway, "session lane up (no lane of our own is up)");
+        let up = Held::new(&self.metrics.lanes_active);
+        self.serve(&lane, "session_lane").await;
+        drop(up);
+        tracing::info!(gateway = %self.gateway, "session lane closed");
     }
 
     async fn dial(

@@ -109,9 +109,10 @@ impl Tunnels {
         }
     }
 
-    /// A stream of the lane: raw bytes, ends and resets are the lane's own.
-    pub async fn handle_lane(self: Arc<Self>, mut stream: LaneStream) {
-        self.metrics.tunnel_path(DataPath::Lane);
+    /// A stream of a lane: raw bytes, ends and resets are the lane's own.
+    /// `path` is `lane`, or `session_lane` for the lane on a session stream.
+    pub async fn handle_lane(self: Arc<Self>, mut stream: LaneStream, path: &'static str) {
+        self.metrics.tunnel_path_named(path);
         let Some(mut d) = self.deliver(&mut stream).await else {
             return;
         };

@@ -169,7 +169,11 @@ impl Core {
     }
 
     pub fn tunnel_path(&self, path: crate::transport::DataPath) {
-        let path = path.as_str();
+        self.tunnel_path_named(path.as_str());
+    }
+
+    /// `lane`, `session`, or `session_lane` (a lane on one session stream).
+    pub fn tunnel_path_named(&self, path: &'static str) {
         self.tunnel_paths.get_or_create(&PathLabels { path }).inc();
     }
 

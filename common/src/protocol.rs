@@ -9,6 +9,10 @@
 //! * [`TUNNEL_PROTOCOL`]: opened by the gateway, one per public connection. It
 //!   starts with a binary [`StreamHeader`]; the agent answers one [`StreamStatus`]
 //!   byte, and from then on the stream carries the connection's bytes untouched.
+//! * [`LANE_PROTOCOL`]: opened by the gateway when an agent has no lane of its
+//!   own up: 32 random bytes (the secret its keys derive from; the stream is
+//!   already confidential and authenticated), then the lane's records, so those
+//!   tunnelled connections get the lane's multiplexer and flow control too.
 //! * [`SERVICE_PROTOCOL`]: opened by a visitor agent toward a peer offering a
 //!   named service (over the relay or a hole-punched connection). It starts with a
 //!   [`ServiceRequest`]; the offering agent answers one [`StreamStatus`] byte, and
@@ -30,6 +34,11 @@ pub const TUNNEL_PROTOCOL: StreamProtocol = StreamProtocol::new("/relaygate/tunn
 /// `relaygate-agent doctor` asks the gateway to connect to one of the agent's
 /// leased ports from the gateway's side and report whether the target answered.
 pub const DIALBACK_PROTOCOL: StreamProtocol = StreamProtocol::new("/relaygate/dialback/1");
+
+/// A lane on one stream of the session (see `lane`), opened by the gateway.
+pub const LANE_PROTOCOL: StreamProtocol = StreamProtocol::new("/relaygate/lane/1");
+/// Bytes of the secret that start a [`LANE_PROTOCOL`] stream.
+pub const LANE_SECRET_LEN: usize = 32;
 
 /// A visitor's stream to a service offered by another agent.
 pub const SERVICE_PROTOCOL: StreamProtocol = StreamProtocol::new("/relaygate/service/1");

@@ -29,6 +29,7 @@ use crate::{
     registry::AgentRegistry,
     reservations::Reservations,
     session::Sessions,
+    session_lane::SessionLanes,
     store::EmbeddedStore,
 };
 
@@ -100,9 +101,20 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     if let Some(conns) = lane_conns {
         tokio::spawn(lanes.clone().serve(conns));
     }
+    let session_lanes = Arc::new(SessionLanes::new(
+        host.control.clone(),
+        lanes.clone(),
+        registry.clone(),
+        metrics.clone(),
+        cfg.session.lane().0,
+    ));
     let dataplane = Arc::new(DataPlane {
         control: host.control.clone(),
         lanes: lanes.clone(),
+        // Only where lanes are on: `session.data_path = "session"` keeps
+        // every connection a session stream.
+        session_lanes: (cfg.session.data_path == relaygate_common::transport::DataPath::Lane)
+            .then_some(session_lanes),
         metrics: metrics.clone(),
         tracker: TaskTracker::new(),
         stop_accepting: CancellationToken::new(),

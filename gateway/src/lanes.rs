@@ -150,7 +150,7 @@ impl Lanes {
 impl Lanes {
     /// The budget `agent`'s lanes share: the one its live lanes hold, or a
     /// new one.
-    fn budget(&self, agent: PeerId) -> Arc<Budget> {
+    pub(crate) fn budget(&self, agent: PeerId) -> Arc<Budget> {
         let mut budgets = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(b) = budgets.get(&agent).and_then(Weak::upgrade) {
             return b;

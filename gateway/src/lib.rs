@@ -25,4 +25,5 @@ pub mod overload; // memory overload: refuse new work above limits.max_memory
 pub mod registry; // live sessions and per-tunnel counters
 pub mod reservations; // relay reservations and circuit slots, within the caps
 pub mod session; // control streams: admit, lease, bind, keep alive
+pub mod session_lane; // a lane on one session stream, for agents without a lane of their own
 pub mod store; // lease persistence: LeaseStore trait, embedded redb store

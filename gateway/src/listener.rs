@@ -29,6 +29,7 @@ use crate::{
     lanes::Lanes,
     metrics::Metrics,
     registry::TunnelStats,
+    session_lane::SessionLanes,
 };
 
 /// How long the gateway waits for the agent to open a stream.
@@ -45,6 +46,9 @@ pub struct DataPlane {
     pub control: relaygate_common::streams::Control,
     /// Agents' lanes, preferred over session streams.
     pub lanes: Arc<Lanes>,
+    /// Lanes on a session stream, for agents with no lane up; none when
+    /// `session.data_path = "session"`.
+    pub session_lanes: Option<Arc<SessionLanes>>,
     pub metrics: Arc<Metrics>,
     /// Tracks every public connection, so shutdown can drain them.
     pub tracker: TaskTracker,
@@ -274,6 +278,14 @@ impl Connection {
                 }
                 Err(e) => {
                     tracing::debug!(agent = %self.agent, error = %e, "lane closed; trying the next")
+                }
+            }
+        }
+        if let Some(lanes) = &self.dp.session_lanes {
+            if let Some(lane) = lanes.get(self.agent, self.connection).await {
+                if let Ok(stream) = lane.open().await {
+                    self.dp.metrics.tunnel_path_named("session_lane");
+                    return self.forward_lane(stream, origin).await;
                 }
             }
         }

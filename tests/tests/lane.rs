@@ -174,6 +174,61 @@ fn a_gateway_without_lanes_carries_tunnels_on_the_session() {
 }
 
 #[test]
+fn an_agent_that_cannot_reach_the_lane_port_gets_a_lane_on_its_session() {
+    // The gateway names a TCP port for lanes that nothing listens on (a
+    // firewall, a balancer that forwards UDP only): the agent's lanes never
+    // come up, and its connections ride a lane on one session stream, with
+    // the same multiplexer and flow control.
+    let closed = relaygate_tests::procs::free_tcp_port();
+    let gw = Gateway::start(
+        &here,
+        GatewaySpec {
+            extra: vec!["--advertise".into(), format!("/ip4/127.0.0.1/tcp/{closed}")],
+            ..Default::default()
+        },
+    );
+    let echo = Echo::start();
+    let agent = Agent::start(
+        &here,
+        &gw,
+        Transport::Quic,
+        &[echo.tunnel("node")],
+        true,
+        &[],
+    );
+    let port = agent.wait_leased("node", LEASE).expect("lease");
+    agent
+        .proc
+        .wait_for(|l| l.contains("cannot open the lane"), LEASE)
+        .expect("the agent's own lanes fail");
+    round_trips_at_once(port, 8, 300_000, "session lane");
+    assert!(
+        agent
+            .proc
+            .lines()
+            .iter()
+            .any(|l| l.contains("session lane up")),
+        "the gateway opened a lane on the session"
+    );
+    assert_eq!(
+        metric(
+            &gw.metrics(),
+            "relaygate_gateway_tunnel_paths_total{path=\"session_lane\"}"
+        ),
+        Some(8.0),
+        "every connection took the session lane"
+    );
+    assert_eq!(
+        agent_metric(
+            &agent,
+            "relaygate_agent_tunnel_paths_total{path=\"session\"}"
+        ),
+        None,
+        "none travelled as a session stream"
+    );
+}
+
+#[test]
 fn lanes_from_strangers_and_garbage_are_refused_and_counted() {
     let (gw, _echo, agent, port) = echo_tunnel(&[], Transport::Quic, &[]);
     wait_lanes(&gw, &agent, DEFAULT_LANES);

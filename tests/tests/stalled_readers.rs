@@ -82,22 +82,50 @@ fn p99(times: &[Duration]) -> Duration {
     times[(times.len() * 99) / 100]
 }
 
+/// Where the tunnelled connections travel in a run.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Path {
+    /// The agent's own lanes (TCP connections to the gateway).
+    Lanes,
+    /// A lane on one stream of the QUIC session: the gateway names a lane
+    /// port nothing listens on, so the agent's own lanes never come up.
+    SessionLane,
+}
+
+/// The runs take most of the machine: one at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn a_thousand_clients_that_stop_reading_freeze_nobody() {
+    stalled_clients(Path::Lanes);
+}
+
+#[test]
+fn a_thousand_clients_that_stop_reading_freeze_nobody_on_a_session_lane() {
+    stalled_clients(Path::SessionLane);
+}
+
+fn stalled_clients(path: Path) {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     raise_nofile(16_384).expect("open-files limit");
     let rt = tokio::runtime::Runtime::new().unwrap();
     let target = rt.block_on(flood_or_echo());
     let echo = Echo::start();
+    let mut extra = settings(&[
+        "guard.tunnel_connections_per_ip.per_second=0",
+        &format!("session.lane_buffer={LANE_BUFFER}"),
+        // Stalled clients stay until the test ends.
+        "limits.idle_timeout=0s",
+        "log.level=info",
+    ]);
+    if path == Path::SessionLane {
+        let closed = relaygate_tests::procs::free_tcp_port();
+        extra.extend(["--advertise".into(), format!("/ip4/127.0.0.1/tcp/{closed}")]);
+    }
     let gw = Gateway::start(
         &here,
         GatewaySpec {
-            extra: settings(&[
-                "guard.tunnel_connections_per_ip.per_second=0",
-                &format!("session.lane_buffer={LANE_BUFFER}"),
-                // Stalled clients stay until the test ends.
-                "limits.idle_timeout=0s",
-                "log.level=info",
-            ]),
+            extra,
             ..Default::default()
         },
     );
@@ -111,13 +139,24 @@ fn a_thousand_clients_that_stop_reading_freeze_nobody() {
     );
     let flood = agent.wait_leased("flood", Duration::from_secs(20)).unwrap();
     let other = agent.wait_leased("echo", Duration::from_secs(20)).unwrap();
-    assert!(
-        eventually(Duration::from_secs(20), || metric(
-            &gw.metrics(),
-            "relaygate_gateway_lanes_active"
-        ) == Some(4.0)),
-        "the agent's lanes came up"
-    );
+    match path {
+        Path::Lanes => assert!(
+            eventually(Duration::from_secs(20), || metric(
+                &gw.metrics(),
+                "relaygate_gateway_lanes_active"
+            ) == Some(4.0)),
+            "the agent's lanes came up"
+        ),
+        Path::SessionLane => {
+            agent
+                .proc
+                .wait_for(
+                    |l| l.contains("cannot open the lane"),
+                    Duration::from_secs(20),
+                )
+                .expect("the agent's own lanes fail");
+        }
+    }
     let rss_before = ProcStats::of(gw.proc.pid()).unwrap().rss_kib;
     let (base_same, base_other) = rt.block_on(async {
         (
@@ -168,7 +207,7 @@ fn a_thousand_clients_that_stop_reading_freeze_nobody() {
     });
     let rss_after = ProcStats::of(gw.proc.pid()).unwrap().rss_kib;
     eprintln!(
-        "stalled {STALLED}: window bytes committed {committed} (budget {LANE_BUFFER}); \
+        "{path:?}: stalled {STALLED}: window bytes committed {committed} (budget {LANE_BUFFER}); \
          gateway RSS {rss_before} -> {rss_after} KiB; round trip p99 same tunnel {:?} -> {:?}, \
          other tunnel {:?} -> {:?}",
         p99(&base_same),
@@ -203,6 +242,17 @@ fn a_thousand_clients_that_stop_reading_freeze_nobody() {
     assert!(
         grown_mib < 4 * (ceiling >> 20) + 64,
         "gateway RSS grew {grown_mib} MiB for {STALLED} stalled clients"
+    );
+    let label = match path {
+        Path::Lanes => "lane",
+        Path::SessionLane => "session_lane",
+    };
+    assert!(
+        metric(
+            &gw.metrics(),
+            &format!("relaygate_gateway_tunnel_paths_total{{path=\"{label}\"}}")
+        ) >= Some(STALLED as f64),
+        "{path:?}: the connections took the {label} path"
     );
     drop(stalled);
 }
