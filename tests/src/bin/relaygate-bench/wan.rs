@@ -20,7 +20,7 @@ use relaygate_tests::{
     stack::{settings, Agent, Gateway, GatewaySpec, Transport},
 };
 
-use crate::{load::throughput, spawn_targets_with, Args};
+use crate::{load::throughput, roles::spawn_targets_with, Args};
 
 /// One point of the WAN table.
 #[derive(Clone, Copy, Debug)]
