@@ -21,16 +21,20 @@ use relaygate_common::{
     metrics::Held,
     proxy_transport::Diverted,
 };
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::mpsc;
 
 use crate::{
     guard::{Action, Guard},
+    handshakes::{Handshakes, Permit},
     metrics::Metrics,
     registry::AgentRegistry,
 };
 
 /// Lane handshakes in progress at once; more are refused until one ends.
 const MAX_HANDSHAKES: usize = 64;
+/// Of those, what one source (an IPv4 address, an IPv6 /64) may hold: a
+/// handshake that stalls holds its place for the handshake timeout (10 s).
+const HANDSHAKES_PER_SOURCE: usize = 4;
 
 pub struct Lanes {
     tls: LaneTls,
@@ -45,7 +49,7 @@ pub struct Lanes {
     registry: Arc<AgentRegistry>,
     guard: Arc<Guard>,
     metrics: Arc<Metrics>,
-    handshakes: Arc<Semaphore>,
+    handshakes: Handshakes,
 }
 
 impl Lanes {
@@ -67,7 +71,7 @@ impl Lanes {
             registry,
             guard,
             metrics,
-            handshakes: Arc::new(Semaphore::new(MAX_HANDSHAKES)),
+            handshakes: Handshakes::new(MAX_HANDSHAKES, HANDSHAKES_PER_SOURCE),
         })
     }
 
@@ -87,9 +91,12 @@ impl Lanes {
             {
                 continue;
             }
-            let Ok(permit) = self.handshakes.clone().try_acquire_owned() else {
-                self.metrics.refuse("lane_handshakes_busy");
-                continue;
+            let permit = match self.handshakes.try_acquire(d.remote.ip()) {
+                Ok(p) => p,
+                Err(busy) => {
+                    self.metrics.refuse(busy.reason());
+                    continue;
+                }
             };
             tokio::spawn(self.clone().admit(d, permit));
         }
@@ -97,7 +104,7 @@ impl Lanes {
 
     /// Runs one lane from its handshake to its end. `handshake` is its place
     /// among the handshakes in progress, given back once the handshake ends.
-    async fn admit(self: Arc<Self>, d: Diverted, handshake: OwnedSemaphorePermit) {
+    async fn admit(self: Arc<Self>, d: Diverted, handshake: Permit) {
         // The lane owns the socket from here on; the probe runs inside it.
         let rtt = relaygate_common::lane::prepare_socket(&d.tcp).ok();
         // No buffer under the lane: it writes its records gathered, in one call.

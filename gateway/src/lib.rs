@@ -15,6 +15,7 @@ pub mod config; // the configuration model
 pub mod dialback; // doctor's dial-back: connect to an agent's own leased port from the gateway
 pub mod gate; // the guard on libp2p connections: refuse by IP before the handshake, by peer after
 pub mod guard; // blacklist, per-IP / per-peer token buckets, automatic bans
+pub mod handshakes; // lane handshakes in progress: a gateway cap and a per-source share
 pub mod hop; // circuit relay v2 hop: RESERVE, CONNECT, STOP
 pub mod host; // libp2p host: listeners, identify, ping, AutoNAT server, stream protocols
 pub mod lanes; // agents' lanes: the TLS connections that carry tunnelled connections

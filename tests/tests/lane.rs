@@ -333,3 +333,75 @@ fn an_agent_keeps_its_lanes_in_slots_within_the_gateways_limit() {
         "all connections took a lane"
     );
 }
+
+/// A TCP connection to `to` from `from` that starts a TLS handshake with one
+/// byte and goes silent.
+fn stalled_handshake(from: std::net::IpAddr, to: u16) -> Option<socket2::Socket> {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).ok()?;
+    s.bind(&std::net::SocketAddr::new(from, 0).into()).ok()?;
+    s.connect(&std::net::SocketAddr::from(([127, 0, 0, 1], to)).into())
+        .ok()?;
+    (&s).write_all(&[0x16]).ok()?;
+    s.set_nonblocking(true).ok()?;
+    Some(s)
+}
+
+#[test]
+fn stalled_handshakes_from_one_address_leave_agents_their_lanes() {
+    // Another address on loopback keeps 100 lane handshakes stalled (every
+    // one the gateway times out is opened again) while an agent comes up:
+    // that address gets its share of the handshakes in progress, the agent
+    // gets all its lanes. Before, 64 stalled handshakes from anywhere held
+    // every place, and agents could not dial or redial their lanes.
+    let gw = Gateway::start(
+        &here,
+        GatewaySpec {
+            extra: settings(&["guard.connections_per_ip.per_second=0"]),
+            ..Default::default()
+        },
+    );
+    let attacker: std::net::IpAddr = [127, 0, 0, 2].into();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (stop2, port) = (stop.clone(), gw.tcp);
+    let pressure = thread::spawn(move || {
+        let mut held = Vec::new();
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+            // Forget the ones the gateway closed, open new ones up to 100.
+            held.retain(|s: &socket2::Socket| {
+                let mut b = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+                matches!(s.recv(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+            });
+            while held.len() < 100 {
+                match stalled_handshake(attacker, port) {
+                    Some(s) => held.push(s),
+                    None => break,
+                }
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    });
+    thread::sleep(Duration::from_secs(1));
+    let echo = Echo::start();
+    let agent = Agent::start(
+        &here,
+        &gw,
+        Transport::Quic,
+        &[echo.tunnel("node")],
+        true,
+        &[],
+    );
+    let port = agent.wait_leased("node", LEASE).expect("lease");
+    wait_lanes(&gw, &agent, DEFAULT_LANES);
+    let data = random(200_000);
+    assert!(round_trip(port, &data).expect("round trip") == data);
+    let m = gw.metrics();
+    assert!(
+        metric(
+            &m,
+            "relaygate_gateway_refusals_total{reason=\"lane_handshakes_per_source\"}"
+        ) >= Some(1.0),
+        "the stalling address was held to its share: {m}"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = pressure.join();
+}

@@ -1,0 +1,147 @@
+//! Lane handshakes in progress: a cap for the whole gateway and a share per
+//! source, so that one address (or one IPv6 /64, which one host can fill
+//! with addresses) holding stalled handshakes cannot keep every agent from
+//! dialling its lanes. A handshake's place is given back when its permit
+//! drops, however the handshake ended.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv6Addr},
+    sync::{Arc, Mutex},
+};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// Why a handshake was not started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Busy {
+    /// The gateway's cap is reached.
+    Total,
+    /// This source's share is reached.
+    Source,
+}
+
+impl Busy {
+    /// Label for `refusals_total`.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Busy::Total => "lane_handshakes_busy",
+            Busy::Source => "lane_handshakes_per_source",
+        }
+    }
+}
+
+type Counts = Arc<Mutex<HashMap<IpAddr, usize>>>;
+
+pub struct Handshakes {
+    total: Arc<Semaphore>,
+    share: usize,
+    per_source: Counts,
+}
+
+/// One handshake's place.
+pub struct Permit {
+    _total: OwnedSemaphorePermit,
+    source: IpAddr,
+    per_source: Counts,
+}
+
+impl Handshakes {
+    pub fn new(total: usize, share: usize) -> Self {
+        Self {
+            total: Arc::new(Semaphore::new(total)),
+            share: share.max(1),
+            per_source: Arc::default(),
+        }
+    }
+
+    pub fn try_acquire(&self, ip: IpAddr) -> Result<Permit, Busy> {
+        let source = source_of(ip);
+        let mut counts = lock(&self.per_source);
+        let held = counts.entry(source).or_default();
+        if *held >= self.share {
+            return Err(Busy::Source);
+        }
+        let total = self
+            .total
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Busy::Total)?;
+        *held += 1;
+        Ok(Permit {
+            _total: total,
+            source,
+            per_source: self.per_source.clone(),
+        })
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let mut counts = lock(&self.per_source);
+        if let Some(n) = counts.get_mut(&self.source) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.remove(&self.source);
+            }
+        }
+    }
+}
+
+/// An IPv4 address, or the /64 of an IPv6 one.
+fn source_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let mut s = v6.segments();
+                s[4..].fill(0);
+                IpAddr::V6(Ipv6Addr::from(s))
+            }
+        },
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_source_gets_its_share_and_gives_it_back() {
+        let h = Handshakes::new(5, 2);
+        let a: IpAddr = "198.51.100.7".parse().unwrap();
+        let b: IpAddr = "198.51.100.8".parse().unwrap();
+        let (p1, p2) = (h.try_acquire(a).unwrap(), h.try_acquire(a).unwrap());
+        assert_eq!(h.try_acquire(a).err(), Some(Busy::Source));
+        let others: Vec<_> = (0..3).map(|_| h.try_acquire(b)).collect();
+        assert_eq!(others[2].as_ref().err(), Some(&Busy::Source));
+        drop(p1);
+        let _p3 = h.try_acquire(a).expect("a place given back");
+        drop((p2, others));
+        assert!(lock(&h.per_source).len() == 1);
+    }
+
+    #[test]
+    fn one_v6_slash_64_is_one_source() {
+        let h = Handshakes::new(10, 1);
+        let _p = h.try_acquire("2001:db8:1:2::1".parse().unwrap()).unwrap();
+        assert_eq!(
+            h.try_acquire("2001:db8:1:2:ffff::9".parse().unwrap()).err(),
+            Some(Busy::Source)
+        );
+        assert!(h.try_acquire("2001:db8:1:3::1".parse().unwrap()).is_ok());
+        let _v4 = h
+            .try_acquire("::ffff:198.51.100.7".parse().unwrap())
+            .unwrap();
+        assert_eq!(
+            h.try_acquire("198.51.100.7".parse().unwrap()).err(),
+            Some(Busy::Source),
+            "a mapped address is its IPv4 source"
+        );
+    }
+}
