@@ -364,8 +364,10 @@ impl Guard {
 
     /// Adds (or replaces) a ban.
     pub fn ban(&self, req: BanRequest, source: BanSource) -> BanView {
-        let until = req.ttl.map(|t| Instant::now() + t);
-        let expires = req.ttl.and_then(|t| {
+        // A ttl too long for the clock (`"ttl":"18446744073709551615s"`) is a
+        // permanent ban, not an overflow that panics the handler.
+        let until = req.ttl.and_then(|t| Instant::now().checked_add(t));
+        let expires = req.ttl.filter(|_| until.is_some()).and_then(|t| {
             SystemTime::now()
                 .checked_add(t)?
                 .duration_since(SystemTime::UNIX_EPOCH)

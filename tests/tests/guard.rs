@@ -83,6 +83,22 @@ fn blacklist_changes_at_runtime_for_networks_and_peers() {
     );
     assert_eq!(code, 201, "{body}");
     assert!(!dial(&gw, 5), "a banned peer id is refused");
+
+    // A ttl too long for the clock is a permanent ban, not a crash (on
+    // ecf9cf7 `Instant + ttl` overflowed and panicked the handler).
+    let (code, body) = http(
+        gw.admin,
+        "POST",
+        "/v1/blacklist",
+        &format!(
+            r#"{{"target":"{}","reason":"forever","ttl":"18446744073709551615s"}}"#,
+            seed_peer_id(7)
+        ),
+    );
+    assert_eq!(code, 201, "{body}");
+    let ban: serde_json::Value = serde_json::from_str(&body).expect("the ban as JSON");
+    assert!(ban["expires"].is_null(), "a permanent ban: {body}");
+    assert!(!dial(&gw, 7), "the long ban holds");
     assert!(dial(&gw, 6), "another peer still gets in");
 
     // Ban the loopback network: new public connections and sessions from it are refused.
