@@ -5,12 +5,7 @@
 //! encoding, or hex of the 64 raw Ed25519 bytes (seed || public key) that
 //! go-libp2p and Teranode's `p2p_private_key` use, or hex of a 32-byte seed.
 
-use std::{
-    fs,
-    io::Write,
-    os::unix::fs::{OpenOptionsExt, PermissionsExt},
-    path::Path,
-};
+use std::{fs, io::Write, os::unix::fs::PermissionsExt, path::Path};
 
 use libp2p::identity::{ed25519, Keypair};
 use serde::{Deserialize, Serialize};
@@ -103,8 +98,12 @@ pub fn load_or_create(path: &Path) -> Result<(Keypair, KeySource), IdentityError
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let key = Keypair::generate_ed25519();
-            write_key(path, &key)?;
-            Ok((key, KeySource::Created))
+            if write_key(path, &key)? {
+                Ok((key, KeySource::Created))
+            } else {
+                // Another process created it first: its key is the identity.
+                load_or_create(path)
+            }
         }
         Err(source) => Err(IdentityError::Read {
             path: path.display().to_string(),
@@ -141,8 +140,13 @@ pub fn parse_key(bytes: &[u8]) -> Result<Keypair, IdentityError> {
     }
 }
 
-/// Writes `key` to `path` with mode 0600, atomically (temp file + rename).
-pub fn write_key(path: &Path, key: &Keypair) -> Result<(), IdentityError> {
+/// Writes `key` to `path` with mode 0600, atomically, unless a key is there
+/// already: true if this call created it, false if another process got there
+/// first (two processes starting on one data dir). The key goes to a
+/// uniquely named temporary file (0600) in the same directory, is synced,
+/// then linked into place only if the name is free, and the directory is
+/// synced so the new name survives a crash.
+pub fn write_key(path: &Path, key: &Keypair) -> Result<bool, IdentityError> {
     let werr = |source| IdentityError::Write {
         path: path.display().to_string(),
         source,
@@ -150,23 +154,27 @@ pub fn write_key(path: &Path, key: &Keypair) -> Result<(), IdentityError> {
     let bytes = key
         .to_protobuf_encoding()
         .map_err(|e| werr(std::io::Error::other(e.to_string())))?;
-    if let Some(dir) = path.parent() {
-        if !dir.as_os_str().is_empty() {
-            fs::create_dir_all(dir).map_err(werr)?;
-        }
-    }
-    let tmp = path.with_extension("tmp");
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    fs::create_dir_all(dir).map_err(werr)?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".identity-")
+        .permissions(fs::Permissions::from_mode(0o600))
+        .tempfile_in(dir)
         .map_err(werr)?;
-    f.write_all(&bytes).map_err(werr)?;
-    f.sync_all().map_err(werr)?;
-    fs::rename(&tmp, path).map_err(werr)?;
-    Ok(())
+    tmp.write_all(&bytes).map_err(werr)?;
+    tmp.as_file().sync_all().map_err(werr)?;
+    match tmp.persist_noclobber(path) {
+        Ok(_) => {}
+        Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
+        Err(e) => return Err(werr(e.error)),
+    }
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(werr)?;
+    Ok(true)
 }
 
 fn warn_if_readable_by_others(path: &Path) {
@@ -199,6 +207,41 @@ mod tests {
         assert_eq!(src, KeySource::Loaded);
         assert_eq!(a.public().to_peer_id(), b.public().to_peer_id());
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn processes_creating_one_key_at_once_agree_on_it() {
+        // Seen on ecf9cf7: `relaygate-gateway peer-id` run while the gateway
+        // started made it exit with "cannot write key file": both wrote one
+        // fixed `<key>.tmp`. Now one creates it and the others load it.
+        for round in 0..20 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir
+                .path()
+                .join(format!("keys-{round}"))
+                .join("identity.key");
+            let ids: Vec<_> = (0..8)
+                .map(|_| {
+                    let path = path.clone();
+                    std::thread::spawn(move || {
+                        load_or_create(&path).map(|(k, s)| (k.public().to_peer_id(), s))
+                    })
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+                .map(|t| t.join().unwrap().expect("every process gets a key"))
+                .collect();
+            assert!(
+                ids.iter().all(|(id, _)| *id == ids[0].0),
+                "one identity: {ids:?}"
+            );
+            let created = ids.iter().filter(|(_, s)| *s == KeySource::Created).count();
+            assert_eq!(created, 1, "one creator");
+            let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600);
+            let leftovers = fs::read_dir(path.parent().unwrap()).unwrap().count();
+            assert_eq!(leftovers, 1, "no temporary files left");
+        }
     }
 
     #[test]
