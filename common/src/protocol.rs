@@ -111,8 +111,9 @@ pub enum ControlMessage {
 }
 
 /// First message of a session: who I am (the libp2p peer id says that), how I
-/// was admitted, and which tunnels I want.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// was admitted, and which tunnels I want. Its `Debug` hides the token: a
+/// logged message must not carry it.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Hello {
     pub version: u16,
@@ -120,6 +121,16 @@ pub struct Hello {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
     pub tunnels: Vec<TunnelRequest>,
+}
+
+impl std::fmt::Debug for Hello {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hello")
+            .field("version", &self.version)
+            .field("token", &self.token.as_ref().map(|_| crate::names::MASK))
+            .field("tunnels", &self.tunnels)
+            .finish()
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -575,6 +586,20 @@ impl StreamStatus {
 mod tests {
     use super::*;
     use crate::lane::{LaneCount, MAX_LANES};
+
+    #[test]
+    fn a_logged_hello_hides_its_token() {
+        let hello = ControlMessage::Hello(Hello {
+            version: WIRE_VERSION,
+            token: Some("rgt_supersecret".into()),
+            tunnels: vec![],
+        });
+        let shown = format!("{hello:?}");
+        assert!(
+            !shown.contains("supersecret") && shown.contains("***"),
+            "{shown}"
+        );
+    }
 
     fn header(src: &str, dst: &str) -> StreamHeader {
         StreamHeader {

@@ -321,16 +321,17 @@ fn print_banner(
     s.push_str("Run an agent next to your node with:\n");
     match token {
         Some((t, true)) => {
+            // In the environment, not on the command line, where `ps` shows it.
             s.push_str(&format!(
-                "  relaygate-agent {} --token {} --tunnel node=127.0.0.1:9905\n",
-                gw.join(" "),
-                t.expose()
+                "  RELAYGATE_GATEWAY__TOKEN={} relaygate-agent {} --tunnel node=127.0.0.1:9905\n",
+                t.expose(),
+                gw.join(" ")
             ));
             s.push_str(&format!("(the join token was just created in {}; it is shown only now, `relaygate-gateway token` prints it again)\n", cfg.token_file().display()));
         }
         Some((_, false)) => {
             s.push_str(&format!(
-                "  relaygate-agent {} --token <join token> --tunnel node=127.0.0.1:9905\n",
+                "  RELAYGATE_GATEWAY__TOKEN=<join token> relaygate-agent {} --tunnel node=127.0.0.1:9905\n",
                 gw.join(" ")
             ));
             s.push_str("(print the join token with `relaygate-gateway token`)\n");
