@@ -118,6 +118,8 @@ pub(super) struct Shared {
     /// Data, opens, fins and resets, in the order they were made.
     pub(super) ordered: mpsc::Sender<Out>,
     /// Credit and pings: they concern no queued frame, so they may overtake.
+    /// Unbounded, yet bounded by the peer: a credit answers at least a
+    /// quarter window of its data, which it sends only within our credit.
     pub(super) urgent: mpsc::UnboundedSender<[u8; HEADER_LEN]>,
     streams: Mutex<HashMap<u32, Slot>>,
     next_id: AtomicU32,
@@ -138,12 +140,16 @@ impl Shared {
             .send(Header::new(stream, Kind::Credit, n).encode());
     }
 
-    /// A reset for a stream the peer opened and this side never took: no
-    /// frame of ours for it can be queued, so it may overtake.
-    pub(super) fn refuse(&self, stream: u32) {
-        let _ = self
-            .urgent
-            .send(Header::new(stream, Kind::Reset, 0).encode());
+    /// A reset for a stream the peer opened past our limit. It goes on the
+    /// bounded queue: a peer that keeps opening past the limit while not
+    /// reading our refusals would otherwise grow this side's memory without
+    /// end. False when the queue is full: the caller ends the lane.
+    pub(super) fn refuse(&self, stream: u32) -> bool {
+        let frame = Out::Control(Header::new(stream, Kind::Reset, 0).encode());
+        !matches!(
+            self.ordered.try_send(frame),
+            Err(mpsc::error::TrySendError::Full(_))
+        )
     }
 
     /// A reset after whatever this stream already queued (its open, data or

@@ -111,7 +111,11 @@ fn route(
                     return Err(LaneError::Protocol("open with a wrong or used stream id"));
                 }
                 if shared.streams().len() >= shared.cfg.max_streams {
-                    shared.refuse(h.stream);
+                    if !shared.refuse(h.stream) {
+                        return Err(LaneError::Protocol(
+                            "opens past the stream limit faster than they can be refused",
+                        ));
+                    }
                     continue;
                 }
                 let flow = shared.cfg.flow;

@@ -318,3 +318,36 @@ async fn back_pressure_longer_than_the_silence_limit_keeps_the_lane() {
     round_trip(&agent, &gateway, 100_000).await;
     drop(stalled);
 }
+
+#[tokio::test]
+async fn a_peer_opening_past_the_limit_without_reading_ends_the_lane() {
+    // The gateway's side opens stream after stream past the agent's limit
+    // and never reads the refusals: the agent's queue is bounded, so the
+    // lane ends (on ecf9cf7 the refusals went on an unbounded queue and the
+    // agent's memory grew with every open).
+    let (ours, mut theirs) = tokio::io::duplex(4096);
+    let cfg = LaneConfig {
+        max_streams: 1,
+        ..LaneConfig::default()
+    };
+    let agent = Lane::start(ours, keys(Role::Dialer), cfg, LaneLink::alone(1 << 30));
+    let mut gateway = keys(Role::Listener);
+    let opens = tokio::spawn(async move {
+        for batch in 0..200u32 {
+            let mut plain = Vec::new();
+            for i in 0..100u32 {
+                let id = 2 * (batch * 100 + i + 1);
+                plain.extend_from_slice(&Header::new(id, Kind::Open, 65536).encode());
+            }
+            let record = gateway.seal_copy(&plain).unwrap();
+            if theirs.write_all(&record).await.is_err() {
+                break;
+            }
+        }
+        theirs
+    });
+    tokio::time::timeout(Duration::from_secs(5), agent.closed())
+        .await
+        .expect("the lane ends instead of queueing refusals without end");
+    drop(opens);
+}
