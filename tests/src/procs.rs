@@ -51,6 +51,9 @@ pub struct Proc {
     label: String,
     child: Child,
     lines: Arc<Mutex<Vec<String>>>,
+    /// Output readers that reached the end of their pipe, of `readers`.
+    drained: Arc<std::sync::atomic::AtomicUsize>,
+    readers: usize,
 }
 
 impl Proc {
@@ -62,6 +65,8 @@ impl Proc {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {label} ({cmd:?}): {e}"));
         let lines = Arc::new(Mutex::new(Vec::new()));
+        let drained = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut readers = 0;
         let out = child
             .stdout
             .take()
@@ -71,18 +76,22 @@ impl Proc {
             .take()
             .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>);
         for stream in [out, err].into_iter().flatten() {
-            let (lines, label) = (lines.clone(), label.to_string());
+            let (lines, drained, label) = (lines.clone(), drained.clone(), label.to_string());
+            readers += 1;
             thread::spawn(move || {
                 for line in BufReader::new(stream).lines().map_while(Result::ok) {
                     eprintln!("[{label}] {line}");
                     lines.lock().unwrap_or_else(|e| e.into_inner()).push(line);
                 }
+                drained.fetch_add(1, std::sync::atomic::Ordering::Release);
             });
         }
         Proc {
             label: label.to_string(),
             child,
             lines,
+            drained,
+            readers,
         }
     }
 
@@ -129,10 +138,19 @@ impl Proc {
         let _ = self.child.wait();
     }
 
+    /// The exit status once the process ended, with every line it wrote
+    /// collected (up to 2 s more for its pipes to drain: a child of its own
+    /// may still hold them), or `None` after `timeout`.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Ok(Some(st)) = self.child.try_wait() {
+                let drain = Instant::now() + Duration::from_secs(2);
+                while self.drained.load(std::sync::atomic::Ordering::Acquire) < self.readers
+                    && Instant::now() < drain
+                {
+                    thread::sleep(Duration::from_millis(5));
+                }
                 return Some(st);
             }
             if Instant::now() > deadline {
