@@ -57,6 +57,47 @@ impl Table {
             self.by_port.remove(&p);
         }
     }
+    /// Moves `key` to `port`; its previous port stays held by it until the
+    /// move is settled, so no other agent can take it while the store has
+    /// not yet agreed to the move.
+    fn begin_move(&mut self, key: LeaseKey, port: LeasePort) -> Option<LeasePort> {
+        let previous = self.insert(key.clone(), port);
+        if let Some(p) = previous {
+            self.by_port.insert(p, key);
+        }
+        previous
+    }
+    /// Ends a move: on success frees the previous port, on failure gives
+    /// `key` its previous port back (or no lease, if it had none).
+    fn settle_move(
+        &mut self,
+        key: &LeaseKey,
+        port: LeasePort,
+        previous: Option<LeasePort>,
+        ok: bool,
+    ) {
+        let held_by_key = |t: &Self, p: &LeasePort| t.by_port.get(p) == Some(key);
+        match (ok, previous) {
+            (true, Some(p)) if p != port && held_by_key(self, &p) => {
+                self.by_port.remove(&p);
+            }
+            (true, _) => {}
+            (false, prev) => {
+                if held_by_key(self, &port) {
+                    self.by_port.remove(&port);
+                }
+                match prev {
+                    Some(p) => {
+                        self.by_key.insert(key.clone(), p);
+                        self.by_port.insert(p, key.clone());
+                    }
+                    None => {
+                        self.by_key.remove(key);
+                    }
+                }
+            }
+        }
+    }
     fn count_for(&self, agent: &PeerId) -> usize {
         self.by_key.keys().filter(|k| &k.agent == agent).count()
     }
@@ -68,7 +109,8 @@ pub struct Leases {
     table: Mutex<Table>,
 }
 
-/// A lease that still has to reach the store, with the port it replaces (for rollback).
+/// A lease that still has to reach the store, with the port it replaces
+/// (held for it until the store answers, and given back if it refuses).
 struct Pending {
     lease: Lease,
     previous: Option<LeasePort>,
@@ -118,6 +160,8 @@ impl Leases {
             let l = lease.clone();
             let res = tokio::task::spawn_blocking(move || store.put(&l)).await;
             let ok = matches!(res, Ok(Ok(())));
+            self.lock()
+                .settle_move(&lease.key, lease.port, previous, ok);
             if !ok {
                 let err = match res {
                     Ok(Err(e)) => e.to_string(),
@@ -125,11 +169,6 @@ impl Leases {
                     Ok(Ok(())) => String::new(),
                 };
                 tracing::error!(lease = %lease.key, error = %err, "cannot persist lease; refusing it");
-                let mut t = self.lock();
-                t.remove(&lease.key);
-                if let Some(p) = previous {
-                    t.insert(lease.key.clone(), p);
-                }
                 grants[i].outcome = LeaseOutcome::Refused {
                     code: LeaseRefusal::StoreFailed,
                     message: "the gateway could not store the lease; its log says why".into(),
@@ -162,7 +201,7 @@ impl Leases {
                 match self.pick(&t, &key, req.port) {
                     Ok((port, changed)) => {
                         if changed {
-                            let previous = t.insert(key.clone(), port);
+                            let previous = t.begin_move(key.clone(), port);
                             pending.push((
                                 i,
                                 Pending {
@@ -325,5 +364,78 @@ mod tests {
         let g = l.acquire(a, &[req("y", None)]).await;
         assert_eq!(port(&g[0]), Some(41500));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The real store, whose next put waits for a word from the test and
+    /// then fails or succeeds as told.
+    struct Gated {
+        inner: EmbeddedStore,
+        gate: Mutex<Option<std::sync::mpsc::Receiver<bool>>>,
+    }
+
+    impl LeaseStore for Gated {
+        fn load(&self) -> Result<Vec<Lease>, StoreError> {
+            self.inner.load()
+        }
+        fn put(&self, lease: &Lease) -> Result<(), StoreError> {
+            let gate = self.gate.lock().unwrap().take();
+            match gate.map(|g| g.recv().unwrap_or(false)) {
+                Some(false) => Err(StoreError::Io("disk full".into())),
+                _ => self.inner.put(lease),
+            }
+        }
+        fn remove(&self, key: &LeaseKey) -> Result<(), StoreError> {
+            self.inner.remove(key)
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_port_being_moved_away_from_is_held_until_the_store_answers() {
+        // On ecf9cf7 the old port was free while the new lease was being
+        // stored, and a failed store put it back under its old owner even
+        // if another agent had been given it meanwhile: two leases, one port.
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let store = Arc::new(Gated {
+            inner: EmbeddedStore::open(&dir.path().join("l.redb")).unwrap(),
+            gate: Mutex::new(None),
+        });
+        let policy = PortPolicy {
+            range: "41100-41102".parse().unwrap(),
+            allowed: vec!["41600".parse().unwrap()],
+            bind: [127, 0, 0, 1].into(),
+            max_per_agent: 2,
+        };
+        let l = Arc::new(Leases::load(store.clone(), policy).unwrap());
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let first = port(&l.acquire(a, &[req("x", None)]).await[0]).unwrap();
+        // A moves x to 41600; its store write waits.
+        *store.gate.lock().unwrap() = Some(rx);
+        let moving = tokio::spawn({
+            let l = l.clone();
+            async move { l.acquire(a, &[req("x", Some(41600))]).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        // Meanwhile B asks for the port A is leaving.
+        let g = l.acquire(b, &[req("y", Some(first))]).await;
+        assert_eq!(
+            code(&g[0]),
+            Some(LeaseRefusal::PortHeld),
+            "held during the move"
+        );
+        // The store refuses A's move: A keeps its old port, B never had it.
+        tx.send(false).unwrap();
+        let g = moving.await.unwrap();
+        assert_eq!(code(&g[0]), Some(LeaseRefusal::StoreFailed));
+        let mut ports: Vec<u16> = l.all().iter().map(|x| x.port.get()).collect();
+        assert_eq!(ports, vec![first], "A holds its old port, alone");
+        // A successful move frees the old port for others.
+        let g = l.acquire(a, &[req("x", Some(41600))]).await;
+        assert_eq!(port(&g[0]), Some(41600));
+        let g = l.acquire(b, &[req("y", Some(first))]).await;
+        assert_eq!(port(&g[0]), Some(first));
+        ports = l.all().iter().map(|x| x.port.get()).collect();
+        ports.sort();
+        assert_eq!(ports, vec![first, 41600]);
     }
 }
