@@ -52,11 +52,6 @@ impl Table {
         self.by_port.insert(port, key);
         old
     }
-    fn remove(&mut self, key: &LeaseKey) {
-        if let Some(p) = self.by_key.remove(key) {
-            self.by_port.remove(&p);
-        }
-    }
     /// Moves `key` to `port`; its previous port stays held by it until the
     /// move is settled, so no other agent can take it while the store has
     /// not yet agreed to the move.
