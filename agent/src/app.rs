@@ -90,7 +90,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         gateway,
         metrics.clone(),
         cfg.connect_timeout,
-        cfg.transparent.mark,
+        cfg.transparent.mark.get(),
         limits,
     ));
     let (to_tunnels, tunnel_streams) = mpsc::channel(cfg.session.max_streams.max(1));

@@ -17,9 +17,9 @@ use serde::{Deserialize, Serialize};
 #[serde(default, deny_unknown_fields)]
 pub struct TransparentConfig {
     /// Firewall mark on the agent's delivery sockets and their conntrack entries.
-    pub mark: u32,
+    pub mark: Mark,
     /// Policy routing table holding `local default dev lo`.
-    pub table: u32,
+    pub table: RouteTable,
     /// `auto`: install when the agent has CAP_NET_ADMIN, else require them present;
     /// `external`: never install, only check (rules come from an init container).
     pub rules: RulesMode,
@@ -28,10 +28,73 @@ pub struct TransparentConfig {
 impl Default for TransparentConfig {
     fn default() -> Self {
         Self {
-            mark: 0x5247,
-            table: 5247,
+            mark: Mark(0x5247),
+            table: RouteTable(5247),
             rules: RulesMode::Auto,
         }
+    }
+}
+
+/// A firewall mark: not 0, which every unmarked packet carries (a rule on
+/// mark 0 would send all of the host's traffic to the agent's table).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "u32", into = "u32")]
+pub struct Mark(u32);
+
+impl Mark {
+    pub fn get(self) -> u32 {
+        self.0
+    }
+}
+
+impl TryFrom<u32> for Mark {
+    type Error = String;
+    fn try_from(m: u32) -> Result<Self, String> {
+        if m == 0 {
+            return Err("transparent.mark must not be 0: every unmarked packet has mark 0; pick an unused mark such as 0x5247".into());
+        }
+        Ok(Mark(m))
+    }
+}
+
+impl From<Mark> for u32 {
+    fn from(m: Mark) -> u32 {
+        m.0
+    }
+}
+
+impl std::fmt::LowerHex for Mark {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::LowerHex::fmt(&self.0, f)
+    }
+}
+
+/// A policy routing table the agent may own: not 0 (unspec) nor the
+/// kernel's 253 (default), 254 (main) or 255 (local), whose routes its
+/// `route flush` would wipe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "u32", into = "u32")]
+pub struct RouteTable(u32);
+
+impl TryFrom<u32> for RouteTable {
+    type Error = String;
+    fn try_from(t: u32) -> Result<Self, String> {
+        if matches!(t, 0 | 253..=255) {
+            return Err(format!("transparent.table {t} is reserved (0 unspec, 253 default, 254 main, 255 local) and its routes would be flushed; pick an unused table such as 5247"));
+        }
+        Ok(RouteTable(t))
+    }
+}
+
+impl From<RouteTable> for u32 {
+    fn from(t: RouteTable) -> u32 {
+        t.0
+    }
+}
+
+impl std::fmt::Display for RouteTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
     }
 }
 
@@ -203,11 +266,34 @@ pub fn prepare(c: &TransparentConfig) -> Result<Option<InstalledRules>, Transpar
         check_rules(c)?;
         tracing::info!(
             mark = format!("{:#x}", c.mark),
-            table = c.table,
+            table = %c.table,
             "transparent delivery rules installed"
         );
         return Ok(Some(InstalledRules { cfg: c.clone() }));
     }
     check_rules(c)?;
     Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reserved_marks_and_tables_are_refused_with_a_fix() {
+        let parse = |s: &str| serde_json::from_str::<TransparentConfig>(s);
+        for bad in [
+            r#"{"mark":0}"#,
+            r#"{"table":0}"#,
+            r#"{"table":253}"#,
+            r#"{"table":254}"#,
+            r#"{"table":255}"#,
+        ] {
+            let e = parse(bad).expect_err(bad).to_string();
+            assert!(e.contains("5247"), "{bad}: the error names a fix: {e}");
+        }
+        let ok = parse(r#"{"mark":1,"table":100}"#).unwrap();
+        assert_eq!((ok.mark.get(), ok.table.to_string()), (1, "100".into()));
+        assert!(install_script(&TransparentConfig::default()).contains("fwmark 0x5247 lookup 5247"));
+    }
 }
