@@ -265,6 +265,16 @@ pub async fn serve(
 
 async fn require_token(State(auth): State<AdminAuth>, req: Request, next: Next) -> Response {
     let Some(token) = &auth.token else {
+        // Open on loopback: only to clients that name it by address or as
+        // localhost. A page in a local browser whose name was rebound to
+        // 127.0.0.1 sends its own name, and must not ban 0.0.0.0/0.
+        if !host_is_local(req.headers().get(header::HOST)) {
+            return (
+                StatusCode::MISDIRECTED_REQUEST,
+                "admin API: without admin.token it answers only requests for localhost or an IP address\n",
+            )
+                .into_response();
+        }
         return next.run(req).await;
     };
     if auth.open_paths.iter().any(|p| p == req.uri().path()) {
@@ -282,6 +292,33 @@ async fn require_token(State(auth): State<AdminAuth>, req: Request, next: Next) 
             "admin API: missing or wrong bearer token\n",
         )
             .into_response(),
+    }
+}
+
+/// Whether a Host header names this machine the way only a local client
+/// does: an IP address or `localhost`, with any port, or no Host at all
+/// (HTTP/1.0).
+fn host_is_local(host: Option<&axum::http::HeaderValue>) -> bool {
+    let Some(host) = host else {
+        return true;
+    };
+    let Ok(host) = host.to_str() else {
+        return false;
+    };
+    let local = |name: &str| {
+        name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok()
+    };
+    if local(host) {
+        return true;
+    }
+    // `[v6]:port` or `name:port`.
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => return false,
+    };
+    match name.strip_prefix('[').and_then(|n| n.strip_suffix(']')) {
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+        None => local(name),
     }
 }
 
@@ -385,4 +422,33 @@ pub fn get(listen: SocketAddr, cfg: &AdminConfig, path: &str) -> Result<(u16, St
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     Ok((status, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_local_names_reach_an_open_admin_api() {
+        let h = |v: &str| host_is_local(Some(&axum::http::HeaderValue::from_str(v).unwrap()));
+        for ok in [
+            "127.0.0.1:9600",
+            "localhost:9600",
+            "LOCALHOST",
+            "[::1]:9600",
+            "10.0.0.7:9600",
+            "::1",
+        ] {
+            assert!(h(ok), "{ok}");
+        }
+        for bad in [
+            "rebind.example:9600",
+            "evil.example",
+            "localhost.evil.example:9600",
+            "[::1",
+        ] {
+            assert!(!h(bad), "{bad}");
+        }
+        assert!(host_is_local(None), "HTTP/1.0 without Host");
+    }
 }

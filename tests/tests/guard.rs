@@ -312,3 +312,32 @@ fn a_twin_refused_per_peer_does_not_use_up_its_address() {
     );
     drop(holder);
 }
+
+/// A page in a local browser whose name was rebound to 127.0.0.1 reaches
+/// the open (loopback, no token) admin API with its own name in Host: it is
+/// refused, and its ban of everyone never lands. On ecf9cf7 it was served.
+#[test]
+fn the_open_admin_api_refuses_rebound_names() {
+    let gw = Gateway::start(&here, GatewaySpec::default());
+    let send = |host: &str| {
+        let mut s = TcpStream::connect(gw.admin).expect("connect");
+        let body = r#"{"target":"0.0.0.0/0","reason":"rebinding"}"#;
+        let req = format!(
+            "POST /v1/blacklist HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).expect("write");
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    };
+    let answer = send("rebind.example:9600");
+    assert!(answer.starts_with("HTTP/1.1 421"), "{answer}");
+    let (code, list) = http(gw.admin, "GET", "/v1/blacklist", "");
+    assert_eq!(code, 200);
+    assert!(!list.contains("0.0.0.0/0"), "no ban landed: {list}");
+    assert!(
+        send(&format!("localhost:{}", gw.admin.port())).starts_with("HTTP/1.1 201"),
+        "a local name is served"
+    );
+}
