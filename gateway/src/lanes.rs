@@ -50,6 +50,8 @@ pub struct Lanes {
     guard: Arc<Guard>,
     metrics: Arc<Metrics>,
     handshakes: Handshakes,
+    /// Numbers lane connections in the order they arrive.
+    arrivals: std::sync::atomic::AtomicU64,
 }
 
 impl Lanes {
@@ -72,6 +74,7 @@ impl Lanes {
             guard,
             metrics,
             handshakes: Handshakes::new(MAX_HANDSHAKES, HANDSHAKES_PER_SOURCE),
+            arrivals: Default::default(),
         })
     }
 
@@ -98,13 +101,14 @@ impl Lanes {
                     continue;
                 }
             };
-            tokio::spawn(self.clone().admit(d, permit));
+            let arrival = self.arrivals.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(self.clone().admit(d, arrival, permit));
         }
     }
 
     /// Runs one lane from its handshake to its end. `handshake` is its place
     /// among the handshakes in progress, given back once the handshake ends.
-    async fn admit(self: Arc<Self>, d: Diverted, handshake: Permit) {
+    async fn admit(self: Arc<Self>, d: Diverted, arrival: Arrival, handshake: Permit) {
         // The lane owns the socket from here on; the probe runs inside it.
         let rtt = relaygate_common::lane::prepare_socket(&d.tcp).ok();
         // No buffer under the lane: it writes its records gathered, in one call.
@@ -141,7 +145,12 @@ impl Lanes {
             rtt,
         };
         let lane = Lane::start(io, keys, LaneConfig { flow, ..self.cfg }, link);
-        self.book.insert(peer, slot, lane.clone());
+        if !self.book.insert(peer, slot, arrival, lane.clone()) {
+            self.metrics.refuse("lane_stale");
+            tracing::debug!(%peer, %slot, "a lane that arrived before the one in its slot; closed");
+            lane.close();
+            return;
+        }
         let up = Held::new(&self.metrics.lanes_active);
         tracing::debug!(%peer, %slot, remote = %d.remote, "lane up");
         tokio::select! {
@@ -169,8 +178,13 @@ impl Lanes {
     }
 }
 
-/// One agent's lanes, by slot (at most `MAX_LANES`: a scan is cheap).
-type AgentLanes = Vec<(LaneSlot, Arc<Lane>)>;
+/// One agent's lanes, by slot (at most `MAX_LANES`: a scan is cheap), each
+/// with the order in which its connection arrived.
+type AgentLanes = Vec<(LaneSlot, Arrival, Arc<Lane>)>;
+
+/// When a lane's connection arrived, in the order of arrival: of two lanes
+/// in one slot, the later one is the agent's current dial.
+pub type Arrival = u64;
 
 /// The lanes that are up, by agent and slot.
 #[derive(Default)]
@@ -192,7 +206,7 @@ impl LaneBook {
         let lanes = live.get(agent)?;
         let mut load = [(0usize, 0usize); MAX_LANES as usize];
         let mut n = 0;
-        for (i, (_, lane)) in lanes.iter().enumerate().take(load.len()) {
+        for (i, (_, _, lane)) in lanes.iter().enumerate().take(load.len()) {
             if !lane.is_closed() {
                 load[n] = (i, lane.streams());
                 n += 1;
@@ -203,19 +217,25 @@ impl LaneBook {
         let tied = || load.iter().filter(move |&&(_, streams)| streams == least);
         let turn = self.turn.fetch_add(1, Ordering::Relaxed) % tied().count();
         let (i, _) = tied().nth(turn)?;
-        Some(lanes[*i].1.clone())
+        Some(lanes[*i].2.clone())
     }
 
-    /// Files the agent's lane in its slot; the lane that held the slot (the
-    /// agent redialled it) is closed.
-    fn insert(&self, agent: PeerId, slot: LaneSlot, lane: Arc<Lane>) {
+    /// Files the agent's lane in its slot and closes the lane it replaces
+    /// (the agent redialled the slot). A lane whose connection arrived before
+    /// the one holding its slot (a handshake that finished late) is not
+    /// filed: false, and the caller closes it.
+    fn insert(&self, agent: PeerId, slot: LaneSlot, arrival: Arrival, lane: Arc<Lane>) -> bool {
         let old = {
             let mut live = self.live();
             let lanes = live.entry(agent).or_default();
-            match lanes.iter_mut().find(|(s, _)| *s == slot) {
-                Some((_, held)) => Some(std::mem::replace(held, lane)),
+            match lanes.iter_mut().find(|(s, _, _)| *s == slot) {
+                Some((_, held_arrival, _)) if *held_arrival > arrival => return false,
+                Some((_, held_arrival, held)) => {
+                    *held_arrival = arrival;
+                    Some(std::mem::replace(held, lane))
+                }
                 None => {
-                    lanes.push((slot, lane));
+                    lanes.push((slot, arrival, lane));
                     None
                 }
             }
@@ -223,13 +243,14 @@ impl LaneBook {
         if let Some(old) = old {
             old.close();
         }
+        true
     }
 
     /// Forgets `lane` if it still holds its slot.
     fn remove(&self, agent: &PeerId, slot: LaneSlot, lane: &Arc<Lane>) {
         let mut live = self.live();
         if let Some(lanes) = live.get_mut(agent) {
-            lanes.retain(|(s, l)| !(*s == slot && Arc::ptr_eq(l, lane)));
+            lanes.retain(|(s, _, l)| !(*s == slot && Arc::ptr_eq(l, lane)));
             if lanes.is_empty() {
                 live.remove(agent);
             }
@@ -270,8 +291,8 @@ mod tests {
         let slots: Vec<LaneSlot> = LaneCount::new(2).unwrap().slots().collect();
         let (first, _f) = lane();
         let (second, _s) = lane();
-        book.insert(agent, slots[0], first.clone());
-        book.insert(agent, slots[1], second.clone());
+        assert!(book.insert(agent, slots[0], 1, first.clone()));
+        assert!(book.insert(agent, slots[1], 2, second.clone()));
 
         let (a, b) = (book.get(&agent), book.get(&agent));
         assert!(
@@ -290,8 +311,13 @@ mod tests {
 
         // The agent redials slot 1: the new lane replaces the old, which closes.
         let (third, _t) = lane();
-        book.insert(agent, slots[1], third.clone());
+        assert!(book.insert(agent, slots[1], 4, third.clone()));
         assert!(second.is_closed(), "the replaced lane is closed");
+        // A handshake that finished late (its connection arrived before the
+        // redial) does not take the slot from the current lane.
+        let (late, _l) = lane();
+        assert!(!book.insert(agent, slots[1], 3, late.clone()));
+        assert!(!third.is_closed(), "the current lane stays");
         assert!(is(book.get(&agent), &third));
         // The old lane's end does not remove its successor.
         book.remove(&agent, slots[1], &second);
