@@ -121,6 +121,7 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         proxy: cfg.proxy_protocol.clone(),
         guard: guard.clone(),
         max_per_tunnel: cfg.limits.max_connections_per_tunnel,
+        sources: crate::shares::Shares::new(cfg.limits.max_connections_per_source),
         idle_timeout: cfg.limits.idle_timeout,
     });
     let sessions = Arc::new(Sessions {

@@ -173,6 +173,10 @@ pub struct LimitsConfig {
     pub max_connections_per_peer: u32,
     /// Open connections on one leased port.
     pub max_connections_per_tunnel: usize,
+    /// Open connections on all leased ports from one source (an IPv4
+    /// address or an IPv6 /64; the client behind a trusted balancer's PROXY
+    /// header), so one source cannot take every slot of a tunnel.
+    pub max_connections_per_source: usize,
     /// A public connection that moves no byte for this long is closed; `0s` never.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
@@ -190,6 +194,7 @@ impl Default for LimitsConfig {
             max_connections_per_ip: 64,
             max_connections_per_peer: 8,
             max_connections_per_tunnel: 4096,
+            max_connections_per_source: 1024,
             idle_timeout: Duration::from_secs(60),
             max_memory: 0,
         }

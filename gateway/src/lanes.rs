@@ -25,9 +25,9 @@ use tokio::sync::mpsc;
 
 use crate::{
     guard::{Action, Guard},
-    handshakes::{Handshakes, Permit},
     metrics::Metrics,
     registry::AgentRegistry,
+    shares::{Handshakes, Permit},
 };
 
 /// Lane handshakes in progress at once; more are refused until one ends.

@@ -15,7 +15,6 @@ pub mod config; // the configuration model
 pub mod dialback; // doctor's dial-back: connect to an agent's own leased port from the gateway
 pub mod gate; // the guard on libp2p connections: refuse by IP before the handshake, by peer after
 pub mod guard; // blacklist, per-IP / per-peer token buckets, automatic bans
-pub mod handshakes; // lane handshakes in progress: a gateway cap and a per-source share
 pub mod hop; // circuit relay v2 hop: RESERVE, CONNECT, STOP
 pub mod host; // libp2p host: listeners, identify, ping, AutoNAT server, stream protocols
 pub mod lanes; // agents' lanes: the TLS connections that carry tunnelled connections
@@ -27,4 +26,5 @@ pub mod registry; // live sessions and per-tunnel counters
 pub mod reservations; // relay reservations and circuit slots, within the caps
 pub mod session; // control streams: admit, lease, bind, keep alive
 pub mod session_lane; // a lane on one session stream, for agents without a lane of their own
+pub mod shares; // per-source shares of pools: lane handshakes, leased-port connections
 pub mod store; // lease persistence: LeaseStore trait, embedded redb store

@@ -30,6 +30,7 @@ use crate::{
     metrics::Metrics,
     registry::TunnelStats,
     session_lane::SessionLanes,
+    shares::{Share, Shares},
 };
 
 /// How long the gateway waits for the agent to open a stream.
@@ -58,6 +59,8 @@ pub struct DataPlane {
     pub proxy: ProxyPolicy,
     /// Bans and per-IP rates, checked against the real source.
     pub guard: Arc<Guard>,
+    /// What one source may hold of the leased ports' connections.
+    pub sources: Shares,
     /// Open connections allowed on one leased port.
     pub max_per_tunnel: usize,
     /// A public connection moving no byte for this long is closed (zero: never).
@@ -110,6 +113,16 @@ impl PublicPort {
                 let _ = tcp.set_zero_linger();
                 continue;
             }
+            // A balancer's client takes its share once its header names it.
+            let share = match direct.then(|| dp.sources.try_take(source.ip())) {
+                Some(None) => {
+                    dp.metrics.refuse("connections_per_source");
+                    let _ = tcp.set_zero_linger();
+                    continue;
+                }
+                Some(share) => share,
+                None => None,
+            };
             let Ok(slot) = slots.clone().try_acquire_owned() else {
                 dp.metrics.refuse("tunnel_connection_limit");
                 let _ = tcp.set_zero_linger();
@@ -117,6 +130,7 @@ impl PublicPort {
             };
             let conn = Connection {
                 _slot: slot,
+                share,
                 tcp,
                 source,
                 agent: self.agent,
@@ -133,6 +147,8 @@ impl PublicPort {
 struct Connection {
     /// This connection's place under `max_connections_per_tunnel`.
     _slot: tokio::sync::OwnedSemaphorePermit,
+    /// Its source's place under `max_connections_per_source`.
+    share: Option<Share>,
     tcp: TcpStream,
     /// The socket's peer; the PROXY header's source replaces it when trusted.
     source: SocketAddr,
@@ -175,6 +191,22 @@ impl Connection {
                     io::ErrorKind::PermissionDenied,
                     "source refused by the guard",
                 ))
+            }
+            Ok(origin) if self.share.is_none() && !origin.untrusted => {
+                match self.dp.sources.try_take(origin.source.ip()) {
+                    Some(share) => {
+                        self.share = Some(share);
+                        self.stats.saw(origin.source);
+                        self.forward(origin).await
+                    }
+                    None => {
+                        self.dp.metrics.refuse("connections_per_source");
+                        Err(io::Error::new(
+                            io::ErrorKind::PermissionDenied,
+                            "the source holds its share of connections",
+                        ))
+                    }
+                }
             }
             Ok(origin) => {
                 self.stats.saw(origin.source);

@@ -133,6 +133,7 @@ fn every_listener_survives_hostile_input_while_an_honest_transfer_completes() {
                 "guard.connections_per_ip.per_second=0",
                 "guard.tunnel_connections_per_ip.per_second=0",
                 "limits.max_connections_per_ip=100000",
+                "limits.max_connections_per_source=100000",
             ]),
             ..Default::default()
         },

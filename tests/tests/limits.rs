@@ -167,3 +167,62 @@ fn a_gateway_over_its_memory_limit_refuses_new_work() {
     );
     drop(agent);
 }
+
+/// A connection to 127.0.0.1:`port` from `from`.
+fn connect_from(from: [u8; 4], port: u16) -> TcpStream {
+    let s =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    s.bind(&std::net::SocketAddr::from((from, 0)).into())
+        .expect("bind");
+    s.connect(&std::net::SocketAddr::from(([127, 0, 0, 1], port)).into())
+        .expect("connect");
+    let s: TcpStream = s.into();
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    s
+}
+
+/// One source (127.0.0.2) holds connections open on a leased port up to its
+/// share, `limits.max_connections_per_source`; past it its connections are
+/// reset and counted, while another source's round trips keep working. On
+/// ecf9cf7 one address could take every slot of the tunnel.
+#[test]
+fn one_source_holds_at_most_its_share_of_a_leased_port() {
+    let gw = gateway(&[
+        "limits.max_connections_per_source=8",
+        "guard.tunnel_connections_per_ip.per_second=0",
+    ]);
+    let echo = Echo::start();
+    let agent = Agent::start(&here, &gw, Transport::Tcp, &[echo.tunnel("t")], true, &[]);
+    let port = agent
+        .wait_leased("t", Duration::from_secs(20))
+        .expect("lease");
+    let mut held: Vec<TcpStream> = (0..8).map(|_| connect_from([127, 0, 0, 2], port)).collect();
+    for s in &mut held {
+        assert!(ping(s), "a connection within the share works");
+    }
+    let mut extra = connect_from([127, 0, 0, 2], port);
+    assert!(
+        !ping(&mut extra),
+        "the ninth from the same source is refused"
+    );
+    for i in 0..5 {
+        let data = vec![i as u8; 10_000];
+        assert_eq!(
+            round_trip(port, &data).expect("honest round trip"),
+            data,
+            "another source is not affected"
+        );
+    }
+    assert!(
+        metric_sum(
+            &gw.metrics(),
+            "relaygate_gateway_refusals_total{reason=\"connections_per_source\"}"
+        ) >= 1.0
+    );
+    // A place given back is a place to take.
+    drop(held.pop());
+    thread::sleep(Duration::from_millis(200));
+    let mut again = connect_from([127, 0, 0, 2], port);
+    assert!(ping(&mut again), "a freed place is taken again");
+}

@@ -58,6 +58,7 @@ fn stats(pid: u32) -> ProcStats {
 fn open_gateway(extra: &[&str], port_range: Option<&str>) -> Gateway {
     let mut kv = vec![
         "limits.max_connections_per_tunnel=20000",
+        "limits.max_connections_per_source=20000",
         "limits.max_connections_per_ip=1000",
         "guard.tunnel_connections_per_ip.per_second=0",
         "guard.connections_per_ip.per_second=0",

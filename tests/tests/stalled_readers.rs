@@ -113,6 +113,8 @@ fn stalled_clients(path: Path) {
     let echo = Echo::start();
     let mut extra = settings(&[
         "guard.tunnel_connections_per_ip.per_second=0",
+        // One address is plenty for this attack: let it use a whole tunnel.
+        "limits.max_connections_per_source=4096",
         &format!("session.lane_buffer={LANE_BUFFER}"),
         // Stalled clients stay until the test ends.
         "limits.idle_timeout=0s",

@@ -185,6 +185,7 @@ fn main() -> anyhow::Result<()> {
                 "guard.tunnel_connections_per_ip.per_second=0",
                 "guard.connections_per_ip.per_second=0",
                 "limits.max_connections_per_tunnel=100000",
+                "limits.max_connections_per_source=100000",
                 "limits.max_connections_per_ip=1000",
                 "relay.max_reservations_per_ip=1000",
                 // Held idle connections are what the memory figure measures.

@@ -1,8 +1,8 @@
-//! Lane handshakes in progress: a cap for the whole gateway and a share per
-//! source, so that one address (or one IPv6 /64, which one host can fill
-//! with addresses) holding stalled handshakes cannot keep every agent from
-//! dialling its lanes. A handshake's place is given back when its permit
-//! drops, however the handshake ended.
+//! Shares of a pool per source, so that one address (or one IPv6 /64, which
+//! one host can fill with addresses) cannot take a whole pool: lane
+//! handshakes in progress (also capped for the whole gateway), connections on
+//! leased ports. A place is given back when its permit drops, however the
+//! work it held ended.
 
 use std::{
     collections::HashMap,
@@ -33,50 +33,43 @@ impl Busy {
 
 type Counts = Arc<Mutex<HashMap<IpAddr, usize>>>;
 
-pub struct Handshakes {
-    total: Arc<Semaphore>,
+/// What each source may hold of one pool.
+pub struct Shares {
     share: usize,
     per_source: Counts,
 }
 
-/// One handshake's place.
-pub struct Permit {
-    _total: OwnedSemaphorePermit,
+/// One place of a source in a pool.
+pub struct Share {
     source: IpAddr,
     per_source: Counts,
 }
 
-impl Handshakes {
-    pub fn new(total: usize, share: usize) -> Self {
+impl Shares {
+    pub fn new(share: usize) -> Self {
         Self {
-            total: Arc::new(Semaphore::new(total)),
             share: share.max(1),
             per_source: Arc::default(),
         }
     }
 
-    pub fn try_acquire(&self, ip: IpAddr) -> Result<Permit, Busy> {
+    /// A place for `ip`'s source, unless it holds its share already.
+    pub fn try_take(&self, ip: IpAddr) -> Option<Share> {
         let source = source_of(ip);
         let mut counts = lock(&self.per_source);
         let held = counts.entry(source).or_default();
         if *held >= self.share {
-            return Err(Busy::Source);
+            return None;
         }
-        let total = self
-            .total
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| Busy::Total)?;
         *held += 1;
-        Ok(Permit {
-            _total: total,
+        Some(Share {
             source,
             per_source: self.per_source.clone(),
         })
     }
 }
 
-impl Drop for Permit {
+impl Drop for Share {
     fn drop(&mut self) {
         let mut counts = lock(&self.per_source);
         if let Some(n) = counts.get_mut(&self.source) {
@@ -85,6 +78,40 @@ impl Drop for Permit {
                 counts.remove(&self.source);
             }
         }
+    }
+}
+
+/// Lane handshakes in progress: a cap for the gateway, a share per source.
+pub struct Handshakes {
+    total: Arc<Semaphore>,
+    sources: Shares,
+}
+
+/// One handshake's place.
+pub struct Permit {
+    _total: OwnedSemaphorePermit,
+    _share: Share,
+}
+
+impl Handshakes {
+    pub fn new(total: usize, share: usize) -> Self {
+        Self {
+            total: Arc::new(Semaphore::new(total)),
+            sources: Shares::new(share),
+        }
+    }
+
+    pub fn try_acquire(&self, ip: IpAddr) -> Result<Permit, Busy> {
+        let share = self.sources.try_take(ip).ok_or(Busy::Source)?;
+        let total = self
+            .total
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Busy::Total)?;
+        Ok(Permit {
+            _total: total,
+            _share: share,
+        })
     }
 }
 
@@ -123,7 +150,7 @@ mod tests {
         drop(p1);
         let _p3 = h.try_acquire(a).expect("a place given back");
         drop((p2, others));
-        assert!(lock(&h.per_source).len() == 1);
+        assert!(lock(&h.sources.per_source).len() == 1);
     }
 
     #[test]
