@@ -31,10 +31,11 @@ use crate::{
 };
 
 /// Lane handshakes in progress at once; more are refused until one ends.
-const MAX_HANDSHAKES: usize = 64;
-/// Of those, what one source (an IPv4 address, an IPv6 /64) may hold: a
-/// handshake that stalls holds its place for the handshake timeout (10 s).
-const HANDSHAKES_PER_SOURCE: usize = 4;
+const MAX_HANDSHAKES: usize = 256;
+/// Of those, what one source (an IPv4 address, an IPv6 /64) may hold once
+/// half are taken: a handshake that stalls holds its place for the
+/// handshake timeout (10 s).
+const HANDSHAKES_PER_SOURCE: usize = 16;
 
 pub struct Lanes {
     tls: LaneTls,

@@ -69,6 +69,20 @@ impl Shares {
     }
 }
 
+impl Shares {
+    /// A place for `ip`'s source past its share (counted, so its places
+    /// above the share must be given back before it gets a new one when
+    /// the share applies).
+    fn take_past_share(&self, ip: IpAddr) -> Share {
+        let source = source_of(ip);
+        *lock(&self.per_source).entry(source).or_default() += 1;
+        Share {
+            source,
+            per_source: self.per_source.clone(),
+        }
+    }
+}
+
 impl Drop for Share {
     fn drop(&mut self) {
         let mut counts = lock(&self.per_source);
@@ -81,9 +95,13 @@ impl Drop for Share {
     }
 }
 
-/// Lane handshakes in progress: a cap for the gateway, a share per source.
+/// Lane handshakes in progress: a cap for the gateway, and a share per
+/// source once half of it is taken. A quiet gateway lets one source (many
+/// agents behind one NAT, starting at once) use what nobody else needs; a
+/// busy one keeps the other half for everyone else.
 pub struct Handshakes {
     total: Arc<Semaphore>,
+    size: usize,
     sources: Shares,
 }
 
@@ -97,12 +115,18 @@ impl Handshakes {
     pub fn new(total: usize, share: usize) -> Self {
         Self {
             total: Arc::new(Semaphore::new(total)),
+            size: total,
             sources: Shares::new(share),
         }
     }
 
     pub fn try_acquire(&self, ip: IpAddr) -> Result<Permit, Busy> {
-        let share = self.sources.try_take(ip).ok_or(Busy::Source)?;
+        let busy = self.total.available_permits() * 2 <= self.size;
+        let share = match self.sources.try_take(ip) {
+            Some(s) => s,
+            None if busy => return Err(Busy::Source),
+            None => self.sources.take_past_share(ip),
+        };
         let total = self
             .total
             .clone()
@@ -140,13 +164,15 @@ mod tests {
 
     #[test]
     fn a_source_gets_its_share_and_gives_it_back() {
-        let h = Handshakes::new(5, 2);
+        // A share of 2, enforced at once: a pool of 4 is half taken after 2.
+        let h = Handshakes::new(4, 2);
         let a: IpAddr = "198.51.100.7".parse().unwrap();
         let b: IpAddr = "198.51.100.8".parse().unwrap();
         let (p1, p2) = (h.try_acquire(a).unwrap(), h.try_acquire(a).unwrap());
         assert_eq!(h.try_acquire(a).err(), Some(Busy::Source));
         let others: Vec<_> = (0..3).map(|_| h.try_acquire(b)).collect();
         assert_eq!(others[2].as_ref().err(), Some(&Busy::Source));
+        assert!(others[1].is_ok());
         drop(p1);
         let _p3 = h.try_acquire(a).expect("a place given back");
         drop((p2, others));
@@ -154,8 +180,28 @@ mod tests {
     }
 
     #[test]
+    fn a_quiet_pool_lends_a_source_more_than_its_share() {
+        let h = Handshakes::new(8, 1);
+        let a: IpAddr = "198.51.100.7".parse().unwrap();
+        let held: Vec<_> = (0..4).map(|_| h.try_acquire(a)).collect();
+        assert!(
+            held.iter().all(Result::is_ok),
+            "while half the pool is free"
+        );
+        assert_eq!(
+            h.try_acquire(a).err(),
+            Some(Busy::Source),
+            "then the share holds"
+        );
+        assert!(
+            h.try_acquire("198.51.100.8".parse().unwrap()).is_ok(),
+            "others get in"
+        );
+    }
+
+    #[test]
     fn one_v6_slash_64_is_one_source() {
-        let h = Handshakes::new(10, 1);
+        let h = Handshakes::new(2, 1);
         let _p = h.try_acquire("2001:db8:1:2::1".parse().unwrap()).unwrap();
         assert_eq!(
             h.try_acquire("2001:db8:1:2:ffff::9".parse().unwrap()).err(),
