@@ -268,8 +268,17 @@ pub async fn read_control<R: AsyncRead + Unpin>(r: &mut R) -> Result<ControlMess
     if len > MAX_CONTROL_FRAME {
         return Err(WireError::Oversized(len));
     }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body).await.map_err(map_eof)?;
+    // Grown as the bytes arrive, not allocated at the announced length: a
+    // peer that announces 64 KiB and sends 4 bytes holds 4 bytes of ours.
+    let mut body = Vec::new();
+    let got = (&mut *r)
+        .take(len as u64)
+        .read_to_end(&mut body)
+        .await
+        .map_err(map_eof)?;
+    if got < len {
+        return Err(WireError::Truncated);
+    }
     decode_control(&body)
 }
 
@@ -586,6 +595,32 @@ impl StreamStatus {
 mod tests {
     use super::*;
     use crate::lane::{LaneCount, MAX_LANES};
+
+    #[tokio::test]
+    async fn a_control_frame_is_read_as_it_arrives_and_a_short_one_is_truncated() {
+        let msg = ControlMessage::DialbackResult {
+            reachable: true,
+            detail: "ok".into(),
+        };
+        let body = serde_json::to_vec(&msg).unwrap();
+        let (mut a, mut b) = tokio::io::duplex(64);
+        let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(&body);
+        let writer = tokio::spawn(async move {
+            for byte in frame {
+                b.write_all(&[byte]).await.unwrap();
+            }
+            // A frame that announces 64 KiB and ends after 10 bytes.
+            b.write_all(&(64u32 * 1024).to_be_bytes()).await.unwrap();
+            b.write_all(&[b'{'; 10]).await.unwrap();
+        });
+        assert_eq!(read_control(&mut a).await.unwrap(), msg);
+        writer.await.unwrap();
+        assert!(matches!(
+            read_control(&mut a).await,
+            Err(WireError::Truncated)
+        ));
+    }
 
     #[test]
     fn a_logged_hello_hides_its_token() {
