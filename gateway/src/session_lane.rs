@@ -93,11 +93,12 @@ impl SessionLanes {
         match self.open(agent, connection).await {
             Ok(lane) => {
                 *held = Cell::Up(lane.clone());
-                tokio::spawn(self.clone().keep(agent, cell.clone(), lane.clone()));
+                tokio::spawn(self.clone().keep(agent, cell.clone(), Some(lane.clone())));
                 Some(lane)
             }
             Err(OpenError::Unsupported(_)) => {
                 *held = Cell::Unsupported(connection);
+                tokio::spawn(self.clone().keep(agent, cell.clone(), None));
                 None
             }
             Err(e) => {
@@ -129,14 +130,23 @@ impl SessionLanes {
         Ok(Lane::start(stream, keys, self.cfg, link))
     }
 
-    /// Closes the lane with the agent's session, and forgets it once closed.
-    async fn keep(self: Arc<Self>, agent: PeerId, cell: Shared, lane: Arc<Lane>) {
-        match self.registry.cancel_token(&agent) {
-            Some(session) => tokio::select! {
-                () = lane.closed() => {}
-                () = session.cancelled() => lane.close(),
-            },
-            None => lane.close(),
+    /// Closes the lane with the agent's session, and forgets the cell (the
+    /// lane, or that the agent has none) once either ends.
+    async fn keep(self: Arc<Self>, agent: PeerId, cell: Shared, lane: Option<Arc<Lane>>) {
+        let lane_closed = async {
+            match &lane {
+                Some(l) => l.closed().await,
+                None => std::future::pending().await,
+            }
+        };
+        if let Some(session) = self.registry.cancel_token(&agent) {
+            tokio::select! {
+                () = lane_closed => {}
+                () = session.cancelled() => {}
+            }
+        }
+        if let Some(l) = &lane {
+            l.close();
         }
         let mut cells = self.cells.lock().unwrap_or_else(|e| e.into_inner());
         if cells.get(&agent).is_some_and(|c| Arc::ptr_eq(c, &cell)) {

@@ -89,17 +89,17 @@ fn echo_tunnel(gateway: &[&str], t: Transport, agent: &[&str]) -> (Gateway, Echo
             ..Default::default()
         },
     );
-    let echo = Echo::start();
-    let agent = Agent::start(
-        &here,
-        &gw,
-        t,
-        &[echo.tunnel("node")],
-        true,
-        &settings(agent),
-    );
-    let port = agent.wait_leased("node", LEASE).expect("lease");
+    let (echo, agent, port) = echo_agent(&gw, t, agent);
     (gw, echo, agent, port)
+}
+
+/// An echo target and an agent (with `agent` settings, over a `t` session)
+/// tunnelling to it through `gw`, and the leased port.
+fn echo_agent(gw: &Gateway, t: Transport, agent: &[&str]) -> (Echo, Agent, u16) {
+    let echo = Echo::start();
+    let agent = Agent::start(&here, gw, t, &[echo.tunnel("node")], true, &settings(agent));
+    let port = agent.wait_leased("node", LEASE).expect("lease");
+    (echo, agent, port)
 }
 
 /// `n` round trips through `port` at once, each of its own size from `base`
@@ -187,16 +187,7 @@ fn an_agent_that_cannot_reach_the_lane_port_gets_a_lane_on_its_session() {
             ..Default::default()
         },
     );
-    let echo = Echo::start();
-    let agent = Agent::start(
-        &here,
-        &gw,
-        Transport::Quic,
-        &[echo.tunnel("node")],
-        true,
-        &[],
-    );
-    let port = agent.wait_leased("node", LEASE).expect("lease");
+    let (_echo, agent, port) = echo_agent(&gw, Transport::Quic, &[]);
     agent
         .proc
         .wait_for(|l| l.contains("cannot open the lane"), LEASE)
@@ -381,16 +372,7 @@ fn stalled_handshakes_from_one_address_leave_agents_their_lanes() {
         }
     });
     thread::sleep(Duration::from_secs(1));
-    let echo = Echo::start();
-    let agent = Agent::start(
-        &here,
-        &gw,
-        Transport::Quic,
-        &[echo.tunnel("node")],
-        true,
-        &[],
-    );
-    let port = agent.wait_leased("node", LEASE).expect("lease");
+    let (_echo, agent, port) = echo_agent(&gw, Transport::Quic, &[]);
     wait_lanes(&gw, &agent, DEFAULT_LANES);
     let data = random(200_000);
     assert!(round_trip(port, &data).expect("round trip") == data);

@@ -163,17 +163,17 @@ fn spawned<T: Send + 'static>(
 /// generator's sockets are made there, while this process stays where it
 /// can start the lab's other processes.
 fn runtime_in(ns: &str) -> anyhow::Result<tokio::runtime::Runtime> {
+    // Owned by the thread-start hook, so it stays open as long as threads
+    // can start: the blocking pool starts its threads when first needed.
     let file = File::open(format!("/run/netns/{ns}"))?;
-    let fd = file.as_raw_fd();
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cores)
         .enable_all()
         .on_thread_start(move || {
-            // SAFETY: setns(2) on a namespace file this process keeps open
-            // (moved into the closure's owner below); it changes only the
-            // calling thread's network namespace.
-            let r = unsafe { libc::setns(fd, libc::CLONE_NEWNET) };
+            // SAFETY: setns(2) on the namespace file this closure owns; it
+            // changes only the calling thread's network namespace.
+            let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
             if r != 0 {
                 eprintln!(
                     "setns into the lab failed: {}",
@@ -183,9 +183,6 @@ fn runtime_in(ns: &str) -> anyhow::Result<tokio::runtime::Runtime> {
             }
         })
         .build()?;
-    // The file must outlive every worker start; the runtime's threads start
-    // at build, and none start later on a fixed-size pool.
-    std::mem::forget(file);
     Ok(rt)
 }
 
