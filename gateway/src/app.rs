@@ -30,6 +30,7 @@ use crate::{
     reservations::Reservations,
     session::Sessions,
     session_lane::SessionLanes,
+    stall::StallLedger,
     store::EmbeddedStore,
 };
 
@@ -156,6 +157,10 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         draining: dataplane.stop_accepting.clone(),
         guard: guard.clone(),
         requests: Arc::new(tokio::sync::Semaphore::new(cfg.relay.max_pending_requests)),
+        stalls: StallLedger::new(StallLedger::share_for(
+            cfg.session.stream_window,
+            cfg.session.connection_window,
+        )),
     });
     let (to_sessions, session_streams) = mpsc::channel(1024);
     tokio::spawn(route(incoming, to_sessions, hop.clone()));

@@ -2,16 +2,24 @@
 //! and the destination's stop stream, count them per direction as they pass,
 //! and end the circuit on its Limit (duration or bytes per direction), after
 //! `circuit_idle_timeout` without a byte, or on the first error. Half-close
-//! crosses: an end of stream on one side closes the other's write half.
+//! crosses: an end of stream on one side closes the other's write half. A
+//! direction whose reader stopped is put on the [`StallLedger`] and ends after
+//! `circuit_stall_timeout`, or sooner when its peer has too many stalled.
 
-use std::{io, num::NonZeroU32, time::Duration};
+use std::{io, num::NonZeroU32, sync::Arc, time::Duration};
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use libp2p::PeerId;
 use prometheus_client::metrics::counter::Counter;
 use relaygate_common::idle::Activity;
+use tokio_util::sync::CancellationToken;
+
+use crate::stall::StallLedger;
 
 const BUF: usize = 16 * 1024;
+/// A write pending this long means the far reader has stopped, for now.
+const STALL_GRACE: Duration = Duration::from_millis(500);
 
 /// What bounds one circuit.
 #[derive(Clone, Copy, Debug)]
@@ -23,6 +31,31 @@ pub struct Bounds {
     pub idle: Duration,
     /// Bytes per second per direction; 0 is uncapped.
     pub rate: u64,
+    /// A write that waits this long ends the circuit; zero never.
+    pub stall: Duration,
+}
+
+/// The two ends, for the stall ledger: a direction that cannot write holds
+/// bytes of the peer it reads from.
+pub struct Ends {
+    pub src: PeerId,
+    pub dst: PeerId,
+    pub ledger: Arc<StallLedger>,
+}
+
+/// One direction's bounds, counter and stall report.
+struct Direction<'a> {
+    chunk: usize,
+    counter: &'a Counter,
+    data_limit: Option<u64>,
+    rate: Option<DefaultDirectRateLimiter>,
+    activity: &'a Activity,
+    ledger: &'a Arc<StallLedger>,
+    /// The peer this direction reads from.
+    peer: PeerId,
+    /// Cancelled when the ledger ends the circuit.
+    end: &'a CancellationToken,
+    stall_timeout: Duration,
 }
 
 /// Why a circuit ended (the `reason` label of `relay_circuits_closed`).
@@ -33,6 +66,9 @@ pub enum End {
     LimitDuration,
     LimitData,
     Reset,
+    /// The far side stopped reading (`circuit_stall_timeout`, or its peer
+    /// had too many circuits stalled).
+    Stalled,
 }
 
 impl End {
@@ -43,6 +79,7 @@ impl End {
             End::LimitDuration => "limit_duration",
             End::LimitData => "limit_data",
             End::Reset => "reset",
+            End::Stalled => "stalled",
         }
     }
 }
@@ -54,6 +91,7 @@ pub async fn relay<A, B>(
     bounds: Bounds,
     src_to_dst: Counter,
     dst_to_src: Counter,
+    ends: Ends,
 ) -> End
 where
     A: AsyncRead + AsyncWrite + Unpin,
@@ -62,38 +100,32 @@ where
     let (sr, sw) = src.split();
     let (dr, dw) = dst.split();
     let activity = Activity::new();
+    let stalled = CancellationToken::new();
     let limiter = |rate: u64| {
         let per_sec = NonZeroU32::new(u32::try_from(rate).unwrap_or(u32::MAX))?;
         Some(RateLimiter::direct(Quota::per_second(per_sec)))
     };
-    let (l1, l2) = (limiter(bounds.rate), limiter(bounds.rate));
     // A rate below the buffer size reads smaller chunks, so every chunk fits the bucket.
     let chunk = match bounds.rate {
         0 => BUF,
         r => BUF.min(usize::try_from(r).unwrap_or(BUF)),
     };
-    let both = async {
-        futures::try_join!(
-            pump(
-                sr,
-                dw,
-                chunk,
-                &src_to_dst,
-                bounds.data,
-                l1.as_ref(),
-                &activity
-            ),
-            pump(
-                dr,
-                sw,
-                chunk,
-                &dst_to_src,
-                bounds.data,
-                l2.as_ref(),
-                &activity
-            ),
-        )
+    let direction = |counter, peer| Direction {
+        chunk,
+        counter,
+        data_limit: bounds.data,
+        rate: limiter(bounds.rate),
+        activity: &activity,
+        ledger: &ends.ledger,
+        peer,
+        end: &stalled,
+        stall_timeout: bounds.stall,
     };
+    let (up, down) = (
+        direction(&src_to_dst, ends.src),
+        direction(&dst_to_src, ends.dst),
+    );
+    let both = async { futures::try_join!(pump(sr, dw, &up), pump(dr, sw, &down)) };
     let deadline = async {
         match bounds.deadline {
             Some(d) => tokio::time::sleep(d).await,
@@ -104,28 +136,22 @@ where
         r = both => match r {
             Ok(_) => End::Closed,
             Err(e) if e.kind() == io::ErrorKind::FileTooLarge => End::LimitData,
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => End::Stalled,
             Err(_) => End::Reset,
         },
         _ = deadline => End::LimitDuration,
         _ = activity.idle(bounds.idle) => End::Idle,
+        _ = stalled.cancelled() => End::Stalled,
     }
 }
 
 /// Copies one direction; EOF closes the other side's write half.
-async fn pump<R, W>(
-    mut r: R,
-    mut w: W,
-    chunk: usize,
-    counter: &Counter,
-    data_limit: Option<u64>,
-    rate: Option<&DefaultDirectRateLimiter>,
-    activity: &Activity,
-) -> io::Result<()>
+async fn pump<R, W>(mut r: R, mut w: W, d: &Direction<'_>) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; chunk];
+    let mut buf = vec![0u8; d.chunk];
     let mut moved: u64 = 0;
     loop {
         let n = r.read(&mut buf).await?;
@@ -134,23 +160,42 @@ where
             return Ok(());
         }
         moved += n as u64;
-        if data_limit.is_some_and(|max| moved > max) {
+        if d.data_limit.is_some_and(|max| moved > max) {
             return Err(io::Error::new(
                 io::ErrorKind::FileTooLarge,
                 "circuit data limit",
             ));
         }
-        if let Some(l) = rate {
+        if let Some(l) = &d.rate {
             let n32 = NonZeroU32::new(u32::try_from(n).unwrap_or(u32::MAX));
             if let Some(n32) = n32 {
                 // Never fails: the chunk is no larger than the bucket.
                 let _ = l.until_n_ready(n32).await;
             }
         }
-        w.write_all(&buf[..n]).await?;
-        w.flush().await?;
-        counter.inc_by(n as u64);
-        activity.touch();
+        let mut write = std::pin::pin!(async {
+            w.write_all(&buf[..n]).await?;
+            w.flush().await
+        });
+        if let Ok(r) = tokio::time::timeout(STALL_GRACE, write.as_mut()).await {
+            r?;
+        } else {
+            // The far reader has stopped: this peer's bytes now wait unread.
+            let _on_ledger = d.ledger.stalled(d.peer, d.end.clone());
+            if d.stall_timeout.is_zero() {
+                write.await?;
+            } else {
+                let rest = d.stall_timeout.saturating_sub(STALL_GRACE);
+                match tokio::time::timeout(rest, write.as_mut()).await {
+                    Ok(r) => r?,
+                    Err(_) => {
+                        return Err(io::Error::new(io::ErrorKind::TimedOut, "circuit stalled"))
+                    }
+                }
+            }
+        }
+        d.counter.inc_by(n as u64);
+        d.activity.touch();
     }
 }
 
@@ -166,6 +211,15 @@ mod tests {
             data: None,
             idle: Duration::from_secs(5),
             rate: 0,
+            stall: Duration::from_secs(30),
+        }
+    }
+
+    fn ends() -> Ends {
+        Ends {
+            src: PeerId::random(),
+            dst: PeerId::random(),
+            ledger: StallLedger::new(1),
         }
     }
 
@@ -180,6 +234,7 @@ mod tests {
             bounds(),
             c1.clone(),
             c2.clone(),
+            ends(),
         ));
         let (mut a, mut b) = (a_far.compat(), b_far.compat());
         a.write_all(b"hello").await.unwrap();
@@ -209,6 +264,7 @@ mod tests {
             },
             Counter::default(),
             Counter::default(),
+            ends(),
         ));
         let mut a = a_far.compat();
         a.write_all(&[0u8; 11]).await.unwrap();
@@ -225,6 +281,7 @@ mod tests {
             },
             Counter::default(),
             Counter::default(),
+            ends(),
         )
         .await;
         assert_eq!(idle, End::Idle);
@@ -244,6 +301,7 @@ mod tests {
             },
             Counter::default(),
             Counter::default(),
+            ends(),
         ));
         let (mut a, mut b) = (a_far.compat(), b_far.compat());
         // One second's bucket passes at once; the second 64 KiB waits for it to refill.
@@ -259,5 +317,67 @@ mod tests {
         );
         b.close().await.unwrap();
         assert_eq!(task.await.unwrap(), End::Closed);
+    }
+
+    #[tokio::test]
+    async fn a_reader_that_stops_ends_its_circuit() {
+        let (a_far, a_near) = tokio::io::duplex(64 * 1024);
+        let (b_near, _b_far) = tokio::io::duplex(1024);
+        let task = tokio::spawn(relay(
+            a_near.compat(),
+            b_near.compat(),
+            Bounds {
+                stall: Duration::from_millis(1500),
+                ..bounds()
+            },
+            Counter::default(),
+            Counter::default(),
+            ends(),
+        ));
+        let mut a = a_far.compat();
+        a.write_all(&[1u8; 32 * 1024]).await.unwrap();
+        let end = tokio::time::timeout(Duration::from_secs(10), task).await;
+        assert_eq!(end.unwrap().unwrap(), End::Stalled);
+    }
+
+    #[tokio::test]
+    async fn a_stall_past_the_peers_share_ends_the_oldest_at_once() {
+        let ledger = StallLedger::new(1);
+        let src = PeerId::random();
+        let mut circuits = Vec::new();
+        let mut keep = Vec::new();
+        for _ in 0..2 {
+            let (a_far, a_near) = tokio::io::duplex(64 * 1024);
+            let (b_near, b_far) = tokio::io::duplex(1024);
+            let started = Instant::now();
+            circuits.push((
+                started,
+                tokio::spawn(relay(
+                    a_near.compat(),
+                    b_near.compat(),
+                    bounds(),
+                    Counter::default(),
+                    Counter::default(),
+                    Ends {
+                        src,
+                        dst: PeerId::random(),
+                        ledger: ledger.clone(),
+                    },
+                )),
+            ));
+            let mut a = a_far.compat();
+            a.write_all(&[1u8; 32 * 1024]).await.unwrap();
+            keep.push((a, b_far));
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+        }
+        let (started, first) = circuits.remove(0);
+        let end = tokio::time::timeout(Duration::from_secs(5), first).await;
+        assert_eq!(end.unwrap().unwrap(), End::Stalled);
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "well before the 30 s timeout"
+        );
+        assert_eq!(ledger.stalled_on(&src), 1, "the second stays, stalled");
+        assert!(!circuits[0].1.is_finished());
     }
 }

@@ -112,6 +112,11 @@ pub struct RelayConfig {
     /// A circuit that moves no byte for this long is closed.
     #[serde(with = "humantime_serde")]
     pub circuit_idle_timeout: Duration,
+    /// A circuit whose one side has not taken a byte for this long is
+    /// closed: its reader stopped, and the other peer's bytes wait unread in
+    /// the gateway, counted against that peer's connection window.
+    #[serde(with = "humantime_serde")]
+    pub circuit_stall_timeout: Duration,
     /// Per circuit and direction, in bytes per second; 0 is uncapped.
     pub circuit_rate: u64,
     /// Non-member peers allowed to reserve; circuits to them carry `limit`.
@@ -153,6 +158,7 @@ impl Default for RelayConfig {
             max_circuits_per_ip: 64,
             max_pending_requests: 256,
             circuit_idle_timeout: Duration::from_secs(120),
+            circuit_stall_timeout: Duration::from_secs(30),
             circuit_rate: 0,
             limited_peers: Vec::new(),
             limit: CircuitLimit::default(),

@@ -16,13 +16,14 @@ use relaygate_common::circuit::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    circuit::{relay, Bounds},
+    circuit::{relay, Bounds, Ends},
     config::RelayConfig,
     guard::{Action, Guard},
     host::HostHandle,
     metrics::{ClassLabels, Metrics, RelayDirection, RelayDirectionLabels, ReservationClass},
     registry::AgentRegistry,
     reservations::{Reservations, Reserved},
+    stall::StallLedger,
 };
 use relaygate_common::metrics::ReasonLabels;
 
@@ -59,6 +60,8 @@ pub struct Hop {
     pub guard: Arc<Guard>,
     /// Hop requests being read or answered at once (`relay.max_pending_requests`).
     pub requests: Arc<tokio::sync::Semaphore>,
+    /// Circuits stalled by a reader that stopped, per peer whose bytes they hold.
+    pub stalls: Arc<StallLedger>,
 }
 
 impl Hop {
@@ -262,6 +265,12 @@ impl Hop {
             data: limit.and_then(|l| l.data),
             idle: self.cfg.circuit_idle_timeout,
             rate: self.cfg.circuit_rate,
+            stall: self.cfg.circuit_stall_timeout,
+        };
+        let ends = Ends {
+            src,
+            dst,
+            ledger: self.stalls.clone(),
         };
         let up = m
             .bytes
@@ -277,7 +286,7 @@ impl Hop {
             .clone();
         let closed = m.circuits_closed.clone();
         self.tracker.spawn(async move {
-            let end = relay(stream, stop, bounds, up, down).await;
+            let end = relay(stream, stop, bounds, up, down, ends).await;
             closed.get_or_create(&ReasonLabels::new(end.as_str())).inc();
             tracing::debug!(%src, %dst, end = end.as_str(), "circuit closed");
             drop(slot);

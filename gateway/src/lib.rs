@@ -27,4 +27,5 @@ pub mod reservations; // relay reservations and circuit slots, within the caps
 pub mod session; // control streams: admit, lease, bind, keep alive
 pub mod session_lane; // a lane on one session stream, for agents without a lane of their own
 pub mod shares; // per-source shares of pools: lane handshakes, leased-port connections
+pub mod stall; // circuits whose reader stopped: a share per peer, the oldest ends first
 pub mod store; // lease persistence: LeaseStore trait, embedded redb store
