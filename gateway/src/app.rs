@@ -109,6 +109,12 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         metrics.clone(),
         cfg.session.lane().0,
     ));
+    // Circuits and session streams whose reader stopped, per peer whose
+    // connection window their unread bytes hold.
+    let stalls = StallLedger::new(StallLedger::share_for(
+        cfg.session.stream_window,
+        cfg.session.connection_window,
+    ));
     let dataplane = Arc::new(DataPlane {
         control: host.control.clone(),
         lanes: lanes.clone(),
@@ -124,6 +130,7 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         max_per_tunnel: cfg.limits.max_connections_per_tunnel,
         sources: crate::shares::Shares::new(cfg.limits.max_connections_per_source),
         idle_timeout: cfg.limits.idle_timeout,
+        stalls: stalls.clone(),
     });
     let sessions = Arc::new(Sessions {
         host: host.clone(),
@@ -157,10 +164,7 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         draining: dataplane.stop_accepting.clone(),
         guard: guard.clone(),
         requests: Arc::new(tokio::sync::Semaphore::new(cfg.relay.max_pending_requests)),
-        stalls: StallLedger::new(StallLedger::share_for(
-            cfg.session.stream_window,
-            cfg.session.connection_window,
-        )),
+        stalls,
     });
     let (to_sessions, session_streams) = mpsc::channel(1024);
     tokio::spawn(route(incoming, to_sessions, hop.clone()));

@@ -13,13 +13,10 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use libp2p::PeerId;
 use prometheus_client::metrics::counter::Counter;
 use relaygate_common::idle::Activity;
-use tokio_util::sync::CancellationToken;
 
-use crate::stall::StallLedger;
+use crate::stall::{StallLedger, StallWriter};
 
 const BUF: usize = 16 * 1024;
-/// A write pending this long means the far reader has stopped, for now.
-const STALL_GRACE: Duration = Duration::from_millis(500);
 
 /// What bounds one circuit.
 #[derive(Clone, Copy, Debug)]
@@ -50,12 +47,6 @@ struct Direction<'a> {
     data_limit: Option<u64>,
     rate: Option<DefaultDirectRateLimiter>,
     activity: &'a Activity,
-    ledger: &'a Arc<StallLedger>,
-    /// The peer this direction reads from.
-    peer: PeerId,
-    /// Cancelled when the ledger ends the circuit.
-    end: &'a CancellationToken,
-    stall_timeout: Duration,
 }
 
 /// Why a circuit ended (the `reason` label of `relay_circuits_closed`).
@@ -100,7 +91,6 @@ where
     let (sr, sw) = src.split();
     let (dr, dw) = dst.split();
     let activity = Activity::new();
-    let stalled = CancellationToken::new();
     let limiter = |rate: u64| {
         let per_sec = NonZeroU32::new(u32::try_from(rate).unwrap_or(u32::MAX))?;
         Some(RateLimiter::direct(Quota::per_second(per_sec)))
@@ -110,20 +100,18 @@ where
         0 => BUF,
         r => BUF.min(usize::try_from(r).unwrap_or(BUF)),
     };
-    let direction = |counter, peer| Direction {
+    let direction = |counter| Direction {
         chunk,
         counter,
         data_limit: bounds.data,
         rate: limiter(bounds.rate),
         activity: &activity,
-        ledger: &ends.ledger,
-        peer,
-        end: &stalled,
-        stall_timeout: bounds.stall,
     };
-    let (up, down) = (
-        direction(&src_to_dst, ends.src),
-        direction(&dst_to_src, ends.dst),
+    let (up, down) = (direction(&src_to_dst), direction(&dst_to_src));
+    // A writer holds the bytes of the peer its direction reads from.
+    let (dw, sw) = (
+        StallWriter::new(dw, ends.ledger.clone(), ends.src, bounds.stall),
+        StallWriter::new(sw, ends.ledger.clone(), ends.dst, bounds.stall),
     );
     let both = async { futures::try_join!(pump(sr, dw, &up), pump(dr, sw, &down)) };
     let deadline = async {
@@ -141,7 +129,6 @@ where
         },
         _ = deadline => End::LimitDuration,
         _ = activity.idle(bounds.idle) => End::Idle,
-        _ = stalled.cancelled() => End::Stalled,
     }
 }
 
@@ -173,27 +160,8 @@ where
                 let _ = l.until_n_ready(n32).await;
             }
         }
-        let mut write = std::pin::pin!(async {
-            w.write_all(&buf[..n]).await?;
-            w.flush().await
-        });
-        if let Ok(r) = tokio::time::timeout(STALL_GRACE, write.as_mut()).await {
-            r?;
-        } else {
-            // The far reader has stopped: this peer's bytes now wait unread.
-            let _on_ledger = d.ledger.stalled(d.peer, d.end.clone());
-            if d.stall_timeout.is_zero() {
-                write.await?;
-            } else {
-                let rest = d.stall_timeout.saturating_sub(STALL_GRACE);
-                match tokio::time::timeout(rest, write.as_mut()).await {
-                    Ok(r) => r?,
-                    Err(_) => {
-                        return Err(io::Error::new(io::ErrorKind::TimedOut, "circuit stalled"))
-                    }
-                }
-            }
-        }
+        w.write_all(&buf[..n]).await?;
+        w.flush().await?;
         d.counter.inc_by(n as u64);
         d.activity.touch();
     }

@@ -11,7 +11,7 @@ use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 use libp2p::{swarm::ConnectionId, PeerId};
 use relaygate_common::{
     lane::{self, LaneStream},
-    metrics::Side,
+    metrics::{ReasonLabels, Side},
     protocol::{StreamHeader, StreamStatus, TUNNEL_PROTOCOL},
     proxy,
     splice::{frames_to_raw, raw_to_frames, write_frames},
@@ -31,6 +31,7 @@ use crate::{
     registry::TunnelStats,
     session_lane::SessionLanes,
     shares::{Share, Shares},
+    stall::{StallLedger, StallWriter},
 };
 
 /// How long the gateway waits for the agent to open a stream.
@@ -65,6 +66,9 @@ pub struct DataPlane {
     pub max_per_tunnel: usize,
     /// A public connection moving no byte for this long is closed (zero: never).
     pub idle_timeout: Duration,
+    /// Session streams whose public client stopped reading hold the agent's
+    /// QUIC connection window: only a share of them may at once.
+    pub stalls: Arc<StallLedger>,
 }
 
 /// A bound public port of one tunnel.
@@ -393,6 +397,14 @@ impl Connection {
         let activity = relaygate_common::idle::Activity::new();
         let (tr, tw) = self.tcp.split();
         let mut tr = relaygate_common::idle::Watched::new(tr, activity.clone());
+        let stalled = self
+            .dp
+            .metrics
+            .refusals
+            .get_or_create(&ReasonLabels::new("stalled_reader"))
+            .clone();
+        let tw = StallWriter::new(tw, self.dp.stalls.clone(), self.agent, Duration::ZERO)
+            .counting(stalled);
         let mut tw = relaygate_common::idle::Watched::new(tw, activity.clone());
         let (bytes_in, bytes_out, metrics) = (
             &self.stats.bytes_in,

@@ -5,16 +5,27 @@
 //! its session lane share. A few such circuits would freeze all of them. So
 //! each peer may have only `share` circuits stalled at once (chosen so their
 //! windows take at most half its connection window); one more stalling ends
-//! the one that has been stalled longest.
+//! the one that has been stalled longest. The same holds for a tunnel's
+//! session streams (the data path of agents without a lane), whose public
+//! client stops reading. [`StallWriter`] reports a write that waits.
 
 use std::{
     collections::HashMap,
+    future::Future,
+    io,
+    pin::Pin,
     sync::{Arc, Mutex, MutexGuard},
-    time::Instant,
+    task::{Context, Poll},
+    time::{Duration, Instant},
 };
 
 use libp2p::PeerId;
-use tokio_util::sync::CancellationToken;
+use prometheus_client::metrics::counter::Counter;
+use tokio::time::Sleep;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+
+/// A write pending this long means the far reader has stopped, for now.
+pub const STALL_GRACE: Duration = Duration::from_millis(500);
 
 pub struct StallLedger {
     share: usize,
@@ -115,6 +126,139 @@ impl Drop for Stall {
     }
 }
 
+/// A writer toward a reader that may stop. A write that waits
+/// [`STALL_GRACE`] puts it on the ledger under `peer` (whose bytes it holds);
+/// it fails with `TimedOut` once the write has waited `timeout` (zero:
+/// never) or when the ledger ends it to keep `peer` within its share.
+pub struct StallWriter<W> {
+    inner: W,
+    ledger: Arc<StallLedger>,
+    peer: PeerId,
+    timeout: Duration,
+    waiting: Option<Waiting>,
+    /// Counts the writes this writer ended.
+    ended: Option<Counter>,
+}
+
+struct Waiting {
+    /// Until the grace ends, then until the timeout (none: never).
+    timer: Option<Pin<Box<Sleep>>>,
+    on_ledger: Option<(Stall, Pin<Box<WaitForCancellationFutureOwned>>)>,
+}
+
+impl<W> StallWriter<W> {
+    pub fn new(inner: W, ledger: Arc<StallLedger>, peer: PeerId, timeout: Duration) -> Self {
+        Self {
+            inner,
+            ledger,
+            peer,
+            timeout,
+            waiting: None,
+            ended: None,
+        }
+    }
+
+    /// Counts each write this writer ends in `c`.
+    pub fn counting(mut self, c: Counter) -> Self {
+        self.ended = Some(c);
+        self
+    }
+
+    fn end(&self, why: &str) -> io::Error {
+        if let Some(c) = &self.ended {
+            c.inc();
+        }
+        io::Error::new(io::ErrorKind::TimedOut, format!("stalled: {why}"))
+    }
+
+    /// Passes a finished poll through; on a pending one, keeps the clock.
+    fn watch<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if polled.is_ready() {
+            self.waiting = None;
+            return polled;
+        }
+        let w = self.waiting.get_or_insert_with(|| Waiting {
+            timer: Some(Box::pin(tokio::time::sleep(STALL_GRACE))),
+            on_ledger: None,
+        });
+        loop {
+            if let Some((_, ended)) = &mut w.on_ledger {
+                if ended.as_mut().poll(cx).is_ready() {
+                    self.waiting = None;
+                    return Poll::Ready(Err(self.end("its peer has too many stalled")));
+                }
+            }
+            let Some(timer) = &mut w.timer else {
+                return Poll::Pending;
+            };
+            if timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            if w.on_ledger.is_some() {
+                self.waiting = None;
+                return Poll::Ready(Err(self.end("its reader stopped")));
+            }
+            let token = CancellationToken::new();
+            let stall = self.ledger.stalled(self.peer, token.clone());
+            w.on_ledger = Some((stall, Box::pin(token.cancelled_owned())));
+            w.timer = (!self.timeout.is_zero())
+                .then(|| Box::pin(tokio::time::sleep(self.timeout.saturating_sub(STALL_GRACE))));
+        }
+    }
+}
+
+impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for StallWriter<W> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.watch(cx, polled)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_flush(cx);
+        this.watch(cx, polled)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_shutdown(cx);
+        this.watch(cx, polled)
+    }
+}
+
+impl<W: futures::AsyncWrite + Unpin> futures::AsyncWrite for StallWriter<W> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.watch(cx, polled)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_flush(cx);
+        this.watch(cx, polled)
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_close(cx);
+        this.watch(cx, polled)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,5 +288,64 @@ mod tests {
         assert_eq!(StallLedger::share_for(4 << 20, 4 << 20), 1);
         assert_eq!(StallLedger::share_for(1 << 20, 64 << 20), 32);
         assert_eq!(StallLedger::share_for(0, 0), 1);
+    }
+
+    #[tokio::test]
+    async fn a_writer_whose_reader_stops_is_put_on_the_ledger_then_ended() {
+        use tokio::io::AsyncWriteExt;
+        let ledger = StallLedger::new(1);
+        let peer = PeerId::random();
+        let (near, mut far) = tokio::io::duplex(1024);
+        let mut w = StallWriter::new(near, ledger.clone(), peer, Duration::from_millis(1500));
+        w.write_all(&[0u8; 1024]).await.unwrap();
+        assert_eq!(
+            ledger.stalled_on(&peer),
+            0,
+            "a write that completes is no stall"
+        );
+        let started = Instant::now();
+        let write = tokio::spawn(async move { w.write_all(&[0u8; 1024]).await });
+        tokio::time::sleep(STALL_GRACE + Duration::from_millis(300)).await;
+        assert_eq!(
+            ledger.stalled_on(&peer),
+            1,
+            "on the ledger once the grace is over"
+        );
+        let err = write.await.unwrap().unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(started.elapsed() >= Duration::from_millis(1400));
+        assert_eq!(ledger.stalled_on(&peer), 0, "off the ledger once ended");
+        let mut got = vec![0u8; 1024];
+        tokio::io::AsyncReadExt::read_exact(&mut far, &mut got)
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_ledger_ends_the_oldest_writer_past_the_share() {
+        use tokio::io::AsyncWriteExt;
+        let ledger = StallLedger::new(1);
+        let peer = PeerId::random();
+        let mut keep = Vec::new();
+        let mut writes = Vec::new();
+        for _ in 0..2 {
+            let (near, far) = tokio::io::duplex(16);
+            keep.push(far);
+            let mut w = StallWriter::new(near, ledger.clone(), peer, Duration::ZERO);
+            writes.push(tokio::spawn(async move { w.write_all(&[0u8; 64]).await }));
+            tokio::time::sleep(STALL_GRACE + Duration::from_millis(200)).await;
+        }
+        let first = writes.remove(0);
+        let err = tokio::time::timeout(Duration::from_secs(2), first)
+            .await
+            .expect("ended at once")
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(
+            !writes[0].is_finished(),
+            "the newer stall stays (no timeout)"
+        );
+        assert_eq!(ledger.stalled_on(&peer), 1);
     }
 }

@@ -90,6 +90,10 @@ enum Path {
     /// A lane on one stream of the QUIC session: the gateway names a lane
     /// port nothing listens on, so the agent's own lanes never come up.
     SessionLane,
+    /// Streams of the QUIC session (`session.data_path = "session"` on both
+    /// sides), with quinn's fixed windows: 4 MiB per stream, 16 MiB per
+    /// connection, so four stalled streams would freeze the agent's session.
+    SessionStreams,
 }
 
 /// The runs take most of the machine: one at a time.
@@ -103,6 +107,12 @@ fn a_thousand_clients_that_stop_reading_freeze_nobody() {
 #[test]
 fn a_thousand_clients_that_stop_reading_freeze_nobody_on_a_session_lane() {
     stalled_clients(Path::SessionLane);
+}
+
+/// At 4462fed this froze the agent's session: its round trips timed out.
+#[test]
+fn a_thousand_clients_that_stop_reading_freeze_nobody_on_session_streams() {
+    stalled_clients(Path::SessionStreams);
 }
 
 fn stalled_clients(path: Path) {
@@ -124,6 +134,11 @@ fn stalled_clients(path: Path) {
         let closed = relaygate_tests::procs::free_tcp_port();
         extra.extend(["--advertise".into(), format!("/ip4/127.0.0.1/tcp/{closed}")]);
     }
+    let mut agent_extra = settings(&["limits.max_connections=4000", "log.level=info"]);
+    if path == Path::SessionStreams {
+        extra.extend(settings(&["session.data_path=session"]));
+        agent_extra.extend(settings(&["session.data_path=session"]));
+    }
     let gw = Gateway::start(
         &here,
         GatewaySpec {
@@ -137,7 +152,7 @@ fn stalled_clients(path: Path) {
         Transport::Quic,
         &[format!("flood={target}"), echo.tunnel("echo")],
         true,
-        &settings(&["limits.max_connections=4000", "log.level=info"]),
+        &agent_extra,
     );
     let flood = agent.wait_leased("flood", Duration::from_secs(20)).unwrap();
     let other = agent.wait_leased("echo", Duration::from_secs(20)).unwrap();
@@ -158,6 +173,7 @@ fn stalled_clients(path: Path) {
                 )
                 .expect("the agent's own lanes fail");
         }
+        Path::SessionStreams => {}
     }
     let rss_before = ProcStats::of(gw.proc.pid()).unwrap().rss_kib;
     let (base_same, base_other) = rt.block_on(async {
@@ -218,10 +234,25 @@ fn stalled_clients(path: Path) {
         p99(&other_t)
     );
     let ceiling = LANE_BUFFER + STALLED as u64 * MIN_WINDOW;
-    assert!(
-        committed > 0.0 && committed <= ceiling as f64,
-        "window bytes committed {committed}, ceiling {ceiling}"
-    );
+    if path == Path::SessionStreams {
+        // No lane windows here: the gateway ends the stalled streams past
+        // the agent's share (two: half its QUIC connection window).
+        let ended = metric(
+            &gw.metrics(),
+            "relaygate_gateway_refusals_total{reason=\"stalled_reader\"}",
+        )
+        .unwrap_or(0.0);
+        eprintln!("{path:?}: {ended} stalled session streams ended");
+        assert!(
+            ended >= (STALLED - 2) as f64,
+            "stalled session streams ended: {ended}"
+        );
+    } else {
+        assert!(
+            committed > 0.0 && committed <= ceiling as f64,
+            "window bytes committed {committed}, ceiling {ceiling}"
+        );
+    }
     // The honest side: every round trip succeeded within a second (asserted
     // as they ran; a frozen lane holds them until the idle timeout), and the
     // slow tail stays near its baseline: 2x, plus what a 2-core machine
@@ -248,6 +279,7 @@ fn stalled_clients(path: Path) {
     let label = match path {
         Path::Lanes => "lane",
         Path::SessionLane => "session_lane",
+        Path::SessionStreams => "session",
     };
     assert!(
         metric(
