@@ -79,18 +79,26 @@ impl Overload {
     }
 }
 
-/// Resident set size of this process, from /proc/self/statm.
+/// Resident set size of this process, from /proc/self/statm (in pages of
+/// this machine's size: 4 KiB on x86, often 16 or 64 KiB on arm64).
 pub fn resident_bytes() -> Option<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    Some(pages * 4096)
+    Some(pages * page_size())
 }
 
-/// The cgroup v2 memory limit when there is one, else MemTotal.
+fn page_size() -> u64 {
+    // SAFETY: sysconf reads a constant of the running system.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(size).ok().filter(|&s| s > 0).unwrap_or(4096)
+}
+
+/// The memory limit of this process's cgroup (v2 or v1) when there is one,
+/// else MemTotal, whichever is smaller.
 fn available_memory() -> Option<u64> {
-    let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup")
         .ok()
-        .and_then(|s| s.trim().parse::<u64>().ok());
+        .and_then(|own| cgroup_limit(std::path::Path::new("/sys/fs/cgroup"), &own));
     let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
         let line = m.lines().find(|l| l.starts_with("MemTotal:"))?;
         let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
@@ -100,6 +108,38 @@ fn available_memory() -> Option<u64> {
         (Some(c), Some(t)) => Some(c.min(t)),
         (c, t) => c.or(t),
     }
+}
+
+/// The tightest memory limit among this process's cgroup and the root of
+/// the cgroup tree as mounted (what a container sees), for v2 (`memory.max`,
+/// `max` when unlimited) and v1 (`memory/memory.limit_in_bytes`, a huge
+/// number when unlimited). `own` is the text of /proc/self/cgroup.
+fn cgroup_limit(root: &std::path::Path, own: &str) -> Option<u64> {
+    let read = |p: std::path::PathBuf| {
+        std::fs::read_to_string(p)
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+    };
+    let mut candidates = vec![
+        read(root.join("memory.max")),
+        read(root.join("memory/memory.limit_in_bytes")),
+    ];
+    for line in own.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(_), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        let path = path.trim_start_matches('/');
+        if controllers.is_empty() {
+            candidates.push(read(root.join(path).join("memory.max")));
+        } else if controllers.split(',').any(|c| c == "memory") {
+            candidates.push(read(
+                root.join("memory").join(path).join("memory.limit_in_bytes"),
+            ));
+        }
+    }
+    candidates.into_iter().flatten().min()
 }
 
 #[cfg(test)]
@@ -122,5 +162,35 @@ mod tests {
         let o = Overload::new(0);
         assert!(o.limit() > 0, "MemTotal is readable on Linux");
         assert!(resident_bytes().is_some_and(|r| r > 0));
+    }
+
+    #[test]
+    fn cgroup_limits_v2_and_v1_own_group_or_root() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        // v2, nested group with a limit, root unlimited.
+        std::fs::create_dir_all(r.join("kubepods/pod1")).unwrap();
+        std::fs::write(r.join("memory.max"), "max\n").unwrap();
+        std::fs::write(r.join("kubepods/pod1/memory.max"), "536870912\n").unwrap();
+        assert_eq!(cgroup_limit(r, "0::/kubepods/pod1\n"), Some(512 << 20));
+        // v1, limit on the own group; the unlimited root is a huge number.
+        std::fs::create_dir_all(r.join("memory/docker/abc")).unwrap();
+        std::fs::write(
+            r.join("memory/memory.limit_in_bytes"),
+            "9223372036854771712\n",
+        )
+        .unwrap();
+        std::fs::write(
+            r.join("memory/docker/abc/memory.limit_in_bytes"),
+            "268435456\n",
+        )
+        .unwrap();
+        assert_eq!(
+            cgroup_limit(r, "12:cpu,cpuacct:/docker/abc\n4:memory:/docker/abc\n"),
+            Some(256 << 20)
+        );
+        let empty = tempfile::tempdir().unwrap();
+        assert_eq!(cgroup_limit(empty.path(), "0::/\n"), None);
+        assert!(page_size() >= 4096);
     }
 }
