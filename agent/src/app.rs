@@ -261,6 +261,13 @@ fn check_delivery(cfg: &AgentConfig) -> (Vec<TunnelConfig>, Vec<(TunnelConfig, S
                 ));
                 continue;
             }
+            if !is_local_address(&t.target.host) {
+                refused.push((
+                    t.clone(),
+                    transparent::TransparentError::RemoteTarget(t.target.to_string()).to_string(),
+                ));
+                continue;
+            }
         }
         active.push(t.clone());
     }
@@ -272,6 +279,15 @@ fn is_loopback_host(host: &str) -> bool {
         || host
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Whether `host` is an IP address of this host (what can be bound). A
+/// name, or another host's address, is not: a transparent connection to it
+/// would leave with a public client's source address toward another host.
+fn is_local_address(host: &str) -> bool {
+    host.trim_matches(['[', ']'])
+        .parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| std::net::TcpListener::bind((ip, 0)).is_ok())
 }
 
 /// Installs (or checks) the routing rules when an active tunnel delivers transparently.

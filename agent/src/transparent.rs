@@ -118,6 +118,8 @@ pub enum TransparentError {
     Install(String),
     #[error("transparent delivery needs the node's own non-loopback address as target (e.g. the pod IP), not {0}: the kernel drops packets from a public source to a loopback address")]
     LoopbackTarget(String),
+    #[error("transparent delivery needs an IP address of this host as target (the pod IP, or the node's address on this machine), not {0}: connections to another host would leave with public clients' source addresses; use deliver = \"proxy-v2\" for a target elsewhere")]
+    RemoteTarget(String),
 }
 
 /// Shell commands that install the rules (idempotent: old ones are removed first).
@@ -244,13 +246,29 @@ fn run(args: &[&str]) -> Result<String, String> {
     }
 }
 
-/// Rules installed by this process; removed when dropped.
+/// Rules this process installed or found, held through a shared lock on a
+/// file named after the namespace, mark and table: agents in one network
+/// namespace share one set of rules, and the last one to leave (the one that
+/// can take the lock exclusively) removes them.
 pub struct InstalledRules {
     cfg: TransparentConfig,
+    lock: std::fs::File,
 }
 
 impl Drop for InstalledRules {
     fn drop(&mut self) {
+        // `install` first, as a starting agent takes it: one order, no deadlock,
+        // and no agent starting now finds the rules half gone.
+        let install = open_lock(&self.cfg, "install").ok();
+        if let Some(f) = &install {
+            let _ = f.lock();
+        }
+        if self.lock.try_lock().is_err() {
+            tracing::info!(
+                "transparent delivery rules left in place: another agent here uses them"
+            );
+            return;
+        }
         match sh(&remove_script(&self.cfg)) {
             Ok(()) => tracing::info!("transparent delivery rules removed"),
             Err(e) => tracing::warn!(error = %e, "could not remove transparent delivery rules"),
@@ -258,18 +276,65 @@ impl Drop for InstalledRules {
     }
 }
 
-/// Makes transparent delivery ready: checks the socket option, installs or checks the rules.
+/// Where agents of this network namespace using `c`'s rules take their lock.
+fn lock_path(c: &TransparentConfig) -> std::path::PathBuf {
+    let netns = std::fs::read_link("/proc/self/ns/net")
+        .ok()
+        .and_then(|l| {
+            let l = l.to_string_lossy().into_owned();
+            let inode = l.trim_start_matches("net:[").trim_end_matches(']');
+            inode.parse::<u64>().ok()
+        })
+        .unwrap_or(0);
+    std::env::temp_dir().join(format!(
+        "relaygate-transparent-{netns}-{:x}-{}",
+        c.mark.get(),
+        c.table
+    ))
+}
+
+fn open_lock(c: &TransparentConfig, what: &str) -> Result<std::fs::File, TransparentError> {
+    let path = lock_path(c).with_extension(what);
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| TransparentError::Install(format!("cannot open {}: {e}", path.display())))
+}
+
+fn table_present() -> bool {
+    run(&["nft", "list", "table", "inet", NFT_TABLE]).is_ok()
+}
+
+/// Makes transparent delivery ready: checks the socket option, installs the
+/// rules (unless another agent here already did) or checks them.
 pub fn prepare(c: &TransparentConfig) -> Result<Option<InstalledRules>, TransparentError> {
     check_socket()?;
     if c.rules == RulesMode::Auto && has_net_admin() {
-        sh(&install_script(c)).map_err(TransparentError::Install)?;
+        let locked = |e: std::io::Error| TransparentError::Install(format!("cannot lock: {e}"));
+        // Users hold `users` shared while they run; `install` is held only
+        // while looking and installing, so two agents starting at once do
+        // not remove each other's half-installed rules.
+        let (install, lock) = (open_lock(c, "install")?, open_lock(c, "users")?);
+        install.lock().map_err(locked)?;
+        lock.lock_shared().map_err(locked)?;
+        let present = check_rules(c).is_ok() && table_present();
+        if !present {
+            sh(&install_script(c)).map_err(TransparentError::Install)?;
+        }
         check_rules(c)?;
+        drop(install);
         tracing::info!(
             mark = format!("{:#x}", c.mark),
             table = %c.table,
+            shared = present,
             "transparent delivery rules installed"
         );
-        return Ok(Some(InstalledRules { cfg: c.clone() }));
+        return Ok(Some(InstalledRules {
+            cfg: c.clone(),
+            lock,
+        }));
     }
     check_rules(c)?;
     Ok(None)

@@ -111,12 +111,12 @@ fn udp_garbage(addr: SocketAddr, secs: u64) {
         let len = 1 + (i as usize * 97) % 1400;
         let mut d = noise(len, i);
         // Every other one looks like a QUIC long header (Initial, version 1).
-        if i % 2 == 0 && d.len() > 6 {
+        if i.is_multiple_of(2) && d.len() > 6 {
             d[0] = 0xc0;
             d[1..5].copy_from_slice(&1u32.to_be_bytes());
         }
         let _ = sock.send_to(&d, addr);
-        if i % 50 == 0 {
+        if i.is_multiple_of(50) {
             thread::sleep(Duration::from_millis(5));
         }
     }

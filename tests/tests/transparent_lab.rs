@@ -91,8 +91,15 @@ fn target_sees_the_remotes_real_address_v4_and_v6() {
         &[
             format!("v4={v4}:7000,deliver=transparent"),
             format!("v6=[{v6}]:7001,deliver=transparent"),
+            // Another host: its connections would leave with public sources.
+            format!("far={}:7000,deliver=transparent", w.remote.ip()),
         ],
     );
+    let refused = a
+        .proc
+        .wait_for(|l| l.contains("tunnel not started") && l.contains("far"), T)
+        .expect("a transparent tunnel to another host is refused");
+    assert!(refused.contains("IP address of this host"), "{refused}");
     let p4 = a.wait_leased("v4", T).expect("v4 lease");
     let p6 = a.wait_leased("v6", T).expect("v6 lease");
     a.proc
@@ -441,4 +448,70 @@ fn missing_rules_refuse_only_the_transparent_tunnel() {
         !sh(&w.node_host, "nft list tables").contains("relaygate"),
         "external mode installs nothing"
     );
+}
+
+/// Two agents in one network namespace share the rules: the first to leave
+/// leaves them for the other, whose transparent tunnel keeps working; the
+/// last removes them. At 4462fed the first to leave removed them under the
+/// other (issue #15, item 11).
+#[test]
+fn two_agents_in_one_namespace_share_the_rules() {
+    if !require_root("two_agents_in_one_namespace_share_the_rules") {
+        return;
+    }
+    let w = world();
+    let mut echo = w.node_host.cmd(LAB_NODE);
+    echo.args(["tcp-echo", "--listen", "0.0.0.0:7000"]);
+    let echo = Proc::spawn("target", echo);
+    echo.wait_for(|l| l.contains("7000"), T).expect("target up");
+    let gw = gateway(&w);
+    let count_rules = || {
+        sh(&w.node_host, "ip -4 rule show")
+            .matches("fwmark 0x5247")
+            .count()
+    };
+    let tunnel = |name: &str| {
+        [format!(
+            "{name}={}:7000,deliver=transparent",
+            w.node_host.ip()
+        )]
+    };
+    let mut first = agent(&w, &gw, &tunnel("one"));
+    let mut second = agent(&w, &gw, &tunnel("two"));
+    for a in [&first, &second] {
+        a.proc
+            .wait_for(|l| l.contains("rules installed"), T)
+            .expect("rules");
+    }
+    assert_eq!(count_rules(), 1, "one set of rules for both");
+    let port = second.wait_leased("two", T).expect("lease");
+
+    first.proc.signal(libc::SIGTERM);
+    assert!(first.proc.wait_exit(T).is_some_and(|s| s.success()));
+    first
+        .proc
+        .wait_for(|l| l.contains("another agent here uses them"), T)
+        .expect("the first leaves the rules in place");
+    assert_eq!(count_rules(), 1, "the rules stay for the second agent");
+    assert!(sh(&w.node_host, "nft list tables").contains("relaygate"));
+
+    let addr = format!("{}:{port}", w.gw_host.ip());
+    let mut send = w.remote.cmd(LAB_NODE);
+    send.args(["tcp-send", "--addr", &addr, "--data", "still here"]);
+    let mut send = Proc::spawn("remote", send);
+    let echoed = send
+        .wait_for(|l| l.contains("\"echoed\""), T)
+        .expect("the second agent's transparent tunnel still works");
+    assert!(send.wait_exit(T).is_some_and(|s| s.success()));
+    let local = field(&echoed, "local");
+    echo.wait_for(
+        |l| l.contains("\"accepted\"") && field(l, "peer") == local,
+        T,
+    )
+    .expect("the target saw the remote's own address");
+
+    second.proc.signal(libc::SIGTERM);
+    assert!(second.proc.wait_exit(T).is_some_and(|s| s.success()));
+    assert_eq!(count_rules(), 0, "the last agent out removes the rules");
+    assert!(!sh(&w.node_host, "nft list tables").contains("relaygate"));
 }

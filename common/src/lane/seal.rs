@@ -128,7 +128,7 @@ impl Direction {
     /// The next record's nonce, moving to the next key every
     /// `RECORDS_PER_KEY` records.
     fn next_nonce(&mut self) -> Result<Nonce, LaneError> {
-        if self.seq > 0 && self.seq % RECORDS_PER_KEY == 0 {
+        if self.seq > 0 && self.seq.is_multiple_of(RECORDS_PER_KEY) {
             self.key = generation_key(&self.secret, self.seq / RECORDS_PER_KEY);
         }
         let mut nonce = self.iv;
