@@ -13,9 +13,8 @@ use relaygate_common::admin::{health_response, render_metrics};
 use serde::Deserialize;
 
 use crate::{
-    gate::ip_of,
     guard::{BanRequest, BanSource, BanTarget, Guard},
-    host::{Command, HostHandle, HostState},
+    host::{HostHandle, HostState},
     metrics::Metrics,
     registry::AgentRegistry,
 };
@@ -39,15 +38,7 @@ async fn ban(State(s): State<AdminState>, Json(req): Json<BanRequest>) -> impl I
     let target = req.target.clone();
     let view = s.guard.ban(req, BanSource::Admin);
     // Connections already open from the banned peer or network are closed too.
-    for (peer, addr) in s.host.peers() {
-        let hit = match &target {
-            BanTarget::Peer(p) => *p == peer,
-            BanTarget::Net(n) => ip_of(&addr).is_some_and(|ip| n.contains(&ip)),
-        };
-        if hit {
-            s.disconnect.send(Command::Disconnect(peer)).await;
-        }
-    }
+    s.disconnect.close_banned(&[target]).await;
     (StatusCode::CREATED, Json(view))
 }
 

@@ -128,7 +128,10 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         proxy: cfg.proxy_protocol.clone(),
         guard: guard.clone(),
         max_per_tunnel: cfg.limits.max_connections_per_tunnel,
-        sources: crate::shares::Shares::new(cfg.limits.max_connections_per_source),
+        sources: crate::shares::Shares::new(
+            cfg.limits.max_connections_per_source,
+            cfg.guard.ipv6_prefix,
+        ),
         idle_timeout: cfg.limits.idle_timeout,
         stalls: stalls.clone(),
     });

@@ -34,7 +34,8 @@ pub struct Gate {
     trusted: Arc<dyn Fn(IpAddr) -> bool + Send + Sync>,
     max_per_ip: usize,
     per_ip: HashMap<IpAddr, usize>,
-    by_connection: HashMap<ConnectionId, IpAddr>,
+    /// Each counted connection's peer and source (an IPv4 address or IPv6 prefix).
+    by_connection: HashMap<ConnectionId, (PeerId, IpAddr)>,
 }
 
 impl Gate {
@@ -82,7 +83,8 @@ impl NetworkBehaviour for Gate {
         if let Err(why) = self.guard.check_ip(ip, Action::Connection) {
             return Err(ConnectionDenied::new(Refusal(why.as_str())));
         }
-        if self.per_ip.get(&ip).copied().unwrap_or(0) >= self.max_per_ip {
+        let source = self.guard.grouping().source(ip);
+        if self.per_ip.get(&source).copied().unwrap_or(0) >= self.max_per_ip {
             self.guard.count_refusal("connections_per_ip");
             return Err(ConnectionDenied::new(Refusal("connections_per_ip")));
         }
@@ -101,8 +103,10 @@ impl NetworkBehaviour for Gate {
             return Err(ConnectionDenied::new(Refusal("banned")));
         }
         if let Some(ip) = self.client_ip(remote) {
-            *self.per_ip.entry(ip).or_default() += 1;
-            self.by_connection.insert(connection, ip);
+            let source = self.guard.grouping().source(ip);
+            *self.per_ip.entry(source).or_default() += 1;
+            self.by_connection.insert(connection, (peer, source));
+            self.guard.connected(peer, source);
         }
         Ok(dummy::ConnectionHandler)
     }
@@ -129,11 +133,12 @@ impl NetworkBehaviour for Gate {
             FromSwarm::ListenFailure(ListenFailure { connection_id, .. }) => connection_id,
             _ => return,
         };
-        if let Some(ip) = self.by_connection.remove(&connection_id) {
-            if let Some(n) = self.per_ip.get_mut(&ip) {
+        if let Some((peer, source)) = self.by_connection.remove(&connection_id) {
+            self.guard.disconnected(peer, source);
+            if let Some(n) = self.per_ip.get_mut(&source) {
                 *n = n.saturating_sub(1);
                 if *n == 0 {
-                    self.per_ip.remove(&ip);
+                    self.per_ip.remove(&source);
                 }
             }
         }

@@ -2,87 +2,27 @@
 //! expiry, each with a reason; from config and changed at runtime through the
 //! admin API), token buckets per IP and per peer for new connections,
 //! reservations, circuits and tunnel connections, and temporary bans for
-//! peers that keep sending bad input. Checks are cheap and run before any
-//! handshake work where the transport allows (pending inbound libp2p
-//! connections, accepted leased-port sockets). Every refusal is counted.
+//! peers that keep sending bad input, moving to their source address when it
+//! keeps producing fresh peer ids. Rates, caps and automatic bans key on the
+//! source: an IPv4 address, or an IPv6 prefix (`guard.ipv6_prefix`, /64).
+//! Checks are cheap and run before any handshake work where the transport
+//! allows (pending inbound libp2p connections, accepted leased-port
+//! sockets). Every refusal is counted.
 
 use std::{
     collections::HashMap,
-    fmt,
     net::IpAddr,
-    num::NonZeroU32,
-    str::FromStr,
-    sync::{Arc, Mutex, MutexGuard},
-    time::{Duration, Instant, SystemTime},
+    sync::{Arc, Mutex, MutexGuard, RwLock},
+    time::{Instant, SystemTime},
 };
 
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
-use ipnet::IpNet;
+use governor::{DefaultKeyedRateLimiter, RateLimiter};
 use libp2p::PeerId;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use crate::{
-    host::{Command, HostHandle},
-    metrics::Metrics,
-};
-
-/// What a ban applies to.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum BanTarget {
-    Peer(PeerId),
-    Net(IpNet),
-}
-
-impl BanTarget {
-    fn covers_ip(&self, ip: IpAddr) -> bool {
-        matches!(self, BanTarget::Net(n) if n.contains(&ip))
-    }
-}
-
-impl FromStr for BanTarget {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if let Ok(p) = s.parse::<PeerId>() {
-            return Ok(BanTarget::Peer(p));
-        }
-        if let Ok(n) = s.parse::<IpNet>() {
-            return Ok(BanTarget::Net(n.trunc()));
-        }
-        if let Ok(ip) = s.parse::<IpAddr>() {
-            return Ok(BanTarget::Net(IpNet::from(ip)));
-        }
-        Err(format!(
-            "expected a peer id, an IP or a CIDR (198.51.100.0/24), got {s:?}"
-        ))
-    }
-}
-
-impl fmt::Display for BanTarget {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            BanTarget::Peer(p) => write!(f, "{p}"),
-            BanTarget::Net(n) => write!(f, "{n}"),
-        }
-    }
-}
-
-relaygate_common::serde_via_str!(BanTarget);
-
-/// A blacklist entry as written in config or posted to the admin API.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BanRequest {
-    pub target: BanTarget,
-    #[serde(default)]
-    pub reason: String,
-    /// How long the ban lasts; permanent when absent.
-    #[serde(
-        default,
-        with = "humantime_serde",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub ttl: Option<Duration>,
-}
+use crate::banlist::{Ban, BanList};
+pub use crate::config::guard::{BanRequest, BanTarget, GuardConfig, Ipv6Prefix, Rate};
+use crate::metrics::Metrics;
 
 /// Where a ban came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -112,78 +52,6 @@ pub struct BanView {
     pub source: BanSource,
     /// Unix seconds; absent for a permanent ban.
     pub expires: Option<u64>,
-}
-
-struct Ban {
-    view: BanView,
-    until: Option<Instant>,
-}
-
-impl Ban {
-    fn in_force(&self, now: Instant) -> bool {
-        self.until.is_none_or(|u| u > now)
-    }
-}
-
-/// A token bucket: `per_second` sustained, `burst` at once.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Rate {
-    pub per_second: u32,
-    pub burst: u32,
-}
-
-impl Rate {
-    const fn new(per_second: u32, burst: u32) -> Self {
-        Self { per_second, burst }
-    }
-    fn quota(self) -> Option<Quota> {
-        let per = NonZeroU32::new(self.per_second)?;
-        let burst = NonZeroU32::new(self.burst.max(self.per_second))?;
-        Some(Quota::per_second(per).allow_burst(burst))
-    }
-}
-
-/// `[guard]`: blacklist, rates, automatic bans.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct GuardConfig {
-    /// Permanent or expiring bans loaded at start.
-    pub blacklist: Vec<BanRequest>,
-    /// New libp2p connections per source IP.
-    pub connections_per_ip: Rate,
-    /// New connections on leased ports per source IP.
-    pub tunnel_connections_per_ip: Rate,
-    /// Relay reservations (and renewals) per peer.
-    pub reservations_per_peer: Rate,
-    /// Relay circuits per source peer.
-    pub circuits_per_peer: Rate,
-    /// Relay circuits per source IP.
-    pub circuits_per_ip: Rate,
-    /// Protocol violations (malformed input) that earn a temporary ban...
-    pub violations_before_ban: u32,
-    /// ...when they happen within this window.
-    #[serde(with = "humantime_serde")]
-    pub violation_window: Duration,
-    /// Length of an automatic ban.
-    #[serde(with = "humantime_serde")]
-    pub ban_duration: Duration,
-}
-
-impl Default for GuardConfig {
-    fn default() -> Self {
-        Self {
-            blacklist: Vec::new(),
-            connections_per_ip: Rate::new(20, 100),
-            tunnel_connections_per_ip: Rate::new(200, 1000),
-            reservations_per_peer: Rate::new(1, 10),
-            circuits_per_peer: Rate::new(10, 50),
-            circuits_per_ip: Rate::new(20, 100),
-            violations_before_ban: 20,
-            violation_window: Duration::from_secs(60),
-            ban_duration: Duration::from_secs(600),
-        }
-    }
 }
 
 /// What is being asked for.
@@ -224,18 +92,23 @@ pub enum Offender {
     Ip(IpAddr),
 }
 
+/// Rates per source (an IPv4 address or an IPv6 prefix).
 type IpLimiter = DefaultKeyedRateLimiter<IpAddr>;
 type PeerLimiter = DefaultKeyedRateLimiter<PeerId>;
 
 pub struct Guard {
     cfg: GuardConfig,
-    bans: Mutex<Vec<Ban>>,
+    bans: RwLock<BanList>,
     connections_per_ip: Option<IpLimiter>,
     tunnel_connections_per_ip: Option<IpLimiter>,
     reservations_per_peer: Option<PeerLimiter>,
     circuits_per_peer: Option<PeerLimiter>,
     circuits_per_ip: Option<IpLimiter>,
     violations: Mutex<HashMap<Offender, (u32, Instant)>>,
+    /// Where each peer's open connections come from, counted per source.
+    peer_sources: Mutex<HashMap<PeerId, Vec<IpAddr>>>,
+    /// When peers from each source were banned automatically, recently.
+    banned_from: Mutex<HashMap<IpAddr, Vec<Instant>>>,
     metrics: Arc<Metrics>,
     overload: Arc<crate::overload::Overload>,
 }
@@ -259,8 +132,10 @@ impl Guard {
             reservations_per_peer: keyed(cfg.reservations_per_peer),
             circuits_per_peer: keyed(cfg.circuits_per_peer),
             circuits_per_ip: keyed(cfg.circuits_per_ip),
-            bans: Mutex::new(Vec::new()),
-            violations: Mutex::new(HashMap::new()),
+            bans: RwLock::default(),
+            violations: Mutex::default(),
+            peer_sources: Mutex::default(),
+            banned_from: Mutex::default(),
             metrics,
             overload,
             cfg,
@@ -271,9 +146,14 @@ impl Guard {
         Arc::new(g)
     }
 
+    /// How sources are grouped (IPv6 prefix length).
+    pub fn grouping(&self) -> Ipv6Prefix {
+        self.cfg.ipv6_prefix
+    }
+
     /// Refuses a banned or over-rate IP for `action`.
     pub fn check_ip(&self, ip: IpAddr, action: Action) -> Result<(), Refused> {
-        if self.banned(|t| t.covers_ip(ip)) {
+        if self.is_banned_ip(ip) {
             return self.refuse(Refused::Banned);
         }
         if self.overload.is_on() {
@@ -285,7 +165,11 @@ impl Guard {
             Action::Circuit => &self.circuits_per_ip,
             Action::Reservation => &None,
         };
-        if limiter.as_ref().is_some_and(|l| l.check_key(&ip).is_err()) {
+        let source = self.cfg.ipv6_prefix.source(ip);
+        if limiter
+            .as_ref()
+            .is_some_and(|l| l.check_key(&source).is_err())
+        {
             return self.refuse(Refused::RateLimited(action));
         }
         Ok(())
@@ -311,7 +195,34 @@ impl Guard {
     }
 
     pub fn is_banned_peer(&self, peer: &PeerId) -> bool {
-        self.banned(|t| *t == BanTarget::Peer(*peer))
+        self.read_bans().has_peer(peer, Instant::now())
+    }
+
+    pub fn is_banned_ip(&self, ip: IpAddr) -> bool {
+        self.read_bans().covers_ip(ip, Instant::now())
+    }
+
+    /// A connection of `peer` from `ip` is up (the gate calls this), so a
+    /// ban of the peer can find its source.
+    pub fn connected(&self, peer: PeerId, ip: IpAddr) {
+        lock(&self.peer_sources)
+            .entry(peer)
+            .or_default()
+            .push(self.cfg.ipv6_prefix.source(ip));
+    }
+
+    /// That connection closed.
+    pub fn disconnected(&self, peer: PeerId, ip: IpAddr) {
+        let source = self.cfg.ipv6_prefix.source(ip);
+        let mut all = lock(&self.peer_sources);
+        if let Some(list) = all.get_mut(&peer) {
+            if let Some(i) = list.iter().position(|s| *s == source) {
+                list.swap_remove(i);
+            }
+            if list.is_empty() {
+                all.remove(&peer);
+            }
+        }
     }
 
     /// Drops expired bans and forgets buckets that are full again, so the
@@ -319,10 +230,16 @@ impl Guard {
     /// Call periodically.
     pub fn housekeeping(&self) {
         let now = Instant::now();
-        let mut bans = lock(&self.bans);
-        bans.retain(|b| b.in_force(now));
-        self.metrics.bans_active.set(bans.len() as i64);
-        drop(bans);
+        {
+            let mut bans = self.write_bans();
+            bans.retain_in_force(now);
+            self.metrics.bans_active.set(bans.len() as i64);
+        }
+        let window = self.cfg.ban_duration;
+        lock(&self.banned_from).retain(|_, times| {
+            times.retain(|t| now.duration_since(*t) < window);
+            !times.is_empty()
+        });
         for l in [
             &self.connections_per_ip,
             &self.tunnel_connections_per_ip,
@@ -353,13 +270,12 @@ impl Guard {
         Err(why)
     }
 
-    /// Checked on every new connection: a read-only scan; expired bans are
-    /// skipped here and removed by [`Self::housekeeping`].
-    fn banned(&self, matches: impl Fn(&BanTarget) -> bool) -> bool {
-        let now = Instant::now();
-        lock(&self.bans)
-            .iter()
-            .any(|b| b.in_force(now) && matches(&b.view.target))
+    fn read_bans(&self) -> std::sync::RwLockReadGuard<'_, BanList> {
+        self.bans.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write_bans(&self) -> std::sync::RwLockWriteGuard<'_, BanList> {
+        self.bans.write().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Adds (or replaces) a ban.
@@ -380,47 +296,55 @@ impl Guard {
             source,
             expires,
         };
-        let mut bans = lock(&self.bans);
-        bans.retain(|b| b.view.target != view.target);
-        bans.push(Ban {
-            view: view.clone(),
-            until,
-        });
-        self.metrics.bans_active.set(bans.len() as i64);
+        {
+            let mut bans = self.write_bans();
+            bans.insert(Ban {
+                view: view.clone(),
+                until,
+            });
+            self.metrics.bans_active.set(bans.len() as i64);
+        }
         self.metrics
             .bans_added
             .get_or_create(&relaygate_common::metrics::ReasonLabels::new(
                 source.as_str(),
             ))
             .inc();
-        tracing::warn!(target = %view.target, reason = %view.reason, ?source, expires = ?view.expires, "banned");
+        // Automatic bans of peer ids come as fast as an attacker makes ids:
+        // counted, and logged quietly; the rest are rare and worth a warning.
+        if matches!(
+            (source, &view.target),
+            (BanSource::Automatic, BanTarget::Peer(_))
+        ) {
+            tracing::debug!(target = %view.target, reason = %view.reason, "banned");
+        } else {
+            tracing::warn!(target = %view.target, reason = %view.reason, ?source, expires = ?view.expires, "banned");
+        }
         view
     }
 
     /// Lifts the ban on `target`; false if there was none.
     pub fn unban(&self, target: &BanTarget) -> bool {
-        let mut bans = lock(&self.bans);
-        let before = bans.len();
-        bans.retain(|b| b.view.target != *target);
+        let mut bans = self.write_bans();
+        let lifted = bans.remove(target);
         self.metrics.bans_active.set(bans.len() as i64);
-        bans.len() != before
+        lifted
     }
 
     pub fn list(&self) -> Vec<BanView> {
-        let now = Instant::now();
-        lock(&self.bans)
-            .iter()
-            .filter(|b| b.in_force(now))
-            .map(|b| b.view.clone())
-            .collect()
+        self.read_bans().in_force(Instant::now())
     }
 
-    /// Counts a protocol violation by an authenticated peer; enough of them
-    /// ban it and close its connections.
-    pub async fn peer_violation(&self, host: &HostHandle, peer: PeerId, kind: &str) {
-        if self.violation(Offender::Peer(peer), kind).is_some() {
-            host.send(Command::Disconnect(peer)).await;
-        }
+    /// Counts a protocol violation by an authenticated peer; returns the
+    /// bans it earned (the peer's, and its source's once that source has
+    /// produced enough banned peers), whose connections the caller closes.
+    pub fn peer_violation(&self, peer: PeerId, kind: &str) -> Vec<BanTarget> {
+        let Some(ban) = self.violation(Offender::Peer(peer), kind) else {
+            return Vec::new();
+        };
+        let mut earned = vec![ban.target];
+        earned.extend(self.escalate(peer, Instant::now()));
+        earned
     }
 
     /// Records a protocol violation; returns the ban when this one earned it.
@@ -428,6 +352,10 @@ impl Guard {
         if self.cfg.violations_before_ban == 0 {
             return None;
         }
+        let who = match who {
+            Offender::Ip(ip) => Offender::Ip(self.cfg.ipv6_prefix.source(ip)),
+            peer => peer,
+        };
         let now = Instant::now();
         let count = {
             let mut v = lock(&self.violations);
@@ -447,7 +375,7 @@ impl Guard {
         }
         let target = match who {
             Offender::Peer(p) => BanTarget::Peer(p),
-            Offender::Ip(ip) => BanTarget::Net(IpNet::from(ip)),
+            Offender::Ip(ip) => BanTarget::Net(self.cfg.ipv6_prefix.source_net(ip)),
         };
         Some(self.ban(
             BanRequest {
@@ -458,10 +386,56 @@ impl Guard {
             BanSource::Automatic,
         ))
     }
+
+    /// A peer id was banned: count it against its sources, and ban a source
+    /// that produced `peer_bans_before_source_ban` of them within a ban's
+    /// length. Returns the sources banned.
+    fn escalate(&self, peer: PeerId, now: Instant) -> Vec<BanTarget> {
+        let limit = self.cfg.peer_bans_before_source_ban;
+        if limit == 0 {
+            return Vec::new();
+        }
+        let sources = lock(&self.peer_sources)
+            .get(&peer)
+            .cloned()
+            .unwrap_or_default();
+        let mut to_ban = Vec::new();
+        {
+            let mut banned = lock(&self.banned_from);
+            let window = self.cfg.ban_duration;
+            for source in sources {
+                let times = banned.entry(source).or_default();
+                times.retain(|t| now.duration_since(*t) < window);
+                times.push(now);
+                if times.len() >= limit as usize {
+                    to_ban.push((source, times.len()));
+                    banned.remove(&source);
+                }
+            }
+        }
+        to_ban
+            .into_iter()
+            .map(|(source, n)| {
+                self.ban(
+                    BanRequest {
+                        target: BanTarget::Net(self.cfg.ipv6_prefix.source_net(source)),
+                        reason: format!(
+                            "{n} peer ids from this source banned for protocol violations"
+                        ),
+                        ttl: Some(self.cfg.ban_duration),
+                    },
+                    BanSource::Automatic,
+                )
+                .target
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn guard(cfg: GuardConfig) -> Arc<Guard> {
@@ -528,5 +502,68 @@ mod tests {
             "203.0.113.9".parse::<BanTarget>().map(|t| t.to_string()),
             Ok("203.0.113.9/32".to_string())
         );
+    }
+
+    #[test]
+    fn a_source_producing_banned_peer_ids_is_banned_itself() {
+        let g = guard(GuardConfig {
+            violations_before_ban: 1,
+            peer_bans_before_source_ban: 3,
+            ..Default::default()
+        });
+        // One IPv6 host hopping addresses inside its /64, a fresh id each time.
+        let ips: Vec<IpAddr> = ["2001:db8:7:7::1", "2001:db8:7:7::2", "2001:db8:7:7:ffff::3"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        let neighbour: IpAddr = "2001:db8:7:8::1".parse().unwrap();
+        for (i, ip) in ips.iter().enumerate() {
+            let peer = PeerId::random();
+            g.connected(peer, *ip);
+            let earned = g.peer_violation(peer, "garbage");
+            assert_eq!(earned[0], BanTarget::Peer(peer));
+            if i < 2 {
+                assert_eq!(earned.len(), 1, "not yet the source");
+                assert!(!g.is_banned_ip(*ip));
+            } else {
+                assert_eq!(
+                    earned[1],
+                    BanTarget::Net("2001:db8:7:7::/64".parse().unwrap()),
+                    "the third banned id bans its /64"
+                );
+            }
+            g.disconnected(peer, *ip);
+        }
+        assert!(g.is_banned_ip("2001:db8:7:7:1234::9".parse().unwrap()));
+        assert!(!g.is_banned_ip(neighbour), "the next /64 is someone else");
+        assert_eq!(
+            g.check_ip("2001:db8:7:7::42".parse().unwrap(), Action::Connection),
+            Err(Refused::Banned)
+        );
+        assert!(
+            g.peer_sources.lock().unwrap().is_empty(),
+            "sources forgotten on close"
+        );
+    }
+
+    #[test]
+    fn rates_key_on_the_ipv6_prefix() {
+        let g = guard(GuardConfig {
+            connections_per_ip: Rate::new(1, 2),
+            ..Default::default()
+        });
+        for i in 1..=2 {
+            let ip: IpAddr = format!("2001:db8:1:1::{i}").parse().unwrap();
+            assert!(g.check_ip(ip, Action::Connection).is_ok());
+        }
+        let third: IpAddr = "2001:db8:1:1:9::9".parse().unwrap();
+        assert_eq!(
+            g.check_ip(third, Action::Connection),
+            Err(Refused::RateLimited(Action::Connection)),
+            "a fresh address in the same /64 shares its bucket"
+        );
+        assert!(g
+            .check_ip("2001:db8:1:2::1".parse().unwrap(), Action::Connection)
+            .is_ok());
     }
 }

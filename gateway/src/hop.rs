@@ -171,7 +171,7 @@ impl Hop {
     }
 
     async fn violation(&self, peer: PeerId, kind: &str) {
-        self.guard.peer_violation(&self.host, peer, kind).await;
+        self.host.violation(&self.guard, peer, kind).await;
     }
 
     /// Drops expired and orphaned reservations, unpins their connections and

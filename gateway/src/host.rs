@@ -96,6 +96,31 @@ pub struct HostHandle {
 }
 
 impl HostHandle {
+    /// Counts a protocol violation by `peer`; closes the connections of
+    /// whatever the bans it earned cover.
+    pub async fn violation(&self, guard: &Guard, peer: PeerId, kind: &str) {
+        let earned = guard.peer_violation(peer, kind);
+        self.close_banned(&earned).await;
+    }
+
+    /// Closes every connection of a peer that `targets` cover, by peer id or
+    /// by the address it connected from.
+    pub async fn close_banned(&self, targets: &[crate::guard::BanTarget]) {
+        use crate::guard::BanTarget;
+        if targets.is_empty() {
+            return;
+        }
+        for (peer, addr) in self.state.peers() {
+            let hit = targets.iter().any(|t| match t {
+                BanTarget::Peer(p) => *p == peer,
+                BanTarget::Net(n) => crate::gate::ip_of(&addr).is_some_and(|ip| n.contains(&ip)),
+            });
+            if hit {
+                self.send(Command::Disconnect(peer)).await;
+            }
+        }
+    }
+
     pub async fn send(&self, cmd: Command) {
         let _ = self.commands.send(cmd).await;
     }

@@ -72,10 +72,10 @@ impl Lanes {
             per_agent,
             book: LaneBook::default(),
             registry,
-            guard,
             metrics,
-            handshakes: Handshakes::new(MAX_HANDSHAKES, HANDSHAKES_PER_SOURCE),
+            handshakes: Handshakes::new(MAX_HANDSHAKES, HANDSHAKES_PER_SOURCE, guard.grouping()),
             arrivals: Default::default(),
+            guard,
         })
     }
 

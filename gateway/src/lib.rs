@@ -9,6 +9,7 @@
 pub mod admin; // admin API routes: metrics, health, /v1/agents
 pub mod admission; // allow-list and join token
 pub mod app; // wiring: start everything, print join instructions, drain on signal
+pub mod banlist; // bans: peer ids in a map, networks in a prefix trie
 pub mod circuit; // one relayed circuit: copy both ways, count, enforce Limit/idle/rate
 pub mod cli; // command line: flags, subcommands, config layering
 pub mod config; // the configuration model

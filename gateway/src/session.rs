@@ -112,8 +112,8 @@ impl Sessions {
             }
             Err(_) => {
                 self.metrics.bad_input("hello_timeout");
-                self.guard
-                    .peer_violation(&self.host, peer, "hello_timeout")
+                self.host
+                    .violation(&self.guard, peer, "hello_timeout")
                     .await;
                 tracing::info!(%peer, "no hello within {HELLO_TIMEOUT:?}; closing");
                 return;
@@ -129,9 +129,7 @@ impl Sessions {
             self.metrics.refuse("not_admitted");
             // Repeated wrong tokens are guessing; a misconfigured agent
             // retrying every few seconds stays under the threshold.
-            self.guard
-                .peer_violation(&self.host, peer, "not_admitted")
-                .await;
+            self.host.violation(&self.guard, peer, "not_admitted").await;
             tracing::warn!(%peer, "refused agent: not on admission.allow and no valid join token");
             let msg = format!(
                 "peer {peer} is not admitted: add it to the gateway's admission.allow, or start the agent with the gateway's join token"
@@ -246,7 +244,7 @@ impl Sessions {
             r = read_control(&mut ctl) => match r {
                 Ok(msg) => {
                     self.metrics.bad_input("unexpected_message");
-                    self.guard.peer_violation(&self.host, peer, "unexpected_message").await;
+                    self.host.violation(&self.guard, peer, "unexpected_message").await;
                     format!("unexpected {msg:?}")
                 }
                 Err(WireError::Truncated) => "agent closed the session".into(),
@@ -274,7 +272,7 @@ impl Sessions {
     ) {
         if let Some(kind) = bad {
             self.metrics.bad_input(kind);
-            self.guard.peer_violation(&self.host, peer, kind).await;
+            self.host.violation(&self.guard, peer, kind).await;
         }
         self.metrics.refuse(code.as_str());
         tracing::warn!(%peer, code = code.as_str(), %message, "refused control stream");

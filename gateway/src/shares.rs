@@ -6,9 +6,11 @@
 
 use std::{
     collections::HashMap,
-    net::{IpAddr, Ipv6Addr},
+    net::IpAddr,
     sync::{Arc, Mutex},
 };
+
+use crate::config::guard::Ipv6Prefix;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -36,6 +38,7 @@ type Counts = Arc<Mutex<HashMap<IpAddr, usize>>>;
 /// What each source may hold of one pool.
 pub struct Shares {
     share: usize,
+    grouping: Ipv6Prefix,
     per_source: Counts,
 }
 
@@ -46,16 +49,18 @@ pub struct Share {
 }
 
 impl Shares {
-    pub fn new(share: usize) -> Self {
+    /// `share` places per source; IPv6 sources grouped by `grouping`.
+    pub fn new(share: usize, grouping: Ipv6Prefix) -> Self {
         Self {
             share: share.max(1),
+            grouping,
             per_source: Arc::default(),
         }
     }
 
     /// A place for `ip`'s source, unless it holds its share already.
     pub fn try_take(&self, ip: IpAddr) -> Option<Share> {
-        let source = source_of(ip);
+        let source = self.grouping.source(ip);
         let mut counts = lock(&self.per_source);
         let held = counts.entry(source).or_default();
         if *held >= self.share {
@@ -74,7 +79,7 @@ impl Shares {
     /// above the share must be given back before it gets a new one when
     /// the share applies).
     fn take_past_share(&self, ip: IpAddr) -> Share {
-        let source = source_of(ip);
+        let source = self.grouping.source(ip);
         *lock(&self.per_source).entry(source).or_default() += 1;
         Share {
             source,
@@ -112,11 +117,11 @@ pub struct Permit {
 }
 
 impl Handshakes {
-    pub fn new(total: usize, share: usize) -> Self {
+    pub fn new(total: usize, share: usize, grouping: Ipv6Prefix) -> Self {
         Self {
             total: Arc::new(Semaphore::new(total)),
             size: total,
-            sources: Shares::new(share),
+            sources: Shares::new(share, grouping),
         }
     }
 
@@ -139,21 +144,6 @@ impl Handshakes {
     }
 }
 
-/// An IPv4 address, or the /64 of an IPv6 one.
-fn source_of(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let mut s = v6.segments();
-                s[4..].fill(0);
-                IpAddr::V6(Ipv6Addr::from(s))
-            }
-        },
-    }
-}
-
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -165,7 +155,7 @@ mod tests {
     #[test]
     fn a_source_gets_its_share_and_gives_it_back() {
         // A share of 2, enforced at once: a pool of 4 is half taken after 2.
-        let h = Handshakes::new(4, 2);
+        let h = Handshakes::new(4, 2, Ipv6Prefix::DEFAULT);
         let a: IpAddr = "198.51.100.7".parse().unwrap();
         let b: IpAddr = "198.51.100.8".parse().unwrap();
         let (p1, p2) = (h.try_acquire(a).unwrap(), h.try_acquire(a).unwrap());
@@ -181,7 +171,7 @@ mod tests {
 
     #[test]
     fn a_quiet_pool_lends_a_source_more_than_its_share() {
-        let h = Handshakes::new(8, 1);
+        let h = Handshakes::new(8, 1, Ipv6Prefix::DEFAULT);
         let a: IpAddr = "198.51.100.7".parse().unwrap();
         let held: Vec<_> = (0..4).map(|_| h.try_acquire(a)).collect();
         assert!(
@@ -201,7 +191,7 @@ mod tests {
 
     #[test]
     fn one_v6_slash_64_is_one_source() {
-        let h = Handshakes::new(2, 1);
+        let h = Handshakes::new(2, 1, Ipv6Prefix::DEFAULT);
         let _p = h.try_acquire("2001:db8:1:2::1".parse().unwrap()).unwrap();
         assert_eq!(
             h.try_acquire("2001:db8:1:2:ffff::9".parse().unwrap()).err(),

@@ -14,6 +14,8 @@ use relaygate_common::{
 };
 use serde::{Deserialize, Serialize};
 
+pub mod guard;
+
 /// Default admin API address of the gateway.
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:9600";
 
@@ -34,7 +36,7 @@ pub struct GatewayConfig {
     pub relay: RelayConfig,
     pub autonat: AutonatConfig,
     pub limits: LimitsConfig,
-    pub guard: crate::guard::GuardConfig,
+    pub guard: guard::GuardConfig,
     pub session: SessionTuning,
     pub admin: AdminConfig,
     pub log: LogConfig,
@@ -280,7 +282,7 @@ impl Default for GatewayConfig {
             relay: RelayConfig::default(),
             autonat: AutonatConfig::default(),
             limits: LimitsConfig::default(),
-            guard: crate::guard::GuardConfig::default(),
+            guard: guard::GuardConfig::default(),
             session: SessionTuning::gateway(),
             admin: AdminConfig::default(),
             log: LogConfig::default(),
