@@ -40,6 +40,10 @@ pub struct ProxyAcceptor {
     pub required: bool,
     /// Called with a reason (`proxy_untrusted`, `proxy_missing`, `proxy_malformed`) for each refusal.
     pub refused: Arc<dyn Fn(&'static str) + Send + Sync>,
+    /// Asked for every new connection, by its socket's address, before
+    /// anything is read: a place it holds until the transport is done with
+    /// its first bytes, or the refusal reason (counted through `refused`).
+    pub admit: Arc<dyn Fn(IpAddr) -> Result<Box<dyn Send>, &'static str> + Send + Sync>,
     /// Where connections that start with a TLS record go (agents' lanes);
     /// without it they are handed to libp2p like any other.
     pub lanes: Option<tokio::sync::mpsc::Sender<Diverted>>,
@@ -118,9 +122,20 @@ impl Transport for ProxyTcp {
                     local_addr,
                     send_back_addr,
                 }) => {
+                    let Some(ip) = ip_of(&send_back_addr) else {
+                        continue;
+                    };
+                    let place = match (self.acceptor.admit)(ip.to_canonical()) {
+                        Ok(place) => place,
+                        Err(reason) => {
+                            (self.acceptor.refused)(reason);
+                            continue; // dropping the upgrade closes the socket
+                        }
+                    };
                     let acceptor = self.acceptor.clone();
                     self.pending.push(
                         async move {
+                            let _place = place;
                             let stream = upgrade.into_inner().ok()?;
                             let (stream, addr) = admit(stream, &send_back_addr, &acceptor).await?;
                             Some(TransportEvent::Incoming {
@@ -151,11 +166,7 @@ async fn admit(
     send_back: &Multiaddr,
     acceptor: &ProxyAcceptor,
 ) -> Option<(Prefixed, Multiaddr)> {
-    let ip = send_back.iter().find_map(|p| match p {
-        Protocol::Ip4(a) => Some(IpAddr::V4(a)),
-        Protocol::Ip6(a) => Some(IpAddr::V6(a)),
-        _ => None,
-    })?;
+    let ip = ip_of(send_back)?;
     let mut tcp = stream.0;
     if !(acceptor.trusted)(ip.to_canonical()) {
         // Peek, do not read: the bytes stay for the Noise handshake.
@@ -224,6 +235,14 @@ async fn admit(
         },
         addr,
     ))
+}
+
+fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
+    addr.iter().find_map(|p| match p {
+        Protocol::Ip4(a) => Some(IpAddr::V4(a)),
+        Protocol::Ip6(a) => Some(IpAddr::V6(a)),
+        _ => None,
+    })
 }
 
 /// Hands a lane's connection over; a full queue drops it (the agent retries).

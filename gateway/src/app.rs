@@ -150,6 +150,7 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         lanes: cfg.session.lanes,
         bind: cfg.leases.bind,
         guard: guard.clone(),
+        streams: crate::shares::PerKey::new(crate::session::STREAMS_PER_CONNECTION),
     });
     let hop = Arc::new(Hop {
         key,
@@ -166,7 +167,11 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         tracker: dataplane.tracker.clone(),
         draining: dataplane.stop_accepting.clone(),
         guard: guard.clone(),
-        requests: Arc::new(tokio::sync::Semaphore::new(cfg.relay.max_pending_requests)),
+        requests: crate::shares::Places::new(
+            cfg.relay.max_pending_requests,
+            cfg.relay.max_pending_requests_per_source,
+            cfg.guard.ipv6_prefix,
+        ),
         stalls,
     });
     let (to_sessions, session_streams) = mpsc::channel(1024);
@@ -247,7 +252,12 @@ async fn route(
         if i.protocol == HOP_PROTOCOL {
             // Hop requests in their handshake are bounded; an open circuit
             // is counted by the circuit caps instead.
-            match hop.requests.clone().try_acquire_owned() {
+            let source = hop
+                .host
+                .state
+                .remote_ip(&i.peer)
+                .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
+            match hop.requests.try_acquire(source) {
                 Ok(permit) => {
                     let hop = hop.clone();
                     tokio::spawn(async move {
@@ -255,7 +265,10 @@ async fn route(
                         drop(permit);
                     });
                 }
-                Err(_) => hop.guard.count_refusal("relay_requests_busy"),
+                Err(crate::shares::Busy::Total) => hop.guard.count_refusal("relay_requests_busy"),
+                Err(crate::shares::Busy::Source) => {
+                    hop.guard.count_refusal("relay_requests_per_source")
+                }
             }
         } else if sessions.send(i).await.is_err() {
             return;

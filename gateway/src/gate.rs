@@ -36,6 +36,12 @@ pub struct Gate {
     per_ip: HashMap<IpAddr, usize>,
     /// Each counted connection's peer and source (an IPv4 address or IPv6 prefix).
     by_connection: HashMap<ConnectionId, (PeerId, IpAddr)>,
+    /// Connections still in their handshake, per source: each source may
+    /// hold only its share of the gateway's pending places.
+    max_pending_per_source: usize,
+    max_pending: usize,
+    pending: HashMap<IpAddr, usize>,
+    pending_by_connection: HashMap<ConnectionId, IpAddr>,
 }
 
 impl Gate {
@@ -43,6 +49,7 @@ impl Gate {
         guard: Arc<Guard>,
         trusted: Arc<dyn Fn(IpAddr) -> bool + Send + Sync>,
         max_per_ip: usize,
+        (max_pending, max_pending_per_source): (usize, usize),
     ) -> Self {
         Self {
             guard,
@@ -50,12 +57,31 @@ impl Gate {
             max_per_ip,
             per_ip: HashMap::new(),
             by_connection: HashMap::new(),
+            max_pending_per_source: max_pending_per_source.max(1),
+            max_pending,
+            pending: HashMap::new(),
+            pending_by_connection: HashMap::new(),
+        }
+    }
+
+    fn end_pending(&mut self, connection: ConnectionId) {
+        if let Some(source) = self.pending_by_connection.remove(&connection) {
+            decrement(&mut self.pending, source);
         }
     }
 
     fn client_ip(&self, addr: &Multiaddr) -> Option<IpAddr> {
         let ip = ip_of(addr)?;
         (!(self.trusted)(ip)).then_some(ip)
+    }
+}
+
+fn decrement(counts: &mut HashMap<IpAddr, usize>, key: IpAddr) {
+    if let Some(n) = counts.get_mut(&key) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            counts.remove(&key);
+        }
     }
 }
 
@@ -73,7 +99,7 @@ impl NetworkBehaviour for Gate {
 
     fn handle_pending_inbound_connection(
         &mut self,
-        _: ConnectionId,
+        connection: ConnectionId,
         _: &Multiaddr,
         remote: &Multiaddr,
     ) -> Result<(), ConnectionDenied> {
@@ -88,6 +114,16 @@ impl NetworkBehaviour for Gate {
             self.guard.count_refusal("connections_per_ip");
             return Err(ConnectionDenied::new(Refusal("connections_per_ip")));
         }
+        // The share applies once half the places are taken: a quiet gateway
+        // lets many agents behind one address start at once.
+        let busy = self.pending_by_connection.len() * 2 >= self.max_pending;
+        let pending = self.pending.entry(source).or_default();
+        if busy && *pending >= self.max_pending_per_source {
+            self.guard.count_refusal("pending_per_source");
+            return Err(ConnectionDenied::new(Refusal("pending_per_source")));
+        }
+        *pending += 1;
+        self.pending_by_connection.insert(connection, source);
         Ok(())
     }
 
@@ -98,6 +134,7 @@ impl NetworkBehaviour for Gate {
         _: &Multiaddr,
         remote: &Multiaddr,
     ) -> Result<THandler<Self>, ConnectionDenied> {
+        self.end_pending(connection);
         if self.guard.is_banned_peer(&peer) {
             self.guard.count_refusal("banned");
             return Err(ConnectionDenied::new(Refusal("banned")));
@@ -133,14 +170,11 @@ impl NetworkBehaviour for Gate {
             FromSwarm::ListenFailure(ListenFailure { connection_id, .. }) => connection_id,
             _ => return,
         };
+        // A handshake that failed, or a connection refused while pending.
+        self.end_pending(connection_id);
         if let Some((peer, source)) = self.by_connection.remove(&connection_id) {
             self.guard.disconnected(peer, source);
-            if let Some(n) = self.per_ip.get_mut(&source) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    self.per_ip.remove(&source);
-                }
-            }
+            decrement(&mut self.per_ip, source);
         }
     }
 

@@ -58,8 +58,9 @@ pub struct Hop {
     /// Cancelled when the gateway drains: no new reservations.
     pub draining: CancellationToken,
     pub guard: Arc<Guard>,
-    /// Hop requests being read or answered at once (`relay.max_pending_requests`).
-    pub requests: Arc<tokio::sync::Semaphore>,
+    /// Hop requests being read or answered at once (`relay.max_pending_requests`,
+    /// a share per source once half are taken).
+    pub requests: crate::shares::Places,
     /// Circuits stalled by a reader that stopped, per peer whose bytes they hold.
     pub stalls: Arc<StallLedger>,
 }
@@ -132,8 +133,12 @@ impl Hop {
                 .deny_reservation(&mut stream, Status::ReservationRefused)
                 .await;
         }
-        let ip = self.host.state.remote_ip(&peer);
-        let (kind, r) = match self.books.reserve(peer, connection, class, ip) {
+        let source = self
+            .host
+            .state
+            .remote_ip(&peer)
+            .map(|ip| self.guard.grouping().source(ip));
+        let (kind, r) = match self.books.reserve(peer, connection, class, source) {
             Ok(x) => x,
             Err(status) => return self.deny_reservation(&mut stream, status).await,
         };
@@ -228,9 +233,11 @@ impl Hop {
                 .deny_circuit(&mut stream, Status::ResourceLimitExceeded)
                 .await;
         }
+        // Per-IP caps count a source: an IPv4 address or an IPv6 prefix.
+        let source = src_ip.map(|ip| self.guard.grouping().source(ip));
         let slot = match self
             .books
-            .open_circuit(src, dst, src_ip, &self.metrics.relay)
+            .open_circuit(src, dst, source, &self.metrics.relay)
         {
             Ok(s) => s,
             Err(status) => return self.deny_circuit(&mut stream, status).await,

@@ -174,9 +174,17 @@ pub fn start(
     let mut swarm = transport::build_swarm(
         key,
         &cfg.session,
-        Some(proxy_acceptor(cfg, &metrics, lanes_tx)),
+        Some(proxy_acceptor(cfg, &metrics, &guard, lanes_tx)),
         |key| Behaviour {
-            gate: Gate::new(guard, trusted, cfg.limits.max_connections_per_ip),
+            gate: Gate::new(
+                guard,
+                trusted,
+                cfg.limits.max_connections_per_ip,
+                (
+                    cfg.limits.max_pending_connections as usize,
+                    cfg.limits.max_pending_connections_per_source,
+                ),
+            ),
             limits: connection_limits::Behaviour::new(
                 connection_limits::ConnectionLimits::default()
                     .with_max_established_incoming(Some(cfg.limits.max_connections))
@@ -239,14 +247,34 @@ pub struct Started {
 fn proxy_acceptor(
     cfg: &GatewayConfig,
     metrics: &Arc<Metrics>,
+    guard: &Arc<Guard>,
     lanes: Option<mpsc::Sender<Diverted>>,
 ) -> ProxyAcceptor {
     let policy = cfg.proxy_protocol.clone();
     let m = metrics.clone();
+    // Connections the port holds while it looks at their first bytes (up to
+    // 5 s), before libp2p's own pending places: banned sources are dropped at
+    // once, and each source gets its share once half the places are taken.
+    let places = crate::shares::Places::new(
+        cfg.limits.max_pending_connections as usize,
+        cfg.limits.max_pending_connections_per_source,
+        guard.grouping(),
+    );
+    let guard = guard.clone();
     ProxyAcceptor {
         required: policy.required,
         trusted: Arc::new(move |ip| policy.trusts(ip)),
         refused: Arc::new(move |reason| m.refuse(reason)),
+        admit: Arc::new(move |ip| {
+            if guard.is_banned_ip(ip) {
+                return Err("banned");
+            }
+            match places.try_acquire(ip) {
+                Ok(place) => Ok(Box::new(place) as Box<dyn Send>),
+                Err(crate::shares::Busy::Total) => Err("pending_busy"),
+                Err(crate::shares::Busy::Source) => Err("pending_per_source"),
+            }
+        }),
         lanes,
     }
 }

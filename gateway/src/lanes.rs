@@ -27,7 +27,7 @@ use crate::{
     guard::{Action, Guard},
     metrics::Metrics,
     registry::AgentRegistry,
-    shares::{Handshakes, Permit},
+    shares::{Busy, Permit, Places},
 };
 
 /// Lane handshakes in progress at once; more are refused until one ends.
@@ -50,7 +50,7 @@ pub struct Lanes {
     registry: Arc<AgentRegistry>,
     guard: Arc<Guard>,
     metrics: Arc<Metrics>,
-    handshakes: Handshakes,
+    handshakes: Places,
     /// Numbers lane connections in the order they arrive.
     arrivals: std::sync::atomic::AtomicU64,
 }
@@ -73,7 +73,7 @@ impl Lanes {
             book: LaneBook::default(),
             registry,
             metrics,
-            handshakes: Handshakes::new(MAX_HANDSHAKES, HANDSHAKES_PER_SOURCE, guard.grouping()),
+            handshakes: Places::new(MAX_HANDSHAKES, HANDSHAKES_PER_SOURCE, guard.grouping()),
             arrivals: Default::default(),
             guard,
         })
@@ -98,7 +98,10 @@ impl Lanes {
             let permit = match self.handshakes.try_acquire(d.remote.ip()) {
                 Ok(p) => p,
                 Err(busy) => {
-                    self.metrics.refuse(busy.reason());
+                    self.metrics.refuse(match busy {
+                        Busy::Total => "lane_handshakes_busy",
+                        Busy::Source => "lane_handshakes_per_source",
+                    });
                     continue;
                 }
             };

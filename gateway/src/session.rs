@@ -29,7 +29,11 @@ use crate::{
 };
 
 /// An agent must say hello this soon after opening the control stream.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// An agent sends its hello as soon as the stream is open.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Control and dial-back streams one connection may have open at once: an
+/// agent uses one control stream, and a dial-back now and then.
+pub const STREAMS_PER_CONNECTION: usize = 4;
 
 pub struct Sessions {
     pub host: HostHandle,
@@ -47,6 +51,8 @@ pub struct Sessions {
     pub bind: std::net::IpAddr,
     /// Control-stream violations and refused join tokens count towards a ban.
     pub guard: Arc<Guard>,
+    /// Control and dial-back streams per connection ([`STREAMS_PER_CONNECTION`]).
+    pub streams: crate::shares::PerKey<ConnectionId>,
 }
 
 type Control = tokio_util::compat::Compat<Stream>;
@@ -61,14 +67,25 @@ impl Sessions {
             protocol,
         }) = incoming.recv().await
         {
+            // Before admission nothing else bounds them: a peer opening
+            // thousands would get a task and a read buffer for each.
+            let Some(place) = self.streams.try_take(connection) else {
+                self.metrics.refuse("control_streams_per_connection");
+                continue; // dropping the stream resets it
+            };
             if protocol == DIALBACK_PROTOCOL {
                 let me = self.clone();
                 tokio::spawn(async move {
-                    dialback::serve(peer, stream.compat(), &me.leases, &me.public_hosts).await
+                    dialback::serve(peer, stream.compat(), &me.leases, &me.public_hosts).await;
+                    drop(place);
                 });
                 continue;
             }
-            tokio::spawn(self.clone().handle(peer, connection, stream.compat()));
+            let me = self.clone();
+            tokio::spawn(async move {
+                me.handle(peer, connection, stream.compat()).await;
+                drop(place);
+            });
         }
     }
 

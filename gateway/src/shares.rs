@@ -14,23 +14,13 @@ use crate::config::guard::Ipv6Prefix;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-/// Why a handshake was not started.
+/// Why a place was not given.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Busy {
     /// The gateway's cap is reached.
     Total,
     /// This source's share is reached.
     Source,
-}
-
-impl Busy {
-    /// Label for `refusals_total`.
-    pub fn reason(self) -> &'static str {
-        match self {
-            Busy::Total => "lane_handshakes_busy",
-            Busy::Source => "lane_handshakes_per_source",
-        }
-    }
 }
 
 type Counts = Arc<Mutex<HashMap<IpAddr, usize>>>;
@@ -100,23 +90,24 @@ impl Drop for Share {
     }
 }
 
-/// Lane handshakes in progress: a cap for the gateway, and a share per
-/// source once half of it is taken. A quiet gateway lets one source (many
+/// A pool of places for work in progress (lane handshakes, connections
+/// being looked at or in their handshake, hop requests): a cap for the
+/// gateway, and a share per source once half of it is taken. A quiet gateway lets one source (many
 /// agents behind one NAT, starting at once) use what nobody else needs; a
 /// busy one keeps the other half for everyone else.
-pub struct Handshakes {
+pub struct Places {
     total: Arc<Semaphore>,
     size: usize,
     sources: Shares,
 }
 
-/// One handshake's place.
+/// One place in a pool.
 pub struct Permit {
     _total: OwnedSemaphorePermit,
     _share: Share,
 }
 
-impl Handshakes {
+impl Places {
     pub fn new(total: usize, share: usize, grouping: Ipv6Prefix) -> Self {
         Self {
             total: Arc::new(Semaphore::new(total)),
@@ -144,6 +135,52 @@ impl Handshakes {
     }
 }
 
+/// At most `cap` at once per key (a connection's control streams).
+pub struct PerKey<K: Copy + Eq + std::hash::Hash> {
+    cap: usize,
+    held: Arc<Mutex<HashMap<K, usize>>>,
+}
+
+/// One of a key's places; given back on drop.
+pub struct KeyPlace<K: Copy + Eq + std::hash::Hash> {
+    key: K,
+    held: Arc<Mutex<HashMap<K, usize>>>,
+}
+
+impl<K: Copy + Eq + std::hash::Hash> PerKey<K> {
+    pub fn new(cap: usize) -> Self {
+        Self {
+            cap: cap.max(1),
+            held: Arc::default(),
+        }
+    }
+
+    pub fn try_take(&self, key: K) -> Option<KeyPlace<K>> {
+        let mut held = lock(&self.held);
+        let n = held.entry(key).or_default();
+        if *n >= self.cap {
+            return None;
+        }
+        *n += 1;
+        Some(KeyPlace {
+            key,
+            held: self.held.clone(),
+        })
+    }
+}
+
+impl<K: Copy + Eq + std::hash::Hash> Drop for KeyPlace<K> {
+    fn drop(&mut self) {
+        let mut held = lock(&self.held);
+        if let Some(n) = held.get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                held.remove(&self.key);
+            }
+        }
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -153,9 +190,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn per_key_caps_each_key_and_forgets_empty_ones() {
+        let p = PerKey::new(2);
+        let (a1, a2) = (p.try_take(1u32).unwrap(), p.try_take(1u32).unwrap());
+        assert!(p.try_take(1u32).is_none());
+        let b = p.try_take(2u32).expect("another key has its own places");
+        drop(a1);
+        let a3 = p.try_take(1u32).expect("a place given back");
+        drop((a2, a3, b));
+        assert!(lock(&p.held).is_empty());
+    }
+
+    #[test]
     fn a_source_gets_its_share_and_gives_it_back() {
         // A share of 2, enforced at once: a pool of 4 is half taken after 2.
-        let h = Handshakes::new(4, 2, Ipv6Prefix::DEFAULT);
+        let h = Places::new(4, 2, Ipv6Prefix::DEFAULT);
         let a: IpAddr = "198.51.100.7".parse().unwrap();
         let b: IpAddr = "198.51.100.8".parse().unwrap();
         let (p1, p2) = (h.try_acquire(a).unwrap(), h.try_acquire(a).unwrap());
@@ -171,7 +220,7 @@ mod tests {
 
     #[test]
     fn a_quiet_pool_lends_a_source_more_than_its_share() {
-        let h = Handshakes::new(8, 1, Ipv6Prefix::DEFAULT);
+        let h = Places::new(8, 1, Ipv6Prefix::DEFAULT);
         let a: IpAddr = "198.51.100.7".parse().unwrap();
         let held: Vec<_> = (0..4).map(|_| h.try_acquire(a)).collect();
         assert!(
@@ -191,7 +240,7 @@ mod tests {
 
     #[test]
     fn one_v6_slash_64_is_one_source() {
-        let h = Handshakes::new(2, 1, Ipv6Prefix::DEFAULT);
+        let h = Places::new(2, 1, Ipv6Prefix::DEFAULT);
         let _p = h.try_acquire("2001:db8:1:2::1".parse().unwrap()).unwrap();
         assert_eq!(
             h.try_acquire("2001:db8:1:2:ffff::9".parse().unwrap()).err(),

@@ -111,6 +111,8 @@ pub struct RelayConfig {
     /// Hop requests (RESERVE, CONNECT) being read or answered at once;
     /// beyond it new hop streams are reset and counted.
     pub max_pending_requests: usize,
+    /// What one source may hold of them once half are taken.
+    pub max_pending_requests_per_source: usize,
     /// A circuit that moves no byte for this long is closed.
     #[serde(with = "humantime_serde")]
     pub circuit_idle_timeout: Duration,
@@ -159,6 +161,7 @@ impl Default for RelayConfig {
             max_circuits_per_destination: 128,
             max_circuits_per_ip: 64,
             max_pending_requests: 256,
+            max_pending_requests_per_source: 16,
             circuit_idle_timeout: Duration::from_secs(120),
             circuit_stall_timeout: Duration::from_secs(30),
             circuit_rate: 0,
@@ -177,6 +180,10 @@ pub struct LimitsConfig {
     pub max_connections: u32,
     /// Inbound libp2p connections still in their handshake.
     pub max_pending_connections: u32,
+    /// What one source (an IPv4 address or IPv6 prefix) may hold of them
+    /// once half are taken; also caps the connections the libp2p TCP port
+    /// holds while it looks at their first bytes.
+    pub max_pending_connections_per_source: usize,
     pub max_connections_per_ip: usize,
     pub max_connections_per_peer: u32,
     /// Open connections on one leased port.
@@ -199,6 +206,7 @@ impl Default for LimitsConfig {
         Self {
             max_connections: 10_000,
             max_pending_connections: 256,
+            max_pending_connections_per_source: 16,
             max_connections_per_ip: 64,
             max_connections_per_peer: 8,
             max_connections_per_tunnel: 4096,
