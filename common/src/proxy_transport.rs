@@ -32,6 +32,10 @@ use crate::proxy;
 /// How long a trusted peer may take to send its header, and an untrusted one its first bytes.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Gives a new connection a place while it is looked at (any value it
+/// drops when done), or a refusal reason.
+pub type Admit = dyn Fn(IpAddr) -> Result<Box<dyn Send>, &'static str> + Send + Sync;
+
 /// Who may send PROXY headers, and where refusals are counted.
 #[derive(Clone)]
 pub struct ProxyAcceptor {
@@ -43,7 +47,7 @@ pub struct ProxyAcceptor {
     /// Asked for every new connection, by its socket's address, before
     /// anything is read: a place it holds until the transport is done with
     /// its first bytes, or the refusal reason (counted through `refused`).
-    pub admit: Arc<dyn Fn(IpAddr) -> Result<Box<dyn Send>, &'static str> + Send + Sync>,
+    pub admit: Arc<Admit>,
     /// Where connections that start with a TLS record go (agents' lanes);
     /// without it they are handed to libp2p like any other.
     pub lanes: Option<tokio::sync::mpsc::Sender<Diverted>>,
