@@ -124,7 +124,7 @@ impl Tunnels {
             bytes_in,
             bytes_out,
             idle,
-            |_| Ok(()),
+            |_| Ok(true),
             async |_| Ok(()),
         )
         .await

@@ -135,6 +135,43 @@ pub fn has_signature(buf: &[u8]) -> bool {
     buf.starts_with(b"PROXY ") || buf.starts_with(v2::PROTOCOL_PREFIX)
 }
 
+/// Watches a client's first bytes for a PROXY header of its own, also when
+/// its signature arrives split over several reads: a client must never name
+/// its own source to a target that reads PROXY.
+#[derive(Debug, Default)]
+pub struct SpoofCheck {
+    /// The first bytes, as many as the longer signature (v2's 12).
+    seen: [u8; 12],
+    len: usize,
+}
+
+/// What the bytes so far say.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Spoof {
+    /// They start a PROXY signature: refuse the connection.
+    Header,
+    /// They cannot start one: stop watching.
+    Clean,
+    /// A signature's beginning, too short to tell: keep watching.
+    Undecided,
+}
+
+impl SpoofCheck {
+    pub fn feed(&mut self, bytes: &[u8]) -> Spoof {
+        let take = bytes.len().min(self.seen.len() - self.len);
+        self.seen[self.len..self.len + take].copy_from_slice(&bytes[..take]);
+        self.len += take;
+        let seen = &self.seen[..self.len];
+        if has_signature(seen) {
+            Spoof::Header
+        } else if seen.is_empty() || looks_like_proxy(seen) {
+            Spoof::Undecided
+        } else {
+            Spoof::Clean
+        }
+    }
+}
+
 /// Decodes a header at the start of `buf`: `Ok(None)` wants more bytes,
 /// `Ok(Some((header, len)))` used `len` bytes.
 pub fn decode(buf: &[u8]) -> Result<Option<(ProxyHeader, usize)>, ProxyError> {
@@ -244,13 +281,25 @@ pub async fn read_header<R: AsyncRead + Unpin>(
     r: &mut R,
 ) -> Result<(Option<ProxyHeader>, Vec<u8>), ProxyError> {
     let mut buf = Vec::with_capacity(256);
+    let header = read_header_into(r, &mut buf).await?;
+    Ok((header, buf))
+}
+
+/// [`read_header`] into a buffer the caller keeps: if the read is abandoned
+/// (a timeout), the bytes read so far are still there. On success `buf`
+/// holds the bytes past the header.
+pub async fn read_header_into<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+) -> Result<Option<ProxyHeader>, ProxyError> {
     let mut chunk = [0u8; 256];
     loop {
-        if !buf.is_empty() && !looks_like_proxy(&buf) {
-            return Ok((None, buf));
+        if !buf.is_empty() && !looks_like_proxy(buf) {
+            return Ok(None);
         }
-        if let Some((h, used)) = decode(&buf)? {
-            return Ok((Some(h), buf.split_off(used)));
+        if let Some((h, used)) = decode(buf)? {
+            buf.drain(..used);
+            return Ok(Some(h));
         }
         let n = r
             .read(&mut chunk)
@@ -270,6 +319,25 @@ pub async fn read_header<R: AsyncRead + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_signature_split_over_reads_is_still_seen() {
+        let mut c = SpoofCheck::default();
+        assert_eq!(c.feed(b"PR"), Spoof::Undecided);
+        assert_eq!(c.feed(b"OX"), Spoof::Undecided);
+        assert_eq!(c.feed(b"Y TCP4 1.2.3.4"), Spoof::Header);
+        let mut binary = SpoofCheck::default();
+        for b in v2::PROTOCOL_PREFIX.iter().take(11) {
+            assert_eq!(binary.feed(&[*b]), Spoof::Undecided);
+        }
+        assert_eq!(binary.feed(&v2::PROTOCOL_PREFIX[11..]), Spoof::Header);
+        let mut clean = SpoofCheck::default();
+        assert_eq!(clean.feed(b"PRI * HTTP/2.0"), Spoof::Clean);
+        assert_eq!(
+            SpoofCheck::default().feed(b"\x13/multistream"),
+            Spoof::Clean
+        );
+    }
 
     fn addrs(s: &str, d: &str) -> (SocketAddr, SocketAddr) {
         (s.parse().unwrap(), d.parse().unwrap())

@@ -13,7 +13,7 @@ use relaygate_common::{
     lane::{self, LaneStream},
     metrics::{ReasonLabels, Side},
     protocol::{StreamHeader, StreamStatus, TUNNEL_PROTOCOL},
-    proxy,
+    proxy::{self, Spoof, SpoofCheck},
     splice::{frames_to_raw, raw_to_frames, write_frames},
     transport::DataPath,
 };
@@ -246,26 +246,42 @@ impl Connection {
             PROXY_OPTIONAL_WAIT
         };
         let metrics = &self.dp.metrics;
-        match tokio::time::timeout(wait, Box::pin(proxy::read_header(&mut self.tcp))).await {
-            Ok(Ok((Some(h), prefix))) => Ok(Origin {
+        // The buffer outlives a timeout: what a client sent before it gave
+        // up waiting for a header is the start of its stream, not lost.
+        let mut buf = Vec::new();
+        let mut read = tokio::time::timeout(
+            wait,
+            Box::pin(proxy::read_header_into(&mut self.tcp, &mut buf)),
+        )
+        .await;
+        if read.is_err() && !policy.required && !buf.is_empty() && proxy::looks_like_proxy(&buf) {
+            // A header under way: give it the whole header time.
+            read = tokio::time::timeout(
+                PROXY_TIMEOUT.saturating_sub(wait),
+                Box::pin(proxy::read_header_into(&mut self.tcp, &mut buf)),
+            )
+            .await;
+        }
+        match read {
+            Ok(Ok(Some(h))) => Ok(Origin {
                 source: h.source.map(proxy::canonical).unwrap_or(source),
                 destination: h.destination.map(proxy::canonical).unwrap_or(destination),
-                prefix,
+                prefix: buf,
                 untrusted: false,
             }),
-            Ok(Ok((None, prefix))) if !policy.required => Ok(Origin {
+            Ok(Ok(None)) if !policy.required => Ok(Origin {
                 source,
                 destination,
-                prefix,
+                prefix: buf,
                 untrusted: false,
             }),
-            Err(_) if !policy.required => Ok(Origin {
+            Err(_) if !policy.required && !proxy::looks_like_proxy(&buf) => Ok(Origin {
                 source,
                 destination,
-                prefix: Vec::new(),
+                prefix: buf,
                 untrusted: false,
             }),
-            Ok(Ok((None, _))) | Err(_) => {
+            Ok(Ok(None)) | Err(_) => {
                 metrics.refuse("proxy_missing");
                 Err(io::Error::new(
                     io::ErrorKind::InvalidData,
@@ -280,9 +296,8 @@ impl Connection {
         }
     }
 
-    /// Sends the stream header and any bytes read past a PROXY header;
-    /// returns whether the client is untrusted.
-    async fn announce(&mut self, stream: &mut LaneStream, origin: Origin) -> io::Result<bool> {
+    /// Sends the stream header and any bytes read past a PROXY header.
+    async fn announce(&mut self, stream: &mut LaneStream, origin: Origin) -> io::Result<()> {
         let header = StreamHeader {
             tunnel: self.stats.name.clone(),
             source: origin.source,
@@ -297,7 +312,7 @@ impl Connection {
             source = %origin.source, peer = %self.source, tunnel = %self.stats.name, agent = %self.agent,
             "public connection"
         );
-        Ok(origin.untrusted)
+        Ok(())
     }
 
     /// Over one of the agent's lanes when it has one, else as a session stream.
@@ -334,18 +349,17 @@ impl Connection {
     async fn forward_lane(&mut self, mut stream: LaneStream, origin: Origin) -> io::Result<()> {
         // The header's locals live only in this call, not in the splice's
         // state: an idle connection's task stays small.
-        let untrusted = self.announce(&mut stream, origin).await?;
+        // Whoever the client is (direct, or behind a trusted balancer), its
+        // own bytes must not start a PROXY header.
+        let mut check = SpoofCheck::default();
+        let mut done = check_spoof(&mut check, &origin.prefix, &self.dp.metrics)?;
+        self.announce(&mut stream, origin).await?;
         let metrics = &self.dp.metrics;
-        // Only a trusted balancer may name another source.
         let first = move |bytes: &[u8]| {
-            if untrusted && proxy::has_signature(bytes) {
-                metrics.refuse("proxy_untrusted");
-                return Err(io::Error::new(
-                    io::ErrorKind::PermissionDenied,
-                    "PROXY header from an untrusted address",
-                ));
+            if !done {
+                done = check_spoof(&mut check, bytes, metrics)?;
             }
-            Ok(())
+            Ok(done)
         };
         lane::splice(
             stream,
@@ -411,27 +425,23 @@ impl Connection {
             &self.stats.bytes_out,
             &self.dp.metrics,
         );
+        let mut check = SpoofCheck::default();
+        let mut done = check_spoof(&mut check, &origin.prefix, metrics)?;
         let up = async move {
             if !origin.prefix.is_empty() {
                 write_frames(&mut sw, &origin.prefix).await?;
                 bytes_in.inc_by(origin.prefix.len() as u64);
             }
-            if origin.untrusted {
-                // Only a trusted balancer may name another source.
-                let mut first = [0u8; 16];
+            // Whoever the client is, its own bytes must not start a PROXY header.
+            let mut first = [0u8; 16];
+            while !done {
                 let n = tr.read(&mut first).await?;
-                if proxy::has_signature(&first[..n]) {
-                    metrics.refuse("proxy_untrusted");
-                    return Err(io::Error::new(
-                        io::ErrorKind::PermissionDenied,
-                        "PROXY header from an untrusted address",
-                    ));
-                }
-                write_frames(&mut sw, &first[..n]).await?;
-                bytes_in.inc_by(n as u64);
                 if n == 0 {
                     return raw_to_frames(&b""[..], sw, bytes_in).await;
                 }
+                done = check_spoof(&mut check, &first[..n], metrics)?;
+                write_frames(&mut sw, &first[..n]).await?;
+                bytes_in.inc_by(n as u64);
             }
             raw_to_frames(tr, sw, bytes_in).await
         };
@@ -447,6 +457,22 @@ impl Connection {
                 Err(io::Error::new(io::ErrorKind::TimedOut, "idle"))
             }
         }
+    }
+}
+
+/// Refuses a client's own PROXY header (counted as `proxy_untrusted`);
+/// `Ok(true)` once its bytes can no longer start one.
+fn check_spoof(check: &mut SpoofCheck, bytes: &[u8], metrics: &Metrics) -> io::Result<bool> {
+    match check.feed(bytes) {
+        Spoof::Header => {
+            metrics.refuse("proxy_untrusted");
+            Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "a PROXY header from the client itself",
+            ))
+        }
+        Spoof::Clean => Ok(true),
+        Spoof::Undecided => Ok(false),
     }
 }
 

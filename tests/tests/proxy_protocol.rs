@@ -278,3 +278,95 @@ fn libp2p_listener_refuses_proxy_headers_from_untrusted_addresses() {
             >= 1.0
     }));
 }
+
+/// Issue #15, items 8 and 9. At 4462fed: a signature split over two
+/// segments passed the check (it looked at the first read only); behind a
+/// trusted balancer the client's own header after the balancer's was not
+/// checked at all; and with an optional header, bytes a trusted peer sent
+/// before the 500 ms wait ran out (a signature's beginning) were dropped.
+#[test]
+fn a_clients_own_proxy_header_is_refused_however_it_arrives() {
+    let spec = GatewaySpec {
+        extra: vec!["--set".into(), "proxy_protocol.trusted=127.0.0.2/32".into()],
+        ..Default::default()
+    };
+    let gw = Gateway::start(&here, spec);
+    let (target, rx) = proxy_target();
+    let (_agent, port) = agent_with(&gw, format!("node={target},deliver=proxy-v2"));
+    let refused = |c: &mut TcpStream| {
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut b = [0u8; 64];
+        matches!(c.read(&mut b), Ok(0) | Err(_))
+    };
+    let count = || {
+        metric(
+            &gw.metrics(),
+            "relaygate_gateway_refusals_total{reason=\"proxy_untrusted\"}",
+        )
+        .unwrap_or(0.0)
+    };
+
+    // A direct client, its signature in two segments.
+    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.set_nodelay(true).unwrap();
+    let spoof = proxy::encode(
+        ProxyVersion::V1,
+        "203.0.113.66:1".parse().unwrap(),
+        c.peer_addr().unwrap(),
+        None,
+    );
+    c.write_all(&spoof[..3]).unwrap();
+    thread::sleep(Duration::from_millis(300));
+    c.write_all(&spoof[3..]).unwrap();
+    assert!(refused(&mut c), "a split signature is refused");
+    assert!(eventually(Duration::from_secs(3), || count() >= 1.0));
+
+    // A client behind the trusted balancer (127.0.0.2), its own v2 header
+    // right after the balancer's.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.bind(&"127.0.0.2:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    sock.connect(&SocketAddr::from(([127, 0, 0, 1], port)).into())
+        .unwrap();
+    let mut c: TcpStream = sock.into();
+    let dest = c.peer_addr().unwrap();
+    let mut bytes = proxy::encode(
+        ProxyVersion::V2,
+        "203.0.113.77:5555".parse().unwrap(),
+        dest,
+        None,
+    );
+    bytes.extend(proxy::encode(
+        ProxyVersion::V2,
+        "198.51.100.1:1".parse().unwrap(),
+        dest,
+        None,
+    ));
+    c.write_all(&bytes).unwrap();
+    assert!(
+        refused(&mut c),
+        "the client's own header behind a balancer is refused"
+    );
+    assert!(eventually(Duration::from_secs(3), || count() >= 2.0));
+
+    // The balancer connecting directly (optional header), its first bytes
+    // slow: a signature's first letter, then after the 500 ms wait the rest
+    // of a payload. Every byte reaches the target.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.bind(&"127.0.0.2:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    sock.connect(&SocketAddr::from(([127, 0, 0, 1], port)).into())
+        .unwrap();
+    let mut c: TcpStream = sock.into();
+    c.set_nodelay(true).unwrap();
+    c.write_all(b"P").unwrap();
+    thread::sleep(Duration::from_millis(800));
+    c.write_all(b"ING!").unwrap();
+    let (_, first) = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the slow peer's bytes are delivered");
+    assert_eq!(
+        first, b"PING!",
+        "nothing read before the wait ran out is lost"
+    );
+}

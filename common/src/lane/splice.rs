@@ -25,7 +25,8 @@ const MIN_READ: usize = 4096;
 /// `idle` without a byte moving (never when zero): the caller resets `tcp`.
 /// On `Ok` the caller drops `tcp` at once: when its reading side ended first,
 /// that close is what sends the FIN.
-/// `first` sees the first bytes read from `tcp` and may refuse them.
+/// `first` sees the bytes read from `tcp` until it returns `Ok(true)` (done
+/// watching), and may refuse them with an error.
 /// `answer` reads what precedes the data from the lane (the agent's status
 /// byte, at the gateway) while bytes already flow the other way: a client's
 /// first bytes travel with the stream's open instead of a round trip later.
@@ -35,7 +36,7 @@ pub async fn splice(
     from_lane: &Counter,
     to_lane: &Counter,
     idle: Duration,
-    first: impl FnOnce(&[u8]) -> io::Result<()>,
+    first: impl FnMut(&[u8]) -> io::Result<bool>,
     answer: impl AsyncFnOnce(&mut LaneReader) -> io::Result<()>,
 ) -> io::Result<Moved> {
     let mut first = Some(first);
@@ -65,8 +66,10 @@ pub async fn splice(
                     return Ok::<_, io::Error>(total);
                 }
                 Ok(n) => {
-                    if let Some(check) = first.take() {
-                        check(&buf[PAYLOAD_OFFSET..])?;
+                    if let Some(check) = &mut first {
+                        if check(&buf[PAYLOAD_OFFSET..])? {
+                            first = None;
+                        }
                     }
                     // A read cut short by credit says nothing of the traffic.
                     size = if n == size {
