@@ -37,10 +37,13 @@ use crate::{
     metrics::{Metrics, PunchLabels, PunchResult, TransportLabels},
     paths::{Paths, PunchEvent},
     state::AgentState,
+    strangers::Strangers,
 };
 
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
+    /// First: a refused stranger never reaches the others.
+    strangers: Strangers,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     relay: relay::client::Behaviour,
@@ -147,6 +150,11 @@ pub fn start(
     let (streams, control, incoming) = streams::new(protocols, cfg.session.max_streams);
     let gateway = cfg.gateway_peer().ok();
     let use_autonat = cfg.relay.enabled && cfg.relay.autonat;
+    let allowed: Vec<PeerId> = gateway
+        .into_iter()
+        .chain(cfg.services.iter().flat_map(|s| s.allow.iter().copied()))
+        .collect();
+    let gate_metrics = metrics.clone();
     let mut swarm = transport::build_relay_client_swarm(key, &cfg.session, |key, relay| {
         let me = key.public().to_peer_id();
         let autonat = use_autonat.then(|| {
@@ -170,6 +178,7 @@ pub fn start(
             a
         });
         Behaviour {
+            strangers: Strangers::new(allowed, gate_metrics),
             identify: identify::Behaviour::new(
                 identify::Config::new("/relaygate/1.0.0".into(), key.public())
                     .with_agent_version(format!("relaygate-agent/{}", env!("CARGO_PKG_VERSION"))),

@@ -23,6 +23,7 @@ pub mod paths; // connections to peers: relayed or direct, hole-punch records
 pub mod services; // services offered to peers: allow-list, target, PROXY v2 peer id
 pub mod session; // session with the gateway: dial, hello, leases, relay reservation, reconnect
 pub mod state; // current session and lease status
+pub mod strangers; // inbound connections only from the gateway and allow-listed peers
 pub mod transparent; // transparent delivery: capability checks, nftables + policy routing rules
 pub mod tunnel; // inbound tunnel streams: header, deliver, splice
 pub mod visitor; // `connect`: local port -> another agent's service, relay first, direct after DCUtR

@@ -61,6 +61,15 @@ impl Services {
             .unwrap_or((Multiaddr::empty(), true));
         let path = Path::of(relayed);
         let mut stream = stream.compat();
+        // A peer on no allow-list learns nothing, not even which names exist,
+        // and costs no wait for its request.
+        if !self.services.values().any(|s| s.allow.contains(&peer)) {
+            self.metrics.refuse("service_not_allowed");
+            tracing::debug!(%peer, "peer is on no service's allow-list; refused");
+            let _ = stream.write_all(&[StreamStatus::NotAllowed as u8]).await;
+            let _ = stream.shutdown().await;
+            return self.count(path, StreamStatus::NotAllowed.as_str());
+        }
         let req =
             match tokio::time::timeout(REQUEST_TIMEOUT, ServiceRequest::read(&mut stream)).await {
                 Ok(Ok(r)) => r,
@@ -74,14 +83,6 @@ impl Services {
                     return self.count(path, "timeout");
                 }
             };
-        // A peer on no allow-list learns nothing, not even which names exist.
-        if !self.services.values().any(|s| s.allow.contains(&peer)) {
-            self.metrics.refuse("service_not_allowed");
-            tracing::warn!(%peer, service = %req.service, "peer is on no service's allow-list; refused");
-            let _ = stream.write_all(&[StreamStatus::NotAllowed as u8]).await;
-            let _ = stream.shutdown().await;
-            return self.count(path, StreamStatus::NotAllowed.as_str());
-        }
         let Some(svc) = self.services.get(&req.service) else {
             tracing::info!(%peer, service = %req.service, "service stream for an unknown service");
             let _ = stream.write_all(&[StreamStatus::UnknownTunnel as u8]).await;

@@ -118,12 +118,15 @@ fn relay_admits_members_limits_guests_and_refuses_strangers() {
         )
         .expect("agent reserved");
     let agent_id = agent_peer_id(agent.dir.path());
+    // Seed 3: on the agent's service allow-list (the agent refuses strangers).
     let mut to_member = lab_node(&[
         "dial",
         "--addr",
         &format!("{relay}/p2p-circuit/p2p/{agent_id}"),
         "--pings",
         "2",
+        "--seed",
+        "3",
     ]);
     let c = to_member
         .wait_for(|l| l.contains("\"circuit\""), Duration::from_secs(15))
@@ -132,6 +135,30 @@ fn relay_admits_members_limits_guests_and_refuses_strangers() {
     assert!(to_member
         .wait_exit(Duration::from_secs(20))
         .is_some_and(|s| s.success()));
+
+    // A stranger's circuit to the agent is opened by the gateway, but the
+    // agent refuses the connection over it: no identify, no DCUtR, no
+    // streams for peers on no allow-list (issue #15, item 19; at 4462fed it
+    // was served like any other).
+    let mut stranger = lab_node(&[
+        "dial",
+        "--addr",
+        &format!("{relay}/p2p-circuit/p2p/{agent_id}"),
+        "--pings",
+        "1",
+        "--timeout-secs",
+        "10",
+    ]);
+    assert!(stranger
+        .wait_exit(Duration::from_secs(20))
+        .is_some_and(|s| !s.success()));
+    assert!(
+        eventually(Duration::from_secs(5), || metric_sum(
+            &relaygate_tests::stack::http_get(agent.admin, "/metrics").1,
+            "relaygate_agent_refusals_total{reason=\"stranger\"}"
+        ) >= 1.0),
+        "the agent refused and counted the stranger"
+    );
 
     // No reservation, no circuit.
     let mut nowhere = lab_node(&[
@@ -222,6 +249,8 @@ fn relay_admits_members_limits_guests_and_refuses_strangers() {
         &format!("{relay}/p2p-circuit/p2p/{agent_id}"),
         "--pings",
         "1",
+        "--seed",
+        "3",
     ]);
     assert!(again
         .wait_exit(Duration::from_secs(20))
@@ -422,12 +451,13 @@ fn service_reaches_allowed_peers_with_their_peer_id_and_refuses_others() {
     c.proc
         .wait_for(|l| l.contains("visitor port open"), Duration::from_secs(20))
         .expect("C's port");
+    // A refuses C's connection outright (a stranger: on no allow-list), so C
+    // never gets as far as a service stream.
     let refused = eventually(Duration::from_secs(20), || {
         let _ = round_trip(c_port, b"let me in");
-        sum_matching(
+        metric_sum(
             &relaygate_tests::stack::http_get(a.admin, "/metrics").1,
-            "relaygate_agent_service_streams_total{role=\"Offer\"",
-            "not_allowed",
+            "relaygate_agent_refusals_total{reason=\"stranger\"}",
         ) >= 1.0
     });
     assert!(refused, "A refused C");
@@ -436,15 +466,6 @@ fn service_reaches_allowed_peers_with_their_peer_id_and_refuses_others() {
             .unwrap_or_default()
             .is_empty(),
         "C gets no byte through"
-    );
-    let cm = relaygate_tests::stack::http_get(c.admin, "/metrics").1;
-    assert!(
-        sum_matching(
-            &cm,
-            "relaygate_agent_service_streams_total{role=\"Visit\"",
-            "not_allowed"
-        ) >= 1.0,
-        "{cm}"
     );
     assert_eq!(
         seen.lock().unwrap_or_else(|e| e.into_inner()).len(),
