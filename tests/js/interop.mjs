@@ -16,7 +16,7 @@ import { parseArgs } from 'node:util'
 import { fstatSync } from 'node:fs'
 
 const USAGE = `usage:
-  node interop.mjs dial <multiaddr> [--pings N] [--timeout-ms T]
+  node interop.mjs dial <multiaddr> [--pings N] [--timeout-ms T] [--seed N]
   node interop.mjs reserve <relay multiaddr> [--timeout-ms T] [--ignore-stdin]`
 
 // ---------------------------------------------------------------- output ---
@@ -190,8 +190,16 @@ async function loadLibp2p () {
   return { createLibp2p, tcp, circuitRelayTransport, noise, yamux, identify, ping, PING_PROTOCOL, multiaddr }
 }
 
-async function makeNode (lib, { listen, timeoutMs }) {
+async function makeNode (lib, { listen, timeoutMs, seed }) {
+  // --seed N: the Ed25519 key whose seed is 32 bytes of N, as lab-node's
+  // --seed, so a test can put this node's peer id on an allow-list.
+  let privateKey
+  if (seed != null) {
+    const { generateKeyPairFromSeed } = await import('@libp2p/crypto/keys')
+    privateKey = await generateKeyPairFromSeed('Ed25519', new Uint8Array(32).fill(seed))
+  }
   return lib.createLibp2p({
+    ...(privateKey != null ? { privateKey } : {}),
     start: false,
     addresses: { listen },
     transports: [
@@ -266,7 +274,7 @@ async function pingOverConnection (conn, protocol, timeoutMs) {
 
 // ------------------------------------------------------------------ dial ---
 
-async function runDial (target, { pings, timeoutMs }) {
+async function runDial (target, { pings, timeoutMs, seed }) {
 
   let stage = 'setup'
   let node
@@ -275,7 +283,7 @@ async function runDial (target, { pings, timeoutMs }) {
     const ma = lib.multiaddr(target)
     // A dial-only node: no listen addresses are needed, the circuit relay
     // transport is only used for dialing here.
-    node = await makeNode(lib, { listen: [], timeoutMs })
+    node = await makeNode(lib, { listen: [], timeoutMs, seed })
     await node.start()
 
     stage = 'dial'
@@ -394,6 +402,7 @@ async function main () {
       options: {
         pings: { type: 'string' },
         'timeout-ms': { type: 'string' },
+        seed: { type: 'string' },
         'ignore-stdin': { type: 'boolean' },
         help: { type: 'boolean', short: 'h' }
       }
@@ -414,16 +423,17 @@ async function main () {
     process.stderr.write(USAGE + '\n')
     process.exit(2)
   }
-  let pings, timeoutMs
+  let pings, timeoutMs, seed
   try {
     pings = values.pings == null ? 3 : parsePositiveInt('pings', values.pings, true)
+    seed = values.seed == null ? undefined : parsePositiveInt('seed', values.seed)
     timeoutMs = values['timeout-ms'] == null ? 20000 : parsePositiveInt('timeout-ms', values['timeout-ms'])
   } catch (err) {
     emitError('args', err)
     process.exit(2)
   }
   if (mode === 'dial') {
-    await runDial(addr, { pings, timeoutMs })
+    await runDial(addr, { pings, timeoutMs, seed })
   } else {
     await runReserve(addr, { timeoutMs, ignoreStdin: values['ignore-stdin'] === true })
   }

@@ -98,6 +98,48 @@ impl RawPeer {
 }
 
 impl RawPeer {
+    /// Opens `n` streams of `protocol`, writes `bytes` on each and keeps them
+    /// open (not read, not closed) until the returned holder drops. Returns
+    /// how many opened.
+    pub fn hold(&self, protocol: &'static str, bytes: &[u8], n: usize) -> Held {
+        let streams = self.rt.block_on(async {
+            let mut held = Vec::with_capacity(n);
+            for _ in 0..n {
+                let open = self
+                    .control
+                    .open_stream(self.gateway, StreamProtocol::new(protocol));
+                let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(5), open).await else {
+                    continue;
+                };
+                let mut s = s.compat();
+                if s.write_all(bytes).await.is_ok() {
+                    held.push(s);
+                }
+            }
+            held
+        });
+        Held(streams)
+    }
+
+    /// Whether the gateway still has this peer's connection.
+    pub fn is_connected(&self) -> bool {
+        self.rt.block_on(async {
+            let open = self
+                .control
+                .open_stream(self.gateway, StreamProtocol::new("/relaygate/probe/0"));
+            // A protocol the gateway does not speak: refused if connected.
+            matches!(
+                tokio::time::timeout(Duration::from_secs(3), open).await,
+                Ok(Ok(_)) | Ok(Err(relaygate_common::streams::OpenError::Unsupported(_)))
+            )
+        })
+    }
+}
+
+/// Streams kept open by [`RawPeer::hold`].
+pub struct Held(pub Vec<tokio_util::compat::Compat<libp2p::Stream>>);
+
+impl RawPeer {
     /// Opens a stream of `protocol`, writes `bytes`, half-closes, and returns
     /// every byte the gateway sends back before it closes the stream.
     pub fn exchange(&self, protocol: &'static str, bytes: &[u8]) -> Result<Vec<u8>, String> {

@@ -11,7 +11,7 @@ use std::{
 
 use relaygate_tests::{
     procs::Proc,
-    stack::{agent_peer_id, here, Agent, Gateway, GatewaySpec, Transport},
+    stack::{agent_peer_id, here, seed_peer_id, Agent, Gateway, GatewaySpec, Transport},
 };
 use serde_json::Value;
 
@@ -67,7 +67,9 @@ fn js_libp2p_reaches_an_agent_through_the_relay_unlimited() {
         true,
         &[
             "--service".into(),
-            "none=127.0.0.1:1,allow=12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN".into(),
+            // The js node's identity (--seed 3): the agent takes connections
+            // only from its gateway and allow-listed peers.
+            format!("none=127.0.0.1:1,allow={}", seed_peer_id(3)),
         ],
     );
     agent
@@ -80,7 +82,7 @@ fn js_libp2p_reaches_an_agent_through_the_relay_unlimited() {
     let agent_id = agent_peer_id(agent.dir.path());
     let circuit = format!("{}/p2p-circuit/p2p/{agent_id}", gw.addr(Transport::Tcp));
 
-    let mut dial = js(&["dial", &circuit, "--pings", "3"]);
+    let mut dial = js(&["dial", &circuit, "--pings", "3", "--seed", "3"]);
     let connected = dial
         .wait_for(|l| l.contains("\"connected\""), Duration::from_secs(40))
         .expect("js connected");
