@@ -1,0 +1,222 @@
+//! The control stream: a 4-byte big-endian length, then a JSON
+//! [`ControlMessage`] of at most [`MAX_CONTROL_FRAME`] bytes.
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::{map_eof, WireError, MAX_CONTROL_FRAME, MAX_TUNNELS_PER_HELLO, WIRE_VERSION};
+use crate::names::{LeasePort, TunnelName};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ControlMessage {
+    Hello(Hello),
+    Welcome(Welcome),
+    Refused(Refusal),
+    /// On the dial-back protocol: please connect to this leased port.
+    Dialback {
+        version: u16,
+        port: LeasePort,
+    },
+    /// The dial-back's outcome.
+    DialbackResult {
+        reachable: bool,
+        detail: String,
+    },
+}
+
+/// First message of a session: who I am (the libp2p peer id says that), how I
+/// was admitted, and which tunnels I want. Its `Debug` hides the token: a
+/// logged message must not carry it.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hello {
+    pub version: u16,
+    /// Join token, when the agent is not on the gateway's allow-list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    pub tunnels: Vec<TunnelRequest>,
+}
+
+impl std::fmt::Debug for Hello {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hello")
+            .field("version", &self.version)
+            .field("token", &self.token.as_ref().map(|_| crate::names::MASK))
+            .field("tunnels", &self.tunnels)
+            .finish()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelRequest {
+    pub name: TunnelName,
+    /// Public port wanted; the gateway picks one from its range when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<LeasePort>,
+}
+
+/// The gateway's answer to a hello. Fields the agent does not know are
+/// ignored: the gateway adds them for newer agents, and it is authenticated.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Welcome {
+    pub version: u16,
+    /// Host parts of the gateway's advertised addresses (`/dns4/gw.example.com`,
+    /// `/ip4/203.0.113.7`). Empty when the gateway advertises nothing: the agent
+    /// then uses the host it dialled.
+    pub public_hosts: Vec<String>,
+    pub leases: Vec<LeaseGrant>,
+    /// TCP port of the gateway's lane (its libp2p TCP port), when it takes
+    /// lanes. An agent whose session runs over TCP dials the address it used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lane_port: Option<u16>,
+    /// Most lanes the gateway takes from one agent; absent, one. A plain
+    /// number, clamped by the agent (`LaneCount::clamped`), so a later
+    /// gateway's larger limit does not spoil the whole welcome.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lanes: Option<u8>,
+    /// The lane flow control the gateway speaks (`LaneFlow::TUNED_VERSION`);
+    /// absent, windows fixed at 1 MiB. The agent names what it speaks in its
+    /// lanes' TLS server names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lane_flow: Option<u8>,
+}
+
+// No deny_unknown_fields here: serde does not support it together with flatten.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LeaseGrant {
+    pub name: TunnelName,
+    #[serde(flatten)]
+    pub outcome: LeaseOutcome,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum LeaseOutcome {
+    Granted { port: LeasePort },
+    Refused { code: LeaseRefusal, message: String },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LeaseRefusal {
+    /// The wanted port is leased to another agent or tunnel.
+    PortHeld,
+    /// The wanted port is not in the gateway's allowed set.
+    PortNotAllowed,
+    /// No free port is left in the range.
+    RangeExhausted,
+    /// The same tunnel name appears twice in one Hello.
+    DuplicateName,
+    /// The gateway could not bind the port (another process holds it).
+    BindFailed,
+    /// The lease store failed; the gateway's log has details.
+    StoreFailed,
+    /// The agent asked for more tunnels than the gateway allows one agent.
+    TooManyTunnels,
+}
+
+impl LeaseRefusal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::PortHeld => "port_held",
+            Self::PortNotAllowed => "port_not_allowed",
+            Self::RangeExhausted => "range_exhausted",
+            Self::DuplicateName => "duplicate_name",
+            Self::BindFailed => "bind_failed",
+            Self::StoreFailed => "store_failed",
+            Self::TooManyTunnels => "too_many_tunnels",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Refusal {
+    pub code: RefusalCode,
+    pub message: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefusalCode {
+    /// Neither on the allow-list nor holding a valid join token.
+    NotAdmitted,
+    UnsupportedVersion,
+    BadRequest,
+    /// The gateway is draining before it exits; try again shortly.
+    ShuttingDown,
+}
+
+impl RefusalCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefusalCode::NotAdmitted => "not_admitted",
+            RefusalCode::UnsupportedVersion => "unsupported_version",
+            RefusalCode::BadRequest => "bad_request",
+            RefusalCode::ShuttingDown => "shutting_down",
+        }
+    }
+}
+
+pub async fn write_control<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    msg: &ControlMessage,
+) -> Result<(), WireError> {
+    let body = serde_json::to_vec(msg).map_err(|e| WireError::Malformed(e.to_string()))?;
+    if body.len() > MAX_CONTROL_FRAME {
+        return Err(WireError::Oversized(body.len()));
+    }
+    let mut frame = Vec::with_capacity(4 + body.len());
+    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&body);
+    w.write_all(&frame).await?;
+    w.flush().await?;
+    Ok(())
+}
+
+pub async fn read_control<R: AsyncRead + Unpin>(r: &mut R) -> Result<ControlMessage, WireError> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len).await.map_err(map_eof)?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_CONTROL_FRAME {
+        return Err(WireError::Oversized(len));
+    }
+    // Grown as the bytes arrive, not allocated at the announced length: a
+    // peer that announces 64 KiB and sends 4 bytes holds 4 bytes of ours.
+    let mut body = Vec::new();
+    let got = (&mut *r)
+        .take(len as u64)
+        .read_to_end(&mut body)
+        .await
+        .map_err(map_eof)?;
+    if got < len {
+        return Err(WireError::Truncated);
+    }
+    decode_control(&body)
+}
+
+/// Decodes one control frame body. Public for the fuzz target.
+pub fn decode_control(body: &[u8]) -> Result<ControlMessage, WireError> {
+    let msg: ControlMessage =
+        serde_json::from_slice(body).map_err(|e| WireError::Malformed(e.to_string()))?;
+    let version = match &msg {
+        ControlMessage::Hello(h) => {
+            if h.tunnels.len() > MAX_TUNNELS_PER_HELLO {
+                return Err(WireError::Malformed(format!(
+                    "{} tunnels in one hello, at most {MAX_TUNNELS_PER_HELLO}",
+                    h.tunnels.len()
+                )));
+            }
+            h.version
+        }
+        ControlMessage::Welcome(w) => w.version,
+        ControlMessage::Dialback { version, .. } => *version,
+        ControlMessage::Refused(_) | ControlMessage::DialbackResult { .. } => WIRE_VERSION,
+    };
+    if version != WIRE_VERSION {
+        return Err(WireError::Version(version));
+    }
+    Ok(msg)
+}
