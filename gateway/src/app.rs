@@ -17,6 +17,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     admin,
     admission::{self, Admission},
+    config::store::StoreKind,
     config::GatewayConfig,
     guard::Guard,
     hop::{Hop, Members},
@@ -31,7 +32,7 @@ use crate::{
     session::Sessions,
     session_lane::SessionLanes,
     stall::StallLedger,
-    store::EmbeddedStore,
+    store::{EmbeddedStore, EtcdStore, LeaseStore},
 };
 
 pub fn ensure_data_dir(dir: &Path) -> anyhow::Result<()> {
@@ -59,16 +60,29 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     tracing::info!(%peer_id, source = ?key_source, "identity");
     let token = load_token(&cfg)?;
 
-    let db = cfg.lease_db();
-    let store = tokio::task::spawn_blocking(move || EmbeddedStore::open(&db)).await??;
+    let store: Arc<dyn LeaseStore> = match cfg.store.kind {
+        StoreKind::Embedded => {
+            let db = cfg.lease_db();
+            Arc::new(tokio::task::spawn_blocking(move || EmbeddedStore::open(&db)).await??)
+        }
+        StoreKind::Etcd => Arc::new(EtcdStore::connect(&cfg.store.etcd).await?),
+    };
     let policy = PortPolicy {
         range: cfg.leases.port_range,
         allowed: cfg.leases.allowed_ports.clone(),
         bind: cfg.leases.bind,
         max_per_agent: cfg.leases.max_tunnels_per_agent,
     };
-    let leases = Arc::new(Leases::load(Arc::new(store), policy)?);
+    // The store may block (redb's file, etcd's round trips): off the runtime.
+    let mut leases = tokio::task::spawn_blocking(move || Leases::load(store, policy)).await??;
     let metrics = Arc::new(Metrics::new());
+    leases.unavailable = metrics
+        .refusals
+        .get_or_create(&relaygate_common::metrics::ReasonLabels::new(
+            "store_unavailable",
+        ))
+        .clone();
+    let leases = Arc::new(leases);
     metrics.leases.set(leases.count() as i64);
 
     let admin_listen = cfg.admin_listen();

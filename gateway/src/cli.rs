@@ -53,6 +53,10 @@ pub enum Cmd {
     PeerId,
     /// Exit 0 if the running gateway's /health/ready answers 200 (for container health checks).
     Health,
+    /// Copy the leases of the embedded store in the data dir into etcd
+    /// (`store.etcd.*`), so a gateway growing into a fleet keeps every port.
+    /// Run it with the gateway stopped; leases etcd already has are kept.
+    MigrateStore,
 }
 
 impl Opts {
@@ -90,6 +94,7 @@ pub fn main() -> ExitCode {
         }
         Cmd::Health => relaygate_common::admin::probe_ready(cfg.admin_listen(), &cfg.admin)
             .map_err(anyhow::Error::msg),
+        Cmd::MigrateStore => migrate_store(&cfg),
         Cmd::Run => run(cfg),
     };
     match result {
@@ -109,6 +114,43 @@ fn token(cfg: &GatewayConfig) -> anyhow::Result<()> {
         }
         None => anyhow::bail!("join tokens are off (admission.tokens = false): admit agents by peer id in admission.allow"),
     }
+}
+
+fn migrate_store(cfg: &GatewayConfig) -> anyhow::Result<()> {
+    use crate::store::{Claim, EmbeddedStore, EtcdStore, LeaseStore};
+    let db = cfg.lease_db();
+    let from = EmbeddedStore::open(&db)?;
+    let leases = from.load()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start tokio")?;
+    let to = rt.block_on(EtcdStore::connect(&cfg.store.etcd))?;
+    let (mut copied, mut kept) = (0, 0);
+    for lease in &leases {
+        // The store blocks on `rt` itself: called from outside it.
+        let claim = to.claim(lease, None)?;
+        match claim {
+            Claim::Granted => copied += 1,
+            Claim::Existing(p) => {
+                kept += 1;
+                eprintln!("{}: etcd already leases it port {p}; kept", lease.key);
+            }
+            Claim::Held(holder) => {
+                kept += 1;
+                eprintln!(
+                    "{}: port {} is leased to {holder} in etcd; kept that",
+                    lease.key, lease.port
+                );
+            }
+        }
+    }
+    println!(
+        "{copied} of {} leases copied from {} into etcd ({kept} left as etcd had them)",
+        leases.len(),
+        db.display()
+    );
+    Ok(())
 }
 
 fn run(cfg: GatewayConfig) -> anyhow::Result<()> {

@@ -17,7 +17,13 @@ use relaygate_common::{
     protocol::{LeaseGrant, LeaseOutcome, LeaseRefusal, TunnelRequest},
 };
 
-use crate::store::{Lease, LeaseKey, LeaseStore, StoreError};
+use prometheus_client::metrics::counter::Counter;
+
+use crate::store::{Claim, Lease, LeaseKey, LeaseStore, StoreError};
+
+/// Ports tried for one automatic lease when the store says other gateways
+/// hold the ones this gateway picked.
+const CLAIM_ROUNDS: usize = 16;
 
 /// Which ports may be leased.
 #[derive(Clone, Debug)]
@@ -102,6 +108,8 @@ pub struct Leases {
     store: Arc<dyn LeaseStore>,
     policy: PortPolicy,
     table: Mutex<Table>,
+    /// Leases refused because the store did not answer.
+    pub unavailable: Counter,
 }
 
 /// A lease that still has to reach the store, with the port it replaces
@@ -109,6 +117,8 @@ pub struct Leases {
 struct Pending {
     lease: Lease,
     previous: Option<LeasePort>,
+    /// The port the agent asked for by number, if it did.
+    wanted: Option<LeasePort>,
 }
 
 impl Leases {
@@ -122,6 +132,7 @@ impl Leases {
             store,
             policy,
             table: Mutex::new(table),
+            unavailable: Counter::default(),
         })
     }
 
@@ -149,28 +160,81 @@ impl Leases {
     /// Grants (or refuses) each requested tunnel of `agent`, persisting new leases.
     pub async fn acquire(&self, agent: PeerId, requests: &[TunnelRequest]) -> Vec<LeaseGrant> {
         let (mut grants, pending) = self.decide(agent, requests);
-        // Persist outside the lock; roll back what the store would not take.
-        for (i, Pending { lease, previous }) in pending {
-            let store = self.store.clone();
-            let l = lease.clone();
-            let res = tokio::task::spawn_blocking(move || store.put(&l)).await;
-            let ok = matches!(res, Ok(Ok(())));
-            self.lock()
-                .settle_move(&lease.key, lease.port, previous, ok);
-            if !ok {
-                let err = match res {
-                    Ok(Err(e)) => e.to_string(),
-                    Err(e) => e.to_string(),
-                    Ok(Ok(())) => String::new(),
-                };
-                tracing::error!(lease = %lease.key, error = %err, "cannot persist lease; refusing it");
-                grants[i].outcome = LeaseOutcome::Refused {
-                    code: LeaseRefusal::StoreFailed,
-                    message: "the gateway could not store the lease; its log says why".into(),
-                };
-            }
+        // Claimed outside the lock; what the store would not take is rolled back.
+        for (i, p) in pending {
+            grants[i].outcome = self.settle(p).await;
         }
         grants
+    }
+
+    /// Claims a decided lease in the store, adopting what it knows better: the
+    /// tunnel's port from another gateway, or another port when the picked one
+    /// turned out held there.
+    async fn settle(&self, mut p: Pending) -> LeaseOutcome {
+        for _ in 0..CLAIM_ROUNDS {
+            let store = self.store.clone();
+            let (l, previous) = (p.lease.clone(), p.previous);
+            let res = tokio::task::spawn_blocking(move || store.claim(&l, previous)).await;
+            let key = p.lease.key.clone();
+            match res {
+                Ok(Ok(Claim::Granted)) => {
+                    self.lock()
+                        .settle_move(&key, p.lease.port, p.previous, true);
+                    return LeaseOutcome::Granted { port: p.lease.port };
+                }
+                Ok(Ok(Claim::Existing(port))) => {
+                    let mut t = self.lock();
+                    t.settle_move(&key, p.lease.port, p.previous, false);
+                    t.insert(key, port);
+                    return LeaseOutcome::Granted { port };
+                }
+                Ok(Ok(Claim::Held(holder))) => {
+                    let mut t = self.lock();
+                    t.settle_move(&key, p.lease.port, p.previous, false);
+                    // Learnt: another gateway leased it.
+                    t.insert(holder, p.lease.port);
+                    if p.wanted.is_some() {
+                        return refuse(
+                            LeaseRefusal::PortHeld,
+                            format!("port {} is leased to another tunnel", p.lease.port),
+                        );
+                    }
+                    match self.pick(&t, &key, None) {
+                        Ok((port, true)) => {
+                            p.previous = t.begin_move(key.clone(), port);
+                            p.lease.port = port;
+                        }
+                        Ok((port, false)) => return LeaseOutcome::Granted { port },
+                        Err((code, msg)) => return refuse(code, msg),
+                    }
+                }
+                other => {
+                    self.lock()
+                        .settle_move(&key, p.lease.port, p.previous, false);
+                    let err = match other {
+                        Ok(Err(e)) => {
+                            if matches!(e, StoreError::Unavailable(_)) {
+                                self.unavailable.inc();
+                            }
+                            e.to_string()
+                        }
+                        Err(e) => e.to_string(),
+                        Ok(Ok(_)) => String::new(),
+                    };
+                    tracing::error!(lease = %key, error = %err, "cannot store the lease; refusing it");
+                    return refuse(
+                        LeaseRefusal::StoreFailed,
+                        format!("the gateway could not store the lease ({err}); retry later"),
+                    );
+                }
+            }
+        }
+        self.lock()
+            .settle_move(&p.lease.key, p.lease.port, p.previous, false);
+        refuse(
+            LeaseRefusal::RangeExhausted,
+            "every port tried is leased through other gateways".into(),
+        )
     }
 
     fn decide(
@@ -202,6 +266,7 @@ impl Leases {
                                 Pending {
                                     lease: Lease { key, port },
                                     previous,
+                                    wanted: req.port,
                                 },
                             ));
                         }
@@ -372,11 +437,11 @@ mod tests {
         fn load(&self) -> Result<Vec<Lease>, StoreError> {
             self.inner.load()
         }
-        fn put(&self, lease: &Lease) -> Result<(), StoreError> {
+        fn claim(&self, lease: &Lease, previous: Option<LeasePort>) -> Result<Claim, StoreError> {
             let gate = self.gate.lock().unwrap().take();
             match gate.map(|g| g.recv().unwrap_or(false)) {
                 Some(false) => Err(StoreError::Io("disk full".into())),
-                _ => self.inner.put(lease),
+                _ => self.inner.claim(lease, previous),
             }
         }
         fn remove(&self, key: &LeaseKey) -> Result<(), StoreError> {

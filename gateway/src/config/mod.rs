@@ -15,6 +15,7 @@ use relaygate_common::{
 use serde::{Deserialize, Serialize};
 
 pub mod guard;
+pub mod store;
 
 /// Default admin API address of the gateway.
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:9600";
@@ -32,6 +33,8 @@ pub struct GatewayConfig {
     pub identity: IdentityConfig,
     pub admission: AdmissionConfig,
     pub leases: LeaseConfig,
+    /// Where leases are kept: embedded (one gateway) or etcd (a fleet).
+    pub store: store::StoreConfig,
     pub proxy_protocol: ProxyPolicy,
     pub relay: RelayConfig,
     pub autonat: AutonatConfig,
@@ -286,6 +289,7 @@ impl Default for GatewayConfig {
             identity: IdentityConfig::default(),
             admission: AdmissionConfig::default(),
             leases: LeaseConfig::default(),
+            store: store::StoreConfig::default(),
             proxy_protocol: ProxyPolicy::default(),
             relay: RelayConfig::default(),
             autonat: AutonatConfig::default(),
@@ -309,6 +313,7 @@ impl GatewayConfig {
         "leases.allowed_ports",
         "admin.open_paths",
         "relay.limited_peers",
+        "store.etcd.endpoints",
     ];
 
     pub fn token_file(&self) -> PathBuf {

@@ -1,59 +1,12 @@
-//! Where leases are kept. The [`LeaseStore`] trait is small on purpose: a
-//! store shared by several gateways (etcd) only has to load, put and remove.
-//! [`EmbeddedStore`] keeps them in a redb file: ACID, crash-safe, one writer.
+//! Leases in a redb file in the data dir: ACID, crash-safe, one writer (one
+//! gateway, whose in-memory table decides; a claim is always granted).
 
-use std::{fmt, path::Path, str::FromStr};
+use std::{fmt, path::Path};
 
-use libp2p::PeerId;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
-use relaygate_common::names::{LeasePort, TunnelName};
+use relaygate_common::names::LeasePort;
 
-/// One lease: this agent's tunnel owns this public port.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct LeaseKey {
-    pub agent: PeerId,
-    pub tunnel: TunnelName,
-}
-
-impl fmt::Display for LeaseKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.agent, self.tunnel)
-    }
-}
-
-impl FromStr for LeaseKey {
-    type Err = StoreError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || StoreError::Corrupt(format!("bad lease key {s:?}"));
-        let (agent, tunnel) = s.split_once('/').ok_or_else(bad)?;
-        Ok(Self {
-            agent: agent.parse().map_err(|_| bad())?,
-            tunnel: tunnel.parse().map_err(|_| bad())?,
-        })
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Lease {
-    pub key: LeaseKey,
-    pub port: LeasePort,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("lease store {path}: {message} (check the data dir is writable, has space, and no other gateway uses it)")]
-    Open { path: String, message: String },
-    #[error("lease store i/o: {0}")]
-    Io(String),
-    #[error("lease store holds an invalid record: {0}")]
-    Corrupt(String),
-}
-
-pub trait LeaseStore: Send + Sync + 'static {
-    fn load(&self) -> Result<Vec<Lease>, StoreError>;
-    fn put(&self, lease: &Lease) -> Result<(), StoreError>;
-    fn remove(&self, key: &LeaseKey) -> Result<(), StoreError>;
-}
+use super::{Claim, Lease, LeaseKey, LeaseStore, StoreError};
 
 const LEASES: TableDefinition<&str, u16> = TableDefinition::new("leases/v1");
 
@@ -95,15 +48,9 @@ impl LeaseStore for EmbeddedStore {
         Ok(out)
     }
 
-    fn put(&self, lease: &Lease) -> Result<(), StoreError> {
-        let tx = self.db.begin_write().map_err(io)?;
-        {
-            let mut table = tx.open_table(LEASES).map_err(io)?;
-            table
-                .insert(lease.key.to_string().as_str(), lease.port.get())
-                .map_err(io)?;
-        }
-        tx.commit().map_err(io)
+    fn claim(&self, lease: &Lease, _previous: Option<LeasePort>) -> Result<Claim, StoreError> {
+        self.put(lease)?;
+        Ok(Claim::Granted)
     }
 
     fn remove(&self, key: &LeaseKey) -> Result<(), StoreError> {
@@ -116,9 +63,24 @@ impl LeaseStore for EmbeddedStore {
     }
 }
 
+impl EmbeddedStore {
+    /// Writes a lease as it is (the table above the store decided it).
+    pub fn put(&self, lease: &Lease) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(io)?;
+        {
+            let mut table = tx.open_table(LEASES).map_err(io)?;
+            table
+                .insert(lease.key.to_string().as_str(), lease.port.get())
+                .map_err(io)?;
+        }
+        tx.commit().map_err(io)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use libp2p::PeerId;
 
     #[test]
     fn leases_survive_reopen() {

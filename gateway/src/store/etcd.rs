@@ -1,0 +1,204 @@
+//! Leases in etcd, shared by every gateway of a fleet. Two keys per lease
+//! under `store.etcd.prefix`: `leases/<agent>/<tunnel>` holds the port, and
+//! `ports/<port>` holds `<agent>/<tunnel>`. A claim reads both and writes
+//! both in one transaction that holds only if neither changed since (their
+//! revisions are compared), retried a few times under contention: two
+//! gateways never give one port to two tunnels.
+
+use std::time::Duration;
+
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, TlsOptions, Txn,
+    TxnOp,
+};
+use relaygate_common::names::LeasePort;
+use tokio::runtime::Handle;
+
+use super::{Claim, Lease, LeaseKey, LeaseStore, StoreError};
+use crate::config::store::EtcdConfig;
+
+/// Attempts of one claim when other gateways change the same keys meanwhile.
+const CLAIM_ATTEMPTS: usize = 8;
+
+pub struct EtcdStore {
+    client: Client,
+    prefix: String,
+    timeout: Duration,
+    rt: Handle,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+impl EtcdStore {
+    /// Connects to the endpoints (TLS when a CA is given; user and password
+    /// file when given).
+    pub async fn connect(cfg: &EtcdConfig) -> Result<Self, StoreError> {
+        if cfg.endpoints.is_empty() {
+            return Err(StoreError::Open {
+                path: "store.etcd.endpoints".into(),
+                message: "no endpoint: list etcd's client URLs (host:2379)".into(),
+            });
+        }
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| StoreError::Open {
+                path: p.display().to_string(),
+                message: e.to_string(),
+            })
+        };
+        let mut opts = ConnectOptions::new()
+            .with_timeout(cfg.timeout)
+            .with_connect_timeout(cfg.timeout);
+        if let Some(ca) = &cfg.ca {
+            let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(read(ca)?));
+            if let (Some(cert), Some(key)) = (&cfg.cert, &cfg.key) {
+                tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+            }
+            opts = opts.with_tls(tls);
+        }
+        if let Some(user) = &cfg.user {
+            let Some(file) = &cfg.password_file else {
+                return Err(StoreError::Open {
+                    path: "store.etcd.password_file".into(),
+                    message: "store.etcd.user needs the password in a file".into(),
+                });
+            };
+            let password = String::from_utf8_lossy(&read(file)?).trim().to_string();
+            opts = opts.with_user(user.clone(), password);
+        }
+        let client = tokio::time::timeout(cfg.timeout, Client::connect(&cfg.endpoints, Some(opts)))
+            .await
+            .map_err(|_| unavailable(format!("no answer from {:?}", cfg.endpoints)))?
+            .map_err(|e| unavailable(format!("{:?}: {e}", cfg.endpoints)))?;
+        Ok(Self {
+            client,
+            prefix: cfg.prefix.clone(),
+            timeout: cfg.timeout,
+            rt: Handle::current(),
+        })
+    }
+
+    fn lease_key(&self, key: &LeaseKey) -> String {
+        format!("{}leases/{key}", self.prefix)
+    }
+
+    fn port_key(&self, port: LeasePort) -> String {
+        format!("{}ports/{}", self.prefix, port.get())
+    }
+
+    /// Runs `f` on the runtime with the request timeout.
+    fn run<T>(
+        &self,
+        f: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, StoreError> {
+        self.rt.block_on(async {
+            tokio::time::timeout(self.timeout, f)
+                .await
+                .map_err(|_| unavailable("no answer within store.etcd.timeout"))?
+                .map_err(unavailable)
+        })
+    }
+
+    /// A key's value and modification revision, if it exists.
+    fn read(&self, key: &str) -> Result<Option<(Vec<u8>, i64)>, StoreError> {
+        let mut kv = self.client.kv_client();
+        let resp = self.run(kv.get(key, None))?;
+        Ok(resp
+            .kvs()
+            .first()
+            .map(|kv| (kv.value().to_vec(), kv.mod_revision())))
+    }
+
+    /// Deletes `key` if it still holds `value`.
+    fn delete_if(&self, key: String, value: String) -> Result<(), StoreError> {
+        let mut kv = self.client.kv_client();
+        let txn = Txn::new()
+            .when([Compare::value(key.clone(), CompareOp::Equal, value)])
+            .and_then([TxnOp::delete(key, None)]);
+        self.run(kv.txn(txn)).map(|_| ())
+    }
+}
+
+/// The compare that holds while `key` is as it was read.
+fn unchanged(key: &str, read: &Option<(Vec<u8>, i64)>) -> Compare {
+    match read {
+        Some((_, rev)) => Compare::mod_revision(key, CompareOp::Equal, *rev),
+        None => Compare::version(key, CompareOp::Equal, 0),
+    }
+}
+
+fn parse_port(v: &[u8]) -> Result<LeasePort, StoreError> {
+    std::str::from_utf8(v)
+        .ok()
+        .and_then(|s| s.parse::<u16>().ok())
+        .and_then(LeasePort::new)
+        .ok_or_else(|| StoreError::Corrupt(format!("bad port {:?}", String::from_utf8_lossy(v))))
+}
+
+impl LeaseStore for EtcdStore {
+    fn load(&self) -> Result<Vec<Lease>, StoreError> {
+        let mut kv = self.client.kv_client();
+        let prefix = format!("{}leases/", self.prefix);
+        let resp = self.run(kv.get(prefix.clone(), Some(GetOptions::new().with_prefix())))?;
+        resp.kvs()
+            .iter()
+            .map(|kv| {
+                let k = String::from_utf8_lossy(kv.key());
+                let key: LeaseKey = k.trim_start_matches(&prefix).parse()?;
+                Ok(Lease {
+                    key,
+                    port: parse_port(kv.value())?,
+                })
+            })
+            .collect()
+    }
+
+    fn claim(&self, lease: &Lease, previous: Option<LeasePort>) -> Result<Claim, StoreError> {
+        let me = lease.key.to_string();
+        let (lk, pk) = (self.lease_key(&lease.key), self.port_key(lease.port));
+        for _ in 0..CLAIM_ATTEMPTS {
+            let held = self.read(&lk)?;
+            let owner = self.read(&pk)?;
+            if let Some((v, _)) = &held {
+                let current = parse_port(v)?;
+                if current != lease.port && Some(current) != previous {
+                    return Ok(Claim::Existing(current));
+                }
+            }
+            if let Some((v, _)) = &owner {
+                let holder = String::from_utf8_lossy(v);
+                if holder != me {
+                    return Ok(Claim::Held(holder.parse()?));
+                }
+            }
+            let mut kv = self.client.kv_client();
+            let txn = Txn::new()
+                .when([unchanged(&lk, &held), unchanged(&pk, &owner)])
+                .and_then([
+                    TxnOp::put(lk.clone(), lease.port.get().to_string(), None),
+                    TxnOp::put(pk.clone(), me.clone(), None),
+                ]);
+            if self.run(kv.txn(txn))?.succeeded() {
+                // The port it moved from, if still its own, is free again.
+                if let Some(prev) = previous.filter(|p| *p != lease.port) {
+                    self.delete_if(self.port_key(prev), me)?;
+                }
+                return Ok(Claim::Granted);
+            }
+        }
+        Err(unavailable(
+            "the lease's keys kept changing under other gateways; try again",
+        ))
+    }
+
+    fn remove(&self, key: &LeaseKey) -> Result<(), StoreError> {
+        let lk = self.lease_key(key);
+        if let Some((v, _)) = self.read(&lk)? {
+            let port = parse_port(&v)?;
+            self.delete_if(lk, port.get().to_string())?;
+            self.delete_if(self.port_key(port), key.to_string())?;
+        }
+        Ok(())
+    }
+}

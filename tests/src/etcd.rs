@@ -1,0 +1,95 @@
+//! A real etcd (Debian's `etcd-server`) for tests: its own data directory and
+//! free loopback ports, killed and removed on every exit path (drop).
+
+use std::{path::PathBuf, process::Command, time::Duration};
+
+use crate::procs::{free_tcp_port, Proc};
+
+pub struct Etcd {
+    pub proc: Proc,
+    dir: tempfile::TempDir,
+    pub client_port: u16,
+    peer_port: u16,
+}
+
+/// Where `etcd` is, or None (the caller prints a loud SKIPPED line).
+pub fn binary() -> Option<PathBuf> {
+    ["/usr/bin/etcd", "/usr/local/bin/etcd"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+}
+
+impl Etcd {
+    pub fn start() -> Etcd {
+        let dir = tempfile::tempdir().expect("etcd dir");
+        let (client_port, peer_port) = (free_tcp_port(), free_tcp_port());
+        let proc = spawn(&dir, client_port, peer_port);
+        Etcd {
+            proc,
+            dir,
+            client_port,
+            peer_port,
+        }
+    }
+
+    /// `127.0.0.1:<port>`, what `store.etcd.endpoints` takes.
+    pub fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.client_port)
+    }
+
+    /// SIGKILL: gone at once, as a crashed member.
+    pub fn kill(&mut self) {
+        self.proc.kill_hard();
+    }
+
+    /// Starts it again on the same data and ports.
+    pub fn restart(&mut self) {
+        self.proc.kill_hard();
+        self.proc = spawn(&self.dir, self.client_port, self.peer_port);
+    }
+}
+
+fn spawn(dir: &tempfile::TempDir, client: u16, peer: u16) -> Proc {
+    let bin = binary().expect("etcd installed (apt-get install etcd-server)");
+    let mut cmd = Command::new(bin);
+    let (c, p) = (
+        format!("http://127.0.0.1:{client}"),
+        format!("http://127.0.0.1:{peer}"),
+    );
+    cmd.arg("--name")
+        .arg("t")
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args(["--listen-client-urls", &c, "--advertise-client-urls", &c])
+        .args([
+            "--listen-peer-urls",
+            &p,
+            "--initial-advertise-peer-urls",
+            &p,
+        ])
+        .args(["--initial-cluster", &format!("t={p}")])
+        .env("ETCD_UNSUPPORTED_ARCH", "arm64");
+    let proc = Proc::spawn("etcd", cmd);
+    proc.wait_for(
+        |l| l.contains("ready to serve client requests"),
+        Duration::from_secs(20),
+    )
+    .expect("etcd up");
+    proc
+}
+
+/// True when etcd is installed. Otherwise prints a loud skip line and
+/// returns false; under `CI=true` it panics, so a skip fails CI.
+pub fn require_etcd(test: &str) -> bool {
+    if binary().is_some() {
+        return true;
+    }
+    let msg = format!("!!! SKIPPED {test}: needs etcd (apt-get install etcd-server) !!!");
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{msg} (CI=true, and a skipped test must fail CI)");
+    }
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{msg}");
+    false
+}

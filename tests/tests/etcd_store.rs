@@ -1,0 +1,301 @@
+//! Leases in etcd (issue #16, part 1), against a real etcd: gateways that
+//! share it give a tunnel one port and never give a port to two tunnels;
+//! with etcd gone, what is leased keeps working and new leases are refused
+//! and counted; an embedded store's leases move into etcd.
+
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    path::Path,
+    time::Duration,
+};
+
+use relaygate_tests::{
+    etcd::{require_etcd, Etcd},
+    procs::free_tcp_range,
+    procs::workspace_bin,
+    stack::{eventually, here, metric, Agent, Echo, Gateway, GatewaySpec, Transport},
+};
+
+const T: Duration = Duration::from_secs(20);
+
+fn on_etcd(etcd: &Etcd, bind: &str, range: &str) -> Gateway {
+    Gateway::start(
+        &here,
+        GatewaySpec {
+            bind: bind.into(),
+            public_ip: bind.into(),
+            port_range: Some(range.into()),
+            extra: vec![
+                "--set".into(),
+                "store.kind=etcd".into(),
+                "--set".into(),
+                format!("store.etcd.endpoints={}", etcd.endpoint()),
+            ],
+            ..Default::default()
+        },
+    )
+}
+
+fn range() -> String {
+    let p = free_tcp_range(10);
+    format!("{p}-{}", p + 9)
+}
+
+/// A copy of an agent's data dir: the same identity for a second process.
+fn twin_dir(of: &Path) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("dir");
+    for entry in std::fs::read_dir(of).expect("agent dir").flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_file()) {
+            let _ = std::fs::copy(entry.path(), dir.path().join(entry.file_name()));
+        }
+    }
+    dir
+}
+
+fn echo_through(host: &str, port: u16, data: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect((host, port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(data).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    out
+}
+
+#[test]
+fn a_tunnel_gets_one_port_from_every_gateway_on_the_store() {
+    if !require_etcd("a_tunnel_gets_one_port_from_every_gateway_on_the_store") {
+        return;
+    }
+    let etcd = Etcd::start();
+    let r = range();
+    let (gw1, gw2) = (
+        on_etcd(&etcd, "127.0.0.1", &r),
+        on_etcd(&etcd, "127.0.0.2", &r),
+    );
+    let echo = Echo::start();
+    let a1 = Agent::start(
+        &here,
+        &gw1,
+        Transport::Quic,
+        &[echo.tunnel("echo")],
+        true,
+        &[],
+    );
+    let p1 = a1.wait_leased("echo", T).expect("lease through gateway 1");
+    // The same agent (its identity) through the other gateway.
+    let a2 = Agent::start_in(
+        &here,
+        &gw2,
+        Transport::Quic,
+        &[echo.tunnel("echo")],
+        true,
+        &[],
+        twin_dir(a1.dir.path()),
+    );
+    let p2 = a2.wait_leased("echo", T).expect("lease through gateway 2");
+    assert_eq!(p1, p2, "one tunnel, one port, whichever gateway");
+    for host in ["127.0.0.1", "127.0.0.2"] {
+        assert_eq!(
+            echo_through(host, p1, b"through each"),
+            b"through each",
+            "{host}"
+        );
+    }
+    // Another agent through gateway 2 does not get that port.
+    let other = Agent::start(
+        &here,
+        &gw2,
+        Transport::Quic,
+        &[echo.tunnel("echo")],
+        true,
+        &[],
+    );
+    let p3 = other.wait_leased("echo", T).expect("another agent's lease");
+    assert_ne!(p3, p1);
+}
+
+#[test]
+fn two_agents_racing_for_one_port_through_two_gateways_get_it_once() {
+    if !require_etcd("two_agents_racing_for_one_port_through_two_gateways_get_it_once") {
+        return;
+    }
+    let etcd = Etcd::start();
+    let r = range();
+    let (gw1, gw2) = (
+        on_etcd(&etcd, "127.0.0.1", &r),
+        on_etcd(&etcd, "127.0.0.2", &r),
+    );
+    let echo = Echo::start();
+    let first: u16 = r
+        .split('-')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("range");
+    for round in 0..4u16 {
+        let port = first + round;
+        let tunnel = format!("x={}@{port}", echo.addr);
+        let a = Agent::start(
+            &here,
+            &gw1,
+            Transport::Quic,
+            std::slice::from_ref(&tunnel),
+            true,
+            &[],
+        );
+        let b = Agent::start(&here, &gw2, Transport::Quic, &[tunnel], true, &[]);
+        let outcome = |agent: &Agent| {
+            agent
+                .proc
+                .wait_for(
+                    |l| l.contains("tunnel leased") || l.contains("refused the tunnel's lease"),
+                    T,
+                )
+                .expect("an answer")
+        };
+        let (oa, ob) = (outcome(&a), outcome(&b));
+        let won = [&oa, &ob]
+            .iter()
+            .filter(|l| l.contains("tunnel leased"))
+            .count();
+        assert_eq!(
+            won, 1,
+            "round {round}: exactly one gets port {port}:\n{oa}\n{ob}"
+        );
+        let lost = if oa.contains("tunnel leased") {
+            &ob
+        } else {
+            &oa
+        };
+        assert!(lost.contains("port_held"), "round {round}: {lost}");
+    }
+}
+
+#[test]
+fn with_etcd_gone_leases_keep_working_and_new_ones_are_refused_until_it_returns() {
+    if !require_etcd("with_etcd_gone_leases_keep_working_and_new_ones_are_refused_until_it_returns")
+    {
+        return;
+    }
+    let mut etcd = Etcd::start();
+    let gw = on_etcd(&etcd, "127.0.0.1", &range());
+    let echo = Echo::start();
+    let a = Agent::start(
+        &here,
+        &gw,
+        Transport::Quic,
+        &[echo.tunnel("echo")],
+        true,
+        &[],
+    );
+    let port = a.wait_leased("echo", T).expect("lease");
+
+    etcd.kill();
+    assert_eq!(echo_through("127.0.0.1", port, b"still"), b"still");
+    let late = Agent::start(
+        &here,
+        &gw,
+        Transport::Quic,
+        &[echo.tunnel("echo")],
+        true,
+        &[],
+    );
+    let refused = late
+        .proc
+        .wait_for(|l| l.contains("refused the tunnel's lease"), T)
+        .expect("a new lease is refused while etcd is gone");
+    assert!(refused.contains("store_failed"), "{refused}");
+    assert!(
+        eventually(Duration::from_secs(5), || metric(
+            &gw.metrics(),
+            "relaygate_gateway_refusals_total{reason=\"store_unavailable\"}"
+        )
+        .is_some_and(|n| n >= 1.0)),
+        "counted as store_unavailable"
+    );
+    assert_eq!(echo_through("127.0.0.1", port, b"still"), b"still");
+
+    // Back: the gateway's client reconnects by itself.
+    etcd.restart();
+    let again = Agent::start(
+        &here,
+        &gw,
+        Transport::Quic,
+        &[echo.tunnel("echo")],
+        true,
+        &[],
+    );
+    let p = again
+        .wait_leased("echo", T)
+        .expect("a lease once etcd is back");
+    assert_ne!(p, port);
+}
+
+#[test]
+fn migrate_store_copies_an_embedded_gateways_leases_into_etcd() {
+    if !require_etcd("migrate_store_copies_an_embedded_gateways_leases_into_etcd") {
+        return;
+    }
+    let etcd = Etcd::start();
+    let r = range();
+    let data = tempfile::tempdir().expect("gateway dir");
+    let echo = Echo::start();
+    let embedded = Gateway::start(
+        &here,
+        GatewaySpec {
+            port_range: Some(r.clone()),
+            data_dir: Some(data.path().to_path_buf()),
+            ..Default::default()
+        },
+    );
+    // The last port of the range: not what a fresh store would pick first.
+    let last: u16 = r
+        .split('-')
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .expect("range");
+    let a = Agent::start(
+        &here,
+        &embedded,
+        Transport::Quic,
+        &[format!("echo={}@{last}", echo.addr)],
+        true,
+        &[],
+    );
+    assert_eq!(a.wait_leased("echo", T), Ok(last));
+    let identity = twin_dir(a.dir.path());
+    drop(a);
+    drop(embedded);
+
+    let out = std::process::Command::new(workspace_bin("relaygate-gateway"))
+        .arg("--data-dir")
+        .arg(data.path())
+        .args(["--set", "store.kind=etcd", "--set"])
+        .arg(format!("store.etcd.endpoints={}", etcd.endpoint()))
+        .arg("migrate-store")
+        .output()
+        .expect("migrate-store runs");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("1 of 1 leases copied"), "{said}");
+
+    // A gateway on etcd (another data dir) gives the agent its port back,
+    // though the agent no longer asks for it by number.
+    let fleet = on_etcd(&etcd, "127.0.0.1", &r);
+    let back = Agent::start_in(
+        &here,
+        &fleet,
+        Transport::Quic,
+        &[echo.tunnel("echo")],
+        true,
+        &[],
+        identity,
+    );
+    assert_eq!(back.wait_leased("echo", T), Ok(last));
+    assert_eq!(echo_through("127.0.0.1", last, b"moved"), b"moved");
+}
