@@ -104,6 +104,14 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         incoming,
         lanes: lane_conns,
     } = host::start(key.clone(), &cfg, metrics.clone(), guard.clone())?;
+    if cfg.store.kind == StoreKind::Etcd {
+        // The fleet's gateways share their bans through the same etcd.
+        let client = crate::store::connect_client(&cfg.store.etcd).await?;
+        let (outbox, changes) = tokio::sync::mpsc::unbounded_channel();
+        guard.share_with(outbox);
+        let shared = crate::fleet::bans::SharedBans::new(client, &cfg.store.etcd.prefix);
+        tokio::spawn(shared.run(guard.clone(), host.clone(), changes));
+    }
     let registry = Arc::new(AgentRegistry::default());
     let lanes = Arc::new(Lanes::new(
         &key,

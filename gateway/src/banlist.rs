@@ -50,6 +50,15 @@ impl BanList {
         }
     }
 
+    /// The ban on exactly `target`, in force or not.
+    pub fn get(&self, target: &BanTarget) -> Option<&BanView> {
+        match target {
+            BanTarget::Peer(p) => self.peers.get(p),
+            BanTarget::Net(n) => self.nets.get(n),
+        }
+        .map(|b| &b.view)
+    }
+
     pub fn covers_ip(&self, ip: IpAddr, now: Instant) -> bool {
         self.nets
             .cover(&IpNet::from(ip))

@@ -18,14 +18,15 @@ use std::{
 
 use governor::{DefaultKeyedRateLimiter, RateLimiter};
 use libp2p::PeerId;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
 
 use crate::banlist::{Ban, BanList};
 pub use crate::config::guard::{BanRequest, BanTarget, GuardConfig, Ipv6Prefix, Rate};
 use crate::metrics::Metrics;
 
 /// Where a ban came from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BanSource {
     Config,
@@ -44,14 +45,21 @@ impl BanSource {
     }
 }
 
-/// A ban as the admin API lists it.
-#[derive(Clone, Debug, Serialize)]
+/// A ban as the admin API lists it (and a fleet shares it through etcd).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BanView {
     pub target: BanTarget,
     pub reason: String,
     pub source: BanSource,
     /// Unix seconds; absent for a permanent ban.
     pub expires: Option<u64>,
+}
+
+/// A change of the ban list made on this gateway, for the fleet.
+#[derive(Clone, Debug, PartialEq)]
+pub enum BanChange {
+    Added(BanView),
+    Lifted(BanTarget),
 }
 
 /// What is being asked for.
@@ -109,6 +117,8 @@ pub struct Guard {
     peer_sources: Mutex<HashMap<PeerId, Vec<IpAddr>>>,
     /// When peers from each source were banned automatically, recently.
     banned_from: Mutex<HashMap<IpAddr, Vec<Instant>>>,
+    /// Where bans made here go to be shared with a fleet (etcd), if anywhere.
+    outbox: std::sync::OnceLock<mpsc::UnboundedSender<BanChange>>,
     metrics: Arc<Metrics>,
     overload: Arc<crate::overload::Overload>,
 }
@@ -136,6 +146,7 @@ impl Guard {
             violations: Mutex::default(),
             peer_sources: Mutex::default(),
             banned_from: Mutex::default(),
+            outbox: std::sync::OnceLock::new(),
             metrics,
             overload,
             cfg,
@@ -310,6 +321,7 @@ impl Guard {
                 source.as_str(),
             ))
             .inc();
+        self.share(BanChange::Added(view.clone()));
         // Automatic bans of peer ids come as fast as an attacker makes ids:
         // counted, and logged quietly; the rest are rare and worth a warning.
         if matches!(
@@ -325,10 +337,60 @@ impl Guard {
 
     /// Lifts the ban on `target`; false if there was none.
     pub fn unban(&self, target: &BanTarget) -> bool {
+        let lifted = self.lift(target);
+        self.share(BanChange::Lifted(target.clone()));
+        lifted
+    }
+
+    fn lift(&self, target: &BanTarget) -> bool {
         let mut bans = self.write_bans();
         let lifted = bans.remove(target);
         self.metrics.bans_active.set(bans.len() as i64);
         lifted
+    }
+
+    /// From now on, bans made and lifted here are also sent to `outbox` (a
+    /// fleet's shared list). Once only.
+    pub fn share_with(&self, outbox: mpsc::UnboundedSender<BanChange>) {
+        let _ = self.outbox.set(outbox);
+    }
+
+    fn share(&self, change: BanChange) {
+        if let Some(o) = self.outbox.get() {
+            let _ = o.send(change);
+        }
+    }
+
+    /// A ban made on another gateway of the fleet: applied here, not shared
+    /// again. An expiry already past is no ban.
+    pub fn apply_shared(&self, view: BanView) -> bool {
+        let until = match view.expires {
+            None => None,
+            Some(unix) => {
+                let now = SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                match unix.checked_sub(now) {
+                    Some(left) if left > 0 => {
+                        Instant::now().checked_add(std::time::Duration::from_secs(left))
+                    }
+                    _ => return false,
+                }
+            }
+        };
+        let mut bans = self.write_bans();
+        let known = bans.get(&view.target) == Some(&view);
+        if !known {
+            tracing::info!(target = %view.target, reason = %view.reason, "ban shared by the fleet");
+        }
+        bans.insert(Ban { view, until });
+        self.metrics.bans_active.set(bans.len() as i64);
+        !known
+    }
+
+    /// A ban lifted on another gateway (or expired in the fleet's list).
+    pub fn lift_shared(&self, target: &BanTarget) -> bool {
+        self.lift(target)
     }
 
     pub fn list(&self) -> Vec<BanView> {

@@ -14,6 +14,7 @@ pub mod circuit; // one relayed circuit: copy both ways, count, enforce Limit/id
 pub mod cli; // command line: flags, subcommands, config layering
 pub mod config; // the configuration model
 pub mod dialback; // doctor's dial-back: connect to an agent's own leased port from the gateway
+pub mod fleet; // what gateways sharing etcd share: the ban list
 pub mod gate; // the guard on libp2p connections: refuse by IP before the handshake, by peer after
 pub mod guard; // blacklist, per-IP / per-peer token buckets, automatic bans
 pub mod hop; // circuit relay v2 hop: RESERVE, CONNECT, STOP

@@ -7,14 +7,17 @@ use std::{
     io::{Read, Write},
     net::TcpStream,
     path::Path,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use relaygate_tests::{
     etcd::{require_etcd, Etcd},
     procs::free_tcp_range,
     procs::workspace_bin,
-    stack::{eventually, here, metric, Agent, Echo, Gateway, GatewaySpec, Transport},
+    stack::{
+        agent_peer_id, eventually, here, http_get, http_request, metric, Agent, Echo, Gateway,
+        GatewaySpec, Transport,
+    },
 };
 
 const T: Duration = Duration::from_secs(20);
@@ -53,11 +56,14 @@ fn twin_dir(of: &Path) -> tempfile::TempDir {
     dir
 }
 
+/// What comes back through `host:port`; nothing when it does not answer.
 fn echo_through(host: &str, port: u16, data: &[u8]) -> Vec<u8> {
-    let mut s = TcpStream::connect((host, port)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(data).unwrap();
-    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let Ok(mut s) = TcpStream::connect((host, port)) else {
+        return Vec::new();
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let _ = s.write_all(data);
+    let _ = s.shutdown(std::net::Shutdown::Write);
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out);
     out
@@ -298,4 +304,105 @@ fn migrate_store_copies_an_embedded_gateways_leases_into_etcd() {
     );
     assert_eq!(back.wait_leased("echo", T), Ok(last));
     assert_eq!(echo_through("127.0.0.1", last, b"moved"), b"moved");
+}
+
+#[test]
+fn a_ban_through_one_gateway_holds_on_the_others_within_a_second() {
+    if !require_etcd("a_ban_through_one_gateway_holds_on_the_others_within_a_second") {
+        return;
+    }
+    let etcd = Etcd::start();
+    let r = range();
+    let (gw1, gw2) = (
+        on_etcd(&etcd, "127.0.0.1", &r),
+        on_etcd(&etcd, "127.0.0.2", &r),
+    );
+    let echo = Echo::start();
+    let agent = Agent::start(
+        &here,
+        &gw2,
+        Transport::Quic,
+        &[echo.tunnel("echo")],
+        true,
+        &[],
+    );
+    let port = agent
+        .wait_leased("echo", T)
+        .expect("lease through gateway 2");
+    assert_eq!(echo_through("127.0.0.2", port, b"before"), b"before");
+    let id = agent_peer_id(agent.dir.path());
+
+    // Banned through gateway 1: gateway 2 holds it, and closes the agent.
+    let (code, body) = http_request(
+        gw1.admin,
+        "POST",
+        "/v1/blacklist",
+        &format!(r#"{{"target":"{id}","reason":"fleet test","ttl":"1h"}}"#),
+    );
+    assert_eq!(code, 201, "{body}");
+    let started = Instant::now();
+    assert!(
+        eventually(Duration::from_secs(5), || http_get(
+            gw2.admin,
+            "/v1/blacklist"
+        )
+        .1
+        .contains(&id)),
+        "gateway 2 holds the ban"
+    );
+    let took = started.elapsed();
+    eprintln!("a ban made on gateway 1 held on gateway 2 after {took:?}");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    agent
+        .proc
+        .wait_for(|l| l.contains("session ended"), T)
+        .expect("gateway 2 closed the banned agent's session");
+    assert!(
+        eventually(T, || echo_through("127.0.0.2", port, b"banned").is_empty()),
+        "its port answers no more"
+    );
+
+    // Lifted through gateway 1: the agent is back on gateway 2.
+    let (code, _) = http_request(
+        gw1.admin,
+        "DELETE",
+        &format!("/v1/blacklist?target={id}"),
+        "",
+    );
+    assert_eq!(code, 204);
+    assert!(
+        eventually(Duration::from_secs(5), || !http_get(
+            gw2.admin,
+            "/v1/blacklist"
+        )
+        .1
+        .contains(&id)),
+        "the lift holds on gateway 2"
+    );
+    assert!(
+        eventually(Duration::from_secs(30), || echo_through(
+            "127.0.0.2",
+            port,
+            b"back"
+        ) == b"back"),
+        "the agent is back through gateway 2"
+    );
+
+    // And the other way: a network banned through gateway 2 holds on gateway 1.
+    let (code, body) = http_request(
+        gw2.admin,
+        "POST",
+        "/v1/blacklist",
+        r#"{"target":"198.51.100.0/24","reason":"scanner"}"#,
+    );
+    assert_eq!(code, 201, "{body}");
+    assert!(
+        eventually(Duration::from_secs(1), || http_get(
+            gw1.admin,
+            "/v1/blacklist"
+        )
+        .1
+        .contains("198.51.100.0/24")),
+        "gateway 1 holds gateway 2's ban within a second"
+    );
 }

@@ -19,28 +19,8 @@ use relaygate_tests::{
 
 const LAB_NODE: &str = env!("CARGO_BIN_EXE_lab-node");
 
-/// A request with a body (the binaries' own client only does GET).
 fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
-    let Ok(mut s) = TcpStream::connect(addr) else {
-        return (0, String::new());
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    if s.write_all(req.as_bytes()).is_err() {
-        return (0, String::new());
-    }
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    let status = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
-    (status, body)
+    relaygate_tests::stack::http_request(addr, method, path, body)
 }
 
 fn dial(gw: &Gateway, seed: u8) -> bool {

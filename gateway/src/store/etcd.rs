@@ -32,47 +32,10 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
 }
 
 impl EtcdStore {
-    /// Connects to the endpoints (TLS when a CA is given; user and password
-    /// file when given).
+    /// Connects to the endpoints.
     pub async fn connect(cfg: &EtcdConfig) -> Result<Self, StoreError> {
-        if cfg.endpoints.is_empty() {
-            return Err(StoreError::Open {
-                path: "store.etcd.endpoints".into(),
-                message: "no endpoint: list etcd's client URLs (host:2379)".into(),
-            });
-        }
-        let read = |p: &std::path::Path| {
-            std::fs::read(p).map_err(|e| StoreError::Open {
-                path: p.display().to_string(),
-                message: e.to_string(),
-            })
-        };
-        let mut opts = ConnectOptions::new()
-            .with_timeout(cfg.timeout)
-            .with_connect_timeout(cfg.timeout);
-        if let Some(ca) = &cfg.ca {
-            let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(read(ca)?));
-            if let (Some(cert), Some(key)) = (&cfg.cert, &cfg.key) {
-                tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
-            }
-            opts = opts.with_tls(tls);
-        }
-        if let Some(user) = &cfg.user {
-            let Some(file) = &cfg.password_file else {
-                return Err(StoreError::Open {
-                    path: "store.etcd.password_file".into(),
-                    message: "store.etcd.user needs the password in a file".into(),
-                });
-            };
-            let password = String::from_utf8_lossy(&read(file)?).trim().to_string();
-            opts = opts.with_user(user.clone(), password);
-        }
-        let client = tokio::time::timeout(cfg.timeout, Client::connect(&cfg.endpoints, Some(opts)))
-            .await
-            .map_err(|_| unavailable(format!("no answer from {:?}", cfg.endpoints)))?
-            .map_err(|e| unavailable(format!("{:?}: {e}", cfg.endpoints)))?;
         Ok(Self {
-            client,
+            client: connect_client(cfg).await?,
             prefix: cfg.prefix.clone(),
             timeout: cfg.timeout,
             rt: Handle::current(),
@@ -118,6 +81,47 @@ impl EtcdStore {
             .and_then([TxnOp::delete(key, None)]);
         self.run(kv.txn(txn)).map(|_| ())
     }
+}
+
+/// A client for `cfg`'s endpoints (TLS when a CA is given; user and
+/// password file when given), shared by the lease store and the fleet.
+pub async fn connect_client(cfg: &EtcdConfig) -> Result<Client, StoreError> {
+    if cfg.endpoints.is_empty() {
+        return Err(StoreError::Open {
+            path: "store.etcd.endpoints".into(),
+            message: "no endpoint: list etcd's client URLs (host:2379)".into(),
+        });
+    }
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| StoreError::Open {
+            path: p.display().to_string(),
+            message: e.to_string(),
+        })
+    };
+    let mut opts = ConnectOptions::new()
+        .with_timeout(cfg.timeout)
+        .with_connect_timeout(cfg.timeout);
+    if let Some(ca) = &cfg.ca {
+        let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(read(ca)?));
+        if let (Some(cert), Some(key)) = (&cfg.cert, &cfg.key) {
+            tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        opts = opts.with_tls(tls);
+    }
+    if let Some(user) = &cfg.user {
+        let Some(file) = &cfg.password_file else {
+            return Err(StoreError::Open {
+                path: "store.etcd.password_file".into(),
+                message: "store.etcd.user needs the password in a file".into(),
+            });
+        };
+        let password = String::from_utf8_lossy(&read(file)?).trim().to_string();
+        opts = opts.with_user(user.clone(), password);
+    }
+    tokio::time::timeout(cfg.timeout, Client::connect(&cfg.endpoints, Some(opts)))
+        .await
+        .map_err(|_| unavailable(format!("no answer from {:?}", cfg.endpoints)))?
+        .map_err(|e| unavailable(format!("{:?}: {e}", cfg.endpoints)))
 }
 
 /// The compare that holds while `key` is as it was read.

@@ -13,7 +13,7 @@ mod embedded;
 mod etcd;
 
 pub use embedded::EmbeddedStore;
-pub use etcd::EtcdStore;
+pub use etcd::{connect_client, EtcdStore};
 
 /// One lease: this agent's tunnel owns this public port.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
