@@ -13,6 +13,7 @@ use relaygate_common::admin::{health_response, render_metrics};
 use serde::Deserialize;
 
 use crate::{
+    fleet::members::Fleet,
     guard::{BanRequest, BanSource, BanTarget, Guard},
     host::{HostHandle, HostState},
     metrics::Metrics,
@@ -27,6 +28,8 @@ pub struct AdminState {
     pub guard: Arc<Guard>,
     /// Closes the connections of a peer banned at runtime.
     pub disconnect: HostHandle,
+    /// The gateways of the fleet (this one alone with the embedded store).
+    pub fleet: Arc<Fleet>,
 }
 
 #[derive(Deserialize)]
@@ -67,6 +70,10 @@ pub fn router(state: AdminState) -> Router {
         .route(
             "/v1/agents",
             get(|State(s): State<AdminState>| async move { Json(s.registry.snapshot()) }),
+        )
+        .route(
+            "/v1/fleet",
+            get(|State(s): State<AdminState>| async move { Json(s.fleet.view()) }),
         )
         .with_state(state)
 }

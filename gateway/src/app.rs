@@ -19,6 +19,10 @@ use crate::{
     admission::{self, Admission},
     config::store::StoreKind,
     config::GatewayConfig,
+    fleet::{
+        bans::SharedBans,
+        members::{unix_now, Fleet, Member},
+    },
     guard::Guard,
     hop::{Hop, Members},
     host,
@@ -104,15 +108,25 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         incoming,
         lanes: lane_conns,
     } = host::start(key.clone(), &cfg, metrics.clone(), guard.clone())?;
+    let registry = Arc::new(AgentRegistry::default());
+    let fleet = Fleet::new(
+        describe(&cfg, peer_id, &registry, &host.state),
+        cfg.store.kind == StoreKind::Etcd,
+    );
     if cfg.store.kind == StoreKind::Etcd {
-        // The fleet's gateways share their bans through the same etcd.
-        let client = crate::store::connect_client(&cfg.store.etcd).await?;
+        // The fleet's gateways share their bans and records through the same etcd.
+        let etcd = &cfg.store.etcd;
+        let client = crate::store::connect_client(etcd).await?;
         let (outbox, changes) = tokio::sync::mpsc::unbounded_channel();
         guard.share_with(outbox);
-        let shared = crate::fleet::bans::SharedBans::new(client, &cfg.store.etcd.prefix);
+        let shared = SharedBans::new(client.clone(), &etcd.prefix);
         tokio::spawn(shared.run(guard.clone(), host.clone(), changes));
+        tokio::spawn(
+            fleet
+                .clone()
+                .run(client, etcd.prefix.clone(), etcd.member_ttl),
+        );
     }
-    let registry = Arc::new(AgentRegistry::default());
     let lanes = Arc::new(Lanes::new(
         &key,
         cfg.session.lanes,
@@ -208,6 +222,7 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         host: host.state.clone(),
         guard: guard.clone(),
         disconnect: host.clone(),
+        fleet: fleet.clone(),
     };
     let (admin_addr, admin_task) = relaygate_common::admin::serve(
         admin_listen,
@@ -307,6 +322,27 @@ async fn housekeeping(hop: Arc<Hop>, guard: Arc<Guard>) {
         hop.sweep();
         guard.housekeeping();
     }
+}
+
+/// This gateway's record in the fleet, as it is when asked.
+fn describe(
+    cfg: &GatewayConfig,
+    peer: libp2p::PeerId,
+    registry: &Arc<AgentRegistry>,
+    state: &Arc<host::HostState>,
+) -> Arc<dyn Fn() -> Member + Send + Sync> {
+    let (cfg, registry, state) = (cfg.clone(), registry.clone(), state.clone());
+    Arc::new(move || Member {
+        peer_id: peer.to_string(),
+        addresses: dial_addrs(&cfg, &state.listen_addrs(), &peer)
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+        lane_port: cfg.lane_port(),
+        ready: state.listeners_up(),
+        agents: registry.snapshot().into_iter().map(|a| a.peer_id).collect(),
+        updated: unix_now(),
+    })
 }
 
 /// Addresses an agent can dial: advertised ones, else the concrete listen addresses.

@@ -23,18 +23,26 @@ use relaygate_tests::{
 const T: Duration = Duration::from_secs(20);
 
 fn on_etcd(etcd: &Etcd, bind: &str, range: &str) -> Gateway {
+    on_etcd_with(etcd, bind, range, &[])
+}
+
+fn on_etcd_with(etcd: &Etcd, bind: &str, range: &str, more: &[&str]) -> Gateway {
+    let mut extra = vec![
+        "--set".to_string(),
+        "store.kind=etcd".into(),
+        "--set".into(),
+        format!("store.etcd.endpoints={}", etcd.endpoint()),
+    ];
+    for m in more {
+        extra.extend(["--set".to_string(), m.to_string()]);
+    }
     Gateway::start(
         &here,
         GatewaySpec {
             bind: bind.into(),
             public_ip: bind.into(),
             port_range: Some(range.into()),
-            extra: vec![
-                "--set".into(),
-                "store.kind=etcd".into(),
-                "--set".into(),
-                format!("store.etcd.endpoints={}", etcd.endpoint()),
-            ],
+            extra,
             ..Default::default()
         },
     )
@@ -404,5 +412,96 @@ fn a_ban_through_one_gateway_holds_on_the_others_within_a_second() {
         .1
         .contains("198.51.100.0/24")),
         "gateway 1 holds gateway 2's ban within a second"
+    );
+}
+
+/// The fleet's view (`/v1/fleet`): gateway peer ids, and the agents each holds.
+fn fleet(gw: &Gateway) -> Vec<(String, Vec<String>)> {
+    let body = http_get(gw.admin, "/v1/fleet").1;
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    v["gateways"]
+        .as_array()
+        .map(|gs| {
+            gs.iter()
+                .map(|g| {
+                    let agents = g["agents"]
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|x| x.as_str().map(String::from))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    (
+                        g["peer_id"].as_str().unwrap_or_default().to_string(),
+                        agents,
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn gateways_on_one_etcd_see_each_other_and_a_dead_one_leaves() {
+    if !require_etcd("gateways_on_one_etcd_see_each_other_and_a_dead_one_leaves") {
+        return;
+    }
+    let etcd = Etcd::start();
+    let r = range();
+    let ttl = ["store.etcd.member_ttl=3s"];
+    let gw1 = on_etcd_with(&etcd, "127.0.0.1", &r, &ttl);
+    let gw2 = on_etcd_with(&etcd, "127.0.0.2", &r, &ttl);
+    let mut gw3 = on_etcd_with(&etcd, "127.0.0.3", &r, &ttl);
+    let ids = |gw: &Gateway| fleet(gw).into_iter().map(|(id, _)| id).collect::<Vec<_>>();
+    assert!(
+        eventually(Duration::from_secs(10), || [&gw1, &gw2, &gw3]
+            .iter()
+            .all(|g| ids(g).len() == 3)),
+        "every gateway sees three: {:?}",
+        ids(&gw1)
+    );
+    for g in [&gw1, &gw2, &gw3] {
+        assert!(ids(&gw1).contains(&g.peer_id));
+    }
+
+    // An agent on gateway 2 shows in gateway 1's view.
+    let echo = Echo::start();
+    let agent = Agent::start(
+        &here,
+        &gw2,
+        Transport::Quic,
+        &[echo.tunnel("echo")],
+        true,
+        &[],
+    );
+    agent.wait_leased("echo", T).expect("lease");
+    let agent_id = agent_peer_id(agent.dir.path());
+    assert!(
+        eventually(Duration::from_secs(5), || fleet(&gw1).iter().any(
+            |(id, agents)| *id == gw2.peer_id && agents.contains(&agent_id)
+        )),
+        "gateway 1 sees the agent on gateway 2: {:?}",
+        fleet(&gw1)
+    );
+
+    // Gateway 3 dies: it leaves the others' view once its record's lease ends.
+    let killed = Instant::now();
+    gw3.proc.kill_hard();
+    assert!(
+        eventually(Duration::from_secs(10), || !ids(&gw1)
+            .contains(&gw3.peer_id)
+            && !ids(&gw2).contains(&gw3.peer_id)),
+        "the dead gateway left the view"
+    );
+    let gone = killed.elapsed();
+    eprintln!("a killed gateway left the fleet's view after {gone:?} (member_ttl 3s)");
+    assert!(gone < Duration::from_secs(7), "took {gone:?}");
+
+    // Back on the same data dir: the same peer id rejoins.
+    gw3.crash_and_restart(&here);
+    assert!(
+        eventually(Duration::from_secs(10), || ids(&gw1).contains(&gw3.peer_id)),
+        "the restarted gateway is back in the view"
     );
 }

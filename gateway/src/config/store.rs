@@ -42,6 +42,11 @@ pub struct EtcdConfig {
     /// How long one request may take before the store counts as unavailable.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// A gateway's record in the fleet lives this long without a refresh
+    /// (refreshed every third of it): how soon a dead gateway leaves the
+    /// fleet's view.
+    #[serde(with = "humantime_serde")]
+    pub member_ttl: Duration,
 }
 
 impl Default for EtcdConfig {
@@ -55,6 +60,7 @@ impl Default for EtcdConfig {
             user: None,
             password_file: None,
             timeout: Duration::from_secs(3),
+            member_ttl: Duration::from_secs(5),
         }
     }
 }

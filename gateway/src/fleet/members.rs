@@ -1,0 +1,185 @@
+//! Who is in the fleet. Each gateway keeps a record under `members/<peer id>`
+//! (its addresses, lane port, readiness and the agents it holds), attached
+//! to an etcd lease of `store.etcd.member_ttl` that it keeps alive and
+//! rewrites every third of it; a gateway that dies leaves the view when its
+//! lease ends. Every gateway watches the records. With the embedded store
+//! the fleet is this gateway alone. `/v1/fleet` shows the view.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, RwLock},
+    time::{Duration, SystemTime},
+};
+
+use etcd_client::{Client, EventType, GetOptions, PutOptions, WatchOptions};
+use serde::{Deserialize, Serialize};
+
+/// One gateway as the fleet sees it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Member {
+    pub peer_id: String,
+    /// Where agents dial it (`/p2p/` included).
+    pub addresses: Vec<String>,
+    pub lane_port: Option<u16>,
+    pub ready: bool,
+    /// Peer ids of the agents it holds a session with.
+    pub agents: Vec<String>,
+    /// When the record was written, Unix seconds.
+    pub updated: u64,
+}
+
+/// What `/v1/fleet` answers.
+#[derive(Serialize)]
+pub struct FleetView {
+    /// This gateway's peer id.
+    pub this: String,
+    /// `embedded` (a fleet of one) or `etcd`.
+    pub store: &'static str,
+    pub gateways: Vec<Member>,
+}
+
+type Describe = dyn Fn() -> Member + Send + Sync;
+
+pub struct Fleet {
+    describe: Arc<Describe>,
+    shared: bool,
+    others: RwLock<BTreeMap<String, Member>>,
+}
+
+/// Wait before registering again after etcd went away.
+const RETRY: Duration = Duration::from_secs(1);
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Fleet {
+    /// `describe` gives this gateway's record as it is now.
+    pub fn new(describe: Arc<Describe>, shared: bool) -> Arc<Self> {
+        Arc::new(Self {
+            describe,
+            shared,
+            others: RwLock::default(),
+        })
+    }
+
+    pub fn view(&self) -> FleetView {
+        let me = (self.describe)();
+        let mut gateways: Vec<Member> = self
+            .others
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|m| m.peer_id != me.peer_id)
+            .cloned()
+            .collect();
+        let this = me.peer_id.clone();
+        gateways.push(me);
+        gateways.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
+        FleetView {
+            this,
+            store: if self.shared { "etcd" } else { "embedded" },
+            gateways,
+        }
+    }
+
+    fn set(&self, all: BTreeMap<String, Member>) {
+        *self.others.write().unwrap_or_else(|e| e.into_inner()) = all;
+    }
+
+    fn put(&self, m: Member) {
+        self.others
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(m.peer_id.clone(), m);
+    }
+
+    fn remove(&self, peer_id: &str) {
+        self.others
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(peer_id);
+    }
+
+    /// Registers this gateway and follows the others, until the process ends.
+    pub async fn run(self: Arc<Self>, mut client: Client, prefix: String, ttl: Duration) {
+        let prefix = format!("{prefix}members/");
+        loop {
+            if let Err(e) = self.follow(&mut client, &prefix, ttl).await {
+                tracing::warn!(error = %e, "fleet membership: etcd unreachable; retrying");
+            }
+            tokio::time::sleep(RETRY).await;
+        }
+    }
+
+    async fn follow(
+        &self,
+        client: &mut Client,
+        prefix: &str,
+        ttl: Duration,
+    ) -> Result<(), etcd_client::Error> {
+        let secs = i64::try_from(ttl.as_secs().max(2)).unwrap_or(i64::MAX);
+        let lease = client.lease_grant(secs, None).await?.id();
+        let key = format!("{prefix}{}", (self.describe)().peer_id);
+        let record = || serde_json::to_vec(&(self.describe)()).unwrap_or_default();
+        let with_lease = || Some(PutOptions::new().with_lease(lease));
+        client.put(key.clone(), record(), with_lease()).await?;
+        let (mut keeper, mut acks) = client.lease_keep_alive(lease).await?;
+        let listed = client
+            .get(prefix, Some(GetOptions::new().with_prefix()))
+            .await?;
+        let revision = listed.header().map_or(0, |h| h.revision());
+        self.set(
+            listed
+                .kvs()
+                .iter()
+                .filter_map(|kv| serde_json::from_slice::<Member>(kv.value()).ok())
+                .map(|m| (m.peer_id.clone(), m))
+                .collect(),
+        );
+        let (_watcher, mut events) = client
+            .watch(
+                prefix,
+                Some(
+                    WatchOptions::new()
+                        .with_prefix()
+                        .with_start_revision(revision + 1),
+                ),
+            )
+            .await?;
+        let mut tick = tokio::time::interval(ttl / 3);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    keeper.keep_alive().await?;
+                    client.put(key.clone(), record(), with_lease()).await?;
+                }
+                ack = acks.message() => match ack? {
+                    Some(a) if a.ttl() > 0 => {}
+                    _ => return Ok(()), // the lease is gone: register again
+                },
+                message = events.message() => {
+                    let Some(resp) = message? else { return Ok(()) };
+                    for ev in resp.events() {
+                        let Some(kv) = ev.kv() else { continue };
+                        match ev.event_type() {
+                            EventType::Put => {
+                                if let Ok(m) = serde_json::from_slice::<Member>(kv.value()) {
+                                    self.put(m);
+                                }
+                            }
+                            EventType::Delete => {
+                                let k = String::from_utf8_lossy(kv.key());
+                                let id = k.trim_start_matches(prefix);
+                                tracing::info!(gateway = %id, "a gateway left the fleet");
+                                self.remove(id);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
