@@ -10,6 +10,9 @@ pub struct Etcd {
     dir: tempfile::TempDir,
     pub client_port: u16,
     peer_port: u16,
+    name: String,
+    /// `--initial-cluster`: every member's name and peer URL.
+    cluster: String,
 }
 
 /// Where `etcd` is, or None (the caller prints a loud SKIPPED line).
@@ -24,13 +27,58 @@ impl Etcd {
     pub fn start() -> Etcd {
         let dir = tempfile::tempdir().expect("etcd dir");
         let (client_port, peer_port) = (free_tcp_port(), free_tcp_port());
-        let proc = spawn(&dir, client_port, peer_port);
+        let cluster = format!("t=http://127.0.0.1:{peer_port}");
+        let proc = spawn(&dir, "t", client_port, peer_port, &cluster);
+        proc.wait_for(
+            |l| l.contains("ready to serve client requests"),
+            Duration::from_secs(20),
+        )
+        .expect("etcd up");
         Etcd {
             proc,
             dir,
             client_port,
             peer_port,
+            name: "t".into(),
+            cluster,
         }
+    }
+
+    /// A cluster of `n` members on loopback, each with its own data dir.
+    pub fn cluster(n: usize) -> Vec<Etcd> {
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_tcp_port(), free_tcp_port())).collect();
+        let cluster = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, p))| format!("m{i}=http://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let members: Vec<Etcd> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (c, p))| {
+                let dir = tempfile::tempdir().expect("etcd dir");
+                let name = format!("m{i}");
+                let proc = spawn(&dir, &name, *c, *p, &cluster);
+                Etcd {
+                    proc,
+                    dir,
+                    client_port: *c,
+                    peer_port: *p,
+                    name,
+                    cluster: cluster.clone(),
+                }
+            })
+            .collect();
+        for m in &members {
+            m.proc
+                .wait_for(
+                    |l| l.contains("ready to serve client requests"),
+                    Duration::from_secs(30),
+                )
+                .expect("etcd member up");
+        }
+        members
     }
 
     /// `127.0.0.1:<port>`, what `store.etcd.endpoints` takes.
@@ -46,11 +94,23 @@ impl Etcd {
     /// Starts it again on the same data and ports.
     pub fn restart(&mut self) {
         self.proc.kill_hard();
-        self.proc = spawn(&self.dir, self.client_port, self.peer_port);
+        self.proc = spawn(
+            &self.dir,
+            &self.name,
+            self.client_port,
+            self.peer_port,
+            &self.cluster,
+        );
+        self.proc
+            .wait_for(
+                |l| l.contains("ready to serve client requests"),
+                Duration::from_secs(20),
+            )
+            .expect("etcd up again");
     }
 }
 
-fn spawn(dir: &tempfile::TempDir, client: u16, peer: u16) -> Proc {
+fn spawn(dir: &tempfile::TempDir, name: &str, client: u16, peer: u16, cluster: &str) -> Proc {
     let bin = binary().expect("etcd installed (apt-get install etcd-server)");
     let mut cmd = Command::new(bin);
     let (c, p) = (
@@ -58,7 +118,7 @@ fn spawn(dir: &tempfile::TempDir, client: u16, peer: u16) -> Proc {
         format!("http://127.0.0.1:{peer}"),
     );
     cmd.arg("--name")
-        .arg("t")
+        .arg(name)
         .arg("--data-dir")
         .arg(dir.path().join("data"))
         .args(["--listen-client-urls", &c, "--advertise-client-urls", &c])
@@ -68,15 +128,9 @@ fn spawn(dir: &tempfile::TempDir, client: u16, peer: u16) -> Proc {
             "--initial-advertise-peer-urls",
             &p,
         ])
-        .args(["--initial-cluster", &format!("t={p}")])
+        .args(["--initial-cluster", cluster])
         .env("ETCD_UNSUPPORTED_ARCH", "arm64");
-    let proc = Proc::spawn("etcd", cmd);
-    proc.wait_for(
-        |l| l.contains("ready to serve client requests"),
-        Duration::from_secs(20),
-    )
-    .expect("etcd up");
-    proc
+    Proc::spawn(name, cmd)
 }
 
 /// True when etcd is installed. Otherwise prints a loud skip line and

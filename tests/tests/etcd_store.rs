@@ -505,3 +505,64 @@ fn gateways_on_one_etcd_see_each_other_and_a_dead_one_leaves() {
         "the restarted gateway is back in the view"
     );
 }
+
+#[test]
+fn a_three_member_etcd_losing_one_member_goes_unnoticed() {
+    if !require_etcd("a_three_member_etcd_losing_one_member_goes_unnoticed") {
+        return;
+    }
+    let mut members = Etcd::cluster(3);
+    let endpoints = members
+        .iter()
+        .map(|m| m.endpoint())
+        .collect::<Vec<_>>()
+        .join(",");
+    let gw = Gateway::start(
+        &here,
+        GatewaySpec {
+            port_range: Some(range()),
+            extra: vec![
+                "--set".into(),
+                "store.kind=etcd".into(),
+                "--set".into(),
+                format!("store.etcd.endpoints={endpoints}"),
+            ],
+            ..Default::default()
+        },
+    );
+    let echo = Echo::start();
+    let a = Agent::start(
+        &here,
+        &gw,
+        Transport::Quic,
+        &[echo.tunnel("echo")],
+        true,
+        &[],
+    );
+    let port = a.wait_leased("echo", T).expect("lease");
+    // The member the gateway most likely talks to first goes.
+    members[0].kill();
+    assert_eq!(echo_through("127.0.0.1", port, b"still"), b"still");
+    let b = Agent::start(
+        &here,
+        &gw,
+        Transport::Quic,
+        &[echo.tunnel("echo")],
+        true,
+        &[],
+    );
+    let pb = b
+        .wait_leased("echo", T)
+        .expect("a new lease with two members of three");
+    assert_ne!(pb, port);
+    assert_eq!(echo_through("127.0.0.1", pb, b"new"), b"new");
+    assert_eq!(
+        metric(
+            &gw.metrics(),
+            "relaygate_gateway_refusals_total{reason=\"store_unavailable\"}"
+        )
+        .unwrap_or(0.0),
+        0.0,
+        "no lease was refused"
+    );
+}

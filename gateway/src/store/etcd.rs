@@ -8,8 +8,8 @@
 use std::time::Duration;
 
 use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, TlsOptions, Txn,
-    TxnOp,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, KvClient,
+    TlsOptions, Txn, TxnOp,
 };
 use relaygate_common::names::LeasePort;
 use tokio::runtime::Handle;
@@ -19,6 +19,8 @@ use crate::config::store::EtcdConfig;
 
 /// Attempts of one claim when other gateways change the same keys meanwhile.
 const CLAIM_ATTEMPTS: usize = 8;
+/// Between attempts of a request that failed for a transient reason.
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
 
 pub struct EtcdStore {
     client: Client,
@@ -50,23 +52,33 @@ impl EtcdStore {
         format!("{}ports/{}", self.prefix, port.get())
     }
 
-    /// Runs `f` on the runtime with the request timeout.
-    fn run<T>(
-        &self,
-        f: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
-    ) -> Result<T, StoreError> {
+    /// Runs the request `f` makes on the runtime, again after transient
+    /// errors (a leader election: "leader changed", a member gone) until
+    /// `store.etcd.timeout` has passed.
+    fn run<T, Fut>(&self, mut f: impl FnMut(KvClient) -> Fut) -> Result<T, StoreError>
+    where
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.timeout;
         self.rt.block_on(async {
-            tokio::time::timeout(self.timeout, f)
-                .await
-                .map_err(|_| unavailable("no answer within store.etcd.timeout"))?
-                .map_err(unavailable)
+            loop {
+                let attempt = tokio::time::timeout_at(deadline, f(self.client.kv_client())).await;
+                match attempt {
+                    Ok(Ok(v)) => return Ok(v),
+                    Ok(Err(e)) if tokio::time::Instant::now() + RETRY_PAUSE < deadline => {
+                        tracing::debug!(error = %e, "etcd request failed; trying again");
+                        tokio::time::sleep(RETRY_PAUSE).await;
+                    }
+                    Ok(Err(e)) => return Err(unavailable(e)),
+                    Err(_) => return Err(unavailable("no answer within store.etcd.timeout")),
+                }
+            }
         })
     }
 
     /// A key's value and modification revision, if it exists.
     fn read(&self, key: &str) -> Result<Option<(Vec<u8>, i64)>, StoreError> {
-        let mut kv = self.client.kv_client();
-        let resp = self.run(kv.get(key, None))?;
+        let resp = self.run(|mut kv| async move { kv.get(key, None).await })?;
         Ok(resp
             .kvs()
             .first()
@@ -75,11 +87,14 @@ impl EtcdStore {
 
     /// Deletes `key` if it still holds `value`.
     fn delete_if(&self, key: String, value: String) -> Result<(), StoreError> {
-        let mut kv = self.client.kv_client();
         let txn = Txn::new()
             .when([Compare::value(key.clone(), CompareOp::Equal, value)])
             .and_then([TxnOp::delete(key, None)]);
-        self.run(kv.txn(txn)).map(|_| ())
+        self.run(|mut kv| {
+            let txn = txn.clone();
+            async move { kv.txn(txn).await }
+        })
+        .map(|_| ())
     }
 }
 
@@ -142,9 +157,11 @@ fn parse_port(v: &[u8]) -> Result<LeasePort, StoreError> {
 
 impl LeaseStore for EtcdStore {
     fn load(&self) -> Result<Vec<Lease>, StoreError> {
-        let mut kv = self.client.kv_client();
         let prefix = format!("{}leases/", self.prefix);
-        let resp = self.run(kv.get(prefix.clone(), Some(GetOptions::new().with_prefix())))?;
+        let resp = self.run(|mut kv| {
+            let prefix = prefix.clone();
+            async move { kv.get(prefix, Some(GetOptions::new().with_prefix())).await }
+        })?;
         resp.kvs()
             .iter()
             .map(|kv| {
@@ -176,14 +193,17 @@ impl LeaseStore for EtcdStore {
                     return Ok(Claim::Held(holder.parse()?));
                 }
             }
-            let mut kv = self.client.kv_client();
             let txn = Txn::new()
                 .when([unchanged(&lk, &held), unchanged(&pk, &owner)])
                 .and_then([
                     TxnOp::put(lk.clone(), lease.port.get().to_string(), None),
                     TxnOp::put(pk.clone(), me.clone(), None),
                 ]);
-            if self.run(kv.txn(txn))?.succeeded() {
+            let done = self.run(|mut kv| {
+                let txn = txn.clone();
+                async move { kv.txn(txn).await }
+            })?;
+            if done.succeeded() {
                 // The port it moved from, if still its own, is free again.
                 if let Some(prev) = previous.filter(|p| *p != lease.port) {
                     self.delete_if(self.port_key(prev), me)?;
