@@ -9,7 +9,7 @@ use rand::Rng;
 use relaygate_common::{
     names::Secret,
     protocol::{
-        read_control, write_control, ControlMessage, Hello, LeaseOutcome, RefusalCode,
+        read_control, write_control, ControlMessage, Hello, LeaseGrant, LeaseOutcome, RefusalCode,
         TunnelRequest, WireError, CONTROL_PROTOCOL, WIRE_VERSION,
     },
 };
@@ -27,6 +27,10 @@ use crate::{
 /// A session that lasted this long resets the backoff.
 const STABLE: Duration = Duration::from_secs(10);
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
+/// A tunnel refused for a passing reason is asked for again after this
+/// long, then twice as long each time, up to `LEASE_RETRY_MAX`.
+const LEASE_RETRY_FIRST: Duration = Duration::from_secs(2);
+const LEASE_RETRY_MAX: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -191,8 +195,9 @@ impl Session {
             self.host.reserve(relay).await;
         }
 
-        // Nothing more is expected on the control stream; its end is the
-        // session's end, and so is a failed keep-alive (whose close may hang).
+        // The control stream's end is the session's end, and so is a failed
+        // keep-alive (whose close may hang). Tunnels refused for a passing
+        // reason are asked for again, with backoff, where the gateway allows.
         let lost = self.host.gateway_lost();
         let lane = async {
             match &self.lane {
@@ -200,19 +205,48 @@ impl Session {
                 None => std::future::pending().await,
             }
         };
-        let read = tokio::select! {
-            r = read_control(&mut ctl) => r,
-            _ = lost => return Ok("gateway stopped answering keep-alives".into()),
-            () = lane => return Ok("lane keeper stopped".into()),
+        tokio::pin!(lost, lane);
+        let mut retry = if welcome.lease_retry {
+            self.to_retry(&welcome.leases)
+        } else {
+            Vec::new()
         };
-        Ok(match read {
-            Ok(m) => {
-                self.metrics.bad_input("unexpected_message");
-                format!("unexpected message {m:?}")
+        let mut backoff = LEASE_RETRY_FIRST;
+        let mut next = (!retry.is_empty()).then(|| tokio::time::Instant::now() + backoff);
+        loop {
+            let due = async {
+                match next {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let read = tokio::select! {
+                r = read_control(&mut ctl) => r,
+                () = due => {
+                    tracing::info!(tunnels = retry.len(), "asking the gateway again for refused tunnels");
+                    write_control(&mut ctl, &ControlMessage::Lease { tunnels: retry.clone() }).await?;
+                    next = None;
+                    continue;
+                }
+                _ = &mut lost => return Ok("gateway stopped answering keep-alives".into()),
+                () = &mut lane => return Ok("lane keeper stopped".into()),
+            };
+            match read {
+                Ok(ControlMessage::Leases { leases }) => {
+                    let granted = self.apply_grants(&welcome.public_hosts, &leases, &dialled, true);
+                    self.metrics.leases.inc_by(granted);
+                    retry = self.to_retry(&leases);
+                    backoff = (backoff * 2).min(LEASE_RETRY_MAX);
+                    next = (!retry.is_empty()).then(|| tokio::time::Instant::now() + backoff);
+                }
+                Ok(m) => {
+                    self.metrics.bad_input("unexpected_message");
+                    return Ok(format!("unexpected message {m:?}"));
+                }
+                Err(WireError::Truncated) => return Ok("gateway closed the session".into()),
+                Err(e) => return Ok(e.to_string()),
             }
-            Err(WireError::Truncated) => "gateway closed the session".into(),
-            Err(e) => e.to_string(),
-        })
+        }
     }
 
     async fn dial(&self) -> Result<Multiaddr, SessionError> {
@@ -241,10 +275,26 @@ impl Session {
 
     /// Records the leases and publishes each tunnel's advertised addresses.
     fn apply(&self, welcome: &relaygate_common::protocol::Welcome, dialled: &Multiaddr) {
-        let hosts = advertise::hosts(&welcome.public_hosts, dialled);
+        let leased = self.apply_grants(&welcome.public_hosts, &welcome.leases, dialled, false);
+        self.metrics.leases.set(leased);
+    }
+
+    /// Records what the gateway answered for each tunnel (only for the
+    /// tunnels `leases` names, when `only_named`); returns how many were granted.
+    fn apply_grants(
+        &self,
+        public_hosts: &[String],
+        leases: &[LeaseGrant],
+        dialled: &Multiaddr,
+        only_named: bool,
+    ) -> i64 {
+        let hosts = advertise::hosts(public_hosts, dialled);
         let mut leased = 0;
         for t in &self.tunnels {
-            let grant = welcome.leases.iter().find(|g| g.name == t.name);
+            let grant = leases.iter().find(|g| g.name == t.name);
+            if only_named && grant.is_none() {
+                continue;
+            }
             let mut status = TunnelStatus {
                 name: t.name.to_string(),
                 target: t.target.to_string(),
@@ -276,6 +326,21 @@ impl Session {
             }
             self.state.set_tunnel(&t.name, status);
         }
-        self.metrics.leases.set(leased);
+        leased
+    }
+
+    /// The tunnels refused for a passing reason, to ask for again.
+    fn to_retry(&self, leases: &[LeaseGrant]) -> Vec<TunnelRequest> {
+        leases
+            .iter()
+            .filter(
+                |g| matches!(&g.outcome, LeaseOutcome::Refused { code, .. } if code.is_transient()),
+            )
+            .filter_map(|g| self.tunnels.iter().find(|t| t.name == g.name))
+            .map(|t| TunnelRequest {
+                name: t.name.clone(),
+                port: t.port,
+            })
+            .collect()
     }
 }

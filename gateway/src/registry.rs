@@ -144,6 +144,25 @@ impl AgentRegistry {
         id
     }
 
+    /// Adds ports opened later in session `id` of `peer` (a lease asked
+    /// again); if that session is gone, they end with it.
+    pub fn add_tunnels(
+        &self,
+        peer: &PeerId,
+        id: u64,
+        tunnels: Vec<Arc<TunnelStats>>,
+        tasks: Vec<JoinHandle<()>>,
+    ) {
+        let mut m = self.lock();
+        match m.get_mut(peer).filter(|e| e.id == id) {
+            Some(e) => {
+                e.tunnels.extend(tunnels);
+                e.tasks.extend(tasks);
+            }
+            None => tasks.iter().for_each(JoinHandle::abort),
+        }
+    }
+
     /// Removes the session `id` of `peer` (not a newer one that replaced it).
     pub fn unregister(&self, peer: &PeerId, id: u64) -> bool {
         let mut m = self.lock();

@@ -29,6 +29,8 @@ use crate::{
 };
 
 /// An agent must say hello this soon after opening the control stream.
+/// The least time between two `Lease` requests of one session.
+const LEASE_RETRY_PACE: Duration = Duration::from_secs(1);
 /// An agent sends its hello as soon as the stream is open.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Control and dial-back streams one connection may have open at once: an
@@ -181,6 +183,107 @@ impl Sessions {
         let mut grants = self.leases.acquire(peer, &hello.tunnels).await;
         self.metrics.leases.set(self.leases.count() as i64);
         let cancel = CancellationToken::new();
+        let ports = self.open_ports(peer, connection, &mut grants).await;
+        let tunnels: Vec<_> = ports.iter().map(|p| p.stats.clone()).collect();
+        let n_ports = ports.len();
+        let tasks = ports
+            .into_iter()
+            .map(|p| tokio::spawn(p.serve(self.dataplane.clone(), cancel.clone())))
+            .collect();
+        let remote = self.host.state.remote_addr(&peer);
+        // Registered before the welcome: an agent reserves on the relay as soon as
+        // it is welcomed, and the relay asks the registry who is a member.
+        let id = self.registry.register(
+            peer,
+            NewSession {
+                remote: remote.clone(),
+                tunnels,
+                cancel: cancel.clone(),
+                tasks,
+            },
+        );
+        let welcome = Welcome {
+            version: WIRE_VERSION,
+            public_hosts: self.public_hosts.clone(),
+            leases: grants.clone(),
+            lane_port: self.lane_port,
+            lanes: self.lane_port.map(|_| self.lanes.get()),
+            lane_flow: self
+                .lane_port
+                .map(|_| relaygate_common::lane::LaneFlow::TUNED_VERSION),
+            lease_retry: true,
+        };
+        if let Err(e) = write_control(&mut ctl, &ControlMessage::Welcome(welcome)).await {
+            tracing::info!(%peer, error = %e, "agent left before welcome");
+            cancel.cancel();
+            self.registry.unregister(&peer, id);
+            return;
+        }
+        tracing::info!(
+            %peer, admitted = how, remote = remote.as_ref().map(|a| a.to_string()).unwrap_or_default(),
+            tunnels = %describe(&grants), "agent session up"
+        );
+        self.metrics.sessions_opened.inc();
+        self.metrics.sessions_active.inc();
+        self.metrics.tunnels_active.inc_by(n_ports as i64);
+
+        // The session lives as long as the control stream. On it the agent
+        // may ask again for tunnels refused for a passing reason.
+        let mut n_ports = n_ports;
+        let end = loop {
+            let msg = tokio::select! {
+                r = read_control(&mut ctl) => r,
+                _ = cancel.cancelled() => break "replaced by a new session".to_string(),
+            };
+            match msg {
+                Ok(ControlMessage::Lease { tunnels }) => {
+                    // Paced: an agent asks again every few seconds at most.
+                    tokio::time::sleep(LEASE_RETRY_PACE).await;
+                    let mut grants = self.leases.acquire(peer, &tunnels).await;
+                    self.metrics.leases.set(self.leases.count() as i64);
+                    let ports = self.open_ports(peer, connection, &mut grants).await;
+                    n_ports += ports.len();
+                    self.metrics.tunnels_active.inc_by(ports.len() as i64);
+                    let stats = ports.iter().map(|p| p.stats.clone()).collect();
+                    let tasks = ports
+                        .into_iter()
+                        .map(|p| tokio::spawn(p.serve(self.dataplane.clone(), cancel.clone())))
+                        .collect();
+                    self.registry.add_tunnels(&peer, id, stats, tasks);
+                    tracing::info!(%peer, tunnels = %describe(&grants), "leases asked again");
+                    let answer = ControlMessage::Leases { leases: grants };
+                    if let Err(e) = write_control(&mut ctl, &answer).await {
+                        break e.to_string();
+                    }
+                }
+                Ok(msg) => {
+                    self.metrics.bad_input("unexpected_message");
+                    self.host
+                        .violation(&self.guard, peer, "unexpected_message")
+                        .await;
+                    break format!("unexpected {msg:?}");
+                }
+                Err(WireError::Truncated) => break "agent closed the session".into(),
+                Err(e) => break e.to_string(),
+            }
+        };
+        cancel.cancel();
+        // Close, not drop: a dropped QUIC stream is reset and may lose what was written.
+        let _ = tokio::time::timeout(Duration::from_secs(1), ctl.shutdown()).await;
+        self.registry.unregister(&peer, id);
+        self.metrics.sessions_active.dec();
+        self.metrics.tunnels_active.dec_by(n_ports as i64);
+        tracing::info!(%peer, reason = %end, "agent session down; its public ports refuse connections until it returns");
+    }
+
+    /// Binds the granted ports (a port that cannot be bound becomes a
+    /// `bind_failed` refusal) and counts the refusals.
+    async fn open_ports(
+        &self,
+        peer: PeerId,
+        connection: ConnectionId,
+        grants: &mut [LeaseGrant],
+    ) -> Vec<PublicPort> {
         let mut ports = Vec::new();
         for g in grants.iter_mut() {
             match &g.outcome {
@@ -214,68 +317,7 @@ impl Sessions {
                 }
             }
         }
-        let tunnels: Vec<_> = ports.iter().map(|p| p.stats.clone()).collect();
-        let n_ports = ports.len();
-        let tasks = ports
-            .into_iter()
-            .map(|p| tokio::spawn(p.serve(self.dataplane.clone(), cancel.clone())))
-            .collect();
-        let remote = self.host.state.remote_addr(&peer);
-        // Registered before the welcome: an agent reserves on the relay as soon as
-        // it is welcomed, and the relay asks the registry who is a member.
-        let id = self.registry.register(
-            peer,
-            NewSession {
-                remote: remote.clone(),
-                tunnels,
-                cancel: cancel.clone(),
-                tasks,
-            },
-        );
-        let welcome = Welcome {
-            version: WIRE_VERSION,
-            public_hosts: self.public_hosts.clone(),
-            leases: grants.clone(),
-            lane_port: self.lane_port,
-            lanes: self.lane_port.map(|_| self.lanes.get()),
-            lane_flow: self
-                .lane_port
-                .map(|_| relaygate_common::lane::LaneFlow::TUNED_VERSION),
-        };
-        if let Err(e) = write_control(&mut ctl, &ControlMessage::Welcome(welcome)).await {
-            tracing::info!(%peer, error = %e, "agent left before welcome");
-            cancel.cancel();
-            self.registry.unregister(&peer, id);
-            return;
-        }
-        tracing::info!(
-            %peer, admitted = how, remote = remote.as_ref().map(|a| a.to_string()).unwrap_or_default(),
-            tunnels = %describe(&grants), "agent session up"
-        );
-        self.metrics.sessions_opened.inc();
-        self.metrics.sessions_active.inc();
-        self.metrics.tunnels_active.inc_by(n_ports as i64);
-
-        // The session lives as long as the control stream; nothing more is expected on it.
-        let end = tokio::select! {
-            r = read_control(&mut ctl) => match r {
-                Ok(msg) => {
-                    self.metrics.bad_input("unexpected_message");
-                    self.host.violation(&self.guard, peer, "unexpected_message").await;
-                    format!("unexpected {msg:?}")
-                }
-                Err(WireError::Truncated) => "agent closed the session".into(),
-                Err(e) => e.to_string(),
-            },
-            _ = cancel.cancelled() => "replaced by a new session".into(),
-        };
-        cancel.cancel();
-        // Close, not drop: a dropped QUIC stream is reset and may lose what was written.
-        let _ = tokio::time::timeout(Duration::from_secs(1), ctl.shutdown()).await;
-        self.registry.unregister(&peer, id);
-        self.metrics.sessions_active.dec();
-        self.metrics.tunnels_active.dec_by(n_ports as i64);
-        tracing::info!(%peer, reason = %end, "agent session down; its public ports refuse connections until it returns");
+        ports
     }
 
     /// Answers `Refused`; `bad` names the kind of bad input, when it was that.

@@ -217,6 +217,7 @@ impl FakeGateway {
                         continue;
                     }
                     let welcome = Welcome {
+                        lease_retry: false,
                         version: WIRE_VERSION,
                         public_hosts: vec![],
                         leases: vec![LeaseGrant {

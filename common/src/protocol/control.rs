@@ -23,6 +23,16 @@ pub enum ControlMessage {
         reachable: bool,
         detail: String,
     },
+    /// Sent by the agent after the welcome, to a gateway whose welcome said
+    /// `lease_retry`: asks again for tunnels refused for a passing reason
+    /// (the store was unavailable, a port could not be bound).
+    Lease {
+        tunnels: Vec<TunnelRequest>,
+    },
+    /// The gateway's answer to `Lease`.
+    Leases {
+        leases: Vec<LeaseGrant>,
+    },
 }
 
 /// First message of a session: who I am (the libp2p peer id says that), how I
@@ -81,6 +91,9 @@ pub struct Welcome {
     /// lanes' TLS server names.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lane_flow: Option<u8>,
+    /// The gateway answers `Lease` on the control stream after the welcome.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub lease_retry: bool,
 }
 
 // No deny_unknown_fields here: serde does not support it together with flatten.
@@ -118,6 +131,12 @@ pub enum LeaseRefusal {
 }
 
 impl LeaseRefusal {
+    /// Worth asking again later: the refusal was about the gateway's state
+    /// (its store, a port someone else bound), not about the request.
+    pub fn is_transient(self) -> bool {
+        matches!(self, Self::StoreFailed | Self::BindFailed)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::PortHeld => "port_held",
@@ -213,7 +232,16 @@ pub fn decode_control(body: &[u8]) -> Result<ControlMessage, WireError> {
         }
         ControlMessage::Welcome(w) => w.version,
         ControlMessage::Dialback { version, .. } => *version,
-        ControlMessage::Refused(_) | ControlMessage::DialbackResult { .. } => WIRE_VERSION,
+        ControlMessage::Lease { tunnels } if tunnels.len() > MAX_TUNNELS_PER_HELLO => {
+            return Err(WireError::Malformed(format!(
+                "{} tunnels in one lease request, at most {MAX_TUNNELS_PER_HELLO}",
+                tunnels.len()
+            )));
+        }
+        ControlMessage::Refused(_)
+        | ControlMessage::DialbackResult { .. }
+        | ControlMessage::Lease { .. }
+        | ControlMessage::Leases { .. } => WIRE_VERSION,
     };
     if version != WIRE_VERSION {
         return Err(WireError::Version(version));
