@@ -144,10 +144,26 @@ async fn control_frames_round_trip_and_reject_garbage() {
         lane_port: Some(4001),
         lanes: Some(4),
         lane_flow: Some(2),
+        lease_retry: true,
     });
     let mut buf = Vec::new();
     write_control(&mut buf, &welcome).await.unwrap();
     assert_eq!(read_control(&mut &buf[..]).await.unwrap(), welcome);
+    // Asked again after the welcome, and answered.
+    for msg in [
+        ControlMessage::Lease {
+            tunnels: vec![TunnelRequest {
+                name: "b".parse().unwrap(),
+                port: None,
+            }],
+        },
+        ControlMessage::Leases { leases: vec![] },
+    ] {
+        let mut buf = Vec::new();
+        write_control(&mut buf, &msg).await.unwrap();
+        assert_eq!(read_control(&mut &buf[..]).await.unwrap(), msg);
+    }
+    assert!(LeaseRefusal::StoreFailed.is_transient() && !LeaseRefusal::PortHeld.is_transient());
 
     let huge = (MAX_CONTROL_FRAME as u32 + 1).to_be_bytes();
     assert!(matches!(
