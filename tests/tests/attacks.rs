@@ -1,8 +1,10 @@
 //! Attacks on the pools an unauthenticated peer can reach (issue #15), each
 //! run while an honest agent moves real traffic through the same gateway:
-//! its round trips must all succeed, their p99 stay within twice the
-//! baseline (a 10 ms floor: loopback round trips take about a millisecond on
-//! this 2-core machine), and the attacker must be refused and counted.
+//! its round trips must all succeed (each within 5 s: a frozen path holds
+//! them for its idle timeout), their p99 stay within twice the baseline plus
+//! 50 ms (what a 2-core machine running gateway, agents, attacker and the
+//! test at once adds to one sample in a hundred: 10-22 ms seen under CI),
+//! and the attacker must be refused and counted.
 //!
 //! Two sources on one machine, as the gateway groups them (an IPv4
 //! address): the attacker comes from 127.0.0.1 (or 127.0.0.2-4 for raw
@@ -101,7 +103,7 @@ fn within_baseline(what: &str, base: Vec<Duration>, now: Vec<Duration>) {
     let (b, n) = (p99(base), p99(now));
     eprintln!("{what}: honest p99 {b:?} before, {n:?} during the attack");
     assert!(
-        n <= (b * 2).max(Duration::from_millis(10)),
+        n <= b * 2 + Duration::from_millis(50),
         "{what}: honest p99 {n:?} against {b:?} before"
     );
 }

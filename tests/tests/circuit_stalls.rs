@@ -167,10 +167,11 @@ fn a_stranger_that_stops_reading_its_circuits_cannot_freeze_a_members_connection
         worst_onset < Duration::from_secs(2),
         "a round trip at the onset took {worst_onset:?}"
     );
-    // Loopback round trips take about a millisecond; a 10 ms floor keeps the
-    // comparison about stalls, not scheduler noise on two cores.
+    // Loopback round trips take about a millisecond; 50 ms over twice the
+    // baseline keeps the comparison about stalls (seconds), not scheduler
+    // noise on two cores running everything at once.
     assert!(
-        attacked <= (base * 2).max(Duration::from_millis(10)),
+        attacked <= base * 2 + Duration::from_millis(50),
         "p99 {attacked:?} during the attack, {base:?} before"
     );
 }
