@@ -81,9 +81,11 @@ pub struct TunnelConfig {
     /// Public port wanted on the gateway; one from its range when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<LeasePort>,
-    /// The node's libp2p peer id, appended as `/p2p/...` to advertised addresses.
+    /// The node's libp2p peer id, appended as `/p2p/...` to advertised
+    /// addresses: a given id (checked against the node at each session) or
+    /// `auto` (learnt from the node at each session).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub node_peer_id: Option<PeerId>,
+    pub node_peer_id: Option<NodeId>,
     /// File that receives this tunnel's advertised addresses, one line, comma-separated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub advertise_file: Option<PathBuf>,
@@ -92,12 +94,53 @@ pub struct TunnelConfig {
     pub deliver: DeliveryMode,
 }
 
-/// `--tunnel NAME=HOST:PORT[@PUBLIC_PORT][,deliver=MODE][,node_peer_id=ID][,advertise_file=PATH]`
+/// Which peer id the node behind a tunnel has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeId {
+    /// Learnt from the node (a security handshake with it) at each session.
+    Auto,
+    /// Given; the agent checks at each session that the node holds it.
+    Given(PeerId),
+}
+
+impl NodeId {
+    pub fn given(self) -> Option<PeerId> {
+        match self {
+            NodeId::Given(p) => Some(p),
+            NodeId::Auto => None,
+        }
+    }
+}
+
+impl FromStr for NodeId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "auto" {
+            return Ok(NodeId::Auto);
+        }
+        s.parse()
+            .map(NodeId::Given)
+            .map_err(|_| format!("node_peer_id must be a peer id or \"auto\", got {s:?}"))
+    }
+}
+
+impl std::fmt::Display for NodeId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NodeId::Auto => f.write_str("auto"),
+            NodeId::Given(p) => write!(f, "{p}"),
+        }
+    }
+}
+
+relaygate_common::serde_via_str!(NodeId);
+
+/// `--tunnel NAME=HOST:PORT[@PUBLIC_PORT][,deliver=MODE][,node_peer_id=ID|auto][,advertise_file=PATH]`
 impl FromStr for TunnelConfig {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let usage = || {
-            format!("--tunnel expects NAME=HOST:PORT[@PUBLIC_PORT][,deliver=MODE][,node_peer_id=ID][,advertise_file=PATH], got {s:?}")
+            format!("--tunnel expects NAME=HOST:PORT[@PUBLIC_PORT][,deliver=MODE][,node_peer_id=ID|auto][,advertise_file=PATH], got {s:?}")
         };
         let mut parts = s.split(',');
         let head = parts.next().unwrap_or_default();
@@ -127,9 +170,7 @@ impl FromStr for TunnelConfig {
                         )
                         })?
                 }
-                "node_peer_id" => {
-                    t.node_peer_id = Some(v.parse().map_err(|_| format!("bad node_peer_id {v:?}"))?)
-                }
+                "node_peer_id" => t.node_peer_id = Some(v.parse()?),
                 "advertise_file" => t.advertise_file = Some(PathBuf::from(v)),
                 _ => return Err(usage()),
             }

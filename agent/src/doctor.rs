@@ -156,8 +156,11 @@ pub async fn run(cfg: &AgentConfig) -> anyhow::Result<bool> {
         for t in &v.tunnels {
             let Some(port) = t.port else { continue };
             let cfg_t = cfg.tunnels.iter().find(|c| c.name.as_str() == t.name);
-            let problems =
-                advertise_problems(&t.addresses, port, cfg_t.and_then(|c| c.node_peer_id));
+            let problems = advertise_problems(
+                &t.addresses,
+                port,
+                cfg_t.and_then(|c| c.node_peer_id.and_then(crate::config::NodeId::given)),
+            );
             if problems.is_empty() {
                 r.ok(&format!(
                     "tunnel {} advertises {}",

@@ -20,6 +20,7 @@ pub mod lane; // the lane to the gateway: TLS connection carrying tunnelled conn
 pub mod limits; // caps on connections the agent opens, idle timeout
 pub mod metrics; // Prometheus metrics
 pub mod paths; // connections to peers: relayed or direct, hole-punch records
+pub mod probe; // the node's own peer id, from a security handshake with it
 pub mod services; // services offered to peers: allow-list, target, PROXY v2 peer id
 pub mod session; // session with the gateway: dial, hello, leases, relay reservation, reconnect
 pub mod state; // current session and lease status

@@ -17,7 +17,7 @@ use tokio_util::{compat::FuturesAsyncReadCompatExt, sync::CancellationToken};
 
 use crate::{
     advertise,
-    config::{AgentConfig, TunnelConfig},
+    config::{AgentConfig, NodeId, TunnelConfig},
     host::HostHandle,
     lane::LaneDialer,
     metrics::Metrics,
@@ -31,6 +31,11 @@ const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
 /// long, then twice as long each time, up to `LEASE_RETRY_MAX`.
 const LEASE_RETRY_FIRST: Duration = Duration::from_secs(2);
 const LEASE_RETRY_MAX: Duration = Duration::from_secs(30);
+/// How long the node may take to answer the identity probe.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Per tunnel: the node's peer id to advertise, or why it is wrong.
+type Nodes = std::collections::HashMap<relaygate_common::names::TunnelName, Result<PeerId, String>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -185,7 +190,8 @@ impl Session {
         self.state.session_up(self.gateway, &dialled);
         self.metrics.sessions_opened.inc();
         self.metrics.sessions_active.set(1);
-        self.apply(&welcome, &dialled);
+        let nodes = self.probe_nodes().await;
+        self.apply(&welcome, &dialled, &nodes);
         if self.cfg.relay.enabled {
             // Every session reserves afresh: a reservation dies with its connection.
             let relay = match dialled.iter().last() {
@@ -233,7 +239,8 @@ impl Session {
             };
             match read {
                 Ok(ControlMessage::Leases { leases }) => {
-                    let granted = self.apply_grants(&welcome.public_hosts, &leases, &dialled, true);
+                    let granted =
+                        self.apply_grants(&welcome.public_hosts, &leases, &dialled, &nodes, true);
                     self.metrics.leases.inc_by(granted);
                     retry = self.to_retry(&leases);
                     backoff = (backoff * 2).min(LEASE_RETRY_MAX);
@@ -274,9 +281,59 @@ impl Session {
     }
 
     /// Records the leases and publishes each tunnel's advertised addresses.
-    fn apply(&self, welcome: &relaygate_common::protocol::Welcome, dialled: &Multiaddr) {
-        let leased = self.apply_grants(&welcome.public_hosts, &welcome.leases, dialled, false);
+    fn apply(
+        &self,
+        welcome: &relaygate_common::protocol::Welcome,
+        dialled: &Multiaddr,
+        nodes: &Nodes,
+    ) {
+        let leased = self.apply_grants(
+            &welcome.public_hosts,
+            &welcome.leases,
+            dialled,
+            nodes,
+            false,
+        );
         self.metrics.leases.set(leased);
+    }
+
+    /// Each tunnel's node identity for this session: learnt from the node
+    /// (`node_peer_id = "auto"`), or given and checked against the node. A
+    /// node that holds another id than the one given is an error on the
+    /// tunnel (its advertised addresses would not reach it).
+    async fn probe_nodes(&self) -> Nodes {
+        let mut nodes = Nodes::new();
+        for t in &self.tunnels {
+            let Some(wanted) = t.node_peer_id else {
+                continue;
+            };
+            let found = crate::probe::node_peer_id(&t.target, PROBE_TIMEOUT).await;
+            match (wanted, found) {
+                (NodeId::Auto, Ok(p)) => {
+                    tracing::info!(tunnel = %t.name, node = %p, "learnt the node's peer id");
+                    nodes.insert(t.name.clone(), Ok(p));
+                }
+                (NodeId::Auto, Err(e)) => {
+                    tracing::warn!(tunnel = %t.name, error = %e, "cannot learn the node's peer id; advertising without it");
+                }
+                (NodeId::Given(id), Ok(p)) if p == id => {
+                    nodes.insert(t.name.clone(), Ok(p));
+                }
+                (NodeId::Given(id), Ok(p)) => {
+                    let why = format!(
+                        "the node at {} holds peer id {p}, not the configured {id}; fix: set node_peer_id={p} (or auto), or point the tunnel at the node that holds {id}",
+                        t.target
+                    );
+                    tracing::error!(tunnel = %t.name, "{why}");
+                    nodes.insert(t.name.clone(), Err(why));
+                }
+                (NodeId::Given(id), Err(e)) => {
+                    tracing::warn!(tunnel = %t.name, error = %e, "cannot check the node's peer id; advertising the configured one");
+                    nodes.insert(t.name.clone(), Ok(id));
+                }
+            }
+        }
+        nodes
     }
 
     /// Records what the gateway answered for each tunnel (only for the
@@ -286,6 +343,7 @@ impl Session {
         public_hosts: &[String],
         leases: &[LeaseGrant],
         dialled: &Multiaddr,
+        nodes: &Nodes,
         only_named: bool,
     ) -> i64 {
         let hosts = advertise::hosts(public_hosts, dialled);
@@ -303,7 +361,15 @@ impl Session {
             match grant.map(|g| &g.outcome) {
                 Some(LeaseOutcome::Granted { port }) => {
                     leased += 1;
-                    let addrs = advertise::addresses(&hosts, *port, t.node_peer_id);
+                    let node = match nodes.get(&t.name) {
+                        Some(Ok(p)) => Some(*p),
+                        Some(Err(why)) => {
+                            status.error = Some(why.clone());
+                            t.node_peer_id.and_then(NodeId::given)
+                        }
+                        None => None,
+                    };
+                    let addrs = advertise::addresses(&hosts, *port, node);
                     status.port = Some(port.get());
                     status.addresses = addrs.iter().map(|a| a.to_string()).collect();
                     tracing::info!(

@@ -125,6 +125,9 @@ impl AgentState {
                         .map(|e| format!(": {e}"))
                         .unwrap_or_default()
                 ));
+            } else if let Some(e) = &t.error {
+                // Leased, but wrong (its node holds another peer id).
+                out.push(format!("tunnel {}: {e}", t.name));
             }
         }
         out
