@@ -25,7 +25,8 @@ fn node(seed: u8) -> (Proc, u16) {
         &seed.to_string(),
     ]);
     let p = Proc::spawn("node", cmd);
-    p.wait_for(|l| l.contains("\"listening\""), T).expect("node up");
+    p.wait_for(|l| l.contains("\"listening\""), T)
+        .expect("node up");
     (p, port)
 }
 
@@ -44,13 +45,19 @@ fn the_agent_learns_its_nodes_peer_id_and_catches_a_wrong_one() {
         &[],
     );
     auto.proc
-        .wait_for(|l| l.contains("learnt the node's peer id") && l.contains(&id), T)
+        .wait_for(
+            |l| l.contains("learnt the node's peer id") && l.contains(&id),
+            T,
+        )
         .expect("the agent learnt the node's id");
     let leased = auto
         .proc
         .wait_for(|l| l.contains("tunnel leased"), T)
         .expect("lease");
-    assert!(leased.contains(&format!("/p2p/{id}")), "advertised with the node's id: {leased}");
+    assert!(
+        leased.contains(&format!("/p2p/{id}")),
+        "advertised with the node's id: {leased}"
+    );
     let (_, advertise) = http_get(auto.admin, "/v1/advertise");
     assert!(advertise.contains(&format!("/p2p/{id}")), "{advertise}");
 
@@ -68,7 +75,10 @@ fn the_agent_learns_its_nodes_peer_id_and_catches_a_wrong_one() {
         .proc
         .wait_for(|l| l.contains("not the configured"), T)
         .expect("the mismatch is reported");
-    assert!(err.contains(&format!("fix: set node_peer_id={id}")), "{err}");
+    assert!(
+        err.contains(&format!("fix: set node_peer_id={id}")),
+        "{err}"
+    );
     assert!(
         relaygate_tests::stack::eventually(Duration::from_secs(10), || {
             let (code, body) = http_get(given.admin, "/health/ready");
@@ -90,6 +100,10 @@ fn the_agent_learns_its_nodes_peer_id_and_catches_a_wrong_one() {
         .proc
         .wait_for(|l| l.contains("tunnel leased"), T)
         .expect("lease");
-    assert!(right.proc.lines().iter().all(|l| !l.contains("not the configured")));
+    assert!(right
+        .proc
+        .lines()
+        .iter()
+        .all(|l| !l.contains("not the configured")));
     assert_eq!(http_get(right.admin, "/health/ready").0, 200);
 }
