@@ -170,6 +170,12 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         ),
         idle_timeout: cfg.limits.idle_timeout,
         stalls: stalls.clone(),
+        stalled_readers: metrics
+            .refusals
+            .get_or_create(&relaygate_common::metrics::ReasonLabels::new(
+                "stalled_reader",
+            ))
+            .clone(),
     });
     let sessions = Arc::new(Sessions {
         host: host.clone(),

@@ -9,9 +9,10 @@
 use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
 use libp2p::{swarm::ConnectionId, PeerId};
+use prometheus_client::metrics::counter::Counter;
 use relaygate_common::{
     lane::{self, LaneStream},
-    metrics::{ReasonLabels, Side},
+    metrics::Side,
     protocol::{StreamHeader, StreamStatus, TUNNEL_PROTOCOL},
     proxy::{self, Spoof, SpoofCheck},
     splice::{frames_to_raw, raw_to_frames, write_frames},
@@ -69,6 +70,8 @@ pub struct DataPlane {
     /// Session streams whose public client stopped reading hold the agent's
     /// QUIC connection window: only a share of them may at once.
     pub stalls: Arc<StallLedger>,
+    /// `refusals_total{reason="stalled_reader"}`, found once.
+    pub stalled_readers: Counter,
 }
 
 /// A bound public port of one tunnel.
@@ -411,14 +414,8 @@ impl Connection {
         let activity = relaygate_common::idle::Activity::new();
         let (tr, tw) = self.tcp.split();
         let mut tr = relaygate_common::idle::Watched::new(tr, activity.clone());
-        let stalled = self
-            .dp
-            .metrics
-            .refusals
-            .get_or_create(&ReasonLabels::new("stalled_reader"))
-            .clone();
         let tw = StallWriter::new(tw, self.dp.stalls.clone(), self.agent, Duration::ZERO)
-            .counting(stalled);
+            .counting(self.dp.stalled_readers.clone());
         let mut tw = relaygate_common::idle::Watched::new(tw, activity.clone());
         let (bytes_in, bytes_out, metrics) = (
             &self.stats.bytes_in,

@@ -63,10 +63,6 @@ impl StallLedger {
             .max(1)
     }
 
-    pub fn share(&self) -> usize {
-        self.share
-    }
-
     /// Records that a circuit cannot pass on what it read from `peer`, until
     /// the returned guard drops. Past the peer's share, the circuit stalled
     /// longest is told to end through its token.
@@ -97,6 +93,7 @@ impl StallLedger {
     }
 
     /// Circuits stalled on `peer` right now.
+    #[cfg(test)]
     pub fn stalled_on(&self, peer: &PeerId) -> usize {
         self.lock().by_peer.get(peer).map_or(0, Vec::len)
     }
@@ -135,15 +132,25 @@ pub struct StallWriter<W> {
     ledger: Arc<StallLedger>,
     peer: PeerId,
     timeout: Duration,
-    waiting: Option<Waiting>,
+    phase: Phase,
+    /// One timer for the writer's life, moved rather than made again: a bulk
+    /// transfer toward a slower reader waits on many writes.
+    clock: Option<Pin<Box<Sleep>>>,
     /// Counts the writes this writer ended.
     ended: Option<Counter>,
 }
 
-struct Waiting {
-    /// Until the grace ends, then until the timeout (none: never).
-    timer: Option<Pin<Box<Sleep>>>,
-    on_ledger: Option<(Stall, Pin<Box<WaitForCancellationFutureOwned>>)>,
+enum Phase {
+    /// The last write went through.
+    Writing,
+    /// A write is waiting, for less than the grace so far.
+    Waiting,
+    /// On the ledger; `timed`: the clock runs to the timeout.
+    Stalled {
+        _on_ledger: Stall,
+        ended: Pin<Box<WaitForCancellationFutureOwned>>,
+        timed: bool,
+    },
 }
 
 impl<W> StallWriter<W> {
@@ -153,7 +160,8 @@ impl<W> StallWriter<W> {
             ledger,
             peer,
             timeout,
-            waiting: None,
+            phase: Phase::Writing,
+            clock: None,
             ended: None,
         }
     }
@@ -164,11 +172,21 @@ impl<W> StallWriter<W> {
         self
     }
 
-    fn end(&self, why: &str) -> io::Error {
+    fn end(&mut self, why: &str) -> io::Error {
+        self.phase = Phase::Writing;
         if let Some(c) = &self.ended {
             c.inc();
         }
         io::Error::new(io::ErrorKind::TimedOut, format!("stalled: {why}"))
+    }
+
+    /// Sets the clock to ring `after` from now.
+    fn arm(&mut self, after: Duration) {
+        let at = tokio::time::Instant::now() + after;
+        match &mut self.clock {
+            Some(c) => c.as_mut().reset(at),
+            None => self.clock = Some(Box::pin(tokio::time::sleep_until(at))),
+        }
     }
 
     /// Passes a finished poll through; on a pending one, keeps the clock.
@@ -178,35 +196,42 @@ impl<W> StallWriter<W> {
         polled: Poll<io::Result<T>>,
     ) -> Poll<io::Result<T>> {
         if polled.is_ready() {
-            self.waiting = None;
+            self.phase = Phase::Writing;
             return polled;
         }
-        let w = self.waiting.get_or_insert_with(|| Waiting {
-            timer: Some(Box::pin(tokio::time::sleep(STALL_GRACE))),
-            on_ledger: None,
-        });
+        if matches!(self.phase, Phase::Writing) {
+            self.arm(STALL_GRACE);
+            self.phase = Phase::Waiting;
+        }
         loop {
-            if let Some((_, ended)) = &mut w.on_ledger {
-                if ended.as_mut().poll(cx).is_ready() {
-                    self.waiting = None;
-                    return Poll::Ready(Err(self.end("its peer has too many stalled")));
+            let timed = match &mut self.phase {
+                Phase::Stalled { ended, timed, .. } => {
+                    if ended.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Err(self.end("its peer has too many stalled")));
+                    }
+                    *timed
                 }
-            }
-            let Some(timer) = &mut w.timer else {
+                _ => true,
+            };
+            let Some(clock) = self.clock.as_mut().filter(|_| timed) else {
                 return Poll::Pending;
             };
-            if timer.as_mut().poll(cx).is_pending() {
+            if clock.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
-            if w.on_ledger.is_some() {
-                self.waiting = None;
+            if matches!(self.phase, Phase::Stalled { .. }) {
                 return Poll::Ready(Err(self.end("its reader stopped")));
             }
             let token = CancellationToken::new();
-            let stall = self.ledger.stalled(self.peer, token.clone());
-            w.on_ledger = Some((stall, Box::pin(token.cancelled_owned())));
-            w.timer = (!self.timeout.is_zero())
-                .then(|| Box::pin(tokio::time::sleep(self.timeout.saturating_sub(STALL_GRACE))));
+            let timed = !self.timeout.is_zero();
+            self.phase = Phase::Stalled {
+                _on_ledger: self.ledger.stalled(self.peer, token.clone()),
+                ended: Box::pin(token.cancelled_owned()),
+                timed,
+            };
+            if timed {
+                self.arm(self.timeout.saturating_sub(STALL_GRACE));
+            }
         }
     }
 }

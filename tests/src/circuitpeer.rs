@@ -4,18 +4,18 @@
 
 use std::time::Duration;
 
-use futures::StreamExt;
-use libp2p::{identity::Keypair, multiaddr::Protocol, swarm::SwarmEvent, Multiaddr, PeerId};
+use libp2p::{identity::Keypair, multiaddr::Protocol, Multiaddr, PeerId};
 use relaygate_common::{
     circuit::{
         read_message, write_message, HopMessage, HopType, Peer, Status, StopMessage, StopType,
         HOP_PROTOCOL, STOP_PROTOCOL,
     },
-    streams::{self, Control, Incoming},
-    transport::{self, SessionTuning},
+    streams::{Control, Incoming},
 };
 use tokio::sync::mpsc;
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
+
+use crate::rawpeer::dial_and_drive;
 
 /// A circuit's stream, as tokio I/O.
 pub type CircuitStream = Compat<libp2p::Stream>;
@@ -36,28 +36,7 @@ impl CircuitPeer {
             return Err("no /p2p in the relay address".into());
         };
         let id = key.public().to_peer_id();
-        let (behaviour, control, stops) = streams::new(vec![STOP_PROTOCOL], 64);
-        let mut swarm = transport::build_swarm(key, &SessionTuning::default(), None, |_| behaviour)
-            .map_err(|e| e.to_string())?;
-        swarm.dial(addr).map_err(|e| e.to_string())?;
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        tokio::spawn(async move {
-            let mut tx = Some(tx);
-            loop {
-                let outcome = match swarm.select_next_some().await {
-                    SwarmEvent::ConnectionEstablished { .. } => Ok(()),
-                    SwarmEvent::OutgoingConnectionError { error, .. } => Err(error.to_string()),
-                    _ => continue,
-                };
-                if let Some(t) = tx.take() {
-                    let _ = t.send(outcome);
-                }
-            }
-        });
-        tokio::time::timeout(Duration::from_secs(10), rx)
-            .await
-            .map_err(|_| "dial timed out".to_string())?
-            .map_err(|_| "swarm task died".to_string())??;
+        let (control, stops) = dial_and_drive(key, addr, vec![STOP_PROTOCOL], 64).await?;
         Ok(CircuitPeer {
             id,
             relay,

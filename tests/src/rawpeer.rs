@@ -31,39 +31,8 @@ impl RawPeer {
             .build()
             .map_err(|e| e.to_string())?;
         let control = rt.block_on(async {
-            let (behaviour, control, _incoming) = streams::new(vec![], 1);
-            let mut swarm = transport::build_swarm(
-                libp2p::identity::Keypair::generate_ed25519(),
-                &transport::SessionTuning::default(),
-                None,
-                |_| behaviour,
-            )
-            .map_err(|e| e.to_string())?;
-            swarm.dial(addr).map_err(|e| e.to_string())?;
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            tokio::spawn(async move {
-                let mut tx = Some(tx);
-                loop {
-                    match swarm.select_next_some().await {
-                        SwarmEvent::ConnectionEstablished { .. } => {
-                            if let Some(t) = tx.take() {
-                                let _ = t.send(Ok(()));
-                            }
-                        }
-                        SwarmEvent::OutgoingConnectionError { error, .. } => {
-                            if let Some(t) = tx.take() {
-                                let _ = t.send(Err(error.to_string()));
-                            }
-                        }
-                        _ => {}
-                    }
-                }
-            });
-            tokio::time::timeout(Duration::from_secs(10), rx)
-                .await
-                .map_err(|_| "dial timed out".to_string())?
-                .map_err(|_| "driver died".to_string())??;
-            Ok::<_, String>(control)
+            let key = libp2p::identity::Keypair::generate_ed25519();
+            dial_and_drive(key, addr, vec![], 1).await.map(|(c, _)| c)
         })?;
         Ok(RawPeer {
             rt,
@@ -120,20 +89,48 @@ impl RawPeer {
         });
         Held(streams)
     }
+}
 
-    /// Whether the gateway still has this peer's connection.
-    pub fn is_connected(&self) -> bool {
-        self.rt.block_on(async {
-            let open = self
-                .control
-                .open_stream(self.gateway, StreamProtocol::new("/relaygate/probe/0"));
-            // A protocol the gateway does not speak: refused if connected.
-            matches!(
-                tokio::time::timeout(Duration::from_secs(3), open).await,
-                Ok(Ok(_)) | Ok(Err(relaygate_common::streams::OpenError::Unsupported(_)))
-            )
-        })
-    }
+/// Builds a swarm of the streams behaviour (accepting `accept`), dials
+/// `addr`, and drives it on the current runtime once connected: the
+/// connection's control and its inbound streams.
+pub async fn dial_and_drive(
+    key: libp2p::identity::Keypair,
+    addr: Multiaddr,
+    accept: Vec<StreamProtocol>,
+    queue: usize,
+) -> Result<
+    (
+        streams::Control,
+        tokio::sync::mpsc::Receiver<streams::Incoming>,
+    ),
+    String,
+> {
+    let (behaviour, control, incoming) = streams::new(accept, queue);
+    let mut swarm = transport::build_swarm(key, &transport::SessionTuning::default(), None, |_| {
+        behaviour
+    })
+    .map_err(|e| e.to_string())?;
+    swarm.dial(addr).map_err(|e| e.to_string())?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let mut tx = Some(tx);
+        loop {
+            let outcome = match swarm.select_next_some().await {
+                SwarmEvent::ConnectionEstablished { .. } => Ok(()),
+                SwarmEvent::OutgoingConnectionError { error, .. } => Err(error.to_string()),
+                _ => continue,
+            };
+            if let Some(t) = tx.take() {
+                let _ = t.send(outcome);
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(10), rx)
+        .await
+        .map_err(|_| "dial timed out".to_string())?
+        .map_err(|_| "swarm task died".to_string())??;
+    Ok((control, incoming))
 }
 
 /// Streams kept open by [`RawPeer::hold`].

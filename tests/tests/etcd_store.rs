@@ -48,6 +48,15 @@ fn on_etcd_with(etcd: &Etcd, bind: &str, range: &str, more: &[&str]) -> Gateway 
     )
 }
 
+/// Two gateways on `etcd` with one port range, on 127.0.0.1 and 127.0.0.2
+/// (so both can bind the same leased port); and the range.
+fn two_gateways(etcd: &Etcd) -> (Gateway, Gateway, String) {
+    let r = range();
+    let gw1 = on_etcd(etcd, "127.0.0.1", &r);
+    let gw2 = on_etcd(etcd, "127.0.0.2", &r);
+    (gw1, gw2, r)
+}
+
 fn range() -> String {
     let p = free_tcp_range(10);
     format!("{p}-{}", p + 9)
@@ -83,11 +92,7 @@ fn a_tunnel_gets_one_port_from_every_gateway_on_the_store() {
         return;
     }
     let etcd = Etcd::start();
-    let r = range();
-    let (gw1, gw2) = (
-        on_etcd(&etcd, "127.0.0.1", &r),
-        on_etcd(&etcd, "127.0.0.2", &r),
-    );
+    let (gw1, gw2, _) = two_gateways(&etcd);
     let echo = Echo::start();
     let a1 = Agent::start(
         &here,
@@ -136,11 +141,7 @@ fn two_agents_racing_for_one_port_through_two_gateways_get_it_once() {
         return;
     }
     let etcd = Etcd::start();
-    let r = range();
-    let (gw1, gw2) = (
-        on_etcd(&etcd, "127.0.0.1", &r),
-        on_etcd(&etcd, "127.0.0.2", &r),
-    );
+    let (gw1, gw2, r) = two_gateways(&etcd);
     let echo = Echo::start();
     let first: u16 = r
         .split('-')
@@ -314,11 +315,7 @@ fn a_ban_through_one_gateway_holds_on_the_others_within_a_second() {
         return;
     }
     let etcd = Etcd::start();
-    let r = range();
-    let (gw1, gw2) = (
-        on_etcd(&etcd, "127.0.0.1", &r),
-        on_etcd(&etcd, "127.0.0.2", &r),
-    );
+    let (gw1, gw2, _) = two_gateways(&etcd);
     let echo = Echo::start();
     let agent = Agent::start(
         &here,
