@@ -8,6 +8,7 @@ use relaygate_common::{
     circuit::HOP_PROTOCOL,
     identity::{self, KeySource},
     names::Secret,
+    protocol::FORWARD_PROTOCOL,
     shutdown,
     streams::Incoming,
 };
@@ -21,7 +22,9 @@ use crate::{
     config::GatewayConfig,
     fleet::{
         bans::SharedBans,
+        forward::Forwarder,
         members::{unix_now, Fleet, Member},
+        ports::PortTable,
     },
     guard::Guard,
     hop::{Hop, Members},
@@ -121,11 +124,12 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         guard.share_with(outbox);
         let shared = SharedBans::new(client.clone(), &etcd.prefix);
         tokio::spawn(shared.run(guard.clone(), host.clone(), changes));
-        tokio::spawn(
-            fleet
-                .clone()
-                .run(client, etcd.prefix.clone(), etcd.member_ttl),
-        );
+        tokio::spawn(fleet.clone().run(
+            client,
+            etcd.prefix.clone(),
+            etcd.member_ttl,
+            registry.changes(),
+        ));
     }
     let lanes = Arc::new(Lanes::new(
         &key,
@@ -177,6 +181,7 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
             ))
             .clone(),
     });
+    let ports = Arc::new(PortTable::default());
     let sessions = Arc::new(Sessions {
         host: host.clone(),
         admission: Admission::new(
@@ -193,7 +198,23 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         bind: cfg.leases.bind,
         guard: guard.clone(),
         streams: crate::shares::PerKey::new(crate::session::STREAMS_PER_CONNECTION),
+        fleet: fleet.clone(),
+        fleet_hosts: cfg.fleet.hosts(),
+        ports: ports.clone(),
     });
+    let forwarder = (cfg.store.kind == StoreKind::Etcd && cfg.fleet.forward).then(|| {
+        Arc::new(Forwarder {
+            fleet: fleet.clone(),
+            registry: registry.clone(),
+            ports: ports.clone(),
+            dp: dataplane.clone(),
+            host: host.clone(),
+            bind: cfg.leases.bind,
+        })
+    });
+    if let Some(f) = &forwarder {
+        tokio::spawn(f.clone().run());
+    }
     let hop = Arc::new(Hop {
         key,
         cfg: cfg.relay.clone(),
@@ -217,7 +238,7 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         stalls,
     });
     let (to_sessions, session_streams) = mpsc::channel(1024);
-    tokio::spawn(route(incoming, to_sessions, hop.clone()));
+    tokio::spawn(route(incoming, to_sessions, hop.clone(), forwarder));
     tokio::spawn(sessions.run(session_streams));
     tokio::spawn(housekeeping(hop, guard.clone()));
 
@@ -290,9 +311,18 @@ async fn route(
     mut incoming: mpsc::Receiver<Incoming>,
     sessions: mpsc::Sender<Incoming>,
     hop: Arc<Hop>,
+    forwarder: Option<Arc<Forwarder>>,
 ) {
     while let Some(i) = incoming.recv().await {
-        if i.protocol == HOP_PROTOCOL {
+        if i.protocol == FORWARD_PROTOCOL {
+            // Taken only from the fleet's gateways (checked first thing).
+            match &forwarder {
+                Some(f) => {
+                    tokio::spawn(f.clone().inbound(i.peer, i.stream));
+                }
+                None => hop.guard.count_refusal("forward_off"),
+            }
+        } else if i.protocol == HOP_PROTOCOL {
             // Hop requests in their handshake are bounded; an open circuit
             // is counted by the circuit caps instead.
             let source = hop
@@ -347,6 +377,7 @@ fn describe(
         lane_port: cfg.lane_port(),
         ready: state.listeners_up(),
         agents: registry.snapshot().into_iter().map(|a| a.peer_id).collect(),
+        ports: registry.ports(),
         updated: unix_now(),
     })
 }

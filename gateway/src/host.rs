@@ -85,6 +85,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub enum Command {
     /// Drop every connection to a peer (refused agents).
     Disconnect(PeerId),
+    /// Connect to another gateway of the fleet, unless connected already.
+    Dial { peer: PeerId, addrs: Vec<Multiaddr> },
 }
 
 #[derive(Clone)]
@@ -150,6 +152,9 @@ pub fn start(
 ) -> Result<Started, HostError> {
     let ping_cfg = transport::ping_config(&cfg.session);
     let mut protocols = vec![CONTROL_PROTOCOL, DIALBACK_PROTOCOL];
+    if cfg.store.kind == crate::config::store::StoreKind::Etcd && cfg.fleet.forward {
+        protocols.push(relaygate_common::protocol::FORWARD_PROTOCOL);
+    }
     if cfg.relay.enabled {
         protocols.push(HOP_PROTOCOL);
     }
@@ -290,6 +295,15 @@ async fn drive(
         tokio::select! {
             cmd = commands.recv() => match cmd {
                 Some(Command::Disconnect(peer)) => { let _ = swarm.disconnect_peer_id(peer); }
+                Some(Command::Dial { peer, addrs }) => {
+                    let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
+                        .addresses(addrs)
+                        .condition(libp2p::swarm::dial_opts::PeerCondition::DisconnectedAndNotDialing)
+                        .build();
+                    if let Err(e) = swarm.dial(opts) {
+                        tracing::debug!(%peer, error = %e, "cannot dial a gateway of the fleet");
+                    }
+                }
                 None => return,
             },
             event = swarm.select_next_some() => match event {

@@ -14,7 +14,7 @@ pub mod circuit; // one relayed circuit: copy both ways, count, enforce Limit/id
 pub mod cli; // command line: flags, subcommands, config layering
 pub mod config; // the configuration model
 pub mod dialback; // doctor's dial-back: connect to an agent's own leased port from the gateway
-pub mod fleet; // what gateways sharing etcd share: the ban list
+pub mod fleet; // what gateways sharing etcd share: bans, membership, forwarding
 pub mod gate; // the guard on libp2p connections: refuse by IP before the handshake, by peer after
 pub mod guard; // blacklist, per-IP / per-peer token buckets, automatic bans
 pub mod hop; // circuit relay v2 hop: RESERVE, CONNECT, STOP
@@ -28,6 +28,7 @@ pub mod registry; // live sessions and per-tunnel counters
 pub mod reservations; // relay reservations and circuit slots, within the caps
 pub mod session; // control streams: admit, lease, bind, keep alive
 pub mod session_lane; // a lane on one session stream, for agents without a lane of their own
+pub mod session_stream; // the fallback data path: a public connection on a session stream
 pub mod shares; // per-source shares of pools: lane handshakes, leased-port connections
 pub mod stall; // circuits whose reader stopped: a share per peer, the oldest ends first
 pub mod store; // lease persistence: LeaseStore trait, embedded redb store

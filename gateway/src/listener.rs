@@ -13,16 +13,15 @@ use prometheus_client::metrics::counter::Counter;
 use relaygate_common::{
     lane::{self, LaneStream},
     metrics::Side,
-    protocol::{StreamHeader, StreamStatus, TUNNEL_PROTOCOL},
+    protocol::{StreamHeader, StreamStatus},
     proxy::{self, Spoof, SpoofCheck},
-    splice::{frames_to_raw, raw_to_frames, write_frames},
     transport::DataPath,
 };
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
 };
-use tokio_util::{compat::FuturesAsyncReadCompatExt, sync::CancellationToken, task::TaskTracker};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     config::ProxyPolicy,
@@ -32,11 +31,9 @@ use crate::{
     registry::TunnelStats,
     session_lane::SessionLanes,
     shares::{Share, Shares},
-    stall::{StallLedger, StallWriter},
+    stall::StallLedger,
 };
 
-/// How long the gateway waits for the agent to open a stream.
-const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the agent may take to connect to its target and answer.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a trusted balancer may take to send its PROXY header.
@@ -82,6 +79,8 @@ pub struct PublicPort {
     pub connection: ConnectionId,
     pub stats: Arc<TunnelStats>,
     pub listener: TcpListener,
+    /// The port is this session's, not the forwarder's, while this lives.
+    pub claim: crate::fleet::ports::LocalClaim,
 }
 
 pub async fn bind(ip: std::net::IpAddr, port: u16) -> io::Result<TcpListener> {
@@ -109,30 +108,7 @@ impl PublicPort {
                     continue;
                 }
             };
-            // The socket's peer is checked now; a balancer's client after its PROXY header.
-            let direct = !dp.proxy.trusts(source.ip());
-            if direct
-                && dp
-                    .guard
-                    .check_ip(source.ip(), Action::TunnelConnection)
-                    .is_err()
-            {
-                let _ = tcp.set_zero_linger();
-                continue;
-            }
-            // A balancer's client takes its share once its header names it.
-            let share = match direct.then(|| dp.sources.try_take(source.ip())) {
-                Some(None) => {
-                    dp.metrics.refuse("connections_per_source");
-                    let _ = tcp.set_zero_linger();
-                    continue;
-                }
-                Some(share) => share,
-                None => None,
-            };
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
-                dp.metrics.refuse("tunnel_connection_limit");
-                let _ = tcp.set_zero_linger();
+            let Some((share, slot)) = admit(&dp, &tcp, source, &slots) else {
                 continue;
             };
             let conn = Connection {
@@ -151,6 +127,75 @@ impl PublicPort {
     }
 }
 
+/// The checks a just-accepted connection passes before it gets a task: the
+/// guard (bans, rates) and its source's share, when its socket's peer is
+/// the client (a balancer's client is checked after its PROXY header), and
+/// a place under the port's connection limit. `None` resets it.
+pub(crate) fn admit(
+    dp: &DataPlane,
+    tcp: &TcpStream,
+    source: SocketAddr,
+    slots: &Arc<tokio::sync::Semaphore>,
+) -> Option<(Option<Share>, tokio::sync::OwnedSemaphorePermit)> {
+    let direct = !dp.proxy.trusts(source.ip());
+    if direct
+        && dp
+            .guard
+            .check_ip(source.ip(), Action::TunnelConnection)
+            .is_err()
+    {
+        let _ = tcp.set_zero_linger();
+        return None;
+    }
+    let share = match direct.then(|| dp.sources.try_take(source.ip())) {
+        Some(None) => {
+            dp.metrics.refuse("connections_per_source");
+            let _ = tcp.set_zero_linger();
+            return None;
+        }
+        Some(share) => share,
+        None => None,
+    };
+    let Ok(slot) = slots.clone().try_acquire_owned() else {
+        dp.metrics.refuse("tunnel_connection_limit");
+        let _ = tcp.set_zero_linger();
+        return None;
+    };
+    Some((share, slot))
+}
+
+/// Once the PROXY policy named the client: the guard and the client's
+/// share, for a client behind a trusted balancer (a direct one passed
+/// them at accept).
+pub(crate) fn settle(dp: &DataPlane, share: &mut Option<Share>, origin: &Origin) -> io::Result<()> {
+    if origin.untrusted {
+        return Ok(());
+    }
+    if dp
+        .guard
+        .check_ip(origin.source.ip(), Action::TunnelConnection)
+        .is_err()
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "source refused by the guard",
+        ));
+    }
+    if share.is_none() {
+        match dp.sources.try_take(origin.source.ip()) {
+            Some(s) => *share = Some(s),
+            None => {
+                dp.metrics.refuse("connections_per_source");
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    "the source holds its share of connections",
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 struct Connection {
     /// This connection's place under `max_connections_per_tunnel`.
     _slot: tokio::sync::OwnedSemaphorePermit,
@@ -166,13 +211,13 @@ struct Connection {
 }
 
 /// Who the connection is from, after the PROXY policy was applied.
-struct Origin {
-    source: SocketAddr,
-    destination: SocketAddr,
+pub struct Origin {
+    pub source: SocketAddr,
+    pub destination: SocketAddr,
     /// Bytes read past a PROXY header; they belong to the connection.
-    prefix: Vec<u8>,
+    pub prefix: Vec<u8>,
     /// An untrusted peer: a PROXY header in its first bytes is refused.
-    untrusted: bool,
+    pub untrusted: bool,
 }
 
 impl Connection {
@@ -185,40 +230,14 @@ impl Connection {
         self.stats.opened.inc();
         self.stats.active.inc();
         let _ = self.tcp.set_nodelay(true);
-        let result = match self.origin().await {
-            Ok(origin)
-                if !origin.untrusted
-                    && self
-                        .dp
-                        .guard
-                        .check_ip(origin.source.ip(), Action::TunnelConnection)
-                        .is_err() =>
-            {
-                Err(io::Error::new(
-                    io::ErrorKind::PermissionDenied,
-                    "source refused by the guard",
-                ))
-            }
-            Ok(origin) if self.share.is_none() && !origin.untrusted => {
-                match self.dp.sources.try_take(origin.source.ip()) {
-                    Some(share) => {
-                        self.share = Some(share);
-                        self.stats.saw(origin.source);
-                        self.forward(origin).await
-                    }
-                    None => {
-                        self.dp.metrics.refuse("connections_per_source");
-                        Err(io::Error::new(
-                            io::ErrorKind::PermissionDenied,
-                            "the source holds its share of connections",
-                        ))
-                    }
+        let result = match read_origin(&mut self.tcp, self.source, &self.dp).await {
+            Ok(origin) => match settle(&self.dp, &mut self.share, &origin) {
+                Ok(()) => {
+                    self.stats.saw(origin.source);
+                    self.forward(origin).await
                 }
-            }
-            Ok(origin) => {
-                self.stats.saw(origin.source);
-                self.forward(origin).await
-            }
+                Err(e) => Err(e),
+            },
             Err(e) => Err(e),
         };
         if let Err(e) = &result {
@@ -228,75 +247,6 @@ impl Connection {
         }
         active.dec();
         self.stats.active.dec();
-    }
-
-    async fn origin(&mut self) -> io::Result<Origin> {
-        let destination = proxy::canonical(self.tcp.local_addr()?);
-        let source = proxy::canonical(self.source);
-        let policy = &self.dp.proxy;
-        if !policy.trusts(source.ip()) {
-            // Always checked: a spoofed header must never reach a target that reads PROXY.
-            return Ok(Origin {
-                source,
-                destination,
-                prefix: Vec::new(),
-                untrusted: true,
-            });
-        }
-        let wait = if policy.required {
-            PROXY_TIMEOUT
-        } else {
-            PROXY_OPTIONAL_WAIT
-        };
-        let metrics = &self.dp.metrics;
-        // The buffer outlives a timeout: what a client sent before it gave
-        // up waiting for a header is the start of its stream, not lost.
-        let mut buf = Vec::new();
-        let mut read = tokio::time::timeout(
-            wait,
-            Box::pin(proxy::read_header_into(&mut self.tcp, &mut buf)),
-        )
-        .await;
-        if read.is_err() && !policy.required && !buf.is_empty() && proxy::looks_like_proxy(&buf) {
-            // A header under way: give it the whole header time.
-            read = tokio::time::timeout(
-                PROXY_TIMEOUT.saturating_sub(wait),
-                Box::pin(proxy::read_header_into(&mut self.tcp, &mut buf)),
-            )
-            .await;
-        }
-        match read {
-            Ok(Ok(Some(h))) => Ok(Origin {
-                source: h.source.map(proxy::canonical).unwrap_or(source),
-                destination: h.destination.map(proxy::canonical).unwrap_or(destination),
-                prefix: buf,
-                untrusted: false,
-            }),
-            Ok(Ok(None)) if !policy.required => Ok(Origin {
-                source,
-                destination,
-                prefix: buf,
-                untrusted: false,
-            }),
-            Err(_) if !policy.required && !proxy::looks_like_proxy(&buf) => Ok(Origin {
-                source,
-                destination,
-                prefix: buf,
-                untrusted: false,
-            }),
-            Ok(Ok(None)) | Err(_) => {
-                metrics.refuse("proxy_missing");
-                Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "PROXY header required from this peer",
-                ))
-            }
-            Ok(Err(e)) => {
-                metrics.refuse("proxy_malformed");
-                metrics.bad_input("proxy_header");
-                Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
-            }
-        }
     }
 
     /// Sends the stream header and any bytes read past a PROXY header.
@@ -380,86 +330,95 @@ impl Connection {
     }
 
     async fn forward_session(&mut self, origin: Origin) -> io::Result<()> {
-        let open = self
-            .dp
-            .control
-            .open_stream_on(self.agent, self.connection, TUNNEL_PROTOCOL);
-        let stream = match tokio::time::timeout(OPEN_TIMEOUT, open).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                self.dp.metrics.dial_failed("open_stream");
-                return Err(io::Error::other(e.to_string()));
-            }
-            Err(_) => {
-                self.dp.metrics.dial_failed("open_timeout");
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "agent did not accept a stream",
-                ));
-            }
-        };
-        let mut stream = stream.compat();
-        let header = StreamHeader {
-            tunnel: self.stats.name.clone(),
-            source: origin.source,
-            destination: origin.destination,
-        };
-        stream.write_all(&header.encode()).await?;
-        tracing::debug!(
-            source = %origin.source, peer = %self.source, tunnel = %self.stats.name, agent = %self.agent,
-            "public connection"
-        );
-
-        let (mut sr, mut sw) = tokio::io::split(stream);
-        let activity = relaygate_common::idle::Activity::new();
         let (tr, tw) = self.tcp.split();
-        let mut tr = relaygate_common::idle::Watched::new(tr, activity.clone());
-        let tw = StallWriter::new(tw, self.dp.stalls.clone(), self.agent, Duration::ZERO)
-            .counting(self.dp.stalled_readers.clone());
-        let mut tw = relaygate_common::idle::Watched::new(tw, activity.clone());
-        let (bytes_in, bytes_out, metrics) = (
-            &self.stats.bytes_in,
-            &self.stats.bytes_out,
-            &self.dp.metrics,
-        );
-        let mut check = SpoofCheck::default();
-        let mut done = check_spoof(&mut check, &origin.prefix, metrics)?;
-        let up = async move {
-            if !origin.prefix.is_empty() {
-                write_frames(&mut sw, &origin.prefix).await?;
-                bytes_in.inc_by(origin.prefix.len() as u64);
-            }
-            // Whoever the client is, its own bytes must not start a PROXY header.
-            let mut first = [0u8; 16];
-            while !done {
-                let n = tr.read(&mut first).await?;
-                if n == 0 {
-                    return raw_to_frames(&b""[..], sw, bytes_in).await;
-                }
-                done = check_spoof(&mut check, &first[..n], metrics)?;
-                write_frames(&mut sw, &first[..n]).await?;
-                bytes_in.inc_by(n as u64);
-            }
-            raw_to_frames(tr, sw, bytes_in).await
+        let to = crate::session_stream::Agent {
+            peer: self.agent,
+            connection: self.connection,
+            stats: &self.stats,
         };
-        let down = async move {
-            agent_status(&mut sr, metrics).await?;
-            frames_to_raw(sr, &mut tw, bytes_out).await
-        };
-        let idle = self.dp.idle_timeout;
-        tokio::select! {
-            r = async { tokio::try_join!(up, down) } => r.map(|_| ()),
-            _ = activity.idle(idle) => {
-                tracing::debug!(tunnel = %self.stats.name, ?idle, "public connection idle; closed");
-                Err(io::Error::new(io::ErrorKind::TimedOut, "idle"))
-            }
+        crate::session_stream::carry(&self.dp, to, origin, tr, tw).await
+    }
+}
+
+/// Who a connection is from: its socket's peer, or the client a trusted
+/// balancer's PROXY header names (policy `proxy_protocol`).
+pub(crate) async fn read_origin(
+    tcp: &mut TcpStream,
+    source: SocketAddr,
+    dp: &DataPlane,
+) -> io::Result<Origin> {
+    let destination = proxy::canonical(tcp.local_addr()?);
+    let source = proxy::canonical(source);
+    let policy = &dp.proxy;
+    if !policy.trusts(source.ip()) {
+        // Always checked: a spoofed header must never reach a target that reads PROXY.
+        return Ok(Origin {
+            source,
+            destination,
+            prefix: Vec::new(),
+            untrusted: true,
+        });
+    }
+    let wait = if policy.required {
+        PROXY_TIMEOUT
+    } else {
+        PROXY_OPTIONAL_WAIT
+    };
+    let metrics = &dp.metrics;
+    // The buffer outlives a timeout: what a client sent before it gave
+    // up waiting for a header is the start of its stream, not lost.
+    let mut buf = Vec::new();
+    let mut read =
+        tokio::time::timeout(wait, Box::pin(proxy::read_header_into(&mut *tcp, &mut buf))).await;
+    if read.is_err() && !policy.required && !buf.is_empty() && proxy::looks_like_proxy(&buf) {
+        // A header under way: give it the whole header time.
+        read = tokio::time::timeout(
+            PROXY_TIMEOUT.saturating_sub(wait),
+            Box::pin(proxy::read_header_into(&mut *tcp, &mut buf)),
+        )
+        .await;
+    }
+    match read {
+        Ok(Ok(Some(h))) => Ok(Origin {
+            source: h.source.map(proxy::canonical).unwrap_or(source),
+            destination: h.destination.map(proxy::canonical).unwrap_or(destination),
+            prefix: buf,
+            untrusted: false,
+        }),
+        Ok(Ok(None)) if !policy.required => Ok(Origin {
+            source,
+            destination,
+            prefix: buf,
+            untrusted: false,
+        }),
+        Err(_) if !policy.required && !proxy::looks_like_proxy(&buf) => Ok(Origin {
+            source,
+            destination,
+            prefix: buf,
+            untrusted: false,
+        }),
+        Ok(Ok(None)) | Err(_) => {
+            metrics.refuse("proxy_missing");
+            Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "PROXY header required from this peer",
+            ))
+        }
+        Ok(Err(e)) => {
+            metrics.refuse("proxy_malformed");
+            metrics.bad_input("proxy_header");
+            Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
         }
     }
 }
 
 /// Refuses a client's own PROXY header (counted as `proxy_untrusted`);
 /// `Ok(true)` once its bytes can no longer start one.
-fn check_spoof(check: &mut SpoofCheck, bytes: &[u8], metrics: &Metrics) -> io::Result<bool> {
+pub(crate) fn check_spoof(
+    check: &mut SpoofCheck,
+    bytes: &[u8],
+    metrics: &Metrics,
+) -> io::Result<bool> {
     match check.feed(bytes) {
         Spoof::Header => {
             metrics.refuse("proxy_untrusted");
@@ -475,7 +434,10 @@ fn check_spoof(check: &mut SpoofCheck, bytes: &[u8], metrics: &Metrics) -> io::R
 
 /// Reads the agent's status byte: `Ok` once it connected the target; any
 /// other answer is counted and becomes the error that resets the connection.
-async fn agent_status<R: AsyncRead + Unpin>(r: &mut R, metrics: &Metrics) -> io::Result<()> {
+pub(crate) async fn agent_status<R: AsyncRead + Unpin>(
+    r: &mut R,
+    metrics: &Metrics,
+) -> io::Result<()> {
     let status = tokio::time::timeout(STATUS_TIMEOUT, r.read_u8())
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "agent did not answer"))??;

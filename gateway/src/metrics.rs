@@ -18,6 +18,9 @@ pub struct Metrics {
     pub bans_added: Family<ReasonLabels, Counter>,
     /// 1 while memory is over `limits.max_memory` and new work is refused.
     pub memory_overloaded: Gauge,
+    /// Public connections carried between gateways of the fleet, by
+    /// direction: `out` (landed here, served by another), `in`.
+    pub forwarded: Family<ReasonLabels, Counter>,
 }
 
 /// Who a reservation belongs to, and so whether its circuits carry a Limit.
@@ -131,6 +134,12 @@ impl Metrics {
             "1 while resident memory is over limits.max_memory and new connections, circuits and reservations are refused",
             memory_overloaded.clone(),
         );
+        let forwarded = Family::<ReasonLabels, Counter>::default();
+        core.registry.register(
+            "forwarded_connections",
+            "Public connections carried to (out) or from (in) another gateway of the fleet",
+            forwarded.clone(),
+        );
         Self {
             core,
             tunnels_active,
@@ -138,6 +147,7 @@ impl Metrics {
             bans_active,
             bans_added,
             memory_overloaded,
+            forwarded,
         }
     }
 

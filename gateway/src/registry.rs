@@ -7,7 +7,7 @@ use std::{
     time::SystemTime,
 };
 
-use libp2p::{Multiaddr, PeerId};
+use libp2p::{swarm::ConnectionId, Multiaddr, PeerId};
 use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 use relaygate_common::names::{LeasePort, TunnelName};
 use serde::Serialize;
@@ -66,6 +66,7 @@ impl TunnelStats {
 
 struct Entry {
     id: u64,
+    connection: ConnectionId,
     since: SystemTime,
     remote: Option<Multiaddr>,
     tunnels: Vec<Arc<TunnelStats>>,
@@ -75,16 +76,37 @@ struct Entry {
 
 /// A session about to be registered.
 pub struct NewSession {
+    /// The session's connection: tunnel streams go there.
+    pub connection: ConnectionId,
     pub remote: Option<Multiaddr>,
     pub tunnels: Vec<Arc<TunnelStats>>,
     pub cancel: CancellationToken,
     pub tasks: Vec<JoinHandle<()>>,
 }
 
-#[derive(Default)]
 pub struct AgentRegistry {
     inner: Mutex<HashMap<PeerId, Entry>>,
     next_id: std::sync::atomic::AtomicU64,
+    /// Bumped whenever the set of sessions or their ports changes: the
+    /// fleet's forwarder follows it.
+    changed: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for AgentRegistry {
+    fn default() -> Self {
+        Self {
+            inner: Mutex::default(),
+            next_id: Default::default(),
+            changed: tokio::sync::watch::channel(0).0,
+        }
+    }
+}
+
+/// Where a public connection on a leased port goes: the agent's session.
+pub struct PortOwner {
+    pub agent: PeerId,
+    pub connection: ConnectionId,
+    pub stats: Arc<TunnelStats>,
 }
 
 #[derive(Serialize)]
@@ -118,6 +140,7 @@ impl AgentRegistry {
     pub async fn end(&self, peer: &PeerId) {
         let old = self.lock().remove(peer);
         if let Some(old) = old {
+            self.changed.send_modify(|n| *n += 1);
             old.cancel.cancel();
             for t in old.tasks {
                 let _ = t.await;
@@ -132,6 +155,7 @@ impl AgentRegistry {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let entry = Entry {
             id,
+            connection: s.connection,
             since: SystemTime::now(),
             remote: s.remote,
             tunnels: s.tunnels,
@@ -141,6 +165,7 @@ impl AgentRegistry {
         if let Some(old) = self.lock().insert(peer, entry) {
             old.cancel.cancel();
         }
+        self.changed.send_modify(|n| *n += 1);
         id
     }
 
@@ -158,9 +183,40 @@ impl AgentRegistry {
             Some(e) => {
                 e.tunnels.extend(tunnels);
                 e.tasks.extend(tasks);
+                self.changed.send_modify(|n| *n += 1);
             }
             None => tasks.iter().for_each(JoinHandle::abort),
         }
+    }
+
+    /// Follows changes of the sessions and their ports.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// The session serving leased `port`, if this gateway holds it.
+    pub fn port(&self, port: u16) -> Option<PortOwner> {
+        self.lock().iter().find_map(|(agent, e)| {
+            e.tunnels
+                .iter()
+                .find(|t| t.port.get() == port)
+                .map(|t| PortOwner {
+                    agent: *agent,
+                    connection: e.connection,
+                    stats: t.clone(),
+                })
+        })
+    }
+
+    /// Every leased port this gateway serves.
+    pub fn ports(&self) -> Vec<u16> {
+        let mut out: Vec<u16> = self
+            .lock()
+            .values()
+            .flat_map(|e| e.tunnels.iter().map(|t| t.port.get()))
+            .collect();
+        out.sort_unstable();
+        out
     }
 
     /// Removes the session `id` of `peer` (not a newer one that replaced it).
@@ -168,6 +224,7 @@ impl AgentRegistry {
         let mut m = self.lock();
         if m.get(peer).is_some_and(|e| e.id == id) {
             m.remove(peer);
+            self.changed.send_modify(|n| *n += 1);
             true
         } else {
             false

@@ -20,6 +20,7 @@ use tokio_util::{compat::FuturesAsyncReadCompatExt, sync::CancellationToken};
 use crate::{
     admission::Admission,
     dialback,
+    fleet::members::Fleet,
     guard::Guard,
     host::{Command, HostHandle},
     lease::Leases,
@@ -55,6 +56,12 @@ pub struct Sessions {
     pub guard: Arc<Guard>,
     /// Control and dial-back streams per connection ([`STREAMS_PER_CONNECTION`]).
     pub streams: crate::shares::PerKey<ConnectionId>,
+    /// The fleet's gateways, named to agents that follow the fleet.
+    pub fleet: Arc<Fleet>,
+    /// Host parts of `fleet.advertise`, sent to agents.
+    pub fleet_hosts: Vec<String>,
+    /// A leased port is taken from the fleet's forwarder before it is bound.
+    pub ports: Arc<crate::fleet::ports::PortTable>,
 }
 
 type Control = tokio_util::compat::Compat<Stream>;
@@ -196,6 +203,7 @@ impl Sessions {
         let id = self.registry.register(
             peer,
             NewSession {
+                connection,
                 remote: remote.clone(),
                 tunnels,
                 cancel: cancel.clone(),
@@ -212,7 +220,15 @@ impl Sessions {
                 .lane_port
                 .map(|_| relaygate_common::lane::LaneFlow::TUNED_VERSION),
             lease_retry: true,
+            fleet: if hello.fleet {
+                self.fleet.for_agents()
+            } else {
+                Vec::new()
+            },
+            fleet_hosts: self.fleet_hosts.clone(),
         };
+        let mut told = welcome.fleet.clone();
+        let mut fleet_changes = self.fleet.changes();
         if let Err(e) = write_control(&mut ctl, &ControlMessage::Welcome(welcome)).await {
             tracing::info!(%peer, error = %e, "agent left before welcome");
             cancel.cancel();
@@ -234,6 +250,17 @@ impl Sessions {
             let msg = tokio::select! {
                 r = read_control(&mut ctl) => r,
                 _ = cancel.cancelled() => break "replaced by a new session".to_string(),
+                Ok(()) = fleet_changes.changed(), if hello.fleet => {
+                    let now = self.fleet.for_agents();
+                    if now != told {
+                        told = now.clone();
+                        let update = ControlMessage::Fleet { gateways: now };
+                        if let Err(e) = write_control(&mut ctl, &update).await {
+                            break e.to_string();
+                        }
+                    }
+                    continue;
+                }
             };
             match msg {
                 Ok(ControlMessage::Lease { tunnels }) => {
@@ -287,30 +314,33 @@ impl Sessions {
         let mut ports = Vec::new();
         for g in grants.iter_mut() {
             match &g.outcome {
-                LeaseOutcome::Granted { port } => match listener::bind(self.bind, port.get()).await
-                {
-                    Ok(l) => {
-                        let stats = Arc::new(TunnelStats::new(
-                            &self.metrics,
-                            &peer,
-                            g.name.clone(),
-                            *port,
-                        ));
-                        ports.push(PublicPort {
-                            agent: peer,
-                            connection,
-                            stats,
-                            listener: l,
-                        });
+                LeaseOutcome::Granted { port } => {
+                    let claim = self.ports.claim(port.get()).await;
+                    match listener::bind(self.bind, port.get()).await {
+                        Ok(l) => {
+                            let stats = Arc::new(TunnelStats::new(
+                                &self.metrics,
+                                &peer,
+                                g.name.clone(),
+                                *port,
+                            ));
+                            ports.push(PublicPort {
+                                agent: peer,
+                                connection,
+                                stats,
+                                listener: l,
+                                claim,
+                            });
+                        }
+                        Err(e) => {
+                            tracing::error!(%peer, tunnel = %g.name, %port, error = %e, "cannot bind leased port");
+                            g.outcome = LeaseOutcome::Refused {
+                                code: LeaseRefusal::BindFailed,
+                                message: format!("gateway cannot bind port {port}: {e}"),
+                            };
+                        }
                     }
-                    Err(e) => {
-                        tracing::error!(%peer, tunnel = %g.name, %port, error = %e, "cannot bind leased port");
-                        g.outcome = LeaseOutcome::Refused {
-                            code: LeaseRefusal::BindFailed,
-                            message: format!("gateway cannot bind port {port}: {e}"),
-                        };
-                    }
-                },
+                }
                 LeaseOutcome::Refused { code, message } => {
                     self.metrics.refuse(code.as_str());
                     tracing::warn!(%peer, tunnel = %g.name, code = code.as_str(), %message, "lease refused");

@@ -224,6 +224,8 @@ impl FakeGateway {
                         lane_port: None,
                         lanes: None,
                         lane_flow: None,
+                        fleet: vec![],
+                        fleet_hosts: vec![],
                     };
                     let _ = write_control(&mut s, &ControlMessage::Welcome(welcome)).await;
                     let _ = tx.send(Some(inc.peer));

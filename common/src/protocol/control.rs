@@ -33,6 +33,28 @@ pub enum ControlMessage {
     Leases {
         leases: Vec<LeaseGrant>,
     },
+    /// From the gateway, to an agent whose hello said `fleet`: the fleet's
+    /// gateways changed (one joined, left or moved); the whole list again.
+    Fleet {
+        gateways: Vec<FleetGateway>,
+    },
+    /// First frame of a [`super::FORWARD_PROTOCOL`] stream, from a gateway of
+    /// the fleet: a public connection that arrived on `port` at that gateway,
+    /// from `source`; its bytes follow raw.
+    Forward {
+        port: LeasePort,
+        source: std::net::SocketAddr,
+        destination: std::net::SocketAddr,
+    },
+}
+
+/// A gateway of the fleet, as the welcome and `Fleet` name it. Strings on
+/// the wire: the agent parses them and skips (and counts) what it cannot.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FleetGateway {
+    pub peer_id: String,
+    /// Where agents dial it, each ending in `/p2p/<peer_id>`.
+    pub addresses: Vec<String>,
 }
 
 /// First message of a session: who I am (the libp2p peer id says that), how I
@@ -46,6 +68,10 @@ pub struct Hello {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
     pub tunnels: Vec<TunnelRequest>,
+    /// The agent follows the fleet: the gateway names its gateways in the
+    /// welcome and sends `Fleet` when they change.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fleet: bool,
 }
 
 impl std::fmt::Debug for Hello {
@@ -54,6 +80,7 @@ impl std::fmt::Debug for Hello {
             .field("version", &self.version)
             .field("token", &self.token.as_ref().map(|_| crate::names::MASK))
             .field("tunnels", &self.tunnels)
+            .field("fleet", &self.fleet)
             .finish()
     }
 }
@@ -94,6 +121,14 @@ pub struct Welcome {
     /// The gateway answers `Lease` on the control stream after the welcome.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub lease_retry: bool,
+    /// The fleet's gateways, this one included, for an agent that follows
+    /// the fleet (empty otherwise, and for a gateway alone).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fleet: Vec<FleetGateway>,
+    /// Host parts of a name that resolves to every gateway of the fleet
+    /// (`fleet.advertise`), advertised before each gateway's own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fleet_hosts: Vec<String>,
 }
 
 // No deny_unknown_fields here: serde does not support it together with flatten.
@@ -241,7 +276,9 @@ pub fn decode_control(body: &[u8]) -> Result<ControlMessage, WireError> {
         ControlMessage::Refused(_)
         | ControlMessage::DialbackResult { .. }
         | ControlMessage::Lease { .. }
-        | ControlMessage::Leases { .. } => WIRE_VERSION,
+        | ControlMessage::Leases { .. }
+        | ControlMessage::Fleet { .. }
+        | ControlMessage::Forward { .. } => WIRE_VERSION,
     };
     if version != WIRE_VERSION {
         return Err(WireError::Version(version));

@@ -17,6 +17,9 @@
 //!   named service (over the relay or a hole-punched connection). It starts with a
 //!   [`ServiceRequest`]; the offering agent answers one [`StreamStatus`] byte, and
 //!   then the stream carries framed bytes like a tunnel stream.
+//! * [`FORWARD_PROTOCOL`]: between two gateways of a fleet, for a public
+//!   connection that landed on one without a session to its agent: a
+//!   `Forward` control frame (port, source, destination), then raw bytes.
 
 use std::io;
 
@@ -42,6 +45,10 @@ pub const LANE_PROTOCOL: StreamProtocol = StreamProtocol::new("/relaygate/lane/1
 pub const LANE_SECRET_LEN: usize = 32;
 
 /// A visitor's stream to a service offered by another agent.
+/// Opened by a gateway of the fleet toward another that holds a session
+/// with the agent a public connection is for: a `Forward` frame, then the
+/// connection's bytes. Accepted only from the fleet's members.
+pub const FORWARD_PROTOCOL: StreamProtocol = StreamProtocol::new("/relaygate/forward/1");
 pub const SERVICE_PROTOCOL: StreamProtocol = StreamProtocol::new("/relaygate/service/1");
 
 /// Version carried in `Hello`/`Welcome` and in every stream header.

@@ -40,6 +40,7 @@ fn a_logged_hello_hides_its_token() {
         version: WIRE_VERSION,
         token: Some("rgt_supersecret".into()),
         tunnels: vec![],
+        fleet: true,
     });
     let shown = format!("{hello:?}");
     assert!(
@@ -107,6 +108,7 @@ async fn bad_headers_are_refused() {
 async fn control_frames_round_trip_and_reject_garbage() {
     let hello = ControlMessage::Hello(Hello {
         version: WIRE_VERSION,
+        fleet: false,
         token: Some("t".into()),
         tunnels: vec![TunnelRequest {
             name: "node".parse().unwrap(),
@@ -124,6 +126,11 @@ async fn control_frames_round_trip_and_reject_garbage() {
     ));
 
     let welcome = ControlMessage::Welcome(Welcome {
+        fleet: vec![FleetGateway {
+            peer_id: "12D3KooWexample".into(),
+            addresses: vec!["/ip4/203.0.113.7/udp/4001/quic-v1/p2p/12D3KooWexample".into()],
+        }],
+        fleet_hosts: vec![],
         version: WIRE_VERSION,
         public_hosts: vec!["/dns4/gw.example.com".into()],
         leases: vec![

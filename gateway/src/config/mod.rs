@@ -14,6 +14,7 @@ use relaygate_common::{
 };
 use serde::{Deserialize, Serialize};
 
+pub mod fleet;
 pub mod guard;
 pub mod store;
 
@@ -35,6 +36,8 @@ pub struct GatewayConfig {
     pub leases: LeaseConfig,
     /// Where leases are kept: embedded (one gateway) or etcd (a fleet).
     pub store: store::StoreConfig,
+    /// With `store.kind = "etcd"`: the fleet's shared name, and forwarding.
+    pub fleet: fleet::FleetConfig,
     pub proxy_protocol: ProxyPolicy,
     pub relay: RelayConfig,
     pub autonat: AutonatConfig,
@@ -290,6 +293,7 @@ impl Default for GatewayConfig {
             admission: AdmissionConfig::default(),
             leases: LeaseConfig::default(),
             store: store::StoreConfig::default(),
+            fleet: fleet::FleetConfig::default(),
             proxy_protocol: ProxyPolicy::default(),
             relay: RelayConfig::default(),
             autonat: AutonatConfig::default(),

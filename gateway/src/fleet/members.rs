@@ -12,7 +12,10 @@ use std::{
 };
 
 use etcd_client::{Client, EventType, GetOptions, PutOptions, WatchOptions};
+use libp2p::{Multiaddr, PeerId};
+use relaygate_common::protocol::FleetGateway;
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
 /// One gateway as the fleet sees it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -24,6 +27,10 @@ pub struct Member {
     pub ready: bool,
     /// Peer ids of the agents it holds a session with.
     pub agents: Vec<String>,
+    /// The leased ports it serves for them: where another gateway forwards
+    /// a public connection on one of these ports.
+    #[serde(default)]
+    pub ports: Vec<u16>,
     /// When the record was written, Unix seconds.
     pub updated: u64,
 }
@@ -44,6 +51,14 @@ pub struct Fleet {
     describe: Arc<Describe>,
     shared: bool,
     others: RwLock<BTreeMap<String, Member>>,
+    /// Bumped when another gateway joins, leaves, or changes what it
+    /// serves or where it is (not on a mere refresh).
+    changed: watch::Sender<u64>,
+}
+
+/// What of a record matters to agents and to forwarding.
+fn gist(m: &Member) -> (&[String], bool, &[u16]) {
+    (&m.addresses, m.ready, &m.ports)
 }
 
 /// Wait before registering again after etcd went away.
@@ -62,7 +77,72 @@ impl Fleet {
             describe,
             shared,
             others: RwLock::default(),
+            changed: watch::channel(0).0,
         })
+    }
+
+    /// Whether this gateway shares a fleet through etcd.
+    pub fn is_shared(&self) -> bool {
+        self.shared
+    }
+
+    /// Follows changes of the other gateways' records.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    fn others(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Member>> {
+        self.others.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The fleet's gateways that are ready, this one included, as agents
+    /// are told of them; empty for a gateway alone.
+    pub fn for_agents(&self) -> Vec<FleetGateway> {
+        if !self.shared {
+            return Vec::new();
+        }
+        self.view()
+            .gateways
+            .into_iter()
+            .filter(|m| m.ready && !m.addresses.is_empty())
+            .map(|m| FleetGateway {
+                peer_id: m.peer_id,
+                addresses: m.addresses,
+            })
+            .collect()
+    }
+
+    /// Whether `peer` is another gateway of the fleet.
+    pub fn is_member(&self, peer: &PeerId) -> bool {
+        self.others().contains_key(&peer.to_string())
+    }
+
+    /// The other gateways serving `port`, with where to dial them.
+    pub fn holders(&self, port: u16) -> Vec<(PeerId, Vec<Multiaddr>)> {
+        let me = (self.describe)().peer_id;
+        self.others()
+            .values()
+            .filter(|m| m.peer_id != me && m.ready && m.ports.contains(&port))
+            .filter_map(|m| {
+                let peer = m.peer_id.parse().ok()?;
+                let addrs = m.addresses.iter().filter_map(|a| a.parse().ok()).collect();
+                Some((peer, addrs))
+            })
+            .collect()
+    }
+
+    /// Every port the other gateways serve.
+    pub fn served_elsewhere(&self) -> std::collections::BTreeSet<u16> {
+        let me = (self.describe)().peer_id;
+        self.others()
+            .values()
+            .filter(|m| m.peer_id != me && m.ready)
+            .flat_map(|m| m.ports.iter().copied())
+            .collect()
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|n| *n += 1);
     }
 
     pub fn view(&self) -> FleetView {
@@ -86,28 +166,56 @@ impl Fleet {
     }
 
     fn set(&self, all: BTreeMap<String, Member>) {
-        *self.others.write().unwrap_or_else(|e| e.into_inner()) = all;
+        let mut others = self.others.write().unwrap_or_else(|e| e.into_inner());
+        let same = others.len() == all.len()
+            && others
+                .iter()
+                .zip(all.iter())
+                .all(|((a, ma), (b, mb))| a == b && gist(ma) == gist(mb));
+        *others = all;
+        drop(others);
+        if !same {
+            self.bump();
+        }
     }
 
     fn put(&self, m: Member) {
-        self.others
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(m.peer_id.clone(), m);
+        let mut others = self.others.write().unwrap_or_else(|e| e.into_inner());
+        let same = others
+            .get(&m.peer_id)
+            .is_some_and(|old| gist(old) == gist(&m));
+        others.insert(m.peer_id.clone(), m);
+        drop(others);
+        if !same {
+            self.bump();
+        }
     }
 
     fn remove(&self, peer_id: &str) {
-        self.others
+        let gone = self
+            .others
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(peer_id);
+            .remove(peer_id)
+            .is_some();
+        if gone {
+            self.bump();
+        }
     }
 
-    /// Registers this gateway and follows the others, until the process ends.
-    pub async fn run(self: Arc<Self>, mut client: Client, prefix: String, ttl: Duration) {
+    /// Registers this gateway and follows the others, until the process
+    /// ends. The record is rewritten at once when `local` (this gateway's
+    /// sessions) changes, so the others forward to it without waiting.
+    pub async fn run(
+        self: Arc<Self>,
+        mut client: Client,
+        prefix: String,
+        ttl: Duration,
+        mut local: watch::Receiver<u64>,
+    ) {
         let prefix = format!("{prefix}members/");
         loop {
-            if let Err(e) = self.follow(&mut client, &prefix, ttl).await {
+            if let Err(e) = self.follow(&mut client, &prefix, ttl, &mut local).await {
                 tracing::warn!(error = %e, "fleet membership: etcd unreachable; retrying");
             }
             tokio::time::sleep(RETRY).await;
@@ -119,6 +227,7 @@ impl Fleet {
         client: &mut Client,
         prefix: &str,
         ttl: Duration,
+        local: &mut watch::Receiver<u64>,
     ) -> Result<(), etcd_client::Error> {
         let secs = i64::try_from(ttl.as_secs().max(2)).unwrap_or(i64::MAX);
         let lease = client.lease_grant(secs, None).await?.id();
@@ -154,6 +263,9 @@ impl Fleet {
             tokio::select! {
                 _ = tick.tick() => {
                     keeper.keep_alive().await?;
+                    client.put(key.clone(), record(), with_lease()).await?;
+                }
+                Ok(()) = local.changed() => {
                     client.put(key.clone(), record(), with_lease()).await?;
                 }
                 ack = acks.message() => match ack? {

@@ -1,6 +1,9 @@
 //! What the gateways of a fleet share through etcd beyond leases (which the
 //! lease store holds): the ban list ([`bans`]) and who is in the fleet
-//! ([`members`]).
+//! ([`members`]), and the public connections one gateway carries to another
+//! ([`forward`], over the sockets [`ports`] hands out).
 
 pub mod bans; // bans made on any gateway hold on every gateway, within a second
+pub mod forward; // public connections carried to the gateway that holds their agent
 pub mod members; // each gateway's record under an etcd lease; the fleet's view
+pub mod ports; // who holds each leased port's socket here: a session or the forwarder

@@ -1,0 +1,289 @@
+//! Any gateway answers: a public connection that lands on a gateway without
+//! a session to its agent is carried to a gateway of the fleet that has one.
+//!
+//! Outbound: the forwarder listens on every leased port another gateway
+//! serves (their etcd records say which) and this one does not, admits each
+//! connection as a leased port does (guard, shares, PROXY policy), and
+//! carries it on a `/relaygate/forward/1` stream to a gateway serving the
+//! port, headed by the client's real address. Inbound: a forward stream is
+//! taken only from a member of the fleet, and goes to the agent's session
+//! like any public connection of that port.
+
+use std::{collections::BTreeSet, io, net::IpAddr, sync::Arc, time::Duration};
+
+use libp2p::{Multiaddr, PeerId, Stream};
+use relaygate_common::{
+    metrics::ReasonLabels,
+    protocol::{read_control, write_control, ControlMessage, FORWARD_PROTOCOL},
+    proxy,
+    streams::OpenError,
+};
+use tokio::{
+    io::AsyncWriteExt,
+    net::{TcpListener, TcpStream},
+};
+use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
+
+use crate::{
+    fleet::{
+        members::Fleet,
+        ports::{ForwardSlot, PortTable},
+    },
+    host::{Command, HostHandle},
+    listener::{self, DataPlane, Origin},
+    registry::AgentRegistry,
+    session_stream,
+};
+
+/// How long reaching the other gateway may take, dial included.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a forwarding gateway may take to send the `Forward` frame.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Ports are checked again this often, beside every change.
+const RECONCILE: Duration = Duration::from_secs(1);
+
+pub struct Forwarder {
+    pub fleet: Arc<Fleet>,
+    pub registry: Arc<AgentRegistry>,
+    pub ports: Arc<PortTable>,
+    pub dp: Arc<DataPlane>,
+    pub host: HostHandle,
+    /// Where leased ports are bound (`leases.bind`).
+    pub bind: IpAddr,
+}
+
+impl Forwarder {
+    /// Follows the fleet's ports until the gateway stops accepting.
+    pub async fn run(self: Arc<Self>) {
+        let mut fleet = self.fleet.changes();
+        let mut local = self.ports.changes();
+        let mut sessions = self.registry.changes();
+        let mut tick = tokio::time::interval(RECONCILE);
+        loop {
+            self.reconcile().await;
+            tokio::select! {
+                _ = fleet.changed() => {}
+                _ = local.changed() => {}
+                _ = sessions.changed() => {}
+                _ = tick.tick() => {}
+                _ = self.dp.stop_accepting.cancelled() => break,
+            }
+        }
+        for port in self.ports.forwarding() {
+            self.ports.stop_forwarding(port);
+        }
+    }
+
+    /// Listens on the ports served elsewhere and not here; lets go of the rest.
+    async fn reconcile(self: &Arc<Self>) {
+        let mine: BTreeSet<u16> = self.registry.ports().into_iter().collect();
+        let wanted: BTreeSet<u16> = self
+            .fleet
+            .served_elsewhere()
+            .difference(&mine)
+            .copied()
+            .collect();
+        for port in self.ports.forwarding() {
+            if !wanted.contains(&port) {
+                tracing::debug!(port, "no other gateway serves this port; not forwarding it");
+                self.ports.stop_forwarding(port);
+            }
+        }
+        for port in wanted {
+            let Some(slot) = self.ports.start_forwarding(port) else {
+                continue;
+            };
+            match listener::bind(self.bind, port).await {
+                Ok(l) => {
+                    tracing::debug!(port, "forwarding this port to the gateways that serve it");
+                    tokio::spawn(self.clone().accept(l, slot));
+                }
+                Err(e) => {
+                    // Tried again at the next change or tick.
+                    tracing::debug!(port, error = %e, "cannot bind a port to forward");
+                    self.ports.forwarding_ended(&slot);
+                }
+            }
+        }
+    }
+
+    async fn accept(self: Arc<Self>, listener: TcpListener, slot: ForwardSlot) {
+        let dp = &self.dp;
+        let slots = Arc::new(tokio::sync::Semaphore::new(dp.max_per_tunnel));
+        loop {
+            let accepted = tokio::select! {
+                _ = slot.cancel.cancelled() => break,
+                _ = dp.stop_accepting.cancelled() => break,
+                r = listener.accept() => r,
+            };
+            let (tcp, source) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(port = slot.port, error = %e, "accept failed");
+                    dp.metrics.refuse("accept_failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Some((share, place)) = listener::admit(dp, &tcp, source, &slots) else {
+                continue;
+            };
+            let me = self.clone();
+            let port = slot.port;
+            dp.tracker.spawn(async move {
+                let mut share = share;
+                let mut tcp = tcp;
+                if let Err(e) = me.outbound(&mut tcp, source, &mut share, port).await {
+                    tracing::debug!(%source, port, error = %e, "forwarded connection reset");
+                    let _ = tcp.set_zero_linger();
+                }
+                drop(place);
+            });
+        }
+        // The socket closes before the slot tells a waiting session so.
+        drop(listener);
+        drop(slot);
+    }
+
+    /// Carries one connection to a gateway serving `port`.
+    async fn outbound(
+        &self,
+        tcp: &mut TcpStream,
+        source: std::net::SocketAddr,
+        share: &mut Option<crate::shares::Share>,
+        port: u16,
+    ) -> io::Result<()> {
+        let dp = &self.dp;
+        let origin = listener::read_origin(tcp, source, dp).await?;
+        listener::settle(dp, share, &origin)?;
+        let _ = tcp.set_nodelay(true);
+        let (peer, mut stream) = self.open(port).await?;
+        let Some(lease) = relaygate_common::names::LeasePort::new(port) else {
+            return Err(io::Error::other("port 0 is not a lease"));
+        };
+        let frame = ControlMessage::Forward {
+            port: lease,
+            source: origin.source,
+            destination: origin.destination,
+        };
+        write_control(&mut stream, &frame)
+            .await
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        if !origin.prefix.is_empty() {
+            stream.write_all(&origin.prefix).await?;
+        }
+        dp.metrics
+            .forwarded
+            .get_or_create(&ReasonLabels::new("out"))
+            .inc();
+        tracing::debug!(source = %origin.source, port, gateway = %peer, "public connection forwarded");
+        // The far gateway bounds the connection (idle timeout, stalls); its
+        // end of the stream ends this copy.
+        tokio::io::copy_bidirectional(tcp, &mut stream)
+            .await
+            .map(|_| ())
+    }
+
+    /// A forward stream to one of the gateways serving `port`, trying each.
+    async fn open(&self, port: u16) -> io::Result<(PeerId, Compat<Stream>)> {
+        let holders = self.fleet.holders(port);
+        if holders.is_empty() {
+            self.dp.metrics.refuse("forward_no_gateway");
+            return Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "no gateway of the fleet serves this port",
+            ));
+        }
+        let mut last = String::new();
+        for (peer, addrs) in holders {
+            match tokio::time::timeout(OPEN_TIMEOUT, self.open_to(peer, addrs)).await {
+                Ok(Ok(s)) => return Ok((peer, s.compat())),
+                Ok(Err(e)) => last = e.to_string(),
+                Err(_) => last = "timed out".into(),
+            }
+            self.dp.metrics.dial_failed("forward");
+        }
+        Err(io::Error::other(format!(
+            "no gateway serving port {port} answered: {last}"
+        )))
+    }
+
+    async fn open_to(&self, peer: PeerId, addrs: Vec<Multiaddr>) -> Result<Stream, OpenError> {
+        let control = &self.dp.control;
+        match control.open_stream(peer, FORWARD_PROTOCOL).await {
+            Err(OpenError::NotConnected(_)) => {}
+            other => return other,
+        }
+        self.host.send(Command::Dial { peer, addrs }).await;
+        let mut wait = Duration::from_millis(5);
+        loop {
+            tokio::time::sleep(wait).await;
+            match control.open_stream(peer, FORWARD_PROTOCOL).await {
+                Err(OpenError::NotConnected(_)) => {
+                    wait = (wait * 2).min(Duration::from_millis(100))
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// A forward stream from `peer`: refused unless `peer` is a gateway of
+    /// the fleet; otherwise carried to the session serving its port.
+    pub async fn inbound(self: Arc<Self>, peer: PeerId, stream: Stream) {
+        let dp = &self.dp;
+        if !self.fleet.is_member(&peer) {
+            dp.metrics.refuse("forward_not_member");
+            tracing::warn!(%peer, "forward stream from a peer that is not a gateway of the fleet; reset");
+            return;
+        }
+        let mut stream = stream.compat();
+        let frame = tokio::time::timeout(HEADER_TIMEOUT, read_control(&mut stream)).await;
+        let (port, source, destination) = match frame {
+            Ok(Ok(ControlMessage::Forward {
+                port,
+                source,
+                destination,
+            })) => (port, source, destination),
+            Ok(Ok(_)) | Ok(Err(_)) | Err(_) => {
+                dp.metrics.bad_input("forward_header");
+                return;
+            }
+        };
+        let Some(owner) = self.registry.port(port.get()) else {
+            // The agent's session here just ended: the other gateway's
+            // client is reset, and its next connection finds another.
+            dp.metrics.refuse("forward_no_session");
+            return;
+        };
+        let source = proxy::canonical(source);
+        // The forwarding gateway spent the source's rate; a ban made since
+        // (they are shared) still holds here.
+        if dp.guard.is_banned_ip(source.ip()) {
+            dp.metrics.refuse("banned");
+            return;
+        }
+        dp.metrics
+            .forwarded
+            .get_or_create(&ReasonLabels::new("in"))
+            .inc();
+        owner.stats.opened.inc();
+        owner.stats.active.inc();
+        owner.stats.saw(source);
+        let origin = Origin {
+            source,
+            destination: proxy::canonical(destination),
+            prefix: Vec::new(),
+            untrusted: false,
+        };
+        let to = session_stream::Agent {
+            peer: owner.agent,
+            connection: owner.connection,
+            stats: &owner.stats,
+        };
+        let (r, w) = tokio::io::split(stream);
+        if let Err(e) = session_stream::carry(dp, to, origin, r, w).await {
+            tracing::debug!(%source, port = %port, error = %e, "forwarded connection reset");
+        }
+        owner.stats.active.dec();
+    }
+}
