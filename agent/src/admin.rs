@@ -31,6 +31,7 @@ pub fn router(state: AdminState) -> Router {
             get(|State(s): State<AdminState>| async move {
                 Json(json!({
                     "session": s.state.session(),
+                    "sessions": s.state.sessions(),
                     "tunnels": s.state.tunnels(),
                     "circuit": s.state.circuit_addrs(),
                     "reachability": s.state.reachability(),

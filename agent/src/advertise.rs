@@ -24,13 +24,19 @@ pub fn addresses(hosts: &[Multiaddr], port: LeasePort, node: Option<PeerId>) -> 
         .collect()
 }
 
-/// Host parts to advertise: the gateway's, or the host this agent dialled.
-pub fn hosts(public_hosts: &[String], dialled: &Multiaddr) -> Vec<Multiaddr> {
+/// Host parts to advertise: the fleet's shared name first (`fleet.advertise`
+/// on the gateways), then the gateway's own, or the host this agent dialled.
+pub fn hosts(
+    fleet_hosts: &[String],
+    public_hosts: &[String],
+    dialled: &Multiaddr,
+) -> Vec<Multiaddr> {
+    let fleet: Vec<Multiaddr> = fleet_hosts.iter().filter_map(|h| h.parse().ok()).collect();
     let given: Vec<Multiaddr> = public_hosts.iter().filter_map(|h| h.parse().ok()).collect();
     if !given.is_empty() {
-        return given;
+        return fleet.into_iter().chain(given).collect();
     }
-    dialled
+    let own = dialled
         .iter()
         .next()
         .filter(|p| {
@@ -43,8 +49,8 @@ pub fn hosts(public_hosts: &[String], dialled: &Multiaddr) -> Vec<Multiaddr> {
                     | Protocol::Dns6(_)
             )
         })
-        .map(|p| vec![Multiaddr::empty().with(p)])
-        .unwrap_or_default()
+        .map(|p| Multiaddr::empty().with(p));
+    fleet.into_iter().chain(own).collect()
 }
 
 /// The file's one line.
@@ -85,6 +91,7 @@ mod tests {
     fn builds_advertised_addresses() {
         let node = PeerId::random();
         let hosts = hosts(
+            &[],
             &["/dns4/gw.example.com".into(), "/ip4/203.0.113.7".into()],
             &"/ip4/1.2.3.4/udp/4001/quic-v1".parse().unwrap(),
         );
@@ -98,15 +105,15 @@ mod tests {
             format!("/ip4/203.0.113.7/tcp/9905/p2p/{node}")
         );
         let fallback = super::hosts(
+            &["/dns4/fleet.example.com".into()],
             &[],
             &"/ip4/203.0.113.9/tcp/4001/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"
                 .parse()
                 .unwrap(),
         );
-        assert_eq!(
-            addresses(&fallback, LeasePort::new(20000).unwrap(), None)[0].to_string(),
-            "/ip4/203.0.113.9/tcp/20000"
-        );
+        let fleet = addresses(&fallback, LeasePort::new(20000).unwrap(), None);
+        assert_eq!(fleet[0].to_string(), "/dns4/fleet.example.com/tcp/20000");
+        assert_eq!(fleet[1].to_string(), "/ip4/203.0.113.9/tcp/20000");
         assert_eq!(
             file_line(&a[..1]),
             format!("/dns4/gw.example.com/tcp/9905/p2p/{node}\n")

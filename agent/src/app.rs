@@ -19,12 +19,13 @@ use crate::{
     admin,
     config::{AgentConfig, TunnelConfig},
     deliver::DeliveryMode,
+    fleet::FleetSessions,
+    gateways::Gateways,
     host,
     lane::LaneDialer,
     limits::{self, Limits},
     metrics::Metrics,
     services::Services,
-    session::Session,
     state::{AgentState, TunnelStatus},
     transparent::{self, InstalledRules},
     tunnel::Tunnels,
@@ -54,8 +55,16 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let admin_listen = cfg.admin_listen();
     let admin_auth = cfg.admin.auth(admin_listen)?;
 
-    let (host, incoming) = host::start(key.clone(), &cfg, metrics.clone(), state.clone())?;
     let gateway = cfg.gateway_peer()?;
+    let gateways = Gateways::new(gateway);
+    state.set_seed(gateway);
+    let (host, incoming) = host::start(
+        key.clone(),
+        &cfg,
+        metrics.clone(),
+        state.clone(),
+        gateways.clone(),
+    )?;
     let tracker = TaskTracker::new();
     let limits = Limits::new(&cfg.limits, metrics.clone());
     limits::check_open_files(&cfg.limits);
@@ -87,7 +96,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let tunnels = Arc::new(Tunnels::new(
         &cfg.tunnels,
         host.peer_id,
-        gateway,
+        gateways.clone(),
         metrics.clone(),
         cfg.connect_timeout,
         cfg.transparent.mark.get(),
@@ -108,8 +117,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         incoming,
         to_tunnels,
         services,
-        Gateway {
-            peer: gateway,
+        Trusted {
+            gateways: gateways.clone(),
             lanes: lanes.clone(),
         },
         tracker.clone(),
@@ -138,14 +147,26 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         tunnels: active,
         ..cfg.clone()
     };
-    let mut session = Session::new(
-        &session_cfg,
-        host.clone(),
+    for t in &session_cfg.tunnels {
+        state.set_tunnel(
+            &t.name,
+            TunnelStatus {
+                name: t.name.to_string(),
+                target: t.target.to_string(),
+                ..Default::default()
+            },
+        );
+    }
+    let sessions = FleetSessions {
+        cfg: session_cfg,
+        seed: gateway,
+        host: host.clone(),
         token,
-        state.clone(),
-        metrics.clone(),
-    )?;
-    session.lane = lane.clone();
+        state: state.clone(),
+        metrics: metrics.clone(),
+        gateways: gateways.clone(),
+        lanes: lane.clone(),
+    };
     for (t, why) in refused {
         tracing::error!(tunnel = %t.name, error = %why, "tunnel not started");
         state.set_tunnel(
@@ -158,7 +179,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             },
         );
     }
-    let session_task = tokio::spawn(session.run(stop.clone()));
+    let session_task = tokio::spawn(sessions.run(stop.clone()));
 
     let stop_admin = CancellationToken::new();
     let (admin_addr, admin_task) = relaygate_common::admin::serve(
@@ -179,6 +200,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     // Refuse new streams and visitor connections; the session stays up while open ones drain.
     accept.abort();
     tunnels_task.abort();
+    // One drain for every gateway's lanes: they share it.
     if let Some(l) = &lane {
         l.drain();
     }
@@ -208,19 +230,20 @@ async fn route(
     mut incoming: mpsc::Receiver<Incoming>,
     tunnels: mpsc::Sender<Incoming>,
     services: Arc<Services>,
-    gateway: Gateway,
+    trusted: Trusted,
     tracker: TaskTracker,
 ) {
     while let Some(i) = incoming.recv().await {
         if i.protocol == SERVICE_PROTOCOL {
             tracker.spawn(services.clone().serve(i.peer, i.connection, i.stream));
         } else if i.protocol == LANE_PROTOCOL {
-            // Only the gateway carries tunnelled connections.
-            if i.peer == gateway.peer {
-                let lanes = gateway.lanes.clone();
-                tokio::spawn(async move { lanes.serve_session(i.stream).await });
-            } else {
-                gateway.lanes.refuse_stranger();
+            // Only the fleet's gateways carry tunnelled connections, each
+            // on the lanes of its own session.
+            match trusted.gateways.lanes(&i.peer) {
+                Some(lanes) => {
+                    tokio::spawn(async move { lanes.serve_session(i.stream).await });
+                }
+                None => trusted.lanes.refuse_stranger(),
             }
         } else if tunnels.send(i).await.is_err() {
             return;
@@ -228,9 +251,10 @@ async fn route(
     }
 }
 
-/// Who may open lanes on this agent's session, and who serves them.
-struct Gateway {
-    peer: libp2p::PeerId,
+/// Who may open lanes on this agent's sessions (each gateway's are found
+/// by its peer id), and what counts a stranger's attempt.
+struct Trusted {
+    gateways: Arc<Gateways>,
     lanes: Arc<LaneDialer>,
 }
 

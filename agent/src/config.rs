@@ -59,6 +59,10 @@ pub struct GatewayLink {
     /// Timeout of one dial attempt.
     #[serde(with = "humantime_serde")]
     pub dial_timeout: Duration,
+    /// Gateways of a fleet to hold a session with at once: the configured
+    /// one and others its welcome names. Each serves the leased ports and
+    /// the relay; 1 keeps to the configured gateway.
+    pub max_sessions: usize,
 }
 
 impl Default for GatewayLink {
@@ -68,6 +72,7 @@ impl Default for GatewayLink {
             token: Secret::default(),
             token_file: None,
             dial_timeout: Duration::from_secs(5),
+            max_sessions: 3,
         }
     }
 }

@@ -79,8 +79,8 @@ pub struct HostHandle {
     pub paths: Arc<Paths>,
     commands: mpsc::Sender<Command>,
     listening: watch::Receiver<bool>,
-    /// Bumped whenever a connection to the gateway is declared dead (ping failure).
-    gateway_lost: watch::Receiver<u64>,
+    /// Names a gateway whenever a connection to it is declared dead (ping failure).
+    gateway_lost: tokio::sync::broadcast::Sender<PeerId>,
 }
 
 impl HostHandle {
@@ -113,14 +113,24 @@ impl HostHandle {
         rx.await.map_err(|_| "host stopped".to_string())?
     }
 
-    /// Resolves when a connection to the gateway is declared dead after this
+    /// Resolves when a connection to `gateway` is declared dead after this
     /// call: a graceful close can hang on a stalled TCP connection, so the
     /// session must not wait for it.
-    pub fn gateway_lost(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let mut rx = self.gateway_lost.clone();
-        rx.mark_unchanged();
+    pub fn gateway_lost(
+        &self,
+        gateway: PeerId,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.gateway_lost.subscribe();
         async move {
-            let _ = rx.changed().await;
+            loop {
+                match rx.recv().await {
+                    Ok(p) if p == gateway => return,
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                        return std::future::pending().await
+                    }
+                }
+            }
         }
     }
 
@@ -137,6 +147,7 @@ pub fn start(
     cfg: &AgentConfig,
     metrics: Arc<Metrics>,
     state: Arc<AgentState>,
+    gateways: Arc<crate::gateways::Gateways>,
 ) -> Result<(HostHandle, mpsc::Receiver<Incoming>), transport::BuildError> {
     let ping_cfg = transport::ping_config(&cfg.session);
     // Deep enough for a burst of every stream a session may carry.
@@ -150,10 +161,12 @@ pub fn start(
     let (streams, control, incoming) = streams::new(protocols, cfg.session.max_streams);
     let gateway = cfg.gateway_peer().ok();
     let use_autonat = cfg.relay.enabled && cfg.relay.autonat;
-    let allowed: Vec<PeerId> = gateway
-        .into_iter()
-        .chain(cfg.services.iter().flat_map(|s| s.allow.iter().copied()))
+    let allowed: Vec<PeerId> = cfg
+        .services
+        .iter()
+        .flat_map(|s| s.allow.iter().copied())
         .collect();
+    let trusted = gateways.clone();
     let gate_metrics = metrics.clone();
     let mut swarm = transport::build_relay_client_swarm(key, &cfg.session, |key, relay| {
         let me = key.public().to_peer_id();
@@ -178,7 +191,7 @@ pub fn start(
             a
         });
         Behaviour {
-            strangers: Strangers::new(allowed, gate_metrics),
+            strangers: Strangers::new(allowed, trusted, gate_metrics),
             identify: identify::Behaviour::new(
                 identify::Config::new("/relaygate/1.0.0".into(), key.public())
                     .with_agent_version(format!("relaygate-agent/{}", env!("CARGO_PKG_VERSION"))),
@@ -202,7 +215,7 @@ pub fn start(
         }
     }
     let (listening_tx, listening) = watch::channel(expected == 0);
-    let (lost_tx, gateway_lost) = watch::channel(0u64);
+    let (gateway_lost, _) = tokio::sync::broadcast::channel(16);
     let (tx, rx) = mpsc::channel(64);
     let paths = Arc::new(Paths::default());
     let handle = HostHandle {
@@ -211,23 +224,21 @@ pub fn start(
         paths: paths.clone(),
         commands: tx,
         listening,
-        gateway_lost,
+        gateway_lost: gateway_lost.clone(),
     };
     let driver = Driver {
         metrics,
         state,
         paths,
         listening: listening_tx,
-        gateway_lost: lost_tx,
+        gateway_lost,
         expected_listeners: expected,
         listeners_up: HashMap::new(),
-        relay_listener: None,
-        relay_addr: None,
-        retry_reserve: None,
+        relays: HashMap::new(),
         pending_dials: HashMap::new(),
         pending_connects: HashMap::new(),
         advertise_file: cfg.relay.advertise_file.clone(),
-        gateway,
+        gateways,
     };
     tokio::spawn(driver.run(swarm, rx));
     Ok((handle, incoming))
@@ -241,16 +252,25 @@ struct Driver {
     state: Arc<AgentState>,
     paths: Arc<Paths>,
     listening: watch::Sender<bool>,
-    gateway_lost: watch::Sender<u64>,
+    gateway_lost: tokio::sync::broadcast::Sender<PeerId>,
     expected_listeners: usize,
     listeners_up: HashMap<ListenerId, usize>,
-    relay_listener: Option<ListenerId>,
-    relay_addr: Option<Multiaddr>,
-    retry_reserve: Option<tokio::time::Instant>,
+    /// A reservation on each gateway's relay the agent holds a session with.
+    relays: HashMap<PeerId, Relay>,
     pending_dials: HashMap<ConnectionId, DialReply>,
     pending_connects: HashMap<PeerId, Vec<ConnectReply>>,
     advertise_file: Option<std::path::PathBuf>,
-    gateway: Option<PeerId>,
+    gateways: Arc<crate::gateways::Gateways>,
+}
+
+/// One gateway's relay: where it is, the listener holding the reservation,
+/// and when to try again after a refusal or loss.
+struct Relay {
+    addr: Multiaddr,
+    listener: Option<ListenerId>,
+    retry: Option<tokio::time::Instant>,
+    /// The relay accepted the reservation.
+    reserved: bool,
 }
 
 impl Driver {
@@ -260,16 +280,23 @@ impl Driver {
         mut commands: mpsc::Receiver<Command>,
     ) {
         loop {
-            let retry = self.retry_reserve;
+            let retry = self
+                .relays
+                .iter()
+                .filter_map(|(p, r)| r.retry.map(|t| (t, *p)))
+                .min();
             tokio::select! {
                 cmd = commands.recv() => match cmd {
                     Some(cmd) => self.command(&mut swarm, cmd),
                     None => return,
                 },
-                _ = sleep_until(retry) => {
-                    self.retry_reserve = None;
-                    if let Some(addr) = self.relay_addr.clone() {
-                        self.listen_relay(&mut swarm, addr);
+                _ = sleep_until(retry.map(|(t, _)| t)) => {
+                    if let Some((_, peer)) = retry {
+                        if let Some(r) = self.relays.get_mut(&peer) {
+                            r.retry = None;
+                            let addr = r.addr.clone();
+                            self.listen_relay(&mut swarm, peer, addr);
+                        }
                     }
                 }
                 event = swarm.select_next_some() => self.event(&mut swarm, event),
@@ -298,9 +325,23 @@ impl Driver {
                 let _ = swarm.disconnect_peer_id(peer);
             }
             Command::Reserve(addr) => {
-                self.relay_addr = Some(addr.clone());
-                self.retry_reserve = None;
-                self.listen_relay(swarm, addr);
+                let Some(Protocol::P2p(peer)) = addr.iter().last() else {
+                    tracing::warn!(address = %addr, "relay address without /p2p/; not reserving");
+                    return;
+                };
+                self.relays
+                    .entry(peer)
+                    .and_modify(|r| {
+                        r.addr = addr.clone();
+                        r.retry = None;
+                    })
+                    .or_insert(Relay {
+                        addr: addr.clone(),
+                        listener: None,
+                        retry: None,
+                        reserved: false,
+                    });
+                self.listen_relay(swarm, peer, addr);
             }
             Command::Connect { peer, addrs, reply } => {
                 if swarm.is_connected(&peer) {
@@ -325,19 +366,40 @@ impl Driver {
         }
     }
 
-    fn listen_relay(&mut self, swarm: &mut libp2p::Swarm<Behaviour>, relay: Multiaddr) {
-        if let Some(old) = self.relay_listener.take() {
+    fn listen_relay(
+        &mut self,
+        swarm: &mut libp2p::Swarm<Behaviour>,
+        peer: PeerId,
+        relay: Multiaddr,
+    ) {
+        let Some(slot) = self.relays.get_mut(&peer) else {
+            return;
+        };
+        if let Some(old) = slot.listener.take() {
             swarm.remove_listener(old);
         }
-        self.state.clear_circuit_addrs();
+        self.state.clear_circuit_addrs_of(&peer);
         let circuit = relay.with(Protocol::P2pCircuit);
         match swarm.listen_on(circuit.clone()) {
-            Ok(id) => self.relay_listener = Some(id),
+            Ok(id) => slot.listener = Some(id),
             Err(e) => {
                 tracing::warn!(address = %circuit, error = %e, "cannot reserve on the relay");
-                self.retry_reserve = Some(tokio::time::Instant::now() + RESERVE_RETRY);
+                slot.retry = Some(tokio::time::Instant::now() + RESERVE_RETRY);
             }
         }
+    }
+
+    /// Reservations the relays accepted and that still hold.
+    fn reservations(&self) -> i64 {
+        self.relays.values().filter(|r| r.reserved).count() as i64
+    }
+
+    /// The gateway whose relay `listener` holds a reservation on.
+    fn relay_of(&self, listener: ListenerId) -> Option<PeerId> {
+        self.relays
+            .iter()
+            .find(|(_, r)| r.listener == Some(listener))
+            .map(|(p, _)| *p)
     }
 
     fn publish_circuits(&self) {
@@ -360,7 +422,7 @@ impl Driver {
                 listener_id,
                 address,
             } => {
-                if Some(listener_id) == self.relay_listener {
+                if self.relay_of(listener_id).is_some() {
                     tracing::info!(%address, "relay reservation active; reachable by peer id at this address");
                     self.state.add_circuit_addr(address.to_string());
                     self.publish_circuits();
@@ -375,7 +437,7 @@ impl Driver {
             SwarmEvent::ExpiredListenAddr {
                 listener_id,
                 address,
-            } if Some(listener_id) == self.relay_listener => {
+            } if self.relay_of(listener_id).is_some() => {
                 self.state.remove_circuit_addr(&address.to_string());
                 self.publish_circuits();
             }
@@ -384,19 +446,26 @@ impl Driver {
                 reason,
                 ..
             } => {
-                if Some(listener_id) == self.relay_listener {
-                    self.relay_listener = None;
-                    self.state.clear_circuit_addrs();
+                if let Some(gw) = self.relay_of(listener_id) {
+                    if let Some(r) = self.relays.get_mut(&gw) {
+                        r.listener = None;
+                        r.reserved = false;
+                    }
+                    self.state.clear_circuit_addrs_of(&gw);
                     self.publish_circuits();
-                    peers.reservation_active.set(0);
+                    peers.reservation_active.set(self.reservations());
                     match &reason {
                         Err(e) => tracing::warn!(error = %e, "relay reservation failed or lost"),
                         Ok(()) => tracing::info!("relay reservation ended with its connection"),
                     }
                     // While the session is up, a lost reservation is taken again;
                     // a new session reserves anyway.
-                    if self.gateway.is_some_and(|g| swarm.is_connected(&g)) {
-                        self.retry_reserve = Some(tokio::time::Instant::now() + RESERVE_RETRY);
+                    if swarm.is_connected(&gw) && self.gateways.contains(&gw) {
+                        if let Some(r) = self.relays.get_mut(&gw) {
+                            r.retry = Some(tokio::time::Instant::now() + RESERVE_RETRY);
+                        }
+                    } else {
+                        self.relays.remove(&gw);
                     }
                 } else if let Err(e) = reason {
                     tracing::warn!(error = %e, "hole-punch listener closed");
@@ -432,7 +501,7 @@ impl Driver {
                 for r in self.pending_connects.remove(&peer_id).unwrap_or_default() {
                     let _ = r.send(Ok(()));
                 }
-                if Some(peer_id) == self.gateway {
+                if self.gateways.contains(&peer_id) {
                     self.paths
                         .connection_up(peer_id, connection_id, remote, false, &addr);
                     return;
@@ -503,13 +572,20 @@ impl Driver {
             })) if !matches!(e, ping::Failure::Unsupported) => {
                 tracing::info!(%peer, error = %e, "ping failed; closing connection");
                 swarm.close_connection(connection);
-                if Some(peer) == self.gateway {
-                    self.gateway_lost.send_modify(|n| *n += 1);
+                if self.gateways.contains(&peer) {
+                    let _ = self.gateway_lost.send(peer);
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Relay(e)) => match e {
-                relay::client::Event::ReservationReqAccepted { renewal, .. } => {
-                    peers.reservation_active.set(1);
+                relay::client::Event::ReservationReqAccepted {
+                    renewal,
+                    relay_peer_id,
+                    ..
+                } => {
+                    if let Some(r) = self.relays.get_mut(&relay_peer_id) {
+                        r.reserved = true;
+                    }
+                    peers.reservation_active.set(self.reservations());
                     let result = if renewal { "renewed" } else { "accepted" };
                     peers
                         .reservations

@@ -61,6 +61,22 @@ impl LaneDialer {
         })
     }
 
+    /// The same lanes' settings, budget and drain, toward another gateway
+    /// of the fleet: what this agent buffers is bounded once, not per gateway.
+    pub fn for_gateway(&self, gateway: PeerId) -> Arc<Self> {
+        Arc::new(Self {
+            tls: self.tls.clone(),
+            gateway,
+            lanes: self.lanes,
+            cfg: self.cfg,
+            budget: self.budget.clone(),
+            tunnels: self.tunnels.clone(),
+            tracker: self.tracker.clone(),
+            metrics: self.metrics.clone(),
+            draining: self.draining.clone(),
+        })
+    }
+
     /// From now on streams the gateway opens are reset at once (it sends the
     /// public connection's client a reset, and the next one may find another
     /// gateway or a restarted agent); those already open go on.

@@ -15,6 +15,8 @@ pub mod cli; // command line: flags, subcommands, config layering
 pub mod config; // the configuration model
 pub mod deliver; // connecting a tunnelled connection to the local target
 pub mod doctor; // `doctor`: reachability, session, leases, dial-back, advertised addresses, rules
+pub mod fleet; // sessions with several gateways of a fleet: join those that appear, drop those that leave
+pub mod gateways; // the gateways this agent trusts, and their lanes
 pub mod host; // libp2p host: gateway session, relay client, DCUtR, AutoNAT client
 pub mod lane; // the lane to the gateway: TLS connection carrying tunnelled connections
 pub mod limits; // caps on connections the agent opens, idle timeout

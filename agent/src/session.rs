@@ -1,6 +1,8 @@
-//! The session with the gateway: dial (QUIC first, TCP fallback), say hello,
-//! take the leases, publish the advertised addresses, and reconnect with
-//! capped exponential backoff and jitter whenever the session drops.
+//! A session with one gateway: dial (QUIC first, TCP fallback), say hello,
+//! take the leases, publish the advertised addresses, pass on what the
+//! gateway says of its fleet, and reconnect with capped exponential backoff
+//! and jitter whenever the session drops. [`crate::fleet`] keeps one per
+//! gateway the agent holds.
 
 use std::{sync::Arc, time::Duration};
 
@@ -51,6 +53,12 @@ pub enum SessionError {
     Timeout,
 }
 
+/// What a session learnt of the fleet: the gateways `from` names.
+pub struct FleetNews {
+    pub from: PeerId,
+    pub gateways: Vec<relaygate_common::protocol::FleetGateway>,
+}
+
 pub struct Session {
     pub host: HostHandle,
     pub gateway: PeerId,
@@ -62,31 +70,25 @@ pub struct Session {
     pub cfg: AgentConfig,
     /// Keeps the lane up while a session is (`session.data_path = "lane"`).
     pub lane: Option<Arc<LaneDialer>>,
+    /// Where the fleet's gateways, as this one names them, go.
+    pub news: Option<tokio::sync::mpsc::UnboundedSender<FleetNews>>,
 }
 
 impl Session {
+    /// A session with `gateway`, dialled at `addresses` (each ending in its
+    /// `/p2p/`).
     pub fn new(
         cfg: &AgentConfig,
+        gateway: PeerId,
+        mut addresses: Vec<Multiaddr>,
         host: HostHandle,
         token: Option<Secret>,
         state: Arc<AgentState>,
         metrics: Arc<Metrics>,
-    ) -> Result<Self, crate::config::ConfigProblem> {
-        let gateway = cfg.gateway_peer()?;
+    ) -> Self {
         // QUIC first: it survives NAT rebinding and has no head-of-line blocking.
-        let mut addresses = cfg.gateway.addresses.clone();
         addresses.sort_by_key(|a| !a.iter().any(|p| matches!(p, Protocol::QuicV1)));
-        for t in &cfg.tunnels {
-            state.set_tunnel(
-                &t.name,
-                TunnelStatus {
-                    name: t.name.to_string(),
-                    target: t.target.to_string(),
-                    ..Default::default()
-                },
-            );
-        }
-        Ok(Self {
+        Self {
             host,
             gateway,
             addresses,
@@ -96,7 +98,8 @@ impl Session {
             metrics,
             cfg: cfg.clone(),
             lane: None,
-        })
+            news: None,
+        }
     }
 
     /// Keeps a session up until `stop` is cancelled.
@@ -108,8 +111,8 @@ impl Session {
                 r = self.once() => r,
                 _ = stop.cancelled() => return,
             };
-            self.state.session_down();
-            self.metrics.sessions_active.set(0);
+            self.state.session_down(&self.gateway);
+            self.publish_files();
             // No stale connection outlives its session: the next one starts clean
             // (and the relay reservation follows the new connection).
             self.host.disconnect(self.gateway).await;
@@ -164,6 +167,7 @@ impl Session {
                     port: t.port,
                 })
                 .collect(),
+            fleet: true,
         };
         write_control(&mut ctl, &ControlMessage::Hello(hello)).await?;
         let welcome = match tokio::time::timeout(WELCOME_TIMEOUT, read_control(&mut ctl)).await {
@@ -189,7 +193,8 @@ impl Session {
         };
         self.state.session_up(self.gateway, &dialled);
         self.metrics.sessions_opened.inc();
-        self.metrics.sessions_active.set(1);
+        let _up = relaygate_common::metrics::Held::new(&self.metrics.sessions_active);
+        self.tell(welcome.fleet.clone());
         let nodes = self.probe_nodes().await;
         self.apply(&welcome, &dialled, &nodes);
         if self.cfg.relay.enabled {
@@ -204,7 +209,7 @@ impl Session {
         // The control stream's end is the session's end, and so is a failed
         // keep-alive (whose close may hang). Tunnels refused for a passing
         // reason are asked for again, with backoff, where the gateway allows.
-        let lost = self.host.gateway_lost();
+        let lost = self.host.gateway_lost(self.gateway);
         let lane = async {
             match &self.lane {
                 Some(l) => l.keep(&dialled, &welcome).await,
@@ -238,9 +243,9 @@ impl Session {
                 () = &mut lane => return Ok("lane keeper stopped".into()),
             };
             match read {
+                Ok(ControlMessage::Fleet { gateways }) => self.tell(gateways),
                 Ok(ControlMessage::Leases { leases }) => {
-                    let granted =
-                        self.apply_grants(&welcome.public_hosts, &leases, &dialled, &nodes, true);
+                    let granted = self.apply_grants(&welcome, &leases, &dialled, &nodes, true);
                     self.metrics.leases.inc_by(granted);
                     retry = self.to_retry(&leases);
                     backoff = (backoff * 2).min(LEASE_RETRY_MAX);
@@ -287,13 +292,7 @@ impl Session {
         dialled: &Multiaddr,
         nodes: &Nodes,
     ) {
-        let leased = self.apply_grants(
-            &welcome.public_hosts,
-            &welcome.leases,
-            dialled,
-            nodes,
-            false,
-        );
+        let leased = self.apply_grants(welcome, &welcome.leases, dialled, nodes, false);
         self.metrics.leases.set(leased);
     }
 
@@ -340,13 +339,13 @@ impl Session {
     /// tunnels `leases` names, when `only_named`); returns how many were granted.
     fn apply_grants(
         &self,
-        public_hosts: &[String],
+        welcome: &relaygate_common::protocol::Welcome,
         leases: &[LeaseGrant],
         dialled: &Multiaddr,
         nodes: &Nodes,
         only_named: bool,
     ) -> i64 {
-        let hosts = advertise::hosts(public_hosts, dialled);
+        let hosts = advertise::hosts(&welcome.fleet_hosts, &welcome.public_hosts, dialled);
         let mut leased = 0;
         for t in &self.tunnels {
             let grant = leases.iter().find(|g| g.name == t.name);
@@ -373,15 +372,10 @@ impl Session {
                     status.port = Some(port.get());
                     status.addresses = addrs.iter().map(|a| a.to_string()).collect();
                     tracing::info!(
-                        tunnel = %t.name, target = %t.target, port = %port,
+                        tunnel = %t.name, target = %t.target, port = %port, gateway = %self.gateway,
                         advertise = %status.addresses.join(","),
                         "tunnel leased; point the node's advertise addresses here"
                     );
-                    if let Some(path) = &t.advertise_file {
-                        if let Err(e) = advertise::write_file(path, &addrs) {
-                            tracing::error!(tunnel = %t.name, path = %path.display(), error = %e, "cannot write advertise file");
-                        }
-                    }
                 }
                 Some(LeaseOutcome::Refused { code, message }) => {
                     self.metrics.refuse(code.as_str());
@@ -390,9 +384,40 @@ impl Session {
                 }
                 None => status.error = Some("gateway did not answer for this tunnel".into()),
             }
-            self.state.set_tunnel(&t.name, status);
+            self.state.set_grant(self.gateway, &t.name, status);
         }
+        self.publish_files();
         leased
+    }
+
+    /// Writes each tunnel's advertise file with what every gateway granted.
+    fn publish_files(&self) {
+        for t in &self.tunnels {
+            let Some(path) = &t.advertise_file else {
+                continue;
+            };
+            let Some(status) = self.state.tunnel(&t.name).filter(|s| s.port.is_some()) else {
+                continue;
+            };
+            let addrs: Vec<Multiaddr> = status
+                .addresses
+                .iter()
+                .filter_map(|a| a.parse().ok())
+                .collect();
+            if let Err(e) = advertise::write_file(path, &addrs) {
+                tracing::error!(tunnel = %t.name, path = %path.display(), error = %e, "cannot write advertise file");
+            }
+        }
+    }
+
+    /// Passes on the fleet's gateways as this gateway names them.
+    fn tell(&self, gateways: Vec<relaygate_common::protocol::FleetGateway>) {
+        if let Some(news) = &self.news {
+            let _ = news.send(FleetNews {
+                from: self.gateway,
+                gateways,
+            });
+        }
     }
 
     /// The tunnels refused for a passing reason, to ask for again.

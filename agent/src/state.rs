@@ -1,5 +1,7 @@
-//! What the agent knows right now: whether its session is up and what each
-//! tunnel leased. Written by the session, read by the admin API.
+//! What the agent knows right now: its sessions (one per gateway of the
+//! fleet it holds) and what each tunnel leased on each. Written by the
+//! sessions, read by the admin API; a tunnel's advertised addresses are the
+//! union of every gateway's.
 
 use std::{collections::BTreeMap, sync::Mutex, time::SystemTime};
 
@@ -32,8 +34,15 @@ pub struct AgentState {
 
 #[derive(Default)]
 struct Inner {
-    session: Option<SessionInfo>,
+    /// Sessions up, by gateway peer id (the configured gateway's first in
+    /// `/v1/advertise`'s `session`).
+    sessions: BTreeMap<PeerId, SessionInfo>,
+    /// The gateway the agent was configured with.
+    seed: Option<PeerId>,
+    /// Each tunnel's status before any gateway answered (or why it did not start).
     tunnels: BTreeMap<TunnelName, TunnelStatus>,
+    /// What each gateway answered for each tunnel.
+    grants: BTreeMap<TunnelName, BTreeMap<PeerId, TunnelStatus>>,
     /// This agent's addresses through the gateway's relay (`.../p2p-circuit/p2p/<me>`).
     circuit: Vec<String>,
     /// AutoNAT's verdict, in words.
@@ -45,32 +54,57 @@ impl AgentState {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    pub fn set_seed(&self, gateway: PeerId) {
+        self.lock().seed = Some(gateway);
+    }
+
     pub fn session_up(&self, gateway: PeerId, address: &Multiaddr) {
         let since = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        self.lock().session = Some(SessionInfo {
-            gateway: gateway.to_string(),
-            address: address.to_string(),
-            since,
-        });
+        self.lock().sessions.insert(
+            gateway,
+            SessionInfo {
+                gateway: gateway.to_string(),
+                address: address.to_string(),
+                since,
+            },
+        );
     }
 
-    pub fn session_down(&self) {
-        self.lock().session = None;
+    /// The session with `gateway` ended: what it granted is no longer advertised.
+    pub fn session_down(&self, gateway: &PeerId) {
+        let mut g = self.lock();
+        g.sessions.remove(gateway);
+        for per in g.grants.values_mut() {
+            per.remove(gateway);
+        }
     }
 
     pub fn set_tunnel(&self, name: &TunnelName, status: TunnelStatus) {
         self.lock().tunnels.insert(name.clone(), status);
     }
 
-    pub fn leased(&self, name: &TunnelName) -> Option<LeasePort> {
+    /// What `gateway` answered for a tunnel.
+    pub fn set_grant(&self, gateway: PeerId, name: &TunnelName, status: TunnelStatus) {
         self.lock()
-            .tunnels
-            .get(name)
+            .grants
+            .entry(name.clone())
+            .or_default()
+            .insert(gateway, status);
+    }
+
+    pub fn leased(&self, name: &TunnelName) -> Option<LeasePort> {
+        self.tunnel(name)
             .and_then(|t| t.port)
             .and_then(LeasePort::new)
+    }
+
+    /// A tunnel as every gateway answered it together.
+    pub fn tunnel(&self, name: &TunnelName) -> Option<TunnelStatus> {
+        let g = self.lock();
+        g.tunnels.get(name).map(|base| g.merged(name, base))
     }
 
     pub fn add_circuit_addr(&self, addr: String) {
@@ -84,8 +118,10 @@ impl AgentState {
         self.lock().circuit.retain(|a| a != addr);
     }
 
-    pub fn clear_circuit_addrs(&self) {
-        self.lock().circuit.clear();
+    /// Forgets the circuit addresses through `relay`'s reservation.
+    pub fn clear_circuit_addrs_of(&self, relay: &PeerId) {
+        let through = format!("/p2p/{relay}/p2p-circuit");
+        self.lock().circuit.retain(|a| !a.contains(&through));
     }
 
     pub fn circuit_addrs(&self) -> Vec<String> {
@@ -100,22 +136,40 @@ impl AgentState {
         self.lock().reachability.clone()
     }
 
+    /// The configured gateway's session, else any.
     pub fn session(&self) -> Option<SessionInfo> {
-        self.lock().session.clone()
+        let g = self.lock();
+        g.seed
+            .and_then(|s| g.sessions.get(&s))
+            .or_else(|| g.sessions.values().next())
+            .cloned()
+    }
+
+    pub fn sessions(&self) -> Vec<SessionInfo> {
+        self.lock().sessions.values().cloned().collect()
     }
 
     pub fn tunnels(&self) -> Vec<TunnelStatus> {
-        self.lock().tunnels.values().cloned().collect()
+        let g = self.lock();
+        g.tunnels
+            .iter()
+            .map(|(name, base)| g.merged(name, base))
+            .collect()
     }
 
     /// Reasons the agent is not ready (empty when it is).
     pub fn problems(&self) -> Vec<String> {
         let g = self.lock();
         let mut out = Vec::new();
-        if g.session.is_none() {
+        if g.sessions.is_empty() {
             out.push("no session with the gateway".into());
         }
-        for t in g.tunnels.values() {
+        let tunnels: Vec<TunnelStatus> = g
+            .tunnels
+            .iter()
+            .map(|(name, base)| g.merged(name, base))
+            .collect();
+        for t in &tunnels {
             if t.port.is_none() {
                 out.push(format!(
                     "tunnel {} has no lease{}",
@@ -130,6 +184,50 @@ impl AgentState {
                 out.push(format!("tunnel {}: {e}", t.name));
             }
         }
+        out
+    }
+}
+
+impl Inner {
+    /// One tunnel over every gateway: its port (the same on each), the
+    /// union of their addresses (the configured gateway's first), and an
+    /// error when no gateway leased it, or when one found it wrong.
+    fn merged(&self, name: &TunnelName, base: &TunnelStatus) -> TunnelStatus {
+        let Some(per) = self.grants.get(name).filter(|p| !p.is_empty()) else {
+            return base.clone();
+        };
+        let mut order: Vec<&TunnelStatus> = Vec::new();
+        if let Some(s) = self.seed.and_then(|s| per.get(&s)) {
+            order.push(s);
+        }
+        order.extend(
+            per.iter()
+                .filter(|(p, _)| Some(**p) != self.seed)
+                .map(|(_, s)| s),
+        );
+        let mut out = TunnelStatus {
+            name: base.name.clone(),
+            target: base.target.clone(),
+            ..Default::default()
+        };
+        for s in &order {
+            if out.port.is_none() {
+                out.port = s.port;
+            }
+            for a in &s.addresses {
+                if !out.addresses.contains(a) {
+                    out.addresses.push(a.clone());
+                }
+            }
+        }
+        out.error = if out.port.is_none() {
+            order.iter().find_map(|s| s.error.clone())
+        } else {
+            order
+                .iter()
+                .filter(|s| s.port.is_some())
+                .find_map(|s| s.error.clone())
+        };
         out
     }
 }

@@ -1,4 +1,4 @@
-//! Who may connect to this agent: its gateway (AutoNAT dials back), and the
+//! Who may connect to this agent: its gateways (AutoNAT dials back), and the
 //! peers on a service's allow-list (visitors, through the relay and then
 //! directly after DCUtR). Anyone else is refused as its connection is
 //! established, before identify, DCUtR (which would make the agent dial
@@ -25,6 +25,8 @@ use crate::metrics::Metrics;
 
 pub struct Strangers {
     allowed: HashSet<PeerId>,
+    /// The fleet's gateways this agent trusts, which change as it learns them.
+    gateways: Arc<crate::gateways::Gateways>,
     metrics: Arc<Metrics>,
 }
 
@@ -33,9 +35,14 @@ pub struct Strangers {
 struct Stranger(PeerId);
 
 impl Strangers {
-    pub fn new(allowed: impl IntoIterator<Item = PeerId>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        allowed: impl IntoIterator<Item = PeerId>,
+        gateways: Arc<crate::gateways::Gateways>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             allowed: allowed.into_iter().collect(),
+            gateways,
             metrics,
         }
     }
@@ -52,7 +59,7 @@ impl NetworkBehaviour for Strangers {
         _: &Multiaddr,
         _: &Multiaddr,
     ) -> Result<THandler<Self>, ConnectionDenied> {
-        if self.allowed.contains(&peer) {
+        if self.allowed.contains(&peer) || self.gateways.contains(&peer) {
             return Ok(dummy::ConnectionHandler);
         }
         self.metrics.refuse("stranger");

@@ -35,7 +35,7 @@ struct Route {
 
 pub struct Tunnels {
     routes: HashMap<TunnelName, Route>,
-    gateway: PeerId,
+    gateways: Arc<crate::gateways::Gateways>,
     metrics: Arc<Metrics>,
     connect_timeout: Duration,
     /// SO_MARK of transparent delivery sockets.
@@ -47,7 +47,7 @@ impl Tunnels {
     pub fn new(
         tunnels: &[TunnelConfig],
         me: PeerId,
-        gateway: PeerId,
+        gateways: Arc<crate::gateways::Gateways>,
         metrics: Arc<Metrics>,
         connect_timeout: Duration,
         mark: u32,
@@ -69,7 +69,7 @@ impl Tunnels {
             .collect();
         Self {
             routes,
-            gateway,
+            gateways,
             metrics,
             connect_timeout,
             mark,
@@ -84,7 +84,7 @@ impl Tunnels {
         tracker: TaskTracker,
     ) {
         while let Some(Incoming { peer, stream, .. }) = incoming.recv().await {
-            if peer != self.gateway {
+            if !self.gateways.contains(&peer) {
                 self.metrics.refuse("stream_from_unknown_peer");
                 tracing::warn!(%peer, "tunnel stream from a peer that is not our gateway; dropped");
                 continue;

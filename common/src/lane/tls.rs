@@ -38,6 +38,7 @@ pub struct Accepted<S> {
 }
 
 /// One side's TLS identity.
+#[derive(Clone)]
 pub struct LaneTls {
     key: Keypair,
     server: Arc<ServerConfig>,
