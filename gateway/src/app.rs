@@ -65,7 +65,22 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     let (key, key_source) = load_identity(&cfg)?;
     let peer_id = key.public().to_peer_id();
     tracing::info!(%peer_id, source = ?key_source, "identity");
-    let token = load_token(&cfg)?;
+    let mut token = load_token(&cfg)?;
+    if let (StoreKind::Etcd, Some((mine, created))) = (cfg.store.kind, &token) {
+        // An agent admitted here is admitted by every gateway of the fleet.
+        let mut client = crate::store::connect_client(&cfg.store.etcd).await?;
+        let fleet =
+            crate::fleet::token::fleet_token(&mut client, &cfg.store.etcd.prefix, mine).await?;
+        if fleet.expose() != mine.expose() {
+            if cfg.admission.token.is_empty() {
+                crate::fleet::token::keep(&cfg.token_file(), &fleet)?;
+                tracing::info!(file = %cfg.token_file().display(), "using the fleet's join token from etcd");
+                token = Some((fleet, *created));
+            } else {
+                tracing::warn!("admission.token differs from the fleet's join token in etcd: agents admitted by the other gateways are refused here; fix: give every gateway the same token, or none inline");
+            }
+        }
+    }
 
     let store: Arc<dyn LeaseStore> = match cfg.store.kind {
         StoreKind::Embedded => {

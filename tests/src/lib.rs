@@ -2,6 +2,7 @@
 
 pub mod circuitpeer; // a bare circuit relay v2 peer: reserve, open and accept circuits byte by byte
 pub mod etcd; // a real etcd with its own data dir, for the lease store
+pub mod fleetkit; // gateways of a fleet on a test etcd: start them, reach through them, read their view
 pub mod load; // open-files limit, /proc figures, async echo, many held connections
 pub mod netlab; // network namespaces: an internet, NAT routers, hosts, faults
 pub mod procs; // child processes: workspace binaries, captured logs, kill on drop

@@ -4,15 +4,13 @@
 //! and counted; an embedded store's leases move into etcd.
 
 use std::{
-    io::{Read, Write},
-    net::TcpStream,
     path::Path,
     time::{Duration, Instant},
 };
 
 use relaygate_tests::{
     etcd::{require_etcd, Etcd},
-    procs::free_tcp_range,
+    fleetkit::{echo_through, fleet, on_etcd, on_etcd_with, range},
     procs::workspace_bin,
     stack::{
         agent_peer_id, eventually, here, http_get, http_request, metric, Agent, Echo, Gateway,
@@ -22,30 +20,11 @@ use relaygate_tests::{
 
 const T: Duration = Duration::from_secs(20);
 
-fn on_etcd(etcd: &Etcd, bind: &str, range: &str) -> Gateway {
-    on_etcd_with(etcd, bind, range, &[])
-}
-
-fn on_etcd_with(etcd: &Etcd, bind: &str, range: &str, more: &[&str]) -> Gateway {
-    let mut extra = vec![
-        "--set".to_string(),
-        "store.kind=etcd".into(),
-        "--set".into(),
-        format!("store.etcd.endpoints={}", etcd.endpoint()),
-    ];
-    for m in more {
-        extra.extend(["--set".to_string(), m.to_string()]);
-    }
-    Gateway::start(
-        &here,
-        GatewaySpec {
-            bind: bind.into(),
-            public_ip: bind.into(),
-            port_range: Some(range.into()),
-            extra,
-            ..Default::default()
-        },
-    )
+/// These tests are about the store: each agent keeps to the gateway it is
+/// given (twins with one identity on two gateways would otherwise take each
+/// other's sessions as both follow the fleet).
+fn one_gateway() -> Vec<String> {
+    vec!["--set".into(), "gateway.max_sessions=1".into()]
 }
 
 /// Two gateways on `etcd` with one port range, on 127.0.0.1 and 127.0.0.2
@@ -57,11 +36,6 @@ fn two_gateways(etcd: &Etcd) -> (Gateway, Gateway, String) {
     (gw1, gw2, r)
 }
 
-fn range() -> String {
-    let p = free_tcp_range(10);
-    format!("{p}-{}", p + 9)
-}
-
 /// A copy of an agent's data dir: the same identity for a second process.
 fn twin_dir(of: &Path) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("dir");
@@ -71,19 +45,6 @@ fn twin_dir(of: &Path) -> tempfile::TempDir {
         }
     }
     dir
-}
-
-/// What comes back through `host:port`; nothing when it does not answer.
-fn echo_through(host: &str, port: u16, data: &[u8]) -> Vec<u8> {
-    let Ok(mut s) = TcpStream::connect((host, port)) else {
-        return Vec::new();
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-    let _ = s.write_all(data);
-    let _ = s.shutdown(std::net::Shutdown::Write);
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    out
 }
 
 #[test]
@@ -100,7 +61,7 @@ fn a_tunnel_gets_one_port_from_every_gateway_on_the_store() {
         Transport::Quic,
         &[echo.tunnel("echo")],
         true,
-        &[],
+        &one_gateway(),
     );
     let p1 = a1.wait_leased("echo", T).expect("lease through gateway 1");
     // The same agent (its identity) through the other gateway.
@@ -110,7 +71,7 @@ fn a_tunnel_gets_one_port_from_every_gateway_on_the_store() {
         Transport::Quic,
         &[echo.tunnel("echo")],
         true,
-        &[],
+        &one_gateway(),
         twin_dir(a1.dir.path()),
     );
     let p2 = a2.wait_leased("echo", T).expect("lease through gateway 2");
@@ -129,7 +90,7 @@ fn a_tunnel_gets_one_port_from_every_gateway_on_the_store() {
         Transport::Quic,
         &[echo.tunnel("echo")],
         true,
-        &[],
+        &one_gateway(),
     );
     let p3 = other.wait_leased("echo", T).expect("another agent's lease");
     assert_ne!(p3, p1);
@@ -157,9 +118,9 @@ fn two_agents_racing_for_one_port_through_two_gateways_get_it_once() {
             Transport::Quic,
             std::slice::from_ref(&tunnel),
             true,
-            &[],
+            &one_gateway(),
         );
-        let b = Agent::start(&here, &gw2, Transport::Quic, &[tunnel], true, &[]);
+        let b = Agent::start(&here, &gw2, Transport::Quic, &[tunnel], true, &one_gateway());
         let outcome = |agent: &Agent| {
             agent
                 .proc
@@ -202,7 +163,7 @@ fn with_etcd_gone_leases_keep_working_and_new_ones_are_refused_until_it_returns(
         Transport::Quic,
         &[echo.tunnel("echo")],
         true,
-        &[],
+        &one_gateway(),
     );
     let port = a.wait_leased("echo", T).expect("lease");
 
@@ -214,7 +175,7 @@ fn with_etcd_gone_leases_keep_working_and_new_ones_are_refused_until_it_returns(
         Transport::Quic,
         &[echo.tunnel("echo")],
         true,
-        &[],
+        &one_gateway(),
     );
     let refused = late
         .proc
@@ -270,7 +231,7 @@ fn migrate_store_copies_an_embedded_gateways_leases_into_etcd() {
         Transport::Quic,
         &[format!("echo={}@{last}", echo.addr)],
         true,
-        &[],
+        &one_gateway(),
     );
     assert_eq!(a.wait_leased("echo", T), Ok(last));
     let identity = twin_dir(a.dir.path());
@@ -302,7 +263,7 @@ fn migrate_store_copies_an_embedded_gateways_leases_into_etcd() {
         Transport::Quic,
         &[echo.tunnel("echo")],
         true,
-        &[],
+        &one_gateway(),
         identity,
     );
     assert_eq!(back.wait_leased("echo", T), Ok(last));
@@ -323,7 +284,7 @@ fn a_ban_through_one_gateway_holds_on_the_others_within_a_second() {
         Transport::Quic,
         &[echo.tunnel("echo")],
         true,
-        &[],
+        &one_gateway(),
     );
     let port = agent
         .wait_leased("echo", T)
@@ -406,33 +367,6 @@ fn a_ban_through_one_gateway_holds_on_the_others_within_a_second() {
     );
 }
 
-/// The fleet's view (`/v1/fleet`): gateway peer ids, and the agents each holds.
-fn fleet(gw: &Gateway) -> Vec<(String, Vec<String>)> {
-    let body = http_get(gw.admin, "/v1/fleet").1;
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-    v["gateways"]
-        .as_array()
-        .map(|gs| {
-            gs.iter()
-                .map(|g| {
-                    let agents = g["agents"]
-                        .as_array()
-                        .map(|a| {
-                            a.iter()
-                                .filter_map(|x| x.as_str().map(String::from))
-                                .collect()
-                        })
-                        .unwrap_or_default();
-                    (
-                        g["peer_id"].as_str().unwrap_or_default().to_string(),
-                        agents,
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 #[test]
 fn gateways_on_one_etcd_see_each_other_and_a_dead_one_leaves() {
     if !require_etcd("gateways_on_one_etcd_see_each_other_and_a_dead_one_leaves") {
@@ -464,7 +398,7 @@ fn gateways_on_one_etcd_see_each_other_and_a_dead_one_leaves() {
         Transport::Quic,
         &[echo.tunnel("echo")],
         true,
-        &[],
+        &one_gateway(),
     );
     agent.wait_leased("echo", T).expect("lease");
     let agent_id = agent_peer_id(agent.dir.path());
@@ -528,7 +462,7 @@ fn a_three_member_etcd_losing_one_member_goes_unnoticed() {
         Transport::Quic,
         &[echo.tunnel("echo")],
         true,
-        &[],
+        &one_gateway(),
     );
     let port = a.wait_leased("echo", T).expect("lease");
     // The member the gateway most likely talks to first goes.
@@ -540,7 +474,7 @@ fn a_three_member_etcd_losing_one_member_goes_unnoticed() {
         Transport::Quic,
         &[echo.tunnel("echo")],
         true,
-        &[],
+        &one_gateway(),
     );
     let pb = b
         .wait_leased("echo", T)

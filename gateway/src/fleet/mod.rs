@@ -7,3 +7,4 @@ pub mod bans; // bans made on any gateway hold on every gateway, within a second
 pub mod forward; // public connections carried to the gateway that holds their agent
 pub mod members; // each gateway's record under an etcd lease; the fleet's view
 pub mod ports; // who holds each leased port's socket here: a session or the forwarder
+pub mod token; // one join token for the fleet, kept in etcd

@@ -1,0 +1,231 @@
+//! A fleet of three gateways on a real etcd (issue #16): an agent given one
+//! gateway holds sessions with all three and each serves its port; a
+//! SIGKILLed gateway costs the transfers through the others nothing; with
+//! one session, every gateway forwards to the one that holds the agent,
+//! keeping the client's address.
+
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use relaygate_tests::{
+    etcd::{require_etcd, Etcd},
+    fleetkit::{echo_through, fleet, on_etcd_with, range},
+    stack::{agent_peer_id, eventually, here, http_get, metric, Agent, Echo, Gateway, Transport},
+};
+
+const T: Duration = Duration::from_secs(20);
+const HOSTS: [&str; 3] = ["127.0.0.1", "127.0.0.2", "127.0.0.3"];
+
+fn three_gateways(etcd: &Etcd) -> Vec<Gateway> {
+    let r = range();
+    let ttl = ["store.etcd.member_ttl=3s"];
+    let gws: Vec<Gateway> = HOSTS.iter().map(|h| on_etcd_with(etcd, h, &r, &ttl)).collect();
+    assert!(
+        eventually(Duration::from_secs(10), || gws
+            .iter()
+            .all(|g| fleet(g).len() == 3)),
+        "every gateway sees three"
+    );
+    gws
+}
+
+/// Gateways the agent has a session with, from its `/v1/advertise`.
+fn sessions(agent: &Agent) -> Vec<String> {
+    let body = http_get(agent.admin, "/v1/advertise").1;
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    v["sessions"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s["gateway"].as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn advertised(agent: &Agent) -> Vec<String> {
+    let body = http_get(agent.admin, "/v1/advertise").1;
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    v["tunnels"][0]["addresses"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Round trips on one connection through `host:port` until `stop`;
+/// `Err` names the first that failed.
+fn keep_echoing(host: &str, port: u16, stop: Arc<AtomicBool>) -> Result<usize, String> {
+    let mut s = TcpStream::connect((host, port)).map_err(|e| format!("{host}: connect: {e}"))?;
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut n = 0;
+    let chunk = vec![0x5au8; 16 * 1024];
+    let mut back = vec![0u8; chunk.len()];
+    while !stop.load(Ordering::Relaxed) {
+        s.write_all(&chunk).map_err(|e| format!("{host}: write after {n}: {e}"))?;
+        s.read_exact(&mut back).map_err(|e| format!("{host}: read after {n}: {e}"))?;
+        if back != chunk {
+            return Err(format!("{host}: bytes changed after {n}"));
+        }
+        n += 1;
+    }
+    Ok(n)
+}
+
+#[test]
+fn an_agent_holds_every_gateway_and_a_dead_one_costs_nothing() {
+    if !require_etcd("an_agent_holds_every_gateway_and_a_dead_one_costs_nothing") {
+        return;
+    }
+    let etcd = Etcd::start();
+    let mut gws = three_gateways(&etcd);
+    let echo = Echo::start();
+    // Given gateway 1 only.
+    let agent = Agent::start(&here, &gws[0], Transport::Quic, &[echo.tunnel("echo")], true, &[]);
+    let port = agent.wait_leased("echo", T).expect("lease");
+    assert!(
+        eventually(T, || sessions(&agent).len() == 3),
+        "a session with every gateway: {:?}",
+        sessions(&agent)
+    );
+    for g in &gws {
+        assert!(sessions(&agent).contains(&g.peer_id));
+    }
+    // One port on each, and an address through each advertised.
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let a = advertised(&agent);
+            HOSTS.iter().all(|h| a.contains(&format!("/ip4/{h}/tcp/{port}")))
+        }),
+        "advertised through every gateway: {:?}",
+        advertised(&agent)
+    );
+    for h in HOSTS {
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        assert!(echo_through(h, port, &data) == data, "byte-exact through {h}");
+    }
+    // The gateways' forwarders listen nowhere: each serves the port itself.
+    for g in &gws {
+        assert_eq!(
+            metric(&g.metrics(), "relaygate_gateway_forwarded_connections_total{reason=\"in\"}")
+                .unwrap_or(0.0),
+            0.0
+        );
+    }
+
+    // Transfers through gateways 1 and 3 while gateway 2 is SIGKILLed.
+    let stop = Arc::new(AtomicBool::new(false));
+    let runners: Vec<_> = [HOSTS[0], HOSTS[2]]
+        .into_iter()
+        .map(|h| {
+            let stop = stop.clone();
+            std::thread::spawn(move || keep_echoing(h, port, stop))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let killed = Instant::now();
+    gws[1].proc.kill_hard();
+    // New connections through the survivors, at once and throughout.
+    let mut failed_new = 0;
+    while killed.elapsed() < Duration::from_secs(4) {
+        for h in [HOSTS[0], HOSTS[2]] {
+            if echo_through(h, port, b"new") != b"new" {
+                failed_new += 1;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for r in runners {
+        let done = r.join().expect("runner").expect("a transfer through a survivor failed");
+        assert!(done > 10, "transfers moved: {done}");
+    }
+    assert_eq!(failed_new, 0, "new connections through the survivors failed");
+    assert!(
+        eventually(Duration::from_secs(10), || !fleet(&gws[0])
+            .iter()
+            .any(|(id, _)| *id == gws[1].peer_id)),
+        "the dead gateway left the fleet's view"
+    );
+    eprintln!("gateway 2 left the view {:?} after its SIGKILL", killed.elapsed());
+
+    // Restarted: it serves the same port again within 5 s of coming up.
+    gws[1].crash_and_restart(&here);
+    let up = Instant::now();
+    assert!(
+        eventually(Duration::from_secs(5), || echo_through(HOSTS[1], port, b"back") == b"back"),
+        "the restarted gateway serves the port again"
+    );
+    eprintln!("the restarted gateway served the port {:?} after it came up", up.elapsed());
+}
+
+#[test]
+fn with_one_session_every_gateway_forwards_to_it_keeping_the_source() {
+    if !require_etcd("with_one_session_every_gateway_forwards_to_it_keeping_the_source") {
+        return;
+    }
+    let etcd = Etcd::start();
+    let gws = three_gateways(&etcd);
+    let echo = Echo::start();
+    let agent = Agent::start(
+        &here,
+        &gws[0],
+        Transport::Quic,
+        &[echo.tunnel("echo")],
+        true,
+        &["--set".into(), "gateway.max_sessions=1".into()],
+    );
+    let port = agent.wait_leased("echo", T).expect("lease");
+    let agent_id = agent_peer_id(agent.dir.path());
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(sessions(&agent), vec![gws[0].peer_id.clone()], "one session");
+    // Every gateway answers on the port, the two without a session by forwarding.
+    for (i, h) in HOSTS.iter().enumerate() {
+        let data: Vec<u8> = (0..50_000u32).map(|i| (i % 241) as u8).collect();
+        assert!(
+            eventually(Duration::from_secs(10), || echo_through(h, port, &data) == data),
+            "byte-exact through gateway {} ({h})",
+            i + 1
+        );
+    }
+    for g in &gws[1..] {
+        assert!(
+            metric(&g.metrics(), "relaygate_gateway_forwarded_connections_total{reason=\"out\"}")
+                .unwrap_or(0.0)
+                >= 1.0,
+            "gateway {} forwarded",
+            g.peer_id
+        );
+    }
+    // The client's own address arrives at the gateway holding the agent.
+    let client = std::net::SocketAddr::from(([127, 0, 0, 9], 0));
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    sock.bind(&client.into()).expect("bind 127.0.0.9");
+    sock.connect(&std::net::SocketAddr::from(([127, 0, 0, 3], port)).into())
+        .expect("connect through gateway 3");
+    let mut s: TcpStream = sock.into();
+    s.write_all(b"from .9").expect("write");
+    let mut back = [0u8; 7];
+    s.read_exact(&mut back).expect("read");
+    assert_eq!(&back, b"from .9");
+    let agents = http_get(gws[0].admin, "/v1/agents").1;
+    assert!(
+        agents.contains(&agent_id) && agents.contains("127.0.0.9:"),
+        "gateway 1 saw the client's address through gateway 3's forward: {agents}"
+    );
+    assert!(
+        metric(&gws[0].metrics(), "relaygate_gateway_forwarded_connections_total{reason=\"in\"}")
+            .unwrap_or(0.0)
+            >= 3.0
+    );
+}
