@@ -82,4 +82,3 @@ pub fn fleet(gw: &Gateway) -> Vec<(String, Vec<String>)> {
         })
         .unwrap_or_default()
 }
-

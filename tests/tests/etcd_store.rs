@@ -120,7 +120,14 @@ fn two_agents_racing_for_one_port_through_two_gateways_get_it_once() {
             true,
             &one_gateway(),
         );
-        let b = Agent::start(&here, &gw2, Transport::Quic, &[tunnel], true, &one_gateway());
+        let b = Agent::start(
+            &here,
+            &gw2,
+            Transport::Quic,
+            &[tunnel],
+            true,
+            &one_gateway(),
+        );
         let outcome = |agent: &Agent| {
             agent
                 .proc

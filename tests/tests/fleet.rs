@@ -26,7 +26,10 @@ const HOSTS: [&str; 3] = ["127.0.0.1", "127.0.0.2", "127.0.0.3"];
 fn three_gateways(etcd: &Etcd) -> Vec<Gateway> {
     let r = range();
     let ttl = ["store.etcd.member_ttl=3s"];
-    let gws: Vec<Gateway> = HOSTS.iter().map(|h| on_etcd_with(etcd, h, &r, &ttl)).collect();
+    let gws: Vec<Gateway> = HOSTS
+        .iter()
+        .map(|h| on_etcd_with(etcd, h, &r, &ttl))
+        .collect();
     assert!(
         eventually(Duration::from_secs(10), || gws
             .iter()
@@ -72,8 +75,10 @@ fn keep_echoing(host: &str, port: u16, stop: Arc<AtomicBool>) -> Result<usize, S
     let chunk = vec![0x5au8; 16 * 1024];
     let mut back = vec![0u8; chunk.len()];
     while !stop.load(Ordering::Relaxed) {
-        s.write_all(&chunk).map_err(|e| format!("{host}: write after {n}: {e}"))?;
-        s.read_exact(&mut back).map_err(|e| format!("{host}: read after {n}: {e}"))?;
+        s.write_all(&chunk)
+            .map_err(|e| format!("{host}: write after {n}: {e}"))?;
+        s.read_exact(&mut back)
+            .map_err(|e| format!("{host}: read after {n}: {e}"))?;
         if back != chunk {
             return Err(format!("{host}: bytes changed after {n}"));
         }
@@ -91,7 +96,14 @@ fn an_agent_holds_every_gateway_and_a_dead_one_costs_nothing() {
     let mut gws = three_gateways(&etcd);
     let echo = Echo::start();
     // Given gateway 1 only.
-    let agent = Agent::start(&here, &gws[0], Transport::Quic, &[echo.tunnel("echo")], true, &[]);
+    let agent = Agent::start(
+        &here,
+        &gws[0],
+        Transport::Quic,
+        &[echo.tunnel("echo")],
+        true,
+        &[],
+    );
     let port = agent.wait_leased("echo", T).expect("lease");
     assert!(
         eventually(T, || sessions(&agent).len() == 3),
@@ -105,20 +117,28 @@ fn an_agent_holds_every_gateway_and_a_dead_one_costs_nothing() {
     assert!(
         eventually(Duration::from_secs(5), || {
             let a = advertised(&agent);
-            HOSTS.iter().all(|h| a.contains(&format!("/ip4/{h}/tcp/{port}")))
+            HOSTS
+                .iter()
+                .all(|h| a.contains(&format!("/ip4/{h}/tcp/{port}")))
         }),
         "advertised through every gateway: {:?}",
         advertised(&agent)
     );
     for h in HOSTS {
         let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
-        assert!(echo_through(h, port, &data) == data, "byte-exact through {h}");
+        assert!(
+            echo_through(h, port, &data) == data,
+            "byte-exact through {h}"
+        );
     }
     // The gateways' forwarders listen nowhere: each serves the port itself.
     for g in &gws {
         assert_eq!(
-            metric(&g.metrics(), "relaygate_gateway_forwarded_connections_total{reason=\"in\"}")
-                .unwrap_or(0.0),
+            metric(
+                &g.metrics(),
+                "relaygate_gateway_forwarded_connections_total{reason=\"in\"}"
+            )
+            .unwrap_or(0.0),
             0.0
         );
     }
@@ -147,26 +167,40 @@ fn an_agent_holds_every_gateway_and_a_dead_one_costs_nothing() {
     }
     stop.store(true, Ordering::Relaxed);
     for r in runners {
-        let done = r.join().expect("runner").expect("a transfer through a survivor failed");
+        let done = r
+            .join()
+            .expect("runner")
+            .expect("a transfer through a survivor failed");
         assert!(done > 10, "transfers moved: {done}");
     }
-    assert_eq!(failed_new, 0, "new connections through the survivors failed");
+    assert_eq!(
+        failed_new, 0,
+        "new connections through the survivors failed"
+    );
     assert!(
         eventually(Duration::from_secs(10), || !fleet(&gws[0])
             .iter()
             .any(|(id, _)| *id == gws[1].peer_id)),
         "the dead gateway left the fleet's view"
     );
-    eprintln!("gateway 2 left the view {:?} after its SIGKILL", killed.elapsed());
+    eprintln!(
+        "gateway 2 left the view {:?} after its SIGKILL",
+        killed.elapsed()
+    );
 
     // Restarted: it serves the same port again within 5 s of coming up.
     gws[1].crash_and_restart(&here);
     let up = Instant::now();
     assert!(
-        eventually(Duration::from_secs(5), || echo_through(HOSTS[1], port, b"back") == b"back"),
+        eventually(Duration::from_secs(5), || echo_through(
+            HOSTS[1], port, b"back"
+        ) == b"back"),
         "the restarted gateway serves the port again"
     );
-    eprintln!("the restarted gateway served the port {:?} after it came up", up.elapsed());
+    eprintln!(
+        "the restarted gateway served the port {:?} after it came up",
+        up.elapsed()
+    );
 }
 
 #[test]
@@ -188,20 +222,28 @@ fn with_one_session_every_gateway_forwards_to_it_keeping_the_source() {
     let port = agent.wait_leased("echo", T).expect("lease");
     let agent_id = agent_peer_id(agent.dir.path());
     std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(sessions(&agent), vec![gws[0].peer_id.clone()], "one session");
+    assert_eq!(
+        sessions(&agent),
+        vec![gws[0].peer_id.clone()],
+        "one session"
+    );
     // Every gateway answers on the port, the two without a session by forwarding.
     for (i, h) in HOSTS.iter().enumerate() {
         let data: Vec<u8> = (0..50_000u32).map(|i| (i % 241) as u8).collect();
         assert!(
-            eventually(Duration::from_secs(10), || echo_through(h, port, &data) == data),
+            eventually(Duration::from_secs(10), || echo_through(h, port, &data)
+                == data),
             "byte-exact through gateway {} ({h})",
             i + 1
         );
     }
     for g in &gws[1..] {
         assert!(
-            metric(&g.metrics(), "relaygate_gateway_forwarded_connections_total{reason=\"out\"}")
-                .unwrap_or(0.0)
+            metric(
+                &g.metrics(),
+                "relaygate_gateway_forwarded_connections_total{reason=\"out\"}"
+            )
+            .unwrap_or(0.0)
                 >= 1.0,
             "gateway {} forwarded",
             g.peer_id
@@ -209,7 +251,8 @@ fn with_one_session_every_gateway_forwards_to_it_keeping_the_source() {
     }
     // The client's own address arrives at the gateway holding the agent.
     let client = std::net::SocketAddr::from(([127, 0, 0, 9], 0));
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    let sock =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
     sock.bind(&client.into()).expect("bind 127.0.0.9");
     sock.connect(&std::net::SocketAddr::from(([127, 0, 0, 3], port)).into())
         .expect("connect through gateway 3");
@@ -224,8 +267,11 @@ fn with_one_session_every_gateway_forwards_to_it_keeping_the_source() {
         "gateway 1 saw the client's address through gateway 3's forward: {agents}"
     );
     assert!(
-        metric(&gws[0].metrics(), "relaygate_gateway_forwarded_connections_total{reason=\"in\"}")
-            .unwrap_or(0.0)
+        metric(
+            &gws[0].metrics(),
+            "relaygate_gateway_forwarded_connections_total{reason=\"in\"}"
+        )
+        .unwrap_or(0.0)
             >= 3.0
     );
 }
