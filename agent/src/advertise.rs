@@ -5,7 +5,7 @@
 //! `/dns4/gw.example.com/tcp/20000/p2p/12D3KooW...` — what Teranode's
 //! `p2p_advertise_addresses` and most libp2p nodes' announce settings take.
 
-use std::{io::Write, path::Path};
+use std::path::Path;
 
 use libp2p::{multiaddr::Protocol, Multiaddr, PeerId};
 use relaygate_common::names::LeasePort;
@@ -64,23 +64,10 @@ pub fn file_line(addrs: &[Multiaddr]) -> String {
     s
 }
 
-/// Writes the file atomically (temp file in the same dir + rename), so a node
-/// reading it never sees half a line.
+/// Writes the file whole (a node reading it never sees half a line), world-
+/// readable: it holds public addresses, for a node that may run as another user.
 pub fn write_file(path: &Path, addrs: &[Multiaddr]) -> std::io::Result<()> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("advertise")
-    ));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(file_line(addrs).as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    relaygate_common::files::write_atomic(path, file_line(addrs).as_bytes(), 0o644)
 }
 
 #[cfg(test)]

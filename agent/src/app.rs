@@ -117,10 +117,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         incoming,
         to_tunnels,
         services,
-        Trusted {
-            gateways: gateways.clone(),
-            lanes: lanes.clone(),
-        },
+        gateways.clone(),
+        metrics.clone(),
         tracker.clone(),
     ));
     // Lanes of our own only with `session.data_path = "lane"`.
@@ -230,7 +228,8 @@ async fn route(
     mut incoming: mpsc::Receiver<Incoming>,
     tunnels: mpsc::Sender<Incoming>,
     services: Arc<Services>,
-    trusted: Trusted,
+    gateways: Arc<Gateways>,
+    metrics: Arc<Metrics>,
     tracker: TaskTracker,
 ) {
     while let Some(i) = incoming.recv().await {
@@ -239,23 +238,16 @@ async fn route(
         } else if i.protocol == LANE_PROTOCOL {
             // Only the fleet's gateways carry tunnelled connections, each
             // on the lanes of its own session.
-            match trusted.gateways.lanes(&i.peer) {
+            match gateways.lanes(&i.peer) {
                 Some(lanes) => {
                     tokio::spawn(async move { lanes.serve_session(i.stream).await });
                 }
-                None => trusted.lanes.refuse_stranger(),
+                None => metrics.refuse("lane_not_from_gateway"),
             }
         } else if tunnels.send(i).await.is_err() {
             return;
         }
     }
-}
-
-/// Who may open lanes on this agent's sessions (each gateway's are found
-/// by its peer id), and what counts a stranger's attempt.
-struct Trusted {
-    gateways: Arc<Gateways>,
-    lanes: Arc<LaneDialer>,
 }
 
 /// Splits the tunnels into those that can start and those refused, with why.

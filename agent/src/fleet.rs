@@ -13,7 +13,7 @@ use std::{
     sync::Arc,
 };
 
-use libp2p::{multiaddr::Protocol, Multiaddr, PeerId};
+use libp2p::{Multiaddr, PeerId};
 use relaygate_common::names::Secret;
 use tokio::{sync::mpsc, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
@@ -87,11 +87,8 @@ impl FleetSessions {
                 .addresses
                 .iter()
                 .filter_map(|a| a.parse::<Multiaddr>().ok())
-                .map(|a| match a.iter().last() {
-                    Some(Protocol::P2p(_)) => a,
-                    _ => a.with(Protocol::P2p(peer)),
-                })
-                .filter(|a| matches!(a.iter().last(), Some(Protocol::P2p(p)) if p == peer))
+                // Another gateway's id on the address: skipped.
+                .filter_map(|a| a.with_p2p(peer).ok())
                 .collect();
             if addrs.is_empty() {
                 self.metrics.bad_input("fleet_gateway");
@@ -138,6 +135,7 @@ impl FleetSessions {
                 r.stop.cancel();
                 let _ = r.task.await;
                 self.state.session_down(&peer);
+                crate::session::publish(&self.state, &self.cfg.tunnels, &self.metrics);
                 self.host.disconnect(peer).await;
             }
         }

@@ -125,7 +125,10 @@ impl HostHandle {
             loop {
                 match rx.recv().await {
                     Ok(p) if p == gateway => return,
-                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Ok(_) => {}
+                    // Notices were lost, this gateway's perhaps: the session
+                    // ends and dials again rather than miss it.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return,
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => {
                         return std::future::pending().await
                     }
@@ -294,8 +297,7 @@ impl Driver {
                     if let Some((_, peer)) = retry {
                         if let Some(r) = self.relays.get_mut(&peer) {
                             r.retry = None;
-                            let addr = r.addr.clone();
-                            self.listen_relay(&mut swarm, peer, addr);
+                            self.listen_relay(&mut swarm, peer);
                         }
                     }
                 }
@@ -341,7 +343,7 @@ impl Driver {
                         retry: None,
                         reserved: false,
                     });
-                self.listen_relay(swarm, peer, addr);
+                self.listen_relay(swarm, peer);
             }
             Command::Connect { peer, addrs, reply } => {
                 if swarm.is_connected(&peer) {
@@ -366,15 +368,12 @@ impl Driver {
         }
     }
 
-    fn listen_relay(
-        &mut self,
-        swarm: &mut libp2p::Swarm<Behaviour>,
-        peer: PeerId,
-        relay: Multiaddr,
-    ) {
+    /// Reserves on `peer`'s relay, at the address its slot holds.
+    fn listen_relay(&mut self, swarm: &mut libp2p::Swarm<Behaviour>, peer: PeerId) {
         let Some(slot) = self.relays.get_mut(&peer) else {
             return;
         };
+        let relay = slot.addr.clone();
         if let Some(old) = slot.listener.take() {
             swarm.remove_listener(old);
         }

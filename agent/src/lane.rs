@@ -23,6 +23,7 @@ const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 const RETRY_MIN: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(30);
 
+#[derive(Clone)]
 pub struct LaneDialer {
     tls: LaneTls,
     gateway: PeerId,
@@ -65,15 +66,8 @@ impl LaneDialer {
     /// of the fleet: what this agent buffers is bounded once, not per gateway.
     pub fn for_gateway(&self, gateway: PeerId) -> Arc<Self> {
         Arc::new(Self {
-            tls: self.tls.clone(),
             gateway,
-            lanes: self.lanes,
-            cfg: self.cfg,
-            budget: self.budget.clone(),
-            tunnels: self.tunnels.clone(),
-            tracker: self.tracker.clone(),
-            metrics: self.metrics.clone(),
-            draining: self.draining.clone(),
+            ..self.clone()
         })
     }
 
@@ -143,11 +137,6 @@ impl LaneDialer {
             self.tracker
                 .spawn(self.tunnels.clone().handle_lane(stream, path));
         }
-    }
-
-    /// A lane offered by a peer that is not the gateway: counted, dropped.
-    pub fn refuse_stranger(&self) {
-        self.metrics.refuse("lane_not_from_gateway");
     }
 
     /// A lane on a session stream the gateway opened (it does when this agent

@@ -112,7 +112,7 @@ impl Session {
                 _ = stop.cancelled() => return,
             };
             self.state.session_down(&self.gateway);
-            self.publish_files();
+            publish(&self.state, &self.tunnels, &self.metrics);
             // No stale connection outlives its session: the next one starts clean
             // (and the relay reservation follows the new connection).
             self.host.disconnect(self.gateway).await;
@@ -196,13 +196,10 @@ impl Session {
         let _up = relaygate_common::metrics::Held::new(&self.metrics.sessions_active);
         self.tell(welcome.fleet.clone());
         let nodes = self.probe_nodes().await;
-        self.apply(&welcome, &dialled, &nodes);
+        self.apply_grants(&welcome, &welcome.leases, &dialled, &nodes, false);
         if self.cfg.relay.enabled {
             // Every session reserves afresh: a reservation dies with its connection.
-            let relay = match dialled.iter().last() {
-                Some(Protocol::P2p(_)) => dialled.clone(),
-                _ => dialled.clone().with(Protocol::P2p(self.gateway)),
-            };
+            let relay = dialled.clone().with_p2p(self.gateway).unwrap_or_else(|a| a);
             self.host.reserve(relay).await;
         }
 
@@ -245,8 +242,7 @@ impl Session {
             match read {
                 Ok(ControlMessage::Fleet { gateways }) => self.tell(gateways),
                 Ok(ControlMessage::Leases { leases }) => {
-                    let granted = self.apply_grants(&welcome, &leases, &dialled, &nodes, true);
-                    self.metrics.leases.inc_by(granted);
+                    self.apply_grants(&welcome, &leases, &dialled, &nodes, true);
                     retry = self.to_retry(&leases);
                     backoff = (backoff * 2).min(LEASE_RETRY_MAX);
                     next = (!retry.is_empty()).then(|| tokio::time::Instant::now() + backoff);
@@ -285,28 +281,24 @@ impl Session {
         Err(SessionError::Unreachable(errors.join("; ")))
     }
 
-    /// Records the leases and publishes each tunnel's advertised addresses.
-    fn apply(
-        &self,
-        welcome: &relaygate_common::protocol::Welcome,
-        dialled: &Multiaddr,
-        nodes: &Nodes,
-    ) {
-        let leased = self.apply_grants(welcome, &welcome.leases, dialled, nodes, false);
-        self.metrics.leases.set(leased);
-    }
-
     /// Each tunnel's node identity for this session: learnt from the node
     /// (`node_peer_id = "auto"`), or given and checked against the node. A
     /// node that holds another id than the one given is an error on the
     /// tunnel (its advertised addresses would not reach it).
     async fn probe_nodes(&self) -> Nodes {
+        // All at once: a node that does not answer costs the timeout once.
+        let probes = self.tunnels.iter().filter_map(|t| {
+            let wanted = t.node_peer_id?;
+            Some(async move {
+                (
+                    t,
+                    wanted,
+                    crate::probe::node_peer_id(&t.target, PROBE_TIMEOUT).await,
+                )
+            })
+        });
         let mut nodes = Nodes::new();
-        for t in &self.tunnels {
-            let Some(wanted) = t.node_peer_id else {
-                continue;
-            };
-            let found = crate::probe::node_peer_id(&t.target, PROBE_TIMEOUT).await;
+        for (t, wanted, found) in futures::future::join_all(probes).await {
             match (wanted, found) {
                 (NodeId::Auto, Ok(p)) => {
                     tracing::info!(tunnel = %t.name, node = %p, "learnt the node's peer id");
@@ -336,7 +328,7 @@ impl Session {
     }
 
     /// Records what the gateway answered for each tunnel (only for the
-    /// tunnels `leases` names, when `only_named`); returns how many were granted.
+    /// tunnels `leases` names, when `only_named`), and publishes the result.
     fn apply_grants(
         &self,
         welcome: &relaygate_common::protocol::Welcome,
@@ -344,9 +336,8 @@ impl Session {
         dialled: &Multiaddr,
         nodes: &Nodes,
         only_named: bool,
-    ) -> i64 {
+    ) {
         let hosts = advertise::hosts(&welcome.fleet_hosts, &welcome.public_hosts, dialled);
-        let mut leased = 0;
         for t in &self.tunnels {
             let grant = leases.iter().find(|g| g.name == t.name);
             if only_named && grant.is_none() {
@@ -359,7 +350,6 @@ impl Session {
             };
             match grant.map(|g| &g.outcome) {
                 Some(LeaseOutcome::Granted { port }) => {
-                    leased += 1;
                     let node = match nodes.get(&t.name) {
                         Some(Ok(p)) => Some(*p),
                         Some(Err(why)) => {
@@ -386,28 +376,7 @@ impl Session {
             }
             self.state.set_grant(self.gateway, &t.name, status);
         }
-        self.publish_files();
-        leased
-    }
-
-    /// Writes each tunnel's advertise file with what every gateway granted.
-    fn publish_files(&self) {
-        for t in &self.tunnels {
-            let Some(path) = &t.advertise_file else {
-                continue;
-            };
-            let Some(status) = self.state.tunnel(&t.name).filter(|s| s.port.is_some()) else {
-                continue;
-            };
-            let addrs: Vec<Multiaddr> = status
-                .addresses
-                .iter()
-                .filter_map(|a| a.parse().ok())
-                .collect();
-            if let Err(e) = advertise::write_file(path, &addrs) {
-                tracing::error!(tunnel = %t.name, path = %path.display(), error = %e, "cannot write advertise file");
-            }
-        }
+        publish(&self.state, &self.tunnels, &self.metrics);
     }
 
     /// Passes on the fleet's gateways as this gateway names them.
@@ -434,4 +403,29 @@ impl Session {
             })
             .collect()
     }
+}
+
+/// After a gateway granted, or a session ended: each tunnel's advertise file
+/// gets what every gateway holding it granted, and `leases` counts the
+/// tunnels leased on at least one.
+pub fn publish(state: &AgentState, tunnels: &[TunnelConfig], metrics: &Metrics) {
+    let mut leased = 0;
+    for t in tunnels {
+        let Some(status) = state.tunnel(&t.name).filter(|s| s.port.is_some()) else {
+            continue;
+        };
+        leased += 1;
+        let Some(path) = &t.advertise_file else {
+            continue;
+        };
+        let addrs: Vec<Multiaddr> = status
+            .addresses
+            .iter()
+            .filter_map(|a| a.parse().ok())
+            .collect();
+        if let Err(e) = advertise::write_file(path, &addrs) {
+            tracing::error!(tunnel = %t.name, path = %path.display(), error = %e, "cannot write advertise file");
+        }
+    }
+    metrics.leases.set(leased);
 }

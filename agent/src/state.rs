@@ -3,10 +3,10 @@
 //! sessions, read by the admin API; a tunnel's advertised addresses are the
 //! union of every gateway's.
 
-use std::{collections::BTreeMap, sync::Mutex, time::SystemTime};
+use std::{collections::BTreeMap, sync::Mutex};
 
 use libp2p::{Multiaddr, PeerId};
-use relaygate_common::names::{LeasePort, TunnelName};
+use relaygate_common::names::TunnelName;
 use serde::Serialize;
 
 #[derive(Clone, Debug, Serialize)]
@@ -59,10 +59,7 @@ impl AgentState {
     }
 
     pub fn session_up(&self, gateway: PeerId, address: &Multiaddr) {
-        let since = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        let since = relaygate_common::clock::unix_now();
         self.lock().sessions.insert(
             gateway,
             SessionInfo {
@@ -93,12 +90,6 @@ impl AgentState {
             .entry(name.clone())
             .or_default()
             .insert(gateway, status);
-    }
-
-    pub fn leased(&self, name: &TunnelName) -> Option<LeasePort> {
-        self.tunnel(name)
-            .and_then(|t| t.port)
-            .and_then(LeasePort::new)
     }
 
     /// A tunnel as every gateway answered it together.
@@ -164,12 +155,7 @@ impl AgentState {
         if g.sessions.is_empty() {
             out.push("no session with the gateway".into());
         }
-        let tunnels: Vec<TunnelStatus> = g
-            .tunnels
-            .iter()
-            .map(|(name, base)| g.merged(name, base))
-            .collect();
-        for t in &tunnels {
+        for t in g.tunnels.iter().map(|(name, base)| g.merged(name, base)) {
             if t.port.is_none() {
                 out.push(format!(
                     "tunnel {} has no lease{}",

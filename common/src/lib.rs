@@ -5,7 +5,9 @@
 
 pub mod admin; // admin HTTP listener: loopback default, bearer token, health + metrics routes
 pub mod circuit; // circuit relay v2 wire format: hop/stop messages, voucher, framing
+pub mod clock; // Unix seconds, as the admin API and etcd records carry them
 pub mod config; // layered config loading (embedded defaults, TOML file, env, --set) and secrets
+pub mod files; // files written whole or not at all (temp file, sync, rename)
 pub mod identity; // libp2p identity key files: create 0600, load protobuf or hex
 pub mod idle; // idle timeouts for spliced connections
 pub mod lane; // the tunnel data path: a few TLS connections per agent, multiplexed streams

@@ -241,7 +241,8 @@ async fn admit(
     ))
 }
 
-fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
+/// The IP a multiaddr starts from (`/ip4/...`, `/ip6/...`), if any.
+pub fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
     addr.iter().find_map(|p| match p {
         Protocol::Ip4(a) => Some(IpAddr::V4(a)),
         Protocol::Ip6(a) => Some(IpAddr::V6(a)),

@@ -66,9 +66,14 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     let peer_id = key.public().to_peer_id();
     tracing::info!(%peer_id, source = ?key_source, "identity");
     let mut token = load_token(&cfg)?;
-    if let (StoreKind::Etcd, Some((mine, created))) = (cfg.store.kind, &token) {
+    // One client for everything the fleet shares (it multiplexes requests).
+    let etcd = match cfg.store.kind {
+        StoreKind::Etcd => Some(crate::store::connect_client(&cfg.store.etcd).await?),
+        StoreKind::Embedded => None,
+    };
+    if let (Some(client), Some((mine, created))) = (&etcd, &token) {
         // An agent admitted here is admitted by every gateway of the fleet.
-        let mut client = crate::store::connect_client(&cfg.store.etcd).await?;
+        let mut client = client.clone();
         let fleet =
             crate::fleet::token::fleet_token(&mut client, &cfg.store.etcd.prefix, mine).await?;
         if fleet.expose() != mine.expose() {
@@ -82,12 +87,12 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         }
     }
 
-    let store: Arc<dyn LeaseStore> = match cfg.store.kind {
-        StoreKind::Embedded => {
+    let store: Arc<dyn LeaseStore> = match &etcd {
+        None => {
             let db = cfg.lease_db();
             Arc::new(tokio::task::spawn_blocking(move || EmbeddedStore::open(&db)).await??)
         }
-        StoreKind::Etcd => Arc::new(EtcdStore::connect(&cfg.store.etcd).await?),
+        Some(client) => Arc::new(EtcdStore::with_client(client.clone(), &cfg.store.etcd)),
     };
     let policy = PortPolicy {
         range: cfg.leases.port_range,
@@ -128,13 +133,13 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     } = host::start(key.clone(), &cfg, metrics.clone(), guard.clone())?;
     let registry = Arc::new(AgentRegistry::default());
     let fleet = Fleet::new(
+        peer_id,
         describe(&cfg, peer_id, &registry, &host.state),
         cfg.store.kind == StoreKind::Etcd,
     );
-    if cfg.store.kind == StoreKind::Etcd {
+    if let Some(client) = etcd {
         // The fleet's gateways share their bans and records through the same etcd.
         let etcd = &cfg.store.etcd;
-        let client = crate::store::connect_client(etcd).await?;
         let (outbox, changes) = tokio::sync::mpsc::unbounded_channel();
         guard.share_with(outbox);
         let shared = SharedBans::new(client.clone(), &etcd.prefix);
@@ -217,7 +222,7 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         fleet_hosts: cfg.fleet.hosts(),
         ports: ports.clone(),
     });
-    let forwarder = (cfg.store.kind == StoreKind::Etcd && cfg.fleet.forward).then(|| {
+    let forwarder = cfg.forwards().then(|| {
         Arc::new(Forwarder {
             fleet: fleet.clone(),
             registry: registry.clone(),

@@ -13,7 +13,6 @@ use std::{
 
 use libp2p::{
     core::{transport::PortUse, Endpoint},
-    multiaddr::Protocol,
     swarm::{
         dummy, ConnectionClosed, ConnectionDenied, ConnectionId, FromSwarm, ListenFailure,
         NetworkBehaviour, THandler, THandlerInEvent, THandlerOutEvent, ToSwarm,
@@ -85,13 +84,7 @@ fn decrement(counts: &mut HashMap<IpAddr, usize>, key: IpAddr) {
     }
 }
 
-pub fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
-    addr.iter().find_map(|p| match p {
-        Protocol::Ip4(ip) => Some(IpAddr::from(ip)),
-        Protocol::Ip6(ip) => Some(IpAddr::from(ip)),
-        _ => None,
-    })
-}
+pub use relaygate_common::proxy_transport::ip_of;
 
 impl NetworkBehaviour for Gate {
     type ConnectionHandler = dummy::ConnectionHandler;

@@ -367,9 +367,7 @@ impl Guard {
         let until = match view.expires {
             None => None,
             Some(unix) => {
-                let now = SystemTime::now()
-                    .duration_since(SystemTime::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs());
+                let now = relaygate_common::clock::unix_now();
                 match unix.checked_sub(now) {
                     Some(left) if left > 0 => {
                         Instant::now().checked_add(std::time::Duration::from_secs(left))

@@ -113,9 +113,10 @@ impl HostHandle {
             return;
         }
         for (peer, addr) in self.state.peers() {
+            let ip = crate::gate::ip_of(&addr);
             let hit = targets.iter().any(|t| match t {
                 BanTarget::Peer(p) => *p == peer,
-                BanTarget::Net(n) => crate::gate::ip_of(&addr).is_some_and(|ip| n.contains(&ip)),
+                net => ip.is_some_and(|ip| net.covers_ip(ip)),
             });
             if hit {
                 self.send(Command::Disconnect(peer)).await;
@@ -152,7 +153,7 @@ pub fn start(
 ) -> Result<Started, HostError> {
     let ping_cfg = transport::ping_config(&cfg.session);
     let mut protocols = vec![CONTROL_PROTOCOL, DIALBACK_PROTOCOL];
-    if cfg.store.kind == crate::config::store::StoreKind::Etcd && cfg.fleet.forward {
+    if cfg.forwards() {
         protocols.push(relaygate_common::protocol::FORWARD_PROTOCOL);
     }
     if cfg.relay.enabled {

@@ -91,39 +91,63 @@ pub async fn bind(ip: std::net::IpAddr, port: u16) -> io::Result<TcpListener> {
 impl PublicPort {
     /// Accepts until the session ends or the gateway stops accepting.
     pub async fn serve(self, dp: Arc<DataPlane>, session: CancellationToken) {
-        let slots = Arc::new(tokio::sync::Semaphore::new(dp.max_per_tunnel));
-        loop {
-            let accepted = tokio::select! {
-                _ = session.cancelled() => break,
-                _ = dp.stop_accepting.cancelled() => break,
-                r = self.listener.accept() => r,
-            };
-            let (tcp, source) = match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(port = %self.stats.port, error = %e, "accept failed");
-                    dp.metrics.refuse("accept_failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let Some((share, slot)) = admit(&dp, &tcp, source, &slots) else {
+        let port = self.stats.port.get();
+        accept_admitted(
+            &self.listener,
+            &dp,
+            port,
+            &session,
+            |tcp, source, share, slot| {
+                let conn = Connection {
+                    _slot: slot,
+                    share,
+                    tcp,
+                    source,
+                    agent: self.agent,
+                    connection: self.connection,
+                    stats: self.stats.clone(),
+                    dp: dp.clone(),
+                };
+                dp.tracker.spawn(conn.run());
+            },
+        )
+        .await;
+        tracing::debug!(port, tunnel = %self.stats.name, "public port closed");
+    }
+}
+
+/// A connection's place under the port's `limits.max_connections_per_tunnel`.
+pub(crate) type Place = tokio::sync::OwnedSemaphorePermit;
+
+/// Accepts on a leased port's `listener` until `stop` or the gateway stops
+/// accepting; each connection that passes [`admit`] goes to `serve`.
+pub(crate) async fn accept_admitted(
+    listener: &TcpListener,
+    dp: &DataPlane,
+    port: u16,
+    stop: &CancellationToken,
+    mut serve: impl FnMut(TcpStream, SocketAddr, Option<Share>, Place),
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(dp.max_per_tunnel));
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = dp.stop_accepting.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        let (tcp, source) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(port, error = %e, "accept failed");
+                dp.metrics.refuse("accept_failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
-            };
-            let conn = Connection {
-                _slot: slot,
-                share,
-                tcp,
-                source,
-                agent: self.agent,
-                connection: self.connection,
-                stats: self.stats.clone(),
-                dp: dp.clone(),
-            };
-            dp.tracker.spawn(conn.run());
+            }
+        };
+        if let Some((share, place)) = admit(dp, &tcp, source, &slots) {
+            serve(tcp, source, share, place);
         }
-        tracing::debug!(port = %self.stats.port, tunnel = %self.stats.name, "public port closed");
     }
 }
 
@@ -136,7 +160,7 @@ pub(crate) fn admit(
     tcp: &TcpStream,
     source: SocketAddr,
     slots: &Arc<tokio::sync::Semaphore>,
-) -> Option<(Option<Share>, tokio::sync::OwnedSemaphorePermit)> {
+) -> Option<(Option<Share>, Place)> {
     let direct = !dp.proxy.trusts(source.ip());
     if direct
         && dp

@@ -255,11 +255,7 @@ impl AgentRegistry {
             .iter()
             .map(|(peer, e)| AgentView {
                 peer_id: peer.to_string(),
-                since: e
-                    .since
-                    .duration_since(SystemTime::UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0),
+                since: relaygate_common::clock::unix_secs(e.since),
                 remote_addr: e.remote.as_ref().map(|a| a.to_string()),
                 tunnels: e
                     .tunnels

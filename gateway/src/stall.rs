@@ -145,11 +145,10 @@ enum Phase {
     Writing,
     /// A write is waiting, for less than the grace so far.
     Waiting,
-    /// On the ledger; `timed`: the clock runs to the timeout.
+    /// On the ledger; the clock runs to the timeout, if there is one.
     Stalled {
         _on_ledger: Stall,
         ended: Pin<Box<WaitForCancellationFutureOwned>>,
-        timed: bool,
     },
 }
 
@@ -204,12 +203,13 @@ impl<W> StallWriter<W> {
             self.phase = Phase::Waiting;
         }
         loop {
+            // Past the grace the clock only runs toward a timeout.
             let timed = match &mut self.phase {
-                Phase::Stalled { ended, timed, .. } => {
+                Phase::Stalled { ended, .. } => {
                     if ended.as_mut().poll(cx).is_ready() {
                         return Poll::Ready(Err(self.end("its peer has too many stalled")));
                     }
-                    *timed
+                    !self.timeout.is_zero()
                 }
                 _ => true,
             };
@@ -223,16 +223,27 @@ impl<W> StallWriter<W> {
                 return Poll::Ready(Err(self.end("its reader stopped")));
             }
             let token = CancellationToken::new();
-            let timed = !self.timeout.is_zero();
             self.phase = Phase::Stalled {
                 _on_ledger: self.ledger.stalled(self.peer, token.clone()),
                 ended: Box::pin(token.cancelled_owned()),
-                timed,
             };
-            if timed {
+            if !self.timeout.is_zero() {
                 self.arm(self.timeout.saturating_sub(STALL_GRACE));
             }
         }
+    }
+}
+
+impl<W: Unpin> StallWriter<W> {
+    /// Polls the inner writer with `f` and watches the outcome.
+    fn poll_inner<T>(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        f: impl FnOnce(Pin<&mut W>, &mut Context<'_>) -> Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        let this = self.get_mut();
+        let polled = f(Pin::new(&mut this.inner), cx);
+        this.watch(cx, polled)
     }
 }
 
@@ -242,21 +253,15 @@ impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for StallWriter<W> 
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
-        this.watch(cx, polled)
+        self.poll_inner(cx, |w, cx| w.poll_write(cx, buf))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_flush(cx);
-        this.watch(cx, polled)
+        self.poll_inner(cx, |w, cx| w.poll_flush(cx))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_shutdown(cx);
-        this.watch(cx, polled)
+        self.poll_inner(cx, |w, cx| w.poll_shutdown(cx))
     }
 }
 
@@ -266,21 +271,15 @@ impl<W: futures::AsyncWrite + Unpin> futures::AsyncWrite for StallWriter<W> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
-        this.watch(cx, polled)
+        self.poll_inner(cx, |w, cx| w.poll_write(cx, buf))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_flush(cx);
-        this.watch(cx, polled)
+        self.poll_inner(cx, |w, cx| w.poll_flush(cx))
     }
 
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_close(cx);
-        this.watch(cx, polled)
+        self.poll_inner(cx, |w, cx| w.poll_close(cx))
     }
 }
 

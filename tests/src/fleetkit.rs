@@ -9,8 +9,21 @@ use std::{
 use crate::{
     etcd::Etcd,
     procs::free_tcp_range,
-    stack::{here, http_get, Gateway, GatewaySpec},
+    stack::{here, http_get, Agent, Echo, Gateway, GatewaySpec, Transport},
 };
+
+/// An agent on `gw` (over QUIC, with its join token) whose one tunnel,
+/// `echo`, leads to `echo`.
+pub fn echo_agent(gw: &Gateway, echo: &Echo, extra: &[String]) -> Agent {
+    Agent::start(
+        &here,
+        gw,
+        Transport::Quic,
+        &[echo.tunnel("echo")],
+        true,
+        extra,
+    )
+}
 
 pub fn on_etcd(etcd: &Etcd, bind: &str, range: &str) -> Gateway {
     on_etcd_with(etcd, bind, range, &[])

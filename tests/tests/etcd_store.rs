@@ -10,7 +10,7 @@ use std::{
 
 use relaygate_tests::{
     etcd::{require_etcd, Etcd},
-    fleetkit::{echo_through, fleet, on_etcd, on_etcd_with, range},
+    fleetkit::{echo_agent, echo_through, fleet, on_etcd, on_etcd_with, range},
     procs::workspace_bin,
     stack::{
         agent_peer_id, eventually, here, http_get, http_request, metric, Agent, Echo, Gateway,
@@ -55,14 +55,7 @@ fn a_tunnel_gets_one_port_from_every_gateway_on_the_store() {
     let etcd = Etcd::start();
     let (gw1, gw2, _) = two_gateways(&etcd);
     let echo = Echo::start();
-    let a1 = Agent::start(
-        &here,
-        &gw1,
-        Transport::Quic,
-        &[echo.tunnel("echo")],
-        true,
-        &one_gateway(),
-    );
+    let a1 = echo_agent(&gw1, &echo, &one_gateway());
     let p1 = a1.wait_leased("echo", T).expect("lease through gateway 1");
     // The same agent (its identity) through the other gateway.
     let a2 = Agent::start_in(
@@ -84,14 +77,7 @@ fn a_tunnel_gets_one_port_from_every_gateway_on_the_store() {
         );
     }
     // Another agent through gateway 2 does not get that port.
-    let other = Agent::start(
-        &here,
-        &gw2,
-        Transport::Quic,
-        &[echo.tunnel("echo")],
-        true,
-        &one_gateway(),
-    );
+    let other = echo_agent(&gw2, &echo, &one_gateway());
     let p3 = other.wait_leased("echo", T).expect("another agent's lease");
     assert_ne!(p3, p1);
 }
@@ -164,26 +150,12 @@ fn with_etcd_gone_leases_keep_working_and_new_ones_are_refused_until_it_returns(
     let mut etcd = Etcd::start();
     let gw = on_etcd(&etcd, "127.0.0.1", &range());
     let echo = Echo::start();
-    let a = Agent::start(
-        &here,
-        &gw,
-        Transport::Quic,
-        &[echo.tunnel("echo")],
-        true,
-        &one_gateway(),
-    );
+    let a = echo_agent(&gw, &echo, &one_gateway());
     let port = a.wait_leased("echo", T).expect("lease");
 
     etcd.kill();
     assert_eq!(echo_through("127.0.0.1", port, b"still"), b"still");
-    let late = Agent::start(
-        &here,
-        &gw,
-        Transport::Quic,
-        &[echo.tunnel("echo")],
-        true,
-        &one_gateway(),
-    );
+    let late = echo_agent(&gw, &echo, &one_gateway());
     let refused = late
         .proc
         .wait_for(|l| l.contains("refused the tunnel's lease"), T)
@@ -285,14 +257,7 @@ fn a_ban_through_one_gateway_holds_on_the_others_within_a_second() {
     let etcd = Etcd::start();
     let (gw1, gw2, _) = two_gateways(&etcd);
     let echo = Echo::start();
-    let agent = Agent::start(
-        &here,
-        &gw2,
-        Transport::Quic,
-        &[echo.tunnel("echo")],
-        true,
-        &one_gateway(),
-    );
+    let agent = echo_agent(&gw2, &echo, &one_gateway());
     let port = agent
         .wait_leased("echo", T)
         .expect("lease through gateway 2");
@@ -399,14 +364,7 @@ fn gateways_on_one_etcd_see_each_other_and_a_dead_one_leaves() {
 
     // An agent on gateway 2 shows in gateway 1's view.
     let echo = Echo::start();
-    let agent = Agent::start(
-        &here,
-        &gw2,
-        Transport::Quic,
-        &[echo.tunnel("echo")],
-        true,
-        &one_gateway(),
-    );
+    let agent = echo_agent(&gw2, &echo, &one_gateway());
     agent.wait_leased("echo", T).expect("lease");
     let agent_id = agent_peer_id(agent.dir.path());
     assert!(
@@ -463,26 +421,12 @@ fn a_three_member_etcd_losing_one_member_goes_unnoticed() {
         },
     );
     let echo = Echo::start();
-    let a = Agent::start(
-        &here,
-        &gw,
-        Transport::Quic,
-        &[echo.tunnel("echo")],
-        true,
-        &one_gateway(),
-    );
+    let a = echo_agent(&gw, &echo, &one_gateway());
     let port = a.wait_leased("echo", T).expect("lease");
     // The member the gateway most likely talks to first goes.
     members[0].kill();
     assert_eq!(echo_through("127.0.0.1", port, b"still"), b"still");
-    let b = Agent::start(
-        &here,
-        &gw,
-        Transport::Quic,
-        &[echo.tunnel("echo")],
-        true,
-        &one_gateway(),
-    );
+    let b = echo_agent(&gw, &echo, &one_gateway());
     let pb = b
         .wait_leased("echo", T)
         .expect("a new lease with two members of three");

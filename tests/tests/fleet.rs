@@ -16,8 +16,8 @@ use std::{
 
 use relaygate_tests::{
     etcd::{require_etcd, Etcd},
-    fleetkit::{echo_through, fleet, on_etcd_with, range},
-    stack::{agent_peer_id, eventually, here, http_get, metric, Agent, Echo, Gateway, Transport},
+    fleetkit::{echo_agent, echo_through, fleet, on_etcd_with, range},
+    stack::{agent_peer_id, eventually, here, http_get, metric, Agent, Echo, Gateway},
 };
 
 const T: Duration = Duration::from_secs(20);
@@ -39,31 +39,28 @@ fn three_gateways(etcd: &Etcd) -> Vec<Gateway> {
     gws
 }
 
-/// Gateways the agent has a session with, from its `/v1/advertise`.
-fn sessions(agent: &Agent) -> Vec<String> {
+/// Strings at `pick` in each item of the array at `list` of the agent's `/v1/advertise`.
+fn advertise_strings(
+    agent: &Agent,
+    list: impl Fn(&serde_json::Value) -> &serde_json::Value,
+    pick: impl Fn(&serde_json::Value) -> Option<&str>,
+) -> Vec<String> {
     let body = http_get(agent.admin, "/v1/advertise").1;
     let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-    v["sessions"]
+    list(&v)
         .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|s| s["gateway"].as_str().map(String::from))
-                .collect()
-        })
+        .map(|a| a.iter().filter_map(|x| pick(x).map(String::from)).collect())
         .unwrap_or_default()
 }
 
+/// Gateways the agent has a session with.
+fn sessions(agent: &Agent) -> Vec<String> {
+    advertise_strings(agent, |v| &v["sessions"], |s| s["gateway"].as_str())
+}
+
+/// The first tunnel's advertised addresses.
 fn advertised(agent: &Agent) -> Vec<String> {
-    let body = http_get(agent.admin, "/v1/advertise").1;
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-    v["tunnels"][0]["addresses"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|s| s.as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default()
+    advertise_strings(agent, |v| &v["tunnels"][0]["addresses"], |a| a.as_str())
 }
 
 /// Round trips on one connection through `host:port` until `stop`;
@@ -96,14 +93,7 @@ fn an_agent_holds_every_gateway_and_a_dead_one_costs_nothing() {
     let mut gws = three_gateways(&etcd);
     let echo = Echo::start();
     // Given gateway 1 only.
-    let agent = Agent::start(
-        &here,
-        &gws[0],
-        Transport::Quic,
-        &[echo.tunnel("echo")],
-        true,
-        &[],
-    );
+    let agent = echo_agent(&gws[0], &echo, &[]);
     let port = agent.wait_leased("echo", T).expect("lease");
     assert!(
         eventually(T, || sessions(&agent).len() == 3),
@@ -211,12 +201,9 @@ fn with_one_session_every_gateway_forwards_to_it_keeping_the_source() {
     let etcd = Etcd::start();
     let gws = three_gateways(&etcd);
     let echo = Echo::start();
-    let agent = Agent::start(
-        &here,
+    let agent = echo_agent(
         &gws[0],
-        Transport::Quic,
-        &[echo.tunnel("echo")],
-        true,
+        &echo,
         &["--set".into(), "gateway.max_sessions=1".into()],
     );
     let port = agent.wait_leased("echo", T).expect("lease");

@@ -45,11 +45,12 @@ pub const LANE_PROTOCOL: StreamProtocol = StreamProtocol::new("/relaygate/lane/1
 pub const LANE_SECRET_LEN: usize = 32;
 
 /// A visitor's stream to a service offered by another agent.
+pub const SERVICE_PROTOCOL: StreamProtocol = StreamProtocol::new("/relaygate/service/1");
+
 /// Opened by a gateway of the fleet toward another that holds a session
 /// with the agent a public connection is for: a `Forward` frame, then the
 /// connection's bytes. Accepted only from the fleet's members.
 pub const FORWARD_PROTOCOL: StreamProtocol = StreamProtocol::new("/relaygate/forward/1");
-pub const SERVICE_PROTOCOL: StreamProtocol = StreamProtocol::new("/relaygate/service/1");
 
 /// Version carried in `Hello`/`Welcome` and in every stream header.
 pub const WIRE_VERSION: u16 = 1;

@@ -391,6 +391,12 @@ impl GatewayConfig {
     }
 
     /// Host parts of the advertised addresses, deduplicated, in order.
+    /// Whether this gateway carries public connections to, and takes them
+    /// from, the other gateways of its fleet.
+    pub fn forwards(&self) -> bool {
+        self.store.kind == store::StoreKind::Etcd && self.fleet.forward
+    }
+
     pub fn public_hosts(&self) -> Vec<String> {
         let mut out: Vec<String> = Vec::new();
         for h in self.advertise.iter().filter_map(host_part) {

@@ -136,9 +136,7 @@ impl SharedBans {
                 let key = format!("{}{}", self.prefix, view.target);
                 let mut opts = None;
                 if let Some(expires) = view.expires {
-                    let now = std::time::SystemTime::now()
-                        .duration_since(std::time::SystemTime::UNIX_EPOCH)
-                        .map_or(0, |d| d.as_secs());
+                    let now = relaygate_common::clock::unix_now();
                     let ttl = i64::try_from(expires.saturating_sub(now).max(1)).unwrap_or(i64::MAX);
                     let lease = self.client.lease_grant(ttl, None).await?;
                     opts = Some(PutOptions::new().with_lease(lease.id()));

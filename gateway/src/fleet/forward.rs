@@ -108,38 +108,25 @@ impl Forwarder {
     }
 
     async fn accept(self: Arc<Self>, listener: TcpListener, slot: ForwardSlot) {
-        let dp = &self.dp;
-        let slots = Arc::new(tokio::sync::Semaphore::new(dp.max_per_tunnel));
-        loop {
-            let accepted = tokio::select! {
-                _ = slot.cancel.cancelled() => break,
-                _ = dp.stop_accepting.cancelled() => break,
-                r = listener.accept() => r,
-            };
-            let (tcp, source) = match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(port = slot.port, error = %e, "accept failed");
-                    dp.metrics.refuse("accept_failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let Some((share, place)) = listener::admit(dp, &tcp, source, &slots) else {
-                continue;
-            };
-            let me = self.clone();
-            let port = slot.port;
-            dp.tracker.spawn(async move {
-                let mut share = share;
-                let mut tcp = tcp;
-                if let Err(e) = me.outbound(&mut tcp, source, &mut share, port).await {
-                    tracing::debug!(%source, port, error = %e, "forwarded connection reset");
-                    let _ = tcp.set_zero_linger();
-                }
-                drop(place);
-            });
-        }
+        let port = slot.port;
+        listener::accept_admitted(
+            &listener,
+            &self.dp,
+            port,
+            &slot.cancel,
+            |tcp, source, share, place| {
+                let me = self.clone();
+                self.dp.tracker.spawn(async move {
+                    let (mut tcp, mut share) = (tcp, share);
+                    if let Err(e) = me.outbound(&mut tcp, source, &mut share, port).await {
+                        tracing::debug!(%source, port, error = %e, "forwarded connection reset");
+                        let _ = tcp.set_zero_linger();
+                    }
+                    drop(place);
+                });
+            },
+        )
+        .await;
         // The socket closes before the slot tells a waiting session so.
         drop(listener);
         drop(slot);

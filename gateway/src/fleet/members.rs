@@ -8,7 +8,7 @@
 use std::{
     collections::BTreeMap,
     sync::{Arc, RwLock},
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use etcd_client::{Client, EventType, GetOptions, PutOptions, WatchOptions};
@@ -49,7 +49,10 @@ type Describe = dyn Fn() -> Member + Send + Sync;
 
 pub struct Fleet {
     describe: Arc<Describe>,
+    /// This gateway's peer id, as its records carry it.
+    me: String,
     shared: bool,
+    /// The other gateways' records (this one's own, read back from etcd, is left out).
     others: RwLock<BTreeMap<String, Member>>,
     /// Bumped when another gateway joins, leaves, or changes what it
     /// serves or where it is (not on a mere refresh).
@@ -64,26 +67,18 @@ fn gist(m: &Member) -> (&[String], bool, &[u16]) {
 /// Wait before registering again after etcd went away.
 const RETRY: Duration = Duration::from_secs(1);
 
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
+pub use relaygate_common::clock::unix_now;
 
 impl Fleet {
-    /// `describe` gives this gateway's record as it is now.
-    pub fn new(describe: Arc<Describe>, shared: bool) -> Arc<Self> {
+    /// `describe` gives this gateway's (`me`) record as it is now.
+    pub fn new(me: PeerId, describe: Arc<Describe>, shared: bool) -> Arc<Self> {
         Arc::new(Self {
             describe,
+            me: me.to_string(),
             shared,
             others: RwLock::default(),
             changed: watch::channel(0).0,
         })
-    }
-
-    /// Whether this gateway shares a fleet through etcd.
-    pub fn is_shared(&self) -> bool {
-        self.shared
     }
 
     /// Follows changes of the other gateways' records.
@@ -119,10 +114,9 @@ impl Fleet {
 
     /// The other gateways serving `port`, with where to dial them.
     pub fn holders(&self, port: u16) -> Vec<(PeerId, Vec<Multiaddr>)> {
-        let me = (self.describe)().peer_id;
         self.others()
             .values()
-            .filter(|m| m.peer_id != me && m.ready && m.ports.contains(&port))
+            .filter(|m| m.ready && m.ports.contains(&port))
             .filter_map(|m| {
                 let peer = m.peer_id.parse().ok()?;
                 let addrs = m.addresses.iter().filter_map(|a| a.parse().ok()).collect();
@@ -133,10 +127,9 @@ impl Fleet {
 
     /// Every port the other gateways serve.
     pub fn served_elsewhere(&self) -> std::collections::BTreeSet<u16> {
-        let me = (self.describe)().peer_id;
         self.others()
             .values()
-            .filter(|m| m.peer_id != me && m.ready)
+            .filter(|m| m.ready)
             .flat_map(|m| m.ports.iter().copied())
             .collect()
     }
@@ -146,26 +139,18 @@ impl Fleet {
     }
 
     pub fn view(&self) -> FleetView {
-        let me = (self.describe)();
-        let mut gateways: Vec<Member> = self
-            .others
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .filter(|m| m.peer_id != me.peer_id)
-            .cloned()
-            .collect();
-        let this = me.peer_id.clone();
-        gateways.push(me);
+        let mut gateways: Vec<Member> = self.others().values().cloned().collect();
+        gateways.push((self.describe)());
         gateways.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
         FleetView {
-            this,
+            this: self.me.clone(),
             store: if self.shared { "etcd" } else { "embedded" },
             gateways,
         }
     }
 
-    fn set(&self, all: BTreeMap<String, Member>) {
+    fn set(&self, mut all: BTreeMap<String, Member>) {
+        all.remove(&self.me);
         let mut others = self.others.write().unwrap_or_else(|e| e.into_inner());
         let same = others.len() == all.len()
             && others
@@ -180,6 +165,9 @@ impl Fleet {
     }
 
     fn put(&self, m: Member) {
+        if m.peer_id == self.me {
+            return;
+        }
         let mut others = self.others.write().unwrap_or_else(|e| e.into_inner());
         let same = others
             .get(&m.peer_id)
@@ -231,7 +219,7 @@ impl Fleet {
     ) -> Result<(), etcd_client::Error> {
         let secs = i64::try_from(ttl.as_secs().max(2)).unwrap_or(i64::MAX);
         let lease = client.lease_grant(secs, None).await?.id();
-        let key = format!("{prefix}{}", (self.describe)().peer_id);
+        let key = format!("{prefix}{}", self.me);
         let record = || serde_json::to_vec(&(self.describe)()).unwrap_or_default();
         let with_lease = || Some(PutOptions::new().with_lease(lease));
         client.put(key.clone(), record(), with_lease()).await?;

@@ -5,7 +5,7 @@
 //! one in force). A token given inline (`admission.token`) stays the
 //! gateway's own and is only published when none is.
 
-use std::{io::Write, path::Path};
+use std::path::Path;
 
 use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp};
 use relaygate_common::names::Secret;
@@ -52,15 +52,9 @@ pub async fn fleet_token(
 
 /// Rewrites the token file (0600) with the fleet's token.
 pub fn keep(path: &Path, token: &Secret) -> Result<(), TokenError> {
-    let werr = |source| TokenError::Write {
-        path: path.display().to_string(),
-        source,
-    };
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(werr)?;
-    tmp.write_all(format!("{}\n", token.expose()).as_bytes())
-        .map_err(werr)?;
-    tmp.as_file().sync_all().map_err(werr)?;
-    tmp.persist(path).map_err(|e| werr(e.error))?;
-    Ok(())
+    relaygate_common::files::write_atomic(path, format!("{}\n", token.expose()).as_bytes(), 0o600)
+        .map_err(|source| TokenError::Write {
+            path: path.display().to_string(),
+            source,
+        })
 }

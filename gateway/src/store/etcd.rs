@@ -36,12 +36,17 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
 impl EtcdStore {
     /// Connects to the endpoints.
     pub async fn connect(cfg: &EtcdConfig) -> Result<Self, StoreError> {
-        Ok(Self {
-            client: connect_client(cfg).await?,
+        Ok(Self::with_client(connect_client(cfg).await?, cfg))
+    }
+
+    /// The store on a client the gateway shares with its other etcd work.
+    pub fn with_client(client: Client, cfg: &EtcdConfig) -> Self {
+        Self {
+            client,
             prefix: cfg.prefix.clone(),
             timeout: cfg.timeout,
             rt: Handle::current(),
-        })
+        }
     }
 
     fn lease_key(&self, key: &LeaseKey) -> String {
