@@ -338,7 +338,8 @@ async fn route(
             // Taken only from the fleet's gateways (checked first thing).
             match &forwarder {
                 Some(f) => {
-                    tokio::spawn(f.clone().inbound(i.peer, i.stream));
+                    // Tracked: shutdown drains them like any public connection.
+                    f.dp.tracker.spawn(f.clone().inbound(i.peer, i.stream));
                 }
                 None => hop.guard.count_refusal("forward_off"),
             }

@@ -455,10 +455,13 @@ impl Guard {
         if limit == 0 {
             return Vec::new();
         }
-        let sources = lock(&self.peer_sources)
+        // One entry per connection: a peer banned once counts once per source.
+        let mut sources = lock(&self.peer_sources)
             .get(&peer)
             .cloned()
             .unwrap_or_default();
+        sources.sort_unstable();
+        sources.dedup();
         let mut to_ban = Vec::new();
         {
             let mut banned = lock(&self.banned_from);
@@ -604,6 +607,27 @@ mod tests {
             g.peer_sources.lock().unwrap().is_empty(),
             "sources forgotten on close"
         );
+    }
+
+    #[test]
+    fn one_banned_peer_with_many_connections_counts_once_towards_its_source() {
+        let g = guard(GuardConfig {
+            violations_before_ban: 1,
+            peer_bans_before_source_ban: 3,
+            ..Default::default()
+        });
+        let ip: IpAddr = "198.51.100.7".parse().unwrap();
+        let peer = PeerId::random();
+        for _ in 0..3 {
+            g.connected(peer, ip);
+        }
+        let earned = g.peer_violation(peer, "garbage");
+        assert_eq!(
+            earned,
+            vec![BanTarget::Peer(peer)],
+            "the peer, not its source"
+        );
+        assert!(!g.is_banned_ip(ip));
     }
 
     #[test]

@@ -267,6 +267,7 @@ fn proxy_acceptor(
         guard.grouping(),
     );
     let guard = guard.clone();
+    let balancers = policy.clone();
     ProxyAcceptor {
         required: policy.required,
         trusted: Arc::new(move |ip| policy.trusts(ip)),
@@ -275,7 +276,13 @@ fn proxy_acceptor(
             if guard.is_banned_ip(ip) {
                 return Err("banned");
             }
-            match places.try_acquire(ip) {
+            // A trusted balancer's many clients would share one source's places.
+            let place = if balancers.trusts(ip) {
+                places.try_acquire_unshared()
+            } else {
+                places.try_acquire(ip)
+            };
+            match place {
                 Ok(place) => Ok(Box::new(place) as Box<dyn Send>),
                 Err(crate::shares::Busy::Total) => Err("pending_busy"),
                 Err(crate::shares::Busy::Source) => Err("pending_per_source"),

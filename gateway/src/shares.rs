@@ -104,7 +104,8 @@ pub struct Places {
 /// One place in a pool.
 pub struct Permit {
     _total: OwnedSemaphorePermit,
-    _share: Share,
+    /// None for a trusted balancer, which speaks for many sources.
+    _share: Option<Share>,
 }
 
 impl Places {
@@ -130,7 +131,21 @@ impl Places {
             .map_err(|_| Busy::Total)?;
         Ok(Permit {
             _total: total,
-            _share: share,
+            _share: Some(share),
+        })
+    }
+
+    /// A place under the cap only, for a peer that speaks for many sources
+    /// (a trusted balancer: its clients are known only after their headers).
+    pub fn try_acquire_unshared(&self) -> Result<Permit, Busy> {
+        let total = self
+            .total
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Busy::Total)?;
+        Ok(Permit {
+            _total: total,
+            _share: None,
         })
     }
 }
@@ -216,6 +231,16 @@ mod tests {
         let _p3 = h.try_acquire(a).expect("a place given back");
         drop((p2, others));
         assert!(lock(&h.sources.per_source).len() == 1);
+    }
+
+    #[test]
+    fn a_balancer_takes_places_under_the_cap_only() {
+        let h = Places::new(4, 1, Ipv6Prefix::DEFAULT);
+        let lb: IpAddr = "198.51.100.9".parse().unwrap();
+        let held: Vec<_> = (0..3).map(|_| h.try_acquire_unshared().unwrap()).collect();
+        let other = h.try_acquire(lb).expect("its share is untouched");
+        assert_eq!(h.try_acquire_unshared().err(), Some(Busy::Total));
+        drop((held, other));
     }
 
     #[test]

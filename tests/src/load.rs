@@ -6,7 +6,7 @@ use std::{io, net::SocketAddr, time::Duration};
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
+    net::{TcpListener, TcpStream},
     task::JoinSet,
 };
 
@@ -172,4 +172,58 @@ pub async fn ping_all(held: Vec<TcpStream>, parallel: usize) -> (usize, Vec<TcpS
         }
     }
     (ok, back)
+}
+
+/// A target that floods every connection whose first byte is `F` and
+/// echoes every other one.
+pub async fn flood_or_echo() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut first = [0u8; 1];
+                if s.read_exact(&mut first).await.is_err() {
+                    return;
+                }
+                if first[0] == b'F' {
+                    let chunk = vec![0x46u8; 64 * 1024];
+                    while s.write_all(&chunk).await.is_ok() {}
+                } else {
+                    let _ = s.write_all(&first).await;
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// `n` round trips of 1 KiB on fresh connections to `host:port`, each within a
+/// second; returns their times, sorted.
+pub async fn round_trips(host: &str, port: u16, first: u8, n: usize) -> Vec<Duration> {
+    let mut times = Vec::with_capacity(n);
+    for i in 0..n {
+        let started = std::time::Instant::now();
+        let done = tokio::time::timeout(Duration::from_secs(1), async {
+            let mut s = TcpStream::connect((host, port)).await?;
+            s.set_nodelay(true)?;
+            let mut msg = vec![first];
+            msg.extend((0..1023).map(|k| ((i + k) % 251) as u8));
+            s.write_all(&msg).await?;
+            let mut back = vec![0u8; msg.len()];
+            s.read_exact(&mut back).await?;
+            assert_eq!(back, msg, "round trip {i} came back changed");
+            Ok::<_, std::io::Error>(())
+        })
+        .await;
+        match done {
+            Ok(Ok(())) => times.push(started.elapsed()),
+            Ok(Err(e)) => panic!("round trip {i} through port {port} failed: {e}"),
+            Err(_) => panic!("round trip {i} through port {port} took over a second"),
+        }
+    }
+    times.sort();
+    times
 }

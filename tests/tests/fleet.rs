@@ -2,7 +2,8 @@
 //! gateway holds sessions with all three and each serves its port; a
 //! SIGKILLed gateway costs the transfers through the others nothing; with
 //! one session, every gateway forwards to the one that holds the agent,
-//! keeping the client's address.
+//! keeping the client's address, and clients that stop reading on forwarded
+//! connections are ended while honest ones go on.
 
 use std::{
     io::{Read, Write},
@@ -17,8 +18,10 @@ use std::{
 use relaygate_tests::{
     etcd::{require_etcd, Etcd},
     fleetkit::{echo_agent, echo_through, fleet, on_etcd_with, range},
-    stack::{agent_peer_id, eventually, here, http_get, metric, Agent, Echo, Gateway},
+    load::{flood_or_echo, round_trips},
+    stack::{agent_peer_id, eventually, here, http_get, metric, Agent, Echo, Gateway, Transport},
 };
+use tokio::io::AsyncWriteExt;
 
 const T: Duration = Duration::from_secs(20);
 const HOSTS: [&str; 3] = ["127.0.0.1", "127.0.0.2", "127.0.0.3"];
@@ -261,4 +264,114 @@ fn with_one_session_every_gateway_forwards_to_it_keeping_the_source() {
         .unwrap_or(0.0)
             >= 3.0
     );
+}
+
+#[test]
+fn clients_that_stop_reading_on_forwarded_connections_freeze_nobody() {
+    if !require_etcd("clients_that_stop_reading_on_forwarded_connections_freeze_nobody") {
+        return;
+    }
+    const STALLED: usize = 40;
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let etcd = Etcd::start();
+    let r = range();
+    // One address makes every client here: let it use whole tunnels.
+    let open = [
+        "guard.tunnel_connections_per_ip.per_second=0",
+        "limits.max_connections_per_source=4096",
+        "limits.idle_timeout=0s",
+    ];
+    let gw1 = on_etcd_with(&etcd, HOSTS[0], &r, &open);
+    let gw2 = on_etcd_with(&etcd, HOSTS[1], &r, &open);
+    let target = rt.block_on(flood_or_echo());
+    let echo = Echo::start();
+    // Two agents hold gateway 1 only: gateway 2 forwards everything. Each
+    // agent's share of stalls is 2 streams; two agents' shares together
+    // would fill the one link between the gateways.
+    let one = || vec!["--set".to_string(), "gateway.max_sessions=1".to_string()];
+    let agent = Agent::start(
+        &here,
+        &gw1,
+        Transport::Quic,
+        &[format!("flood={target}"), echo.tunnel("echo")],
+        true,
+        &one(),
+    );
+    let twin = Agent::start(
+        &here,
+        &gw1,
+        Transport::Quic,
+        &[format!("flood={target}")],
+        true,
+        &one(),
+    );
+    let flood = agent.wait_leased("flood", T).expect("flood lease");
+    let other = agent.wait_leased("echo", T).expect("echo lease");
+    let flood2 = twin
+        .wait_leased("flood", T)
+        .expect("second agent's flood lease");
+    assert!(
+        eventually(T, || echo_through(HOSTS[1], other, b"fwd") == b"fwd"),
+        "gateway 2 forwards"
+    );
+    let (base_same, base_other) = rt.block_on(async {
+        (
+            round_trips(HOSTS[1], flood, b'E', 50).await,
+            round_trips(HOSTS[1], other, b'E', 50).await,
+        )
+    });
+    // Clients of gateway 2 that ask for the floods and never read.
+    let held = rt.block_on(async {
+        let mut held = Vec::new();
+        for i in 0..STALLED {
+            let flood = if i % 2 == 0 { flood } else { flood2 };
+            let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+            sock.set_recv_buffer_size(16 * 1024).expect("rcvbuf");
+            let mut s = sock
+                .connect(std::net::SocketAddr::from(([127, 0, 0, 2], flood)))
+                .await
+                .expect("connect");
+            s.write_all(b"F").await.expect("write");
+            held.push(s);
+        }
+        held
+    });
+    let stalled = || {
+        gws_sum(
+            &[&gw1, &gw2],
+            "relaygate_gateway_refusals_total{reason=\"stalled_reader\"}",
+        )
+    };
+    // Every stalled forwarded connection past the share is ended, on the
+    // forwarding gateway or the one holding the agent.
+    assert!(
+        eventually(Duration::from_secs(30), || stalled()
+            >= (STALLED - 4) as f64),
+        "stalled forwarded connections ended: {}",
+        stalled()
+    );
+    // Honest round trips through the forwarding gateway, on the flooded
+    // tunnel and the other: each within a second (asserted as they run).
+    let (same, other_t) = rt.block_on(async {
+        (
+            round_trips(HOSTS[1], flood, b'E', 100).await,
+            round_trips(HOSTS[1], other, b'E', 100).await,
+        )
+    });
+    let p99 = |t: &[Duration]| t[t.len() * 99 / 100];
+    eprintln!(
+        "forwarded: {} of {STALLED} stalled clients ended; round trip p99 same tunnel {:?} -> {:?}, other {:?} -> {:?}",
+        stalled(),
+        p99(&base_same),
+        p99(&same),
+        p99(&base_other),
+        p99(&other_t)
+    );
+    drop(held);
+}
+
+fn gws_sum(gws: &[&Gateway], name: &str) -> f64 {
+    gws.iter()
+        .map(|g| metric(&g.metrics(), name).unwrap_or(0.0))
+        .sum()
 }

@@ -3,19 +3,16 @@
 //! and an honest client keeps making round trips through the same agent, on
 //! the same tunnel and on another. Real processes on loopback.
 
-use std::{net::SocketAddr, time::Duration};
+use std::time::Duration;
 
 use relaygate_tests::{
-    load::{raise_nofile, ProcStats},
+    load::{flood_or_echo, raise_nofile, round_trips, ProcStats},
     stack::{
         eventually, here, http_get, metric, metric_sum, settings, Agent, Echo, Gateway,
         GatewaySpec, Transport,
     },
 };
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
-};
+use tokio::io::AsyncWriteExt;
 
 const STALLED: usize = 1000;
 /// The gateway's `session.lane_buffer` in this test: far less than the
@@ -23,60 +20,6 @@ const STALLED: usize = 1000;
 const LANE_BUFFER: u64 = 16 << 20;
 /// Where a stream starts once the budget is spent (`lane::MIN_WINDOW`).
 const MIN_WINDOW: u64 = 16 * 1024;
-
-/// A target that floods every connection whose first byte is `F` and
-/// echoes every other one.
-async fn flood_or_echo() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let mut first = [0u8; 1];
-                if s.read_exact(&mut first).await.is_err() {
-                    return;
-                }
-                if first[0] == b'F' {
-                    let chunk = vec![0x46u8; 64 * 1024];
-                    while s.write_all(&chunk).await.is_ok() {}
-                } else {
-                    let _ = s.write_all(&first).await;
-                    let (mut r, mut w) = s.split();
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
-                }
-            });
-        }
-    });
-    addr
-}
-
-/// `n` round trips of 1 KiB on fresh connections to `port`, each within a
-/// second; returns their times, sorted.
-async fn round_trips(port: u16, first: u8, n: usize) -> Vec<Duration> {
-    let mut times = Vec::with_capacity(n);
-    for i in 0..n {
-        let started = std::time::Instant::now();
-        let done = tokio::time::timeout(Duration::from_secs(1), async {
-            let mut s = TcpStream::connect(("127.0.0.1", port)).await?;
-            s.set_nodelay(true)?;
-            let mut msg = vec![first];
-            msg.extend((0..1023).map(|k| ((i + k) % 251) as u8));
-            s.write_all(&msg).await?;
-            let mut back = vec![0u8; msg.len()];
-            s.read_exact(&mut back).await?;
-            assert_eq!(back, msg, "round trip {i} came back changed");
-            Ok::<_, std::io::Error>(())
-        })
-        .await;
-        match done {
-            Ok(Ok(())) => times.push(started.elapsed()),
-            Ok(Err(e)) => panic!("round trip {i} through port {port} failed: {e}"),
-            Err(_) => panic!("round trip {i} through port {port} took over a second"),
-        }
-    }
-    times.sort();
-    times
-}
 
 fn p99(times: &[Duration]) -> Duration {
     times[(times.len() * 99) / 100]
@@ -178,8 +121,8 @@ fn stalled_clients(path: Path) {
     let rss_before = ProcStats::of(gw.proc.pid()).unwrap().rss_kib;
     let (base_same, base_other) = rt.block_on(async {
         (
-            round_trips(flood, b'E', 100).await,
-            round_trips(other, b'E', 100).await,
+            round_trips("127.0.0.1", flood, b'E', 100).await,
+            round_trips("127.0.0.1", other, b'E', 100).await,
         )
     });
 
@@ -219,8 +162,8 @@ fn stalled_clients(path: Path) {
     let committed = metric(&gw.metrics(), "relaygate_gateway_lane_window_bytes").unwrap_or(0.0);
     let (same, other_t) = rt.block_on(async {
         (
-            round_trips(flood, b'E', 100).await,
-            round_trips(other, b'E', 100).await,
+            round_trips("127.0.0.1", flood, b'E', 100).await,
+            round_trips("127.0.0.1", other, b'E', 100).await,
         )
     });
     let rss_after = ProcStats::of(gw.proc.pid()).unwrap().rss_kib;

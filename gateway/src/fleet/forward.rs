@@ -12,6 +12,7 @@
 use std::{collections::BTreeSet, io, net::IpAddr, sync::Arc, time::Duration};
 
 use libp2p::{Multiaddr, PeerId, Stream};
+use prometheus_client::metrics::counter::Counter;
 use relaygate_common::{
     metrics::ReasonLabels,
     protocol::{read_control, write_control, ControlMessage, FORWARD_PROTOCOL},
@@ -22,9 +23,10 @@ use tokio::{
     io::AsyncWriteExt,
     net::{TcpListener, TcpStream},
 };
-use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
+use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
 
 use crate::{
+    circuit::{self, Bounds, End, Ends},
     fleet::{
         members::Fleet,
         ports::{ForwardSlot, PortTable},
@@ -164,16 +166,43 @@ impl Forwarder {
             .get_or_create(&ReasonLabels::new("out"))
             .inc();
         tracing::debug!(source = %origin.source, port, gateway = %peer, "public connection forwarded");
-        // The far gateway bounds the connection (idle timeout, stalls); its
-        // end of the stream ends this copy.
-        tokio::io::copy_bidirectional(tcp, &mut stream)
-            .await
-            .map(|_| ())
+        // Bounded here as on the far gateway: a client that stops reading
+        // holds this link's window to it, so it takes a share of that
+        // gateway's stalls (the ledger ends the oldest past it), and a quiet
+        // connection ends after `limits.idle_timeout`.
+        let bounds = Bounds {
+            deadline: None,
+            data: None,
+            idle: dp.idle_timeout,
+            rate: 0,
+            stall: Duration::ZERO,
+        };
+        let ends = Ends {
+            src: peer,
+            dst: peer,
+            ledger: dp.stalls.clone(),
+        };
+        let (up, down) = (Counter::default(), Counter::default());
+        match circuit::relay(tcp.compat(), stream.into_inner(), bounds, up, down, ends).await {
+            End::Closed => Ok(()),
+            End::Stalled => {
+                dp.stalled_readers.inc();
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the client stopped reading",
+                ))
+            }
+            other => Err(io::Error::other(other.as_str())),
+        }
     }
 
     /// A forward stream to one of the gateways serving `port`, trying each.
     async fn open(&self, port: u16) -> io::Result<(PeerId, Compat<Stream>)> {
-        let holders = self.fleet.holders(port);
+        let mut holders = self.fleet.holders(port);
+        // A gateway already connected first: a dead one (its record lives
+        // until its TTL ends) costs a dial timeout only when no other is up.
+        let connected = self.host.state.peers();
+        holders.sort_by_key(|(p, _)| !connected.iter().any(|(c, _)| c == p));
         if holders.is_empty() {
             self.dp.metrics.refuse("forward_no_gateway");
             return Err(io::Error::new(
@@ -218,6 +247,10 @@ impl Forwarder {
     /// the fleet; otherwise carried to the session serving its port.
     pub async fn inbound(self: Arc<Self>, peer: PeerId, stream: Stream) {
         let dp = &self.dp;
+        if dp.stop_accepting.is_cancelled() {
+            dp.metrics.refuse("shutting_down");
+            return;
+        }
         if !self.fleet.is_member(&peer) {
             dp.metrics.refuse("forward_not_member");
             tracing::warn!(%peer, "forward stream from a peer that is not a gateway of the fleet; reset");

@@ -21,6 +21,8 @@ struct Inner {
     local: HashSet<u16>,
     /// Per port: the slot's id, its cancel token, and its closing signal.
     forwarding: HashMap<u16, (u64, CancellationToken, oneshot::Receiver<()>)>,
+    /// Listeners told to stop whose sockets may still be open.
+    closing: HashMap<u16, oneshot::Receiver<()>>,
     next: u64,
 }
 
@@ -74,13 +76,18 @@ impl PortTable {
     /// Takes `port` for a session: stops the forwarder's listener on it and
     /// waits until that socket is closed, so the session can bind.
     pub async fn claim(self: &Arc<Self>, port: u16) -> LocalClaim {
-        let forwarding = {
+        let closed = {
             let mut g = self.lock();
             g.local.insert(port);
-            g.forwarding.remove(&port)
+            match g.forwarding.remove(&port) {
+                Some((_, cancel, closed)) => {
+                    cancel.cancel();
+                    Some(closed)
+                }
+                None => g.closing.remove(&port),
+            }
         };
-        if let Some((_, cancel, closed)) = forwarding {
-            cancel.cancel();
+        if let Some(closed) = closed {
             let _ = tokio::time::timeout(RELEASE_WAIT, closed).await;
         }
         LocalClaim {
@@ -96,6 +103,7 @@ impl PortTable {
         if g.local.contains(&port) || g.forwarding.contains_key(&port) {
             return None;
         }
+        g.closing.remove(&port);
         let cancel = CancellationToken::new();
         let (tx, rx) = oneshot::channel();
         g.next += 1;
@@ -111,8 +119,11 @@ impl PortTable {
 
     /// Stops forwarding `port` (no other gateway serves it any more).
     pub fn stop_forwarding(&self, port: u16) {
-        if let Some((_, cancel, _)) = self.lock().forwarding.remove(&port) {
+        let mut g = self.lock();
+        if let Some((_, cancel, closed)) = g.forwarding.remove(&port) {
             cancel.cancel();
+            // A session claiming the port next waits for the socket to close.
+            g.closing.insert(port, closed);
         }
     }
 
