@@ -228,7 +228,8 @@ impl Sessions {
             fleet_hosts: self.fleet_hosts.clone(),
         };
         let mut told = welcome.fleet.clone();
-        let mut fleet_changes = self.fleet.changes();
+        // Only membership: ports changing elsewhere concern the forwarder.
+        let mut fleet_changes = self.fleet.member_changes();
         if let Err(e) = write_control(&mut ctl, &ControlMessage::Welcome(welcome)).await {
             tracing::info!(%peer, error = %e, "agent left before welcome");
             cancel.cancel();

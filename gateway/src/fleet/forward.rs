@@ -57,7 +57,7 @@ pub struct Forwarder {
 impl Forwarder {
     /// Follows the fleet's ports until the gateway stops accepting.
     pub async fn run(self: Arc<Self>) {
-        let mut fleet = self.fleet.changes();
+        let mut fleet = self.fleet.port_changes();
         let mut local = self.ports.changes();
         let mut sessions = self.registry.changes();
         let mut tick = tokio::time::interval(RECONCILE);

@@ -54,14 +54,17 @@ pub struct Fleet {
     shared: bool,
     /// The other gateways' records (this one's own, read back from etcd, is left out).
     others: RwLock<BTreeMap<String, Member>>,
-    /// Bumped when another gateway joins, leaves, or changes what it
-    /// serves or where it is (not on a mere refresh).
-    changed: watch::Sender<u64>,
+    /// Bumped when another gateway joins, leaves, moves or becomes ready
+    /// (what agents are told of), not on a mere refresh.
+    members_changed: watch::Sender<u64>,
+    /// Bumped when the ports the other gateways serve change (what the
+    /// forwarder follows), or one joins or leaves.
+    ports_changed: watch::Sender<u64>,
 }
 
-/// What of a record matters to agents and to forwarding.
-fn gist(m: &Member) -> (&[String], bool, &[u16]) {
-    (&m.addresses, m.ready, &m.ports)
+/// What of a record agents are told: where the gateway is, and whether it is up.
+fn whereabouts(m: &Member) -> (&[String], bool) {
+    (&m.addresses, m.ready)
 }
 
 /// Wait before registering again after etcd went away.
@@ -77,13 +80,19 @@ impl Fleet {
             me: me.to_string(),
             shared,
             others: RwLock::default(),
-            changed: watch::channel(0).0,
+            members_changed: watch::channel(0).0,
+            ports_changed: watch::channel(0).0,
         })
     }
 
-    /// Follows changes of the other gateways' records.
-    pub fn changes(&self) -> watch::Receiver<u64> {
-        self.changed.subscribe()
+    /// Follows the other gateways joining, leaving, moving or coming up.
+    pub fn member_changes(&self) -> watch::Receiver<u64> {
+        self.members_changed.subscribe()
+    }
+
+    /// Follows the ports the other gateways serve.
+    pub fn port_changes(&self) -> watch::Receiver<u64> {
+        self.ports_changed.subscribe()
     }
 
     fn others(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Member>> {
@@ -134,8 +143,14 @@ impl Fleet {
             .collect()
     }
 
-    fn bump(&self) {
-        self.changed.send_modify(|n| *n += 1);
+    /// Tells the followers of what changed.
+    fn bump(&self, members: bool, ports: bool) {
+        if members {
+            self.members_changed.send_modify(|n| *n += 1);
+        }
+        if ports {
+            self.ports_changed.send_modify(|n| *n += 1);
+        }
     }
 
     pub fn view(&self) -> FleetView {
@@ -152,16 +167,20 @@ impl Fleet {
     fn set(&self, mut all: BTreeMap<String, Member>) {
         all.remove(&self.me);
         let mut others = self.others.write().unwrap_or_else(|e| e.into_inner());
-        let same = others.len() == all.len()
-            && others
-                .iter()
-                .zip(all.iter())
-                .all(|((a, ma), (b, mb))| a == b && gist(ma) == gist(mb));
+        let same_keys = others.len() == all.len() && others.keys().eq(all.keys());
+        let members = !same_keys
+            || others
+                .values()
+                .zip(all.values())
+                .any(|(a, b)| whereabouts(a) != whereabouts(b));
+        let ports = !same_keys
+            || others
+                .values()
+                .zip(all.values())
+                .any(|(a, b)| a.ports != b.ports);
         *others = all;
         drop(others);
-        if !same {
-            self.bump();
-        }
+        self.bump(members, ports);
     }
 
     fn put(&self, m: Member) {
@@ -169,14 +188,12 @@ impl Fleet {
             return;
         }
         let mut others = self.others.write().unwrap_or_else(|e| e.into_inner());
-        let same = others
-            .get(&m.peer_id)
-            .is_some_and(|old| gist(old) == gist(&m));
+        let old = others.get(&m.peer_id);
+        let members = old.is_none_or(|o| whereabouts(o) != whereabouts(&m));
+        let ports = old.is_none_or(|o| o.ports != m.ports);
         others.insert(m.peer_id.clone(), m);
         drop(others);
-        if !same {
-            self.bump();
-        }
+        self.bump(members, ports);
     }
 
     fn remove(&self, peer_id: &str) {
@@ -186,9 +203,7 @@ impl Fleet {
             .unwrap_or_else(|e| e.into_inner())
             .remove(peer_id)
             .is_some();
-        if gone {
-            self.bump();
-        }
+        self.bump(gone, gone);
     }
 
     /// Registers this gateway and follows the others, until the process
