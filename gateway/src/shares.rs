@@ -124,13 +124,8 @@ impl Places {
             None if busy => return Err(Busy::Source),
             None => self.sources.take_past_share(ip),
         };
-        let total = self
-            .total
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| Busy::Total)?;
         Ok(Permit {
-            _total: total,
+            _total: self.take_total()?,
             _share: Some(share),
         })
     }
@@ -138,15 +133,17 @@ impl Places {
     /// A place under the cap only, for a peer that speaks for many sources
     /// (a trusted balancer: its clients are known only after their headers).
     pub fn try_acquire_unshared(&self) -> Result<Permit, Busy> {
-        let total = self
-            .total
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| Busy::Total)?;
         Ok(Permit {
-            _total: total,
+            _total: self.take_total()?,
             _share: None,
         })
+    }
+
+    fn take_total(&self) -> Result<OwnedSemaphorePermit, Busy> {
+        self.total
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Busy::Total)
     }
 }
 
