@@ -32,6 +32,7 @@ pub fn router(state: AdminState) -> Router {
                 Json(json!({
                     "session": s.state.session(),
                     "sessions": s.state.sessions(),
+                    "fleet": s.state.fleet(),
                     "tunnels": s.state.tunnels(),
                     "circuit": s.state.circuit_addrs(),
                     "reachability": s.state.reachability(),

@@ -1,6 +1,7 @@
-//! `relaygate-agent doctor`: checks, one verdict each with what to fix, the
-//! gateway's reachability, the running agent's session and leases, a dial-back
-//! from the gateway to every leased port, the advertised addresses, and the
+//! `relaygate-agent doctor`: checks, one verdict each with what to fix: the
+//! running agent's sessions and leases, the reachability of every gateway of
+//! the fleet, a dial-back from each gateway to every leased port (through its
+//! forward where it holds no session), the advertised addresses, and the
 //! transparent-delivery rules.
 
 use std::time::{Duration, Instant};
@@ -39,7 +40,25 @@ impl Report {
 #[derive(Deserialize)]
 struct Advertise {
     session: Option<serde_json::Value>,
+    #[serde(default)]
+    sessions: Vec<SessionView>,
+    /// Every gateway of the fleet the agent knows of (empty before this field existed).
+    #[serde(default)]
+    fleet: Vec<FleetView>,
     tunnels: Vec<TunnelView>,
+}
+
+#[derive(Deserialize)]
+struct SessionView {
+    gateway: String,
+    address: String,
+}
+
+#[derive(Deserialize)]
+struct FleetView {
+    gateway: String,
+    addresses: Vec<String>,
+    session: bool,
 }
 
 #[derive(Deserialize)]
@@ -50,40 +69,49 @@ struct TunnelView {
     error: Option<String>,
 }
 
+/// A gateway doctor dials: the configured one, or another of the fleet.
+struct Target {
+    peer: PeerId,
+    addresses: Vec<Multiaddr>,
+    /// Whether the running agent holds a session with it.
+    session: bool,
+}
+
+/// The configured gateway first, then every other gateway the running
+/// agent knows of, so each is checked as its own remotes would reach it.
+fn targets(cfg: &AgentConfig, seed: PeerId, view: Option<&Advertise>) -> Vec<Target> {
+    let held =
+        |p: &PeerId| view.is_some_and(|v| v.sessions.iter().any(|s| s.gateway == p.to_string()));
+    let mut out = vec![Target {
+        peer: seed,
+        addresses: cfg.gateway.addresses.clone(),
+        session: held(&seed),
+    }];
+    for g in view.map(|v| v.fleet.as_slice()).unwrap_or_default() {
+        let Ok(peer) = g.gateway.parse::<PeerId>() else {
+            continue;
+        };
+        if out.iter().any(|t| t.peer == peer) {
+            continue;
+        }
+        out.push(Target {
+            peer,
+            addresses: g.addresses.iter().filter_map(|a| a.parse().ok()).collect(),
+            session: g.session,
+        });
+    }
+    out
+}
+
 /// Runs every check; returns whether all passed.
 pub async fn run(cfg: &AgentConfig) -> anyhow::Result<bool> {
     let mut r = Report { problems: 0 };
-    let gateway = cfg.gateway_peer()?;
+    let seed = cfg.gateway_peer()?;
     let key = load_identity(cfg)?;
     let (behaviour, control, _incoming) = streams::new(vec![], 1);
     let mut swarm = transport::build_swarm(key, &cfg.session, None, |_| behaviour)?;
 
-    // 1. gateway reachability, every address
-    let mut reached = false;
-    for addr in &cfg.gateway.addresses {
-        let started = Instant::now();
-        match dial(&mut swarm, gateway, addr.clone(), cfg.gateway.dial_timeout).await {
-            Ok(()) => {
-                reached = true;
-                r.ok(&format!(
-                    "gateway reachable at {addr} ({} ms)",
-                    started.elapsed().as_millis()
-                ));
-            }
-            Err(e) => r.fail(
-                &format!("gateway not reachable at {addr}: {e}"),
-                transport_fix(addr),
-            ),
-        }
-    }
-    // Keep the swarm running for the dial-back streams below.
-    let driver = tokio::spawn(async move {
-        loop {
-            swarm.select_next_some().await;
-        }
-    });
-
-    // 2. the running agent: session and leases
+    // 1. the running agent: sessions, leases, and the fleet it knows
     let listen = cfg.admin_listen();
     let admin = cfg.admin.clone();
     let view = tokio::task::spawn_blocking(move || {
@@ -115,6 +143,12 @@ pub async fn run(cfg: &AgentConfig) -> anyhow::Result<bool> {
                 "see the agent's log: refused (join token, allow-list) or unreachable",
             ),
         }
+        for s in v.sessions.iter().filter(|s| s.gateway != seed.to_string()) {
+            r.ok(&format!(
+                "session up with fleet gateway {} at {}",
+                s.gateway, s.address
+            ));
+        }
         for t in &v.tunnels {
             match (t.port, &t.error) {
                 (Some(p), _) => r.ok(&format!("tunnel {} leased port {p}", t.name)),
@@ -130,23 +164,74 @@ pub async fn run(cfg: &AgentConfig) -> anyhow::Result<bool> {
         }
     }
 
-    // 3. dial-back from the gateway to each leased port
-    if let (true, Some(v)) = (reached, &view) {
-        for t in v.tunnels.iter().filter(|t| t.port.is_some()) {
-            let port = t.port.and_then(LeasePort::new);
-            let Some(port) = port else { continue };
-            match dialback(&control, gateway, port).await {
-                Ok((true, detail)) => {
-                    r.ok(&format!("dial-back to {} (port {port}): {detail}", t.name))
+    // 2. every gateway's reachability, every address
+    let targets = targets(cfg, seed, view.as_ref());
+    let mut reached = Vec::new();
+    for t in &targets {
+        let mut any = false;
+        for addr in &t.addresses {
+            let started = Instant::now();
+            match dial(&mut swarm, t.peer, addr.clone(), cfg.gateway.dial_timeout).await {
+                Ok(()) => {
+                    any = true;
+                    r.ok(&format!(
+                        "gateway reachable at {addr} ({} ms)",
+                        started.elapsed().as_millis()
+                    ));
                 }
-                Ok((false, detail)) => r.fail(
-                    &format!("dial-back to {} (port {port}): {detail}", t.name),
-                    &target_fix(cfg, &t.name),
+                Err(e) if t.peer == seed => r.fail(
+                    &format!("gateway not reachable at {addr}: {e}"),
+                    transport_fix(addr),
                 ),
                 Err(e) => r.fail(
-                    &format!("dial-back to {} failed: {e}", t.name),
-                    "upgrade the gateway (it needs /relaygate/dialback/1)",
+                    &format!("gateway not reachable at {addr}: {e}"),
+                    &format!(
+                        "{}; a gateway that is down leaves the fleet within its store.etcd.member_ttl",
+                        transport_fix(addr)
+                    ),
                 ),
+            }
+        }
+        if any && t.peer != seed && !t.session {
+            r.ok(&format!(
+                "fleet gateway {} holds no session with this agent (gateway.max_sessions): it forwards to one that does",
+                t.peer
+            ));
+        }
+        if any {
+            reached.push(t.peer);
+        }
+    }
+    // Keep the swarm running for the dial-back streams below.
+    let driver = tokio::spawn(async move {
+        loop {
+            swarm.select_next_some().await;
+        }
+    });
+
+    // 3. dial-back from each gateway reached to each leased port
+    if let Some(v) = &view {
+        for gateway in &reached {
+            let through = if *gateway == seed {
+                "the gateway".to_string()
+            } else {
+                format!("fleet gateway {gateway}")
+            };
+            for t in v.tunnels.iter() {
+                let Some(port) = t.port.and_then(LeasePort::new) else {
+                    continue;
+                };
+                let what = format!("dial-back to {} (port {port}) through {through}", t.name);
+                match dialback(&control, *gateway, port).await {
+                    Ok((true, detail)) => r.ok(&format!("{what}: {detail}")),
+                    Ok((false, detail)) => {
+                        r.fail(&format!("{what}: {detail}"), &target_fix(cfg, &t.name))
+                    }
+                    Err(e) => r.fail(
+                        &format!("{what} failed: {e}"),
+                        "upgrade the gateway (it needs /relaygate/dialback/1)",
+                    ),
+                }
             }
         }
     }

@@ -123,6 +123,7 @@ impl FleetSessions {
         for peer in known.keys() {
             self.gateways.trust(*peer);
         }
+        self.state.set_fleet(known);
         let wanted = self.choose(known);
         let leaving: Vec<PeerId> = running
             .keys()

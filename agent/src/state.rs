@@ -17,6 +17,15 @@ pub struct SessionInfo {
     pub since: u64,
 }
 
+/// A gateway of the fleet as the agent last heard of it, held or not.
+#[derive(Clone, Debug, Serialize)]
+pub struct FleetGateway {
+    pub gateway: String,
+    pub addresses: Vec<String>,
+    /// Whether the agent holds a session with it now.
+    pub session: bool,
+}
+
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct TunnelStatus {
     pub name: String,
@@ -39,6 +48,8 @@ struct Inner {
     sessions: BTreeMap<PeerId, SessionInfo>,
     /// The gateway the agent was configured with.
     seed: Option<PeerId>,
+    /// Every gateway of the fleet, as the last welcome or `Fleet` message named them.
+    fleet: BTreeMap<PeerId, Vec<Multiaddr>>,
     /// Each tunnel's status before any gateway answered (or why it did not start).
     tunnels: BTreeMap<TunnelName, TunnelStatus>,
     /// What each gateway answered for each tunnel.
@@ -56,6 +67,34 @@ impl AgentState {
 
     pub fn set_seed(&self, gateway: PeerId) {
         self.lock().seed = Some(gateway);
+    }
+
+    /// The fleet's gateways, as a gateway last named them.
+    pub fn set_fleet(&self, known: &BTreeMap<PeerId, Vec<Multiaddr>>) {
+        self.lock().fleet = known.clone();
+    }
+
+    /// Every gateway known: the fleet, and any held outside it (the
+    /// configured gateway before its welcome names the fleet).
+    pub fn fleet(&self) -> Vec<FleetGateway> {
+        let g = self.lock();
+        let mut out: Vec<FleetGateway> = g
+            .fleet
+            .iter()
+            .map(|(p, addrs)| FleetGateway {
+                gateway: p.to_string(),
+                addresses: addrs.iter().map(|a| a.to_string()).collect(),
+                session: g.sessions.contains_key(p),
+            })
+            .collect();
+        for (p, s) in g.sessions.iter().filter(|(p, _)| !g.fleet.contains_key(p)) {
+            out.push(FleetGateway {
+                gateway: p.to_string(),
+                addresses: vec![s.address.clone()],
+                session: true,
+            });
+        }
+        out
     }
 
     pub fn session_up(&self, gateway: PeerId, address: &Multiaddr) {

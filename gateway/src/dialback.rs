@@ -1,6 +1,7 @@
 //! Dial-back for `relaygate-agent doctor`: the gateway connects to one of the
 //! asking agent's leased ports from its own side (as a remote would) and says
-//! whether the tunnel's target answered. An agent may only ask about its own ports.
+//! whether the tunnel's target answered. An agent may only ask about its own
+//! ports, granted by this gateway or, in a fleet, by another.
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -22,14 +23,12 @@ where
         Ok(Ok(ControlMessage::Dialback { port, .. })) => port,
         _ => return,
     };
-    let (reachable, detail) = if !leases
-        .all()
-        .iter()
-        .any(|l| l.key.agent == peer && l.port == port)
-    {
-        (false, format!("port {port} is not leased to {peer}"))
-    } else {
-        probe(target(public_hosts, port.get()).await).await
+    // In a fleet the lease may have been granted by another gateway: then
+    // this one answers the port by forwarding, and the probe checks that too.
+    let (reachable, detail) = match leases.holder(port).await {
+        Ok(Some(key)) if key.agent == peer => probe(target(public_hosts, port.get()).await).await,
+        Ok(_) => (false, format!("port {port} is not leased to {peer}")),
+        Err(e) => (false, format!("cannot check the lease of port {port}: {e}")),
     };
     tracing::info!(%peer, %port, reachable, %detail, "dial-back");
     let _ = write_control(

@@ -151,6 +151,18 @@ impl Leases {
             .collect()
     }
 
+    /// Who holds `port`: this gateway's table, else the store (a lease
+    /// another gateway of the fleet granted to an agent not in session here).
+    pub async fn holder(&self, port: LeasePort) -> Result<Option<LeaseKey>, StoreError> {
+        if let Some(key) = self.lock().by_port.get(&port) {
+            return Ok(Some(key.clone()));
+        }
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.holder(port))
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("lookup task: {e}")))?
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
         // A panic while holding the lock leaves a consistent table (every
         // mutation is a single insert/remove), so poisoning is safe to ignore.

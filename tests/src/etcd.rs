@@ -1,12 +1,17 @@
 //! A real etcd (Debian's `etcd-server`) for tests: its own data directory and
 //! free loopback ports, killed and removed on every exit path (drop).
 
-use std::{path::PathBuf, process::Command, time::Duration};
+use std::{path::PathBuf, time::Duration};
 
-use crate::procs::{free_tcp_port, Proc};
+use crate::{
+    procs::{free_tcp_port, Proc},
+    stack::Launch,
+};
 
 pub struct Etcd {
     pub proc: Proc,
+    /// The address it listens on (loopback, or a lab host's).
+    ip: String,
     dir: tempfile::TempDir,
     pub client_port: u16,
     peer_port: u16,
@@ -25,10 +30,16 @@ pub fn binary() -> Option<PathBuf> {
 
 impl Etcd {
     pub fn start() -> Etcd {
+        Self::start_at(&crate::stack::here, "127.0.0.1")
+    }
+
+    /// One member listening on `ip`, started through `launch` (inside a
+    /// lab host's namespace, say).
+    pub fn start_at(launch: Launch, ip: &str) -> Etcd {
         let dir = tempfile::tempdir().expect("etcd dir");
         let (client_port, peer_port) = (free_tcp_port(), free_tcp_port());
-        let cluster = format!("t=http://127.0.0.1:{peer_port}");
-        let proc = spawn(&dir, "t", client_port, peer_port, &cluster);
+        let cluster = format!("t=http://{ip}:{peer_port}");
+        let proc = spawn(launch, ip, &dir, "t", client_port, peer_port, &cluster);
         proc.wait_for(
             |l| l.contains("ready to serve client requests"),
             Duration::from_secs(20),
@@ -36,6 +47,7 @@ impl Etcd {
         .expect("etcd up");
         Etcd {
             proc,
+            ip: ip.into(),
             dir,
             client_port,
             peer_port,
@@ -59,9 +71,18 @@ impl Etcd {
             .map(|(i, (c, p))| {
                 let dir = tempfile::tempdir().expect("etcd dir");
                 let name = format!("m{i}");
-                let proc = spawn(&dir, &name, *c, *p, &cluster);
+                let proc = spawn(
+                    &crate::stack::here,
+                    "127.0.0.1",
+                    &dir,
+                    &name,
+                    *c,
+                    *p,
+                    &cluster,
+                );
                 Etcd {
                     proc,
+                    ip: "127.0.0.1".into(),
                     dir,
                     client_port: *c,
                     peer_port: *p,
@@ -81,9 +102,9 @@ impl Etcd {
         members
     }
 
-    /// `127.0.0.1:<port>`, what `store.etcd.endpoints` takes.
+    /// `<ip>:<port>`, what `store.etcd.endpoints` takes.
     pub fn endpoint(&self) -> String {
-        format!("127.0.0.1:{}", self.client_port)
+        format!("{}:{}", self.ip, self.client_port)
     }
 
     /// SIGKILL: gone at once, as a crashed member.
@@ -95,6 +116,8 @@ impl Etcd {
     pub fn restart(&mut self) {
         self.proc.kill_hard();
         self.proc = spawn(
+            &crate::stack::here,
+            &self.ip,
             &self.dir,
             &self.name,
             self.client_port,
@@ -110,12 +133,20 @@ impl Etcd {
     }
 }
 
-fn spawn(dir: &tempfile::TempDir, name: &str, client: u16, peer: u16, cluster: &str) -> Proc {
+fn spawn(
+    launch: Launch,
+    ip: &str,
+    dir: &tempfile::TempDir,
+    name: &str,
+    client: u16,
+    peer: u16,
+    cluster: &str,
+) -> Proc {
     let bin = binary().expect("etcd installed (apt-get install etcd-server)");
-    let mut cmd = Command::new(bin);
+    let mut cmd = launch(&bin);
     let (c, p) = (
-        format!("http://127.0.0.1:{client}"),
-        format!("http://127.0.0.1:{peer}"),
+        format!("http://{ip}:{client}"),
+        format!("http://{ip}:{peer}"),
     );
     cmd.arg("--name")
         .arg(name)

@@ -114,6 +114,25 @@ impl Host {
         c
     }
 
+    /// `f` on a thread that entered the namespace: sockets it makes are
+    /// the host's (the admin API of a process running there, say).
+    pub fn run_in<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let path = format!("/run/netns/{}", self.ns);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                use std::os::fd::AsRawFd;
+                let file = std::fs::File::open(&path).expect("the lab's namespace file");
+                // SAFETY: setns(2) on an open namespace file; it changes only
+                // this thread's network namespace, and the thread ends with f.
+                let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                assert_eq!(r, 0, "setns into {path}: {}", io::Error::last_os_error());
+                f()
+            })
+            .join()
+            .expect("the closure in the namespace panicked")
+        })
+    }
+
     /// `sh -c script` inside the namespace, output captured (status unchecked).
     pub fn sh(&self, script: &str) -> io::Result<Output> {
         self.cmd("sh").args(["-c", script]).output()

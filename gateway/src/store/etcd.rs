@@ -221,6 +221,12 @@ impl LeaseStore for EtcdStore {
         ))
     }
 
+    fn holder(&self, port: LeasePort) -> Result<Option<LeaseKey>, StoreError> {
+        self.read(&self.port_key(port))?
+            .map(|(v, _)| String::from_utf8_lossy(&v).parse())
+            .transpose()
+    }
+
     fn remove(&self, key: &LeaseKey) -> Result<(), StoreError> {
         let lk = self.lease_key(key);
         if let Some((v, _)) = self.read(&lk)? {

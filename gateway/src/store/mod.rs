@@ -79,4 +79,13 @@ pub trait LeaseStore: Send + Sync + 'static {
     /// know of.
     fn claim(&self, lease: &Lease, previous: Option<LeasePort>) -> Result<Claim, StoreError>;
     fn remove(&self, key: &LeaseKey) -> Result<(), StoreError>;
+    /// Who holds `port`, as the store knows it now (leases other gateways
+    /// granted included).
+    fn holder(&self, port: LeasePort) -> Result<Option<LeaseKey>, StoreError> {
+        Ok(self
+            .load()?
+            .into_iter()
+            .find(|l| l.port == port)
+            .map(|l| l.key))
+    }
 }
