@@ -4,6 +4,10 @@
 1. Helm charts: lint (strict) and render every chart with its default values and each
    helm/<chart>/examples/*.yaml; validate every rendered manifest with kubernetes-validate (strict,
    Kubernetes K8S_VERSION); cross-check Services, probes, mounts and the agent's capabilities.
+   The gateway chart: one gateway renders a Deployment and its claim; a fleet (examples/fleet.yaml and
+   variants) a StatefulSet with a claim, config file, advertise address and Service per replica and
+   etcd's Secret mounted read-only; no secret in a ConfigMap or on a command line; values it must
+   refuse (several replicas on the embedded store, a shared identity key ...) fail to render.
 2. Config files the charts, compose.yaml and deploy/*.toml.example produce: `check-config` of the
    real binaries accepts them (unknown keys are errors there).
 3. Monitoring: every metric name in alerts.yaml and grafana-dashboard.json is exported by a running
@@ -11,6 +15,7 @@
 Prints one line per check and "N passed, N failed"; exits 1 on any failure.
 """
 
+import copy
 import json
 import os
 import re
@@ -22,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+import tomllib
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -139,13 +145,24 @@ def containers(tpl):
     return spec.get("initContainers", []) + spec.get("containers", [])
 
 
+def pod_label_sets(workload, tpl):
+    """The labels of the pods a workload runs: a StatefulSet's pods also carry their own name
+    (statefulset.kubernetes.io/pod-name), which per-replica Services select."""
+    labels = tpl["metadata"].get("labels", {})
+    if workload["kind"] != "StatefulSet":
+        return [labels]
+    name = workload["metadata"]["name"]
+    return [{**labels, "statefulset.kubernetes.io/pod-name": f"{name}-{i}"}
+            for i in range(workload["spec"].get("replicas", 1))]
+
+
 def cross_check(docs, what, chart_name, values):
     problems = []
     services = [d for _, d in docs if d["kind"] == "Service"]
     workloads = list(pod_specs(docs))
     for s in services:
         sel = s["spec"].get("selector", {})
-        targets = [t for _, t in workloads if sel.items() <= t["metadata"]["labels"].items()]
+        targets = [t for w, t in workloads if any(sel.items() <= ls.items() for ls in pod_label_sets(w, t))]
         if not targets:
             problems.append(f"Service {s['metadata']['name']} selects no pod")
             continue
@@ -155,8 +172,18 @@ def cross_check(docs, what, chart_name, values):
             tp = p.get("targetPort", p["port"])
             if isinstance(tp, str) and tp not in names:
                 problems.append(f"Service {s['metadata']['name']} targets unknown port name {tp}")
+    # Node ports are allocated cluster-wide: two Services cannot share one (one Service may use a
+    # number for both TCP and UDP).
+    owner = {}
+    for s in services:
+        for n in {p["nodePort"] for p in s["spec"]["ports"] if "nodePort" in p}:
+            if n in owner:
+                problems.append(f"node port {n} in both Service {owner[n]} and {s['metadata']['name']}")
+            owner[n] = s["metadata"]["name"]
     rendered = {(d["kind"], d["metadata"]["name"]) for _, d in docs}
-    existing = values_get(values, "secrets.existingSecret", "")
+    # Secrets the user creates: the chart only names them.
+    external = {values_get(values, "secrets.existingSecret", ""), values_get(values, "secrets.etcd.existingSecret", "")}
+    external.discard("")
     for w, t in workloads:
         spec = t["spec"]
         vols = {v["name"] for v in spec.get("volumes", [])}
@@ -164,8 +191,13 @@ def cross_check(docs, what, chart_name, values):
             if "configMap" in v and ("ConfigMap", v["configMap"]["name"]) not in rendered:
                 problems.append(f"volume {v['name']} names ConfigMap {v['configMap']['name']}, not rendered")
             sn = v.get("secret", {}).get("secretName")
-            if sn and ("Secret", sn) not in rendered and sn != existing:
+            if sn and ("Secret", sn) not in rendered and sn not in external:
                 problems.append(f"volume {v['name']} names Secret {sn}, neither rendered nor existingSecret")
+        for c in containers(t):
+            for e in c.get("env", []):
+                ref = e.get("valueFrom", {}).get("secretKeyRef", {}).get("name")
+                if ref and ("Secret", ref) not in rendered and ref not in external:
+                    problems.append(f"env {e['name']} names Secret {ref}, neither rendered nor existingSecret")
         vols |= {v["metadata"]["name"] for v in w["spec"].get("volumeClaimTemplates", [])}
         for c in containers(t):
             ports = {p.get("name") for p in c.get("ports", [])}
@@ -302,6 +334,330 @@ def check_charts(bins):
             values = merged_values(chart, override)
             cross_check(docs, what, chart.name, values)
             config_check(bins, docs, what, chart.name, values)
+            if chart.name == "relaygate-gateway":
+                gateway_checks(docs, what, values)
+        if chart.name == "relaygate-gateway":
+            check_gateway_fleet(helm, kv, bins, chart)
+
+
+# ---------------------------------------------------------------------------------------------
+# the gateway chart: one gateway, or a fleet
+
+
+def deep_merge(a, b):
+    """a with b merged in (dicts recursively, anything else replaced); neither is changed."""
+    out = copy.deepcopy(a or {})
+    for k, v in (b or {}).items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def listen_ports(values):
+    """(protocol, port) of config.listen, as the chart derives them."""
+    out = set()
+    for a in values_get(values, "config.listen", []):
+        m = re.search(r"/(tcp|udp)/(\d+)", a)
+        if m:
+            out.add((m.group(1).upper(), int(m.group(2))))
+    return out
+
+
+def gateway_configs(docs):
+    """{ConfigMap key: parsed TOML} of the gateway's config files."""
+    return {k: tomllib.loads(v) for _, d in docs if d["kind"] == "ConfigMap"
+            for k, v in d.get("data", {}).items() if k.endswith(".toml")}
+
+
+def gateway_container(tpl):
+    return next(c for c in containers(tpl) if c["name"] == "gateway")
+
+
+def gateway_secret_problems(docs, values):
+    """No secret in a ConfigMap, on a command line or in a literal environment value."""
+    problems = []
+    secrets = [values_get(values, f"secrets.{k}", "") for k in ("joinToken", "adminToken", "identityKey")]
+    secrets = [s for s in secrets if s]
+    for key, cfg in gateway_configs(docs).items():
+        for dotted in ("admission.token", "admin.token", "identity.key", "store.etcd.password"):
+            if values_get(cfg, dotted, None) is not None:
+                problems.append(f"ConfigMap {key} holds the secret {dotted}")
+    for _, d in docs:
+        if d["kind"] == "ConfigMap":
+            text = json.dumps(d.get("data", {}))
+            problems += [f"ConfigMap {d['metadata']['name']} holds a secret value from values.yaml"
+                         for s in secrets if s in text]
+            if "BEGIN" in text and "PRIVATE KEY" in text:
+                problems.append(f"ConfigMap {d['metadata']['name']} holds a PEM key")
+    for _, t in pod_specs(docs):
+        for c in containers(t):
+            line = " ".join(c.get("command", []) + c.get("args", []))
+            problems += [f"{c['name']}'s command line holds a secret value" for s in secrets if s in line]
+            if re.search(r"token|password", line, re.I):
+                problems.append(f"{c['name']}'s command line names a token or password: {line}")
+            for e in c.get("env", []):
+                if re.search(r"TOKEN|PASSWORD|IDENTITY__KEY", e["name"]) and "value" in e:
+                    problems.append(f"{c['name']}'s env {e['name']} is a literal value, not from a Secret")
+    return problems
+
+
+def gateway_single_problems(docs, values):
+    """Default and non-fleet values: one Deployment with its claim, as before fleets existed."""
+    problems = []
+    kinds = [d["kind"] for _, d in docs]
+    deps = [d for _, d in docs if d["kind"] == "Deployment"]
+    if "StatefulSet" in kinds or len(deps) != 1:
+        return [f"want one Deployment and no StatefulSet, got {sorted(kinds)}"]
+    spec = deps[0]["spec"]
+    if spec.get("replicas") != 1 or spec.get("strategy", {}).get("type") != "Recreate":
+        problems.append("the Deployment is not 1 replica with strategy Recreate")
+    persist = values_get(values, "persistence.enabled", True)
+    claim = values_get(values, "persistence.existingClaim", "")
+    if (kinds.count("PersistentVolumeClaim") == 1) != bool(persist and not claim):
+        problems.append(f"{kinds.count('PersistentVolumeClaim')} PersistentVolumeClaims rendered")
+    if set(gateway_configs(docs)) != {"gateway.toml"}:
+        problems.append(f"ConfigMap keys {sorted(gateway_configs(docs))}, want gateway.toml")
+    for _, d in docs:
+        if d["kind"] == "PodDisruptionBudget" and "minAvailable" not in d["spec"]:
+            problems.append("PodDisruptionBudget of one gateway without minAvailable")
+    return problems
+
+
+def gateway_fleet_problems(docs, values):
+    """fleet.enabled: a StatefulSet whose replicas each have their own volume, config file (advertise),
+    and Service; etcd's files from the Secret, read-only; the leased ports on a shared Service."""
+    problems = []
+    n = values_get(values, "fleet.replicas", 1)
+    kinds = [d["kind"] for _, d in docs]
+    sts = [d for _, d in docs if d["kind"] == "StatefulSet"]
+    if len(sts) != 1 or "Deployment" in kinds or "PersistentVolumeClaim" in kinds:
+        return [f"want one StatefulSet, no Deployment or PersistentVolumeClaim; got {sorted(kinds)}"]
+    st = sts[0]
+    name, spec = st["metadata"]["name"], st["spec"]
+    tpl = spec["template"]
+    pod = tpl["spec"]
+    gw = gateway_container(tpl)
+    by_kind_name = {(d["kind"], d["metadata"]["name"]): d for _, d in docs}
+    if spec.get("replicas") != n:
+        problems.append(f"StatefulSet replicas {spec.get('replicas')}, want fleet.replicas {n}")
+    if spec.get("podManagementPolicy") != "Parallel":
+        problems.append("podManagementPolicy is not Parallel")
+    headless = by_kind_name.get(("Service", spec.get("serviceName")))
+    if not headless or headless["spec"].get("clusterIP") != "None":
+        problems.append(f"serviceName {spec.get('serviceName')} is not a rendered headless Service")
+    # Each replica's own data dir (its identity.key): a claim template, never a shared volume.
+    mounts = {m["name"]: m for m in gw.get("volumeMounts", [])}
+    data_mount = mounts.get("data", {}).get("mountPath")
+    if data_mount != values_get(values, "persistence.mountPath", ""):
+        problems.append("the gateway does not mount volume data at persistence.mountPath")
+    if values_get(values, "persistence.enabled", True):
+        if [v["metadata"]["name"] for v in spec.get("volumeClaimTemplates", [])] != ["data"]:
+            problems.append("no volumeClaimTemplates [data]: replicas would share or lose their identity")
+        if any(v["name"] == "data" for v in pod.get("volumes", [])):
+            problems.append("volume data is in the pod template (shared) besides volumeClaimTemplates")
+    if values_get(values, "fleet.podAntiAffinity", "preferred") != "none" and \
+            "podAntiAffinity" not in pod.get("affinity", {}):
+        problems.append("no podAntiAffinity spreading the replicas")
+    for _, d in docs:
+        if d["kind"] == "PodDisruptionBudget" and ("maxUnavailable" not in d["spec"] or "minAvailable" in d["spec"]):
+            problems.append("a fleet's PodDisruptionBudget should set maxUnavailable (and not minAvailable)")
+
+    # Each replica picks its own config file by its pod name.
+    env = gw.get("env", [])
+    names = [e["name"] for e in env]
+    pod_name = next((e for e in env if e["name"] == "POD_NAME"), {})
+    cfg_env = next((e for e in env if e["name"] == "RELAYGATE_CONFIG"), {})
+    if pod_name.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") != "metadata.name":
+        problems.append("no POD_NAME from the downward API (metadata.name)")
+    elif "RELAYGATE_CONFIG" not in names or names.index("POD_NAME") > names.index("RELAYGATE_CONFIG"):
+        problems.append("POD_NAME must precede RELAYGATE_CONFIG for $(POD_NAME) to expand")
+    cfg_path = cfg_env.get("value", "")
+    cfg_dir = mounts.get("config", {}).get("mountPath")
+    if cfg_path != f"{cfg_dir}/$(POD_NAME).toml" or "subPath" in mounts.get("config", {}):
+        problems.append(f"RELAYGATE_CONFIG {cfg_path!r} does not pick <pod name>.toml from the config mount {cfg_dir}")
+    cfgs = gateway_configs(docs)
+    want = {f"{name}-{i}.toml" for i in range(n)}
+    if set(cfgs) != want:
+        problems.append(f"ConfigMap keys {sorted(cfgs)}, want one per replica {sorted(want)}")
+        return problems
+    advertised = [tuple(cfgs[f"{name}-{i}.toml"].get("advertise", [])) for i in range(n)]
+    if len(set(advertised)) != n and not values_get(values, "hostNetwork", False):
+        problems.append(f"replicas do not each advertise their own addresses: {advertised}")
+    for i, adv in enumerate(advertised):
+        per = (values_get(values, "fleet.perReplica", []) + [{}] * n)[i].get("advertise")
+        expect = per or [a.replace("{ordinal}", str(i)) for a in values_get(values, "config.advertise", [])]
+        if list(adv) != expect:
+            problems.append(f"replica {i} advertises {list(adv)}, want {expect}")
+    for key, cfg in cfgs.items():
+        if values_get(cfg, "store.kind", "embedded") != "etcd":
+            problems.append(f"{key}: store.kind is not etcd")
+        if values_get(cfg, "fleet.advertise", []) != values_get(values, "config.fleet.advertise", []):
+            problems.append(f"{key}: fleet.advertise differs from config.fleet.advertise")
+        # A gateway on etcd rewrites its token file with the fleet's token: never a read-only mount.
+        if values_get(cfg, "admission.token_file", None):
+            problems.append(f"{key}: admission.token_file on etcd (the gateway rewrites it with the fleet's token)")
+
+    # The join token from a Secret, inline through the environment.
+    if values_get(values, "secrets.joinToken", "") or values_get(values, "secrets.existingSecret", ""):
+        ref = next((e for e in env if e["name"] == "RELAYGATE_ADMISSION__TOKEN"), {})
+        if ref.get("valueFrom", {}).get("secretKeyRef", {}).get("key") != "join-token":
+            problems.append("join token from the Secret not given as RELAYGATE_ADMISSION__TOKEN (secretKeyRef join-token)")
+
+    # etcd's files: the user's Secret, read-only, owner/group-readable only, named in every config.
+    etcd_secret = values_get(values, "secrets.etcd.existingSecret", "")
+    keys = values_get(values, "secrets.etcd.keys", {})
+    want_files = {}
+    if etcd_secret:
+        if keys.get("ca"):
+            want_files["ca"] = "ca.crt"
+            if keys.get("cert") and keys.get("key"):
+                want_files.update(cert="tls.crt", key="tls.key")
+        if values_get(values, "config.store.etcd.user", ""):
+            want_files["password_file"] = "password"
+    vols = [v for v in pod.get("volumes", []) if v.get("secret", {}).get("secretName") == etcd_secret and etcd_secret]
+    if want_files:
+        if len(vols) != 1:
+            problems.append(f"Secret {etcd_secret} is not mounted once")
+        else:
+            v = vols[0]
+            mode = v["secret"].get("defaultMode")
+            if mode not in (0o400, 0o440):
+                problems.append(f"etcd Secret mounted with mode {oct(mode or 0o644)}, want 0400 or 0440")
+            m = mounts.get(v["name"], {})
+            if not m.get("readOnly"):
+                problems.append("etcd Secret mounted writable")
+            items = {i["path"]: i["key"] for i in v["secret"].get("items", [])}
+            for setting, file in want_files.items():
+                src = {"ca": "ca", "cert": "cert", "key": "key", "password_file": "password"}[setting]
+                if items.get(file) != keys.get(src):
+                    problems.append(f"etcd Secret key {keys.get(src)} not mounted as {file}")
+                for key, cfg in cfgs.items():
+                    got = values_get(cfg, f"store.etcd.{setting}", None)
+                    if got != f"{m.get('mountPath')}/{file}":
+                        problems.append(f"{key}: store.etcd.{setting} = {got!r}, not the mounted {file}")
+    elif vols:
+        problems.append(f"Secret {etcd_secret} mounted with no file the gateway reads")
+    if keys.get("endpoints") and etcd_secret:
+        ref = next((e for e in env if e["name"] == "RELAYGATE_STORE__ETCD__ENDPOINTS"), {})
+        if ref.get("valueFrom", {}).get("secretKeyRef") != {"name": etcd_secret, "key": keys["endpoints"]}:
+            problems.append("etcd endpoints from the Secret not given as RELAYGATE_STORE__ETCD__ENDPOINTS")
+    elif not all(values_get(cfg, "store.etcd.endpoints", []) for cfg in cfgs.values()):
+        problems.append("store.etcd.endpoints empty and not from the Secret")
+
+    # One Service per replica (a dial names its peer id), the leased ports on the shared one.
+    if values_get(values, "service.enabled", True):
+        stype = values_get(values, "service.type", "LoadBalancer")
+        listen = listen_ports(values)
+        per_replica = values_get(values, "fleet.perReplica", [])
+        for i in range(n):
+            svc = by_kind_name.get(("Service", f"{name}-{i}"))
+            if not svc:
+                problems.append(f"no Service {name}-{i} for replica {i}")
+                continue
+            if svc["spec"].get("selector", {}).get("statefulset.kubernetes.io/pod-name") != f"{name}-{i}":
+                problems.append(f"Service {name}-{i} does not select pod {name}-{i} alone")
+            if svc["spec"].get("type") != stype:
+                problems.append(f"Service {name}-{i} is {svc['spec'].get('type')}, want service.type {stype}")
+            ports = {(p["protocol"], p["port"]) for p in svc["spec"]["ports"]}
+            if not listen <= ports:
+                problems.append(f"Service {name}-{i} lacks the libp2p ports {sorted(listen - ports)}")
+            lb = per_replica[i].get("loadBalancerIP") if i < len(per_replica) else None
+            if stype == "LoadBalancer" and svc["spec"].get("loadBalancerIP") != lb:
+                problems.append(f"Service {name}-{i} loadBalancerIP {svc['spec'].get('loadBalancerIP')}, want {lb}")
+        shared = by_kind_name.get(("Service", name), {"spec": {"ports": []}})
+        ports = {(p["protocol"], p["port"]) for p in shared["spec"]["ports"]}
+        if listen & ports:
+            problems.append(f"shared Service {name} carries libp2p ports (a dial there would meet a random peer id)")
+        if not any(p.startswith("lease-") for p in (q.get("name", "") for q in shared["spec"]["ports"])):
+            problems.append(f"shared Service {name} carries no leased port")
+    return problems
+
+
+def gateway_checks(docs, what, values):
+    fleet = values_get(values, "fleet.enabled", False)
+    problems = (gateway_fleet_problems if fleet else gateway_single_problems)(docs, values)
+    problems += gateway_secret_problems(docs, values)
+    if problems:
+        for p in problems:
+            fail(f"{what}: {'fleet' if fleet else 'one gateway'}", p)
+    elif fleet:
+        n = values_get(values, "fleet.replicas", 1)
+        claims = "volumeClaimTemplates" if values_get(values, "persistence.enabled", True) else "emptyDir"
+        etcd = (f"etcd Secret {values_get(values, 'secrets.etcd.existingSecret', '')} mounted read-only"
+                if values_get(values, "secrets.etcd.existingSecret", "") else "plain etcd")
+        ok(f"{what}: StatefulSet of {n} (Parallel, {claims}, anti-affinity, PDB maxUnavailable), "
+           f"{n} config files each with its own advertise, {n} per-replica {values_get(values, 'service.type', '')} "
+           f"Services + shared lease Service, {etcd}, no secret in ConfigMap/args")
+    else:
+        ok(f"{what}: one Deployment (Recreate) with its claim and gateway.toml, no secret in ConfigMap/args")
+
+
+# Values the gateway chart must refuse, with what the message must say: changes to examples/fleet.yaml
+# (3 replicas), or (None, values) for the default values plus these.
+GATEWAY_REFUSED = [
+    ("fleet of 3 on the embedded store", {"config": {"store": {"kind": "embedded"}}}, "config.store.kind=etcd"),
+    ("3 replicas without fleet.enabled", (None, {"fleet": {"replicas": 3}}), "needs fleet.enabled=true"),
+    ("secrets.identityKey shared by 3 replicas", {"secrets": {"identityKey": "ab" * 32}}, "secrets.identityKey"),
+    ("every replica advertising the same address",
+     {"fleet": {"perReplica": []}, "config": {"advertise": ["/dns4/gw.example.com/tcp/4001"]}},
+     "advertise the same addresses"),
+    ("a fleet without advertise addresses", {"fleet": {"perReplica": []}, "config": {"advertise": []}},
+     "has no advertise address"),
+    ("a fleet on one existing claim", {"persistence": {"existingClaim": "data"}}, "existingClaim"),
+    ("etcd user without its password Secret", {"secrets": {"etcd": {"existingSecret": ""}}}, "needs its password"),
+]
+
+# Variants of examples/fleet.yaml rendered and checked like an example.
+GATEWAY_FLEET_VARIANTS = [
+    ("NodePort", {"service": {"type": "NodePort"},
+                  "config": {"listen": ["/ip4/0.0.0.0/tcp/31001", "/ip4/0.0.0.0/udp/31001/quic-v1"],
+                             "leases": {"port_range": "31100-31119"},
+                             "advertise": ["/dns4/node-{ordinal}.example.com/tcp/31001"]}}),
+    ("join token, admin token and endpoints from Secrets",
+     {"secrets": {"joinToken": "rgt_check_join_token", "adminToken": "check-admin-token",
+                  "etcd": {"keys": {"endpoints": "endpoints"}}},
+      "config": {"store": {"etcd": {"endpoints": []}}}}),
+    ("plain etcd, per-replica addresses, no persistence",
+     {"secrets": {"etcd": {"existingSecret": ""}}, "persistence": {"enabled": False},
+      "config": {"store": {"etcd": {"user": ""}}},
+      "fleet": {"replicas": 2, "perReplica": [{"advertise": ["/ip4/203.0.113.20/tcp/4001"]},
+                                              {"advertise": ["/ip4/203.0.113.21/tcp/4001"]}]}}),
+]
+
+
+def check_gateway_fleet(helm, kv, bins, chart):
+    """Renders the gateway chart with values it must refuse, and variants of examples/fleet.yaml."""
+    example = chart / "examples" / "fleet.yaml"
+    if not example.is_file():
+        fail(f"{chart.name}: fleet", "examples/fleet.yaml is missing")
+        return
+    base = yaml.safe_load(example.read_text())
+    if values_get(base, "fleet.replicas", 1) <= 1:
+        fail(f"{chart.name} [examples/fleet.yaml]", "fleet.replicas must be above 1 for the refusals below")
+    for label, change, expect in GATEWAY_REFUSED:
+        override = deep_merge(change[0], change[1]) if isinstance(change, tuple) else deep_merge(base, change)
+        what = f"{chart.name} [refuses {label}]"
+        try:
+            render_chart(helm, chart, override)
+        except Exception as e:  # noqa: BLE001 - the render must fail; what it says is checked
+            if expect in str(e):
+                ok(f"{what}: {str(e).split('): ', 1)[-1][:110]}")
+            else:
+                fail(what, f"failed without saying {expect!r}: {e}")
+            continue
+        fail(what, "rendered")
+    for label, change in GATEWAY_FLEET_VARIANTS:
+        what = f"{chart.name} [examples/fleet.yaml + {label}]"
+        override = deep_merge(base, change)
+        try:
+            docs, _ = render_chart(helm, chart, override)
+        except Exception as e:  # noqa: BLE001
+            fail(f"{what}: render", e)
+            continue
+        k8s_validate(kv, docs, what)
+        values = merged_values(chart, override)
+        cross_check(docs, what, chart.name, values)
+        config_check(bins, docs, what, chart.name, values)
+        gateway_checks(docs, what, values)
 
 
 PARENT_TEMPLATE = """\
