@@ -16,6 +16,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// that thousands of active connections stay cheap.
 const BUF: usize = 16 * 1024;
 
+/// Per-direction buffer of a raw copy (`raw_counted`): a lane frame's worth.
+const RAW_BUF: usize = 64 * 1024;
+
 /// Largest payload of one frame.
 pub const MAX_FRAME: usize = BUF;
 /// How long to wait for the stream's own end after an `END` frame.
@@ -106,6 +109,29 @@ where
                 return Err(e);
             }
         }
+    }
+}
+
+/// Copies a raw connection to another in chunks of up to `RAW_BUF`,
+/// counting the bytes; EOF shuts the writer down. For a stream that carries
+/// its own end and reset (a lane stream), where frames would be overhead.
+pub async fn raw_counted<R, W>(mut r: R, mut w: W, counter: &Counter) -> io::Result<u64>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; RAW_BUF];
+    let mut total = 0u64;
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            w.shutdown().await?;
+            return Ok(total);
+        }
+        w.write_all(&buf[..n]).await?;
+        w.flush().await?;
+        counter.inc_by(n as u64);
+        total += n as u64;
     }
 }
 

@@ -294,20 +294,9 @@ impl Connection {
 
     /// Over one of the agent's lanes when it has one, else as a session stream.
     async fn forward(&mut self, origin: Origin) -> io::Result<()> {
-        // A lane that closed as the stream opened is skipped by the next pick.
-        for _ in 0..lane::MAX_LANES {
-            let Some(lane) = self.dp.lanes.get(&self.agent) else {
-                break;
-            };
-            match lane.open().await {
-                Ok(stream) => {
-                    self.dp.metrics.tunnel_path(DataPath::Lane);
-                    return self.forward_lane(stream, origin).await;
-                }
-                Err(e) => {
-                    tracing::debug!(agent = %self.agent, error = %e, "lane closed; trying the next")
-                }
-            }
+        if let Some(stream) = open_lane(&self.dp, &self.agent).await {
+            self.dp.metrics.tunnel_path(DataPath::Lane);
+            return self.forward_lane(stream, origin).await;
         }
         if let Some(lanes) = &self.dp.session_lanes {
             if let Some(lane) = lanes.get(self.agent, self.connection).await {
@@ -362,6 +351,19 @@ impl Connection {
         };
         crate::session_stream::carry(&self.dp, to, origin, tr, tw).await
     }
+}
+
+/// A new stream on one of `agent`'s lanes, if it has one that is open.
+pub(crate) async fn open_lane(dp: &DataPlane, agent: &PeerId) -> Option<LaneStream> {
+    // A lane that closed as the stream opened is skipped by the next pick.
+    for _ in 0..lane::MAX_LANES {
+        let lane = dp.lanes.get(agent)?;
+        match lane.open().await {
+            Ok(stream) => return Some(stream),
+            Err(e) => tracing::debug!(%agent, error = %e, "lane closed; trying the next"),
+        }
+    }
+    None
 }
 
 /// Who a connection is from: its socket's peer, or the client a trusted

@@ -1,15 +1,18 @@
-//! The fallback data path: a public connection carried on a libp2p stream
-//! of the agent's session (`/relaygate/tunnel/1`, framed), for agents with no
-//! lane, and for connections another gateway of the fleet forwarded here.
+//! A public connection that is not a plain socket here carried to the agent
+//! by generic reads and writes: on a libp2p stream of the agent's session
+//! (`/relaygate/tunnel/1`, framed), for agents with no lane, or on a lane
+//! stream (raw), for connections another gateway of the fleet forwarded
+//! here. A plain socket on a lane takes `lane::splice` instead.
 
 use std::{io, time::Duration};
 
 use libp2p::{swarm::ConnectionId, PeerId};
 use relaygate_common::{
     idle::{Activity, Watched},
+    lane::LaneStream,
     protocol::{StreamHeader, TUNNEL_PROTOCOL},
     proxy::SpoofCheck,
-    splice::{frames_to_raw, raw_to_frames, write_frames},
+    splice::{frames_to_raw, raw_counted, raw_to_frames, write_frames},
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::compat::FuturesAsyncReadCompatExt;
@@ -61,7 +64,98 @@ where
             ));
         }
     };
-    let mut stream = stream.compat();
+    splice(
+        dp,
+        to,
+        origin,
+        stream.compat(),
+        Framing::Frames,
+        public_r,
+        public_w,
+    )
+    .await
+}
+
+/// Carries one public connection on `lane`, a stream of one of the agent's
+/// lanes, until both directions end, the agent refuses it, or it idles.
+pub async fn carry_on_lane<R, W>(
+    dp: &DataPlane,
+    to: Agent<'_>,
+    origin: Origin,
+    lane: LaneStream,
+    public_r: R,
+    public_w: W,
+) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    splice(dp, to, origin, lane, Framing::Raw, public_r, public_w).await
+}
+
+/// How the agent's stream carries the bytes: a session stream in frames
+/// (its muxer reports a reset as a plain end), a lane stream as they are.
+#[derive(Clone, Copy)]
+enum Framing {
+    Frames,
+    Raw,
+}
+
+impl Framing {
+    async fn put<W: AsyncWrite + Unpin>(self, w: &mut W, bytes: &[u8]) -> io::Result<()> {
+        match self {
+            Framing::Frames => write_frames(w, bytes).await,
+            Framing::Raw => w.write_all(bytes).await,
+        }
+    }
+
+    async fn up<R, W>(
+        self,
+        r: R,
+        w: W,
+        counter: &prometheus_client::metrics::counter::Counter,
+    ) -> io::Result<u64>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        match self {
+            Framing::Frames => raw_to_frames(r, w, counter).await,
+            Framing::Raw => raw_counted(r, w, counter).await,
+        }
+    }
+
+    async fn down<R, W>(
+        self,
+        r: R,
+        w: W,
+        counter: &prometheus_client::metrics::counter::Counter,
+    ) -> io::Result<u64>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        match self {
+            Framing::Frames => frames_to_raw(r, w, counter).await,
+            Framing::Raw => raw_counted(r, w, counter).await,
+        }
+    }
+}
+
+async fn splice<S, R, W>(
+    dp: &DataPlane,
+    to: Agent<'_>,
+    origin: Origin,
+    mut stream: S,
+    framing: Framing,
+    public_r: R,
+    public_w: W,
+) -> io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let header = StreamHeader {
         tunnel: to.stats.name.clone(),
         source: origin.source,
@@ -86,7 +180,7 @@ where
     let mut done = check_spoof(&mut check, &origin.prefix, metrics)?;
     let up = async move {
         if !origin.prefix.is_empty() {
-            write_frames(&mut sw, &origin.prefix).await?;
+            framing.put(&mut sw, &origin.prefix).await?;
             bytes_in.inc_by(origin.prefix.len() as u64);
         }
         // Whoever the client is, its own bytes must not start a PROXY header.
@@ -94,17 +188,17 @@ where
         while !done {
             let n = tr.read(&mut first).await?;
             if n == 0 {
-                return raw_to_frames(&b""[..], sw, bytes_in).await;
+                return framing.up(&b""[..], sw, bytes_in).await;
             }
             done = check_spoof(&mut check, &first[..n], metrics)?;
-            write_frames(&mut sw, &first[..n]).await?;
+            framing.put(&mut sw, &first[..n]).await?;
             bytes_in.inc_by(n as u64);
         }
-        raw_to_frames(tr, sw, bytes_in).await
+        framing.up(tr, sw, bytes_in).await
     };
     let down = async move {
         agent_status(&mut sr, metrics).await?;
-        frames_to_raw(sr, &mut tw, bytes_out).await
+        framing.down(sr, &mut tw, bytes_out).await
     };
     let idle = dp.idle_timeout;
     tokio::select! {

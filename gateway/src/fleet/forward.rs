@@ -18,6 +18,7 @@ use relaygate_common::{
     protocol::{read_control, write_control, ControlMessage, FORWARD_PROTOCOL},
     proxy,
     streams::OpenError,
+    transport::DataPath,
 };
 use tokio::{
     io::AsyncWriteExt,
@@ -301,7 +302,18 @@ impl Forwarder {
             stats: &owner.stats,
         };
         let (r, w) = tokio::io::split(stream);
-        if let Err(e) = session_stream::carry(dp, to, origin, r, w).await {
+        // The agent's lanes when it has them, as for a connection landing here.
+        let carried = match listener::open_lane(dp, &owner.agent).await {
+            Some(lane) => {
+                dp.metrics.tunnel_path(DataPath::Lane);
+                session_stream::carry_on_lane(dp, to, origin, lane, r, w).await
+            }
+            None => {
+                dp.metrics.tunnel_path(DataPath::Session);
+                session_stream::carry(dp, to, origin, r, w).await
+            }
+        };
+        if let Err(e) = carried {
             tracing::debug!(%source, port = %port, error = %e, "forwarded connection reset");
         }
         owner.stats.active.dec();

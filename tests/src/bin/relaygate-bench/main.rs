@@ -7,9 +7,11 @@
 //! Figures: throughput with 1 and 8 streams, 64-byte ping-pong RTT p50/p99,
 //! new connections per second (connect, 1-byte echo, close), RSS per idle
 //! tunnelled connection on the gateway and the agent (RSS at 0, 1,000 and
-//! 10,000 held), and the throughput of 50 agents pushing one stream each
-//! against one agent alone.
+//! 10,000 held), the throughput of 50 agents pushing one stream each
+//! against one agent alone, and with etcd installed a fleet of three
+//! gateways: a forwarded connection against a direct one, and failover.
 
+mod failover;
 mod load;
 mod report;
 mod roles;
@@ -96,6 +98,13 @@ struct Args {
     /// without and with 1% loss. Needs root.
     #[arg(long)]
     wan: bool,
+    /// Leave out the fleet figures (three gateways on etcd: forwarded
+    /// against direct, failover).
+    #[arg(long)]
+    skip_fleet: bool,
+    /// Only the fleet figures: print them, write no report.
+    #[arg(long, conflicts_with = "skip_fleet")]
+    fleet_only: bool,
     /// Where to write the report.
     #[arg(long, default_value = "BENCHMARKS.md")]
     output: PathBuf,
@@ -128,11 +137,27 @@ struct Memory {
 }
 
 #[derive(Clone, Debug, Default)]
-struct Fleet {
+struct Crowd {
     agents: usize,
     one_gbit: f64,
     together_gbit: f64,
 }
+
+/// The benchmark is one client hammering one tunnel: lift the per-IP rate
+/// and per-tunnel caps meant for the internet.
+const GATEWAY_SETTINGS: &[&str] = &[
+    "log.level=info",
+    "guard.tunnel_connections_per_ip.per_second=0",
+    "guard.connections_per_ip.per_second=0",
+    "limits.max_connections_per_tunnel=100000",
+    "limits.max_connections_per_source=100000",
+    "limits.max_connections_per_ip=1000",
+    "relay.max_reservations_per_ip=1000",
+    // Held idle connections are what the memory figure measures.
+    "limits.idle_timeout=0s",
+    // Whatever --lanes asks for.
+    "session.lanes=8",
+];
 
 fn main() -> anyhow::Result<()> {
     let mut a = Args::parse();
@@ -170,6 +195,12 @@ fn main() -> anyhow::Result<()> {
         print!("{}", report::wan_table(&f));
         return Ok(());
     }
+    if a.fleet_only {
+        let f = failover::run(&a, transport, Duration::from_secs_f64(a.seconds))?
+            .ok_or_else(|| anyhow::anyhow!("the fleet figures need etcd"))?;
+        print!("{}", report::fleet_section(&a, &f));
+        return Ok(());
+    }
     let rt = runtime()?;
     let (_targets, sink, echo) = spawn_targets(&a.targets_ports)?;
 
@@ -178,21 +209,7 @@ fn main() -> anyhow::Result<()> {
     let gw = Gateway::start(
         &here,
         GatewaySpec {
-            // The benchmark is one client hammering one tunnel: lift the per-IP
-            // rate and per-tunnel caps meant for the internet.
-            extra: settings(&[
-                "log.level=info",
-                "guard.tunnel_connections_per_ip.per_second=0",
-                "guard.connections_per_ip.per_second=0",
-                "limits.max_connections_per_tunnel=100000",
-                "limits.max_connections_per_source=100000",
-                "limits.max_connections_per_ip=1000",
-                "relay.max_reservations_per_ip=1000",
-                // Held idle connections are what the memory figure measures.
-                "limits.idle_timeout=0s",
-                // Whatever --lanes asks for.
-                "session.lanes=8",
-            ]),
+            extra: settings(GATEWAY_SETTINGS),
             port_range: Some(format!("{ports}-{}", ports + 99)),
             ..Default::default()
         },
@@ -289,9 +306,9 @@ fn main() -> anyhow::Result<()> {
         gw.proc.pid(),
         agent.proc.pid(),
     ))?;
-    let fleet = match a.agents {
+    let crowd = match a.agents {
         0 => None,
-        n => Some(rt.block_on(fleet(&gw, transport, &a, sink, tunnel_sink, n, d))?),
+        n => Some(rt.block_on(crowd(&gw, transport, &a, sink, tunnel_sink, n, d))?),
     };
     // The CI smoke run takes one WAN point too, so the lab keeps working.
     let points = if a.wan {
@@ -306,13 +323,19 @@ fn main() -> anyhow::Result<()> {
         vec![]
     };
     drop((gw, agent));
+    let fleet = if a.skip_fleet {
+        None
+    } else {
+        failover::run(&a, transport, d)?
+    };
     let wan = wan::run(&a, transport, &points)?;
     let report = report::render(
         &a,
         transport,
         [&direct, &chain, &tunnel],
         &memory,
-        &fleet,
+        &crowd,
+        fleet.as_ref(),
         &wan,
     );
     println!("{report}");
@@ -321,7 +344,11 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn measure(sink: SocketAddr, echo: SocketAddr, d: Duration) -> anyhow::Result<Figures> {
+pub(crate) async fn measure(
+    sink: SocketAddr,
+    echo: SocketAddr,
+    d: Duration,
+) -> anyhow::Result<Figures> {
     let tput1 = throughput(sink, 1, d).await?;
     let tput8 = throughput(sink, 8, d).await?;
     let (p50_us, p99_us) = rtt(echo, 2000).await?;
@@ -396,7 +423,7 @@ pub(crate) fn wait_lanes(agent: &Agent, data_path: &str, lanes: u8) -> anyhow::R
 
 /// One stream through one agent, then `n` more agents on the same gateway
 /// pushing one stream each at once: what they get together.
-async fn fleet(
+async fn crowd(
     gw: &Gateway,
     transport: Transport,
     args: &Args,
@@ -404,7 +431,7 @@ async fn fleet(
     one: SocketAddr,
     n: usize,
     d: Duration,
-) -> anyhow::Result<Fleet> {
+) -> anyhow::Result<Crowd> {
     let one_gbit = throughput(one, 1, d).await?;
     let agents: Vec<Agent> = (0..n)
         .map(|_| {
@@ -432,7 +459,7 @@ async fn fleet(
     }
     let sinks: Vec<SocketAddr> = ports.iter().map(|p| ([127, 0, 0, 1], *p).into()).collect();
     let together_gbit = throughput_each(&sinks, d).await?;
-    Ok(Fleet {
+    Ok(Crowd {
         agents: n,
         one_gbit,
         together_gbit,

@@ -1,6 +1,6 @@
 //! The report: the tables of BENCHMARKS.md and the machine they were taken on.
 
-use crate::{wan::WanFigures, Args, Figures, Fleet, Memory, Transport};
+use crate::{failover::FleetFigures, wan::WanFigures, Args, Crowd, Figures, Memory, Transport};
 
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -12,7 +12,8 @@ pub fn render(
     t: Transport,
     [direct, chain, tunnel]: [&[Figures]; 3],
     memory: &[Memory],
-    fleet: &Option<Fleet>,
+    crowd: &Option<Crowd>,
+    fleet: Option<&FleetFigures>,
     wan: &[WanFigures],
 ) -> String {
     let pick = |v: &[Figures], f: fn(&Figures) -> f64| median(v.iter().map(f).collect());
@@ -22,18 +23,7 @@ pub fn render(
             .collect::<Vec<_>>()
             .join(", ")
     };
-    type Row = (&'static str, fn(&Figures) -> f64, bool);
-    let rows: [Row; 5] = [
-        ("throughput, 1 stream, Gbit/s", |f| f.tput1, true),
-        ("throughput, 8 streams, Gbit/s", |f| f.tput8, true),
-        ("64-byte RTT p50, µs", |f| f.p50_us, false),
-        ("64-byte RTT p99, µs", |f| f.p99_us, false),
-        (
-            "new connections/s (connect, 1-byte echo, close)",
-            |f| f.conns_per_s,
-            true,
-        ),
-    ];
+    let rows = rows();
     let mut s = String::new();
     s.push_str("# relaygate benchmarks\n\n");
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -97,14 +87,19 @@ pub fn render(
             m.held, m.gw_kib_per_conn, m.agent_kib_per_conn, m.gw_total_mib, m.agent_total_mib
         ));
     }
-    if let Some(fleet) = fleet {
+    if let Some(crowd) = crowd {
         s.push_str(&format!(
             "\n| agents, one stream each | one agent alone, Gbit/s | together, Gbit/s | together / one |\n|---|---|---|---|\n| {} | {:.2} | {:.2} | {:.0}% |\n",
-            fleet.agents,
-            fleet.one_gbit,
-            fleet.together_gbit,
-            fleet.together_gbit / fleet.one_gbit * 100.0
+            crowd.agents,
+            crowd.one_gbit,
+            crowd.together_gbit,
+            crowd.together_gbit / crowd.one_gbit * 100.0
         ));
+    }
+    match fleet {
+        Some(f) => s.push_str(&fleet_section(a, f)),
+        None if a.skip_fleet => {}
+        None => s.push_str("\n## A fleet of three gateways\n\nSkipped: etcd is not installed (`apt-get install etcd-server`).\n"),
     }
     if !wan.is_empty() {
         s.push_str(&format!(
@@ -126,6 +121,64 @@ pub fn render(
             raw(chain, f)
         ));
     }
+    s
+}
+
+type Row = (&'static str, fn(&Figures) -> f64, bool);
+
+fn rows() -> [Row; 5] {
+    [
+        ("throughput, 1 stream, Gbit/s", |f| f.tput1, true),
+        ("throughput, 8 streams, Gbit/s", |f| f.tput8, true),
+        ("64-byte RTT p50, µs", |f| f.p50_us, false),
+        ("64-byte RTT p99, µs", |f| f.p99_us, false),
+        (
+            "new connections/s (connect, 1-byte echo, close)",
+            |f| f.conns_per_s,
+            true,
+        ),
+    ]
+}
+
+/// Forwarded against direct, then the failover figures.
+pub fn fleet_section(a: &Args, f: &FleetFigures) -> String {
+    let pick = |v: &[Figures], g: fn(&Figures) -> f64| median(v.iter().map(g).collect());
+    let mut s = format!(
+        "\n## A fleet of three gateways\n\nThree gateways on 127.0.0.1-3 sharing one etcd (a real `etcd` process). \
+         An agent with `gateway.max_sessions = 1` holds gateway 1 only: a connection to gateway 1 goes \
+         straight to the agent, one to gateway 2 is forwarded to gateway 1 over `/relaygate/forward/1` \
+         first. Medians of {} run(s), {} s per figure.\n\n\
+         | figure | on the gateway holding the agent | forwarded by another gateway | ratio |\n|---|---|---|---|\n",
+        a.runs, a.seconds
+    );
+    for (name, g, higher_better) in rows() {
+        let (d, x) = (pick(&f.direct, g), pick(&f.forwarded, g));
+        let ratio = if higher_better {
+            format!("{:.0}% of direct", x / d * 100.0)
+        } else {
+            format!("{:.2}× direct", x / d)
+        };
+        s.push_str(&format!("| {name} | {d:.2} | {x:.2} | {ratio} |\n"));
+    }
+    let o = &f.failover;
+    s.push_str(&format!(
+        "\nFailover: an agent holding all three gateways; 8 connections doing 16 KiB round trips through \
+         gateways 1 and 3, and from the kill on a new connection (connect, 1-byte echo, close) every 20 ms \
+         through each; gateway 2 is SIGKILLed (etcd member TTL 3 s).\n\n\
+         | figure | value |\n|---|---|\n\
+         | round trips through the survivors, failed | {} of {} |\n\
+         | new connections through the survivors, failed | {} of {} |\n\
+         | longest time without a successful new connection through the survivors, from the kill on | {} ms |\n\
+         | SIGKILL until the dead gateway left the fleet's view | {:.2} s |\n\
+         | restarted gateway up until it served the port again | {} ms |\n",
+        o.failed_round_trips,
+        o.round_trips,
+        o.failed_new_connections,
+        o.new_connections,
+        o.longest_gap.as_millis(),
+        o.left_view.as_secs_f64(),
+        o.serving_again.as_millis(),
+    ));
     s
 }
 
