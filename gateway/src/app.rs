@@ -222,18 +222,25 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         fleet_hosts: cfg.fleet.hosts(),
         ports: ports.clone(),
     });
-    let forwarder = cfg.forwards().then(|| {
-        Arc::new(Forwarder {
-            fleet: fleet.clone(),
-            registry: registry.clone(),
-            ports: ports.clone(),
-            dp: dataplane.clone(),
-            host: host.clone(),
-            bind: cfg.leases.bind,
+    let forwarder = cfg
+        .forwards()
+        .then(|| {
+            anyhow::Ok(Arc::new(Forwarder {
+                fleet: fleet.clone(),
+                registry: registry.clone(),
+                ports: ports.clone(),
+                dp: dataplane.clone(),
+                host: host.clone(),
+                bind: cfg.leases.bind,
+                links: crate::fleet::links::Links::new(&key, cfg.session.lane())?,
+            }))
         })
-    });
+        .transpose()?;
     if let Some(f) = &forwarder {
         tokio::spawn(f.clone().run());
+        let (to, from) = mpsc::channel(16);
+        lanes.take_fleet_lanes(fleet.clone(), to);
+        tokio::spawn(f.clone().serve_links(from));
     }
     let hop = Arc::new(Hop {
         key,
@@ -339,7 +346,10 @@ async fn route(
             match &forwarder {
                 Some(f) => {
                     // Tracked: shutdown drains them like any public connection.
-                    f.dp.tracker.spawn(f.clone().inbound(i.peer, i.stream));
+                    f.dp.tracker.spawn(f.clone().inbound(
+                        i.peer,
+                        tokio_util::compat::FuturesAsyncReadCompatExt::compat(i.stream),
+                    ));
                 }
                 None => hop.guard.count_refusal("forward_off"),
             }

@@ -2,7 +2,8 @@
 //! tunnelled connections (see `relaygate_common::lane`). A lane is accepted
 //! only from an agent with a live session, and lives no longer than it. An
 //! agent keeps a few, one per slot; a new connection takes the one with the
-//! fewest streams.
+//! fewest streams. A lane from another gateway of the fleet is handed to the
+//! forwarder, which serves the connections it carries.
 
 use std::{
     collections::HashMap,
@@ -15,7 +16,7 @@ use std::{
 use libp2p::{identity::Keypair, PeerId};
 use relaygate_common::{
     lane::{
-        Accepted, Budget, Lane, LaneConfig, LaneCount, LaneLink, LaneSlot, LaneTls, Rewind,
+        Accepted, Budget, Lane, LaneConfig, LaneCount, LaneLink, LaneSlot, LaneTls, Rewind, Role,
         MAX_LANES,
     },
     metrics::Held,
@@ -24,6 +25,7 @@ use relaygate_common::{
 use tokio::sync::mpsc;
 
 use crate::{
+    fleet::members::Fleet,
     guard::{Action, Guard},
     metrics::Metrics,
     registry::AgentRegistry,
@@ -53,7 +55,12 @@ pub struct Lanes {
     handshakes: Places,
     /// Numbers lane connections in the order they arrive.
     arrivals: std::sync::atomic::AtomicU64,
+    /// Where lanes from the fleet's other gateways go (set when forwarding is on).
+    links: std::sync::OnceLock<(Arc<Fleet>, mpsc::Sender<FleetLane>)>,
 }
+
+/// A lane another gateway of the fleet dialled, and who it is.
+pub type FleetLane = (PeerId, Arc<Lane>);
 
 impl Lanes {
     pub fn new(
@@ -75,8 +82,14 @@ impl Lanes {
             metrics,
             handshakes: Places::new(MAX_HANDSHAKES, HANDSHAKES_PER_SOURCE, guard.grouping()),
             arrivals: Default::default(),
+            links: Default::default(),
             guard,
         })
+    }
+
+    /// Lanes from members of `fleet` are sent to `to` (the forwarder).
+    pub fn take_fleet_lanes(&self, fleet: Arc<Fleet>, to: mpsc::Sender<FleetLane>) {
+        let _ = self.links.set((fleet, to));
     }
 
     /// The agent's lane with the fewest open streams, while one is up.
@@ -135,6 +148,24 @@ impl Lanes {
         };
         // Only an agent with a session gets a lane, and the lane ends with it.
         let Some(session) = self.registry.cancel_token(&peer) else {
+            if let Some((_, to)) = self.links.get().filter(|(f, _)| f.is_member(&peer)) {
+                let link = LaneLink {
+                    budget: self.budget(peer),
+                    rtt,
+                };
+                // The dialling gateway opens a stream per connection it forwards.
+                let cfg = LaneConfig {
+                    flow,
+                    opener: Role::Dialer,
+                    ..self.cfg
+                };
+                let lane = Lane::start(io, keys, cfg, link);
+                tracing::debug!(gateway = %peer, remote = %d.remote, "lane from a gateway of the fleet up");
+                if to.send((peer, lane.clone())).await.is_err() {
+                    lane.close();
+                }
+                return;
+            }
             self.metrics.refuse("lane_without_session");
             tracing::debug!(%peer, remote = %d.remote, "lane from a peer without a session; closed");
             return;

@@ -228,14 +228,26 @@ fn with_one_session_every_gateway_forwards_to_it_keeping_the_source() {
         );
     }
     for g in &gws[1..] {
+        let m = g.metrics();
         assert!(
             metric(
-                &g.metrics(),
+                &m,
                 "relaygate_gateway_forwarded_connections_total{reason=\"out\"}"
             )
             .unwrap_or(0.0)
                 >= 1.0,
             "gateway {} forwarded",
+            g.peer_id
+        );
+        // On its lane to gateway 1, not a libp2p stream.
+        assert!(
+            metric(
+                &m,
+                "relaygate_gateway_tunnel_paths_total{path=\"fleet_lane\"}"
+            )
+            .unwrap_or(0.0)
+                >= 1.0,
+            "gateway {} forwarded on a lane",
             g.peer_id
         );
     }

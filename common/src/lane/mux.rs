@@ -52,6 +52,10 @@ pub struct LaneConfig {
     pub keep_alive: Duration,
     /// What the peer speaks.
     pub flow: LaneFlow,
+    /// The side that opens streams: the listener (a gateway) on an agent's
+    /// lane, the dialler on a lane between two gateways of a fleet. Both
+    /// ends must agree; an open from the other side ends the lane.
+    pub opener: Role,
 }
 
 impl Default for LaneConfig {
@@ -63,6 +67,7 @@ impl Default for LaneConfig {
             send_queue: 32,
             keep_alive: Duration::from_secs(10),
             flow: LaneFlow::Tuned,
+            opener: Role::Listener,
         }
     }
 }
@@ -86,9 +91,11 @@ impl LaneLink {
     }
 }
 
-/// Which side of the lane this is. The listener (the gateway) opens streams,
-/// with even ids; the dialer (the agent) accepts them. A dialer's open is a
-/// protocol violation: a gateway never serves streams, so it must not hold them.
+/// Which side of the lane this is. On an agent's lane the listener (the
+/// gateway) opens streams, with even ids, and the dialer (the agent) accepts
+/// them: a dialer's open is a protocol violation, since a gateway serves no
+/// agent's streams. On a lane between gateways (`LaneConfig::opener`) the
+/// dialer opens them, with odd ids.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
     /// The side that dialled (the agent).
@@ -269,6 +276,11 @@ impl Lane {
 
     /// Opens a stream; the peer learns of it with the first frame.
     pub async fn open(&self) -> Result<LaneStream, LaneError> {
+        if self.shared.role != self.shared.cfg.opener {
+            return Err(LaneError::Protocol(
+                "this side of the lane opens no streams",
+            ));
+        }
         if self.is_closed() {
             return Err(LaneError::Closed);
         }

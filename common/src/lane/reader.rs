@@ -103,11 +103,15 @@ fn route(
                 let _ = slot.tx.send(Inbound::Data(payload));
             }
             Kind::Open => {
-                // Only the gateway opens streams (even ids); the agent serves them.
-                if shared.role == Role::Listener {
-                    return Err(LaneError::Protocol("the gateway's side takes no streams"));
+                // Only the opener opens streams (even ids from the listener,
+                // odd from the dialer); the other side serves them.
+                if shared.role == shared.cfg.opener {
+                    return Err(LaneError::Protocol(
+                        "this side of the lane takes no streams",
+                    ));
                 }
-                if h.stream % 2 == 1 || shared.streams().contains_key(&h.stream) {
+                let odd = shared.cfg.opener == Role::Dialer;
+                if (h.stream % 2 == 1) != odd || shared.streams().contains_key(&h.stream) {
                     return Err(LaneError::Protocol("open with a wrong or used stream id"));
                 }
                 if shared.streams().len() >= shared.cfg.max_streams {

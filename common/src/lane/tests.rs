@@ -99,11 +99,48 @@ async fn a_closed_lane_resets_its_streams() {
 
 #[tokio::test]
 async fn the_gateway_takes_no_streams_from_an_agent() {
-    let (agent, gateway) = pair(LaneConfig::default());
+    // An agent that opens anyway (it claims the opener's side for itself).
+    let (a, b) = tokio::io::duplex(1 << 20);
+    let rogue = LaneConfig {
+        opener: Role::Dialer,
+        ..LaneConfig::default()
+    };
+    let agent = Lane::start(a, keys(Role::Dialer), rogue, LaneLink::alone(1 << 30));
+    let gateway = Lane::start(
+        b,
+        keys(Role::Listener),
+        LaneConfig::default(),
+        LaneLink::alone(1 << 30),
+    );
     let _s = agent.open().await.unwrap();
     tokio::time::timeout(Duration::from_secs(2), gateway.closed())
         .await
         .expect("an agent's open ends the lane");
+    // A well-behaved agent's side refuses to open at all.
+    let (agent, _gateway) = pair(LaneConfig::default());
+    assert!(matches!(agent.open().await, Err(LaneError::Protocol(_))));
+}
+
+#[tokio::test]
+async fn between_gateways_the_dialer_opens_and_the_listener_serves() {
+    let (dialer, listener) = pair(LaneConfig {
+        opener: Role::Dialer,
+        ..LaneConfig::default()
+    });
+    let mut s = dialer.open().await.unwrap();
+    s.write_all(b"forwarded").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut t = listener.accept().await.unwrap();
+    let mut got = Vec::new();
+    t.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"forwarded");
+    t.write_all(b"back").await.unwrap();
+    t.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).await.unwrap();
+    assert_eq!(back, b"back");
+    assert!(matches!(listener.open().await, Err(LaneError::Protocol(_))));
+    assert!(!dialer.is_closed() && !listener.is_closed());
 }
 
 #[tokio::test]

@@ -5,15 +5,17 @@
 //! serves (their etcd records say which) and this one does not, admits each
 //! connection as a leased port does (guard, shares, PROXY policy), and
 //! carries it on a `/relaygate/forward/1` stream to a gateway serving the
-//! port, headed by the client's real address. Inbound: a forward stream is
-//! taken only from a member of the fleet, and goes to the agent's session
-//! like any public connection of that port.
+//! port, headed by the client's real address: on a stream of this gateway's
+//! lane to it (`links.rs`), else of a libp2p connection. Inbound: a forward
+//! stream is taken only from a member of the fleet, and goes to the agent
+//! like any public connection of that port (on its lane when it has one).
 
 use std::{collections::BTreeSet, io, net::IpAddr, sync::Arc, time::Duration};
 
 use libp2p::{Multiaddr, PeerId, Stream};
 use prometheus_client::metrics::counter::Counter;
 use relaygate_common::{
+    lane::{self, LaneStream},
     metrics::ReasonLabels,
     protocol::{read_control, write_control, ControlMessage, FORWARD_PROTOCOL},
     proxy,
@@ -21,22 +23,46 @@ use relaygate_common::{
     transport::DataPath,
 };
 use tokio::{
-    io::AsyncWriteExt,
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt},
     net::{TcpListener, TcpStream},
+    sync::mpsc,
 };
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
 
 use crate::{
     circuit::{self, Bounds, End, Ends},
     fleet::{
+        links::Links,
         members::Fleet,
         ports::{ForwardSlot, PortTable},
     },
     host::{Command, HostHandle},
+    lanes::FleetLane,
     listener::{self, DataPlane, Origin},
     registry::AgentRegistry,
     session_stream,
 };
+
+/// How a forwarded connection reaches the other gateway.
+enum Carrier {
+    Lane(LaneStream),
+    Stream(Compat<Stream>),
+}
+
+/// The `Forward` frame, then what was read past a PROXY header.
+async fn head<S: AsyncWrite + Unpin>(
+    s: &mut S,
+    frame: &ControlMessage,
+    prefix: &[u8],
+) -> io::Result<()> {
+    write_control(s, frame)
+        .await
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    if !prefix.is_empty() {
+        s.write_all(prefix).await?;
+    }
+    Ok(())
+}
 
 /// How long reaching the other gateway may take, dial included.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -53,6 +79,8 @@ pub struct Forwarder {
     pub host: HostHandle,
     /// Where leased ports are bound (`leases.bind`).
     pub bind: IpAddr,
+    /// Lanes to the other gateways.
+    pub links: Links,
 }
 
 impl Forwarder {
@@ -147,7 +175,7 @@ impl Forwarder {
         let origin = listener::read_origin(tcp, source, dp).await?;
         listener::settle(dp, share, &origin)?;
         let _ = tcp.set_nodelay(true);
-        let (peer, mut stream) = self.open(port).await?;
+        let (peer, carrier) = self.open(port).await?;
         let Some(lease) = relaygate_common::names::LeasePort::new(port) else {
             return Err(io::Error::other("port 0 is not a lease"));
         };
@@ -156,54 +184,77 @@ impl Forwarder {
             source: origin.source,
             destination: origin.destination,
         };
-        write_control(&mut stream, &frame)
-            .await
-            .map_err(|e| io::Error::other(e.to_string()))?;
-        if !origin.prefix.is_empty() {
-            stream.write_all(&origin.prefix).await?;
-        }
         dp.metrics
             .forwarded
             .get_or_create(&ReasonLabels::new("out"))
             .inc();
-        tracing::debug!(source = %origin.source, port, gateway = %peer, "public connection forwarded");
-        // Bounded here as on the far gateway: a client that stops reading
-        // holds this link's window to it, so it takes a share of that
-        // gateway's stalls (the ledger ends the oldest past it), and a quiet
-        // connection ends after `limits.idle_timeout`.
-        let bounds = Bounds {
-            deadline: None,
-            data: None,
-            idle: dp.idle_timeout,
-            rate: 0,
-            stall: Duration::ZERO,
-        };
-        let ends = Ends {
-            src: peer,
-            dst: peer,
-            ledger: dp.stalls.clone(),
-        };
         let (up, down) = (Counter::default(), Counter::default());
-        match circuit::relay(tcp.compat(), stream.into_inner(), bounds, up, down, ends).await {
-            End::Closed => Ok(()),
-            End::Stalled => {
-                dp.stalled_readers.inc();
-                Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "the client stopped reading",
-                ))
+        match carrier {
+            Carrier::Lane(mut stream) => {
+                head(&mut stream, &frame, &origin.prefix).await?;
+                dp.metrics.tunnel_path_named("fleet_lane");
+                tracing::debug!(source = %origin.source, port, gateway = %peer, path = "lane", "public connection forwarded");
+                // The stream's own window bounds a client that stops reading:
+                // its unread bytes hold that window, not the lane.
+                lane::splice(
+                    stream,
+                    tcp,
+                    &down,
+                    &up,
+                    dp.idle_timeout,
+                    |_| Ok(true),
+                    async |_| Ok(()),
+                )
+                .await
+                .map(|_| ())
             }
-            other => Err(io::Error::other(other.as_str())),
+            Carrier::Stream(mut stream) => {
+                head(&mut stream, &frame, &origin.prefix).await?;
+                dp.metrics.tunnel_path_named("fleet_stream");
+                tracing::debug!(source = %origin.source, port, gateway = %peer, path = "stream", "public connection forwarded");
+                // Bounded here as on the far gateway: a client that stops
+                // reading holds this connection's window to it, so it takes a
+                // share of that gateway's stalls (the ledger ends the oldest
+                // past it), and a quiet connection ends after `limits.idle_timeout`.
+                let bounds = Bounds {
+                    deadline: None,
+                    data: None,
+                    idle: dp.idle_timeout,
+                    rate: 0,
+                    stall: Duration::ZERO,
+                };
+                let ends = Ends {
+                    src: peer,
+                    dst: peer,
+                    ledger: dp.stalls.clone(),
+                };
+                match circuit::relay(tcp.compat(), stream.into_inner(), bounds, up, down, ends)
+                    .await
+                {
+                    End::Closed => Ok(()),
+                    End::Stalled => {
+                        dp.stalled_readers.inc();
+                        Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "the client stopped reading",
+                        ))
+                    }
+                    other => Err(io::Error::other(other.as_str())),
+                }
+            }
         }
     }
 
-    /// A forward stream to one of the gateways serving `port`, trying each.
-    async fn open(&self, port: u16) -> io::Result<(PeerId, Compat<Stream>)> {
+    /// A way to one of the gateways serving `port`, trying each: its lane,
+    /// else a forward stream of a libp2p connection to it.
+    async fn open(&self, port: u16) -> io::Result<(PeerId, Carrier)> {
         let mut holders = self.fleet.holders(port);
-        // A gateway already connected first: a dead one (its record lives
+        // A gateway already reached first: a dead one (its record lives
         // until its TTL ends) costs a dial timeout only when no other is up.
         let connected = self.host.state.peers();
-        holders.sort_by_key(|(p, _)| !connected.iter().any(|(c, _)| c == p));
+        holders.sort_by_key(|h| {
+            !(self.links.is_up(&h.peer) || connected.iter().any(|(c, _)| *c == h.peer))
+        });
         if holders.is_empty() {
             self.dp.metrics.refuse("forward_no_gateway");
             return Err(io::Error::new(
@@ -212,9 +263,17 @@ impl Forwarder {
             ));
         }
         let mut last = String::new();
-        for (peer, addrs) in holders {
-            match tokio::time::timeout(OPEN_TIMEOUT, self.open_to(peer, addrs)).await {
-                Ok(Ok(s)) => return Ok((peer, s.compat())),
+        for h in holders {
+            if let Some(at) = &h.lane {
+                match tokio::time::timeout(OPEN_TIMEOUT, self.links.open(h.peer, at)).await {
+                    Ok(Ok(s)) => return Ok((h.peer, Carrier::Lane(s))),
+                    Ok(Err(e)) => last = e.to_string(),
+                    Err(_) => last = "lane: timed out".into(),
+                }
+                tracing::debug!(gateway = %h.peer, error = %last, "no lane to the gateway; trying a libp2p stream");
+            }
+            match tokio::time::timeout(OPEN_TIMEOUT, self.open_to(h.peer, h.addrs)).await {
+                Ok(Ok(s)) => return Ok((h.peer, Carrier::Stream(s.compat()))),
                 Ok(Err(e)) => last = e.to_string(),
                 Err(_) => last = "timed out".into(),
             }
@@ -244,9 +303,26 @@ impl Forwarder {
         }
     }
 
+    /// Serves the lanes other gateways dial here: each stream they open is
+    /// a forwarded connection.
+    pub async fn serve_links(self: Arc<Self>, mut lanes: mpsc::Receiver<FleetLane>) {
+        while let Some((peer, lane)) = lanes.recv().await {
+            let me = self.clone();
+            tokio::spawn(async move {
+                while let Some(stream) = lane.accept().await {
+                    me.dp.tracker.spawn(me.clone().inbound(peer, stream));
+                }
+                tracing::debug!(gateway = %peer, "lane from a gateway of the fleet closed");
+            });
+        }
+    }
+
     /// A forward stream from `peer`: refused unless `peer` is a gateway of
     /// the fleet; otherwise carried to the session serving its port.
-    pub async fn inbound(self: Arc<Self>, peer: PeerId, stream: Stream) {
+    pub async fn inbound<S>(self: Arc<Self>, peer: PeerId, mut stream: S)
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
         let dp = &self.dp;
         if dp.stop_accepting.is_cancelled() {
             dp.metrics.refuse("shutting_down");
@@ -257,7 +333,6 @@ impl Forwarder {
             tracing::warn!(%peer, "forward stream from a peer that is not a gateway of the fleet; reset");
             return;
         }
-        let mut stream = stream.compat();
         let frame = tokio::time::timeout(HEADER_TIMEOUT, read_control(&mut stream)).await;
         let (port, source, destination) = match frame {
             Ok(Ok(ControlMessage::Forward {

@@ -17,6 +17,8 @@ use relaygate_common::protocol::FleetGateway;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use super::links::LaneAddr;
+
 /// One gateway as the fleet sees it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Member {
@@ -33,6 +35,13 @@ pub struct Member {
     pub ports: Vec<u16>,
     /// When the record was written, Unix seconds.
     pub updated: u64,
+}
+
+/// A gateway serving a port: its libp2p addresses, and its lane's.
+pub struct Holder {
+    pub peer: PeerId,
+    pub addrs: Vec<Multiaddr>,
+    pub lane: Option<LaneAddr>,
 }
 
 /// What `/v1/fleet` answers.
@@ -122,14 +131,16 @@ impl Fleet {
     }
 
     /// The other gateways serving `port`, with where to dial them.
-    pub fn holders(&self, port: u16) -> Vec<(PeerId, Vec<Multiaddr>)> {
+    pub fn holders(&self, port: u16) -> Vec<Holder> {
         self.others()
             .values()
             .filter(|m| m.ready && m.ports.contains(&port))
             .filter_map(|m| {
                 let peer = m.peer_id.parse().ok()?;
-                let addrs = m.addresses.iter().filter_map(|a| a.parse().ok()).collect();
-                Some((peer, addrs))
+                let addrs: Vec<Multiaddr> =
+                    m.addresses.iter().filter_map(|a| a.parse().ok()).collect();
+                let lane = LaneAddr::of(&addrs, m.lane_port);
+                Some(Holder { peer, addrs, lane })
             })
             .collect()
     }
