@@ -131,7 +131,9 @@ impl Delivery<'_> {
         let fut = async {
             let addr = self.resolve(source).await?;
             let mut stream = match self.mode {
-                DeliveryMode::Transparent => {
+                // An unspecified source (the gateway checking the node's
+                // identity) has no one to stand for: a plain connection.
+                DeliveryMode::Transparent if !source.ip().is_unspecified() => {
                     let sock = transparent_socket(source, addr, self.mark).map_err(|error| {
                         DeliverError::Transparent {
                             source_addr: source,

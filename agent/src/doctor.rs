@@ -66,6 +66,9 @@ struct TunnelView {
     name: String,
     port: Option<u16>,
     addresses: Vec<String>,
+    /// The node's circuit addresses (absent before they existed).
+    #[serde(default)]
+    circuits: Vec<String>,
     error: Option<String>,
 }
 
@@ -263,9 +266,23 @@ pub async fn run(cfg: &AgentConfig) -> anyhow::Result<bool> {
                     "set the gateway's advertise to its public DNS name or IP",
                 );
             }
+            if !t.circuits.is_empty() {
+                r.ok(&format!(
+                    "tunnel {}'s node is reachable by its own peer id at {}",
+                    t.name,
+                    t.circuits.join(",")
+                ));
+            }
             if let Some(path) = cfg_t.and_then(|c| c.advertise_file.as_ref()) {
+                let want = t
+                    .addresses
+                    .iter()
+                    .chain(&t.circuits)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(",");
                 match std::fs::read_to_string(path) {
-                    Ok(s) if s.trim() == t.addresses.join(",") => {
+                    Ok(s) if s.trim() == want => {
                         r.ok(&format!("advertise file {} is current", path.display()))
                     }
                     Ok(s) => r.fail(

@@ -11,6 +11,7 @@
 pub mod admin; // admin API routes: metrics, health, /v1/advertise
 pub mod advertise; // advertised addresses: compute, log, write the file
 pub mod app; // wiring: start everything, drain on signal
+pub mod claims; // the nodes behind the tunnels, claimed at the gateway for circuits to their own peer ids
 pub mod cli; // command line: flags, subcommands, config layering
 pub mod config; // the configuration model
 pub mod deliver; // connecting a tunnelled connection to the local target

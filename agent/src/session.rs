@@ -36,8 +36,7 @@ const LEASE_RETRY_MAX: Duration = Duration::from_secs(30);
 /// How long the node may take to answer the identity probe.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Per tunnel: the node's peer id to advertise, or why it is wrong.
-type Nodes = std::collections::HashMap<relaygate_common::names::TunnelName, Result<PeerId, String>>;
+use crate::claims::Nodes;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -197,6 +196,8 @@ impl Session {
         self.tell(welcome.fleet.clone());
         let nodes = self.probe_nodes().await;
         self.apply_grants(&welcome, &welcome.leases, &dialled, &nodes, false);
+        self.claim_nodes(&mut ctl, &welcome, &welcome.leases, &nodes)
+            .await?;
         if self.cfg.relay.enabled {
             // Every session reserves afresh: a reservation dies with its connection.
             let relay = dialled.clone().with_p2p(self.gateway).unwrap_or_else(|a| a);
@@ -243,10 +244,18 @@ impl Session {
                 Ok(ControlMessage::Fleet { gateways }) => self.tell(gateways),
                 Ok(ControlMessage::Leases { leases }) => {
                     self.apply_grants(&welcome, &leases, &dialled, &nodes, true);
+                    self.claim_nodes(&mut ctl, &welcome, &leases, &nodes)
+                        .await?;
                     retry = self.to_retry(&leases);
                     backoff = (backoff * 2).min(LEASE_RETRY_MAX);
                     next = (!retry.is_empty()).then(|| tokio::time::Instant::now() + backoff);
                 }
+                Ok(ControlMessage::NodeVerdict {
+                    tunnel,
+                    node,
+                    accepted,
+                    reason,
+                }) => self.node_verdict(&welcome, &dialled, &tunnel, &node, accepted, &reason),
                 Ok(m) => {
                     self.metrics.bad_input("unexpected_message");
                     return Ok(format!("unexpected message {m:?}"));
@@ -379,6 +388,64 @@ impl Session {
         publish(&self.state, &self.tunnels, &self.metrics);
     }
 
+    /// Names the nodes of newly leased tunnels to a gateway that takes claims.
+    async fn claim_nodes<S>(
+        &self,
+        ctl: &mut S,
+        welcome: &relaygate_common::protocol::Welcome,
+        leases: &[LeaseGrant],
+        nodes: &Nodes,
+    ) -> Result<(), WireError>
+    where
+        S: tokio::io::AsyncWrite + Unpin,
+    {
+        if !welcome.node_claims {
+            return Ok(());
+        }
+        let claims = crate::claims::claims(&self.tunnels, nodes, leases);
+        if claims.is_empty() {
+            return Ok(());
+        }
+        write_control(ctl, &ControlMessage::Nodes { claims }).await
+    }
+
+    /// The gateway's verdict on a node claim: an accepted node is advertised
+    /// at its circuit addresses through this gateway.
+    fn node_verdict(
+        &self,
+        welcome: &relaygate_common::protocol::Welcome,
+        dialled: &Multiaddr,
+        tunnel: &relaygate_common::names::TunnelName,
+        node: &str,
+        accepted: bool,
+        reason: &str,
+    ) {
+        let node = match node.parse::<PeerId>() {
+            Ok(n) if accepted => n,
+            Ok(_) => {
+                tracing::warn!(%tunnel, %node, gateway = %self.gateway, %reason, "the gateway refused the node's claim: no circuits to it through this gateway");
+                self.state.set_circuits(self.gateway, tunnel, Vec::new());
+                publish(&self.state, &self.tunnels, &self.metrics);
+                return;
+            }
+            Err(_) => {
+                self.metrics.bad_input("node_verdict");
+                return;
+            }
+        };
+        let hosts = advertise::hosts(&welcome.fleet_hosts, &welcome.public_hosts, dialled);
+        let addrs: Vec<String> = crate::claims::circuit_addrs(&hosts, dialled, self.gateway, node)
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        tracing::info!(
+            %tunnel, %node, gateway = %self.gateway, circuit = %addrs.join(","),
+            "node reachable by its own peer id through the gateway's relay"
+        );
+        self.state.set_circuits(self.gateway, tunnel, addrs);
+        publish(&self.state, &self.tunnels, &self.metrics);
+    }
+
     /// Passes on the fleet's gateways as this gateway names them.
     fn tell(&self, gateways: Vec<relaygate_common::protocol::FleetGateway>) {
         if let Some(news) = &self.news {
@@ -418,9 +485,11 @@ pub fn publish(state: &AgentState, tunnels: &[TunnelConfig], metrics: &Metrics) 
         let Some(path) = &t.advertise_file else {
             continue;
         };
+        // The leased port's addresses, then the node's circuit addresses.
         let addrs: Vec<Multiaddr> = status
             .addresses
             .iter()
+            .chain(&status.circuits)
             .filter_map(|a| a.parse().ok())
             .collect();
         if let Err(e) = advertise::write_file(path, &addrs) {

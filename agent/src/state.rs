@@ -32,6 +32,9 @@ pub struct TunnelStatus {
     pub target: String,
     pub port: Option<u16>,
     pub addresses: Vec<String>,
+    /// The node's addresses through the gateways' relays, by its own peer
+    /// id, where a gateway checked it.
+    pub circuits: Vec<String>,
     /// Why the tunnel has no lease, if it has none.
     pub error: Option<String>,
 }
@@ -129,6 +132,18 @@ impl AgentState {
             .entry(name.clone())
             .or_default()
             .insert(gateway, status);
+    }
+
+    /// The node's circuit addresses through `gateway` (none: refused or unchecked).
+    pub fn set_circuits(&self, gateway: PeerId, name: &TunnelName, circuits: Vec<String>) {
+        if let Some(s) = self
+            .lock()
+            .grants
+            .get_mut(name)
+            .and_then(|per| per.get_mut(&gateway))
+        {
+            s.circuits = circuits;
+        }
     }
 
     /// A tunnel as every gateway answered it together.
@@ -242,6 +257,11 @@ impl Inner {
             for a in &s.addresses {
                 if !out.addresses.contains(a) {
                     out.addresses.push(a.clone());
+                }
+            }
+            for a in &s.circuits {
+                if !out.circuits.contains(a) {
+                    out.circuits.push(a.clone());
                 }
             }
         }

@@ -14,6 +14,7 @@ pub mod lane; // the tunnel data path: a few TLS connections per agent, multiple
 pub mod metrics; // label sets shared by both binaries' Prometheus metrics
 pub mod names; // typed values: TunnelName, LeasePort, PortRange, Secret
 pub mod nofile; // open-files limit: raise at start, warn with the number to set
+pub mod probe; // a libp2p node's peer id, proven by its security handshake
 pub mod protocol; // wire formats: control messages and the tunnel stream header
 pub mod proxy; // PROXY protocol v1/v2 headers (ppp), with the peer-id TLV
 pub mod proxy_transport; // libp2p TCP transport that reads PROXY headers from trusted balancers

@@ -17,6 +17,7 @@ use crate::{
     guard::{BanRequest, BanSource, BanTarget, Guard},
     host::{HostHandle, HostState},
     metrics::Metrics,
+    nodes::NodeBook,
     registry::AgentRegistry,
 };
 
@@ -30,6 +31,23 @@ pub struct AdminState {
     pub disconnect: HostHandle,
     /// The gateways of the fleet (this one alone with the embedded store).
     pub fleet: Arc<Fleet>,
+    /// Which agent fronts which node id.
+    pub nodes: Arc<NodeBook>,
+}
+
+#[derive(Deserialize)]
+struct NodeQuery {
+    node: String,
+}
+
+/// Lets go of a node id (an agent that fronted it is gone for good, say):
+/// the next claim on it, from any agent, is checked afresh.
+async fn clear_node(State(s): State<AdminState>, Query(q): Query<NodeQuery>) -> impl IntoResponse {
+    match q.node.parse::<libp2p::PeerId>() {
+        Err(e) => (StatusCode::BAD_REQUEST, format!("not a peer id: {e}\n")).into_response(),
+        Ok(n) if s.nodes.clear(&n) => StatusCode::NO_CONTENT.into_response(),
+        Ok(n) => (StatusCode::NOT_FOUND, format!("no agent fronts {n}\n")).into_response(),
+    }
 }
 
 #[derive(Deserialize)]
@@ -70,6 +88,11 @@ pub fn router(state: AdminState) -> Router {
         .route(
             "/v1/agents",
             get(|State(s): State<AdminState>| async move { Json(s.registry.snapshot()) }),
+        )
+        .route(
+            "/v1/nodes",
+            get(|State(s): State<AdminState>| async move { Json(s.nodes.list()) })
+                .delete(clear_node),
         )
         .route(
             "/v1/fleet",

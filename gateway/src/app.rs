@@ -140,10 +140,10 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     if let Some(client) = etcd {
         // The fleet's gateways share their bans and records through the same etcd.
         let etcd = &cfg.store.etcd;
-        let (outbox, changes) = tokio::sync::mpsc::unbounded_channel();
-        guard.share_with(outbox);
+        let outbox = Arc::new(crate::fleet::bans::Outbox::default());
+        guard.share_with(outbox.clone());
         let shared = SharedBans::new(client.clone(), &etcd.prefix);
-        tokio::spawn(shared.run(guard.clone(), host.clone(), changes));
+        tokio::spawn(shared.run(guard.clone(), host.clone(), outbox));
         tokio::spawn(fleet.clone().run(
             client,
             etcd.prefix.clone(),
@@ -202,6 +202,7 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
             .clone(),
     });
     let ports = Arc::new(PortTable::default());
+    let nodes = Arc::new(crate::nodes::NodeBook::default());
     let sessions = Arc::new(Sessions {
         host: host.clone(),
         admission: Admission::new(
@@ -221,6 +222,7 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         fleet: fleet.clone(),
         fleet_hosts: cfg.fleet.hosts(),
         ports: ports.clone(),
+        nodes: nodes.clone(),
     });
     let forwarder = cfg
         .forwards()
@@ -263,6 +265,8 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
             cfg.guard.ipv6_prefix,
         ),
         stalls,
+        nodes: nodes.clone(),
+        dp: dataplane.clone(),
     });
     let (to_sessions, session_streams) = mpsc::channel(1024);
     tokio::spawn(route(incoming, to_sessions, hop.clone(), forwarder));
@@ -277,6 +281,7 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         guard: guard.clone(),
         disconnect: host.clone(),
         fleet: fleet.clone(),
+        nodes: nodes.clone(),
     };
     let (admin_addr, admin_task) = relaygate_common::admin::serve(
         admin_listen,

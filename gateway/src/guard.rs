@@ -19,7 +19,6 @@ use std::{
 use governor::{DefaultKeyedRateLimiter, RateLimiter};
 use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
 
 use crate::banlist::{Ban, BanList};
 pub use crate::config::guard::{BanRequest, BanTarget, GuardConfig, Ipv6Prefix, Rate};
@@ -53,6 +52,11 @@ pub struct BanView {
     pub source: BanSource,
     /// Unix seconds; absent for a permanent ban.
     pub expires: Option<u64>,
+}
+
+/// Where the bans made here go beyond this gateway (a fleet's shared list).
+pub trait BanSink: Send + Sync {
+    fn push(&self, change: BanChange);
 }
 
 /// A change of the ban list made on this gateway, for the fleet.
@@ -118,7 +122,7 @@ pub struct Guard {
     /// When peers from each source were banned automatically, recently.
     banned_from: Mutex<HashMap<IpAddr, Vec<Instant>>>,
     /// Where bans made here go to be shared with a fleet (etcd), if anywhere.
-    outbox: std::sync::OnceLock<mpsc::UnboundedSender<BanChange>>,
+    outbox: std::sync::OnceLock<Arc<dyn BanSink>>,
     metrics: Arc<Metrics>,
     overload: Arc<crate::overload::Overload>,
 }
@@ -351,13 +355,13 @@ impl Guard {
 
     /// From now on, bans made and lifted here are also sent to `outbox` (a
     /// fleet's shared list). Once only.
-    pub fn share_with(&self, outbox: mpsc::UnboundedSender<BanChange>) {
+    pub fn share_with(&self, outbox: Arc<dyn BanSink>) {
         let _ = self.outbox.set(outbox);
     }
 
     fn share(&self, change: BanChange) {
         if let Some(o) = self.outbox.get() {
-            let _ = o.send(change);
+            o.push(change);
         }
     }
 

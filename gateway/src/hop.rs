@@ -2,7 +2,8 @@
 //! with a Limit, anyone else PERMISSION_DENIED) and CONNECT (STOP toward the
 //! reserved peer on the connection it reserved over, then relay the bytes).
 //! Circuits to members carry no Limit, so go-libp2p and js-libp2p treat them
-//! as full connections.
+//! as full connections. A CONNECT to a node an agent fronts (`nodes.rs`)
+//! goes to that agent's tunnel instead, with no Limit either.
 
 use std::{collections::HashSet, sync::Arc, time::Duration};
 
@@ -13,14 +14,16 @@ use relaygate_common::circuit::{
     self, encode_addrs, read_message, write_message, HopMessage, HopType, Limit, Status,
     StopMessage, STOP_PROTOCOL,
 };
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio_util::{compat::FuturesAsyncReadCompatExt, sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     circuit::{relay, Bounds, Ends},
     config::RelayConfig,
     guard::{Action, Guard},
     host::HostHandle,
+    listener::DataPlane,
     metrics::{ClassLabels, Metrics, RelayDirection, RelayDirectionLabels, ReservationClass},
+    nodes::{self, Fronted, NodeBook},
     registry::AgentRegistry,
     reservations::{Reservations, Reserved},
     stall::StallLedger,
@@ -63,6 +66,9 @@ pub struct Hop {
     pub requests: crate::shares::Places,
     /// Circuits stalled by a reader that stopped, per peer whose bytes they hold.
     pub stalls: Arc<StallLedger>,
+    /// Nodes agents front, and the data plane their circuits take.
+    pub nodes: Arc<NodeBook>,
+    pub dp: Arc<DataPlane>,
 }
 
 impl Hop {
@@ -217,6 +223,9 @@ impl Hop {
             // A member that left (its session ended) no longer has a free pass.
             .filter(|r| r.class != ReservationClass::Member || self.members.contains(&dst));
         let Some(res) = res else {
+            if let Some(fronted) = self.nodes.get(&dst) {
+                return self.to_node(src, dst, fronted, stream).await;
+            }
             tracing::debug!(%src, %dst, "circuit refused: no reservation");
             return self.deny_circuit(&mut stream, Status::NoReservation).await;
         };
@@ -300,6 +309,66 @@ impl Hop {
         });
     }
 
+    /// A circuit to node `dst`, which `fronted`'s agent fronts: answered at
+    /// once (the node's own handshake runs end to end through it), then
+    /// carried to the agent's tunnel.
+    async fn to_node(&self, src: PeerId, dst: PeerId, fronted: Fronted, mut stream: Stream) {
+        let owner = self
+            .members
+            .registry
+            .port(fronted.port.get())
+            .filter(|o| o.agent == fronted.agent);
+        let (Some(owner), Some(addr)) = (owner, self.host.state.remote_addr(&src)) else {
+            tracing::debug!(%src, %dst, "circuit to a node refused: its agent's session is gone");
+            return self
+                .deny_circuit(&mut stream, Status::ConnectionFailed)
+                .await;
+        };
+        let Some(source) = socket_addr(&addr) else {
+            return self
+                .deny_circuit(&mut stream, Status::ConnectionFailed)
+                .await;
+        };
+        if self.guard.check_peer(&src, Action::Circuit).is_err()
+            || self.guard.check_ip(source.ip(), Action::Circuit).is_err()
+        {
+            return self
+                .deny_circuit(&mut stream, Status::ResourceLimitExceeded)
+                .await;
+        }
+        let group = self.guard.grouping().source(source.ip());
+        let slot = match self
+            .books
+            .open_circuit(src, dst, Some(group), &self.metrics.relay)
+        {
+            Ok(s) => s,
+            Err(status) => return self.deny_circuit(&mut stream, status).await,
+        };
+        if write_message(&mut stream, &HopMessage::answer(Status::Ok))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let m = &self.metrics.relay;
+        m.circuits_opened
+            .get_or_create(&ClassLabels {
+                class: ReservationClass::Node,
+            })
+            .inc();
+        tracing::debug!(%src, %dst, agent = %owner.agent, %source, "circuit to a node open");
+        let (dp, closed) = (self.dp.clone(), m.circuits_closed.clone());
+        self.tracker.spawn(async move {
+            let end = match nodes::carry_circuit(&dp, &owner, source, stream.compat()).await {
+                Ok(()) => "closed",
+                Err(_) => "reset",
+            };
+            closed.get_or_create(&ReasonLabels::new(end)).inc();
+            tracing::debug!(%src, %dst, end, "circuit to a node closed");
+            drop(slot);
+        });
+    }
+
     /// Asks `dst` to accept a circuit from `src` on the connection it reserved over.
     async fn stop(
         &self,
@@ -338,7 +407,7 @@ impl Hop {
 
     fn limit_for(&self, class: ReservationClass) -> Option<Limit> {
         match class {
-            ReservationClass::Member => None,
+            ReservationClass::Member | ReservationClass::Node => None,
             // Zero means "no limit" on the wire, so a zero dimension is left out.
             ReservationClass::Limited => Some(Limit {
                 duration: Some(
@@ -387,4 +456,14 @@ impl Hop {
         let _ = write_message(stream, &HopMessage::answer(status)).await;
         let _ = futures::AsyncWriteExt::close(stream).await;
     }
+}
+
+/// The IP address and port a connection came from, out of its multiaddr.
+fn socket_addr(addr: &Multiaddr) -> Option<std::net::SocketAddr> {
+    let ip = crate::gate::ip_of(addr)?;
+    let port = addr.iter().find_map(|p| match p {
+        Protocol::Tcp(port) | Protocol::Udp(port) => Some(port),
+        _ => None,
+    })?;
+    Some(std::net::SocketAddr::new(ip, port))
 }

@@ -23,6 +23,7 @@ pub mod lanes; // agents' lanes: the TLS connections that carry tunnelled connec
 pub mod lease; // port allocation per (agent, tunnel)
 pub mod listener; // leased public ports: accept, open tunnel stream, forward
 pub mod metrics; // Prometheus metrics
+pub mod nodes; // node peer ids agents front, checked through their tunnels: circuits to them
 pub mod overload; // memory overload: refuse new work above limits.max_memory
 pub mod registry; // live sessions and per-tunnel counters
 pub mod reservations; // relay reservations and circuit slots, within the caps

@@ -366,6 +366,20 @@ pub(crate) async fn open_lane(dp: &DataPlane, agent: &PeerId) -> Option<LaneStre
     None
 }
 
+/// A new stream on one of `agent`'s lanes, else on the lane over its
+/// session (`session_lane.rs`), when lanes are on.
+pub(crate) async fn open_any_lane(
+    dp: &DataPlane,
+    agent: &PeerId,
+    connection: ConnectionId,
+) -> Option<LaneStream> {
+    if let Some(s) = open_lane(dp, agent).await {
+        return Some(s);
+    }
+    let lane = dp.session_lanes.as_ref()?.get(*agent, connection).await?;
+    lane.open().await.ok()
+}
+
 /// Who a connection is from: its socket's peer, or the client a trusted
 /// balancer's PROXY header names (policy `proxy_protocol`).
 pub(crate) async fn read_origin(

@@ -30,6 +30,8 @@ pub enum ReservationClass {
     Member,
     /// On `relay.limited_peers`: circuits carry `relay.limit`.
     Limited,
+    /// No reservation: a node an agent fronts (`nodes.rs`); no Limit.
+    Node,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -208,6 +208,20 @@ impl AgentRegistry {
         })
     }
 
+    /// Session `id` of `peer`'s tunnel `name`: the session's connection and
+    /// the tunnel's port.
+    pub fn tunnel(
+        &self,
+        peer: &PeerId,
+        id: u64,
+        name: &TunnelName,
+    ) -> Option<(ConnectionId, LeasePort)> {
+        let m = self.lock();
+        let e = m.get(peer).filter(|e| e.id == id)?;
+        let t = e.tunnels.iter().find(|t| t.name == *name)?;
+        Some((e.connection, t.port))
+    }
+
     /// Every leased port this gateway serves.
     pub fn ports(&self) -> Vec<u16> {
         let mut out: Vec<u16> = self

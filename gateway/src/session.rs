@@ -10,7 +10,7 @@ use relaygate_common::{
     protocol::DIALBACK_PROTOCOL,
     protocol::{
         read_control, write_control, ControlMessage, Hello, LeaseGrant, LeaseOutcome, LeaseRefusal,
-        Refusal, RefusalCode, Welcome, WireError, WIRE_VERSION,
+        NodeClaim, Refusal, RefusalCode, Welcome, WireError, MAX_TUNNELS_PER_HELLO, WIRE_VERSION,
     },
     streams::Incoming,
 };
@@ -26,6 +26,7 @@ use crate::{
     lease::Leases,
     listener::{self, DataPlane, PublicPort},
     metrics::Metrics,
+    nodes::{self, Fronted, NodeBook},
     registry::{AgentRegistry, NewSession, TunnelStats},
 };
 
@@ -62,6 +63,8 @@ pub struct Sessions {
     pub fleet_hosts: Vec<String>,
     /// A leased port is taken from the fleet's forwarder before it is bound.
     pub ports: Arc<crate::fleet::ports::PortTable>,
+    /// Node ids agents front, once checked: circuits to them.
+    pub nodes: Arc<NodeBook>,
 }
 
 type Control = tokio_util::compat::Compat<Stream>;
@@ -178,7 +181,7 @@ impl Sessions {
     }
 
     async fn serve(
-        &self,
+        self: &Arc<Self>,
         peer: PeerId,
         connection: ConnectionId,
         how: &str,
@@ -226,6 +229,7 @@ impl Sessions {
                 Vec::new()
             },
             fleet_hosts: self.fleet_hosts.clone(),
+            node_claims: true,
         };
         let mut told = welcome.fleet.clone();
         // Only membership: ports changing elsewhere concern the forwarder.
@@ -247,10 +251,18 @@ impl Sessions {
         // The session lives as long as the control stream. On it the agent
         // may ask again for tunnels refused for a passing reason.
         let mut n_ports = n_ports;
+        // Node claims are checked on tasks of their own; the verdicts come back here.
+        let (verdicts, mut verdict) = tokio::sync::mpsc::channel(16);
         let end = loop {
             let msg = tokio::select! {
                 r = read_control(&mut ctl) => r,
                 _ = cancel.cancelled() => break "replaced by a new session".to_string(),
+                Some(v) = verdict.recv() => {
+                    if let Err(e) = write_control(&mut ctl, &v).await {
+                        break e.to_string();
+                    }
+                    continue;
+                }
                 Ok(()) = fleet_changes.changed(), if hello.fleet => {
                     let now = self.fleet.for_agents();
                     if now != told {
@@ -284,6 +296,18 @@ impl Sessions {
                         break e.to_string();
                     }
                 }
+                Ok(ControlMessage::Nodes { claims }) => {
+                    // Paced as a lease request: each claim costs a handshake.
+                    tokio::time::sleep(LEASE_RETRY_PACE).await;
+                    for claim in claims.into_iter().take(MAX_TUNNELS_PER_HELLO) {
+                        let me = self.clone();
+                        let (tx, cancel) = (verdicts.clone(), cancel.clone());
+                        tokio::spawn(async move {
+                            let v = me.check_claim(peer, id, claim, &cancel).await;
+                            let _ = tx.send(v).await;
+                        });
+                    }
+                }
                 Ok(msg) => {
                     self.metrics.bad_input("unexpected_message");
                     self.host
@@ -296,12 +320,75 @@ impl Sessions {
             }
         };
         cancel.cancel();
+        self.nodes.release(&peer, id);
         // Close, not drop: a dropped QUIC stream is reset and may lose what was written.
         let _ = tokio::time::timeout(Duration::from_secs(1), ctl.shutdown()).await;
         self.registry.unregister(&peer, id);
         self.metrics.sessions_active.dec();
         self.metrics.tunnels_active.dec_by(n_ports as i64);
         tracing::info!(%peer, reason = %end, "agent session down; its public ports refuse connections until it returns");
+    }
+
+    /// Checks one node claim of session `id` through its tunnel and, when
+    /// the node proves the id, records that this agent fronts it.
+    async fn check_claim(
+        &self,
+        peer: PeerId,
+        id: u64,
+        claim: NodeClaim,
+        session: &CancellationToken,
+    ) -> ControlMessage {
+        let verdict = |accepted: bool, reason: String| ControlMessage::NodeVerdict {
+            tunnel: claim.tunnel.clone(),
+            node: claim.node.clone(),
+            accepted,
+            reason,
+        };
+        let Ok(node) = claim.node.parse::<PeerId>() else {
+            self.metrics.bad_input("node_claim");
+            return verdict(false, "not a peer id".into());
+        };
+        let Some((connection, port)) = self.registry.tunnel(&peer, id, &claim.tunnel) else {
+            return verdict(false, format!("no tunnel {} in this session", claim.tunnel));
+        };
+        if let Some(held) = self.nodes.get(&node).filter(|h| h.agent != peer) {
+            self.metrics.refuse("node_fronted_elsewhere");
+            return verdict(false, format!("node {node} is fronted by agent {} (the gateway's operator can clear it: DELETE /v1/nodes?node={node})", held.agent));
+        }
+        if let Err(why) = nodes::check(
+            &self.dataplane,
+            (peer, connection),
+            &claim.tunnel,
+            port,
+            node,
+        )
+        .await
+        {
+            self.metrics.refuse("node_claim_unproven");
+            tracing::warn!(%peer, tunnel = %claim.tunnel, %node, %why, "node claim refused");
+            return verdict(false, why);
+        }
+        let fronted = Fronted {
+            agent: peer,
+            tunnel: claim.tunnel.clone(),
+            port,
+            session: id,
+            since: relaygate_common::clock::unix_now(),
+        };
+        match self.nodes.claim(node, fronted) {
+            Err(other) => {
+                self.metrics.refuse("node_fronted_elsewhere");
+                verdict(false, format!("node {node} is fronted by agent {other}"))
+            }
+            Ok(()) if session.is_cancelled() => {
+                self.nodes.release(&peer, id);
+                verdict(false, "the session ended".into())
+            }
+            Ok(()) => {
+                tracing::info!(%peer, tunnel = %claim.tunnel, %node, "node checked: circuits to it go to this agent");
+                verdict(true, String::new())
+            }
+        }
     }
 
     /// Binds the granted ports (a port that cannot be bound becomes a

@@ -226,6 +226,7 @@ impl FakeGateway {
                         lane_flow: None,
                         fleet: vec![],
                         fleet_hosts: vec![],
+                        node_claims: false,
                     };
                     let _ = write_control(&mut s, &ControlMessage::Welcome(welcome)).await;
                     let _ = tx.send(Some(inc.peer));

@@ -46,6 +46,29 @@ pub enum ControlMessage {
         source: std::net::SocketAddr,
         destination: std::net::SocketAddr,
     },
+    /// From the agent, to a gateway whose welcome said `node_claims`: the
+    /// peer ids of the nodes behind its tunnels, as it learnt them. The
+    /// gateway checks each through the tunnel before it relays circuits to it.
+    Nodes {
+        claims: Vec<NodeClaim>,
+    },
+    /// The gateway's answer to one claim.
+    NodeVerdict {
+        tunnel: TunnelName,
+        node: String,
+        accepted: bool,
+        /// Why it was refused; empty when accepted.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        reason: String,
+    },
+}
+
+/// The node behind a tunnel, by the peer id its handshake proved to the agent.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeClaim {
+    pub tunnel: TunnelName,
+    pub node: String,
 }
 
 /// A gateway of the fleet, as the welcome and `Fleet` name it. Strings on
@@ -129,6 +152,10 @@ pub struct Welcome {
     /// (`fleet.advertise`), advertised before each gateway's own.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub fleet_hosts: Vec<String>,
+    /// The gateway takes `Nodes` claims and relays circuits to the nodes
+    /// it checked.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub node_claims: bool,
 }
 
 // No deny_unknown_fields here: serde does not support it together with flatten.
@@ -273,7 +300,15 @@ pub fn decode_control(body: &[u8]) -> Result<ControlMessage, WireError> {
                 tunnels.len()
             )));
         }
+        ControlMessage::Nodes { claims } if claims.len() > MAX_TUNNELS_PER_HELLO => {
+            return Err(WireError::Malformed(format!(
+                "{} node claims in one message, at most {MAX_TUNNELS_PER_HELLO}",
+                claims.len()
+            )));
+        }
         ControlMessage::Refused(_)
+        | ControlMessage::Nodes { .. }
+        | ControlMessage::NodeVerdict { .. }
         | ControlMessage::DialbackResult { .. }
         | ControlMessage::Lease { .. }
         | ControlMessage::Leases { .. }

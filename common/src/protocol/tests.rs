@@ -131,6 +131,7 @@ async fn control_frames_round_trip_and_reject_garbage() {
             addresses: vec!["/ip4/203.0.113.7/udp/4001/quic-v1/p2p/12D3KooWexample".into()],
         }],
         fleet_hosts: vec![],
+        node_claims: true,
         version: WIRE_VERSION,
         public_hosts: vec!["/dns4/gw.example.com".into()],
         leases: vec![

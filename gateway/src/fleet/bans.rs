@@ -4,17 +4,69 @@
 //! automatic, config) and deletes the ones lifted on it, and watches the
 //! prefix: a ban made anywhere holds everywhere within a watch round trip,
 //! and closes the banned peer's connections there too. While etcd is away
-//! each gateway keeps its own list and tries again.
+//! each gateway keeps its own list and tries again; what it made meanwhile
+//! waits in an [`Outbox`] that holds one change per target.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use etcd_client::{Client, EventType, GetOptions, PutOptions, WatchOptions};
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 
 use crate::{
-    guard::{BanChange, BanTarget, BanView, Guard},
+    guard::{BanChange, BanSink, BanTarget, BanView, Guard},
     host::HostHandle,
 };
+
+/// Ban changes made here that etcd has not taken yet: the latest per target,
+/// so a gateway cut off from etcd while it bans an attack's sources holds
+/// no more than its own ban list, not a queue that grows with every change.
+#[derive(Default)]
+pub struct Outbox {
+    pending: Mutex<HashMap<String, BanChange>>,
+    ready: Notify,
+}
+
+impl Outbox {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, BanChange>> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Everything waiting, taken out.
+    fn take(&self) -> Vec<BanChange> {
+        self.lock().drain().map(|(_, c)| c).collect()
+    }
+
+    /// Puts back a change etcd did not take, unless a newer one for its target came meanwhile.
+    fn put_back(&self, change: BanChange) {
+        self.lock().entry(key_of(&change)).or_insert(change);
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl BanSink for Outbox {
+    fn push(&self, change: BanChange) {
+        self.lock().insert(key_of(&change), change);
+        self.ready.notify_one();
+    }
+}
+
+fn key_of(change: &BanChange) -> String {
+    match change {
+        BanChange::Added(v) => v.target.to_string(),
+        BanChange::Lifted(t) => t.to_string(),
+    }
+}
 
 /// Wait before watching again after etcd went away.
 const RETRY: Duration = Duration::from_secs(1);
@@ -22,8 +74,6 @@ const RETRY: Duration = Duration::from_secs(1);
 pub struct SharedBans {
     client: Client,
     prefix: String,
-    /// Changes made here that etcd did not take yet.
-    backlog: Vec<BanChange>,
 }
 
 impl SharedBans {
@@ -31,19 +81,13 @@ impl SharedBans {
         Self {
             client,
             prefix: format!("{prefix}bans/"),
-            backlog: Vec::new(),
         }
     }
 
     /// Shares this gateway's bans and applies everyone's, until the process ends.
-    pub async fn run(
-        mut self,
-        guard: Arc<Guard>,
-        host: HostHandle,
-        mut outbox: mpsc::UnboundedReceiver<BanChange>,
-    ) {
+    pub async fn run(mut self, guard: Arc<Guard>, host: HostHandle, outbox: Arc<Outbox>) {
         loop {
-            if let Err(e) = self.follow(&guard, &host, &mut outbox).await {
+            if let Err(e) = self.follow(&guard, &host, &outbox).await {
                 tracing::warn!(error = %e, "fleet ban list: etcd unreachable; bans hold locally, retrying");
             }
             tokio::time::sleep(RETRY).await;
@@ -56,7 +100,7 @@ impl SharedBans {
         &mut self,
         guard: &Guard,
         host: &HostHandle,
-        outbox: &mut mpsc::UnboundedReceiver<BanChange>,
+        outbox: &Outbox,
     ) -> Result<(), etcd_client::Error> {
         let listed = self
             .client
@@ -67,10 +111,7 @@ impl SharedBans {
             self.apply(guard, host, kv.value()).await;
         }
         // What was made here while etcd was away.
-        while let Some(change) = self.backlog.first().cloned() {
-            self.publish(change).await?;
-            self.backlog.remove(0);
-        }
+        self.flush(outbox).await?;
         let (_watcher, mut events) = self
             .client
             .watch(
@@ -84,15 +125,7 @@ impl SharedBans {
             .await?;
         loop {
             tokio::select! {
-                change = outbox.recv() => match change {
-                    Some(change) => {
-                        if let Err(e) = self.publish(change.clone()).await {
-                            self.backlog.push(change);
-                            return Err(e);
-                        }
-                    }
-                    None => return Ok(()),
-                },
+                () = outbox.ready.notified() => self.flush(outbox).await?,
                 message = events.message() => {
                     let Some(resp) = message? else {
                         return Ok(()); // the watch ended: start over
@@ -130,6 +163,20 @@ impl SharedBans {
         }
     }
 
+    /// Publishes what waits; what etcd did not take goes back.
+    async fn flush(&mut self, outbox: &Outbox) -> Result<(), etcd_client::Error> {
+        let mut changes = outbox.take().into_iter();
+        while let Some(change) = changes.next() {
+            if let Err(e) = self.publish(change.clone()).await {
+                for c in std::iter::once(change).chain(changes) {
+                    outbox.put_back(c);
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
     async fn publish(&mut self, change: BanChange) -> Result<(), etcd_client::Error> {
         match change {
             BanChange::Added(view) => {
@@ -151,5 +198,49 @@ impl SharedBans {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::guard::BanSource;
+
+    fn added(target: &BanTarget) -> BanChange {
+        BanChange::Added(BanView {
+            target: target.clone(),
+            reason: "test".into(),
+            source: BanSource::Automatic,
+            expires: None,
+        })
+    }
+
+    #[test]
+    fn the_outbox_holds_the_latest_change_per_target() {
+        let o = Outbox::default();
+        let sources: Vec<BanTarget> = (0..50)
+            .map(|i| format!("198.51.100.{i}").parse().expect("a target"))
+            .collect();
+        // Banned and lifted over and over while etcd is away.
+        for _ in 0..200 {
+            for t in &sources {
+                o.push(added(t));
+                o.push(BanChange::Lifted(t.clone()));
+            }
+        }
+        assert_eq!(o.len(), sources.len());
+        let taken = o.take();
+        assert!(taken.iter().all(|c| matches!(c, BanChange::Lifted(_))));
+        assert!(o.is_empty());
+        // A change etcd refused goes back only if nothing newer came meanwhile.
+        o.push(added(&sources[0]));
+        o.put_back(BanChange::Lifted(sources[0].clone()));
+        o.put_back(BanChange::Lifted(sources[1].clone()));
+        let mut back = o.take();
+        back.sort_by_key(key_of);
+        assert_eq!(
+            back,
+            vec![added(&sources[0]), BanChange::Lifted(sources[1].clone())]
+        );
     }
 }

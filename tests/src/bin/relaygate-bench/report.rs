@@ -146,8 +146,8 @@ pub fn fleet_section(a: &Args, f: &FleetFigures) -> String {
     let mut s = format!(
         "\n## A fleet of three gateways\n\nThree gateways on 127.0.0.1-3 sharing one etcd (a real `etcd` process). \
          An agent with `gateway.max_sessions = 1` holds gateway 1 only: a connection to gateway 1 goes \
-         straight to the agent, one to gateway 2 is forwarded to gateway 1 over `/relaygate/forward/1` \
-         first. Medians of {} run(s), {} s per figure.\n\n\
+         straight to the agent, one to gateway 2 rides gateway 2's lane to gateway 1 first (one more \
+         process and TLS hop on the same two cores). Medians of {} run(s), {} s per figure.\n\n\
          | figure | on the gateway holding the agent | forwarded by another gateway | ratio |\n|---|---|---|---|\n",
         a.runs, a.seconds
     );
@@ -170,14 +170,14 @@ pub fn fleet_section(a: &Args, f: &FleetFigures) -> String {
          | new connections through the survivors, failed | {} of {} |\n\
          | longest time without a successful new connection through the survivors, from the kill on | {} ms |\n\
          | SIGKILL until the dead gateway left the fleet's view | {:.2} s |\n\
-         | restarted gateway up until it served the port again | {} ms |\n",
+         | restarted gateway up until it served the port again | {:.1} ms |\n",
         o.failed_round_trips,
         o.round_trips,
         o.failed_new_connections,
         o.new_connections,
         o.longest_gap.as_millis(),
         o.left_view.as_secs_f64(),
-        o.serving_again.as_millis(),
+        o.serving_again.as_secs_f64() * 1000.0,
     ));
     s
 }
