@@ -38,6 +38,11 @@ pub struct AgentConfig {
     /// How long to wait for the local target to accept a connection.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// How often the nodes of tunnels with a `node_peer_id` are probed
+    /// again during a session: a node back with another identity is
+    /// advertised and claimed at its new id.
+    #[serde(with = "humantime_serde")]
+    pub node_recheck: Duration,
     /// Marks and routing table of transparent delivery.
     pub transparent: TransparentConfig,
     pub admin: AdminConfig,
@@ -394,6 +399,7 @@ impl Default for AgentConfig {
             session: SessionTuning::default(),
             limits: crate::limits::LimitsConfig::default(),
             connect_timeout: Duration::from_secs(5),
+            node_recheck: Duration::from_secs(30),
             transparent: TransparentConfig::default(),
             admin: AdminConfig::default(),
             log: LogConfig::default(),

@@ -194,10 +194,15 @@ impl Session {
         self.metrics.sessions_opened.inc();
         let _up = relaygate_common::metrics::Held::new(&self.metrics.sessions_active);
         self.tell(welcome.fleet.clone());
-        let nodes = self.probe_nodes().await;
+        let mut nodes = self.probe_nodes(&Nodes::new()).await;
         self.apply_grants(&welcome, &welcome.leases, &dialled, &nodes, false);
         self.claim_nodes(&mut ctl, &welcome, &welcome.leases, &nodes)
             .await?;
+        // What every gateway answer leased so far, for claims made again.
+        let mut leased: Vec<LeaseGrant> = welcome.leases.clone();
+        let probing = self.tunnels.iter().any(|t| t.node_peer_id.is_some());
+        let period = self.cfg.node_recheck.max(Duration::from_secs(1));
+        let mut recheck = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         if self.cfg.relay.enabled {
             // Every session reserves afresh: a reservation dies with its connection.
             let relay = dialled.clone().with_p2p(self.gateway).unwrap_or_else(|a| a);
@@ -237,6 +242,20 @@ impl Session {
                     next = None;
                     continue;
                 }
+                _ = recheck.tick(), if probing => {
+                    let now = self.probe_nodes(&nodes).await;
+                    if now != nodes {
+                        let moved: Vec<LeaseGrant> = leased
+                            .iter()
+                            .filter(|g| now.get(&g.name) != nodes.get(&g.name))
+                            .cloned()
+                            .collect();
+                        nodes = now;
+                        self.apply_grants(&welcome, &moved, &dialled, &nodes, true);
+                        self.claim_nodes(&mut ctl, &welcome, &moved, &nodes).await?;
+                    }
+                    continue;
+                }
                 _ = &mut lost => return Ok("gateway stopped answering keep-alives".into()),
                 () = &mut lane => return Ok("lane keeper stopped".into()),
             };
@@ -246,6 +265,10 @@ impl Session {
                     self.apply_grants(&welcome, &leases, &dialled, &nodes, true);
                     self.claim_nodes(&mut ctl, &welcome, &leases, &nodes)
                         .await?;
+                    for g in &leases {
+                        leased.retain(|l| l.name != g.name);
+                        leased.push(g.clone());
+                    }
                     retry = self.to_retry(&leases);
                     backoff = (backoff * 2).min(LEASE_RETRY_MAX);
                     next = (!retry.is_empty()).then(|| tokio::time::Instant::now() + backoff);
@@ -294,7 +317,7 @@ impl Session {
     /// (`node_peer_id = "auto"`), or given and checked against the node. A
     /// node that holds another id than the one given is an error on the
     /// tunnel (its advertised addresses would not reach it).
-    async fn probe_nodes(&self) -> Nodes {
+    async fn probe_nodes(&self, previous: &Nodes) -> Nodes {
         // All at once: a node that does not answer costs the timeout once.
         let probes = self.tunnels.iter().filter_map(|t| {
             let wanted = t.node_peer_id?;
@@ -310,12 +333,26 @@ impl Session {
         for (t, wanted, found) in futures::future::join_all(probes).await {
             match (wanted, found) {
                 (NodeId::Auto, Ok(p)) => {
-                    tracing::info!(tunnel = %t.name, node = %p, "learnt the node's peer id");
+                    match previous.get(&t.name) {
+                        Some(Ok(was)) if *was == p => {}
+                        Some(Ok(was)) => {
+                            tracing::warn!(tunnel = %t.name, node = %p, %was, "the node came back with another peer id; advertising and claiming the new one")
+                        }
+                        _ => {
+                            tracing::info!(tunnel = %t.name, node = %p, "learnt the node's peer id")
+                        }
+                    }
                     nodes.insert(t.name.clone(), Ok(p));
                 }
-                (NodeId::Auto, Err(e)) => {
-                    tracing::warn!(tunnel = %t.name, error = %e, "cannot learn the node's peer id; advertising without it");
-                }
+                (NodeId::Auto, Err(e)) => match previous.get(&t.name) {
+                    // A node that does not answer for a moment keeps its id.
+                    Some(Ok(was)) => {
+                        nodes.insert(t.name.clone(), Ok(*was));
+                    }
+                    _ => {
+                        tracing::warn!(tunnel = %t.name, error = %e, "cannot learn the node's peer id; advertising without it")
+                    }
+                },
                 (NodeId::Given(id), Ok(p)) if p == id => {
                     nodes.insert(t.name.clone(), Ok(p));
                 }
@@ -438,12 +475,14 @@ impl Session {
             .iter()
             .map(|a| a.to_string())
             .collect();
+        let circuit = addrs.join(",");
+        self.state.set_circuits(self.gateway, tunnel, addrs);
+        // Logged once published: the file and the admin API say the same.
+        publish(&self.state, &self.tunnels, &self.metrics);
         tracing::info!(
-            %tunnel, %node, gateway = %self.gateway, circuit = %addrs.join(","),
+            %tunnel, %node, gateway = %self.gateway, %circuit,
             "node reachable by its own peer id through the gateway's relay"
         );
-        self.state.set_circuits(self.gateway, tunnel, addrs);
-        publish(&self.state, &self.tunnels, &self.metrics);
     }
 
     /// Passes on the fleet's gateways as this gateway names them.

@@ -7,6 +7,7 @@
 //
 //   node interop.mjs dial    <multiaddr>       [--pings N] [--timeout-ms T]
 //   node interop.mjs reserve <relay multiaddr> [--timeout-ms T] [--ignore-stdin]
+//   node interop.mjs listen  <tcp multiaddr>   [--seed N] [--ignore-stdin]
 //
 // The shim MUST be the first import: js-libp2p 3.x needs Promise.withResolvers
 // (Node >= 22). Static imports are evaluated in order, and libp2p itself is
@@ -17,7 +18,8 @@ import { fstatSync } from 'node:fs'
 
 const USAGE = `usage:
   node interop.mjs dial <multiaddr> [--pings N] [--timeout-ms T] [--seed N]
-  node interop.mjs reserve <relay multiaddr> [--timeout-ms T] [--ignore-stdin]`
+  node interop.mjs reserve <relay multiaddr> [--timeout-ms T] [--ignore-stdin]
+  node interop.mjs listen <tcp multiaddr> [--seed N] [--ignore-stdin]`
 
 // ---------------------------------------------------------------- output ---
 
@@ -390,6 +392,59 @@ async function runReserve (relay, { timeoutMs, ignoreStdin }) {
   }
 }
 
+// ---------------------------------------------------------------- listen ---
+
+/** Stays until stdin ends (the parent is gone) or a signal comes. */
+function serveUntilGone (node, ignoreStdin) {
+  const onSignal = () => { void shutdown(node, 0) }
+  process.once('SIGTERM', onSignal)
+  process.once('SIGINT', onSignal)
+  if (!ignoreStdin && stdinIsControlChannel()) {
+    process.stdin.on('end', () => { void shutdown(node, 0) })
+    process.stdin.on('close', () => { void shutdown(node, 0) })
+    process.stdin.on('error', () => { void shutdown(node, 0) })
+    process.stdin.resume()
+  } else {
+    setInterval(() => {}, 1 << 30)
+  }
+}
+
+/**
+ * A plain js-libp2p node listening on TCP (a node behind relaygate's agent):
+ * it answers identify and ping, and reports each inbound connection with the
+ * address it came from, as the node sees it.
+ */
+async function runListen (listen, { timeoutMs, seed, ignoreStdin }) {
+  let stage = 'setup'
+  let node
+  try {
+    const lib = await loadLibp2p()
+    node = await makeNode(lib, { listen: [listen], timeoutMs, seed })
+    node.addEventListener('connection:open', (evt) => {
+      const conn = evt.detail
+      if (conn.direction !== 'inbound') return
+      emit({
+        event: 'inbound',
+        peer: conn.remotePeer.toString(),
+        remote_addr: conn.remoteAddr.toString(),
+        ...limitsOf(conn)
+      })
+    })
+    stage = 'listen'
+    await withTimeout(node.start(), timeoutMs, 'listen')
+    emit({
+      event: 'listening',
+      peer: node.peerId.toString(),
+      addrs: node.getMultiaddrs().map(ma => ma.toString())
+    })
+    stage = 'serve'
+    serveUntilGone(node, ignoreStdin)
+  } catch (err) {
+    emitError(stage, err)
+    await shutdown(node, 1)
+  }
+}
+
 // ------------------------------------------------------------------ main ---
 
 async function main () {
@@ -418,7 +473,7 @@ async function main () {
     process.exit(0)
   }
   const [mode, addr, ...rest] = positionals
-  if (addr == null || rest.length > 0 || (mode !== 'dial' && mode !== 'reserve')) {
+  if (addr == null || rest.length > 0 || !['dial', 'reserve', 'listen'].includes(mode)) {
     emitError('args', new Error(`bad arguments: ${JSON.stringify(process.argv.slice(2))}`))
     process.stderr.write(USAGE + '\n')
     process.exit(2)
@@ -434,6 +489,8 @@ async function main () {
   }
   if (mode === 'dial') {
     await runDial(addr, { pings, timeoutMs, seed })
+  } else if (mode === 'listen') {
+    await runListen(addr, { timeoutMs, seed, ignoreStdin: values['ignore-stdin'] === true })
   } else {
     await runReserve(addr, { timeoutMs, ignoreStdin: values['ignore-stdin'] === true })
   }

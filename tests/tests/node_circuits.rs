@@ -22,7 +22,10 @@ fn field(line: &str, key: &str) -> serde_json::Value {
 
 /// A rust-libp2p node (Noise + yamux over TCP) with the identity of `seed`.
 fn node(seed: u8) -> (Proc, u16) {
-    let port = free_tcp_port();
+    node_on(seed, free_tcp_port())
+}
+
+fn node_on(seed: u8, port: u16) -> (Proc, u16) {
     let mut cmd = std::process::Command::new(LAB_NODE);
     cmd.args([
         "listen",
@@ -81,7 +84,7 @@ fn a_node_is_reachable_by_its_own_peer_id_through_the_gateways_relay() {
             file.display()
         )],
         true,
-        &[],
+        &["--set".into(), "node_recheck=1s".into()],
     );
     let line = agent
         .proc
@@ -150,6 +153,26 @@ fn a_node_is_reachable_by_its_own_peer_id_through_the_gateways_relay() {
             >= 1.0
     );
 
+    // A js-libp2p dialer too: a full connection to the node, not a limited one.
+    if js_ready() {
+        let mut js = std::process::Command::new("node");
+        js.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/js/interop.mjs"))
+            .args(["dial", &circuit(&gw, &id), "--pings", "2"]);
+        let mut js = Proc::spawn("js", js);
+        let ok = js
+            .wait_exit(Duration::from_secs(40))
+            .is_some_and(|s| s.success());
+        let lines = js.lines();
+        assert!(ok, "js reached the node:\n{}", lines.join("\n"));
+        let c = lines
+            .iter()
+            .find(|l| field(l, "event") == "connected")
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(field(&c, "peer"), id.as_str(), "{c}");
+        assert_eq!(field(&c, "limited"), false, "{c}");
+    }
+
     // A second agent fronting the same node is refused.
     let twin = Agent::start(
         &here,
@@ -157,7 +180,7 @@ fn a_node_is_reachable_by_its_own_peer_id_through_the_gateways_relay() {
         Transport::Quic,
         &[format!("twin=127.0.0.1:{port},node_peer_id=auto")],
         true,
-        &[],
+        &["--set".into(), "node_recheck=600s".into()],
     );
     let refused = twin
         .proc
@@ -177,6 +200,23 @@ fn a_node_is_reachable_by_its_own_peer_id_through_the_gateways_relay() {
         out.join("\n")
     );
 
+    // The node comes back with another identity: the agent notices, claims
+    // the new id, and circuits to the old one are refused.
+    drop(node);
+    let (_node, _) = node_on(8, port);
+    let new_id = seed_peer_id(8);
+    agent
+        .proc
+        .wait_for(
+            |l| l.contains("node reachable by its own peer id") && l.contains(&new_id),
+            T,
+        )
+        .expect("the agent claimed the node's new id");
+    let (ok, out) = dial(&circuit(&gw, &new_id), &new_id);
+    assert!(ok, "the new id is reachable:\n{}", out.join("\n"));
+    let (ok, out) = dial(&circuit(&gw, &id), &id);
+    assert!(!ok, "the old id is not:\n{}", out.join("\n"));
+
     // The agent gone, its node is no longer reachable through the relay.
     drop(agent);
     assert!(
@@ -185,11 +225,35 @@ fn a_node_is_reachable_by_its_own_peer_id_through_the_gateways_relay() {
             "/v1/nodes"
         )
         .1
-        .contains(&id)),
+        .contains(&new_id)),
         "the node is let go with the agent's session"
     );
 }
 
 fn agent_id(agent: &Agent) -> String {
     relaygate_tests::stack::agent_peer_id(Path::new(agent.dir.path()))
+}
+
+/// node and the js harness installed; a loud skip line otherwise, and a
+/// failure under `CI=true`.
+fn js_ready() -> bool {
+    let modules = Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/js/node_modules/libp2p"
+    ))
+    .exists();
+    let node = std::process::Command::new("node")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if node && modules {
+        return true;
+    }
+    let msg = "!!! SKIPPED the js-libp2p dialer of node_circuits: needs node and `npm ci --prefix tests/js` !!!";
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "{msg} (CI=true, and a skipped test must fail CI)"
+    );
+    eprintln!("{msg}");
+    false
 }
