@@ -154,7 +154,12 @@ impl Delivery<'_> {
                 _ => None,
             };
             if let Some(v) = version {
-                let h = proxy::encode(v, source, self.header.destination, None);
+                let h = proxy::encode(
+                    v,
+                    source,
+                    self.header.destination,
+                    self.header.peer.as_ref(),
+                );
                 stream
                     .write_all(&h)
                     .await

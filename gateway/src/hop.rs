@@ -359,7 +359,8 @@ impl Hop {
         tracing::debug!(%src, %dst, agent = %owner.agent, %source, "circuit to a node open");
         let (dp, closed) = (self.dp.clone(), m.circuits_closed.clone());
         self.tracker.spawn(async move {
-            let end = match nodes::carry_circuit(&dp, &owner, source, stream.compat()).await {
+            let end = match nodes::carry_circuit(&dp, &owner, (src, source), stream.compat()).await
+            {
                 Ok(()) => "closed",
                 Err(_) => "reset",
             };

@@ -242,6 +242,9 @@ pub struct Origin {
     pub prefix: Vec<u8>,
     /// An untrusted peer: a PROXY header in its first bytes is refused.
     pub untrusted: bool,
+    /// The dialer's peer id, on a circuit to a node (the agent may pass it
+    /// on in PROXY v2); none on a leased port.
+    pub peer: Option<PeerId>,
 }
 
 impl Connection {
@@ -279,6 +282,7 @@ impl Connection {
             tunnel: self.stats.name.clone(),
             source: origin.source,
             destination: origin.destination,
+            peer: None,
         };
         stream.write_all(&header.encode()).await?;
         if !origin.prefix.is_empty() {
@@ -397,6 +401,7 @@ pub(crate) async fn read_origin(
             destination,
             prefix: Vec::new(),
             untrusted: true,
+            peer: None,
         });
     }
     let wait = if policy.required {
@@ -424,18 +429,21 @@ pub(crate) async fn read_origin(
             destination: h.destination.map(proxy::canonical).unwrap_or(destination),
             prefix: buf,
             untrusted: false,
+            peer: None,
         }),
         Ok(Ok(None)) if !policy.required => Ok(Origin {
             source,
             destination,
             prefix: buf,
             untrusted: false,
+            peer: None,
         }),
         Err(_) if !policy.required && !proxy::looks_like_proxy(&buf) => Ok(Origin {
             source,
             destination,
             prefix: buf,
             untrusted: false,
+            peer: None,
         }),
         Ok(Ok(None)) | Err(_) => {
             metrics.refuse("proxy_missing");

@@ -128,6 +128,7 @@ pub async fn check(
             // with transparent delivery (nothing to spoof for a check).
             source: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
             destination: SocketAddr::from((Ipv4Addr::UNSPECIFIED, port.get())),
+            peer: None,
         };
         stream
             .write_all(&header.encode())
@@ -155,11 +156,11 @@ pub async fn check(
 /// Carries a circuit to a node fronted by `owner`: the circuit's bytes
 /// (the dialer's own handshake with the node, then its streams) go to the
 /// agent like a public connection of the node's tunnel, from `source`, the
-/// dialer's address as this gateway saw it.
+/// dialer's address as this gateway saw it, naming `dialer`.
 pub async fn carry_circuit<S>(
     dp: &DataPlane,
     owner: &crate::registry::PortOwner,
-    source: SocketAddr,
+    (dialer, source): (PeerId, SocketAddr),
     circuit: S,
 ) -> std::io::Result<()>
 where
@@ -170,6 +171,7 @@ where
         destination: SocketAddr::from((Ipv4Addr::UNSPECIFIED, owner.stats.port.get())),
         prefix: Vec::new(),
         untrusted: false,
+        peer: Some(dialer),
     };
     let to = crate::session_stream::Agent {
         peer: owner.agent,

@@ -160,6 +160,7 @@ where
         tunnel: to.stats.name.clone(),
         source: origin.source,
         destination: origin.destination,
+        peer: origin.peer,
     };
     stream.write_all(&header.encode()).await?;
     tracing::debug!(

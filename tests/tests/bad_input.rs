@@ -386,6 +386,7 @@ fn garbled_stream_headers_are_answered_counted_and_harmless() {
         tunnel: "node".parse().unwrap(),
         source: "203.0.113.5:4000".parse().unwrap(),
         destination: "198.51.100.1:20000".parse().unwrap(),
+        peer: None,
     }
     .encode();
     let mut bad_version = good.clone();

@@ -4,7 +4,7 @@
 //! and no relay configuration of their own, are dialled at
 //! `/p2p/<gateway>/p2p-circuit/p2p/<node>` from a rust-libp2p dialer and a
 //! js-libp2p dialer on the internet segment: ping, the node's own identify,
-//! no Limit; each node sees the dialer's real address, and the rust node's
+//! a 1 MB stream echoed byte-exact, no Limit; each node sees the dialer's real address, and the rust node's
 //! private-address gater lets it in.
 
 use std::{
@@ -53,7 +53,7 @@ fn require_js(test: &str) -> bool {
 }
 
 /// A rust-libp2p dialer on `host`; its lines, and whether it finished.
-fn rust_dial(host: &Host, addr: &str, expect: &str) -> (bool, Vec<String>) {
+fn rust_dial(host: &Host, addr: &str, expect: &str, more: &[&str]) -> (bool, Vec<String>) {
     let mut cmd = host.cmd(LAB_NODE);
     cmd.args([
         "dial",
@@ -66,6 +66,7 @@ fn rust_dial(host: &Host, addr: &str, expect: &str) -> (bool, Vec<String>) {
         "--timeout-secs",
         "20",
     ]);
+    cmd.args(more);
     let mut p = Proc::spawn("rust-dialer", cmd);
     let ok = p.wait_exit(T).is_some_and(|s| s.success());
     (ok, p.lines())
@@ -174,9 +175,17 @@ fn rust_and_js_nodes_behind_a_nat_are_reached_by_their_own_peer_ids() {
     };
     let remote_ip = remote.ip().to_string();
 
-    // A rust dialer to each node.
-    for (id, own_protocol) in [(&rust_id, Some("/relaygate-lab/1.0.0")), (&js_id, None)] {
-        let (ok, out) = rust_dial(&remote, &circuit(id), id);
+    // A rust dialer to each node; to the rust node a 1 MB stream too, echoed
+    // back byte-exact.
+    for (id, own_protocol, more) in [
+        (
+            &rust_id,
+            Some("/relaygate-lab/1.0.0"),
+            &["--echo-bytes", "1000000"][..],
+        ),
+        (&js_id, None, &[][..]),
+    ] {
+        let (ok, out) = rust_dial(&remote, &circuit(id), id, more);
         assert!(ok, "rust dialer reached {id}:\n{}", out.join("\n"));
         let c = event(&out, "circuit", "").expect("a circuit event");
         assert_eq!(json(c)["limit"], Value::Null, "no Limit: {c}");
@@ -189,6 +198,11 @@ fn rust_and_js_nodes_behind_a_nat_are_reached_by_their_own_peer_ids() {
             .filter(|l| json(l)["event"] == "ping" && json(l)["peer"] == id.as_str())
             .count();
         assert!(pings >= 2, "{}", out.join("\n"));
+        if !more.is_empty() {
+            let e = event(&out, "echo", "").expect("an echo event");
+            assert_eq!(json(e)["same"], true, "{e}");
+            assert_eq!(json(e)["bytes"], 1_000_000, "{e}");
+        }
     }
     // A js dialer to each node.
     for id in [&rust_id, &js_id] {

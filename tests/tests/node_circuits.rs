@@ -53,6 +53,8 @@ fn dial(addr: &str, expect: &str) -> (bool, Vec<String>) {
         "2",
         "--timeout-secs",
         "15",
+        "--echo-bytes",
+        "300000",
     ]);
     let mut p = Proc::spawn("dialer", cmd);
     let ok = p
@@ -122,6 +124,8 @@ fn a_node_is_reachable_by_its_own_peer_id_through_the_gateways_relay() {
             .cloned()
             .unwrap_or_else(|| panic!("no {event} in\n{}", out.join("\n")))
     };
+    let e = find("echo");
+    assert_eq!(field(&e, "same"), true, "a stream echoed byte-exact: {e}");
     let c = find("circuit");
     assert_eq!(field(&c, "limit"), serde_json::Value::Null, "no Limit: {c}");
     // The node's own identify (the gateway, the relay, answers its own first).
@@ -151,6 +155,37 @@ fn a_node_is_reachable_by_its_own_peer_id_through_the_gateways_relay() {
         )
         .unwrap_or(0.0)
             >= 1.0
+    );
+
+    // The node sees a plain connection and takes no DCUtR on it: a dialer
+    // that tries is refused at once, and its connection goes on.
+    let mut cmd = std::process::Command::new(LAB_NODE);
+    cmd.args([
+        "dial",
+        "--addr",
+        &circuit(&gw, &id),
+        "--expect-peer",
+        &id,
+        "--pings",
+        "1",
+        "--try-dcutr",
+    ]);
+    let mut dcutr = Proc::spawn("dcutr", cmd);
+    let ok = dcutr
+        .wait_exit(Duration::from_secs(30))
+        .is_some_and(|s| s.success());
+    let lines = dcutr.lines();
+    assert!(ok, "{}", lines.join("\n"));
+    let answer = lines
+        .iter()
+        .find(|l| field(l, "event") == "dcutr")
+        .cloned()
+        .unwrap_or_else(|| panic!("no dcutr event in\n{}", lines.join("\n")));
+    assert!(
+        field(&answer, "result")
+            .as_str()
+            .is_some_and(|r| r.starts_with("refused")),
+        "a clean refusal, not a hang: {answer}"
     );
 
     // A js-libp2p dialer too: a full connection to the node, not a limited one.
@@ -256,4 +291,188 @@ fn js_ready() -> bool {
     );
     eprintln!("{msg}");
     false
+}
+
+/// Forwards connections on a port of its own to `to`, except the first,
+/// which it closes at once: the agent's own probe of the node fails, so it
+/// claims the id it was given unchecked, and the gateway's check (the next
+/// connection) meets the real node.
+fn first_refused_then_forward(to: u16) -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for (i, c) in listener.incoming().enumerate() {
+            let Ok(c) = c else { continue };
+            if i == 0 {
+                drop(c);
+                continue;
+            }
+            let Ok(up) = std::net::TcpStream::connect(("127.0.0.1", to)) else {
+                continue;
+            };
+            let (Ok(c2), Ok(up2)) = (c.try_clone(), up.try_clone()) else {
+                continue;
+            };
+            let pipe = |mut a: std::net::TcpStream, mut b: std::net::TcpStream| {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut a, &mut b);
+                    let _ = b.shutdown(std::net::Shutdown::Write);
+                })
+            };
+            pipe(c, up);
+            pipe(up2, c2);
+        }
+    });
+    port
+}
+
+#[test]
+fn a_claim_the_node_does_not_prove_gets_no_circuit() {
+    let gw = Gateway::start(&here, GatewaySpec::default());
+    let (_node, node_port) = node(7);
+    let (real, claimed) = (seed_peer_id(7), seed_peer_id(8));
+    let port = first_refused_then_forward(node_port);
+    // Given id 8, while the node behind the tunnel holds 7.
+    let agent = Agent::start(
+        &here,
+        &gw,
+        Transport::Quic,
+        &[format!("n=127.0.0.1:{port},node_peer_id={claimed}")],
+        true,
+        &[],
+    );
+    agent
+        .proc
+        .wait_for(|l| l.contains("cannot check the node's peer id"), T)
+        .expect("the agent's own probe failed, so it claims the given id unchecked");
+    let refused = agent
+        .proc
+        .wait_for(|l| l.contains("refused the node's claim"), T)
+        .expect("the gateway refused the claim");
+    assert!(
+        refused.contains(&format!("proved peer id {real}, not {claimed}")),
+        "{refused}"
+    );
+    assert!(!http_get(gw.admin, "/v1/nodes").1.contains(&claimed));
+    let (ok, out) = dial(&circuit(&gw, &claimed), &claimed);
+    assert!(!ok, "no circuit to the claimed id:\n{}", out.join("\n"));
+    assert!(
+        metric(
+            &gw.metrics(),
+            "relaygate_gateway_refusals_total{reason=\"node_claim_unproven\"}"
+        )
+        .unwrap_or(0.0)
+            >= 1.0
+    );
+}
+
+type Seen = std::sync::Arc<std::sync::Mutex<Vec<relaygate_common::proxy::ProxyHeader>>>;
+
+/// A PROXY-aware front for a libp2p node on `to`, as a node with PROXY
+/// support is: an optional PROXY header is read and recorded, the rest
+/// forwarded.
+fn proxy_front(to: u16) -> (u16, Seen) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let seen = Seen::default();
+    let record = seen.clone();
+    std::thread::spawn(move || {
+        for c in listener.incoming() {
+            let Ok(mut c) = c else { continue };
+            let record = record.clone();
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                let rest = loop {
+                    let mut chunk = [0u8; 512];
+                    let n = match c.read(&mut chunk) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    buf.extend_from_slice(&chunk[..n]);
+                    match relaygate_common::proxy::decode(&buf) {
+                        Ok(Some((h, used))) => {
+                            if let Ok(mut r) = record.lock() {
+                                r.push(h);
+                            }
+                            break buf.split_off(used);
+                        }
+                        Ok(None) => continue,
+                        Err(_) => break buf,
+                    }
+                };
+                let Ok(mut up) = std::net::TcpStream::connect(("127.0.0.1", to)) else {
+                    return;
+                };
+                if up.write_all(&rest).is_err() {
+                    return;
+                }
+                let (Ok(mut c2), Ok(mut up2)) = (c.try_clone(), up.try_clone()) else {
+                    return;
+                };
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut up2, &mut c2);
+                    let _ = c2.shutdown(std::net::Shutdown::Write);
+                });
+                let _ = std::io::copy(&mut c, &mut up);
+                let _ = up.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    (port, seen)
+}
+
+#[test]
+fn a_node_behind_proxy_v2_learns_the_dialers_peer_id() {
+    let gw = Gateway::start(&here, GatewaySpec::default());
+    let (_node, node_port) = node(7);
+    let id = seed_peer_id(7);
+    let (port, seen) = proxy_front(node_port);
+    let agent = Agent::start(
+        &here,
+        &gw,
+        Transport::Quic,
+        &[format!(
+            "n=127.0.0.1:{port},deliver=proxy-v2,node_peer_id=auto"
+        )],
+        true,
+        &[],
+    );
+    agent
+        .proc
+        .wait_for(
+            |l| l.contains("node reachable by its own peer id") && l.contains(&id),
+            T,
+        )
+        .expect("the gateway checked the node through its PROXY front");
+    // A dialer with a known identity (seed 11).
+    let mut cmd = std::process::Command::new(LAB_NODE);
+    cmd.args([
+        "dial",
+        "--addr",
+        &circuit(&gw, &id),
+        "--expect-peer",
+        &id,
+        "--pings",
+        "1",
+        "--seed",
+        "11",
+    ]);
+    let mut dialer = Proc::spawn("dialer", cmd);
+    assert!(
+        dialer.wait_exit(T).is_some_and(|s| s.success()),
+        "{}",
+        dialer.lines().join("\n")
+    );
+    let dialer_id: libp2p::PeerId = seed_peer_id(11).parse().expect("a peer id");
+    let headers = seen.lock().map(|h| h.clone()).unwrap_or_default();
+    let named = headers
+        .iter()
+        .find(|h| h.peer_id == Some(dialer_id))
+        .unwrap_or_else(|| panic!("no PROXY header named the dialer: {headers:?}"));
+    assert_eq!(
+        named.source.map(|s| s.ip().to_string()).as_deref(),
+        Some("127.0.0.1"),
+        "{named:?}"
+    );
 }

@@ -3,6 +3,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use libp2p::PeerId;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use super::{map_eof, WireError, WIRE_VERSION};
@@ -11,9 +12,13 @@ use crate::names::{ServiceName, TunnelName, MAX_TUNNEL_NAME};
 /// Header of one tunnelled connection, written by the gateway.
 ///
 /// ```text
-/// u8 version | u8 name_len | name | addr source | addr destination
+/// u8 version | u8 name_len | name | addr source | addr destination [| u8 peer_len | peer id]
 /// addr = u8 family (4 or 6) | 4 or 16 bytes ip | u16 port (big endian)
 /// ```
+/// The peer id is there when the version byte has [`PEER_FLAG`] set: on a
+/// circuit to a node the agent fronts, whose dialer's id the node may be told
+/// (PROXY v2 TLV 0xE1). Only an agent that claims nodes gets such circuits;
+/// one from before this would refuse the header as a version it lacks.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StreamHeader {
     pub tunnel: TunnelName,
@@ -21,10 +26,18 @@ pub struct StreamHeader {
     pub source: SocketAddr,
     /// The gateway address and leased port the remote connected to.
     pub destination: SocketAddr,
+    /// The dialer's peer id, on a circuit to a node.
+    pub peer: Option<PeerId>,
 }
 
+/// Set in a stream header's version byte when a peer id follows the addresses.
+pub const PEER_FLAG: u8 = 0x80;
+/// The longest peer id a header carries (an identity multihash of an Ed25519
+/// key is 38 bytes; a SHA-256 one 34).
+const MAX_PEER_ID_LEN: usize = 64;
+
 /// Largest possible encoded header (lets readers bound their buffers).
-pub const MAX_HEADER_LEN: usize = 2 + MAX_TUNNEL_NAME + 2 * 19;
+pub const MAX_HEADER_LEN: usize = 2 + MAX_TUNNEL_NAME + 2 * 19 + 1 + MAX_PEER_ID_LEN;
 
 impl StreamHeader {
     pub fn encode(&self) -> Vec<u8> {
@@ -32,6 +45,14 @@ impl StreamHeader {
         put_versioned_name(&mut out, self.tunnel.as_str());
         put_addr(&mut out, self.source);
         put_addr(&mut out, self.destination);
+        if let Some(p) = &self.peer {
+            let bytes = p.to_bytes();
+            if bytes.len() <= MAX_PEER_ID_LEN {
+                out[0] |= PEER_FLAG;
+                out.push(bytes.len() as u8);
+                out.extend_from_slice(&bytes);
+            }
+        }
         out
     }
 
@@ -39,7 +60,7 @@ impl StreamHeader {
     /// `Ok(None)` means more bytes are needed.
     pub fn decode(buf: &[u8]) -> Result<Option<(Self, usize)>, WireError> {
         let mut cur = Cursor { buf, pos: 0 };
-        let Some(name) = cur.versioned_name(
+        let Some((name, flagged)) = cur.versioned_name(
             "tunnel name length out of range",
             "tunnel name is not UTF-8",
         )?
@@ -53,11 +74,31 @@ impl StreamHeader {
         let Some(destination) = cur.addr()? else {
             return Ok(None);
         };
+        let peer = if flagged {
+            let Some(len) = cur.u8() else {
+                return Ok(None);
+            };
+            let len = usize::from(len);
+            if len == 0 || len > MAX_PEER_ID_LEN {
+                return Err(WireError::Header("peer id length out of range"));
+            }
+            let Some(bytes) = cur.take(len) else {
+                return Ok(None);
+            };
+            // Canonical bytes only: what decodes encodes back the same.
+            match PeerId::from_bytes(bytes) {
+                Ok(p) if p.to_bytes() == bytes => Some(p),
+                _ => return Err(WireError::Header("not a peer id")),
+            }
+        } else {
+            None
+        };
         Ok(Some((
             Self {
                 tunnel,
                 source,
                 destination,
+                peer,
             },
             cur.pos,
         )))
@@ -97,7 +138,15 @@ impl StreamHeader {
                     return src_end + 1 - n;
                 }
                 let dst_end = src_end + addr_len(buf[src_end]);
-                dst_end.saturating_sub(n).max(1)
+                if buf[0] & PEER_FLAG == 0 {
+                    return dst_end.saturating_sub(n).max(1);
+                }
+                // then the peer id's length byte, then the peer id
+                if n < dst_end + 1 {
+                    return dst_end + 1 - n;
+                }
+                let peer_end = dst_end + 1 + usize::from(buf[dst_end]);
+                peer_end.saturating_sub(n).max(1)
             }
         }
     }
@@ -146,16 +195,18 @@ impl<'a> Cursor<'a> {
     fn u8(&mut self) -> Option<u8> {
         self.take(1).map(|b| b[0])
     }
-    /// Reads `u8 version | u8 len | name`; `Ok(None)` when more bytes are needed.
+    /// Reads `u8 version | u8 len | name`, and whether the version byte has
+    /// [`PEER_FLAG`] set; `Ok(None)` when more bytes are needed.
     fn versioned_name(
         &mut self,
         bad_len: &'static str,
         bad_utf8: &'static str,
-    ) -> Result<Option<&'a str>, WireError> {
+    ) -> Result<Option<(&'a str, bool)>, WireError> {
         let Some(version) = self.u8() else {
             return Ok(None);
         };
-        if u16::from(version) != WIRE_VERSION {
+        let flagged = version & PEER_FLAG != 0;
+        if u16::from(version & !PEER_FLAG) != WIRE_VERSION {
             return Err(WireError::Version(version.into()));
         }
         let Some(len) = self.u8() else {
@@ -169,7 +220,7 @@ impl<'a> Cursor<'a> {
             return Ok(None);
         };
         std::str::from_utf8(name)
-            .map(Some)
+            .map(|n| Some((n, flagged)))
             .map_err(|_| WireError::Header(bad_utf8))
     }
     fn addr(&mut self) -> Result<Option<SocketAddr>, WireError> {
@@ -216,13 +267,16 @@ impl ServiceRequest {
     /// Decodes a complete request from `buf`; `Ok(None)` means more bytes are needed.
     pub fn decode(buf: &[u8]) -> Result<Option<(Self, usize)>, WireError> {
         let mut cur = Cursor { buf, pos: 0 };
-        let Some(name) = cur.versioned_name(
+        let Some((name, flagged)) = cur.versioned_name(
             "service name length out of range",
             "service name is not UTF-8",
         )?
         else {
             return Ok(None);
         };
+        if flagged {
+            return Err(WireError::Version(WIRE_VERSION | u16::from(PEER_FLAG)));
+        }
         let service = name.parse()?;
         Ok(Some((Self { service }, cur.pos)))
     }

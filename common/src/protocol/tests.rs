@@ -54,6 +54,7 @@ fn header(src: &str, dst: &str) -> StreamHeader {
         tunnel: "node".parse().unwrap(),
         source: src.parse().unwrap(),
         destination: dst.parse().unwrap(),
+        peer: None,
     }
 }
 
@@ -77,6 +78,57 @@ async fn header_round_trips_v4_and_v6() {
             );
         }
     }
+}
+
+#[tokio::test]
+async fn a_header_naming_the_dialers_peer_id_round_trips() {
+    let peer = libp2p::PeerId::random();
+    for h in [
+        StreamHeader {
+            peer: Some(peer),
+            ..header("203.0.113.5:40000", "198.51.100.1:20001")
+        },
+        StreamHeader {
+            peer: Some(peer),
+            ..header("[2001:db8::5]:40000", "[2001:db8::1]:20001")
+        },
+    ] {
+        let mut bytes = h.encode();
+        assert_eq!(bytes[0], WIRE_VERSION as u8 | PEER_FLAG);
+        bytes.extend_from_slice(b"payload");
+        let mut r = &bytes[..];
+        assert_eq!(StreamHeader::read(&mut r).await.unwrap(), h);
+        assert_eq!(r, b"payload", "header reader must not consume payload");
+        for cut in 0..h.encode().len() {
+            assert!(
+                StreamHeader::decode(&bytes[..cut]).unwrap().is_none(),
+                "cut {cut}"
+            );
+        }
+    }
+    // A peer id that is not one, or a length out of range, is refused.
+    let good = StreamHeader {
+        peer: Some(peer),
+        ..header("203.0.113.5:40000", "198.51.100.1:20001")
+    }
+    .encode();
+    let len_at = good.len() - peer.to_bytes().len() - 1;
+    let mut v = good.clone();
+    v[len_at] = 0;
+    assert!(StreamHeader::decode(&v).is_err());
+    let mut v = good.clone();
+    v[len_at + 1] ^= 0xff;
+    assert!(StreamHeader::decode(&v).is_err());
+    // A service request never carries the flag.
+    let mut req = ServiceRequest {
+        service: "ssh".parse().unwrap(),
+    }
+    .encode();
+    req[0] |= PEER_FLAG;
+    assert!(matches!(
+        ServiceRequest::decode(&req),
+        Err(WireError::Version(_))
+    ));
 }
 
 #[tokio::test]

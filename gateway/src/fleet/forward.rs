@@ -370,6 +370,7 @@ impl Forwarder {
             destination: proxy::canonical(destination),
             prefix: Vec::new(),
             untrusted: false,
+            peer: None,
         };
         let to = session_stream::Agent {
             peer: owner.agent,

@@ -13,7 +13,9 @@
 //!
 //! Events: listening, connected, identify, ping, ping_failed, closed, denied,
 //! dial_error, incoming_error, listener_error, reservation, circuit;
-//! dial adds done / error and exits 0 / 1; reserve adds reservation_failed.
+//! dial adds done / error and exits 0 / 1 (and dcutr with --try-dcutr, echo
+//! with --echo-bytes: a `listen` node echoes streams of /relaygate-lab/echo/1);
+//! reserve adds reservation_failed.
 
 use std::{collections::HashMap, io::Write, time::Duration};
 
@@ -71,6 +73,16 @@ enum Cmd {
         /// reuse, TCP and QUIC): a fixed source port shows how a NAT maps it.
         #[arg(long, num_args = 1..)]
         listen: Vec<Multiaddr>,
+        /// After the pings, open a DCUtR stream to the remote over the
+        /// connection and report how it was answered (`dcutr` event), then
+        /// ping once more on the same connection.
+        #[arg(long)]
+        try_dcutr: bool,
+        /// After the pings, send this many bytes on an echo stream to the
+        /// remote (a `lab-node listen`) and check they come back the same
+        /// (`echo` event; a mismatch is an error).
+        #[arg(long, default_value_t = 0)]
+        echo_bytes: usize,
         #[command(flatten)]
         common: Common,
     },
@@ -132,6 +144,8 @@ struct Node {
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     relay: libp2p::relay::client::Behaviour,
+    /// Raw streams, for `dial --try-dcutr` (accepts none).
+    streams: relaygate_common::streams::Behaviour,
 }
 
 #[tokio::main]
@@ -163,7 +177,18 @@ async fn main() -> anyhow::Result<()> {
             deny_private_sources,
             common,
         } => {
-            let mut swarm = build(&common, deny_private_sources)?;
+            let (mut swarm, _, mut echo) = build(&common, deny_private_sources)?;
+            // Echoes every stream of ECHO_PROTOCOL back to its sender.
+            tokio::spawn(async move {
+                while let Some(inc) = echo.recv().await {
+                    tokio::spawn(async move {
+                        use futures::{AsyncReadExt, AsyncWriteExt};
+                        let (mut r, mut w) = inc.stream.split();
+                        let _ = futures::io::copy(&mut r, &mut w).await;
+                        let _ = w.close().await;
+                    });
+                }
+            });
             for addr in listen {
                 swarm
                     .listen_on(addr.clone())
@@ -175,7 +200,7 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Cmd::Reserve { relay, common } => {
-            let mut swarm = build(&common, false)?;
+            let (mut swarm, _, _) = build(&common, false)?;
             let circuit = relay.with(Protocol::P2pCircuit);
             let id = swarm
                 .listen_on(circuit.clone())
@@ -202,9 +227,16 @@ async fn main() -> anyhow::Result<()> {
             pings,
             timeout_secs,
             listen,
+            try_dcutr,
+            echo_bytes,
             common,
         } => {
-            let mut swarm = build(&common, false)?;
+            let (mut swarm, control, _) = build(&common, false)?;
+            let extra = Extra {
+                dcutr: try_dcutr,
+                echo_bytes,
+                control,
+            };
             let mut unbound = HashMap::new();
             for addr in &listen {
                 let id = swarm
@@ -218,7 +250,7 @@ async fn main() -> anyhow::Result<()> {
             });
             let outcome = tokio::time::timeout(
                 Duration::from_secs(timeout_secs),
-                dial(swarm, unbound, addr, expect, pings),
+                dial(swarm, unbound, addr, expect, pings, extra),
             )
             .await
             .unwrap_or_else(|_| Err(format!("timeout after {timeout_secs}s")));
@@ -243,6 +275,7 @@ async fn dial(
     addr: Multiaddr,
     expect: Option<PeerId>,
     pings: u32,
+    extra: Extra,
 ) -> Result<PeerId, String> {
     // Dial only once the listeners are bound, or the dial picks a random port.
     // A wildcard listener reports loopback and LAN addresses one by one, and
@@ -302,13 +335,107 @@ async fn dial(
                 ..
             })) if Some(peer) == remote => {
                 seen += 1;
-                if seen >= pings {
+                if seen == pings {
+                    if extra.echo_bytes > 0 {
+                        echo(&mut swarm, &extra.control, peer, extra.echo_bytes).await?;
+                    }
+                    if !extra.dcutr {
+                        return Ok(peer);
+                    }
+                    try_dcutr(&mut swarm, &extra.control, peer).await;
+                } else if seen > pings {
+                    // The connection still works after the DCUtR attempt.
                     return Ok(peer);
                 }
             }
             _ => {}
         }
     }
+}
+
+/// What `dial` does after its pings.
+struct Extra {
+    dcutr: bool,
+    echo_bytes: usize,
+    control: relaygate_common::streams::Control,
+}
+
+/// Streams a `lab-node listen` echoes back.
+const ECHO_PROTOCOL: &str = "/relaygate-lab/echo/1";
+
+/// Sends `n` bytes on an echo stream to `peer` while driving the swarm and
+/// checks they come back the same.
+async fn echo(
+    swarm: &mut Swarm<Node>,
+    control: &relaygate_common::streams::Control,
+    peer: PeerId,
+    n: usize,
+) -> Result<(), String> {
+    use futures::{AsyncReadExt, AsyncWriteExt};
+    let data: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+    let started = std::time::Instant::now();
+    let run = async {
+        let s = control
+            .open_stream(peer, libp2p::StreamProtocol::new(ECHO_PROTOCOL))
+            .await
+            .map_err(|e| format!("echo stream: {e}"))?;
+        let (mut r, mut w) = s.split();
+        let send = async {
+            w.write_all(&data).await?;
+            w.close().await
+        };
+        let mut back = Vec::with_capacity(n);
+        let (sent, read) = futures::join!(send, r.read_to_end(&mut back));
+        sent.map_err(|e| format!("echo write: {e}"))?;
+        read.map_err(|e| format!("echo read: {e}"))?;
+        Ok::<Vec<u8>, String>(back)
+    };
+    tokio::pin!(run);
+    let back = loop {
+        tokio::select! {
+            r = &mut run => break r?,
+            ev = swarm.select_next_some() => report(swarm, &ev),
+        }
+    };
+    let same = back == data;
+    emit(
+        json!({"event": "echo", "bytes": n, "same": same, "ms": started.elapsed().as_millis() as u64}),
+    );
+    if same {
+        Ok(())
+    } else {
+        Err(format!(
+            "echo came back different: {} of {n} bytes",
+            back.len()
+        ))
+    }
+}
+
+/// Opens a DCUtR stream to `peer` while driving the swarm, and reports how
+/// it was answered: `refused` (the remote does not take it there), `accepted`,
+/// or `timeout` (a hang).
+async fn try_dcutr(
+    swarm: &mut Swarm<Node>,
+    control: &relaygate_common::streams::Control,
+    peer: PeerId,
+) {
+    let started = std::time::Instant::now();
+    let open = tokio::time::timeout(
+        Duration::from_secs(5),
+        control.open_stream(peer, libp2p::StreamProtocol::new("/libp2p/dcutr")),
+    );
+    tokio::pin!(open);
+    let result = loop {
+        tokio::select! {
+            r = &mut open => break match r {
+                Ok(Ok(_)) => "accepted".to_string(),
+                Ok(Err(e)) => format!("refused: {e}"),
+                Err(_) => "timeout".to_string(),
+            },
+            ev = swarm.select_next_some() => report(swarm, &ev),
+        }
+    };
+    emit(json!({"event": "dcutr", "result": result, "ms": started.elapsed().as_millis() as u64}));
 }
 
 fn is_circuit(addr: &Multiaddr) -> bool {
@@ -338,12 +465,20 @@ fn dial_failure(error: &DialError) -> String {
     }
 }
 
-fn build(common: &Common, deny_private_sources: bool) -> anyhow::Result<Swarm<Node>> {
+type Built = (
+    Swarm<Node>,
+    relaygate_common::streams::Control,
+    tokio::sync::mpsc::Receiver<relaygate_common::streams::Incoming>,
+);
+
+fn build(common: &Common, deny_private_sources: bool) -> anyhow::Result<Built> {
     let key = match common.seed {
         Some(n) => identity::Keypair::ed25519_from_bytes([n; 32]).context("seed key")?,
         None => identity::Keypair::generate_ed25519(),
     };
     let ping_every = Duration::from_millis(common.ping_interval_ms.max(1));
+    let (streams, control, incoming) =
+        relaygate_common::streams::new(vec![libp2p::StreamProtocol::new(ECHO_PROTOCOL)], 64);
     let swarm = SwarmBuilder::with_existing_identity(key)
         .with_tokio()
         .with_tcp(
@@ -355,6 +490,7 @@ fn build(common: &Common, deny_private_sources: bool) -> anyhow::Result<Swarm<No
         .with_relay_client(noise::Config::new, yamux::Config::default)?
         .with_behaviour(|key, relay| Node {
             relay,
+            streams,
             gate: gate::Gate {
                 deny_private_sources,
             },
@@ -367,7 +503,7 @@ fn build(common: &Common, deny_private_sources: bool) -> anyhow::Result<Swarm<No
         // Pings do not keep a connection alive; tests want it to stay.
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(3600)))
         .build();
-    Ok(swarm)
+    Ok((swarm, control, incoming))
 }
 
 /// Prints the JSON line for an event (nothing for uninteresting ones).
@@ -473,6 +609,7 @@ fn report(swarm: &Swarm<Node>, ev: &SwarmEvent<NodeEvent>) {
             }
         }
         SwarmEvent::Behaviour(NodeEvent::Gate(never)) => match *never {},
+        SwarmEvent::Behaviour(NodeEvent::Streams(never)) => match *never {},
         _ => return,
     };
     emit(line);
