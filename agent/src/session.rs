@@ -200,9 +200,16 @@ impl Session {
             .await?;
         // What every gateway answer leased so far, for claims made again.
         let mut leased: Vec<LeaseGrant> = welcome.leases.clone();
+        // Tunnels whose node this gateway took; the others are claimed again
+        // at each recheck (a check that failed for a passing reason, a node
+        // an operator let go).
+        let mut accepted: std::collections::HashSet<relaygate_common::names::TunnelName> =
+            Default::default();
         let probing = self.tunnels.iter().any(|t| t.node_peer_id.is_some());
         let period = self.cfg.node_recheck.max(Duration::from_secs(1));
         let mut recheck = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        // Cancel safe: a timer firing never costs a frame half read.
+        let mut reader = relaygate_common::protocol::ControlReader::default();
         if self.cfg.relay.enabled {
             // Every session reserves afresh: a reservation dies with its connection.
             let relay = dialled.clone().with_p2p(self.gateway).unwrap_or_else(|a| a);
@@ -235,7 +242,7 @@ impl Session {
                 }
             };
             let read = tokio::select! {
-                r = read_control(&mut ctl) => r,
+                r = reader.next(&mut ctl) => r,
                 () = due => {
                     tracing::info!(tunnels = retry.len(), "asking the gateway again for refused tunnels");
                     write_control(&mut ctl, &ControlMessage::Lease { tunnels: retry.clone() }).await?;
@@ -244,16 +251,24 @@ impl Session {
                 }
                 _ = recheck.tick(), if probing => {
                     let now = self.probe_nodes(&nodes).await;
-                    if now != nodes {
-                        let moved: Vec<LeaseGrant> = leased
-                            .iter()
-                            .filter(|g| now.get(&g.name) != nodes.get(&g.name))
-                            .cloned()
-                            .collect();
+                    let moved: Vec<LeaseGrant> = leased
+                        .iter()
+                        .filter(|g| now.get(&g.name) != nodes.get(&g.name))
+                        .cloned()
+                        .collect();
+                    if !moved.is_empty() {
                         nodes = now;
                         self.apply_grants(&welcome, &moved, &dialled, &nodes, true);
-                        self.claim_nodes(&mut ctl, &welcome, &moved, &nodes).await?;
+                        for g in &moved {
+                            accepted.remove(&g.name);
+                        }
                     }
+                    let unclaimed: Vec<LeaseGrant> = leased
+                        .iter()
+                        .filter(|g| !accepted.contains(&g.name))
+                        .cloned()
+                        .collect();
+                    self.claim_nodes(&mut ctl, &welcome, &unclaimed, &nodes).await?;
                     continue;
                 }
                 _ = &mut lost => return Ok("gateway stopped answering keep-alives".into()),
@@ -276,9 +291,21 @@ impl Session {
                 Ok(ControlMessage::NodeVerdict {
                     tunnel,
                     node,
-                    accepted,
+                    accepted: yes,
                     reason,
-                }) => self.node_verdict(&welcome, &dialled, &tunnel, &node, accepted, &reason),
+                }) => {
+                    // A verdict on a node the tunnel no longer has is stale.
+                    let current =
+                        matches!(nodes.get(&tunnel), Some(Ok(n)) if n.to_string() == node);
+                    if current {
+                        if yes {
+                            accepted.insert(tunnel.clone());
+                        } else {
+                            accepted.remove(&tunnel);
+                        }
+                        self.node_verdict(&welcome, &dialled, &tunnel, &node, yes, &reason);
+                    }
+                }
                 Ok(m) => {
                     self.metrics.bad_input("unexpected_message");
                     return Ok(format!("unexpected message {m:?}"));

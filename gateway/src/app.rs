@@ -411,6 +411,8 @@ fn describe(
             .map(ToString::to_string)
             .collect(),
         lane_port: cfg.lane_port(),
+        // Whoever forwards serves the lanes others dial to it (`serve_links`).
+        takes_links: cfg.forwards() && cfg.lane_port().is_some(),
         ready: state.listeners_up(),
         agents: registry.snapshot().into_iter().map(|a| a.peer_id).collect(),
         ports: registry.ports(),

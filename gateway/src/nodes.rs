@@ -67,10 +67,15 @@ impl NodeBook {
     /// Refused with the agent that fronts it already, if another does.
     pub fn claim(&self, node: PeerId, f: Fronted) -> Result<(), PeerId> {
         let mut book = self.lock();
-        if let Some(held) = book.get(&node).filter(|h| h.agent != f.agent) {
-            return Err(held.agent);
+        match book.get(&node) {
+            Some(held) if held.agent != f.agent => return Err(held.agent),
+            // A late check of a session the agent has since replaced.
+            Some(held) if held.session > f.session => return Ok(()),
+            _ => {}
         }
-        book.retain(|n, h| !(h.agent == f.agent && h.tunnel == f.tunnel && *n != node));
+        book.retain(|n, h| {
+            !(h.agent == f.agent && h.tunnel == f.tunnel && *n != node && h.session <= f.session)
+        });
         book.insert(node, f);
         Ok(())
     }

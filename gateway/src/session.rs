@@ -9,8 +9,9 @@ use relaygate_common::{
     lane::LaneCount,
     protocol::DIALBACK_PROTOCOL,
     protocol::{
-        read_control, write_control, ControlMessage, Hello, LeaseGrant, LeaseOutcome, LeaseRefusal,
-        NodeClaim, Refusal, RefusalCode, Welcome, WireError, MAX_TUNNELS_PER_HELLO, WIRE_VERSION,
+        read_control, write_control, ControlMessage, ControlReader, Hello, LeaseGrant,
+        LeaseOutcome, LeaseRefusal, NodeClaim, Refusal, RefusalCode, Welcome, WireError,
+        WIRE_VERSION,
     },
     streams::Incoming,
 };
@@ -253,9 +254,14 @@ impl Sessions {
         let mut n_ports = n_ports;
         // Node claims are checked on tasks of their own; the verdicts come back here.
         let (verdicts, mut verdict) = tokio::sync::mpsc::channel(16);
+        // Cancel safe: a verdict or a fleet change never costs a frame half read.
+        let mut reader = ControlReader::default();
+        let checking: Arc<
+            std::sync::Mutex<std::collections::HashSet<relaygate_common::names::TunnelName>>,
+        > = Arc::default();
         let end = loop {
             let msg = tokio::select! {
-                r = read_control(&mut ctl) => r,
+                r = reader.next(&mut ctl) => r,
                 _ = cancel.cancelled() => break "replaced by a new session".to_string(),
                 Some(v) = verdict.recv() => {
                     if let Err(e) = write_control(&mut ctl, &v).await {
@@ -299,11 +305,19 @@ impl Sessions {
                 Ok(ControlMessage::Nodes { claims }) => {
                     // Paced as a lease request: each claim costs a handshake.
                     tokio::time::sleep(LEASE_RETRY_PACE).await;
-                    for claim in claims.into_iter().take(MAX_TUNNELS_PER_HELLO) {
+                    // One check per tunnel at a time: a claim repeated while
+                    // its check runs gets that check's verdict.
+                    for claim in claims {
+                        if !lock(&checking).insert(claim.tunnel.clone()) {
+                            continue;
+                        }
                         let me = self.clone();
-                        let (tx, cancel) = (verdicts.clone(), cancel.clone());
-                        tokio::spawn(async move {
+                        let (tx, cancel, checking) =
+                            (verdicts.clone(), cancel.clone(), checking.clone());
+                        self.dataplane.tracker.spawn(async move {
+                            let tunnel = claim.tunnel.clone();
                             let v = me.check_claim(peer, id, claim, &cancel).await;
+                            lock(&checking).remove(&tunnel);
                             let _ = tx.send(v).await;
                         });
                     }
@@ -467,4 +481,8 @@ fn describe(grants: &[LeaseGrant]) -> String {
         })
         .collect::<Vec<_>>()
         .join(",")
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }

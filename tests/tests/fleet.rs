@@ -387,3 +387,61 @@ fn gws_sum(gws: &[&Gateway], name: &str) -> f64 {
         .map(|g| metric(&g.metrics(), name).unwrap_or(0.0))
         .sum()
 }
+
+#[test]
+fn a_gateway_without_lanes_is_forwarded_to_on_libp2p_streams() {
+    if !require_etcd("a_gateway_without_lanes_is_forwarded_to_on_libp2p_streams") {
+        return;
+    }
+    let etcd = Etcd::start();
+    let r = range();
+    // Gateway 1 takes no lanes (its record says so): gateway 2 forwards to
+    // it on a libp2p stream instead.
+    let gws = [
+        on_etcd_with(
+            &etcd,
+            HOSTS[0],
+            &r,
+            &["store.etcd.member_ttl=3s", "session.data_path=session"],
+        ),
+        on_etcd_with(&etcd, HOSTS[1], &r, &["store.etcd.member_ttl=3s"]),
+    ];
+    assert!(
+        eventually(Duration::from_secs(10), || gws
+            .iter()
+            .all(|g| fleet(g).len() == 2)),
+        "both gateways see two"
+    );
+    let echo = Echo::start();
+    let agent = echo_agent(
+        &gws[0],
+        &echo,
+        &["--set".into(), "gateway.max_sessions=1".into()],
+    );
+    let port = agent.wait_leased("echo", T).expect("lease");
+    let data: Vec<u8> = (0..100_000u32).map(|i| (i % 239) as u8).collect();
+    assert!(
+        eventually(Duration::from_secs(10), || echo_through(
+            HOSTS[1], port, &data
+        ) == data),
+        "byte-exact through gateway 2's forward"
+    );
+    let m = gws[1].metrics();
+    assert!(
+        metric(
+            &m,
+            "relaygate_gateway_tunnel_paths_total{path=\"fleet_stream\"}"
+        )
+        .unwrap_or(0.0)
+            >= 1.0,
+        "forwarded on a libp2p stream"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "relaygate_gateway_tunnel_paths_total{path=\"fleet_lane\"}"
+        )
+        .unwrap_or(0.0),
+        0.0
+    );
+}

@@ -278,6 +278,44 @@ pub async fn read_control<R: AsyncRead + Unpin>(r: &mut R) -> Result<ControlMess
     decode_control(&body)
 }
 
+/// Reads control frames so that a read can be cancelled (another branch of
+/// a `select!` won) without losing a frame that had partly arrived: what
+/// was read stays here for the next call. At most one frame and one read's
+/// worth are held.
+#[derive(Default)]
+pub struct ControlReader {
+    buf: Vec<u8>,
+}
+
+impl ControlReader {
+    pub async fn next<R: AsyncRead + Unpin>(
+        &mut self,
+        r: &mut R,
+    ) -> Result<ControlMessage, WireError> {
+        loop {
+            let need = match self.buf.get(..4) {
+                Some(head) => {
+                    let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+                    if len > MAX_CONTROL_FRAME {
+                        return Err(WireError::Oversized(len));
+                    }
+                    if self.buf.len() >= 4 + len {
+                        let body: Vec<u8> = self.buf.drain(..4 + len).skip(4).collect();
+                        return decode_control(&body);
+                    }
+                    4 + len - self.buf.len()
+                }
+                None => 4 - self.buf.len(),
+            };
+            self.buf.reserve(need.min(8192));
+            // `read_buf` is cancel safe: cancelled, it read nothing.
+            if r.read_buf(&mut self.buf).await.map_err(map_eof)? == 0 {
+                return Err(WireError::Truncated);
+            }
+        }
+    }
+}
+
 /// Decodes one control frame body. Public for the fuzz target.
 pub fn decode_control(body: &[u8]) -> Result<ControlMessage, WireError> {
     let msg: ControlMessage =

@@ -289,3 +289,37 @@ async fn service_request_round_trips_and_rejects_bad_names() {
         Err(WireError::Truncated)
     ));
 }
+
+#[tokio::test]
+async fn a_control_reader_cancelled_mid_frame_loses_nothing() {
+    let frames = [
+        ControlMessage::Lease { tunnels: vec![] },
+        ControlMessage::Fleet { gateways: vec![] },
+    ];
+    let mut bytes = Vec::new();
+    for f in &frames {
+        write_control(&mut bytes, f).await.unwrap();
+    }
+    let (mut w, mut r) = tokio::io::duplex(64);
+    tokio::spawn(async move {
+        // A byte at a time, slower than the other branch below fires.
+        for b in bytes {
+            w.write_all(&[b]).await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+    });
+    let mut reader = ControlReader::default();
+    let mut got = Vec::new();
+    let mut cancelled = 0;
+    while got.len() < frames.len() {
+        tokio::select! {
+            m = reader.next(&mut r) => got.push(m.unwrap()),
+            () = tokio::time::sleep(std::time::Duration::from_millis(1)) => cancelled += 1,
+        }
+    }
+    assert!(
+        cancelled > 10,
+        "the read was cancelled mid-frame ({cancelled} times)"
+    );
+    assert_eq!(got, frames);
+}

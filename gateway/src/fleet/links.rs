@@ -16,7 +16,15 @@ use relaygate_common::lane::{
 };
 use tokio::net::TcpStream;
 
-const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connect and handshake together; under the forwarder's 5 s to reach a
+/// gateway, so a failed dial is remembered and the connection still falls
+/// back to a libp2p stream in time.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
+/// After a failed dial, forwarded connections to that gateway take libp2p
+/// streams this long before its lane is dialled again: a lane port that does
+/// not answer (TCP closed between the gateways) costs one dial, not one per
+/// connection.
+const RETRY_AFTER: Duration = Duration::from_secs(30);
 
 /// A lane to another gateway: where it listens.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -42,7 +50,14 @@ impl LaneAddr {
 }
 
 /// One gateway's lane, and the lock its dial is made under.
-type Cell = Arc<tokio::sync::Mutex<Option<Arc<Lane>>>>;
+type Cell = Arc<tokio::sync::Mutex<Link>>;
+
+#[derive(Default)]
+struct Link {
+    lane: Option<Arc<Lane>>,
+    /// No dial before this, after one failed.
+    quiet_until: Option<tokio::time::Instant>,
+}
 
 /// The lanes this gateway dialled to the others, one per gateway.
 pub struct Links {
@@ -79,13 +94,26 @@ impl Links {
             .clone();
         let lane = {
             // Connections that arrive during a dial wait for its lane.
-            let mut held = cell.lock().await;
-            match held.as_ref().filter(|l| !l.is_closed()) {
+            let mut link = cell.lock().await;
+            match link.lane.as_ref().filter(|l| !l.is_closed()) {
                 Some(l) => l.clone(),
                 None => {
-                    let l = self.dial(peer, at).await?;
+                    let now = tokio::time::Instant::now();
+                    if link.quiet_until.is_some_and(|t| now < t) {
+                        return Err(LaneError::Closed);
+                    }
+                    let dialled = tokio::time::timeout(DIAL_TIMEOUT, self.dial(peer, at)).await;
+                    let l = match dialled.unwrap_or(Err(LaneError::HandshakeTimeout)) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            tracing::debug!(gateway = %peer, host = %at.host, port = at.port, error = %e, "no lane to a gateway of the fleet; libp2p streams for a while");
+                            link.quiet_until = Some(now + RETRY_AFTER);
+                            return Err(e);
+                        }
+                    };
                     tracing::debug!(gateway = %peer, host = %at.host, port = at.port, "lane to a gateway of the fleet up");
-                    *held = Some(l.clone());
+                    link.lane = Some(l.clone());
+                    link.quiet_until = None;
                     l
                 }
             }
@@ -103,17 +131,12 @@ impl Links {
             .cloned();
         cell.is_some_and(|c| {
             c.try_lock()
-                .is_ok_and(|l| l.as_ref().is_some_and(|l| !l.is_closed()))
+                .is_ok_and(|l| l.lane.as_ref().is_some_and(|l| !l.is_closed()))
         })
     }
 
     async fn dial(&self, peer: PeerId, at: &LaneAddr) -> Result<Arc<Lane>, LaneError> {
-        let tcp = tokio::time::timeout(
-            DIAL_TIMEOUT,
-            TcpStream::connect((at.host.as_str(), at.port)),
-        )
-        .await
-        .map_err(|_| LaneError::HandshakeTimeout)??;
+        let tcp = TcpStream::connect((at.host.as_str(), at.port)).await?;
         let rtt = Some(lane::prepare_socket(&tcp)?);
         let (tcp, keys) = self
             .tls

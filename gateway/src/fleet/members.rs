@@ -26,6 +26,10 @@ pub struct Member {
     /// Where agents dial it (`/p2p/` included).
     pub addresses: Vec<String>,
     pub lane_port: Option<u16>,
+    /// It takes lanes from the other gateways for forwarded connections
+    /// (absent in records of gateways from before: they get libp2p streams).
+    #[serde(default)]
+    pub takes_links: bool,
     pub ready: bool,
     /// Peer ids of the agents it holds a session with.
     pub agents: Vec<String>,
@@ -139,7 +143,10 @@ impl Fleet {
                 let peer = m.peer_id.parse().ok()?;
                 let addrs: Vec<Multiaddr> =
                     m.addresses.iter().filter_map(|a| a.parse().ok()).collect();
-                let lane = LaneAddr::of(&addrs, m.lane_port);
+                let lane = m
+                    .takes_links
+                    .then(|| LaneAddr::of(&addrs, m.lane_port))
+                    .flatten();
                 Some(Holder { peer, addrs, lane })
             })
             .collect()
