@@ -3,9 +3,9 @@
 //! to the local target (optionally announcing the caller's authenticated peer
 //! id in a PROXY v2 header), answers one status byte and splices the bytes.
 
-use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use libp2p::{multiaddr::Protocol, swarm::ConnectionId, Multiaddr, PeerId, Stream};
+use libp2p::{swarm::ConnectionId, Multiaddr, PeerId, Stream};
 use relaygate_common::{
     names::ServiceName,
     protocol::{ServiceRequest, StreamStatus},
@@ -111,7 +111,7 @@ impl Services {
         };
         if svc.proxy_protocol == ServiceProxy::V2 {
             let addrs = (!relayed)
-                .then(|| socket_addr(&remote))
+                .then(|| relaygate_common::proxy_transport::socket_addr_of(&remote))
                 .flatten()
                 .zip(target.peer_addr().ok());
             let header = proxy::encode_v2_for_peer(addrs, &peer);
@@ -159,20 +159,4 @@ impl Services {
             })
             .inc();
     }
-}
-
-/// `/ip4/a.b.c.d/tcp/p` or `/ip4/.../udp/p/quic-v1` -> `a.b.c.d:p`.
-fn socket_addr(addr: &Multiaddr) -> Option<SocketAddr> {
-    let mut ip = None;
-    for p in addr.iter() {
-        match p {
-            Protocol::Ip4(a) => ip = Some(std::net::IpAddr::from(a)),
-            Protocol::Ip6(a) => ip = Some(std::net::IpAddr::from(a)),
-            Protocol::Tcp(port) | Protocol::Udp(port) => {
-                return ip.map(|i| SocketAddr::new(i, port))
-            }
-            _ => {}
-        }
-    }
-    None
 }

@@ -33,9 +33,6 @@ const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
 /// long, then twice as long each time, up to `LEASE_RETRY_MAX`.
 const LEASE_RETRY_FIRST: Duration = Duration::from_secs(2);
 const LEASE_RETRY_MAX: Duration = Duration::from_secs(30);
-/// How long the node may take to answer the identity probe.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
-
 use crate::claims::Nodes;
 
 #[derive(Debug, thiserror::Error)]
@@ -340,66 +337,6 @@ impl Session {
         Err(SessionError::Unreachable(errors.join("; ")))
     }
 
-    /// Each tunnel's node identity for this session: learnt from the node
-    /// (`node_peer_id = "auto"`), or given and checked against the node. A
-    /// node that holds another id than the one given is an error on the
-    /// tunnel (its advertised addresses would not reach it).
-    async fn probe_nodes(&self, previous: &Nodes) -> Nodes {
-        // All at once: a node that does not answer costs the timeout once.
-        let probes = self.tunnels.iter().filter_map(|t| {
-            let wanted = t.node_peer_id?;
-            Some(async move {
-                (
-                    t,
-                    wanted,
-                    crate::probe::node_peer_id(&t.target, PROBE_TIMEOUT).await,
-                )
-            })
-        });
-        let mut nodes = Nodes::new();
-        for (t, wanted, found) in futures::future::join_all(probes).await {
-            match (wanted, found) {
-                (NodeId::Auto, Ok(p)) => {
-                    match previous.get(&t.name) {
-                        Some(Ok(was)) if *was == p => {}
-                        Some(Ok(was)) => {
-                            tracing::warn!(tunnel = %t.name, node = %p, %was, "the node came back with another peer id; advertising and claiming the new one")
-                        }
-                        _ => {
-                            tracing::info!(tunnel = %t.name, node = %p, "learnt the node's peer id")
-                        }
-                    }
-                    nodes.insert(t.name.clone(), Ok(p));
-                }
-                (NodeId::Auto, Err(e)) => match previous.get(&t.name) {
-                    // A node that does not answer for a moment keeps its id.
-                    Some(Ok(was)) => {
-                        nodes.insert(t.name.clone(), Ok(*was));
-                    }
-                    _ => {
-                        tracing::warn!(tunnel = %t.name, error = %e, "cannot learn the node's peer id; advertising without it")
-                    }
-                },
-                (NodeId::Given(id), Ok(p)) if p == id => {
-                    nodes.insert(t.name.clone(), Ok(p));
-                }
-                (NodeId::Given(id), Ok(p)) => {
-                    let why = format!(
-                        "the node at {} holds peer id {p}, not the configured {id}; fix: set node_peer_id={p} (or auto), or point the tunnel at the node that holds {id}",
-                        t.target
-                    );
-                    tracing::error!(tunnel = %t.name, "{why}");
-                    nodes.insert(t.name.clone(), Err(why));
-                }
-                (NodeId::Given(id), Err(e)) => {
-                    tracing::warn!(tunnel = %t.name, error = %e, "cannot check the node's peer id; advertising the configured one");
-                    nodes.insert(t.name.clone(), Ok(id));
-                }
-            }
-        }
-        nodes
-    }
-
     /// Records what the gateway answered for each tunnel (only for the
     /// tunnels `leases` names, when `only_named`), and publishes the result.
     fn apply_grants(
@@ -450,66 +387,6 @@ impl Session {
             self.state.set_grant(self.gateway, &t.name, status);
         }
         publish(&self.state, &self.tunnels, &self.metrics);
-    }
-
-    /// Names the nodes of newly leased tunnels to a gateway that takes claims.
-    async fn claim_nodes<S>(
-        &self,
-        ctl: &mut S,
-        welcome: &relaygate_common::protocol::Welcome,
-        leases: &[LeaseGrant],
-        nodes: &Nodes,
-    ) -> Result<(), WireError>
-    where
-        S: tokio::io::AsyncWrite + Unpin,
-    {
-        if !welcome.node_claims {
-            return Ok(());
-        }
-        let claims = crate::claims::claims(&self.tunnels, nodes, leases);
-        if claims.is_empty() {
-            return Ok(());
-        }
-        write_control(ctl, &ControlMessage::Nodes { claims }).await
-    }
-
-    /// The gateway's verdict on a node claim: an accepted node is advertised
-    /// at its circuit addresses through this gateway.
-    fn node_verdict(
-        &self,
-        welcome: &relaygate_common::protocol::Welcome,
-        dialled: &Multiaddr,
-        tunnel: &relaygate_common::names::TunnelName,
-        node: &str,
-        accepted: bool,
-        reason: &str,
-    ) {
-        let node = match node.parse::<PeerId>() {
-            Ok(n) if accepted => n,
-            Ok(_) => {
-                tracing::warn!(%tunnel, %node, gateway = %self.gateway, %reason, "the gateway refused the node's claim: no circuits to it through this gateway");
-                self.state.set_circuits(self.gateway, tunnel, Vec::new());
-                publish(&self.state, &self.tunnels, &self.metrics);
-                return;
-            }
-            Err(_) => {
-                self.metrics.bad_input("node_verdict");
-                return;
-            }
-        };
-        let hosts = advertise::hosts(&welcome.fleet_hosts, &welcome.public_hosts, dialled);
-        let addrs: Vec<String> = crate::claims::circuit_addrs(&hosts, dialled, self.gateway, node)
-            .iter()
-            .map(|a| a.to_string())
-            .collect();
-        let circuit = addrs.join(",");
-        self.state.set_circuits(self.gateway, tunnel, addrs);
-        // Logged once published: the file and the admin API say the same.
-        publish(&self.state, &self.tunnels, &self.metrics);
-        tracing::info!(
-            %tunnel, %node, gateway = %self.gateway, %circuit,
-            "node reachable by its own peer id through the gateway's relay"
-        );
     }
 
     /// Passes on the fleet's gateways as this gateway names them.

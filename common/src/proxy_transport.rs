@@ -250,6 +250,22 @@ pub fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
     })
 }
 
+/// `/ip4/a.b.c.d/tcp/p` or `/ip4/.../udp/p/quic-v1` -> `a.b.c.d:p`.
+pub fn socket_addr_of(addr: &Multiaddr) -> Option<std::net::SocketAddr> {
+    let mut ip = None;
+    for p in addr.iter() {
+        match p {
+            Protocol::Ip4(a) => ip = Some(IpAddr::from(a)),
+            Protocol::Ip6(a) => ip = Some(IpAddr::from(a)),
+            Protocol::Tcp(port) | Protocol::Udp(port) => {
+                return ip.map(|i| std::net::SocketAddr::new(i, port))
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
 /// Hands a lane's connection over; a full queue drops it (the agent retries).
 async fn divert(
     acceptor: &ProxyAcceptor,

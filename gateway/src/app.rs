@@ -241,7 +241,8 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     if let Some(f) = &forwarder {
         tokio::spawn(f.clone().run());
         let (to, from) = mpsc::channel(16);
-        lanes.take_fleet_lanes(fleet.clone(), to);
+        let members = fleet.clone();
+        lanes.take_fleet_lanes(Arc::new(move |p| members.is_member(p)), to);
         tokio::spawn(f.clone().serve_links(from));
     }
     let hop = Arc::new(Hop {

@@ -324,7 +324,7 @@ impl Hop {
                 .deny_circuit(&mut stream, Status::ConnectionFailed)
                 .await;
         };
-        let Some(source) = socket_addr(&addr) else {
+        let Some(source) = relaygate_common::proxy_transport::socket_addr_of(&addr) else {
             return self
                 .deny_circuit(&mut stream, Status::ConnectionFailed)
                 .await;
@@ -457,14 +457,4 @@ impl Hop {
         let _ = write_message(stream, &HopMessage::answer(status)).await;
         let _ = futures::AsyncWriteExt::close(stream).await;
     }
-}
-
-/// The IP address and port a connection came from, out of its multiaddr.
-fn socket_addr(addr: &Multiaddr) -> Option<std::net::SocketAddr> {
-    let ip = crate::gate::ip_of(addr)?;
-    let port = addr.iter().find_map(|p| match p {
-        Protocol::Tcp(port) | Protocol::Udp(port) => Some(port),
-        _ => None,
-    })?;
-    Some(std::net::SocketAddr::new(ip, port))
 }

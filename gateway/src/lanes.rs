@@ -25,7 +25,6 @@ use relaygate_common::{
 use tokio::sync::mpsc;
 
 use crate::{
-    fleet::members::Fleet,
     guard::{Action, Guard},
     metrics::Metrics,
     registry::AgentRegistry,
@@ -56,8 +55,11 @@ pub struct Lanes {
     /// Numbers lane connections in the order they arrive.
     arrivals: std::sync::atomic::AtomicU64,
     /// Where lanes from the fleet's other gateways go (set when forwarding is on).
-    links: std::sync::OnceLock<(Arc<Fleet>, mpsc::Sender<FleetLane>)>,
+    links: std::sync::OnceLock<(IsMember, mpsc::Sender<FleetLane>)>,
 }
+
+/// Whether a peer is another gateway of the fleet (the fleet's view answers).
+pub type IsMember = Arc<dyn Fn(&PeerId) -> bool + Send + Sync>;
 
 /// A lane another gateway of the fleet dialled, and who it is.
 pub type FleetLane = (PeerId, Arc<Lane>);
@@ -87,9 +89,9 @@ impl Lanes {
         })
     }
 
-    /// Lanes from members of `fleet` are sent to `to` (the forwarder).
-    pub fn take_fleet_lanes(&self, fleet: Arc<Fleet>, to: mpsc::Sender<FleetLane>) {
-        let _ = self.links.set((fleet, to));
+    /// Lanes from peers `is_member` names are sent to `to` (the forwarder).
+    pub fn take_fleet_lanes(&self, is_member: IsMember, to: mpsc::Sender<FleetLane>) {
+        let _ = self.links.set((is_member, to));
     }
 
     /// The agent's lane with the fewest open streams, while one is up.
@@ -148,7 +150,7 @@ impl Lanes {
         };
         // Only an agent with a session gets a lane, and the lane ends with it.
         let Some(session) = self.registry.cancel_token(&peer) else {
-            if let Some((_, to)) = self.links.get().filter(|(f, _)| f.is_member(&peer)) {
+            if let Some((_, to)) = self.links.get().filter(|(is_member, _)| is_member(&peer)) {
                 let link = LaneLink {
                     budget: self.budget(peer),
                     rtt,
