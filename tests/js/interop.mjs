@@ -352,10 +352,6 @@ async function runReserve (relay, { timeoutMs, ignoreStdin }) {
       })
     })
 
-    const onSignal = () => { void shutdown(node, 0) }
-    process.once('SIGTERM', onSignal)
-    process.once('SIGINT', onSignal)
-
     emit({ event: 'peer', peer: node.peerId.toString() })
 
     // Listening on "<relay>/p2p-circuit" makes node.start() dial the relay and
@@ -377,15 +373,7 @@ async function runReserve (relay, { timeoutMs, ignoreStdin }) {
     emit({ event: 'reserved', addrs })
 
     stage = 'serve'
-    if (!ignoreStdin && stdinIsControlChannel()) {
-      process.stdin.on('end', () => { void shutdown(node, 0) })
-      process.stdin.on('close', () => { void shutdown(node, 0) })
-      process.stdin.on('error', () => { void shutdown(node, 0) })
-      process.stdin.resume()
-    } else {
-      // keep the event loop alive until a signal arrives
-      setInterval(() => {}, 1 << 30)
-    }
+    serveUntilGone(node, ignoreStdin)
   } catch (err) {
     emitError(stage, err)
     await shutdown(node, 1)

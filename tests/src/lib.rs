@@ -5,6 +5,7 @@ pub mod etcd; // a real etcd with its own data dir, for the lease store
 pub mod fleetkit; // gateways of a fleet on a test etcd: start them, reach through them, read their view
 pub mod load; // open-files limit, /proc figures, async echo, many held connections
 pub mod netlab; // network namespaces: an internet, NAT routers, hosts, faults
+pub mod nodes; // plain libp2p nodes: a rust lab-node on loopback, the js-libp2p harness
 pub mod procs; // child processes: workspace binaries, captured logs, kill on drop
 pub mod rawpeer; // a bare libp2p peer that sends the gateway hand-made (also malformed) input
 pub mod stack; // gateway, agents and targets wired together on free ports

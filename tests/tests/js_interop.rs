@@ -3,11 +3,7 @@
 //! and its connection is not marked limited; a js node that is not a member
 //! cannot reserve.
 
-use std::{
-    path::PathBuf,
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{process::Command, time::Duration};
 
 use relaygate_tests::{
     procs::Proc,
@@ -15,36 +11,9 @@ use relaygate_tests::{
 };
 use serde_json::Value;
 
-fn js_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("js")
-}
-
-/// True when node and the harness's packages are installed. Otherwise prints
-/// a loud skip line, and under `CI=true` fails: CI must run this test.
-fn require_js(test: &str) -> bool {
-    let node = Command::new("node")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    let modules = js_dir().join("node_modules").join("libp2p").exists();
-    if node && modules {
-        return true;
-    }
-    let msg = format!(
-        "!!! SKIPPED {test}: needs node and `npm ci --prefix tests/js` (node: {node}, packages: {modules}) !!!"
-    );
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{msg} (CI=true, and a skipped test must fail CI)");
-    }
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "{msg}");
-    false
-}
-
 fn js(args: &[&str]) -> Proc {
     let mut cmd = Command::new("node");
-    cmd.arg(js_dir().join("interop.mjs")).args(args);
+    cmd.arg(relaygate_tests::nodes::interop()).args(args);
     // Proc kills it when dropped, so a failing test leaves no node behind.
     Proc::spawn("js", cmd)
 }
@@ -55,7 +24,7 @@ fn json(line: &str) -> Value {
 
 #[test]
 fn js_libp2p_reaches_an_agent_through_the_relay_unlimited() {
-    if !require_js("js_libp2p_reaches_an_agent_through_the_relay_unlimited") {
+    if !relaygate_tests::nodes::js_ready("js_libp2p_reaches_an_agent_through_the_relay_unlimited") {
         return;
     }
     let gw = Gateway::start(&here, GatewaySpec::default());

@@ -7,14 +7,11 @@
 //! a 1 MB stream echoed byte-exact, no Limit; each node sees the dialer's real address, and the rust node's
 //! private-address gater lets it in.
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-    time::Duration,
-};
+use std::{path::Path, time::Duration};
 
 use relaygate_tests::{
     netlab::{require_root, Host, Lab, Nat},
+    nodes::{interop, js_ready},
     procs::Proc,
     stack::{seed_peer_id, Agent, Gateway, GatewaySpec, Transport},
 };
@@ -25,31 +22,6 @@ const T: Duration = Duration::from_secs(40);
 
 fn json(line: &str) -> Value {
     serde_json::from_str(line.trim()).unwrap_or(Value::Null)
-}
-
-fn interop() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("js/interop.mjs")
-}
-
-/// True when node and the js harness are installed; otherwise a loud skip
-/// line, and under `CI=true` a failure.
-fn require_js(test: &str) -> bool {
-    let modules = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("js/node_modules/libp2p")
-        .exists();
-    let node = Command::new("node")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if node && modules {
-        return true;
-    }
-    let msg = format!("!!! SKIPPED {test}: needs node and `npm ci --prefix tests/js` !!!");
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{msg} (CI=true, and a skipped test must fail CI)");
-    }
-    eprintln!("{msg}");
-    false
 }
 
 /// A rust-libp2p dialer on `host`; its lines, and whether it finished.
@@ -91,7 +63,7 @@ fn event<'a>(lines: &'a [String], event: &str, peer: &str) -> Option<&'a String>
 #[test]
 fn rust_and_js_nodes_behind_a_nat_are_reached_by_their_own_peer_ids() {
     let name = "rust_and_js_nodes_behind_a_nat_are_reached_by_their_own_peer_ids";
-    if !require_root(name) || !require_js(name) {
+    if !require_root(name) || !js_ready(name) {
         return;
     }
     let lab = Lab::new("nc").expect("lab");

@@ -26,18 +26,10 @@ fn node(seed: u8) -> (Proc, u16) {
 }
 
 fn node_on(seed: u8, port: u16) -> (Proc, u16) {
-    let mut cmd = std::process::Command::new(LAB_NODE);
-    cmd.args([
-        "listen",
-        "--listen",
-        &format!("/ip4/127.0.0.1/tcp/{port}"),
-        "--seed",
-        &seed.to_string(),
-    ]);
-    let p = Proc::spawn("node", cmd);
-    p.wait_for(|l| l.contains("\"listening\""), T)
-        .expect("node up");
-    (p, port)
+    (
+        relaygate_tests::nodes::rust_node(LAB_NODE, seed, port),
+        port,
+    )
 }
 
 /// Dials `addr` with a rust-libp2p node; its output lines and whether it succeeded.
@@ -189,10 +181,14 @@ fn a_node_is_reachable_by_its_own_peer_id_through_the_gateways_relay() {
     );
 
     // A js-libp2p dialer too: a full connection to the node, not a limited one.
-    if js_ready() {
+    if relaygate_tests::nodes::js_ready("the js-libp2p dialer of node_circuits") {
         let mut js = std::process::Command::new("node");
-        js.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/js/interop.mjs"))
-            .args(["dial", &circuit(&gw, &id), "--pings", "2"]);
+        js.arg(relaygate_tests::nodes::interop()).args([
+            "dial",
+            &circuit(&gw, &id),
+            "--pings",
+            "2",
+        ]);
         let mut js = Proc::spawn("js", js);
         let ok = js
             .wait_exit(Duration::from_secs(40))
@@ -267,30 +263,6 @@ fn a_node_is_reachable_by_its_own_peer_id_through_the_gateways_relay() {
 
 fn agent_id(agent: &Agent) -> String {
     relaygate_tests::stack::agent_peer_id(Path::new(agent.dir.path()))
-}
-
-/// node and the js harness installed; a loud skip line otherwise, and a
-/// failure under `CI=true`.
-fn js_ready() -> bool {
-    let modules = Path::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/js/node_modules/libp2p"
-    ))
-    .exists();
-    let node = std::process::Command::new("node")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if node && modules {
-        return true;
-    }
-    let msg = "!!! SKIPPED the js-libp2p dialer of node_circuits: needs node and `npm ci --prefix tests/js` !!!";
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "{msg} (CI=true, and a skipped test must fail CI)"
-    );
-    eprintln!("{msg}");
-    false
 }
 
 /// Forwards connections on a port of its own to `to`, except the first,

@@ -16,18 +16,10 @@ const T: Duration = Duration::from_secs(20);
 /// A rust-libp2p node (Noise + yamux over TCP) with the identity of `seed`.
 fn node(seed: u8) -> (Proc, u16) {
     let port = free_tcp_port();
-    let mut cmd = std::process::Command::new(LAB_NODE);
-    cmd.args([
-        "listen",
-        "--listen",
-        &format!("/ip4/127.0.0.1/tcp/{port}"),
-        "--seed",
-        &seed.to_string(),
-    ]);
-    let p = Proc::spawn("node", cmd);
-    p.wait_for(|l| l.contains("\"listening\""), T)
-        .expect("node up");
-    (p, port)
+    (
+        relaygate_tests::nodes::rust_node(LAB_NODE, seed, port),
+        port,
+    )
 }
 
 #[test]
