@@ -7,6 +7,7 @@ use libp2p::PeerId;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use relaygate_common::lane::{self, LaneStream};
+use relaygate_common::meter::Tally;
 use relaygate_common::transport::DataPath;
 use relaygate_common::{
     metrics::{Side, SideLabels},
@@ -121,8 +122,8 @@ impl Tunnels {
         if let Err(e) = lane::splice(
             stream,
             &mut d.target,
-            bytes_in,
-            bytes_out,
+            Tally::new(bytes_in),
+            Tally::new(bytes_out),
             idle,
             |_| Ok(true),
             async |_| Ok(()),

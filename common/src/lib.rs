@@ -11,6 +11,7 @@ pub mod files; // files written whole or not at all (temp file, sync, rename)
 pub mod identity; // libp2p identity key files: create 0600, load protobuf or hex
 pub mod idle; // idle timeouts for spliced connections
 pub mod lane; // the tunnel data path: a few TLS connections per agent, multiplexed streams
+pub mod meter; // per-direction byte accounting of a copy loop, and its pacer (bandwidth caps)
 pub mod metrics; // label sets shared by both binaries' Prometheus metrics
 pub mod names; // typed values: TunnelName, LeasePort, PortRange, Secret
 pub mod nofile; // open-files limit: raise at start, warn with the number to set

@@ -10,6 +10,8 @@
 use std::io;
 
 use prometheus_client::metrics::counter::Counter;
+
+use crate::meter::Tally;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Per-direction buffer. Large enough for loopback throughput, small enough
@@ -49,8 +51,8 @@ where
     let (sr, sw) = tokio::io::split(stream);
     let (rr, rw) = tokio::io::split(raw);
     let (x, y) = tokio::try_join!(
-        frames_to_raw(sr, rw, from_stream),
-        raw_to_frames(rr, sw, to_stream)
+        frames_to_raw(sr, rw, Tally::new(from_stream)),
+        raw_to_frames(rr, sw, Tally::new(to_stream))
     )?;
     Ok(Moved {
         a_to_b: x,
@@ -81,7 +83,7 @@ where
 
 /// Reads a raw connection and writes it as frames. EOF sends `END`, a read
 /// error sends `RESET`; both then close the stream's write half.
-pub async fn raw_to_frames<R, W>(mut r: R, mut w: W, counter: &Counter) -> io::Result<u64>
+pub async fn raw_to_frames<R, W>(mut r: R, mut w: W, tally: Tally<'_>) -> io::Result<u64>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -98,9 +100,9 @@ where
             Ok(n) => {
                 buf[0] = DATA;
                 buf[1..3].copy_from_slice(&(n as u16).to_be_bytes());
+                tally.pass(n).await;
                 w.write_all(&buf[..3 + n]).await?;
                 w.flush().await?;
-                counter.inc_by(n as u64);
                 total += n as u64;
             }
             Err(e) => {
@@ -115,7 +117,7 @@ where
 /// Copies a raw connection to another in chunks of up to `RAW_BUF`,
 /// counting the bytes; EOF shuts the writer down. For a stream that carries
 /// its own end and reset (a lane stream), where frames would be overhead.
-pub async fn raw_counted<R, W>(mut r: R, mut w: W, counter: &Counter) -> io::Result<u64>
+pub async fn raw_counted<R, W>(mut r: R, mut w: W, tally: Tally<'_>) -> io::Result<u64>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -128,9 +130,9 @@ where
             w.shutdown().await?;
             return Ok(total);
         }
+        tally.pass(n).await;
         w.write_all(&buf[..n]).await?;
         w.flush().await?;
-        counter.inc_by(n as u64);
         total += n as u64;
     }
 }
@@ -148,7 +150,7 @@ pub async fn write_frames<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> io:
 /// Reads frames and writes their payload to a raw connection. `END` shuts the
 /// raw write half down; `RESET`, a malformed frame, or a stream that ends
 /// without `END` is an error, so the caller resets the raw connection.
-pub async fn frames_to_raw<R, W>(mut r: R, mut w: W, counter: &Counter) -> io::Result<u64>
+pub async fn frames_to_raw<R, W>(mut r: R, mut w: W, tally: Tally<'_>) -> io::Result<u64>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -172,9 +174,9 @@ where
         match head[0] {
             DATA if len <= MAX_FRAME => {
                 r.read_exact(&mut buf[..len]).await?;
+                tally.pass(len).await;
                 w.write_all(&buf[..len]).await?;
                 w.flush().await?;
-                counter.inc_by(len as u64);
                 total += len as u64;
             }
             END => {
@@ -263,24 +265,28 @@ mod tests {
         let c = Counter::default();
         let mut framed = Vec::new();
         write_frames(&mut framed, b"pre").await.unwrap();
-        raw_to_frames(&b"hello world"[..], &mut framed, &c)
+        raw_to_frames(&b"hello world"[..], &mut framed, Tally::new(&c))
             .await
             .unwrap();
         let mut out = Vec::new();
-        let n = frames_to_raw(&framed[..], &mut out, &c).await.unwrap();
+        let n = frames_to_raw(&framed[..], &mut out, Tally::new(&c))
+            .await
+            .unwrap();
         assert_eq!((n, out.as_slice()), (14, &b"prehello world"[..]));
         // a stream that just stops is a reset, not a clean end
         let cut = &framed[..framed.len() - 3];
-        assert!(frames_to_raw(cut, &mut Vec::new(), &c).await.is_err());
-        let e = frames_to_raw(&[RESET, 0, 0][..], &mut Vec::new(), &c)
+        assert!(frames_to_raw(cut, &mut Vec::new(), Tally::new(&c))
+            .await
+            .is_err());
+        let e = frames_to_raw(&[RESET, 0, 0][..], &mut Vec::new(), Tally::new(&c))
             .await
             .unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
-        let e = frames_to_raw(&[DATA, 0xff, 0xff][..], &mut Vec::new(), &c)
+        let e = frames_to_raw(&[DATA, 0xff, 0xff][..], &mut Vec::new(), Tally::new(&c))
             .await
             .unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidData, "oversized frame");
-        let e = frames_to_raw(&[9, 0, 0][..], &mut Vec::new(), &c)
+        let e = frames_to_raw(&[9, 0, 0][..], &mut Vec::new(), Tally::new(&c))
             .await
             .unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidData, "unknown kind");

@@ -12,6 +12,7 @@ use libp2p::{swarm::ConnectionId, PeerId};
 use prometheus_client::metrics::counter::Counter;
 use relaygate_common::{
     lane::{self, LaneStream},
+    meter::Tally,
     metrics::Side,
     protocol::{StreamHeader, StreamStatus},
     proxy::{self, Spoof, SpoofCheck},
@@ -334,8 +335,8 @@ impl Connection {
         lane::splice(
             stream,
             &mut self.tcp,
-            &self.stats.bytes_out,
-            &self.stats.bytes_in,
+            Tally::new(&self.stats.bytes_out),
+            Tally::new(&self.stats.bytes_in),
             self.dp.idle_timeout,
             first,
             // The client's first bytes go out with the open; the agent holds

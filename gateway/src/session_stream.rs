@@ -10,6 +10,7 @@ use libp2p::{swarm::ConnectionId, PeerId};
 use relaygate_common::{
     idle::{Activity, Watched},
     lane::LaneStream,
+    meter::Tally,
     protocol::{StreamHeader, TUNNEL_PROTOCOL},
     proxy::SpoofCheck,
     splice::{frames_to_raw, raw_counted, raw_to_frames, write_frames},
@@ -109,12 +110,7 @@ impl Framing {
         }
     }
 
-    async fn up<R, W>(
-        self,
-        r: R,
-        w: W,
-        counter: &prometheus_client::metrics::counter::Counter,
-    ) -> io::Result<u64>
+    async fn up<R, W>(self, r: R, w: W, counter: Tally<'_>) -> io::Result<u64>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
@@ -125,12 +121,7 @@ impl Framing {
         }
     }
 
-    async fn down<R, W>(
-        self,
-        r: R,
-        w: W,
-        counter: &prometheus_client::metrics::counter::Counter,
-    ) -> io::Result<u64>
+    async fn down<R, W>(self, r: R, w: W, counter: Tally<'_>) -> io::Result<u64>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
@@ -189,17 +180,17 @@ where
         while !done {
             let n = tr.read(&mut first).await?;
             if n == 0 {
-                return framing.up(&b""[..], sw, bytes_in).await;
+                return framing.up(&b""[..], sw, Tally::new(bytes_in)).await;
             }
             done = check_spoof(&mut check, &first[..n], metrics)?;
             framing.put(&mut sw, &first[..n]).await?;
             bytes_in.inc_by(n as u64);
         }
-        framing.up(tr, sw, bytes_in).await
+        framing.up(tr, sw, Tally::new(bytes_in)).await
     };
     let down = async move {
         agent_status(&mut sr, metrics).await?;
-        framing.down(sr, &mut tw, bytes_out).await
+        framing.down(sr, &mut tw, Tally::new(bytes_out)).await
     };
     let idle = dp.idle_timeout;
     tokio::select! {

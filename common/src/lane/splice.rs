@@ -10,14 +10,13 @@ use std::{
 };
 
 use bytes::BufMut;
-use prometheus_client::metrics::counter::Counter;
 use tokio::{io::AsyncWriteExt, net::TcpStream};
 
 use super::{
     gather::{write_all_vectored, MAX_BATCH},
     LaneReader, LaneStream, Recv, MAX_PAYLOAD, PAYLOAD_OFFSET,
 };
-use crate::{idle::Activity, splice::Moved};
+use crate::{idle::Activity, meter::Tally, splice::Moved};
 
 const MIN_READ: usize = 4096;
 
@@ -33,8 +32,8 @@ const MIN_READ: usize = 4096;
 pub async fn splice(
     stream: LaneStream,
     tcp: &mut TcpStream,
-    from_lane: &Counter,
-    to_lane: &Counter,
+    from_lane: Tally<'_>,
+    to_lane: Tally<'_>,
     idle: Duration,
     first: impl FnMut(&[u8]) -> io::Result<bool>,
     answer: impl AsyncFnOnce(&mut LaneReader) -> io::Result<()>,
@@ -80,7 +79,8 @@ pub async fn splice(
                         size
                     };
                     activity.touch();
-                    to_lane.inc_by(n as u64);
+                    // A cap holds the bytes here, and TCP pushes back on the client.
+                    to_lane.pass(n).await;
                     total += n as u64;
                     lw.send(buf).await?;
                 }
@@ -117,6 +117,9 @@ pub async fn splice(
                     None => break,
                 }
             }
+            let len = first.len() + more.iter().map(|b| b.len()).sum::<usize>();
+            // A cap holds the bytes here; the lane's window then stops the agent.
+            from_lane.pass(len).await;
             let n = if more.is_empty() {
                 // Not kept across the write: an idle task stays small.
                 drop(more);
@@ -129,7 +132,6 @@ pub async fn splice(
                 Box::pin(write_all_vectored(&mut tw, &mut more)).await?
             };
             activity.touch();
-            from_lane.inc_by(n);
             total += n;
             match last {
                 None => {}

@@ -6,16 +6,14 @@ use std::{net::IpAddr, path::PathBuf, time::Duration};
 use ipnet::IpNet;
 use libp2p::{Multiaddr, PeerId};
 use relaygate_common::{
-    admin::AdminConfig,
-    identity::IdentityConfig,
-    names::{LeasePort, PortRange, Secret},
-    telemetry::LogConfig,
+    admin::AdminConfig, identity::IdentityConfig, names::Secret, telemetry::LogConfig,
     transport::SessionTuning,
 };
 use serde::{Deserialize, Serialize};
 
 pub mod fleet;
 pub mod guard;
+pub mod leases;
 pub mod store;
 
 /// Default admin API address of the gateway.
@@ -33,7 +31,7 @@ pub struct GatewayConfig {
     pub advertise: Vec<Multiaddr>,
     pub identity: IdentityConfig,
     pub admission: AdmissionConfig,
-    pub leases: LeaseConfig,
+    pub leases: leases::LeaseConfig,
     /// Where leases are kept: embedded (one gateway) or etcd (a fleet).
     pub store: store::StoreConfig,
     /// With `store.kind = "etcd"`: the fleet's shared name, and forwarding.
@@ -253,33 +251,6 @@ impl Default for AutonatConfig {
     }
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct LeaseConfig {
-    /// Address the leased public ports bind to.
-    pub bind: IpAddr,
-    /// Ports handed out when a tunnel names none.
-    pub port_range: PortRange,
-    /// Further ports a tunnel may ask for by number (e.g. `9905`, `4001-4010`).
-    pub allowed_ports: Vec<PortRange>,
-    /// Most tunnels one agent may hold.
-    pub max_tunnels_per_agent: usize,
-}
-
-impl Default for LeaseConfig {
-    fn default() -> Self {
-        Self {
-            bind: IpAddr::from([0, 0, 0, 0]),
-            port_range: PortRange {
-                low: LeasePort::new(20000).unwrap_or(LeasePort::MIN),
-                high: LeasePort::new(20999).unwrap_or(LeasePort::MIN),
-            },
-            allowed_ports: Vec::new(),
-            max_tunnels_per_agent: 16,
-        }
-    }
-}
-
 impl Default for GatewayConfig {
     fn default() -> Self {
         Self {
@@ -291,7 +262,7 @@ impl Default for GatewayConfig {
             advertise: Vec::new(),
             identity: IdentityConfig::default(),
             admission: AdmissionConfig::default(),
-            leases: LeaseConfig::default(),
+            leases: leases::LeaseConfig::default(),
             store: store::StoreConfig::default(),
             fleet: fleet::FleetConfig::default(),
             proxy_protocol: ProxyPolicy::default(),

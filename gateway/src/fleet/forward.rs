@@ -16,6 +16,7 @@ use libp2p::{Multiaddr, PeerId, Stream};
 use prometheus_client::metrics::counter::Counter;
 use relaygate_common::{
     lane::{self, LaneStream},
+    meter::Tally,
     metrics::ReasonLabels,
     protocol::{read_control, write_control, ControlMessage, FORWARD_PROTOCOL},
     proxy,
@@ -199,8 +200,8 @@ impl Forwarder {
                 lane::splice(
                     stream,
                     tcp,
-                    &down,
-                    &up,
+                    Tally::new(&down),
+                    Tally::new(&up),
                     dp.idle_timeout,
                     |_| Ok(true),
                     async |_| Ok(()),
