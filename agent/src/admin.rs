@@ -43,5 +43,6 @@ pub fn router(state: AdminState) -> Router {
             "/v1/peers",
             get(|State(s): State<AdminState>| async move { Json(s.paths.snapshot()) }),
         )
+        .merge(relaygate_common::admin_ui::routes())
         .with_state(state)
 }

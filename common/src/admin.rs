@@ -277,7 +277,8 @@ async fn require_token(State(auth): State<AdminAuth>, req: Request, next: Next) 
         }
         return next.run(req).await;
     };
-    if auth.open_paths.iter().any(|p| p == req.uri().path()) {
+    let path = req.uri().path();
+    if auth.open_paths.iter().any(|p| p == path) || crate::admin_ui::is_asset(path) {
         return next.run(req).await;
     }
     let presented = req

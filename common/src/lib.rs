@@ -4,6 +4,7 @@
 //! that both binaries would otherwise write twice.
 
 pub mod admin; // admin HTTP listener: loopback default, bearer token, health + metrics routes
+pub mod admin_ui; // the console: dashboard assets built in, and its live event stream
 pub mod circuit; // circuit relay v2 wire format: hop/stop messages, voucher, framing
 pub mod clock; // Unix seconds, as the admin API and etcd records carry them
 pub mod config; // layered config loading (embedded defaults, TOML file, env, --set) and secrets

@@ -283,6 +283,7 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         disconnect: host.clone(),
         fleet: fleet.clone(),
         nodes: nodes.clone(),
+        leases: leases.clone(),
     };
     let (admin_addr, admin_task) = relaygate_common::admin::serve(
         admin_listen,

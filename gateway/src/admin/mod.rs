@@ -16,6 +16,7 @@ use crate::{
     fleet::members::Fleet,
     guard::{BanRequest, BanSource, BanTarget, Guard},
     host::{HostHandle, HostState},
+    lease::Leases,
     metrics::Metrics,
     nodes::NodeBook,
     registry::AgentRegistry,
@@ -33,6 +34,8 @@ pub struct AdminState {
     pub fleet: Arc<Fleet>,
     /// Which agent fronts which node id.
     pub nodes: Arc<NodeBook>,
+    /// Which tunnel holds which public port.
+    pub leases: Arc<Leases>,
 }
 
 #[derive(Deserialize)]
@@ -98,6 +101,7 @@ pub fn router(state: AdminState) -> Router {
             "/v1/fleet",
             get(|State(s): State<AdminState>| async move { Json(s.fleet.view()) }),
         )
+        .merge(relaygate_common::admin_ui::routes())
         .with_state(state)
 }
 
