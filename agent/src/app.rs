@@ -1,7 +1,10 @@
 //! Wiring: identity, host, session, tunnel streams and admin API; drains open
 //! connections on SIGINT/SIGTERM.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use anyhow::Context;
 use libp2p::identity::Keypair;
@@ -18,6 +21,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     admin,
     config::{AgentConfig, TunnelConfig},
+    console::Console,
     deliver::DeliveryMode,
     fleet::FleetSessions,
     gateways::Gateways,
@@ -48,6 +52,7 @@ fn load_token(cfg: &AgentConfig) -> anyhow::Result<Option<Secret>> {
 }
 
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    let started = Instant::now();
     let key = load_identity(&cfg)?;
     let token = load_token(&cfg)?;
     let metrics = Arc::new(Metrics::new());
@@ -186,6 +191,14 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             metrics: metrics.clone(),
             state: state.clone(),
             paths: host.paths.clone(),
+            console: Arc::new(Console::new(
+                host.peer_id,
+                started,
+                state.clone(),
+                host.paths.clone(),
+                cfg.clone(),
+                key.clone(),
+            )),
         }),
         admin_auth,
         stop_admin.clone(),

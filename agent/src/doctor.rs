@@ -3,37 +3,142 @@
 //! the fleet, a dial-back from each gateway to every leased port (through its
 //! forward where it holds no session), the advertised addresses, and the
 //! transparent-delivery rules.
+//!
+//! The same checks run two ways. The CLI (another process) reads the agent
+//! through its admin API, prints each verdict as it comes, and hands its
+//! report to the running agent (`PUT /v1/doctor`). `POST /v1/doctor` runs them
+//! inside the agent, reading its state directly. Either way the agent keeps
+//! the last [`DoctorReport`] for its console.
 
-use std::time::{Duration, Instant};
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
 
 use futures::StreamExt;
 use libp2p::{
+    identity::Keypair,
     multiaddr::Protocol,
     swarm::{dial_opts::DialOpts, dial_opts::PeerCondition, SwarmEvent},
     Multiaddr, PeerId,
 };
 use relaygate_common::{
+    admin::AdminConfig,
     names::LeasePort,
     protocol::{read_control, write_control, ControlMessage, DIALBACK_PROTOCOL, WIRE_VERSION},
     streams, transport,
 };
-use serde::Deserialize;
-use tokio_util::compat::FuturesAsyncReadCompatExt;
+use serde::{Deserialize, Serialize};
+use tokio_util::{compat::FuturesAsyncReadCompatExt, task::AbortOnDropHandle};
 
-use crate::{app::load_identity, config::AgentConfig, deliver::DeliveryMode, transparent};
+use crate::{
+    app::load_identity, config::AgentConfig, deliver::DeliveryMode, state::AgentState, transparent,
+};
 
+/// Longest an in-process run may take. A run is usually over in a second or
+/// two; its worst case is a dial timeout per unreachable gateway address and
+/// 10 s per dial-back that gets no answer.
+pub const IN_PROCESS_LIMIT: Duration = Duration::from_secs(45);
+
+/// One check's verdict.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Check {
+    /// What was checked, in a word or two (`session`, `lease`, `gateway`,
+    /// `dial-back`, `advertise`, ...).
+    pub name: String,
+    pub ok: bool,
+    /// What was found; for a failure, followed by `; fix: ` and what to do.
+    pub detail: String,
+}
+
+/// A whole run: every check, and the verdict.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DoctorReport {
+    /// When the run ended, in seconds since the UNIX epoch.
+    pub ran_at: u64,
+    /// Whether every check passed.
+    pub healthy: bool,
+    pub checks: Vec<Check>,
+}
+
+impl DoctorReport {
+    /// Most checks a report handed over may hold (a fleet of many gateways
+    /// and tunnels stays far below).
+    pub const MAX_CHECKS: usize = 1000;
+    /// Longest name or detail a report handed over may hold.
+    pub const MAX_TEXT: usize = 16 * 1024;
+
+    /// Why a report handed over is refused (`None`: it is kept). The agent
+    /// sends the last one to every console page each second.
+    pub fn refusal(&self) -> Option<String> {
+        if self.checks.len() > Self::MAX_CHECKS {
+            return Some(format!(
+                "{} checks, at most {} are kept",
+                self.checks.len(),
+                Self::MAX_CHECKS
+            ));
+        }
+        self.checks
+            .iter()
+            .find(|c| c.name.len() > Self::MAX_TEXT || c.detail.len() > Self::MAX_TEXT)
+            .map(|c| {
+                format!(
+                    "check {:.40}... is longer than {} bytes",
+                    c.name,
+                    Self::MAX_TEXT
+                )
+            })
+    }
+}
+
+/// Collects the verdicts; the CLI also prints each as it comes.
 struct Report {
-    problems: usize,
+    checks: Vec<Check>,
+    print: bool,
 }
 
 impl Report {
-    fn ok(&mut self, what: &str) {
-        println!("[ ok ] {what}");
+    fn new(print: bool) -> Self {
+        Report {
+            checks: Vec::new(),
+            print,
+        }
     }
-    fn fail(&mut self, what: &str, fix: &str) {
-        self.problems += 1;
-        println!("[FAIL] {what}\n       fix: {fix}");
+    fn ok(&mut self, name: &str, what: &str) {
+        if self.print {
+            println!("[ ok ] {what}");
+        }
+        self.checks.push(Check {
+            name: name.into(),
+            ok: true,
+            detail: what.into(),
+        });
     }
+    fn fail(&mut self, name: &str, what: &str, fix: &str) {
+        if self.print {
+            println!("[FAIL] {what}\n       fix: {fix}");
+        }
+        self.checks.push(Check {
+            name: name.into(),
+            ok: false,
+            detail: format!("{what}; fix: {fix}"),
+        });
+    }
+    fn finish(self) -> DoctorReport {
+        DoctorReport {
+            ran_at: relaygate_common::clock::unix_now(),
+            healthy: self.checks.iter().all(|c| c.ok),
+            checks: self.checks,
+        }
+    }
+}
+
+/// Where doctor reads the running agent's sessions, leases and fleet.
+enum Agent<'a> {
+    /// Its admin API at `admin.listen` (the CLI, another process).
+    AdminApi,
+    /// Its state, in this very process (`POST /v1/doctor`).
+    InProcess(&'a AgentState),
 }
 
 /// The parts of the agent's `/v1/advertise` that doctor reads.
@@ -106,60 +211,167 @@ fn targets(cfg: &AgentConfig, seed: PeerId, view: Option<&Advertise>) -> Vec<Tar
     out
 }
 
-/// Runs every check; returns whether all passed.
+/// `relaygate-agent doctor`: runs every check against the running agent,
+/// printing each verdict, then hands the report to that agent; returns
+/// whether all passed.
 pub async fn run(cfg: &AgentConfig) -> anyhow::Result<bool> {
-    let mut r = Report { problems: 0 };
+    let mut r = Report::new(true);
     let seed = cfg.gateway_peer()?;
     let key = load_identity(cfg)?;
+    let found = check(cfg, seed, key, Agent::AdminApi, &mut r).await?;
+    let report = r.finish();
+    let problems = report.checks.iter().filter(|c| !c.ok).count();
+    if problems == 0 {
+        println!("verdict: healthy");
+    } else {
+        println!("verdict: {problems} problem(s)");
+    }
+    // Only to an agent that answered: one not running has nothing to show.
+    if found {
+        let (listen, admin) = (cfg.admin_listen(), cfg.admin.clone());
+        let handed = tokio::task::spawn_blocking(move || hand_over(listen, &admin, &report))
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+        if let Err(e) = handed {
+            eprintln!("note: the running agent did not take this report: {e}");
+        }
+    }
+    Ok(problems == 0)
+}
+
+/// Runs every check inside the agent, against itself, within
+/// [`IN_PROCESS_LIMIT`] (`POST /v1/doctor`). Nothing is printed; what cannot
+/// run, or what did not finish in time, is a failed check of the report.
+///
+/// It dials the gateways and asks for dial-backs exactly as the CLI does:
+/// from a short-lived swarm of its own, with the agent's own identity (the
+/// key is the agent's, already loaded). A gateway answers a dial-back only
+/// for ports leased to the peer id that asks, so a fresh identity would not
+/// do; a second connection from the agent's peer id beside its session is
+/// what the CLI has always made. Using a swarm of its own, not the agent's,
+/// keeps every check a fresh dial of each configured address, and the
+/// agent's connections untouched. The swarm ends with the run (also when
+/// the time limit cuts it short).
+pub async fn run_in_process(cfg: &AgentConfig, key: Keypair, state: &AgentState) -> DoctorReport {
+    let mut r = Report::new(false);
+    let outcome = match cfg.gateway_peer() {
+        Ok(seed) => {
+            tokio::time::timeout(
+                IN_PROCESS_LIMIT,
+                check(cfg, seed, key, Agent::InProcess(state), &mut r),
+            )
+            .await
+        }
+        Err(e) => Ok(Err(e.into())),
+    };
+    match outcome {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => r.fail(
+            "doctor",
+            &format!("doctor could not run: {e:#}"),
+            "see the agent's configuration and log",
+        ),
+        Err(_) => r.fail(
+            "doctor",
+            &format!(
+                "doctor did not finish within {} s",
+                IN_PROCESS_LIMIT.as_secs()
+            ),
+            "a gateway or a dial-back answers slowly or not at all: see the checks above and the agent's log",
+        ),
+    }
+    r.finish()
+}
+
+/// The agent's `/v1/advertise`, read as `agent` says; `None` (with the
+/// failure reported) when it cannot be read.
+async fn read_view(cfg: &AgentConfig, agent: &Agent<'_>, r: &mut Report) -> Option<Advertise> {
+    match agent {
+        Agent::InProcess(state) => {
+            match serde_json::to_value(state.advertise()).and_then(serde_json::from_value) {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    r.fail(
+                        "agent",
+                        &format!("cannot read the agent's state: {e}"),
+                        "report this as a bug",
+                    );
+                    None
+                }
+            }
+        }
+        Agent::AdminApi => {
+            let listen = cfg.admin_listen();
+            let admin = cfg.admin.clone();
+            let view = tokio::task::spawn_blocking(move || {
+                relaygate_common::admin::get(listen, &admin, "/v1/advertise")
+            })
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+            match view {
+                Ok((200, body)) => serde_json::from_str(&body).ok(),
+                Ok((status, _)) => {
+                    r.fail(
+                        "agent",
+                        &format!("agent admin API at {listen} answered HTTP {status}"),
+                        "check admin.token / admin.token_file",
+                    );
+                    None
+                }
+                Err(e) => {
+                    r.fail(
+                        "agent",
+                        &format!("running agent not found: {e}"),
+                        "start relaygate-agent with this same config (doctor reads its admin API at admin.listen)",
+                    );
+                    None
+                }
+            }
+        }
+    }
+}
+
+/// Every check, into `r`; returns whether the running agent was read.
+async fn check(
+    cfg: &AgentConfig,
+    seed: PeerId,
+    key: Keypair,
+    agent: Agent<'_>,
+    r: &mut Report,
+) -> anyhow::Result<bool> {
     let (behaviour, control, _incoming) = streams::new(vec![], 1);
     let mut swarm = transport::build_swarm(key, &cfg.session, None, |_| behaviour)?;
 
     // 1. the running agent: sessions, leases, and the fleet it knows
-    let listen = cfg.admin_listen();
-    let admin = cfg.admin.clone();
-    let view = tokio::task::spawn_blocking(move || {
-        relaygate_common::admin::get(listen, &admin, "/v1/advertise")
-    })
-    .await?;
-    let view: Option<Advertise> = match view {
-        Ok((200, body)) => serde_json::from_str(&body).ok(),
-        Ok((status, _)) => {
-            r.fail(
-                &format!("agent admin API at {listen} answered HTTP {status}"),
-                "check admin.token / admin.token_file",
-            );
-            None
-        }
-        Err(e) => {
-            r.fail(
-                &format!("running agent not found: {e}"),
-                "start relaygate-agent with this same config (doctor reads its admin API at admin.listen)",
-            );
-            None
-        }
-    };
+    let view = read_view(cfg, &agent, r).await;
     if let Some(v) = &view {
         match &v.session {
-            Some(s) => r.ok(&format!("session up: {s}")),
+            Some(s) => r.ok("session", &format!("session up: {s}")),
             None => r.fail(
+                "session",
                 "agent has no session with the gateway",
                 "see the agent's log: refused (join token, allow-list) or unreachable",
             ),
         }
         for s in v.sessions.iter().filter(|s| s.gateway != seed.to_string()) {
-            r.ok(&format!(
-                "session up with fleet gateway {} at {}",
-                s.gateway, s.address
-            ));
+            r.ok(
+                "session",
+                &format!(
+                    "session up with fleet gateway {} at {}",
+                    s.gateway, s.address
+                ),
+            );
         }
         for t in &v.tunnels {
             match (t.port, &t.error) {
-                (Some(p), _) => r.ok(&format!("tunnel {} leased port {p}", t.name)),
+                (Some(p), _) => r.ok("lease", &format!("tunnel {} leased port {p}", t.name)),
                 (None, Some(e)) => r.fail(
+                    "lease",
                     &format!("tunnel {} has no lease: {e}", t.name),
                     "see the error; pick another port or ask the gateway operator",
                 ),
                 (None, None) => r.fail(
+                    "lease",
                     &format!("tunnel {} has no lease yet", t.name),
                     "wait for the session, or see the agent's log",
                 ),
@@ -177,16 +389,21 @@ pub async fn run(cfg: &AgentConfig) -> anyhow::Result<bool> {
             match dial(&mut swarm, t.peer, addr.clone(), cfg.gateway.dial_timeout).await {
                 Ok(()) => {
                     any = true;
-                    r.ok(&format!(
-                        "gateway reachable at {addr} ({} ms)",
-                        started.elapsed().as_millis()
-                    ));
+                    r.ok(
+                        "gateway",
+                        &format!(
+                            "gateway reachable at {addr} ({} ms)",
+                            started.elapsed().as_millis()
+                        ),
+                    );
                 }
                 Err(e) if t.peer == seed => r.fail(
+                    "gateway",
                     &format!("gateway not reachable at {addr}: {e}"),
                     transport_fix(addr),
                 ),
                 Err(e) => r.fail(
+                    "gateway",
                     &format!("gateway not reachable at {addr}: {e}"),
                     &format!(
                         "{}; a gateway that is down leaves the fleet within its store.etcd.member_ttl",
@@ -196,21 +413,25 @@ pub async fn run(cfg: &AgentConfig) -> anyhow::Result<bool> {
             }
         }
         if any && t.peer != seed && !t.session {
-            r.ok(&format!(
-                "fleet gateway {} holds no session with this agent (gateway.max_sessions): it forwards to one that does",
-                t.peer
-            ));
+            r.ok(
+                "gateway",
+                &format!(
+                    "fleet gateway {} holds no session with this agent (gateway.max_sessions): it forwards to one that does",
+                    t.peer
+                ),
+            );
         }
         if any {
             reached.push(t.peer);
         }
     }
-    // Keep the swarm running for the dial-back streams below.
-    let driver = tokio::spawn(async move {
+    // Keep the swarm running for the dial-back streams below; it ends
+    // (and its connections close) when this run ends or is cut short.
+    let _driver = AbortOnDropHandle::new(tokio::spawn(async move {
         loop {
             swarm.select_next_some().await;
         }
-    });
+    }));
 
     // 3. dial-back from each gateway reached to each leased port
     if let Some(v) = &view {
@@ -226,11 +447,14 @@ pub async fn run(cfg: &AgentConfig) -> anyhow::Result<bool> {
                 };
                 let what = format!("dial-back to {} (port {port}) through {through}", t.name);
                 match dialback(&control, *gateway, port).await {
-                    Ok((true, detail)) => r.ok(&format!("{what}: {detail}")),
-                    Ok((false, detail)) => {
-                        r.fail(&format!("{what}: {detail}"), &target_fix(cfg, &t.name))
-                    }
+                    Ok((true, detail)) => r.ok("dial-back", &format!("{what}: {detail}")),
+                    Ok((false, detail)) => r.fail(
+                        "dial-back",
+                        &format!("{what}: {detail}"),
+                        &target_fix(cfg, &t.name),
+                    ),
                     Err(e) => r.fail(
+                        "dial-back",
                         &format!("{what} failed: {e}"),
                         "upgrade the gateway (it needs /relaygate/dialback/1)",
                     ),
@@ -250,13 +474,13 @@ pub async fn run(cfg: &AgentConfig) -> anyhow::Result<bool> {
                 cfg_t.and_then(|c| c.node_peer_id.and_then(crate::config::NodeId::given)),
             );
             if problems.is_empty() {
-                r.ok(&format!(
-                    "tunnel {} advertises {}",
-                    t.name,
-                    t.addresses.join(",")
-                ));
+                r.ok(
+                    "advertise",
+                    &format!("tunnel {} advertises {}", t.name, t.addresses.join(",")),
+                );
             } else {
                 r.fail(
+                    "advertise",
                     &format!(
                         "tunnel {} advertises {:?}: {}",
                         t.name,
@@ -267,11 +491,14 @@ pub async fn run(cfg: &AgentConfig) -> anyhow::Result<bool> {
                 );
             }
             if !t.circuits.is_empty() {
-                r.ok(&format!(
-                    "tunnel {}'s node is reachable by its own peer id at {}",
-                    t.name,
-                    t.circuits.join(",")
-                ));
+                r.ok(
+                    "circuits",
+                    &format!(
+                        "tunnel {}'s node is reachable by its own peer id at {}",
+                        t.name,
+                        t.circuits.join(",")
+                    ),
+                );
             }
             if let Some(path) = cfg_t.and_then(|c| c.advertise_file.as_ref()) {
                 let want = t
@@ -282,14 +509,17 @@ pub async fn run(cfg: &AgentConfig) -> anyhow::Result<bool> {
                     .collect::<Vec<_>>()
                     .join(",");
                 match std::fs::read_to_string(path) {
-                    Ok(s) if s.trim() == want => {
-                        r.ok(&format!("advertise file {} is current", path.display()))
-                    }
+                    Ok(s) if s.trim() == want => r.ok(
+                        "advertise file",
+                        &format!("advertise file {} is current", path.display()),
+                    ),
                     Ok(s) => r.fail(
+                        "advertise file",
                         &format!("advertise file {} holds {:?}", path.display(), s.trim()),
                         "the agent rewrites it on each session; check the volume is writable",
                     ),
                     Err(e) => r.fail(
+                        "advertise file",
                         &format!("advertise file {}: {e}", path.display()),
                         "mount the shared volume in the agent and the node",
                     ),
@@ -298,25 +528,81 @@ pub async fn run(cfg: &AgentConfig) -> anyhow::Result<bool> {
         }
     }
 
-    // 5. transparent delivery
+    // 5. transparent delivery (runs `nft` and `ip`: off the async workers)
     if cfg
         .tunnels
         .iter()
         .any(|t| t.deliver == DeliveryMode::Transparent)
     {
-        match transparent::check_socket().and_then(|()| transparent::check_rules(&cfg.transparent)) {
-            Ok(()) => r.ok("transparent delivery: IP_TRANSPARENT works and the mark rule and local route are in place"),
-            Err(e) => r.fail(&format!("transparent delivery: {e}"), "give the agent CAP_NET_ADMIN, or run `relaygate-agent transparent-rules | sh` in an init container"),
+        let rules = cfg.transparent.clone();
+        let checked = tokio::task::spawn_blocking(move || {
+            transparent::check_socket()
+                .and_then(|()| transparent::check_rules(&rules))
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+        match checked {
+            Ok(()) => r.ok("transparent", "transparent delivery: IP_TRANSPARENT works and the mark rule and local route are in place"),
+            Err(e) => r.fail("transparent", &format!("transparent delivery: {e}"), "give the agent CAP_NET_ADMIN, or run `relaygate-agent transparent-rules | sh` in an init container"),
         }
     }
+    Ok(view.is_some())
+}
 
-    driver.abort();
-    if r.problems == 0 {
-        println!("verdict: healthy");
-    } else {
-        println!("verdict: {} problem(s)", r.problems);
+/// Hands `report` to the running agent (`PUT /v1/doctor` on its admin API,
+/// with the configured token), so its console shows this run as the last.
+fn hand_over(listen: SocketAddr, admin: &AdminConfig, report: &DoctorReport) -> Result<(), String> {
+    use std::io::{Read, Write};
+    if admin.tls_cert.is_some() {
+        // The binaries' shared admin client only GETs; this one speaks plain HTTP.
+        return Err(
+            "its admin API speaks TLS, which handing the report over does not support yet".into(),
+        );
     }
-    Ok(r.problems == 0)
+    let mut addr = listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() {
+            [127, 0, 0, 1].into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    let token = match &admin.token_file {
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .map_err(|e| format!("cannot read admin.token_file {}: {e}", p.display()))?
+                .trim()
+                .to_owned(),
+        ),
+        None if !admin.token.is_empty() => Some(admin.token.expose().to_owned()),
+        None => None,
+    };
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let body = serde_json::to_string(report).map_err(|e| e.to_string())?;
+    let request = format!(
+        "PUT /v1/doctor HTTP/1.0\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let timeout = Duration::from_secs(3);
+    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)
+        .map_err(|e| format!("admin API at {addr}: {e}"))?;
+    let _ = s.set_read_timeout(Some(timeout));
+    let _ = s.set_write_timeout(Some(timeout));
+    s.write_all(request.as_bytes())
+        .map_err(|e| format!("admin API at {addr}: {e}"))?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)
+        .map_err(|e| format!("admin API at {addr}: {e}"))?;
+    match resp.split_whitespace().nth(1) {
+        Some(code) if code.starts_with('2') => Ok(()),
+        Some(code) => Err(format!(
+            "admin API at {addr} answered HTTP {code} (an agent from before PUT /v1/doctor?)"
+        )),
+        None => Err(format!("admin API at {addr} gave no answer")),
+    }
 }
 
 async fn dial(

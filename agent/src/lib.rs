@@ -8,12 +8,13 @@
 //! then direct once DCUtR punches through), and that peer's [`services`]
 //! connect it to the local service.
 
-pub mod admin; // admin API routes: metrics, health, /v1/advertise
+pub mod admin; // admin API routes: metrics, health, /v1/advertise, the console's overview, events, doctor
 pub mod advertise; // advertised addresses: compute, log, write the file
 pub mod app; // wiring: start everything, drain on signal
 pub mod claims; // the nodes behind the tunnels, claimed at the gateway for circuits to their own peer ids
 pub mod cli; // command line: flags, subcommands, config layering
 pub mod config; // the configuration model
+pub mod console; // the console's overview of the agent, and the doctor runs it shows
 pub mod deliver; // connecting a tunnelled connection to the local target
 pub mod doctor; // `doctor`: reachability, session, leases, dial-back, advertised addresses, rules
 pub mod fleet; // sessions with several gateways of a fleet: join those that appear, drop those that leave

@@ -164,6 +164,8 @@ impl Session {
                 })
                 .collect(),
             fleet: true,
+            lease_lifecycle: true,
+            paused: self.paused(),
         };
         write_control(&mut ctl, &ControlMessage::Hello(hello)).await?;
         let welcome = match tokio::time::timeout(WELCOME_TIMEOUT, read_control(&mut ctl)).await {
@@ -281,7 +283,10 @@ impl Session {
                         leased.retain(|l| l.name != g.name);
                         leased.push(g.clone());
                     }
-                    retry = self.to_retry(&leases);
+                    // An answer covers the tunnels it names: the others
+                    // still wait for theirs (a revoked one asked apart).
+                    retry.retain(|r| !leases.iter().any(|g| g.name == r.name));
+                    retry.extend(self.to_retry(&leases));
                     backoff = (backoff * 2).min(LEASE_RETRY_MAX);
                     next = (!retry.is_empty()).then(|| tokio::time::Instant::now() + backoff);
                 }
@@ -302,6 +307,40 @@ impl Session {
                         }
                         self.node_verdict(&welcome, &dialled, &tunnel, &node, yes, &reason);
                     }
+                }
+                Ok(ControlMessage::LeaseRevoked { tunnel, reason }) => {
+                    let Some(t) = self.tunnels.iter().find(|t| t.name == tunnel) else {
+                        tracing::warn!(gateway = %self.gateway, %tunnel, %reason, "the gateway revoked the lease of a tunnel this agent does not have");
+                        continue;
+                    };
+                    tracing::warn!(
+                        gateway = %self.gateway, %tunnel, %reason,
+                        "the gateway revoked the tunnel's lease; its port is no longer advertised, asking for a new one"
+                    );
+                    self.state.set_grant(
+                        self.gateway,
+                        &tunnel,
+                        TunnelStatus {
+                            name: tunnel.to_string(),
+                            target: t.target.to_string(),
+                            error: Some(format!("lease revoked: {reason}; asked for a new one")),
+                            ..Default::default()
+                        },
+                    );
+                    publish(&self.state, &self.tunnels, &self.metrics);
+                    leased.retain(|l| l.name != tunnel);
+                    accepted.remove(&tunnel);
+                    let again = TunnelRequest {
+                        name: t.name.clone(),
+                        port: t.port,
+                    };
+                    write_control(
+                        &mut ctl,
+                        &ControlMessage::Lease {
+                            tunnels: vec![again],
+                        },
+                    )
+                    .await?;
                 }
                 Ok(m) => {
                     self.metrics.bad_input("unexpected_message");
@@ -397,6 +436,17 @@ impl Session {
                 gateways,
             });
         }
+    }
+
+    /// Tunnels configured but not started (refused at start): named in the
+    /// hello so the gateway keeps their leases.
+    fn paused(&self) -> Vec<relaygate_common::names::TunnelName> {
+        self.state
+            .tunnels()
+            .into_iter()
+            .filter_map(|t| t.name.parse().ok())
+            .filter(|n| !self.tunnels.iter().any(|t| &t.name == n))
+            .collect()
     }
 
     /// The tunnels refused for a passing reason, to ask for again.

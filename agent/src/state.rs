@@ -39,6 +39,21 @@ pub struct TunnelStatus {
     pub error: Option<String>,
 }
 
+/// `/v1/advertise`: what the node should advertise and what the agent
+/// holds. Built in one place for the route, the console's overview and the
+/// in-process doctor.
+#[derive(Clone, Debug, Serialize)]
+pub struct AdvertiseView {
+    /// The configured gateway's session, else any (`null` without one).
+    pub session: Option<SessionInfo>,
+    pub sessions: Vec<SessionInfo>,
+    pub fleet: Vec<FleetGateway>,
+    pub tunnels: Vec<TunnelStatus>,
+    /// This agent's own circuit addresses.
+    pub circuit: Vec<String>,
+    pub reachability: Option<String>,
+}
+
 #[derive(Default)]
 pub struct AgentState {
     inner: Mutex<Inner>,
@@ -200,6 +215,18 @@ impl AgentState {
             .iter()
             .map(|(name, base)| g.merged(name, base))
             .collect()
+    }
+
+    /// Everything `/v1/advertise` shows.
+    pub fn advertise(&self) -> AdvertiseView {
+        AdvertiseView {
+            session: self.session(),
+            sessions: self.sessions(),
+            fleet: self.fleet(),
+            tunnels: self.tunnels(),
+            circuit: self.circuit_addrs(),
+            reachability: self.reachability(),
+        }
     }
 
     /// Reasons the agent is not ready (empty when it is).

@@ -368,6 +368,16 @@ pub fn probe_ready(listen: SocketAddr, cfg: &AdminConfig) -> Result<(), String> 
 /// GET `path` on a local admin API (blocking, HTTP/1.0), with the configured
 /// token: `(status, body)`. For the binaries' own subcommands (`health`, `doctor`).
 pub fn get(listen: SocketAddr, cfg: &AdminConfig, path: &str) -> Result<(u16, String), String> {
+    request(listen, cfg, "GET", path)
+}
+
+/// As [`get`], with another method and no body (`DELETE`, for `leases revoke`).
+pub fn request(
+    listen: SocketAddr,
+    cfg: &AdminConfig,
+    method: &str,
+    path: &str,
+) -> Result<(u16, String), String> {
     use std::io::{Read, Write};
     let mut addr = listen;
     if addr.ip().is_unspecified() {
@@ -389,7 +399,7 @@ pub fn get(listen: SocketAddr, cfg: &AdminConfig, path: &str) -> Result<(u16, St
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
-    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}\r\n");
+    let request = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}\r\n");
     let mut resp = String::new();
     match cfg.client_tls()? {
         None => {

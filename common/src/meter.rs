@@ -11,10 +11,14 @@ use std::{
 
 use prometheus_client::metrics::counter::Counter;
 
+/// A wait for a cap.
+pub type Wait<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
 /// Holds bytes back until a cap lets them pass.
 pub trait Pacer: Send + Sync {
-    /// Resolves once `n` more bytes may pass.
-    fn pass(&self, n: usize) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+    /// `None` when `n` more bytes may pass now; else a wait that resolves
+    /// once they may.
+    fn pass(&self, n: usize) -> Option<Wait<'_>>;
 }
 
 /// One direction's accounting of a copy loop.
@@ -53,8 +57,8 @@ impl<'a> Tally<'a> {
 
     /// Waits until `n` bytes read may be written on, then counts them.
     pub async fn pass(&self, n: usize) {
-        if let Some(p) = self.pacer {
-            p.pass(n).await;
+        if let Some(wait) = self.pacer.and_then(|p| p.pass(n)) {
+            wait.await;
         }
         self.count(n);
     }

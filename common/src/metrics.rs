@@ -64,6 +64,13 @@ use prometheus_client::{
     registry::Registry,
 };
 
+/// `refusals_total` and `bad_input_total`, reason by reason.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct ByReason {
+    pub refusals: std::collections::BTreeMap<String, u64>,
+    pub bad_input: std::collections::BTreeMap<String, u64>,
+}
+
 /// The families both binaries export, under their own prefix
 /// (`relaygate_gateway_`, `relaygate_agent_`), so a dashboard asks both the same way.
 pub struct Core {
@@ -91,6 +98,8 @@ pub struct Core {
     pub dial_failures: Family<ReasonLabels, Counter>,
     /// Malformed network input, by kind.
     pub bad_input: Family<ReasonLabels, Counter>,
+    /// `refusals` and `bad_input` alone, for the console's tables.
+    reasons: Registry,
 }
 
 impl Core {
@@ -111,6 +120,7 @@ impl Core {
             refusals: Family::default(),
             dial_failures: Family::default(),
             bad_input: Family::default(),
+            reasons: Registry::default(),
         };
         registry.register(
             "connections_active",
@@ -165,7 +175,43 @@ impl Core {
             "Malformed network input by kind",
             c.bad_input.clone(),
         );
-        Self { registry, ..c }
+        let mut reasons = Registry::default();
+        reasons.register("refusals", "", c.refusals.clone());
+        reasons.register("bad_input", "", c.bad_input.clone());
+        Self {
+            registry,
+            reasons,
+            ..c
+        }
+    }
+
+    /// Refusals and bad input by reason, as the console shows them.
+    pub fn by_reason(&self) -> ByReason {
+        let mut text = String::new();
+        let mut out = ByReason::default();
+        if prometheus_client::encoding::text::encode(&mut text, &self.reasons).is_err() {
+            return out;
+        }
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            // `refusals_total{reason="banned"} 3`
+            let Some((name, rest)) = line.split_once("{reason=\"") else {
+                continue;
+            };
+            let Some((reason, value)) = rest.split_once("\"} ") else {
+                continue;
+            };
+            // Families made ahead of use (a counter found once) show 0: not a refusal.
+            let Ok(n @ 1..) = value.trim().parse::<u64>() else {
+                continue;
+            };
+            let map = match name {
+                "refusals_total" => &mut out.refusals,
+                "bad_input_total" => &mut out.bad_input,
+                _ => continue,
+            };
+            map.insert(reason.to_string(), n);
+        }
+        out
     }
 
     pub fn tunnel_path(&self, path: crate::transport::DataPath) {
@@ -233,5 +279,21 @@ impl Held {
 impl Drop for Held {
     fn drop(&mut self) {
         self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod reason_tests {
+    #[test]
+    fn refusals_and_bad_input_are_listed_by_reason() {
+        let c = super::Core::new("x");
+        c.refuse("banned");
+        c.refuse("banned");
+        let _ = c.refusals.get_or_create(&super::ReasonLabels::new("never"));
+        c.bad_input("hello_timeout");
+        let r = c.by_reason();
+        assert_eq!(r.refusals.get("banned"), Some(&2));
+        assert_eq!(r.bad_input.get("hello_timeout"), Some(&1));
+        assert_eq!(r.refusals.len(), 1);
     }
 }

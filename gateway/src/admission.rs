@@ -1,7 +1,16 @@
-//! Who may open a session: peers on the allow-list, or agents presenting the
-//! join token. The token is generated on first start and never logged.
+//! Who may open a session: peers on the allow-list, or agents presenting a
+//! join token (the main one, or one of `admission.accept_tokens` while a
+//! token is rotated). The token is generated on first start and never
+//! logged. A configuration reload replaces both lists at once.
 
-use std::{collections::HashSet, fs, io::Write, os::unix::fs::OpenOptionsExt, path::Path};
+use std::{
+    collections::HashSet,
+    fs,
+    io::Write,
+    os::unix::fs::OpenOptionsExt,
+    path::Path,
+    sync::{PoisonError, RwLock},
+};
 
 use libp2p::PeerId;
 use rand::Rng;
@@ -23,8 +32,12 @@ impl Admitted {
 }
 
 pub struct Admission {
+    inner: RwLock<Inner>,
+}
+
+struct Inner {
     allow: HashSet<PeerId>,
-    token: Option<Secret>,
+    tokens: Vec<Secret>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -44,21 +57,47 @@ pub enum TokenError {
 }
 
 impl Admission {
-    pub fn new(allow: impl IntoIterator<Item = PeerId>, token: Option<Secret>) -> Self {
+    /// `tokens`: every join token accepted; empty when tokens are off.
+    pub fn new(allow: impl IntoIterator<Item = PeerId>, tokens: Vec<Secret>) -> Self {
         Self {
-            allow: allow.into_iter().collect(),
-            token,
+            inner: RwLock::new(Inner {
+                allow: allow.into_iter().collect(),
+                tokens: tokens.into_iter().filter(|t| !t.is_empty()).collect(),
+            }),
         }
     }
 
+    /// Replaces the allow-list and the accepted tokens (a reload): sessions
+    /// already admitted stay.
+    pub fn reload(&self, allow: impl IntoIterator<Item = PeerId>, tokens: Vec<Secret>) {
+        let fresh = Self::new(allow, tokens);
+        let inner = fresh
+            .inner
+            .into_inner()
+            .unwrap_or_else(PoisonError::into_inner);
+        *self.inner.write().unwrap_or_else(PoisonError::into_inner) = inner;
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether `peer` is on the allow-list (the relay treats it as a member).
+    pub fn allows(&self, peer: &PeerId) -> bool {
+        self.read().allow.contains(peer)
+    }
+
     pub fn check(&self, peer: &PeerId, token: Option<&str>) -> Option<Admitted> {
-        if self.allow.contains(peer) {
+        let inner = self.read();
+        if inner.allow.contains(peer) {
             return Some(Admitted::AllowList);
         }
-        match (&self.token, token) {
-            (Some(ours), Some(theirs)) if ours.matches(theirs) => Some(Admitted::Token),
-            _ => None,
-        }
+        let theirs = token?;
+        inner
+            .tokens
+            .iter()
+            .any(|ours| ours.matches(theirs))
+            .then_some(Admitted::Token)
     }
 }
 
@@ -99,12 +138,20 @@ mod tests {
     #[test]
     fn allow_list_or_token() {
         let (a, b) = (PeerId::random(), PeerId::random());
-        let adm = Admission::new([a], Some(Secret::new("rgt_x")));
+        let adm = Admission::new([a], vec![Secret::new("rgt_x")]);
         assert_eq!(adm.check(&a, None), Some(Admitted::AllowList));
         assert_eq!(adm.check(&b, Some("rgt_x")), Some(Admitted::Token));
         assert_eq!(adm.check(&b, Some("rgt_y")), None);
         assert_eq!(adm.check(&b, None), None);
-        let no_tokens = Admission::new([], None);
+        let no_tokens = Admission::new([], Vec::new());
         assert_eq!(no_tokens.check(&b, Some("")), None);
+        // Rotation: the old token and the new one, then only the new one.
+        adm.reload([], vec![Secret::new("rgt_new"), Secret::new("rgt_x")]);
+        assert_eq!(adm.check(&b, Some("rgt_x")), Some(Admitted::Token));
+        assert_eq!(adm.check(&b, Some("rgt_new")), Some(Admitted::Token));
+        assert_eq!(adm.check(&a, None), None, "off the allow-list");
+        adm.reload([a], vec![Secret::new("rgt_new")]);
+        assert_eq!(adm.check(&b, Some("rgt_x")), None);
+        assert!(adm.allows(&a));
     }
 }

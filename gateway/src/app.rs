@@ -31,7 +31,7 @@ use crate::{
     host,
     lanes::Lanes,
     lease::{Leases, PortPolicy},
-    listener::DataPlane,
+    listener::{DataPlane, PlaneSettings},
     metrics::Metrics,
     overload::Overload,
     registry::AgentRegistry,
@@ -61,7 +61,32 @@ pub fn load_token(cfg: &GatewayConfig) -> anyhow::Result<Option<(Secret, bool)>>
     Ok(Some(admission::load_or_create_token(&cfg.token_file())?))
 }
 
-pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
+/// Which ports tunnels may lease, from `leases.*`.
+pub fn port_policy(cfg: &GatewayConfig) -> PortPolicy {
+    PortPolicy {
+        range: cfg.leases.port_range,
+        allowed: cfg.leases.allowed_ports.clone(),
+        bind: cfg.leases.bind,
+        max_per_agent: cfg.leases.max_tunnels_per_agent,
+        expire_after: cfg.leases.expire_after,
+    }
+}
+
+/// Every join token admitted: the main one, then `admission.accept_tokens`
+/// (none when tokens are off).
+pub fn accepted_tokens(cfg: &GatewayConfig, main: Option<&Secret>) -> Vec<Secret> {
+    if !cfg.admission.tokens {
+        return Vec::new();
+    }
+    main.into_iter()
+        .chain(cfg.admission.accept_tokens.iter())
+        .cloned()
+        .collect()
+}
+
+/// Runs the gateway until SIGINT/SIGTERM; `reload` reads the configuration
+/// again for SIGHUP and `POST /v1/reload`.
+pub async fn run(cfg: GatewayConfig, reload: crate::reload::Source) -> anyhow::Result<()> {
     let (key, key_source) = load_identity(&cfg)?;
     let peer_id = key.public().to_peer_id();
     tracing::info!(%peer_id, source = ?key_source, "identity");
@@ -94,12 +119,7 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         }
         Some(client) => Arc::new(EtcdStore::with_client(client.clone(), &cfg.store.etcd)),
     };
-    let policy = PortPolicy {
-        range: cfg.leases.port_range,
-        allowed: cfg.leases.allowed_ports.clone(),
-        bind: cfg.leases.bind,
-        max_per_agent: cfg.leases.max_tunnels_per_agent,
-    };
+    let policy = port_policy(&cfg);
     // The store may block (redb's file, etcd's round trips): off the runtime.
     let mut leases = tokio::task::spawn_blocking(move || Leases::load(store, policy)).await??;
     let metrics = Arc::new(Metrics::new());
@@ -109,6 +129,8 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
             "store_unavailable",
         ))
         .clone();
+    leases.freed = metrics.leases_freed.clone();
+    leases.gauge = metrics.leases.clone();
     let leases = Arc::new(leases);
     metrics.leases.set(leases.count() as i64);
 
@@ -175,6 +197,8 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         cfg.session.stream_window,
         cfg.session.connection_window,
     ));
+    let live = Arc::new(crate::conns::LiveConns::default());
+    let caps = crate::caps::Caps::new(cfg.bandwidth.clone(), metrics.clone());
     let dataplane = Arc::new(DataPlane {
         control: host.control.clone(),
         lanes: lanes.clone(),
@@ -185,14 +209,16 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         tracker: TaskTracker::new(),
         stop_accepting: CancellationToken::new(),
-        proxy: cfg.proxy_protocol.clone(),
+        settings: arc_swap::ArcSwap::from_pointee(PlaneSettings {
+            proxy: cfg.proxy_protocol.clone(),
+            max_per_tunnel: cfg.limits.max_connections_per_tunnel,
+            idle_timeout: cfg.limits.idle_timeout,
+        }),
         guard: guard.clone(),
-        max_per_tunnel: cfg.limits.max_connections_per_tunnel,
         sources: crate::shares::Shares::new(
             cfg.limits.max_connections_per_source,
             cfg.guard.ipv6_prefix,
         ),
-        idle_timeout: cfg.limits.idle_timeout,
         stalls: stalls.clone(),
         stalled_readers: metrics
             .refusals
@@ -200,15 +226,18 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
                 "stalled_reader",
             ))
             .clone(),
+        live: live.clone(),
+        caps: caps.clone(),
     });
     let ports = Arc::new(PortTable::default());
     let nodes = Arc::new(crate::nodes::NodeBook::default());
+    let admission = Arc::new(Admission::new(
+        cfg.admission.allow.iter().copied(),
+        accepted_tokens(&cfg, token.as_ref().map(|(t, _)| t)),
+    ));
     let sessions = Arc::new(Sessions {
         host: host.clone(),
-        admission: Admission::new(
-            cfg.admission.allow.iter().copied(),
-            token.as_ref().map(|(t, _)| t.clone()),
-        ),
+        admission: admission.clone(),
         leases: leases.clone(),
         registry: registry.clone(),
         dataplane: dataplane.clone(),
@@ -251,9 +280,9 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         books: Reservations::new(cfg.relay.clone()),
         members: Members {
             registry: registry.clone(),
-            allow: cfg.admission.allow.iter().copied().collect(),
+            admission: admission.clone(),
         },
-        limited: cfg.relay.limited_peers.iter().copied().collect(),
+        limited: arc_swap::ArcSwap::from_pointee(cfg.relay.limited_peers.iter().copied().collect()),
         host: host.clone(),
         advertise: cfg.advertise.clone(),
         metrics: metrics.clone(),
@@ -272,7 +301,29 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     let (to_sessions, session_streams) = mpsc::channel(1024);
     tokio::spawn(route(incoming, to_sessions, hop.clone(), forwarder));
     tokio::spawn(sessions.run(session_streams));
-    tokio::spawn(housekeeping(hop, guard.clone()));
+    tokio::spawn(housekeeping(hop.clone(), guard.clone()));
+    // Refreshes the leases in use here, frees expired ones (`leases.expire_after`).
+    tokio::spawn(
+        crate::lease::expiry::Sweeper {
+            leases: leases.clone(),
+            registry: registry.clone(),
+        }
+        .run(),
+    );
+
+    let reloader = crate::reload::Reloader::new(
+        reload,
+        cfg.clone(),
+        token.as_ref().map(|(t, _)| t.clone()),
+        admission.clone(),
+        guard.clone(),
+        dataplane.clone(),
+        caps.clone(),
+        leases.clone(),
+        hop.clone(),
+        metrics.clone(),
+    );
+    tokio::spawn(crate::reload::on_sighup(reloader.clone()));
 
     let stop_admin = CancellationToken::new();
     let state = admin::AdminState {
@@ -284,6 +335,15 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         fleet: fleet.clone(),
         nodes: nodes.clone(),
         leases: leases.clone(),
+        console: Arc::new(admin::console::Console {
+            peer_id: host.peer_id,
+            advertise: cfg.advertise.clone(),
+            started: std::time::Instant::now(),
+            caps: caps.clone(),
+            live: live.clone(),
+            lanes: lanes.clone(),
+            reloader: reloader.clone(),
+        }),
     };
     let (admin_addr, admin_task) = relaygate_common::admin::serve(
         admin_listen,
@@ -408,7 +468,7 @@ fn describe(
     let (cfg, registry, state) = (cfg.clone(), registry.clone(), state.clone());
     Arc::new(move || Member {
         peer_id: peer.to_string(),
-        addresses: dial_addrs(&cfg, &state.listen_addrs(), &peer)
+        addresses: dial_addrs(&cfg.advertise, &state.listen_addrs(), &peer)
             .iter()
             .map(ToString::to_string)
             .collect(),
@@ -423,15 +483,15 @@ fn describe(
 }
 
 /// Addresses an agent can dial: advertised ones, else the concrete listen addresses.
-fn dial_addrs(
-    cfg: &GatewayConfig,
+pub(crate) fn dial_addrs(
+    advertise: &[Multiaddr],
     listening: &[Multiaddr],
     peer: &libp2p::PeerId,
 ) -> Vec<Multiaddr> {
-    let base: Vec<Multiaddr> = if cfg.advertise.is_empty() {
+    let base: Vec<Multiaddr> = if advertise.is_empty() {
         listening.to_vec()
     } else {
-        cfg.advertise.clone()
+        advertise.to_vec()
     };
     let mut out: Vec<Multiaddr> = base
         .into_iter()
@@ -450,7 +510,7 @@ fn print_banner(
     admin: std::net::SocketAddr,
     token: Option<&(Secret, bool)>,
 ) {
-    let addrs = dial_addrs(cfg, listening, peer);
+    let addrs = dial_addrs(&cfg.advertise, listening, peer);
     let mut s = String::new();
     s.push_str(&format!(
         "relaygate-gateway {} is up\n",

@@ -16,13 +16,14 @@ use std::{
     time::{Instant, SystemTime},
 };
 
-use governor::{DefaultKeyedRateLimiter, RateLimiter};
+use arc_swap::ArcSwap;
 use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 
 use crate::banlist::{Ban, BanList};
 pub use crate::config::guard::{BanRequest, BanTarget, GuardConfig, Ipv6Prefix, Rate};
 use crate::metrics::Metrics;
+use crate::rates::Rates;
 
 /// Where a ban came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -104,18 +105,15 @@ pub enum Offender {
     Ip(IpAddr),
 }
 
-/// Rates per source (an IPv4 address or an IPv6 prefix).
-type IpLimiter = DefaultKeyedRateLimiter<IpAddr>;
-type PeerLimiter = DefaultKeyedRateLimiter<PeerId>;
+/// What `guard.*` sets, swapped whole when the configuration is reloaded.
+struct Settings {
+    cfg: GuardConfig,
+    rates: Rates,
+}
 
 pub struct Guard {
-    cfg: GuardConfig,
+    settings: ArcSwap<Settings>,
     bans: RwLock<BanList>,
-    connections_per_ip: Option<IpLimiter>,
-    tunnel_connections_per_ip: Option<IpLimiter>,
-    reservations_per_peer: Option<PeerLimiter>,
-    circuits_per_peer: Option<PeerLimiter>,
-    circuits_per_ip: Option<IpLimiter>,
     violations: Mutex<HashMap<Offender, (u32, Instant)>>,
     /// Where each peer's open connections come from, counted per source.
     peer_sources: Mutex<HashMap<PeerId, Vec<IpAddr>>>,
@@ -137,15 +135,12 @@ impl Guard {
         metrics: Arc<Metrics>,
         overload: Arc<crate::overload::Overload>,
     ) -> Arc<Self> {
-        fn keyed<K: Clone + Eq + std::hash::Hash>(r: Rate) -> Option<DefaultKeyedRateLimiter<K>> {
-            r.quota().map(RateLimiter::keyed)
-        }
+        let blacklist = cfg.blacklist.clone();
         let g = Self {
-            connections_per_ip: keyed(cfg.connections_per_ip),
-            tunnel_connections_per_ip: keyed(cfg.tunnel_connections_per_ip),
-            reservations_per_peer: keyed(cfg.reservations_per_peer),
-            circuits_per_peer: keyed(cfg.circuits_per_peer),
-            circuits_per_ip: keyed(cfg.circuits_per_ip),
+            settings: ArcSwap::from_pointee(Settings {
+                rates: Rates::new(&cfg),
+                cfg,
+            }),
             bans: RwLock::default(),
             violations: Mutex::default(),
             peer_sources: Mutex::default(),
@@ -153,17 +148,45 @@ impl Guard {
             outbox: std::sync::OnceLock::new(),
             metrics,
             overload,
-            cfg,
         };
-        for b in g.cfg.blacklist.clone() {
+        for b in blacklist {
             g.ban(b, BanSource::Config);
         }
         Arc::new(g)
     }
 
+    fn cfg(&self) -> arc_swap::Guard<Arc<Settings>> {
+        self.settings.load()
+    }
+
+    /// Takes a reloaded `guard.*`: new rates (their buckets start full),
+    /// thresholds, and the configured bans (those no longer listed are
+    /// lifted; bans made through the admin API or automatically stay).
+    /// `ipv6_prefix` must not change (the reload refuses it).
+    pub fn reload(&self, cfg: GuardConfig) {
+        let listed: Vec<BanTarget> = cfg.blacklist.iter().map(|b| b.target.clone()).collect();
+        let blacklist = cfg.blacklist.clone();
+        self.settings.store(Arc::new(Settings {
+            rates: Rates::new(&cfg),
+            cfg,
+        }));
+        let stale: Vec<BanTarget> = self
+            .list()
+            .into_iter()
+            .filter(|b| b.source == BanSource::Config && !listed.contains(&b.target))
+            .map(|b| b.target)
+            .collect();
+        for t in stale {
+            self.unban(&t);
+        }
+        for b in blacklist {
+            self.ban(b, BanSource::Config);
+        }
+    }
+
     /// How sources are grouped (IPv6 prefix length).
     pub fn grouping(&self) -> Ipv6Prefix {
-        self.cfg.ipv6_prefix
+        self.cfg().cfg.ipv6_prefix
     }
 
     /// Refuses a banned or over-rate IP for `action`.
@@ -174,15 +197,11 @@ impl Guard {
         if self.overload.is_on() {
             return self.refuse(Refused::MemoryPressure);
         }
-        let limiter = match action {
-            Action::Connection => &self.connections_per_ip,
-            Action::TunnelConnection => &self.tunnel_connections_per_ip,
-            Action::Circuit => &self.circuits_per_ip,
-            Action::Reservation => &None,
-        };
-        let source = self.cfg.ipv6_prefix.source(ip);
-        if limiter
-            .as_ref()
+        let settings = self.cfg();
+        let source = settings.cfg.ipv6_prefix.source(ip);
+        if settings
+            .rates
+            .per_ip(action)
             .is_some_and(|l| l.check_key(&source).is_err())
         {
             return self.refuse(Refused::RateLimited(action));
@@ -198,12 +217,12 @@ impl Guard {
         if self.overload.is_on() {
             return self.refuse(Refused::MemoryPressure);
         }
-        let limiter = match action {
-            Action::Reservation => &self.reservations_per_peer,
-            Action::Circuit => &self.circuits_per_peer,
-            Action::Connection | Action::TunnelConnection => &None,
-        };
-        if limiter.as_ref().is_some_and(|l| l.check_key(peer).is_err()) {
+        if self
+            .cfg()
+            .rates
+            .per_peer(action)
+            .is_some_and(|l| l.check_key(peer).is_err())
+        {
             return self.refuse(Refused::RateLimited(action));
         }
         Ok(())
@@ -223,12 +242,12 @@ impl Guard {
         lock(&self.peer_sources)
             .entry(peer)
             .or_default()
-            .push(self.cfg.ipv6_prefix.source(ip));
+            .push(self.cfg().cfg.ipv6_prefix.source(ip));
     }
 
     /// That connection closed.
     pub fn disconnected(&self, peer: PeerId, ip: IpAddr) {
-        let source = self.cfg.ipv6_prefix.source(ip);
+        let source = self.cfg().cfg.ipv6_prefix.source(ip);
         let mut all = lock(&self.peer_sources);
         if let Some(list) = all.get_mut(&peer) {
             if let Some(i) = list.iter().position(|s| *s == source) {
@@ -250,29 +269,12 @@ impl Guard {
             bans.retain_in_force(now);
             self.metrics.bans_active.set(bans.len() as i64);
         }
-        let window = self.cfg.ban_duration;
+        let window = self.cfg().cfg.ban_duration;
         lock(&self.banned_from).retain(|_, times| {
             times.retain(|t| now.duration_since(*t) < window);
             !times.is_empty()
         });
-        for l in [
-            &self.connections_per_ip,
-            &self.tunnel_connections_per_ip,
-            &self.circuits_per_ip,
-        ]
-        .into_iter()
-        .flatten()
-        {
-            l.retain_recent();
-            l.shrink_to_fit();
-        }
-        for l in [&self.reservations_per_peer, &self.circuits_per_peer]
-            .into_iter()
-            .flatten()
-        {
-            l.retain_recent();
-            l.shrink_to_fit();
-        }
+        self.cfg().rates.housekeeping();
     }
 
     /// Counts a refusal decided elsewhere (a cap), under the same family.
@@ -413,39 +415,39 @@ impl Guard {
 
     /// Records a protocol violation; returns the ban when this one earned it.
     pub fn violation(&self, who: Offender, kind: &str) -> Option<BanView> {
-        if self.cfg.violations_before_ban == 0 {
+        if self.cfg().cfg.violations_before_ban == 0 {
             return None;
         }
         let who = match who {
-            Offender::Ip(ip) => Offender::Ip(self.cfg.ipv6_prefix.source(ip)),
+            Offender::Ip(ip) => Offender::Ip(self.cfg().cfg.ipv6_prefix.source(ip)),
             peer => peer,
         };
         let now = Instant::now();
         let count = {
             let mut v = lock(&self.violations);
             // Forget offenders whose window ended, so the table stays small.
-            let window = self.cfg.violation_window;
+            let window = self.cfg().cfg.violation_window;
             v.retain(|_, (_, since)| now.duration_since(*since) < window);
             let e = v.entry(who).or_insert((0, now));
             e.0 += 1;
             let n = e.0;
-            if n >= self.cfg.violations_before_ban {
+            if n >= self.cfg().cfg.violations_before_ban {
                 v.remove(&who);
             }
             n
         };
-        if count < self.cfg.violations_before_ban {
+        if count < self.cfg().cfg.violations_before_ban {
             return None;
         }
         let target = match who {
             Offender::Peer(p) => BanTarget::Peer(p),
-            Offender::Ip(ip) => BanTarget::Net(self.cfg.ipv6_prefix.source_net(ip)),
+            Offender::Ip(ip) => BanTarget::Net(self.cfg().cfg.ipv6_prefix.source_net(ip)),
         };
         Some(self.ban(
             BanRequest {
                 target,
                 reason: format!("{count} protocol violations (last: {kind})"),
-                ttl: Some(self.cfg.ban_duration),
+                ttl: Some(self.cfg().cfg.ban_duration),
             },
             BanSource::Automatic,
         ))
@@ -455,7 +457,7 @@ impl Guard {
     /// that produced `peer_bans_before_source_ban` of them within a ban's
     /// length. Returns the sources banned.
     fn escalate(&self, peer: PeerId, now: Instant) -> Vec<BanTarget> {
-        let limit = self.cfg.peer_bans_before_source_ban;
+        let limit = self.cfg().cfg.peer_bans_before_source_ban;
         if limit == 0 {
             return Vec::new();
         }
@@ -469,7 +471,7 @@ impl Guard {
         let mut to_ban = Vec::new();
         {
             let mut banned = lock(&self.banned_from);
-            let window = self.cfg.ban_duration;
+            let window = self.cfg().cfg.ban_duration;
             for source in sources {
                 let times = banned.entry(source).or_default();
                 times.retain(|t| now.duration_since(*t) < window);
@@ -485,11 +487,11 @@ impl Guard {
             .map(|(source, n)| {
                 self.ban(
                     BanRequest {
-                        target: BanTarget::Net(self.cfg.ipv6_prefix.source_net(source)),
+                        target: BanTarget::Net(self.cfg().cfg.ipv6_prefix.source_net(source)),
                         reason: format!(
                             "{n} peer ids from this source banned for protocol violations"
                         ),
-                        ttl: Some(self.cfg.ban_duration),
+                        ttl: Some(self.cfg().cfg.ban_duration),
                     },
                     BanSource::Automatic,
                 )

@@ -38,12 +38,13 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Who may reserve without a Limit.
 pub struct Members {
     pub registry: Arc<AgentRegistry>,
-    pub allow: HashSet<PeerId>,
+    /// Its allow-list; follows a configuration reload.
+    pub admission: Arc<crate::admission::Admission>,
 }
 
 impl Members {
     fn contains(&self, peer: &PeerId) -> bool {
-        self.allow.contains(peer) || self.registry.contains(peer)
+        self.admission.allows(peer) || self.registry.contains(peer)
     }
 }
 
@@ -52,7 +53,8 @@ pub struct Hop {
     pub cfg: RelayConfig,
     pub books: Arc<Reservations>,
     pub members: Members,
-    pub limited: HashSet<PeerId>,
+    /// `relay.limited_peers`; a configuration reload replaces it.
+    pub limited: arc_swap::ArcSwap<HashSet<PeerId>>,
     pub host: HostHandle,
     /// Addresses put in reservations; the listen addresses when empty.
     pub advertise: Vec<Multiaddr>,
@@ -117,7 +119,7 @@ impl Hop {
         }
         let class = if self.members.contains(&peer) {
             ReservationClass::Member
-        } else if self.limited.contains(&peer) {
+        } else if self.limited.load().contains(&peer) {
             ReservationClass::Limited
         } else {
             tracing::info!(%peer, "relay reservation refused: not a member (admit the agent, or add it to admission.allow or relay.limited_peers)");

@@ -99,6 +99,13 @@ impl Lanes {
         self.book.get(agent)
     }
 
+    /// How many lanes the agent has up (the console shows it).
+    pub fn count(&self, agent: &PeerId) -> usize {
+        self.book.live().get(agent).map_or(0, |l| {
+            l.iter().filter(|(_, _, lane)| !lane.is_closed()).count()
+        })
+    }
+
     /// Takes lane connections from the libp2p TCP listener until it goes away.
     pub async fn serve(self: Arc<Self>, mut diverted: mpsc::Receiver<Diverted>) {
         while let Some(d) = diverted.recv().await {

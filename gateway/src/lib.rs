@@ -10,9 +10,11 @@ pub mod admin; // admin API routes: metrics, health, /v1/agents
 pub mod admission; // allow-list and join token
 pub mod app; // wiring: start everything, print join instructions, drain on signal
 pub mod banlist; // bans: peer ids in a map, networks in a prefix trie
+pub mod caps; // bandwidth caps per agent and per tunnel: token buckets the copy loops wait on
 pub mod circuit; // one relayed circuit: copy both ways, count, enforce Limit/idle/rate
 pub mod cli; // command line: flags, subcommands, config layering
 pub mod config; // the configuration model
+pub mod conns; // the public connections open now, with their real sources and bytes, for the console
 pub mod dialback; // doctor's dial-back: connect to an agent's own leased port from the gateway
 pub mod fleet; // what gateways sharing etcd share: bans, membership, forwarding
 pub mod gate; // the guard on libp2p connections: refuse by IP before the handshake, by peer after
@@ -25,7 +27,9 @@ pub mod listener; // leased public ports: accept, open tunnel stream, forward
 pub mod metrics; // Prometheus metrics
 pub mod nodes; // node peer ids agents front, checked through their tunnels: circuits to them
 pub mod overload; // memory overload: refuse new work above limits.max_memory
-pub mod registry; // live sessions and per-tunnel counters
+pub mod rates; // the guard's token buckets per source and per peer, swapped whole on reload
+pub mod registry;
+pub mod reload; // SIGHUP and POST /v1/reload: apply what may change while running, refuse the rest by name // live sessions and per-tunnel counters
 pub mod reservations; // relay reservations and circuit slots, within the caps
 pub mod session; // control streams: admit, lease, bind, keep alive
 pub mod session_lane; // a lane on one session stream, for agents without a lane of their own

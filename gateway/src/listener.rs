@@ -12,7 +12,6 @@ use libp2p::{swarm::ConnectionId, PeerId};
 use prometheus_client::metrics::counter::Counter;
 use relaygate_common::{
     lane::{self, LaneStream},
-    meter::Tally,
     metrics::Side,
     protocol::{StreamHeader, StreamStatus},
     proxy::{self, Spoof, SpoofCheck},
@@ -24,8 +23,12 @@ use tokio::{
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+use arc_swap::ArcSwap;
+
 use crate::{
+    caps::Caps,
     config::ProxyPolicy,
+    conns::{LiveConns, NewConn, Tracked},
     guard::{Action, Guard},
     lanes::Lanes,
     metrics::Metrics,
@@ -55,21 +58,53 @@ pub struct DataPlane {
     pub tracker: TaskTracker,
     /// Cancelled at shutdown: stop accepting on every port.
     pub stop_accepting: CancellationToken,
-    /// Which peers may send PROXY headers.
-    pub proxy: ProxyPolicy,
+    /// PROXY policy, connection cap per port and idle timeout: what a
+    /// configuration reload may change.
+    pub settings: ArcSwap<PlaneSettings>,
     /// Bans and per-IP rates, checked against the real source.
     pub guard: Arc<Guard>,
     /// What one source may hold of the leased ports' connections.
     pub sources: Shares,
-    /// Open connections allowed on one leased port.
-    pub max_per_tunnel: usize,
-    /// A public connection moving no byte for this long is closed (zero: never).
-    pub idle_timeout: Duration,
     /// Session streams whose public client stopped reading hold the agent's
     /// QUIC connection window: only a share of them may at once.
     pub stalls: Arc<StallLedger>,
     /// `refusals_total{reason="stalled_reader"}`, found once.
     pub stalled_readers: Counter,
+    /// The connections open now, for the console.
+    pub live: Arc<LiveConns>,
+    /// Bandwidth caps the copy loops wait on.
+    pub caps: Arc<Caps>,
+}
+
+/// The data plane's reloadable settings.
+pub struct PlaneSettings {
+    /// Which peers may send PROXY headers.
+    pub proxy: ProxyPolicy,
+    /// Open connections allowed on one leased port.
+    pub max_per_tunnel: usize,
+    /// A public connection moving no byte for this long is closed (zero: never).
+    pub idle_timeout: Duration,
+}
+
+impl DataPlane {
+    pub fn idle_timeout(&self) -> Duration {
+        self.settings.load().idle_timeout
+    }
+
+    /// Enters a public connection of `agent`'s tunnel in the live table,
+    /// with the pacers of its caps.
+    pub(crate) fn track(&self, agent: PeerId, stats: &TunnelStats, origin: &Origin) -> Tracked {
+        self.live.open(
+            &self.caps,
+            NewConn {
+                agent,
+                tunnel: stats.name.clone(),
+                port: stats.port.get(),
+                source: origin.source,
+                peer: origin.peer,
+            },
+        )
+    }
 }
 
 /// A bound public port of one tunnel.
@@ -118,7 +153,27 @@ impl PublicPort {
 }
 
 /// A connection's place under the port's `limits.max_connections_per_tunnel`.
-pub(crate) type Place = tokio::sync::OwnedSemaphorePermit;
+pub(crate) struct Place(Slots);
+
+/// Connections open on one port, against the cap a reload may change.
+pub(crate) type Slots = Arc<std::sync::atomic::AtomicUsize>;
+
+impl Place {
+    fn take(slots: &Slots, max: usize) -> Option<Self> {
+        use std::sync::atomic::Ordering;
+        if slots.fetch_add(1, Ordering::AcqRel) >= max {
+            slots.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Self(slots.clone()))
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
 
 /// Accepts on a leased port's `listener` until `stop` or the gateway stops
 /// accepting; each connection that passes [`admit`] goes to `serve`.
@@ -129,7 +184,7 @@ pub(crate) async fn accept_admitted(
     stop: &CancellationToken,
     mut serve: impl FnMut(TcpStream, SocketAddr, Option<Share>, Place),
 ) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(dp.max_per_tunnel));
+    let slots = Slots::default();
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => break,
@@ -160,9 +215,10 @@ pub(crate) fn admit(
     dp: &DataPlane,
     tcp: &TcpStream,
     source: SocketAddr,
-    slots: &Arc<tokio::sync::Semaphore>,
+    slots: &Slots,
 ) -> Option<(Option<Share>, Place)> {
-    let direct = !dp.proxy.trusts(source.ip());
+    let settings = dp.settings.load();
+    let direct = !settings.proxy.trusts(source.ip());
     if direct
         && dp
             .guard
@@ -181,7 +237,7 @@ pub(crate) fn admit(
         Some(share) => share,
         None => None,
     };
-    let Ok(slot) = slots.clone().try_acquire_owned() else {
+    let Some(slot) = Place::take(slots, settings.max_per_tunnel) else {
         dp.metrics.refuse("tunnel_connection_limit");
         let _ = tcp.set_zero_linger();
         return None;
@@ -223,7 +279,7 @@ pub(crate) fn settle(dp: &DataPlane, share: &mut Option<Share>, origin: &Origin)
 
 struct Connection {
     /// This connection's place under `max_connections_per_tunnel`.
-    _slot: tokio::sync::OwnedSemaphorePermit,
+    _slot: Place,
     /// Its source's place under `max_connections_per_source`.
     share: Option<Share>,
     tcp: TcpStream,
@@ -324,6 +380,7 @@ impl Connection {
         // own bytes must not start a PROXY header.
         let mut check = SpoofCheck::default();
         let mut done = check_spoof(&mut check, &origin.prefix, &self.dp.metrics)?;
+        let tracked = self.dp.track(self.agent, &self.stats, &origin);
         self.announce(&mut stream, origin).await?;
         let metrics = &self.dp.metrics;
         let first = move |bytes: &[u8]| {
@@ -335,9 +392,9 @@ impl Connection {
         lane::splice(
             stream,
             &mut self.tcp,
-            Tally::new(&self.stats.bytes_out),
-            Tally::new(&self.stats.bytes_in),
-            self.dp.idle_timeout,
+            tracked.outbound(&self.stats.bytes_out),
+            tracked.inbound(&self.stats.bytes_in),
+            self.dp.idle_timeout(),
             first,
             // The client's first bytes go out with the open; the agent holds
             // them (within the stream's credit) until the target is connected.
@@ -394,7 +451,8 @@ pub(crate) async fn read_origin(
 ) -> io::Result<Origin> {
     let destination = proxy::canonical(tcp.local_addr()?);
     let source = proxy::canonical(source);
-    let policy = &dp.proxy;
+    let settings = dp.settings.load();
+    let policy = &settings.proxy;
     if !policy.trusts(source.ip()) {
         // Always checked: a spoofed header must never reach a target that reads PROXY.
         return Ok(Origin {

@@ -21,6 +21,33 @@ pub struct Metrics {
     /// Public connections carried between gateways of the fleet, by
     /// direction: `out` (landed here, served by another), `in`.
     pub forwarded: Family<ReasonLabels, Counter>,
+    /// Leases freed, by reason: `expired`, `revoked`, `renamed`.
+    pub leases_freed: Family<ReasonLabels, Counter>,
+    /// Bandwidth caps at work (`caps.rs`).
+    pub bandwidth: BandwidthMetrics,
+    /// Configuration reloads by outcome: applied, refused, unreadable.
+    pub reloads: Family<ReasonLabels, Counter>,
+}
+
+/// Which way capped bytes went: `inbound` (client to node) or `outbound`.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Direction {
+    inbound,
+    outbound,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    pub direction: Direction,
+}
+
+#[derive(Default)]
+pub struct BandwidthMetrics {
+    /// Bytes a cap held back before they went on.
+    pub throttled_bytes: Family<DirectionLabels, Counter>,
+    /// Time bytes waited for a cap.
+    pub held_seconds: Family<DirectionLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
 }
 
 /// Who a reservation belongs to, and so whether its circuits carry a Limit.
@@ -142,14 +169,40 @@ impl Metrics {
             "Public connections carried to (out) or from (in) another gateway of the fleet",
             forwarded.clone(),
         );
+        let leases_freed = Family::<ReasonLabels, Counter>::default();
+        core.registry.register(
+            "leases_freed",
+            "Leases freed, by reason (expired, revoked, renamed)",
+            leases_freed.clone(),
+        );
+        let bandwidth = BandwidthMetrics::default();
+        core.registry.register(
+            "bandwidth_throttled_bytes",
+            "Bytes a bandwidth cap held back before they went on, by direction",
+            bandwidth.throttled_bytes.clone(),
+        );
+        core.registry.register(
+            "bandwidth_held_seconds",
+            "Time bytes waited for a bandwidth cap, by direction",
+            bandwidth.held_seconds.clone(),
+        );
+        let reloads = Family::<ReasonLabels, Counter>::default();
+        core.registry.register(
+            "config_reloads",
+            "Configuration reloads (SIGHUP, POST /v1/reload), by outcome: applied, refused, unreadable",
+            reloads.clone(),
+        );
         Self {
             core,
+            bandwidth,
+            reloads,
             tunnels_active,
             relay,
             bans_active,
             bans_added,
             memory_overloaded,
             forwarded,
+            leases_freed,
         }
     }
 

@@ -69,9 +69,28 @@ struct Entry {
     connection: ConnectionId,
     since: SystemTime,
     remote: Option<Multiaddr>,
-    tunnels: Vec<Arc<TunnelStats>>,
+    ports: Vec<OpenPort>,
     cancel: CancellationToken,
-    tasks: Vec<JoinHandle<()>>,
+    notices: Notices,
+}
+
+/// Where a session hears that one of its leases was revoked.
+pub type Notices = tokio::sync::mpsc::UnboundedSender<LeaseNotice>;
+
+/// A leased port a session serves: the task accepting on it, which ends
+/// when `stop` (a child of the session's token) is cancelled.
+pub struct OpenPort {
+    pub stats: Arc<TunnelStats>,
+    pub stop: CancellationToken,
+    pub task: JoinHandle<()>,
+}
+
+/// Told to a session when one of its tunnels lost its lease (revoked), so
+/// it tells its agent.
+#[derive(Debug)]
+pub struct LeaseNotice {
+    pub tunnel: TunnelName,
+    pub reason: String,
 }
 
 /// A session about to be registered.
@@ -79,9 +98,9 @@ pub struct NewSession {
     /// The session's connection: tunnel streams go there.
     pub connection: ConnectionId,
     pub remote: Option<Multiaddr>,
-    pub tunnels: Vec<Arc<TunnelStats>>,
+    pub ports: Vec<OpenPort>,
     pub cancel: CancellationToken,
-    pub tasks: Vec<JoinHandle<()>>,
+    pub notices: Notices,
 }
 
 pub struct AgentRegistry {
@@ -142,8 +161,8 @@ impl AgentRegistry {
         if let Some(old) = old {
             self.changed.send_modify(|n| *n += 1);
             old.cancel.cancel();
-            for t in old.tasks {
-                let _ = t.await;
+            for p in old.ports {
+                let _ = p.task.await;
             }
         }
     }
@@ -158,9 +177,9 @@ impl AgentRegistry {
             connection: s.connection,
             since: SystemTime::now(),
             remote: s.remote,
-            tunnels: s.tunnels,
+            ports: s.ports,
             cancel: s.cancel,
-            tasks: s.tasks,
+            notices: s.notices,
         };
         if let Some(old) = self.lock().insert(peer, entry) {
             old.cancel.cancel();
@@ -171,22 +190,49 @@ impl AgentRegistry {
 
     /// Adds ports opened later in session `id` of `peer` (a lease asked
     /// again); if that session is gone, they end with it.
-    pub fn add_tunnels(
-        &self,
-        peer: &PeerId,
-        id: u64,
-        tunnels: Vec<Arc<TunnelStats>>,
-        tasks: Vec<JoinHandle<()>>,
-    ) {
+    pub fn add_tunnels(&self, peer: &PeerId, id: u64, ports: Vec<OpenPort>) {
         let mut m = self.lock();
         match m.get_mut(peer).filter(|e| e.id == id) {
             Some(e) => {
-                e.tunnels.extend(tunnels);
-                e.tasks.extend(tasks);
+                e.ports.extend(ports);
                 self.changed.send_modify(|n| *n += 1);
             }
-            None => tasks.iter().for_each(JoinHandle::abort),
+            None => ports.iter().for_each(|p| p.task.abort()),
         }
+    }
+
+    /// Stops serving `peer`'s tunnel `name` (its session goes on): returns
+    /// the accepting task, to wait until the port is closed, and where to
+    /// tell the session. Connections already open are left to finish.
+    pub fn close_tunnel(
+        &self,
+        peer: &PeerId,
+        name: &TunnelName,
+    ) -> Option<(JoinHandle<()>, Notices)> {
+        let mut m = self.lock();
+        let e = m.get_mut(peer)?;
+        let i = e.ports.iter().position(|p| p.stats.name == *name)?;
+        let port = e.ports.remove(i);
+        port.stop.cancel();
+        self.changed.send_modify(|n| *n += 1);
+        Some((port.task, e.notices.clone()))
+    }
+
+    /// Every (agent, tunnel, port) served here.
+    pub fn served(&self) -> Vec<(PeerId, TunnelName, LeasePort)> {
+        self.lock()
+            .iter()
+            .flat_map(|(agent, e)| {
+                e.ports
+                    .iter()
+                    .map(|p| (*agent, p.stats.name.clone(), p.stats.port))
+            })
+            .collect()
+    }
+
+    /// Agents with a session here.
+    pub fn agents(&self) -> std::collections::HashSet<PeerId> {
+        self.lock().keys().copied().collect()
     }
 
     /// Follows changes of the sessions and their ports.
@@ -197,13 +243,13 @@ impl AgentRegistry {
     /// The session serving leased `port`, if this gateway holds it.
     pub fn port(&self, port: u16) -> Option<PortOwner> {
         self.lock().iter().find_map(|(agent, e)| {
-            e.tunnels
+            e.ports
                 .iter()
-                .find(|t| t.port.get() == port)
-                .map(|t| PortOwner {
+                .find(|p| p.stats.port.get() == port)
+                .map(|p| PortOwner {
                     agent: *agent,
                     connection: e.connection,
-                    stats: t.clone(),
+                    stats: p.stats.clone(),
                 })
         })
     }
@@ -218,8 +264,8 @@ impl AgentRegistry {
     ) -> Option<(ConnectionId, LeasePort)> {
         let m = self.lock();
         let e = m.get(peer).filter(|e| e.id == id)?;
-        let t = e.tunnels.iter().find(|t| t.name == *name)?;
-        Some((e.connection, t.port))
+        let p = e.ports.iter().find(|p| p.stats.name == *name)?;
+        Some((e.connection, p.stats.port))
     }
 
     /// Every leased port this gateway serves.
@@ -227,7 +273,7 @@ impl AgentRegistry {
         let mut out: Vec<u16> = self
             .lock()
             .values()
-            .flat_map(|e| e.tunnels.iter().map(|t| t.port.get()))
+            .flat_map(|e| e.ports.iter().map(|p| p.stats.port.get()))
             .collect();
         out.sort_unstable();
         out
@@ -272,8 +318,9 @@ impl AgentRegistry {
                 since: relaygate_common::clock::unix_secs(e.since),
                 remote_addr: e.remote.as_ref().map(|a| a.to_string()),
                 tunnels: e
-                    .tunnels
+                    .ports
                     .iter()
+                    .map(|p| &p.stats)
                     .map(|t| TunnelView {
                         name: t.name.to_string(),
                         port: t.port.get(),

@@ -28,7 +28,7 @@ use crate::{
     listener::{self, DataPlane, PublicPort},
     metrics::Metrics,
     nodes::{self, Fronted, NodeBook},
-    registry::{AgentRegistry, NewSession, TunnelStats},
+    registry::{AgentRegistry, NewSession, OpenPort, TunnelStats},
 };
 
 /// An agent must say hello this soon after opening the control stream.
@@ -42,7 +42,7 @@ pub const STREAMS_PER_CONNECTION: usize = 4;
 
 pub struct Sessions {
     pub host: HostHandle,
-    pub admission: Admission,
+    pub admission: Arc<Admission>,
     pub leases: Arc<Leases>,
     pub registry: Arc<AgentRegistry>,
     pub dataplane: Arc<DataPlane>,
@@ -191,17 +191,20 @@ impl Sessions {
     ) {
         // A reconnecting agent replaces its old session: free its ports first.
         self.registry.end(&peer).await;
-        let mut grants = self.leases.acquire(peer, &hello.tunnels).await;
-        self.metrics.leases.set(self.leases.count() as i64);
+        // Only an agent that names every tunnel it has releases the others.
+        let mut grants = if hello.lease_lifecycle {
+            let (tunnels, paused) = (&hello.tunnels, &hello.paused);
+            self.leases.acquire_all(peer, tunnels, paused).await
+        } else {
+            self.leases.acquire(peer, &hello.tunnels).await
+        };
         let cancel = CancellationToken::new();
         let ports = self.open_ports(peer, connection, &mut grants).await;
-        let tunnels: Vec<_> = ports.iter().map(|p| p.stats.clone()).collect();
         let n_ports = ports.len();
-        let tasks = ports
-            .into_iter()
-            .map(|p| tokio::spawn(p.serve(self.dataplane.clone(), cancel.clone())))
-            .collect();
+        let ports = self.serve_ports(ports, &cancel);
         let remote = self.host.state.remote_addr(&peer);
+        // Revoked leases of this session: their ports are closed already.
+        let (notices, mut revoked) = tokio::sync::mpsc::unbounded_channel();
         // Registered before the welcome: an agent reserves on the relay as soon as
         // it is welcomed, and the relay asks the registry who is a member.
         let id = self.registry.register(
@@ -209,9 +212,9 @@ impl Sessions {
             NewSession {
                 connection,
                 remote: remote.clone(),
-                tunnels,
+                ports,
                 cancel: cancel.clone(),
-                tasks,
+                notices,
             },
         );
         let welcome = Welcome {
@@ -269,6 +272,24 @@ impl Sessions {
                     }
                     continue;
                 }
+                Some(notice) = revoked.recv() => {
+                    n_ports = n_ports.saturating_sub(1);
+                    self.metrics.tunnels_active.dec();
+                    if !hello.lease_lifecycle {
+                        // It would end the session on a message it does not
+                        // know; ended here, it asks again as it reconnects.
+                        break format!("lease of tunnel {} revoked ({}); an agent from before LeaseRevoked reconnects to ask again", notice.tunnel, notice.reason);
+                    }
+                    tracing::info!(%peer, tunnel = %notice.tunnel, reason = %notice.reason, "telling the agent its lease was revoked");
+                    let msg = ControlMessage::LeaseRevoked {
+                        tunnel: notice.tunnel,
+                        reason: notice.reason,
+                    };
+                    if let Err(e) = write_control(&mut ctl, &msg).await {
+                        break e.to_string();
+                    }
+                    continue;
+                }
                 Ok(()) = fleet_changes.changed(), if hello.fleet => {
                     let now = self.fleet.for_agents();
                     if now != told {
@@ -285,17 +306,24 @@ impl Sessions {
                 Ok(ControlMessage::Lease { tunnels }) => {
                     // Paced: an agent asks again every few seconds at most.
                     tokio::time::sleep(LEASE_RETRY_PACE).await;
-                    let mut grants = self.leases.acquire(peer, &tunnels).await;
-                    self.metrics.leases.set(self.leases.count() as i64);
+                    // A tunnel this session serves already keeps its port
+                    // (asked twice, say): neither moved nor bound again.
+                    let (served, asked): (Vec<_>, Vec<_>) = tunnels
+                        .into_iter()
+                        .partition(|t| self.registry.tunnel(&peer, id, &t.name).is_some());
+                    let mut grants = self.leases.acquire(peer, &asked).await;
                     let ports = self.open_ports(peer, connection, &mut grants).await;
                     n_ports += ports.len();
                     self.metrics.tunnels_active.inc_by(ports.len() as i64);
-                    let stats = ports.iter().map(|p| p.stats.clone()).collect();
-                    let tasks = ports
-                        .into_iter()
-                        .map(|p| tokio::spawn(p.serve(self.dataplane.clone(), cancel.clone())))
-                        .collect();
-                    self.registry.add_tunnels(&peer, id, stats, tasks);
+                    let ports = self.serve_ports(ports, &cancel);
+                    self.registry.add_tunnels(&peer, id, ports);
+                    grants.extend(served.into_iter().filter_map(|t| {
+                        let (_, port) = self.registry.tunnel(&peer, id, &t.name)?;
+                        Some(LeaseGrant {
+                            name: t.name,
+                            outcome: LeaseOutcome::Granted { port },
+                        })
+                    }));
                     tracing::info!(%peer, tunnels = %describe(&grants), "leases asked again");
                     let answer = ControlMessage::Leases { leases: grants };
                     if let Err(e) = write_control(&mut ctl, &answer).await {
@@ -337,7 +365,10 @@ impl Sessions {
         self.nodes.release(&peer, id);
         // Close, not drop: a dropped QUIC stream is reset and may lose what was written.
         let _ = tokio::time::timeout(Duration::from_secs(1), ctl.shutdown()).await;
-        self.registry.unregister(&peer, id);
+        if self.registry.unregister(&peer, id) {
+            // Its leases were in use until now: expiry counts from here.
+            self.leases.touch_soon(self.leases.keys_of(&peer));
+        }
         self.metrics.sessions_active.dec();
         self.metrics.tunnels_active.dec_by(n_ports as i64);
         tracing::info!(%peer, reason = %end, "agent session down; its public ports refuse connections until it returns");
@@ -403,6 +434,22 @@ impl Sessions {
                 verdict(true, String::new())
             }
         }
+    }
+
+    /// Starts accepting on bound ports, each until the session ends or its
+    /// lease is revoked (a child of the session's token).
+    fn serve_ports(&self, ports: Vec<PublicPort>, session: &CancellationToken) -> Vec<OpenPort> {
+        ports
+            .into_iter()
+            .map(|p| {
+                let stop = session.child_token();
+                OpenPort {
+                    stats: p.stats.clone(),
+                    stop: stop.clone(),
+                    task: tokio::spawn(p.serve(self.dataplane.clone(), stop)),
+                }
+            })
+            .collect()
     }
 
     /// Binds the granted ports (a port that cannot be bound becomes a

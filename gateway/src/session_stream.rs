@@ -167,32 +167,37 @@ where
     let tw = StallWriter::new(public_w, dp.stalls.clone(), to.peer, Duration::ZERO)
         .counting(dp.stalled_readers.clone());
     let mut tw = Watched::new(tw, activity.clone());
-    let (bytes_in, bytes_out, metrics) = (&to.stats.bytes_in, &to.stats.bytes_out, &dp.metrics);
+    let tracked = dp.track(to.peer, to.stats, &origin);
+    let (bytes_in, bytes_out, metrics) = (
+        tracked.inbound(&to.stats.bytes_in),
+        tracked.outbound(&to.stats.bytes_out),
+        &dp.metrics,
+    );
     let mut check = SpoofCheck::default();
     let mut done = check_spoof(&mut check, &origin.prefix, metrics)?;
     let up = async move {
         if !origin.prefix.is_empty() {
+            bytes_in.pass(origin.prefix.len()).await;
             framing.put(&mut sw, &origin.prefix).await?;
-            bytes_in.inc_by(origin.prefix.len() as u64);
         }
         // Whoever the client is, its own bytes must not start a PROXY header.
         let mut first = [0u8; 16];
         while !done {
             let n = tr.read(&mut first).await?;
             if n == 0 {
-                return framing.up(&b""[..], sw, Tally::new(bytes_in)).await;
+                return framing.up(&b""[..], sw, bytes_in).await;
             }
             done = check_spoof(&mut check, &first[..n], metrics)?;
+            bytes_in.pass(n).await;
             framing.put(&mut sw, &first[..n]).await?;
-            bytes_in.inc_by(n as u64);
         }
-        framing.up(tr, sw, Tally::new(bytes_in)).await
+        framing.up(tr, sw, bytes_in).await
     };
     let down = async move {
         agent_status(&mut sr, metrics).await?;
-        framing.down(sr, &mut tw, Tally::new(bytes_out)).await
+        framing.down(sr, &mut tw, bytes_out).await
     };
-    let idle = dp.idle_timeout;
+    let idle = dp.idle_timeout();
     tokio::select! {
         r = async { tokio::try_join!(up, down) } => r.map(|_| ()),
         _ = activity.idle(idle) => {

@@ -27,7 +27,8 @@ type Counts = Arc<Mutex<HashMap<IpAddr, usize>>>;
 
 /// What each source may hold of one pool.
 pub struct Shares {
-    share: usize,
+    /// Changed by a configuration reload; places already taken stay.
+    share: std::sync::atomic::AtomicUsize,
     grouping: Ipv6Prefix,
     per_source: Counts,
 }
@@ -42,10 +43,16 @@ impl Shares {
     /// `share` places per source; IPv6 sources grouped by `grouping`.
     pub fn new(share: usize, grouping: Ipv6Prefix) -> Self {
         Self {
-            share: share.max(1),
+            share: std::sync::atomic::AtomicUsize::new(share.max(1)),
             grouping,
             per_source: Arc::default(),
         }
+    }
+
+    /// A new share per source, for places taken from now on.
+    pub fn set_share(&self, share: usize) {
+        self.share
+            .store(share.max(1), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// A place for `ip`'s source, unless it holds its share already.
@@ -53,7 +60,7 @@ impl Shares {
         let source = self.grouping.source(ip);
         let mut counts = lock(&self.per_source);
         let held = counts.entry(source).or_default();
-        if *held >= self.share {
+        if *held >= self.share.load(std::sync::atomic::Ordering::Relaxed) {
             return None;
         }
         *held += 1;

@@ -1,5 +1,6 @@
 //! relaygate's end-to-end test kit: real processes, real sockets, real networks.
 
+pub mod browser; // headless chromium driven by tests/js/ui.mjs, for the console tests
 pub mod circuitpeer; // a bare circuit relay v2 peer: reserve, open and accept circuits byte by byte
 pub mod etcd; // a real etcd with its own data dir, for the lease store
 pub mod fleetkit; // gateways of a fleet on a test etcd: start them, reach through them, read their view
@@ -9,3 +10,4 @@ pub mod nodes; // plain libp2p nodes: a rust lab-node on loopback, the js-libp2p
 pub mod procs; // child processes: workspace binaries, captured logs, kill on drop
 pub mod rawpeer; // a bare libp2p peer that sends the gateway hand-made (also malformed) input
 pub mod stack; // gateway, agents and targets wired together on free ports
+pub mod targets; // tunnel targets that measure: a counting sink, an endless source

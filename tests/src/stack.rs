@@ -40,6 +40,9 @@ pub struct GatewaySpec {
     pub extra: Vec<String>,
     /// Data dir to use instead of a fresh temporary one.
     pub data_dir: Option<PathBuf>,
+    /// Host part to advertise (e.g. `/dns4/127.0.0.1`), with the gateway's
+    /// own ports; by default `public_ip`'s, when it differs from `bind`.
+    pub advertise_host: Option<String>,
 }
 
 impl Default for GatewaySpec {
@@ -50,6 +53,7 @@ impl Default for GatewaySpec {
             port_range: None,
             extra: Vec::new(),
             data_dir: None,
+            advertise_host: None,
         }
     }
 }
@@ -97,11 +101,15 @@ impl Gateway {
             "--log-level".into(),
             "info,relaygate_gateway=debug".into(),
         ];
-        if spec.public_ip != spec.bind {
+        let advertise = spec
+            .advertise_host
+            .clone()
+            .or_else(|| (spec.public_ip != spec.bind).then(|| format!("/ip4/{}", spec.public_ip)));
+        if let Some(host) = advertise {
             args.push("--advertise".into());
-            args.push(format!("/ip4/{}/tcp/{tcp}", spec.public_ip));
+            args.push(format!("{host}/tcp/{tcp}"));
             args.push("--advertise".into());
-            args.push(format!("/ip4/{}/udp/{quic}/quic-v1", spec.public_ip));
+            args.push(format!("{host}/udp/{quic}/quic-v1"));
         }
         args.extend(spec.extra.iter().cloned());
         let mut gw = Gateway {
@@ -176,6 +184,9 @@ pub struct Agent {
     pub proc: Proc,
     pub dir: tempfile::TempDir,
     pub admin: SocketAddr,
+    /// Its command line (without the binary), and the join token it was given.
+    args: Vec<std::ffi::OsString>,
+    token: Option<String>,
 }
 
 impl Agent {
@@ -205,30 +216,59 @@ impl Agent {
         let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port())
             .parse()
             .expect("admin addr");
-        let mut cmd = launch(&workspace_bin("relaygate-agent"));
-        cmd.arg("--data-dir")
-            .arg(dir.path())
-            .arg("--gateway")
-            .arg(gw.addr(t));
-        cmd.arg("--admin-listen").arg(admin.to_string());
-        cmd.args([
-            "--set",
-            "reconnect.max=2s",
-            "--log-level",
-            "info,relaygate_agent=debug",
-        ]);
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "--data-dir".into(),
+            dir.path().into(),
+            "--gateway".into(),
+            gw.addr(t).into(),
+            "--admin-listen".into(),
+            admin.to_string().into(),
+            "--set".into(),
+            "reconnect.max=2s".into(),
+            "--log-level".into(),
+            "info,relaygate_agent=debug".into(),
+        ];
         for tun in tunnels {
-            cmd.arg("--tunnel").arg(tun);
+            args.push("--tunnel".into());
+            args.push(tun.into());
         }
-        if token {
-            cmd.env("RELAYGATE_GATEWAY__TOKEN", &gw.token);
+        args.extend(extra.iter().map(Into::into));
+        let token = token.then(|| gw.token.clone());
+        let mut cmd = launch(&workspace_bin("relaygate-agent"));
+        cmd.args(&args);
+        if let Some(t) = &token {
+            cmd.env("RELAYGATE_GATEWAY__TOKEN", t);
         }
-        cmd.args(extra);
         Agent {
             proc: Proc::spawn("agent", cmd),
             dir,
             admin,
+            args,
+            token,
         }
+    }
+
+    /// Runs `relaygate-agent` with this agent's own command line and
+    /// `subcommand` (e.g. `doctor`: same data dir, gateway, admin API and
+    /// tunnels) until it exits: (success, every line it wrote). Panics
+    /// after `timeout`.
+    pub fn run_cli(
+        &self,
+        launch: Launch,
+        subcommand: &[&str],
+        timeout: Duration,
+    ) -> (bool, String) {
+        let mut cmd = launch(&workspace_bin("relaygate-agent"));
+        cmd.args(&self.args).args(subcommand);
+        if let Some(t) = &self.token {
+            cmd.env("RELAYGATE_GATEWAY__TOKEN", t);
+        }
+        let label = format!("agent {}", subcommand.join(" "));
+        let mut p = Proc::spawn(&label, cmd);
+        let st = p
+            .wait_exit(timeout)
+            .unwrap_or_else(|| panic!("{label} did not finish within {timeout:?}"));
+        (st.success(), p.lines().join("\n"))
     }
 
     /// Waits for the log line announcing tunnel `name`'s lease; returns the port.
@@ -399,6 +439,94 @@ pub fn http_request(addr: SocketAddr, method: &str, path: &str, body: &str) -> (
         .unwrap_or(0);
     let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
     (status, body)
+}
+
+/// GET with the response's headers: (status, headers with lower-case names,
+/// body), or (0, [], "") when it cannot be reached.
+pub fn http_get_headers(addr: SocketAddr, path: &str) -> (u16, Vec<(String, String)>, String) {
+    let Ok(mut s) = TcpStream::connect(addr) else {
+        return (0, Vec::new(), String::new());
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let req = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    if s.write_all(req.as_bytes()).is_err() {
+        return (0, Vec::new(), String::new());
+    }
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((out.as_str(), ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    (status, headers, body.to_string())
+}
+
+/// Server-sent events from `path`: `(event, data)` of each frame (comments
+/// skipped), read until `want` frames came or `timeout` passed.
+pub fn sse_frames(
+    addr: SocketAddr,
+    path: &str,
+    want: usize,
+    timeout: Duration,
+) -> Vec<(String, String)> {
+    let mut frames = Vec::new();
+    let Ok(mut s) = TcpStream::connect(addr) else {
+        return frames;
+    };
+    // HTTP/1.0: the stream comes unchunked, and ends when the server closes.
+    let req = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n");
+    if s.write_all(req.as_bytes()).is_err() {
+        return frames;
+    }
+    let _ = s.set_read_timeout(Some(Duration::from_millis(100)));
+    let deadline = Instant::now() + timeout;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    let mut parsed = 0; // bytes of `buf` already parsed
+    while frames.len() < want && Instant::now() < deadline {
+        match s.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => break,
+        }
+        let Some(start) = find(&buf, b"\r\n\r\n").map(|i| i + 4) else {
+            continue;
+        };
+        parsed = parsed.max(start);
+        while let Some(end) = find(&buf[parsed..], b"\n\n") {
+            let frame = String::from_utf8_lossy(&buf[parsed..parsed + end]).into_owned();
+            parsed += end + 2;
+            let mut event = String::from("message");
+            let mut data: Vec<&str> = Vec::new();
+            for line in frame.lines() {
+                if let Some(v) = line.strip_prefix("event:") {
+                    event = v.trim().to_string();
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data.push(v.strip_prefix(' ').unwrap_or(v));
+                }
+            }
+            if !data.is_empty() {
+                frames.push((event, data.join("\n")));
+            }
+        }
+    }
+    frames
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
 }
 
 /// Reads one sample of a metric (`name{labels} value`) from a Prometheus text body.

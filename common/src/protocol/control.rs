@@ -52,6 +52,15 @@ pub enum ControlMessage {
     Nodes {
         claims: Vec<NodeClaim>,
     },
+    /// From the gateway, to an agent whose hello said `lease_lifecycle`:
+    /// the tunnel's lease was revoked (its public port no longer accepts;
+    /// connections already open go on). The agent stops advertising that
+    /// port and asks for a new lease with `Lease`.
+    LeaseRevoked {
+        tunnel: TunnelName,
+        /// Why, for the agent's log.
+        reason: String,
+    },
     /// The gateway's answer to one claim.
     NodeVerdict {
         tunnel: TunnelName,
@@ -95,6 +104,16 @@ pub struct Hello {
     /// welcome and sends `Fleet` when they change.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub fleet: bool,
+    /// The agent takes `LeaseRevoked` (an agent from before would end its
+    /// session on an unknown message), and `tunnels` with `paused` name
+    /// every tunnel it has, so the gateway releases its leases under other
+    /// names (renamed tunnels).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub lease_lifecycle: bool,
+    /// Tunnels the agent has but does not run now (refused at its start,
+    /// e.g. transparent delivery unavailable): their leases are kept.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paused: Vec<TunnelName>,
 }
 
 impl std::fmt::Debug for Hello {
@@ -104,6 +123,8 @@ impl std::fmt::Debug for Hello {
             .field("token", &self.token.as_ref().map(|_| crate::names::MASK))
             .field("tunnels", &self.tunnels)
             .field("fleet", &self.fleet)
+            .field("lease_lifecycle", &self.lease_lifecycle)
+            .field("paused", &self.paused)
             .finish()
     }
 }
@@ -322,10 +343,10 @@ pub fn decode_control(body: &[u8]) -> Result<ControlMessage, WireError> {
         serde_json::from_slice(body).map_err(|e| WireError::Malformed(e.to_string()))?;
     let version = match &msg {
         ControlMessage::Hello(h) => {
-            if h.tunnels.len() > MAX_TUNNELS_PER_HELLO {
+            if h.tunnels.len() + h.paused.len() > MAX_TUNNELS_PER_HELLO {
                 return Err(WireError::Malformed(format!(
                     "{} tunnels in one hello, at most {MAX_TUNNELS_PER_HELLO}",
-                    h.tunnels.len()
+                    h.tunnels.len() + h.paused.len()
                 )));
             }
             h.version
@@ -347,6 +368,7 @@ pub fn decode_control(body: &[u8]) -> Result<ControlMessage, WireError> {
         ControlMessage::Refused(_)
         | ControlMessage::Nodes { .. }
         | ControlMessage::NodeVerdict { .. }
+        | ControlMessage::LeaseRevoked { .. }
         | ControlMessage::DialbackResult { .. }
         | ControlMessage::Lease { .. }
         | ControlMessage::Leases { .. }

@@ -41,6 +41,8 @@ fn a_logged_hello_hides_its_token() {
         token: Some("rgt_supersecret".into()),
         tunnels: vec![],
         fleet: true,
+        lease_lifecycle: true,
+        paused: vec![],
     });
     let shown = format!("{hello:?}");
     assert!(
@@ -166,6 +168,8 @@ async fn control_frames_round_trip_and_reject_garbage() {
             name: "node".parse().unwrap(),
             port: LeasePort::new(9905),
         }],
+        lease_lifecycle: true,
+        paused: vec!["off".parse().unwrap()],
     });
     let mut buf = Vec::new();
     write_control(&mut buf, &hello).await.unwrap();
@@ -218,6 +222,10 @@ async fn control_frames_round_trip_and_reject_garbage() {
             }],
         },
         ControlMessage::Leases { leases: vec![] },
+        ControlMessage::LeaseRevoked {
+            tunnel: "b".parse().unwrap(),
+            reason: "revoked by the operator".into(),
+        },
     ] {
         let mut buf = Vec::new();
         write_control(&mut buf, &msg).await.unwrap();
@@ -252,6 +260,12 @@ async fn control_frames_round_trip_and_reject_garbage() {
             assert_eq!(w.lanes.map(LaneCount::clamped), LaneCount::new(MAX_LANES))
         }
         other => panic!("newer welcome: {other:?}"),
+    }
+    // A hello from an agent before lease lifecycle: neither flag nor paused.
+    let plain = br#"{"type":"hello","version":1,"tunnels":[]}"#;
+    match decode_control(plain) {
+        Ok(ControlMessage::Hello(h)) => assert!(!h.lease_lifecycle && h.paused.is_empty()),
+        other => panic!("older hello: {other:?}"),
     }
     let v2 = br#"{"type":"hello","version":2,"tunnels":[]}"#;
     assert!(matches!(decode_control(v2), Err(WireError::Version(2))));

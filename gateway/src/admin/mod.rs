@@ -1,5 +1,8 @@
 //! The gateway's admin API routes.
 
+pub mod console;
+mod leases;
+
 use std::sync::Arc;
 
 use axum::{
@@ -36,6 +39,8 @@ pub struct AdminState {
     pub nodes: Arc<NodeBook>,
     /// Which tunnel holds which public port.
     pub leases: Arc<Leases>,
+    /// What the console shows and does besides.
+    pub console: Arc<console::Console>,
 }
 
 #[derive(Deserialize)]
@@ -101,6 +106,8 @@ pub fn router(state: AdminState) -> Router {
             "/v1/fleet",
             get(|State(s): State<AdminState>| async move { Json(s.fleet.view()) }),
         )
+        .merge(console::routes())
+        .merge(leases::routes())
         .merge(relaygate_common::admin_ui::routes())
         .with_state(state)
 }

@@ -1,6 +1,7 @@
-//! `leases.*`: which public ports tunnels get, and how many.
+//! `leases.*`: which public ports tunnels get, how many, and for how long
+//! an agent may stay away before its leases are freed.
 
-use std::net::IpAddr;
+use std::{net::IpAddr, time::Duration};
 
 use relaygate_common::names::{LeasePort, PortRange};
 use serde::{Deserialize, Serialize};
@@ -16,7 +17,17 @@ pub struct LeaseConfig {
     pub allowed_ports: Vec<PortRange>,
     /// Most tunnels one agent may hold.
     pub max_tunnels_per_agent: usize,
+    /// Leases of an agent that has had no session for this long are freed;
+    /// `0s`: never.
+    #[serde(with = "humantime_serde")]
+    pub expire_after: Duration,
 }
+
+/// A week: a node off for longer has dropped out of its peers' address
+/// books anyway, while one down over a long weekend or a holiday keeps its
+/// port; and an agent without a persistent identity (a pod with no volume),
+/// which leaks one lease per restart, holds at most a week of them.
+pub const DEFAULT_EXPIRE_AFTER: Duration = Duration::from_secs(7 * 24 * 3600);
 
 impl Default for LeaseConfig {
     fn default() -> Self {
@@ -28,6 +39,7 @@ impl Default for LeaseConfig {
             },
             allowed_ports: Vec::new(),
             max_tunnels_per_agent: 16,
+            expire_after: DEFAULT_EXPIRE_AFTER,
         }
     }
 }

@@ -11,6 +11,7 @@ use relaygate_common::{
 };
 use serde::{Deserialize, Serialize};
 
+pub mod bandwidth;
 pub mod fleet;
 pub mod guard;
 pub mod leases;
@@ -40,6 +41,8 @@ pub struct GatewayConfig {
     pub relay: RelayConfig,
     pub autonat: AutonatConfig,
     pub limits: LimitsConfig,
+    /// Caps on tunnel traffic, per agent and per tunnel.
+    pub bandwidth: bandwidth::BandwidthConfig,
     pub guard: guard::GuardConfig,
     pub session: SessionTuning,
     pub admin: AdminConfig,
@@ -60,6 +63,9 @@ pub struct AdmissionConfig {
     pub token: Secret,
     /// Join token file; generated (0600) on first start. Default: `<data_dir>/join-token`.
     pub token_file: Option<PathBuf>,
+    /// Further join tokens admitted besides the main one, so a token can be
+    /// rotated: give agents the new one, reload, drop the old one, reload.
+    pub accept_tokens: Vec<Secret>,
 }
 
 impl Default for AdmissionConfig {
@@ -69,6 +75,7 @@ impl Default for AdmissionConfig {
             tokens: true,
             token: Secret::default(),
             token_file: None,
+            accept_tokens: Vec::new(),
         }
     }
 }
@@ -269,6 +276,7 @@ impl Default for GatewayConfig {
             relay: RelayConfig::default(),
             autonat: AutonatConfig::default(),
             limits: LimitsConfig::default(),
+            bandwidth: bandwidth::BandwidthConfig::default(),
             guard: guard::GuardConfig::default(),
             session: SessionTuning::gateway(),
             admin: AdminConfig::default(),

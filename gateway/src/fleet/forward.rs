@@ -202,7 +202,7 @@ impl Forwarder {
                     tcp,
                     Tally::new(&down),
                     Tally::new(&up),
-                    dp.idle_timeout,
+                    dp.idle_timeout(),
                     |_| Ok(true),
                     async |_| Ok(()),
                 )
@@ -220,7 +220,7 @@ impl Forwarder {
                 let bounds = Bounds {
                     deadline: None,
                     data: None,
-                    idle: dp.idle_timeout,
+                    idle: dp.idle_timeout(),
                     rate: 0,
                     stall: Duration::ZERO,
                 };

@@ -3,7 +3,10 @@
 //! `ports/<port>` holds `<agent>/<tunnel>`. A claim reads both and writes
 //! both in one transaction that holds only if neither changed since (their
 //! revisions are compared), retried a few times under contention: two
-//! gateways never give one port to two tunnels.
+//! gateways never give one port to two tunnels. A third,
+//! `active/<agent>/<tunnel>`, holds when the lease was last in use by a
+//! session (milliseconds since the UNIX epoch), written by whichever
+//! gateway holds the agent, so every gateway judges expiry alike.
 
 use std::time::Duration;
 
@@ -21,6 +24,8 @@ use crate::config::store::EtcdConfig;
 const CLAIM_ATTEMPTS: usize = 8;
 /// Between attempts of a request that failed for a transient reason.
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
+/// Times of last use written in one transaction (etcd allows 128 operations).
+const TOUCH_BATCH: usize = 60;
 
 pub struct EtcdStore {
     client: Client,
@@ -55,6 +60,33 @@ impl EtcdStore {
 
     fn port_key(&self, port: LeasePort) -> String {
         format!("{}ports/{}", self.prefix, port.get())
+    }
+
+    fn active_key(&self, key: &LeaseKey) -> String {
+        format!("{}active/{key}", self.prefix)
+    }
+
+    /// Runs `txn`; whether its comparisons held.
+    fn txn(&self, txn: Txn) -> Result<bool, StoreError> {
+        let resp = self.run(|mut kv| {
+            let txn = txn.clone();
+            async move { kv.txn(txn).await }
+        })?;
+        Ok(resp.succeeded())
+    }
+
+    /// Writes `at` as the last use of each of `keys` that has a lease, in
+    /// one transaction; false when one of them has none (any more).
+    fn touch_all(&self, keys: &[LeaseKey], at: u64) -> Result<bool, StoreError> {
+        let when: Vec<Compare> = keys
+            .iter()
+            .map(|k| Compare::version(self.lease_key(k), CompareOp::Greater, 0))
+            .collect();
+        let then: Vec<TxnOp> = keys
+            .iter()
+            .map(|k| TxnOp::put(self.active_key(k), at.to_string(), None))
+            .collect();
+        self.txn(Txn::new().when(when).and_then(then))
     }
 
     /// Runs the request `f` makes on the runtime, again after transient
@@ -152,6 +184,10 @@ fn unchanged(key: &str, read: &Option<(Vec<u8>, i64)>) -> Compare {
     }
 }
 
+fn parse_time(v: &[u8]) -> Option<u64> {
+    std::str::from_utf8(v).ok()?.parse().ok()
+}
+
 fn parse_port(v: &[u8]) -> Result<LeasePort, StoreError> {
     std::str::from_utf8(v)
         .ok()
@@ -234,6 +270,79 @@ impl LeaseStore for EtcdStore {
             self.delete_if(lk, port.get().to_string())?;
             self.delete_if(self.port_key(port), key.to_string())?;
         }
+        let ak = self.active_key(key);
+        self.run(|mut kv| {
+            let ak = ak.clone();
+            async move { kv.delete(ak, None).await }
+        })?;
         Ok(())
+    }
+
+    fn touch(&self, keys: &[LeaseKey], at: u64) -> Result<(), StoreError> {
+        for batch in keys.chunks(TOUCH_BATCH) {
+            // A lease removed meanwhile fails the batch: then key by key,
+            // so the others are still written and the removed one is not
+            // brought back.
+            if !self.touch_all(batch, at)? {
+                for k in batch {
+                    self.touch_all(std::slice::from_ref(k), at)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn snapshot(&self) -> Result<Vec<(Lease, Option<u64>)>, StoreError> {
+        let prefix = format!("{}active/", self.prefix);
+        let resp = self.run(|mut kv| {
+            let prefix = prefix.clone();
+            async move { kv.get(prefix, Some(GetOptions::new().with_prefix())).await }
+        })?;
+        let times: std::collections::HashMap<String, u64> = resp
+            .kvs()
+            .iter()
+            .filter_map(|kv| {
+                let k = String::from_utf8_lossy(kv.key());
+                let key = k.strip_prefix(&prefix)?.to_string();
+                Some((key, parse_time(kv.value())?))
+            })
+            .collect();
+        Ok(self
+            .load()?
+            .into_iter()
+            .map(|l| {
+                let at = times.get(&l.key.to_string()).copied();
+                (l, at)
+            })
+            .collect())
+    }
+
+    fn expire(&self, key: &LeaseKey, seen: Option<u64>) -> Result<bool, StoreError> {
+        let (lk, ak) = (self.lease_key(key), self.active_key(key));
+        let Some((v, rev)) = self.read(&lk)? else {
+            return Ok(true);
+        };
+        let port = parse_port(&v)?;
+        let used = match seen {
+            Some(at) => Compare::value(ak.clone(), CompareOp::Equal, at.to_string()),
+            None => Compare::version(ak.clone(), CompareOp::Equal, 0),
+        };
+        let txn = Txn::new()
+            .when([
+                Compare::mod_revision(lk.clone(), CompareOp::Equal, rev),
+                used,
+            ])
+            .and_then([TxnOp::delete(lk, None), TxnOp::delete(ak, None)]);
+        if !self.txn(txn)? {
+            return Ok(false);
+        }
+        self.delete_if(self.port_key(port), key.to_string())?;
+        Ok(true)
+    }
+
+    fn port_of(&self, key: &LeaseKey) -> Result<Option<LeasePort>, StoreError> {
+        self.read(&self.lease_key(key))?
+            .map(|(v, _)| parse_port(&v))
+            .transpose()
     }
 }

@@ -1,5 +1,6 @@
 //! Where leases are kept. The [`LeaseStore`] trait is small on purpose:
-//! load, claim and remove. A claim is atomic in the store, so several
+//! load, claim and remove, and when each lease was last in use (for
+//! `leases.expire_after`). A claim is atomic in the store, so several
 //! gateways sharing one store never give a port to two tunnels, and a tunnel
 //! gets the same port from each. [`EmbeddedStore`] keeps leases in a redb
 //! file (one gateway); [`EtcdStore`] in etcd (a fleet).
@@ -78,7 +79,26 @@ pub trait LeaseStore: Send + Sync + 'static {
     /// the key holds another port in the store that this gateway did not
     /// know of.
     fn claim(&self, lease: &Lease, previous: Option<LeasePort>) -> Result<Claim, StoreError>;
+    /// Removes the lease and its time of last use.
     fn remove(&self, key: &LeaseKey) -> Result<(), StoreError>;
+    /// Records that `keys` were in use by a session at `at` (milliseconds
+    /// since the UNIX epoch). A key without a lease is skipped: a lease
+    /// removed meanwhile is not brought back.
+    fn touch(&self, keys: &[LeaseKey], at: u64) -> Result<(), StoreError>;
+    /// Every lease with its recorded time of last use (`None`: never recorded).
+    fn snapshot(&self) -> Result<Vec<(Lease, Option<u64>)>, StoreError>;
+    /// Removes an expired lease, unless its time of last use is no longer
+    /// `seen` (a gateway of the fleet used it since). Whether the lease is
+    /// gone from the store now.
+    fn expire(&self, key: &LeaseKey, seen: Option<u64>) -> Result<bool, StoreError>;
+    /// The port `key` holds, as the store knows it now.
+    fn port_of(&self, key: &LeaseKey) -> Result<Option<LeasePort>, StoreError> {
+        Ok(self
+            .load()?
+            .into_iter()
+            .find(|l| &l.key == key)
+            .map(|l| l.port))
+    }
     /// Who holds `port`, as the store knows it now (leases other gateways
     /// granted included).
     fn holder(&self, port: LeasePort) -> Result<Option<LeaseKey>, StoreError> {
