@@ -553,55 +553,16 @@ async fn check(
 /// Hands `report` to the running agent (`PUT /v1/doctor` on its admin API,
 /// with the configured token), so its console shows this run as the last.
 fn hand_over(listen: SocketAddr, admin: &AdminConfig, report: &DoctorReport) -> Result<(), String> {
-    use std::io::{Read, Write};
-    if admin.tls_cert.is_some() {
-        // The binaries' shared admin client only GETs; this one speaks plain HTTP.
-        return Err(
-            "its admin API speaks TLS, which handing the report over does not support yet".into(),
-        );
-    }
-    let mut addr = listen;
-    if addr.ip().is_unspecified() {
-        addr.set_ip(if addr.is_ipv4() {
-            [127, 0, 0, 1].into()
-        } else {
-            std::net::Ipv6Addr::LOCALHOST.into()
-        });
-    }
-    let token = match &admin.token_file {
-        Some(p) => Some(
-            std::fs::read_to_string(p)
-                .map_err(|e| format!("cannot read admin.token_file {}: {e}", p.display()))?
-                .trim()
-                .to_owned(),
-        ),
-        None if !admin.token.is_empty() => Some(admin.token.expose().to_owned()),
-        None => None,
-    };
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
     let body = serde_json::to_string(report).map_err(|e| e.to_string())?;
-    let request = format!(
-        "PUT /v1/doctor HTTP/1.0\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    let timeout = Duration::from_secs(3);
-    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)
-        .map_err(|e| format!("admin API at {addr}: {e}"))?;
-    let _ = s.set_read_timeout(Some(timeout));
-    let _ = s.set_write_timeout(Some(timeout));
-    s.write_all(request.as_bytes())
-        .map_err(|e| format!("admin API at {addr}: {e}"))?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp)
-        .map_err(|e| format!("admin API at {addr}: {e}"))?;
-    match resp.split_whitespace().nth(1) {
-        Some(code) if code.starts_with('2') => Ok(()),
-        Some(code) => Err(format!(
-            "admin API at {addr} answered HTTP {code} (an agent from before PUT /v1/doctor?)"
+    // The binaries' shared admin client: the token, and TLS when the admin API speaks it.
+    let (status, _) =
+        relaygate_common::admin::request_json(listen, admin, "PUT", "/v1/doctor", Some(&body))?;
+    match status {
+        200..=299 => Ok(()),
+        0 => Err(format!("admin API at {listen} gave no answer")),
+        code => Err(format!(
+            "admin API at {listen} answered HTTP {code} (an agent from before PUT /v1/doctor?)"
         )),
-        None => Err(format!("admin API at {addr} gave no answer")),
     }
 }
 

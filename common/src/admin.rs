@@ -378,6 +378,17 @@ pub fn request(
     method: &str,
     path: &str,
 ) -> Result<(u16, String), String> {
+    request_json(listen, cfg, method, path, None)
+}
+
+/// As [`request`], with a JSON body when `body` is given (`PUT /v1/doctor`).
+pub fn request_json(
+    listen: SocketAddr,
+    cfg: &AdminConfig,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> Result<(u16, String), String> {
     use std::io::{Read, Write};
     let mut addr = listen;
     if addr.ip().is_unspecified() {
@@ -396,10 +407,22 @@ pub fn request(
     let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)
         .map_err(|e| format!("admin API at {addr}: {e}"))?;
     let _ = s.set_read_timeout(Some(timeout));
+    let _ = s.set_write_timeout(Some(timeout));
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
-    let request = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}\r\n");
+    let content = body
+        .map(|b| {
+            format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                b.len()
+            )
+        })
+        .unwrap_or_default();
+    let request = format!(
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}{content}\r\n{}",
+        body.unwrap_or_default()
+    );
     let mut resp = String::new();
     match cfg.client_tls()? {
         None => {

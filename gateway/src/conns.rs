@@ -141,7 +141,7 @@ impl LiveConns {
         }
         out.into_iter()
             .map(|(agent, (mut v, n))| {
-                v.sort_by(|a, b| b.id.cmp(&a.id));
+                v.sort_by_key(|c| std::cmp::Reverse(c.id));
                 v.truncate(limit);
                 (agent, (v.iter().map(|c| c.view()).collect(), n))
             })

@@ -48,6 +48,19 @@ fn admin_api_speaks_https_with_the_configured_certificate() {
     assert_eq!(status, 200);
     assert!(body.contains("relaygate_gateway_sessions_active"));
 
+    // A request with a JSON body rides the same client, over TLS too.
+    let agent = libp2p::PeerId::random();
+    let (status, body) = relaygate_common::admin::request_json(
+        gw.admin,
+        &cfg,
+        "PUT",
+        &format!("/v1/agents/caps?agent={agent}"),
+        Some(r#"{"inbound": 1000000, "outbound": 0, "burst": 0}"#),
+    )
+    .expect("https PUT");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"inbound\":1000000"), "{body}");
+
     // A different certificate is not trusted.
     let other = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).expect("cert");
     let other_cert = dir.path().join("other.crt");

@@ -267,7 +267,14 @@ fn port_ranges_change_for_the_leases_asked_next() {
     let echo = Echo::start();
     let wanted = relaygate_tests::procs::free_tcp_port();
     let tunnel = format!("{}@{wanted}", echo.tunnel("fixed"));
-    let before = Agent::start(&here, &gw, Transport::Tcp, &[tunnel.clone()], true, &[]);
+    let before = Agent::start(
+        &here,
+        &gw,
+        Transport::Tcp,
+        std::slice::from_ref(&tunnel),
+        true,
+        &[],
+    );
     before
         .proc
         .wait_for(|l| l.contains("port_not_allowed"), LEASE)
