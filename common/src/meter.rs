@@ -50,11 +50,6 @@ impl<'a> Tally<'a> {
         self
     }
 
-    /// Whether bytes must wait for a cap (callers size reads by it).
-    pub fn is_paced(&self) -> bool {
-        self.pacer.is_some()
-    }
-
     /// Waits until `n` bytes read may be written on, then counts them.
     pub async fn pass(&self, n: usize) {
         if let Some(wait) = self.pacer.and_then(|p| p.pass(n)) {

@@ -3,7 +3,7 @@
 
 use std::{path::Path, sync::Arc, time::Duration};
 
-use libp2p::{identity::Keypair, multiaddr::Protocol, Multiaddr};
+use libp2p::identity::Keypair;
 use relaygate_common::{
     circuit::HOP_PROTOCOL,
     identity::{self, KeySource},
@@ -91,6 +91,8 @@ pub async fn run(cfg: GatewayConfig, reload: crate::reload::Source) -> anyhow::R
     let peer_id = key.public().to_peer_id();
     tracing::info!(%peer_id, source = ?key_source, "identity");
     let mut token = load_token(&cfg)?;
+    // etcd's join token, for a reload in a fleet to keep.
+    let mut fleet_token = None;
     // One client for everything the fleet shares (it multiplexes requests).
     let etcd = match cfg.store.kind {
         StoreKind::Etcd => Some(crate::store::connect_client(&cfg.store.etcd).await?),
@@ -101,6 +103,7 @@ pub async fn run(cfg: GatewayConfig, reload: crate::reload::Source) -> anyhow::R
         let mut client = client.clone();
         let fleet =
             crate::fleet::token::fleet_token(&mut client, &cfg.store.etcd.prefix, mine).await?;
+        fleet_token = Some(fleet.clone());
         if fleet.expose() != mine.expose() {
             if cfg.admission.token.is_empty() {
                 crate::fleet::token::keep(&cfg.token_file(), &fleet)?;
@@ -197,6 +200,9 @@ pub async fn run(cfg: GatewayConfig, reload: crate::reload::Source) -> anyhow::R
         cfg.session.stream_window,
         cfg.session.connection_window,
     ));
+    if cfg.bandwidth.any() && cfg.session.data_path != relaygate_common::transport::DataPath::Lane {
+        tracing::warn!("bandwidth caps with session.data_path = \"session\": a capped connection's held bytes sit in the agent's QUIC connection window and can slow its other connections; keep lanes on with caps");
+    }
     let live = Arc::new(crate::conns::LiveConns::default());
     let caps = crate::caps::Caps::new(cfg.bandwidth.clone(), metrics.clone());
     let dataplane = Arc::new(DataPlane {
@@ -314,13 +320,14 @@ pub async fn run(cfg: GatewayConfig, reload: crate::reload::Source) -> anyhow::R
     let reloader = crate::reload::Reloader::new(
         reload,
         cfg.clone(),
-        token.as_ref().map(|(t, _)| t.clone()),
+        fleet_token,
         admission.clone(),
         guard.clone(),
         dataplane.clone(),
         caps.clone(),
         leases.clone(),
         hop.clone(),
+        host.clone(),
         metrics.clone(),
     );
     tokio::spawn(crate::reload::on_sighup(reloader.clone()));
@@ -366,7 +373,7 @@ pub async fn run(cfg: GatewayConfig, reload: crate::reload::Source) -> anyhow::R
             cfg.listen
         );
     }
-    print_banner(
+    crate::banner::print_banner(
         &cfg,
         &host.state.listen_addrs(),
         &host.peer_id,
@@ -468,7 +475,7 @@ fn describe(
     let (cfg, registry, state) = (cfg.clone(), registry.clone(), state.clone());
     Arc::new(move || Member {
         peer_id: peer.to_string(),
-        addresses: dial_addrs(&cfg.advertise, &state.listen_addrs(), &peer)
+        addresses: crate::banner::dial_addrs(&cfg.advertise, &state.listen_addrs(), &peer)
             .iter()
             .map(ToString::to_string)
             .collect(),
@@ -480,90 +487,4 @@ fn describe(
         ports: registry.ports(),
         updated: unix_now(),
     })
-}
-
-/// Addresses an agent can dial: advertised ones, else the concrete listen addresses.
-pub(crate) fn dial_addrs(
-    advertise: &[Multiaddr],
-    listening: &[Multiaddr],
-    peer: &libp2p::PeerId,
-) -> Vec<Multiaddr> {
-    let base: Vec<Multiaddr> = if advertise.is_empty() {
-        listening.to_vec()
-    } else {
-        advertise.to_vec()
-    };
-    let mut out: Vec<Multiaddr> = base
-        .into_iter()
-        .map(|a| a.with(Protocol::P2p(*peer)))
-        .collect();
-    // QUIC first: it is what agents try first.
-    out.sort_by_key(|a| !a.iter().any(|p| matches!(p, Protocol::QuicV1)));
-    out.dedup();
-    out
-}
-
-fn print_banner(
-    cfg: &GatewayConfig,
-    listening: &[Multiaddr],
-    peer: &libp2p::PeerId,
-    admin: std::net::SocketAddr,
-    token: Option<&(Secret, bool)>,
-) {
-    let addrs = dial_addrs(&cfg.advertise, listening, peer);
-    let mut s = String::new();
-    s.push_str(&format!(
-        "relaygate-gateway {} is up\n",
-        env!("CARGO_PKG_VERSION")
-    ));
-    s.push_str(&format!("  peer id   {peer}\n"));
-    for a in &addrs {
-        s.push_str(&format!("  address   {a}\n"));
-    }
-    s.push_str(&format!(
-        "  ports     {} (leased to tunnels)\n",
-        cfg.leases.port_range
-    ));
-    s.push_str(&format!("  admin     http://{admin}/v1/agents\n\n"));
-    // One QUIC and one TCP address of the first host: QUIC is tried first, TCP is the fallback.
-    let is_quic = |a: &Multiaddr| a.iter().any(|p| matches!(p, Protocol::QuicV1));
-    let first_host = addrs.first().and_then(|a| a.iter().next());
-    let same_host: Vec<&Multiaddr> = addrs
-        .iter()
-        .filter(|a| a.iter().next() == first_host)
-        .collect();
-    let gw: Vec<String> = same_host
-        .iter()
-        .find(|a| is_quic(a))
-        .into_iter()
-        .chain(same_host.iter().find(|a| !is_quic(a)))
-        .map(|a| format!("--gateway {a}"))
-        .collect();
-    s.push_str("Run an agent next to your node with:\n");
-    match token {
-        Some((t, true)) => {
-            // In the environment, not on the command line, where `ps` shows it.
-            s.push_str(&format!(
-                "  RELAYGATE_GATEWAY__TOKEN={} relaygate-agent {} --tunnel node=127.0.0.1:9905\n",
-                t.expose(),
-                gw.join(" ")
-            ));
-            s.push_str(&format!("(the join token was just created in {}; it is shown only now, `relaygate-gateway token` prints it again)\n", cfg.token_file().display()));
-        }
-        Some((_, false)) => {
-            s.push_str(&format!(
-                "  RELAYGATE_GATEWAY__TOKEN=<join token> relaygate-agent {} --tunnel node=127.0.0.1:9905\n",
-                gw.join(" ")
-            ));
-            s.push_str("(print the join token with `relaygate-gateway token`)\n");
-        }
-        None => {
-            s.push_str(&format!(
-                "  relaygate-agent {} --tunnel node=127.0.0.1:9905\n",
-                gw.join(" ")
-            ));
-            s.push_str("(join tokens are off: add the agent's peer id to admission.allow)\n");
-        }
-    }
-    print!("{s}");
 }

@@ -159,9 +159,13 @@ impl Caps {
     }
 
     fn changed(&self) {
-        let any = self.read_cfg().any() || lock(&self.overrides).values().any(|c| !c.is_uncapped());
-        *lock(&self.buckets) = Buckets::default();
-        self.any.store(any, Ordering::Relaxed);
+        // Under the buckets' lock, so two changes at once cannot leave `any`
+        // computed from the state before the later one.
+        let mut buckets = lock(&self.buckets);
+        let configured = self.read_cfg().any();
+        let overridden = lock(&self.overrides).values().any(|c| !c.is_uncapped());
+        *buckets = Buckets::default();
+        self.any.store(configured || overridden, Ordering::Relaxed);
         self.generation.fetch_add(1, Ordering::Release);
     }
 
@@ -170,8 +174,10 @@ impl Caps {
     }
 
     pub fn agent_cap(&self, peer: &PeerId) -> CapView {
-        let (bw, source) = match lock(&self.overrides).get(peer) {
-            Some(b) => (*b, CapSource::Admin),
+        // One lock at a time: never `overrides` and `cfg` together.
+        let set = lock(&self.overrides).get(peer).copied();
+        let (bw, source) = match set {
+            Some(b) => (b, CapSource::Admin),
             None => (self.read_cfg().for_agent(peer), CapSource::Config),
         };
         CapView {
@@ -198,11 +204,8 @@ impl Caps {
         agent: &PeerId,
         tunnel: &TunnelName,
     ) -> (Option<Arc<Pair>>, Option<Arc<Pair>>) {
-        let agent_cap = {
-            let o = lock(&self.overrides);
-            o.get(agent).copied()
-        }
-        .unwrap_or_else(|| self.read_cfg().for_agent(agent));
+        let set = lock(&self.overrides).get(agent).copied();
+        let agent_cap = set.unwrap_or_else(|| self.read_cfg().for_agent(agent));
         let tunnel_cap = self.tunnel_cap(tunnel);
         let mut b = lock(&self.buckets);
         let a = b

@@ -10,11 +10,13 @@ pub mod admin; // admin API routes: metrics, health, /v1/agents
 pub mod admission; // allow-list and join token
 pub mod app; // wiring: start everything, print join instructions, drain on signal
 pub mod banlist; // bans: peer ids in a map, networks in a prefix trie
+pub mod banner; // the start banner and the addresses agents dial
 pub mod caps; // bandwidth caps per agent and per tunnel: token buckets the copy loops wait on
 pub mod circuit; // one relayed circuit: copy both ways, count, enforce Limit/idle/rate
 pub mod cli; // command line: flags, subcommands, config layering
 pub mod config; // the configuration model
 pub mod conns; // the public connections open now, with their real sources and bytes, for the console
+pub mod dataplane; // what every public port shares, and the settings a reload changes
 pub mod dialback; // doctor's dial-back: connect to an agent's own leased port from the gateway
 pub mod fleet; // what gateways sharing etcd share: bans, membership, forwarding
 pub mod gate; // the guard on libp2p connections: refuse by IP before the handshake, by peer after

@@ -9,7 +9,6 @@
 use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
 use libp2p::{swarm::ConnectionId, PeerId};
-use prometheus_client::metrics::counter::Counter;
 use relaygate_common::{
     lane::{self, LaneStream},
     metrics::Side,
@@ -21,22 +20,11 @@ use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
 };
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio_util::sync::CancellationToken;
 
-use arc_swap::ArcSwap;
+pub use crate::dataplane::{DataPlane, PlaneSettings};
 
-use crate::{
-    caps::Caps,
-    config::ProxyPolicy,
-    conns::{LiveConns, NewConn, Tracked},
-    guard::{Action, Guard},
-    lanes::Lanes,
-    metrics::Metrics,
-    registry::TunnelStats,
-    session_lane::SessionLanes,
-    shares::{Share, Shares},
-    stall::StallLedger,
-};
+use crate::{guard::Action, metrics::Metrics, registry::TunnelStats, shares::Share};
 
 /// How long the agent may take to connect to its target and answer.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(15);
@@ -44,68 +32,6 @@ const STATUS_TIMEOUT: Duration = Duration::from_secs(15);
 const PROXY_TIMEOUT: Duration = Duration::from_secs(5);
 /// When the header is optional: how long to wait before treating the peer as direct.
 const PROXY_OPTIONAL_WAIT: Duration = Duration::from_millis(500);
-
-/// Shared by every public port.
-pub struct DataPlane {
-    pub control: relaygate_common::streams::Control,
-    /// Agents' lanes, preferred over session streams.
-    pub lanes: Arc<Lanes>,
-    /// Lanes on a session stream, for agents with no lane up; none when
-    /// `session.data_path = "session"`.
-    pub session_lanes: Option<Arc<SessionLanes>>,
-    pub metrics: Arc<Metrics>,
-    /// Tracks every public connection, so shutdown can drain them.
-    pub tracker: TaskTracker,
-    /// Cancelled at shutdown: stop accepting on every port.
-    pub stop_accepting: CancellationToken,
-    /// PROXY policy, connection cap per port and idle timeout: what a
-    /// configuration reload may change.
-    pub settings: ArcSwap<PlaneSettings>,
-    /// Bans and per-IP rates, checked against the real source.
-    pub guard: Arc<Guard>,
-    /// What one source may hold of the leased ports' connections.
-    pub sources: Shares,
-    /// Session streams whose public client stopped reading hold the agent's
-    /// QUIC connection window: only a share of them may at once.
-    pub stalls: Arc<StallLedger>,
-    /// `refusals_total{reason="stalled_reader"}`, found once.
-    pub stalled_readers: Counter,
-    /// The connections open now, for the console.
-    pub live: Arc<LiveConns>,
-    /// Bandwidth caps the copy loops wait on.
-    pub caps: Arc<Caps>,
-}
-
-/// The data plane's reloadable settings.
-pub struct PlaneSettings {
-    /// Which peers may send PROXY headers.
-    pub proxy: ProxyPolicy,
-    /// Open connections allowed on one leased port.
-    pub max_per_tunnel: usize,
-    /// A public connection moving no byte for this long is closed (zero: never).
-    pub idle_timeout: Duration,
-}
-
-impl DataPlane {
-    pub fn idle_timeout(&self) -> Duration {
-        self.settings.load().idle_timeout
-    }
-
-    /// Enters a public connection of `agent`'s tunnel in the live table,
-    /// with the pacers of its caps.
-    pub(crate) fn track(&self, agent: PeerId, stats: &TunnelStats, origin: &Origin) -> Tracked {
-        self.live.open(
-            &self.caps,
-            NewConn {
-                agent,
-                tunnel: stats.name.clone(),
-                port: stats.port.get(),
-                source: origin.source,
-                peer: origin.peer,
-            },
-        )
-    }
-}
 
 /// A bound public port of one tunnel.
 pub struct PublicPort {

@@ -6,7 +6,7 @@
 //! is dropped: new values apply to what comes next (bandwidth caps at once).
 //! A change to any other key is refused by name, and then nothing changes.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
 use relaygate_common::names::Secret;
 use serde::Serialize;
@@ -70,7 +70,7 @@ pub struct Reloaded {
 
 pub struct Reloader {
     source: Source,
-    running: Mutex<GatewayConfig>,
+    running: tokio::sync::Mutex<GatewayConfig>,
     /// Where the main join token came from at start, for a fleet (etcd
     /// holds it; a reload keeps it).
     fleet_token: Option<Secret>,
@@ -80,6 +80,8 @@ pub struct Reloader {
     pub caps: Arc<Caps>,
     pub leases: Arc<crate::lease::Leases>,
     pub hop: Arc<crate::hop::Hop>,
+    /// Closes what is open from peers a reloaded ban list names.
+    pub disconnect: crate::host::HostHandle,
     pub metrics: Arc<Metrics>,
 }
 
@@ -95,11 +97,12 @@ impl Reloader {
         caps: Arc<Caps>,
         leases: Arc<crate::lease::Leases>,
         hop: Arc<crate::hop::Hop>,
+        disconnect: crate::host::HostHandle,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         Arc::new(Self {
             source,
-            running: Mutex::new(running),
+            running: tokio::sync::Mutex::new(running),
             fleet_token,
             admission,
             guard,
@@ -107,26 +110,16 @@ impl Reloader {
             caps,
             leases,
             hop,
+            disconnect,
             metrics,
         })
     }
 
     /// Reads the configuration again and applies it, or refuses it whole.
     pub async fn reload(&self) -> Result<Reloaded, ReloadError> {
-        let source = self.source.clone();
-        let read = tokio::task::spawn_blocking(move || source())
-            .await
-            .map_err(|e| ReloadError::Load(e.to_string()))
-            .and_then(|r| r.map_err(|e| ReloadError::Load(format!("{e:#}"))))
-            .and_then(|c| {
-                c.validate()
-                    .map_err(|e| ReloadError::Load(e.to_string()))
-                    .map(|()| c)
-            });
-        let result = match read {
-            Ok(new) => self.apply(new),
-            Err(e) => Err(e),
-        };
+        // One reload at a time, from reading the file to the last change.
+        let mut running = self.running.lock().await;
+        let result = self.reload_locked(&mut running).await;
         let outcome = match &result {
             Ok(r) => {
                 tracing::info!(changed = %r.changed.join(","), "configuration reloaded");
@@ -147,35 +140,31 @@ impl Reloader {
         result
     }
 
-    fn apply(&self, new: GatewayConfig) -> Result<Reloaded, ReloadError> {
-        let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
-        let main = self.main_token(&new)?;
-        let mut changed = changed_keys(&running, &new);
-        // Secrets serialize masked: compare them as they are.
-        if running.admission.token.expose() != new.admission.token.expose() {
-            changed.push("admission.token".into());
-        }
-        let tokens = |c: &GatewayConfig| -> Vec<String> {
-            c.admission
-                .accept_tokens
-                .iter()
-                .map(|t| t.expose().to_string())
-                .collect()
-        };
-        if tokens(&running) != tokens(&new) {
-            changed.push("admission.accept_tokens".into());
-        }
-        changed.sort();
-        changed.dedup();
+    async fn reload_locked(&self, running: &mut GatewayConfig) -> Result<Reloaded, ReloadError> {
+        let source = self.source.clone();
+        let new = tokio::task::spawn_blocking(move || source())
+            .await
+            .map_err(|e| ReloadError::Load(e.to_string()))?
+            .map_err(|e| ReloadError::Load(redact(&format!("{e:#}"))))?;
+        new.validate()
+            .map_err(|e| ReloadError::Load(redact(&e.to_string())))?;
+        let changed = changed_keys(running, &new);
         let fixed: Vec<String> = changed.iter().filter(|k| !reloadable(k)).cloned().collect();
         if !fixed.is_empty() {
             return Err(ReloadError::Fixed(fixed));
         }
+        // The token file is read (never created) off the runtime.
+        let main = {
+            let (cfg, fleet) = (new.clone(), self.fleet_token.clone());
+            tokio::task::spawn_blocking(move || main_token(&cfg, fleet))
+                .await
+                .map_err(|e| ReloadError::Load(e.to_string()))??
+        };
         self.admission.reload(
             new.admission.allow.iter().copied(),
             crate::app::accepted_tokens(&new, main.as_ref()),
         );
-        self.guard.reload(new.guard.clone());
+        let banned = self.guard.reload(new.guard.clone());
         self.dataplane.settings.store(Arc::new(PlaneSettings {
             proxy: new.proxy_protocol.clone(),
             max_per_tunnel: new.limits.max_connections_per_tunnel,
@@ -190,19 +179,91 @@ impl Reloader {
             .limited
             .store(Arc::new(new.relay.limited_peers.iter().copied().collect()));
         *running = new;
+        // As a ban from the admin API: what is open from a newly banned peer closes.
+        if !banned.is_empty() {
+            self.disconnect.close_banned(&banned).await;
+        }
         Ok(Reloaded { changed })
     }
+}
 
-    /// The main join token the new configuration names: in a fleet the one
-    /// etcd holds (kept), else the inline one or the token file's.
-    fn main_token(&self, new: &GatewayConfig) -> Result<Option<Secret>, ReloadError> {
-        if new.store.kind == StoreKind::Etcd && new.admission.token.is_empty() {
-            return Ok(self.fleet_token.clone().filter(|_| new.admission.tokens));
-        }
-        crate::app::load_token(new)
-            .map(|t| t.map(|(t, _)| t))
-            .map_err(|e| ReloadError::Load(format!("{e:#}")))
+/// The main join token a configuration names: in a fleet without an inline
+/// token, the one etcd held at start (`fleet`); else the inline one, or the
+/// token file's, read as it is now. A reload never creates a token: a
+/// missing file is an error, not a new token nobody was given.
+fn main_token(cfg: &GatewayConfig, fleet: Option<Secret>) -> Result<Option<Secret>, ReloadError> {
+    if !cfg.admission.tokens {
+        return Ok(None);
     }
+    if !cfg.admission.token.is_empty() {
+        return Ok(Some(cfg.admission.token.clone()));
+    }
+    if cfg.store.kind == StoreKind::Etcd {
+        return Ok(fleet);
+    }
+    let path = cfg.token_file();
+    match std::fs::read_to_string(&path) {
+        Ok(t) if !t.trim().is_empty() => Ok(Some(Secret::new(t.trim()))),
+        Ok(_) => Err(ReloadError::Load(format!(
+            "join token file {} is empty; restore it or set admission.token",
+            path.display()
+        ))),
+        Err(e) => Err(ReloadError::Load(format!(
+            "cannot read join token file {}: {e}; restore it or set admission.token (a reload does not create a token)",
+            path.display()
+        ))),
+    }
+}
+
+/// Keys holding secrets: their values never appear in an answer or a log.
+const SECRET_KEYS: &[&str] = &[
+    "admission.token",
+    "admission.accept_tokens",
+    "admin.token",
+    "identity.key",
+];
+
+/// An error about a secret key loses its quoted values: a configuration
+/// parser quotes what it could not take, and that may be a token.
+fn redact(msg: &str) -> String {
+    if !SECRET_KEYS.iter().any(|k| msg.contains(k)) {
+        return msg.to_string();
+    }
+    let mut out = String::with_capacity(msg.len());
+    let mut quoted = false;
+    for c in msg.chars() {
+        match (c, quoted) {
+            ('"', false) => {
+                quoted = true;
+                out.push_str("\"<redacted>");
+            }
+            ('"', true) => {
+                quoted = false;
+                out.push('"');
+            }
+            (_, true) => {}
+            (c, false) => out.push(c),
+        }
+    }
+    out
+}
+
+/// Each secret's value, by key, for comparing two configurations (they
+/// serialize masked).
+fn secrets(c: &GatewayConfig) -> [(&'static str, Vec<&str>); 4] {
+    [
+        ("admission.token", vec![c.admission.token.expose()]),
+        (
+            "admission.accept_tokens",
+            c.admission
+                .accept_tokens
+                .iter()
+                .map(|t| t.expose())
+                .collect(),
+        ),
+        ("admin.token", vec![c.admin.token.expose()]),
+        ("identity.key", vec![c.identity.key.expose()]),
+    ]
 }
 
 fn reloadable(key: &str) -> bool {
@@ -220,6 +281,13 @@ pub fn changed_keys(old: &GatewayConfig, new: &GatewayConfig) -> Vec<String> {
     };
     let mut out = Vec::new();
     diff("", &a, &b, &mut out);
+    for ((key, x), (_, y)) in secrets(old).into_iter().zip(secrets(new)) {
+        if x != y {
+            out.push(key.to_string());
+        }
+    }
+    out.sort();
+    out.dedup();
     out
 }
 
@@ -289,5 +357,21 @@ mod tests {
         assert!(!reloadable("guard.ipv6_prefix"));
         assert!(!reloadable("limits.max_connections"));
         assert!(reloadable("proxy_protocol.trusted"));
+        // Secrets serialize masked, yet a change of one is seen, by name only.
+        let mut c = a.clone();
+        c.admin.token = relaygate_common::names::Secret::new("rotated-admin-token");
+        c.admission.token = relaygate_common::names::Secret::new("rgt_new");
+        let keys = changed_keys(&a, &c);
+        assert_eq!(keys, vec!["admin.token", "admission.token"]);
+        assert!(!reloadable("admin.token") && reloadable("admission.token"));
+        let msg = redact("invalid type: string \"rgt_secret\", expected a sequence for key `admission.accept_tokens`");
+        assert!(
+            !msg.contains("rgt_secret") && msg.contains("admission.accept_tokens"),
+            "{msg}"
+        );
+        assert_eq!(
+            redact("bad \"x\" for key `listen`"),
+            "bad \"x\" for key `listen`"
+        );
     }
 }

@@ -170,6 +170,17 @@ fn a_key_that_cannot_change_is_named_and_nothing_changes() {
     let held: Vec<TcpStream> = (0..3)
         .map(|i| fresh("127.0.0.1", port).unwrap_or_else(|| panic!("connection {i}")))
         .collect();
+    // Another site's page cannot make a browser reload it (no token on loopback).
+    let mut raw = TcpStream::connect(gw.admin).expect("admin");
+    write!(
+        raw,
+        "POST /v1/reload HTTP/1.1\r\nHost: {}\r\nOrigin: http://evil.example\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        gw.admin
+    )
+    .expect("write");
+    let mut answer = String::new();
+    let _ = raw.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
     // A file that does not parse is refused too, with the reason.
     std::fs::write(&file, "[limits\n").expect("rewrite");
     let (status, body) = reload(&gw);

@@ -81,6 +81,8 @@ pub async fn splice(
                     activity.touch();
                     // A cap holds the bytes here, and TCP pushes back on the client.
                     to_lane.pass(n).await;
+                    // Bytes held by a cap are not an idle connection.
+                    activity.touch();
                     total += n as u64;
                     lw.send(buf).await?;
                 }

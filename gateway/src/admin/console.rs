@@ -133,7 +133,7 @@ pub fn overview(s: &AdminState) -> Value {
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_secs": c.started.elapsed().as_secs(),
         "now": relaygate_common::clock::unix_now(),
-        "addresses": crate::app::dial_addrs(&c.advertise, &s.host.listen_addrs(), &c.peer_id)
+        "addresses": crate::banner::dial_addrs(&c.advertise, &s.host.listen_addrs(), &c.peer_id)
             .iter()
             .map(|a| a.to_string())
             .collect::<Vec<_>>(),
@@ -185,6 +185,10 @@ async fn set_caps(
     Query(q): Query<AgentQuery>,
     Json(cap): Json<Bandwidth>,
 ) -> impl IntoResponse {
+    if let Err(e) = cap.check() {
+        s.metrics.bad_input("admin_bandwidth");
+        return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response();
+    }
     match agent_id(&s, &q) {
         Err(e) => e.into_response(),
         Ok(peer) => {

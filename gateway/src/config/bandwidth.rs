@@ -9,6 +9,10 @@ use serde::{Deserialize, Serialize};
 /// whole frames.
 pub const MIN_BURST: u64 = 64 * 1024;
 
+/// The smallest cap: one 64 KiB burst then waits 8 s at most, well within
+/// `limits.idle_timeout`.
+pub const MIN_RATE: u64 = 8 * 1024;
+
 /// A cap in bytes per second each way; 0 is uncapped.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -27,13 +31,27 @@ impl Bandwidth {
         self.inbound == 0 && self.outbound == 0
     }
 
-    /// The burst of a direction capped at `rate`.
+    /// The burst of a direction capped at `rate`: never below a frame, so
+    /// a chunk waits once, not a thousand times.
     pub fn burst_for(&self, rate: u64) -> u64 {
         if self.burst > 0 {
-            self.burst
+            self.burst.max(MIN_BURST)
         } else {
             (rate / 10).max(MIN_BURST)
         }
+    }
+
+    /// Refuses a rate so low that one burst would wait longer than a
+    /// connection may idle.
+    pub fn check(&self) -> Result<(), String> {
+        for (dir, rate) in [("inbound", self.inbound), ("outbound", self.outbound)] {
+            if rate != 0 && rate < MIN_RATE {
+                return Err(format!(
+                    "{dir} = {rate} bytes/s is below the smallest cap, {MIN_RATE} bytes/s (0 is uncapped)"
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -107,6 +125,24 @@ impl BandwidthConfig {
             .find(|t| &t.name == name)
             .map(|t| t.cap())
             .unwrap_or(self.tunnel)
+    }
+
+    /// Every cap of the section, checked (see [`Bandwidth::check`]).
+    pub fn check(&self) -> Result<(), String> {
+        let named = |what: &str, e: String| format!("bandwidth.{what}: {e}");
+        self.agent.check().map_err(|e| named("agent", e))?;
+        self.tunnel.check().map_err(|e| named("tunnel", e))?;
+        for a in &self.agents {
+            a.cap()
+                .check()
+                .map_err(|e| named(&format!("agents ({})", a.peer), e))?;
+        }
+        for t in &self.tunnels {
+            t.cap()
+                .check()
+                .map_err(|e| named(&format!("tunnels ({})", t.name), e))?;
+        }
+        Ok(())
     }
 
     /// Whether any cap is set at all.

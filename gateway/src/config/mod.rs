@@ -297,6 +297,7 @@ impl GatewayConfig {
         "admin.open_paths",
         "relay.limited_peers",
         "store.etcd.endpoints",
+        "admission.accept_tokens",
     ];
 
     pub fn token_file(&self) -> PathBuf {
@@ -325,6 +326,8 @@ pub enum ConfigProblem {
     AdvertiseHost(Multiaddr),
     #[error("leases.max_tunnels_per_agent must be at least 1")]
     NoTunnels,
+    #[error("{0}")]
+    Bandwidth(String),
 }
 
 impl GatewayConfig {
@@ -341,6 +344,7 @@ impl GatewayConfig {
         if self.leases.max_tunnels_per_agent == 0 {
             return Err(ConfigProblem::NoTunnels);
         }
+        self.bandwidth.check().map_err(ConfigProblem::Bandwidth)?;
         Ok(())
     }
 

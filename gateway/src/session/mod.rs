@@ -2,6 +2,8 @@
 //! leases, binds their public ports, and keeps them open exactly as long as
 //! the control stream lives.
 
+mod claims;
+
 use std::{sync::Arc, time::Duration};
 
 use libp2p::{swarm::ConnectionId, PeerId, Stream};
@@ -10,8 +12,7 @@ use relaygate_common::{
     protocol::DIALBACK_PROTOCOL,
     protocol::{
         read_control, write_control, ControlMessage, ControlReader, Hello, LeaseGrant,
-        LeaseOutcome, LeaseRefusal, NodeClaim, Refusal, RefusalCode, Welcome, WireError,
-        WIRE_VERSION,
+        LeaseOutcome, LeaseRefusal, Refusal, RefusalCode, Welcome, WireError, WIRE_VERSION,
     },
     streams::Incoming,
 };
@@ -27,7 +28,7 @@ use crate::{
     lease::Leases,
     listener::{self, DataPlane, PublicPort},
     metrics::Metrics,
-    nodes::{self, Fronted, NodeBook},
+    nodes::NodeBook,
     registry::{AgentRegistry, NewSession, OpenPort, TunnelStats},
 };
 
@@ -368,72 +369,12 @@ impl Sessions {
         if self.registry.unregister(&peer, id) {
             // Its leases were in use until now: expiry counts from here.
             self.leases.touch_soon(self.leases.keys_of(&peer));
+            // Its cap buckets go too: an agent that comes back starts afresh.
+            self.dataplane.caps.forget(&peer);
         }
         self.metrics.sessions_active.dec();
         self.metrics.tunnels_active.dec_by(n_ports as i64);
         tracing::info!(%peer, reason = %end, "agent session down; its public ports refuse connections until it returns");
-    }
-
-    /// Checks one node claim of session `id` through its tunnel and, when
-    /// the node proves the id, records that this agent fronts it.
-    async fn check_claim(
-        &self,
-        peer: PeerId,
-        id: u64,
-        claim: NodeClaim,
-        session: &CancellationToken,
-    ) -> ControlMessage {
-        let verdict = |accepted: bool, reason: String| ControlMessage::NodeVerdict {
-            tunnel: claim.tunnel.clone(),
-            node: claim.node.clone(),
-            accepted,
-            reason,
-        };
-        let Ok(node) = claim.node.parse::<PeerId>() else {
-            self.metrics.bad_input("node_claim");
-            return verdict(false, "not a peer id".into());
-        };
-        let Some((connection, port)) = self.registry.tunnel(&peer, id, &claim.tunnel) else {
-            return verdict(false, format!("no tunnel {} in this session", claim.tunnel));
-        };
-        if let Some(held) = self.nodes.get(&node).filter(|h| h.agent != peer) {
-            self.metrics.refuse("node_fronted_elsewhere");
-            return verdict(false, format!("node {node} is fronted by agent {} (the gateway's operator can clear it: DELETE /v1/nodes?node={node})", held.agent));
-        }
-        if let Err(why) = nodes::check(
-            &self.dataplane,
-            (peer, connection),
-            &claim.tunnel,
-            port,
-            node,
-        )
-        .await
-        {
-            self.metrics.refuse("node_claim_unproven");
-            tracing::warn!(%peer, tunnel = %claim.tunnel, %node, %why, "node claim refused");
-            return verdict(false, why);
-        }
-        let fronted = Fronted {
-            agent: peer,
-            tunnel: claim.tunnel.clone(),
-            port,
-            session: id,
-            since: relaygate_common::clock::unix_now(),
-        };
-        match self.nodes.claim(node, fronted) {
-            Err(other) => {
-                self.metrics.refuse("node_fronted_elsewhere");
-                verdict(false, format!("node {node} is fronted by agent {other}"))
-            }
-            Ok(()) if session.is_cancelled() => {
-                self.nodes.release(&peer, id);
-                verdict(false, "the session ended".into())
-            }
-            Ok(()) => {
-                tracing::info!(%peer, tunnel = %claim.tunnel, %node, "node checked: circuits to it go to this agent");
-                verdict(true, String::new())
-            }
-        }
     }
 
     /// Starts accepting on bound ports, each until the session ends or its

@@ -10,26 +10,20 @@
 //! inside the agent, reading its state directly. Either way the agent keeps
 //! the last [`DoctorReport`] for its console.
 
-use std::{
-    net::SocketAddr,
-    time::{Duration, Instant},
-};
+mod net;
+mod report;
+
+use net::{dial, dialback};
+use report::{hand_over, Report};
+pub use report::{Check, DoctorReport};
+
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use libp2p::{
-    identity::Keypair,
-    multiaddr::Protocol,
-    swarm::{dial_opts::DialOpts, dial_opts::PeerCondition, SwarmEvent},
-    Multiaddr, PeerId,
-};
-use relaygate_common::{
-    admin::AdminConfig,
-    names::LeasePort,
-    protocol::{read_control, write_control, ControlMessage, DIALBACK_PROTOCOL, WIRE_VERSION},
-    streams, transport,
-};
-use serde::{Deserialize, Serialize};
-use tokio_util::{compat::FuturesAsyncReadCompatExt, task::AbortOnDropHandle};
+use libp2p::{identity::Keypair, multiaddr::Protocol, Multiaddr, PeerId};
+use relaygate_common::{names::LeasePort, streams, transport};
+use serde::Deserialize;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::{
     app::load_identity, config::AgentConfig, deliver::DeliveryMode, state::AgentState, transparent,
@@ -39,99 +33,6 @@ use crate::{
 /// two; its worst case is a dial timeout per unreachable gateway address and
 /// 10 s per dial-back that gets no answer.
 pub const IN_PROCESS_LIMIT: Duration = Duration::from_secs(45);
-
-/// One check's verdict.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Check {
-    /// What was checked, in a word or two (`session`, `lease`, `gateway`,
-    /// `dial-back`, `advertise`, ...).
-    pub name: String,
-    pub ok: bool,
-    /// What was found; for a failure, followed by `; fix: ` and what to do.
-    pub detail: String,
-}
-
-/// A whole run: every check, and the verdict.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DoctorReport {
-    /// When the run ended, in seconds since the UNIX epoch.
-    pub ran_at: u64,
-    /// Whether every check passed.
-    pub healthy: bool,
-    pub checks: Vec<Check>,
-}
-
-impl DoctorReport {
-    /// Most checks a report handed over may hold (a fleet of many gateways
-    /// and tunnels stays far below).
-    pub const MAX_CHECKS: usize = 1000;
-    /// Longest name or detail a report handed over may hold.
-    pub const MAX_TEXT: usize = 16 * 1024;
-
-    /// Why a report handed over is refused (`None`: it is kept). The agent
-    /// sends the last one to every console page each second.
-    pub fn refusal(&self) -> Option<String> {
-        if self.checks.len() > Self::MAX_CHECKS {
-            return Some(format!(
-                "{} checks, at most {} are kept",
-                self.checks.len(),
-                Self::MAX_CHECKS
-            ));
-        }
-        self.checks
-            .iter()
-            .find(|c| c.name.len() > Self::MAX_TEXT || c.detail.len() > Self::MAX_TEXT)
-            .map(|c| {
-                format!(
-                    "check {:.40}... is longer than {} bytes",
-                    c.name,
-                    Self::MAX_TEXT
-                )
-            })
-    }
-}
-
-/// Collects the verdicts; the CLI also prints each as it comes.
-struct Report {
-    checks: Vec<Check>,
-    print: bool,
-}
-
-impl Report {
-    fn new(print: bool) -> Self {
-        Report {
-            checks: Vec::new(),
-            print,
-        }
-    }
-    fn ok(&mut self, name: &str, what: &str) {
-        if self.print {
-            println!("[ ok ] {what}");
-        }
-        self.checks.push(Check {
-            name: name.into(),
-            ok: true,
-            detail: what.into(),
-        });
-    }
-    fn fail(&mut self, name: &str, what: &str, fix: &str) {
-        if self.print {
-            println!("[FAIL] {what}\n       fix: {fix}");
-        }
-        self.checks.push(Check {
-            name: name.into(),
-            ok: false,
-            detail: format!("{what}; fix: {fix}"),
-        });
-    }
-    fn finish(self) -> DoctorReport {
-        DoctorReport {
-            ran_at: relaygate_common::clock::unix_now(),
-            healthy: self.checks.iter().all(|c| c.ok),
-            checks: self.checks,
-        }
-    }
-}
 
 /// Where doctor reads the running agent's sessions, leases and fleet.
 enum Agent<'a> {
@@ -548,81 +449,6 @@ async fn check(
         }
     }
     Ok(view.is_some())
-}
-
-/// Hands `report` to the running agent (`PUT /v1/doctor` on its admin API,
-/// with the configured token), so its console shows this run as the last.
-fn hand_over(listen: SocketAddr, admin: &AdminConfig, report: &DoctorReport) -> Result<(), String> {
-    let body = serde_json::to_string(report).map_err(|e| e.to_string())?;
-    // The binaries' shared admin client: the token, and TLS when the admin API speaks it.
-    let (status, _) =
-        relaygate_common::admin::request_json(listen, admin, "PUT", "/v1/doctor", Some(&body))?;
-    match status {
-        200..=299 => Ok(()),
-        0 => Err(format!("admin API at {listen} gave no answer")),
-        code => Err(format!(
-            "admin API at {listen} answered HTTP {code} (an agent from before PUT /v1/doctor?)"
-        )),
-    }
-}
-
-async fn dial(
-    swarm: &mut libp2p::Swarm<streams::Behaviour>,
-    peer: PeerId,
-    addr: Multiaddr,
-    timeout: Duration,
-) -> Result<(), String> {
-    let opts = DialOpts::peer_id(peer)
-        .addresses(vec![addr])
-        .condition(PeerCondition::Always)
-        .build();
-    let id = opts.connection_id();
-    swarm.dial(opts).map_err(|e| e.to_string())?;
-    let wait = async {
-        loop {
-            match swarm.select_next_some().await {
-                SwarmEvent::ConnectionEstablished { connection_id, .. } if connection_id == id => {
-                    return Ok(())
-                }
-                SwarmEvent::OutgoingConnectionError {
-                    connection_id,
-                    error,
-                    ..
-                } if connection_id == id => return Err(error.to_string()),
-                _ => {}
-            }
-        }
-    };
-    tokio::time::timeout(timeout, wait)
-        .await
-        .map_err(|_| "timed out".to_string())?
-}
-
-async fn dialback(
-    control: &streams::Control,
-    gateway: PeerId,
-    port: LeasePort,
-) -> Result<(bool, String), String> {
-    let s = control
-        .open_stream(gateway, DIALBACK_PROTOCOL)
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut s = s.compat();
-    write_control(
-        &mut s,
-        &ControlMessage::Dialback {
-            version: WIRE_VERSION,
-            port,
-        },
-    )
-    .await
-    .map_err(|e| e.to_string())?;
-    match tokio::time::timeout(Duration::from_secs(10), read_control(&mut s)).await {
-        Ok(Ok(ControlMessage::DialbackResult { reachable, detail })) => Ok((reachable, detail)),
-        Ok(Ok(other)) => Err(format!("unexpected answer {other:?}")),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("no answer".into()),
-    }
 }
 
 fn advertise_problems(addrs: &[String], port: u16, node: Option<PeerId>) -> Vec<String> {

@@ -160,28 +160,40 @@ impl Guard {
     }
 
     /// Takes a reloaded `guard.*`: new rates (their buckets start full),
-    /// thresholds, and the configured bans (those no longer listed are
-    /// lifted; bans made through the admin API or automatically stay).
-    /// `ipv6_prefix` must not change (the reload refuses it).
-    pub fn reload(&self, cfg: GuardConfig) {
-        let listed: Vec<BanTarget> = cfg.blacklist.iter().map(|b| b.target.clone()).collect();
-        let blacklist = cfg.blacklist.clone();
+    /// thresholds, and the configured bans: those no longer listed are
+    /// lifted, new ones added; a target banned through the admin API or
+    /// automatically keeps that ban. Returns the targets newly banned, whose
+    /// open connections the caller closes. Configured bans stay local, as at
+    /// start. `ipv6_prefix` must not change (the reload refuses it).
+    pub fn reload(&self, cfg: GuardConfig) -> Vec<BanTarget> {
+        let same = |a: &BanRequest, b: &BanRequest| {
+            a.target == b.target && a.reason == b.reason && a.ttl == b.ttl
+        };
+        let old = self.cfg().cfg.blacklist.clone();
+        let listed = cfg.blacklist.clone();
         self.settings.store(Arc::new(Settings {
             rates: Rates::new(&cfg),
             cfg,
         }));
-        let stale: Vec<BanTarget> = self
-            .list()
-            .into_iter()
-            .filter(|b| b.source == BanSource::Config && !listed.contains(&b.target))
-            .map(|b| b.target)
-            .collect();
-        for t in stale {
-            self.unban(&t);
+        let now = self.list();
+        for b in now.iter().filter(|b| b.source == BanSource::Config) {
+            if !listed.iter().any(|l| l.target == b.target) {
+                self.lift(&b.target);
+            }
         }
-        for b in blacklist {
+        let mut added = Vec::new();
+        for b in listed {
+            let unchanged = old.iter().any(|o| same(o, &b));
+            let other = now
+                .iter()
+                .any(|v| v.target == b.target && v.source != BanSource::Config);
+            if unchanged || other {
+                continue;
+            }
+            added.push(b.target.clone());
             self.ban(b, BanSource::Config);
         }
+        added
     }
 
     /// How sources are grouped (IPv6 prefix length).
@@ -327,7 +339,10 @@ impl Guard {
                 source.as_str(),
             ))
             .inc();
-        self.share(BanChange::Added(view.clone()));
+        // Configured bans stay local: each gateway has its own configuration.
+        if source != BanSource::Config {
+            self.share(BanChange::Added(view.clone()));
+        }
         // Automatic bans of peer ids come as fast as an attacker makes ids:
         // counted, and logged quietly; the rest are rare and worth a warning.
         if matches!(
@@ -502,158 +517,4 @@ impl Guard {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
-    use super::*;
-
-    fn guard(cfg: GuardConfig) -> Arc<Guard> {
-        Guard::new(
-            cfg,
-            Arc::new(Metrics::new()),
-            Arc::new(crate::overload::Overload::new(0)),
-        )
-    }
-
-    #[test]
-    fn bans_by_cidr_and_peer_expire_and_lift() {
-        let peer = PeerId::random();
-        let g = guard(GuardConfig {
-            blacklist: vec![BanRequest {
-                target: "198.51.100.0/24".parse().unwrap(),
-                reason: "scanner".into(),
-                ttl: None,
-            }],
-            ..Default::default()
-        });
-        let inside: IpAddr = "198.51.100.7".parse().unwrap();
-        let outside: IpAddr = "203.0.113.7".parse().unwrap();
-        assert_eq!(g.check_ip(inside, Action::Connection), Err(Refused::Banned));
-        assert_eq!(g.check_ip(outside, Action::Connection), Ok(()));
-        g.ban(
-            BanRequest {
-                target: BanTarget::Peer(peer),
-                reason: "test".into(),
-                ttl: Some(Duration::from_millis(50)),
-            },
-            BanSource::Admin,
-        );
-        assert_eq!(g.check_peer(&peer, Action::Circuit), Err(Refused::Banned));
-        std::thread::sleep(Duration::from_millis(80));
-        assert_eq!(g.check_peer(&peer, Action::Circuit), Ok(()), "expired");
-        assert!(g.unban(&"198.51.100.0/24".parse().unwrap()));
-        assert_eq!(g.check_ip(inside, Action::Connection), Ok(()));
-        assert!(g.list().is_empty());
-    }
-
-    #[test]
-    fn rates_and_automatic_bans() {
-        let g = guard(GuardConfig {
-            circuits_per_ip: Rate::new(1, 2),
-            violations_before_ban: 3,
-            ..Default::default()
-        });
-        let ip: IpAddr = "203.0.113.9".parse().unwrap();
-        assert!(g.check_ip(ip, Action::Circuit).is_ok());
-        assert!(g.check_ip(ip, Action::Circuit).is_ok());
-        assert_eq!(
-            g.check_ip(ip, Action::Circuit),
-            Err(Refused::RateLimited(Action::Circuit))
-        );
-        let peer = PeerId::random();
-        assert!(g.violation(Offender::Peer(peer), "x").is_none());
-        assert!(g.violation(Offender::Peer(peer), "x").is_none());
-        let ban = g.violation(Offender::Peer(peer), "x");
-        assert!(ban.is_some_and(|b| b.source == BanSource::Automatic && b.expires.is_some()));
-        assert!(g.is_banned_peer(&peer));
-        assert!("not a target".parse::<BanTarget>().is_err());
-        assert_eq!(
-            "203.0.113.9".parse::<BanTarget>().map(|t| t.to_string()),
-            Ok("203.0.113.9/32".to_string())
-        );
-    }
-
-    #[test]
-    fn a_source_producing_banned_peer_ids_is_banned_itself() {
-        let g = guard(GuardConfig {
-            violations_before_ban: 1,
-            peer_bans_before_source_ban: 3,
-            ..Default::default()
-        });
-        // One IPv6 host hopping addresses inside its /64, a fresh id each time.
-        let ips: Vec<IpAddr> = ["2001:db8:7:7::1", "2001:db8:7:7::2", "2001:db8:7:7:ffff::3"]
-            .iter()
-            .map(|s| s.parse().unwrap())
-            .collect();
-        let neighbour: IpAddr = "2001:db8:7:8::1".parse().unwrap();
-        for (i, ip) in ips.iter().enumerate() {
-            let peer = PeerId::random();
-            g.connected(peer, *ip);
-            let earned = g.peer_violation(peer, "garbage");
-            assert_eq!(earned[0], BanTarget::Peer(peer));
-            if i < 2 {
-                assert_eq!(earned.len(), 1, "not yet the source");
-                assert!(!g.is_banned_ip(*ip));
-            } else {
-                assert_eq!(
-                    earned[1],
-                    BanTarget::Net("2001:db8:7:7::/64".parse().unwrap()),
-                    "the third banned id bans its /64"
-                );
-            }
-            g.disconnected(peer, *ip);
-        }
-        assert!(g.is_banned_ip("2001:db8:7:7:1234::9".parse().unwrap()));
-        assert!(!g.is_banned_ip(neighbour), "the next /64 is someone else");
-        assert_eq!(
-            g.check_ip("2001:db8:7:7::42".parse().unwrap(), Action::Connection),
-            Err(Refused::Banned)
-        );
-        assert!(
-            g.peer_sources.lock().unwrap().is_empty(),
-            "sources forgotten on close"
-        );
-    }
-
-    #[test]
-    fn one_banned_peer_with_many_connections_counts_once_towards_its_source() {
-        let g = guard(GuardConfig {
-            violations_before_ban: 1,
-            peer_bans_before_source_ban: 3,
-            ..Default::default()
-        });
-        let ip: IpAddr = "198.51.100.7".parse().unwrap();
-        let peer = PeerId::random();
-        for _ in 0..3 {
-            g.connected(peer, ip);
-        }
-        let earned = g.peer_violation(peer, "garbage");
-        assert_eq!(
-            earned,
-            vec![BanTarget::Peer(peer)],
-            "the peer, not its source"
-        );
-        assert!(!g.is_banned_ip(ip));
-    }
-
-    #[test]
-    fn rates_key_on_the_ipv6_prefix() {
-        let g = guard(GuardConfig {
-            connections_per_ip: Rate::new(1, 2),
-            ..Default::default()
-        });
-        for i in 1..=2 {
-            let ip: IpAddr = format!("2001:db8:1:1::{i}").parse().unwrap();
-            assert!(g.check_ip(ip, Action::Connection).is_ok());
-        }
-        let third: IpAddr = "2001:db8:1:1:9::9".parse().unwrap();
-        assert_eq!(
-            g.check_ip(third, Action::Connection),
-            Err(Refused::RateLimited(Action::Connection)),
-            "a fresh address in the same /64 shares its bucket"
-        );
-        assert!(g
-            .check_ip("2001:db8:1:2::1".parse().unwrap(), Action::Connection)
-            .is_ok());
-    }
-}
+mod tests;
