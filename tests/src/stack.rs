@@ -392,6 +392,28 @@ impl Echo {
     }
 }
 
+/// A connection to `127.0.0.1:port` from `from`, a loopback address of the
+/// test's choosing (`127.0.0.3`): a source a ban or a share can tell apart.
+pub fn connect_from(from: &str, port: u16) -> std::io::Result<TcpStream> {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    let local: SocketAddr = format!("{from}:0").parse().map_err(std::io::Error::other)?;
+    sock.bind(&local.into())?;
+    let to = SocketAddr::from(([127, 0, 0, 1], port));
+    sock.connect(&to.into())?;
+    let s: TcpStream = sock.into();
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    Ok(s)
+}
+
+/// One echo round trip on an open connection: whether `what` came back.
+pub fn echoes(s: &mut TcpStream, what: &[u8]) -> bool {
+    if s.write_all(what).is_err() {
+        return false;
+    }
+    let mut back = vec![0u8; what.len()];
+    s.read_exact(&mut back).is_ok() && back == what
+}
+
 /// Sends `data`, half-closes, and reads everything back.
 pub fn round_trip(port: u16, data: &[u8]) -> std::io::Result<Vec<u8>> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;

@@ -3,7 +3,6 @@
 //! gateway and agent processes, with real connections through the tunnel.
 
 use std::{
-    io::{Read, Write},
     net::{SocketAddr, TcpStream},
     time::{Duration, Instant},
 };
@@ -11,7 +10,8 @@ use std::{
 use relaygate_tests::{
     browser::{browser_ready, Browser},
     stack::{
-        agent_peer_id, eventually, here, http_get, Agent, Echo, Gateway, GatewaySpec, Transport,
+        self, agent_peer_id, echoes, eventually, here, http_get, Agent, Echo, Gateway, GatewaySpec,
+        Transport,
     },
     targets::{upload_rate, Sink},
 };
@@ -21,17 +21,8 @@ const SHORT: Duration = Duration::from_secs(5);
 
 /// A connection from `from` (a loopback address) that echoed once.
 fn connect_from(from: &str, port: u16) -> Option<TcpStream> {
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).ok()?;
-    let local: SocketAddr = format!("{from}:0").parse().ok()?;
-    sock.bind(&local.into()).ok()?;
-    let to: SocketAddr = format!("127.0.0.1:{port}").parse().ok()?;
-    sock.connect(&to.into()).ok()?;
-    let mut s: TcpStream = sock.into();
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(b"ping").ok()?;
-    let mut back = [0u8; 4];
-    s.read_exact(&mut back).ok()?;
-    (&back == b"ping").then_some(s)
+    let mut s = stack::connect_from(from, port).ok()?;
+    echoes(&mut s, b"ping").then_some(s)
 }
 
 fn ui(admin: SocketAddr) -> String {

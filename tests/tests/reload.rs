@@ -5,14 +5,14 @@
 
 use std::{
     io::{Read, Write},
-    net::{SocketAddr, TcpStream},
+    net::TcpStream,
     path::PathBuf,
     time::Duration,
 };
 
 use relaygate_tests::stack::{
-    agent_peer_id, eventually, here, http_request, metric, Agent, Echo, Gateway, GatewaySpec,
-    Transport,
+    agent_peer_id, connect_from, echoes, eventually, here, http_request, metric, Agent, Echo,
+    Gateway, GatewaySpec, Transport,
 };
 
 const LEASE: Duration = Duration::from_secs(20);
@@ -31,32 +31,9 @@ fn gateway_with(conf: &tempfile::TempDir, toml: &str) -> (Gateway, PathBuf) {
     (gw, file)
 }
 
-/// A connection held open through the tunnel, from `from` (a loopback address).
-fn hold(from: &str, port: u16) -> std::io::Result<TcpStream> {
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-    let local: SocketAddr = format!("{from}:0").parse().map_err(std::io::Error::other)?;
-    sock.bind(&local.into())?;
-    let to: SocketAddr = format!("127.0.0.1:{port}")
-        .parse()
-        .map_err(std::io::Error::other)?;
-    sock.connect(&to.into())?;
-    let s: TcpStream = sock.into();
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    Ok(s)
-}
-
-/// One echo round trip on an open connection.
-fn echoes(s: &mut TcpStream, what: &[u8]) -> bool {
-    if s.write_all(what).is_err() {
-        return false;
-    }
-    let mut back = vec![0u8; what.len()];
-    s.read_exact(&mut back).is_ok() && back == what
-}
-
 /// A new connection from `from` that echoes.
 fn fresh(from: &str, port: u16) -> Option<TcpStream> {
-    let mut s = hold(from, port).ok()?;
+    let mut s = connect_from(from, port).ok()?;
     echoes(&mut s, b"hello").then_some(s)
 }
 

@@ -11,6 +11,7 @@
 //! against one agent alone, and with etcd installed a fleet of three
 //! gateways: a forwarded connection against a direct one, and failover.
 
+mod caps;
 mod failover;
 mod load;
 mod report;
@@ -293,6 +294,8 @@ fn main() -> anyhow::Result<()> {
         chain.push(rt.block_on(measure(chain_sink, chain_echo, d))?);
         tunnel.push(rt.block_on(measure(tunnel_sink, tunnel_echo, d))?);
     }
+    let agent_id = relaygate_tests::stack::agent_peer_id(agent.dir.path());
+    let caps = caps::run(&rt, gw.admin, &agent_id, tunnel_sink, d)?;
     // 0 skips a part: handy when working on one figure.
     let steps: Vec<usize> = match a.idle {
         0 => vec![],
@@ -333,10 +336,13 @@ fn main() -> anyhow::Result<()> {
         &a,
         transport,
         [&direct, &chain, &tunnel],
-        &memory,
-        &crowd,
-        fleet.as_ref(),
-        &wan,
+        report::Sections {
+            memory: &memory,
+            crowd: &crowd,
+            caps: &caps,
+            fleet: fleet.as_ref(),
+            wan: &wan,
+        },
     );
     println!("{report}");
     std::fs::write(&a.output, &report)?;

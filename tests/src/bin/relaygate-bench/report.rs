@@ -7,15 +7,28 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// The report's sections after the loopback table.
+pub struct Sections<'a> {
+    pub memory: &'a [Memory],
+    pub crowd: &'a Option<Crowd>,
+    pub caps: &'a crate::caps::CapsFigures,
+    pub fleet: Option<&'a FleetFigures>,
+    pub wan: &'a [WanFigures],
+}
+
 pub fn render(
     a: &Args,
     t: Transport,
     [direct, chain, tunnel]: [&[Figures]; 3],
-    memory: &[Memory],
-    crowd: &Option<Crowd>,
-    fleet: Option<&FleetFigures>,
-    wan: &[WanFigures],
+    parts: Sections<'_>,
 ) -> String {
+    let Sections {
+        memory,
+        crowd,
+        caps,
+        fleet,
+        wan,
+    } = parts;
     let pick = |v: &[Figures], f: fn(&Figures) -> f64| median(v.iter().map(f).collect());
     let raw = |v: &[Figures], f: fn(&Figures) -> f64| {
         v.iter()
@@ -96,6 +109,7 @@ pub fn render(
             crowd.together_gbit / crowd.one_gbit * 100.0
         ));
     }
+    s.push_str(&crate::caps::section(caps, a.seconds));
     match fleet {
         Some(f) => s.push_str(&fleet_section(a, f)),
         None if a.skip_fleet => {}
