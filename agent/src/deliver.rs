@@ -225,6 +225,16 @@ fn transparent_socket(source: SocketAddr, target: SocketAddr, mark: u32) -> io::
     sock.set_mark(mark)?;
     sock.set_reuse_address(true)?;
     sock.set_nonblocking(true)?;
-    sock.bind(&source.into())?;
+    match sock.bind(&source.into()) {
+        // The remote's port is taken here: a node listening on 0.0.0.0 at
+        // the port the remote dials from (libp2p peers dial from their
+        // listen port), or a second connection from the same address and
+        // port. The node still sees the remote's address, with another port.
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+            tracing::debug!(%source, "the remote's port is in use here; delivering from its address with another port");
+            sock.bind(&SocketAddr::new(source.ip(), 0).into())?;
+        }
+        r => r?,
+    }
     Ok(TcpSocket::from_std_stream(sock.into()))
 }

@@ -49,7 +49,8 @@ pub fn print_banner(
         "  ports     {} (leased to tunnels)\n",
         cfg.leases.port_range
     ));
-    s.push_str(&format!("  admin     http://{admin}/v1/agents\n\n"));
+    s.push_str(&format!("  admin     http://{admin}/v1/agents\n"));
+    s.push_str(&format!("  console   http://{admin}/ui/\n\n"));
     // One QUIC and one TCP address of the first host: QUIC is tried first, TCP is the fallback.
     let is_quic = |a: &Multiaddr| a.iter().any(|p| matches!(p, Protocol::QuicV1));
     let first_host = addrs.first().and_then(|a| a.iter().next());

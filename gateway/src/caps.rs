@@ -236,8 +236,7 @@ impl Caps {
     }
 
     /// The pacers of one connection of `agent`'s `tunnel`.
-    pub fn pacers(self: &Arc<Self>, agent: PeerId, tunnel: TunnelName) -> ConnPacers {
-        let key = Arc::new((agent, tunnel));
+    pub fn pacers(self: &Arc<Self>, key: Arc<(PeerId, TunnelName)>) -> ConnPacers {
         let pacer = |dir| ConnPacer {
             caps: self.clone(),
             key: key.clone(),
@@ -359,8 +358,8 @@ mod tests {
         };
         let caps = Caps::new(cfg, Arc::new(Metrics::new()));
         let agent = PeerId::random();
-        let slow = caps.pacers(agent, "slow".parse().unwrap());
-        let fast = caps.pacers(agent, "fast".parse().unwrap());
+        let slow = caps.pacers(Arc::new((agent, "slow".parse().unwrap())));
+        let fast = caps.pacers(Arc::new((agent, "fast".parse().unwrap())));
         assert!(fast.inbound.pass(1 << 20).is_none(), "uncapped tunnel");
         assert!(slow.outbound.pass(1 << 20).is_none(), "uncapped direction");
         // 64 KiB burst, then 1 MiB/s: 512 KiB more takes about half a second.

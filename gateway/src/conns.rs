@@ -22,16 +22,20 @@ use crate::caps::{Caps, ConnPacers};
 
 pub struct LiveConn {
     pub id: u64,
-    pub agent: PeerId,
-    pub tunnel: TunnelName,
+    /// Agent and tunnel, shared with the connection's pacers.
+    pub key: Arc<(PeerId, TunnelName)>,
     pub port: u16,
     pub source: SocketAddr,
-    pub peer: Option<PeerId>,
+    /// Boxed: most connections have none, and this lives once per connection.
+    pub peer: Option<Box<PeerId>>,
     pub since: SystemTime,
     /// Client -> node.
     pub inbound: AtomicU64,
     /// Node -> client.
     pub outbound: AtomicU64,
+    /// Its caps' pacers, here rather than in the connection's task, so an
+    /// idle connection's task stays as small as before.
+    pace: ConnPacers,
 }
 
 /// A connection as the admin API lists it.
@@ -52,10 +56,10 @@ impl LiveConn {
     fn view(&self) -> ConnView {
         ConnView {
             id: self.id,
-            tunnel: self.tunnel.to_string(),
+            tunnel: self.key.1.to_string(),
             port: self.port,
             source: self.source.to_string(),
-            peer: self.peer.map(|p| p.to_string()),
+            peer: self.peer.as_ref().map(|p| p.to_string()),
             since: relaygate_common::clock::unix_secs(self.since),
             bytes_inbound: self.inbound.load(Ordering::Relaxed),
             bytes_outbound: self.outbound.load(Ordering::Relaxed),
@@ -90,14 +94,14 @@ impl LiveConns {
     /// Enters a connection, with its pacers; it leaves when the result drops.
     pub fn open(self: &Arc<Self>, caps: &Arc<Caps>, c: NewConn) -> Tracked {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let pace = caps.pacers(c.agent, c.tunnel.clone());
+        let key = Arc::new((c.agent, c.tunnel));
         let conn = Arc::new(LiveConn {
             id,
-            agent: c.agent,
-            tunnel: c.tunnel,
+            pace: caps.pacers(key.clone()),
+            key,
             port: c.port,
             source: c.source,
-            peer: c.peer,
+            peer: c.peer.map(Box::new),
             since: SystemTime::now(),
             inbound: AtomicU64::new(0),
             outbound: AtomicU64::new(0),
@@ -106,7 +110,6 @@ impl LiveConns {
         Tracked {
             table: self.clone(),
             conn,
-            pace,
         }
     }
 
@@ -135,7 +138,7 @@ impl LiveConns {
         let conns: Vec<Arc<LiveConn>> = self.lock().values().cloned().collect();
         let mut out: HashMap<PeerId, (Vec<Arc<LiveConn>>, usize)> = HashMap::new();
         for c in conns {
-            let e = out.entry(c.agent).or_default();
+            let e = out.entry(c.key.0).or_default();
             e.1 += 1;
             e.0.push(c);
         }
@@ -153,7 +156,6 @@ impl LiveConns {
 pub struct Tracked {
     table: Arc<LiveConns>,
     pub conn: Arc<LiveConn>,
-    pace: ConnPacers,
 }
 
 impl Tracked {
@@ -162,13 +164,13 @@ impl Tracked {
     pub fn inbound<'a>(&'a self, tunnel: &'a Counter) -> Tally<'a> {
         Tally::new(tunnel)
             .own(&self.conn.inbound)
-            .paced(Some(&self.pace.inbound))
+            .paced(Some(&self.conn.pace.inbound))
     }
 
     pub fn outbound<'a>(&'a self, tunnel: &'a Counter) -> Tally<'a> {
         Tally::new(tunnel)
             .own(&self.conn.outbound)
-            .paced(Some(&self.pace.outbound))
+            .paced(Some(&self.conn.pace.outbound))
     }
 }
 

@@ -515,3 +515,54 @@ fn two_agents_in_one_namespace_share_the_rules() {
     assert_eq!(count_rules(), 0, "the last agent out removes the rules");
     assert!(!sh(&w.node_host, "nft list tables").contains("relaygate"));
 }
+
+#[test]
+fn a_remote_dialling_from_the_nodes_own_port_gets_through_with_its_address() {
+    // libp2p peers dial from their listen port: a remote at :9905 reaching a
+    // node that listens on 0.0.0.0:9905. The agent cannot bind the remote's
+    // exact address and port there; the node must still see its address.
+    if !require_root("a_remote_dialling_from_the_nodes_own_port_gets_through_with_its_address") {
+        return;
+    }
+    let w = world();
+    // An echo server on 0.0.0.0:9905 that prints who connected.
+    const ECHO: &str = r#"
+import socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 9905))
+s.listen()
+print("listening", flush=True)
+while True:
+    c, a = s.accept()
+    print("peer", a[0], a[1], flush=True)
+    c.sendall(c.recv(64))
+    c.close()
+"#;
+    let mut echo = w.node_host.cmd("python3");
+    echo.args(["-c", ECHO]);
+    let echo = Proc::spawn("echo", echo);
+    echo.wait_for(|l| l.contains("listening"), T)
+        .expect("echo up");
+    let gw = gateway(&w);
+    let a = agent(
+        &w,
+        &gw,
+        &[format!(
+            "node={}:9905,deliver=transparent",
+            w.node_host.ip()
+        )],
+    );
+    let port = a.wait_leased("node", T).expect("lease");
+    let out = sh(
+        &w.remote,
+        &format!(
+            "python3 -c \"import socket; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('0.0.0.0', 9905)); s.settimeout(10); s.connect(('{}', {port})); s.sendall(b'same port'); print(s.recv(64).decode())\"",
+            w.gw_host.ip()
+        ),
+    );
+    assert!(out.contains("same port"), "no echo: {out:?}");
+    let remote = w.remote.ip().to_string();
+    echo.wait_for(|l| l.starts_with("peer ") && l.contains(&remote), T)
+        .expect("the node saw the remote's own address");
+}
