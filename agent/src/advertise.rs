@@ -8,20 +8,32 @@
 use std::path::Path;
 
 use libp2p::{multiaddr::Protocol, Multiaddr, PeerId};
-use relaygate_common::names::LeasePort;
+use relaygate_common::{names::LeasePort, protocol::Proto};
 
-/// `/<host>/tcp/<port>[/p2p/<node>]` for each gateway host.
-pub fn addresses(hosts: &[Multiaddr], port: LeasePort, node: Option<PeerId>) -> Vec<Multiaddr> {
-    hosts
+/// `/<host>/tcp/<port>[/p2p/<node>]` for each gateway host, then
+/// `/<host>/udp/<port>/quic-v1[/p2p/<node>]` for a tunnel carrying UDP.
+pub fn addresses(
+    hosts: &[Multiaddr],
+    port: LeasePort,
+    node: Option<PeerId>,
+    proto: Proto,
+) -> Vec<Multiaddr> {
+    let with_node = |a: Multiaddr| match node {
+        Some(p) => a.with(Protocol::P2p(p)),
+        None => a,
+    };
+    let tcp = hosts
         .iter()
-        .map(|h| {
-            let a = h.clone().with(Protocol::Tcp(port.get()));
-            match node {
-                Some(p) => a.with(Protocol::P2p(p)),
-                None => a,
-            }
-        })
-        .collect()
+        .filter(|_| proto.tcp())
+        .map(|h| with_node(h.clone().with(Protocol::Tcp(port.get()))));
+    let udp = hosts.iter().filter(|_| proto.udp()).map(|h| {
+        with_node(
+            h.clone()
+                .with(Protocol::Udp(port.get()))
+                .with(Protocol::QuicV1),
+        )
+    });
+    tcp.chain(udp).collect()
 }
 
 /// Host parts to advertise: the fleet's shared name first (`fleet.advertise`
@@ -82,7 +94,12 @@ mod tests {
             &["/dns4/gw.example.com".into(), "/ip4/203.0.113.7".into()],
             &"/ip4/1.2.3.4/udp/4001/quic-v1".parse().unwrap(),
         );
-        let a = addresses(&hosts, LeasePort::new(9905).unwrap(), Some(node));
+        let a = addresses(
+            &hosts,
+            LeasePort::new(9905).unwrap(),
+            Some(node),
+            Proto::Tcp,
+        );
         assert_eq!(
             a[0].to_string(),
             format!("/dns4/gw.example.com/tcp/9905/p2p/{node}")
@@ -98,7 +115,16 @@ mod tests {
                 .parse()
                 .unwrap(),
         );
-        let fleet = addresses(&fallback, LeasePort::new(20000).unwrap(), None);
+        let fleet = addresses(&fallback, LeasePort::new(20000).unwrap(), None, Proto::Tcp);
+        let both = addresses(&fallback, LeasePort::new(20000).unwrap(), None, Proto::Both);
+        assert_eq!(both.len(), 4);
+        assert_eq!(
+            both[2].to_string(),
+            "/dns4/fleet.example.com/udp/20000/quic-v1"
+        );
+        assert_eq!(both[3].to_string(), "/ip4/203.0.113.9/udp/20000/quic-v1");
+        let udp = addresses(&fallback, LeasePort::new(20000).unwrap(), None, Proto::Udp);
+        assert_eq!(udp, both[2..].to_vec());
         assert_eq!(fleet[0].to_string(), "/dns4/fleet.example.com/tcp/20000");
         assert_eq!(fleet[1].to_string(), "/ip4/203.0.113.9/tcp/20000");
         assert_eq!(

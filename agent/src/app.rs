@@ -160,6 +160,12 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             },
         );
     }
+    let udp = crate::udp::UdpAgent::new(
+        &key,
+        &session_cfg.tunnels,
+        cfg.transparent.mark.get(),
+        metrics.clone(),
+    );
     let sessions = FleetSessions {
         cfg: session_cfg,
         seed: gateway,
@@ -169,6 +175,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         gateways: gateways.clone(),
         lanes: lane.clone(),
+        udp,
     };
     for (t, why) in refused {
         tracing::error!(tunnel = %t.name, error = %why, "tunnel not started");

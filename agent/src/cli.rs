@@ -40,7 +40,7 @@ pub struct Opts {
     #[arg(long, global = true)]
     pub token_file: Option<String>,
     /// A tunnel, repeatable; replaces [[tunnels]] from the config:
-    /// NAME=HOST:PORT[@PUBLIC_PORT][,deliver=plain|transparent|proxy-v1|proxy-v2][,node_peer_id=ID|auto][,advertise_file=PATH]
+    /// NAME=HOST:PORT[@PUBLIC_PORT][,deliver=plain|transparent|proxy-v1|proxy-v2][,proto=tcp|udp|both][,node_peer_id=ID|auto][,advertise_file=PATH]
     #[arg(
         long,
         global = true,

@@ -8,6 +8,7 @@ use relaygate_common::{
     admin::AdminConfig,
     identity::IdentityConfig,
     names::{LeasePort, Secret, ServiceName, TunnelName},
+    protocol::Proto,
     telemetry::LogConfig,
     transport::SessionTuning,
 };
@@ -102,6 +103,10 @@ pub struct TunnelConfig {
     /// How connections reach the target.
     #[serde(default)]
     pub deliver: DeliveryMode,
+    /// What the tunnel carries: `tcp` (default), `udp` or `both`, on the
+    /// same leased port number.
+    #[serde(default)]
+    pub proto: Proto,
 }
 
 /// Which peer id the node behind a tunnel has.
@@ -145,12 +150,12 @@ impl std::fmt::Display for NodeId {
 
 relaygate_common::serde_via_str!(NodeId);
 
-/// `--tunnel NAME=HOST:PORT[@PUBLIC_PORT][,deliver=MODE][,node_peer_id=ID|auto][,advertise_file=PATH]`
+/// `--tunnel NAME=HOST:PORT[@PUBLIC_PORT][,deliver=MODE][,proto=tcp|udp|both][,node_peer_id=ID|auto][,advertise_file=PATH]`
 impl FromStr for TunnelConfig {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let usage = || {
-            format!("--tunnel expects NAME=HOST:PORT[@PUBLIC_PORT][,deliver=MODE][,node_peer_id=ID|auto][,advertise_file=PATH], got {s:?}")
+            format!("--tunnel expects NAME=HOST:PORT[@PUBLIC_PORT][,deliver=MODE][,proto=tcp|udp|both][,node_peer_id=ID|auto][,advertise_file=PATH], got {s:?}")
         };
         let mut parts = s.split(',');
         let head = parts.next().unwrap_or_default();
@@ -168,6 +173,7 @@ impl FromStr for TunnelConfig {
             node_peer_id: None,
             advertise_file: None,
             deliver: DeliveryMode::default(),
+            proto: Proto::default(),
         };
         for opt in parts {
             let (k, v) = opt.split_once('=').ok_or_else(usage)?;
@@ -181,6 +187,7 @@ impl FromStr for TunnelConfig {
                         })?
                 }
                 "node_peer_id" => t.node_peer_id = Some(v.parse()?),
+                "proto" => t.proto = v.parse()?,
                 "advertise_file" => t.advertise_file = Some(PathBuf::from(v)),
                 _ => return Err(usage()),
             }
@@ -432,6 +439,8 @@ pub enum ConfigProblem {
     ServiceWithoutAllow(ServiceName),
     #[error("services and connect need the relay: set relay.enabled = true")]
     RelayOff,
+    #[error("tunnel {0}: deliver=proxy-v1/v2 cannot carry UDP (QUIC reads no PROXY header); use deliver=transparent or plain, or proto=tcp")]
+    UdpProxy(TunnelName),
 }
 
 impl AgentConfig {
@@ -475,6 +484,11 @@ impl AgentConfig {
         for t in &self.tunnels {
             if !seen.insert(&t.name) {
                 return Err(ConfigProblem::DuplicateTunnel(t.name.clone()));
+            }
+            // QUIC stacks read no PROXY header: the real source reaches a
+            // UDP node by transparent delivery only.
+            if t.proto.udp() && matches!(t.deliver, DeliveryMode::ProxyV1 | DeliveryMode::ProxyV2) {
+                return Err(ConfigProblem::UdpProxy(t.name.clone()));
             }
         }
         let mut seen = std::collections::HashSet::new();

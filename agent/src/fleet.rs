@@ -40,6 +40,8 @@ pub struct FleetSessions {
     /// The seed's lanes (`session.data_path = "lane"`); the others' share
     /// their settings and buffer budget.
     pub lanes: Option<Arc<LaneDialer>>,
+    /// UDP tunnels' channels, one per gateway session; none without UDP tunnels.
+    pub udp: Option<Arc<crate::udp::UdpAgent>>,
 }
 
 struct Running {
@@ -182,6 +184,7 @@ impl FleetSessions {
             self.gateways.set_lanes(peer, lanes.clone());
             lanes
         });
+        session.udp = self.udp.clone();
         session.news = Some(tx.clone());
         let stop = CancellationToken::new();
         let task = tokio::spawn(session.run(stop.clone()));

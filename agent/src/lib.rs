@@ -31,4 +31,5 @@ pub mod state; // current session and lease status
 pub mod strangers; // inbound connections only from the gateway and allow-listed peers
 pub mod transparent; // transparent delivery: capability checks, nftables + policy routing rules
 pub mod tunnel; // inbound tunnel streams: header, deliver, splice
+pub mod udp; // UDP tunnels: the datagram channel to each gateway, a socket per flow toward the node
 pub mod visitor; // `connect`: local port -> another agent's service, relay first, direct after DCUtR

@@ -119,6 +119,41 @@ pub struct Metrics {
     /// Deliveries to targets by mode (plain, transparent, proxy-v1, proxy-v2) and result.
     pub deliveries: Family<DeliveryLabels, Counter>,
     pub peers: PeerMetrics,
+    /// UDP tunnels' channel and flows.
+    pub udp: UdpMetrics,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    pub direction: &'static str,
+}
+
+/// `relaygate_agent_udp_*`.
+#[derive(Default)]
+pub struct UdpMetrics {
+    pub channels_active: Gauge,
+    pub flows_active: Gauge,
+    pub flows_opened: Counter,
+    pub flows_closed: Family<ReasonLabels, Counter>,
+    /// Datagrams carried: `inbound` to the node, `outbound` from it.
+    pub datagrams: Family<DirectionLabels, Counter>,
+    pub dropped: Family<ReasonLabels, Counter>,
+}
+
+impl UdpMetrics {
+    pub fn drop(&self, reason: &str) {
+        self.dropped.get_or_create(&ReasonLabels::new(reason)).inc();
+    }
+    pub fn closed(&self, reason: &str) {
+        self.flows_closed
+            .get_or_create(&ReasonLabels::new(reason))
+            .inc();
+    }
+    pub fn carried(&self, direction: &'static str) {
+        self.datagrams
+            .get_or_create(&DirectionLabels { direction })
+            .inc();
+    }
 }
 
 impl Metrics {
@@ -190,10 +225,42 @@ impl Metrics {
             "AutoNAT verdict from the gateway: 1 public, 0 private, -1 unknown",
             peers.reachable.clone(),
         );
+        let udp = UdpMetrics::default();
+        r.register(
+            "udp_channels_active",
+            "Datagram channels to gateways up",
+            udp.channels_active.clone(),
+        );
+        r.register(
+            "udp_flows_active",
+            "UDP flows open to targets",
+            udp.flows_active.clone(),
+        );
+        r.register(
+            "udp_flows_opened",
+            "UDP flows opened",
+            udp.flows_opened.clone(),
+        );
+        r.register(
+            "udp_flows_closed",
+            "UDP flows ended, by reason",
+            udp.flows_closed.clone(),
+        );
+        r.register(
+            "udp_datagrams",
+            "Datagrams carried, inbound (to the node) and outbound",
+            udp.datagrams.clone(),
+        );
+        r.register(
+            "udp_dropped",
+            "Datagrams dropped, by reason",
+            udp.dropped.clone(),
+        );
         Self {
             core,
             deliveries,
             peers,
+            udp,
         }
     }
 

@@ -66,6 +66,8 @@ pub struct Session {
     pub cfg: AgentConfig,
     /// Keeps the lane up while a session is (`session.data_path = "lane"`).
     pub lane: Option<Arc<LaneDialer>>,
+    /// Keeps the datagram channel up while a session is (UDP tunnels).
+    pub udp: Option<Arc<crate::udp::UdpAgent>>,
     /// Where the fleet's gateways, as this one names them, go.
     pub news: Option<tokio::sync::mpsc::UnboundedSender<FleetNews>>,
 }
@@ -94,6 +96,7 @@ impl Session {
             metrics,
             cfg: cfg.clone(),
             lane: None,
+            udp: None,
             news: None,
         }
     }
@@ -161,6 +164,7 @@ impl Session {
                 .map(|t| TunnelRequest {
                     name: t.name.clone(),
                     port: t.port,
+                    proto: t.proto,
                 })
                 .collect(),
             fleet: true,
@@ -225,7 +229,13 @@ impl Session {
                 None => std::future::pending().await,
             }
         };
-        tokio::pin!(lost, lane);
+        let udp = async {
+            match &self.udp {
+                Some(u) => u.keep(self.gateway, &dialled, &welcome).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(lost, lane, udp);
         let mut retry = if welcome.lease_retry {
             self.to_retry(&welcome.leases)
         } else {
@@ -272,6 +282,7 @@ impl Session {
                 }
                 _ = &mut lost => return Ok("gateway stopped answering keep-alives".into()),
                 () = &mut lane => return Ok("lane keeper stopped".into()),
+                () = &mut udp => return Ok("datagram channel keeper stopped".into()),
             };
             match read {
                 Ok(ControlMessage::Fleet { gateways }) => self.tell(gateways),
@@ -333,6 +344,7 @@ impl Session {
                     let again = TunnelRequest {
                         name: t.name.clone(),
                         port: t.port,
+                        proto: t.proto,
                     };
                     write_control(
                         &mut ctl,
@@ -407,7 +419,7 @@ impl Session {
                         }
                         None => None,
                     };
-                    let addrs = advertise::addresses(&hosts, *port, node);
+                    let addrs = advertise::addresses(&hosts, *port, node, t.proto);
                     status.port = Some(port.get());
                     status.addresses = addrs.iter().map(|a| a.to_string()).collect();
                     tracing::info!(
@@ -460,6 +472,7 @@ impl Session {
             .map(|t| TunnelRequest {
                 name: t.name.clone(),
                 port: t.port,
+                proto: t.proto,
             })
             .collect()
     }

@@ -8,6 +8,7 @@ pub mod admin_ui; // the console: dashboard assets built in, and its live event 
 pub mod circuit; // circuit relay v2 wire format: hop/stop messages, voucher, framing
 pub mod clock; // Unix seconds, as the admin API and etcd records carry them
 pub mod config; // layered config loading (embedded defaults, TOML file, env, --set) and secrets
+pub mod dgram; // UDP tunnels: the datagram channel (QUIC datagrams, libp2p identities) and its frames
 pub mod files; // files written whole or not at all (temp file, sync, rename)
 pub mod identity; // libp2p identity key files: create 0600, load protobuf or hex
 pub mod idle; // idle timeouts for spliced connections

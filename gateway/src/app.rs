@@ -237,6 +237,12 @@ pub async fn run(cfg: GatewayConfig, reload: crate::reload::Source) -> anyhow::R
     });
     let ports = Arc::new(PortTable::default());
     let nodes = Arc::new(crate::nodes::NodeBook::default());
+    let udp = crate::udp::UdpPlane::new(cfg.udp.clone(), metrics.clone(), guard.clone());
+    if cfg.udp.enabled {
+        let ep = crate::udp::channel::bind(&key, cfg.udp.listen)?;
+        tracing::info!(listen = %cfg.udp.listen, "UDP tunnels' datagram channel listening");
+        tokio::spawn(crate::udp::channel::accept(udp.clone(), ep));
+    }
     let admission = Arc::new(Admission::new(
         cfg.admission.allow.iter().copied(),
         accepted_tokens(&cfg, token.as_ref().map(|(t, _)| t)),
@@ -258,6 +264,7 @@ pub async fn run(cfg: GatewayConfig, reload: crate::reload::Source) -> anyhow::R
         fleet_hosts: cfg.fleet.hosts(),
         ports: ports.clone(),
         nodes: nodes.clone(),
+        udp: udp.clone(),
     });
     let forwarder = cfg
         .forwards()
@@ -387,6 +394,7 @@ pub async fn run(cfg: GatewayConfig, reload: crate::reload::Source) -> anyhow::R
     // libp2p listeners stay open: closing the QUIC one would close every
     // session on it. New sessions are refused instead (see session.rs).
     dataplane.stop_accepting.cancel();
+    udp.stop_accepting.cancel();
     let left = shutdown::drain(&dataplane.tracker, cfg.shutdown_grace).await;
     if left > 0 {
         tracing::warn!(

@@ -30,8 +30,8 @@ pub mod metrics; // Prometheus metrics
 pub mod nodes; // node peer ids agents front, checked through their tunnels: circuits to them
 pub mod overload; // memory overload: refuse new work above limits.max_memory
 pub mod rates; // the guard's token buckets per source and per peer, swapped whole on reload
-pub mod registry;
-pub mod reload; // SIGHUP and POST /v1/reload: apply what may change while running, refuse the rest by name // live sessions and per-tunnel counters
+pub mod registry; // live sessions and per-tunnel counters
+pub mod reload; // SIGHUP and POST /v1/reload: apply what may change while running, refuse the rest by name
 pub mod reservations; // relay reservations and circuit slots, within the caps
 pub mod session; // control streams: admit, lease, bind, keep alive
 pub mod session_lane; // a lane on one session stream, for agents without a lane of their own
@@ -39,3 +39,4 @@ pub mod session_stream; // the fallback data path: a public connection on a sess
 pub mod shares; // per-source shares of pools: lane handshakes, leased-port connections
 pub mod stall; // circuits whose reader stopped: a share per peer, the oldest ends first
 pub mod store; // lease persistence: LeaseStore trait, embedded redb store
+pub mod udp; // UDP tunnels: agents' datagram channels, leased UDP ports and their flows

@@ -40,7 +40,10 @@ pub struct PublicPort {
     /// connection of the same peer (such as `doctor`'s).
     pub connection: ConnectionId,
     pub stats: Arc<TunnelStats>,
-    pub listener: TcpListener,
+    /// The TCP side, unless the tunnel carries UDP only.
+    pub listener: Option<TcpListener>,
+    /// The UDP side, when the tunnel carries UDP.
+    pub udp: Option<crate::udp::port::UdpPort>,
     /// The port is this session's, not the forwarder's, while this lives.
     pub claim: crate::fleet::ports::LocalClaim,
 }
@@ -52,10 +55,27 @@ pub async fn bind(ip: std::net::IpAddr, port: u16) -> io::Result<TcpListener> {
 
 impl PublicPort {
     /// Accepts until the session ends or the gateway stops accepting.
-    pub async fn serve(self, dp: Arc<DataPlane>, session: CancellationToken) {
+    pub async fn serve(
+        mut self,
+        dp: Arc<DataPlane>,
+        udp: Arc<crate::udp::UdpPlane>,
+        session: CancellationToken,
+    ) {
         let port = self.stats.port.get();
-        accept_admitted(
-            &self.listener,
+        let (udp_port, listener) = (self.udp.take(), self.listener.take());
+        let udp_side = async {
+            match udp_port {
+                Some(u) => u.serve(udp, session.clone()).await,
+                None => session.cancelled().await,
+            }
+        };
+        let Some(listener) = listener else {
+            udp_side.await;
+            tracing::debug!(port, tunnel = %self.stats.name, "public port closed");
+            return;
+        };
+        let tcp_side = accept_admitted(
+            &listener,
             &dp,
             port,
             &session,
@@ -72,8 +92,8 @@ impl PublicPort {
                 };
                 dp.tracker.spawn(conn.run());
             },
-        )
-        .await;
+        );
+        tokio::join!(tcp_side, udp_side);
         tracing::debug!(port, tunnel = %self.stats.name, "public port closed");
     }
 }

@@ -27,6 +27,8 @@ pub struct Metrics {
     pub bandwidth: BandwidthMetrics,
     /// Configuration reloads by outcome: applied, refused, unreadable.
     pub reloads: Family<ReasonLabels, Counter>,
+    /// UDP tunnels: channels, flows, datagrams (`udp/metrics.rs`).
+    pub udp: crate::udp::metrics::UdpMetrics,
 }
 
 /// Which way capped bytes went: `inbound` (client to node) or `outbound`.
@@ -105,6 +107,7 @@ impl Metrics {
             tunnels_active.clone(),
         );
         let relay = RelayMetrics::default();
+        let udp = crate::udp::metrics::UdpMetrics::register(&mut core.registry);
         let r = &mut core.registry;
         r.register(
             "relay_reservations_active",
@@ -203,6 +206,7 @@ impl Metrics {
             memory_overloaded,
             forwarded,
             leases_freed,
+            udp,
         }
     }
 

@@ -11,3 +11,4 @@ pub mod procs; // child processes: workspace binaries, captured logs, kill on dr
 pub mod rawpeer; // a bare libp2p peer that sends the gateway hand-made (also malformed) input
 pub mod stack; // gateway, agents and targets wired together on free ports
 pub mod targets; // tunnel targets that measure: a counting sink, an endless source
+pub mod udpkit; // UDP: an echo that records peers, many checked flows, rtt, throughput, a spoofed flood

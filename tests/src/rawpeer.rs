@@ -227,6 +227,7 @@ impl FakeGateway {
                         fleet: vec![],
                         fleet_hosts: vec![],
                         node_claims: false,
+                        udp: None,
                     };
                     let _ = write_control(&mut s, &ControlMessage::Welcome(welcome)).await;
                     let _ = tx.send(Some(inc.peer));

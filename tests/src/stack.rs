@@ -98,6 +98,9 @@ impl Gateway {
             range,
             "--set".into(),
             format!("leases.bind={}", spec.bind),
+            // Its own channel port: tests run several gateways at once.
+            "--set".into(),
+            format!("udp.listen={}:{}", spec.bind, free_udp_port()),
             "--log-level".into(),
             "info,relaygate_gateway=debug".into(),
         ];

@@ -136,6 +136,59 @@ pub struct TunnelRequest {
     /// Public port wanted; the gateway picks one from its range when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<LeasePort>,
+    /// What the tunnel carries; its lease's one port number serves each.
+    /// Absent for TCP, so a TCP-only hello is what it was before UDP.
+    #[serde(default, skip_serializing_if = "Proto::is_tcp")]
+    pub proto: Proto,
+}
+
+/// The protocols a tunnel carries.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Proto {
+    #[default]
+    Tcp,
+    Udp,
+    Both,
+}
+
+impl Proto {
+    pub fn is_tcp(&self) -> bool {
+        *self == Proto::Tcp
+    }
+    pub fn tcp(self) -> bool {
+        self != Proto::Udp
+    }
+    pub fn udp(self) -> bool {
+        self != Proto::Tcp
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+            Proto::Both => "both",
+        }
+    }
+}
+
+impl std::str::FromStr for Proto {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "tcp" => Ok(Proto::Tcp),
+            "udp" => Ok(Proto::Udp),
+            "both" => Ok(Proto::Both),
+            _ => Err(format!("proto must be tcp, udp or both, got {s:?}")),
+        }
+    }
+}
+
+/// Where an agent's UDP tunnels' datagram channel connects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UdpOffer {
+    /// UDP port of the gateway's datagram channel, on the host the agent
+    /// dialled (or the gateway's advertised host).
+    pub port: u16,
 }
 
 /// The gateway's answer to a hello. Fields the agent does not know are
@@ -177,6 +230,9 @@ pub struct Welcome {
     /// it checked.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub node_claims: bool,
+    /// The gateway carries UDP tunnels over a datagram channel on this port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub udp: Option<UdpOffer>,
 }
 
 // No deny_unknown_fields here: serde does not support it together with flatten.
@@ -211,6 +267,9 @@ pub enum LeaseRefusal {
     StoreFailed,
     /// The agent asked for more tunnels than the gateway allows one agent.
     TooManyTunnels,
+    /// The tunnel asks for UDP and the gateway carries no UDP tunnels
+    /// (`udp.enabled = false`).
+    UdpOff,
 }
 
 impl LeaseRefusal {
@@ -229,6 +288,7 @@ impl LeaseRefusal {
             Self::BindFailed => "bind_failed",
             Self::StoreFailed => "store_failed",
             Self::TooManyTunnels => "too_many_tunnels",
+            Self::UdpOff => "udp_off",
         }
     }
 }

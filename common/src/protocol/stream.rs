@@ -167,7 +167,7 @@ fn put_versioned_name(out: &mut Vec<u8>, name: &str) {
     out.extend_from_slice(name.as_bytes());
 }
 
-fn put_addr(out: &mut Vec<u8>, addr: SocketAddr) {
+pub(crate) fn put_addr(out: &mut Vec<u8>, addr: SocketAddr) {
     match addr.ip() {
         IpAddr::V4(ip) => {
             out.push(4);

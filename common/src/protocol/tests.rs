@@ -167,6 +167,7 @@ async fn control_frames_round_trip_and_reject_garbage() {
         tunnels: vec![TunnelRequest {
             name: "node".parse().unwrap(),
             port: LeasePort::new(9905),
+            proto: Proto::Tcp,
         }],
         lease_lifecycle: true,
         paused: vec!["off".parse().unwrap()],
@@ -188,6 +189,7 @@ async fn control_frames_round_trip_and_reject_garbage() {
         }],
         fleet_hosts: vec![],
         node_claims: true,
+        udp: Some(UdpOffer { port: 4002 }),
         version: WIRE_VERSION,
         public_hosts: vec!["/dns4/gw.example.com".into()],
         leases: vec![
@@ -219,6 +221,7 @@ async fn control_frames_round_trip_and_reject_garbage() {
             tunnels: vec![TunnelRequest {
                 name: "b".parse().unwrap(),
                 port: None,
+                proto: Proto::Tcp,
             }],
         },
         ControlMessage::Leases { leases: vec![] },
@@ -336,4 +339,24 @@ async fn a_control_reader_cancelled_mid_frame_loses_nothing() {
         "the read was cancelled mid-frame ({cancelled} times)"
     );
     assert_eq!(got, frames);
+}
+
+#[test]
+fn a_tcp_tunnel_request_says_nothing_of_proto_and_udp_ones_do() {
+    let tcp = TunnelRequest {
+        name: "node".parse().unwrap(),
+        port: None,
+        proto: Proto::Tcp,
+    };
+    let s = serde_json::to_string(&tcp).unwrap();
+    assert!(!s.contains("proto"), "{s}");
+    let udp = TunnelRequest {
+        proto: Proto::Both,
+        ..tcp
+    };
+    let s = serde_json::to_string(&udp).unwrap();
+    assert!(s.contains(r#""proto":"both""#), "{s}");
+    let back: TunnelRequest = serde_json::from_str(&s).unwrap();
+    assert_eq!(back.proto, Proto::Both);
+    assert!("quic".parse::<Proto>().is_err());
 }

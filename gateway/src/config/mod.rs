@@ -16,6 +16,7 @@ pub mod fleet;
 pub mod guard;
 pub mod leases;
 pub mod store;
+pub mod udp;
 
 /// Default admin API address of the gateway.
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:9600";
@@ -43,6 +44,8 @@ pub struct GatewayConfig {
     pub limits: LimitsConfig,
     /// Caps on tunnel traffic, per agent and per tunnel.
     pub bandwidth: bandwidth::BandwidthConfig,
+    /// UDP tunnels: the datagram channel and flows.
+    pub udp: udp::UdpConfig,
     pub guard: guard::GuardConfig,
     pub session: SessionTuning,
     pub admin: AdminConfig,
@@ -277,6 +280,7 @@ impl Default for GatewayConfig {
             autonat: AutonatConfig::default(),
             limits: LimitsConfig::default(),
             bandwidth: bandwidth::BandwidthConfig::default(),
+            udp: udp::UdpConfig::default(),
             guard: guard::GuardConfig::default(),
             session: SessionTuning::gateway(),
             admin: AdminConfig::default(),
@@ -328,6 +332,8 @@ pub enum ConfigProblem {
     NoTunnels,
     #[error("{0}")]
     Bandwidth(String),
+    #[error("{0}")]
+    Udp(String),
 }
 
 impl GatewayConfig {
@@ -345,6 +351,7 @@ impl GatewayConfig {
             return Err(ConfigProblem::NoTunnels);
         }
         self.bandwidth.check().map_err(ConfigProblem::Bandwidth)?;
+        self.udp.check().map_err(ConfigProblem::Udp)?;
         Ok(())
     }
 

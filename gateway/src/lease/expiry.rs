@@ -254,6 +254,7 @@ mod tests {
                 &[TunnelRequest {
                     name: name.parse().unwrap(),
                     port: None,
+                    proto: Default::default(),
                 }],
             )
             .await;

@@ -21,6 +21,7 @@ fn req(name: &str, port: Option<u16>) -> TunnelRequest {
     TunnelRequest {
         name: name.parse().unwrap(),
         port: port.and_then(LeasePort::new),
+        proto: Default::default(),
     }
 }
 

@@ -30,6 +30,7 @@ use crate::{
     metrics::Metrics,
     nodes::NodeBook,
     registry::{AgentRegistry, NewSession, OpenPort, TunnelStats},
+    udp::{port::UdpPort, AgentUdp, UdpPlane},
 };
 
 /// An agent must say hello this soon after opening the control stream.
@@ -67,6 +68,8 @@ pub struct Sessions {
     pub ports: Arc<crate::fleet::ports::PortTable>,
     /// Node ids agents front, once checked: circuits to them.
     pub nodes: Arc<NodeBook>,
+    /// UDP tunnels: datagram channels and flows.
+    pub udp: Arc<UdpPlane>,
 }
 
 type Control = tokio_util::compat::Compat<Stream>;
@@ -200,7 +203,12 @@ impl Sessions {
             self.leases.acquire(peer, &hello.tunnels).await
         };
         let cancel = CancellationToken::new();
-        let ports = self.open_ports(peer, connection, &mut grants).await;
+        // The UDP side, when a tunnel asks for UDP and the gateway carries it.
+        let udp = (self.udp.cfg.enabled && hello.tunnels.iter().any(|t| t.proto.udp()))
+            .then(|| self.udp.session(peer, &cancel));
+        let ports = self
+            .open_ports(peer, connection, &mut grants, &hello.tunnels, udp.as_ref())
+            .await;
         let n_ports = ports.len();
         let ports = self.serve_ports(ports, &cancel);
         let remote = self.host.state.remote_addr(&peer);
@@ -235,6 +243,13 @@ impl Sessions {
             },
             fleet_hosts: self.fleet_hosts.clone(),
             node_claims: true,
+            udp: self
+                .udp
+                .cfg
+                .enabled
+                .then(|| relaygate_common::protocol::UdpOffer {
+                    port: self.udp.cfg.channel_port(),
+                }),
         };
         let mut told = welcome.fleet.clone();
         // Only membership: ports changing elsewhere concern the forwarder.
@@ -242,6 +257,9 @@ impl Sessions {
         if let Err(e) = write_control(&mut ctl, &ControlMessage::Welcome(welcome)).await {
             tracing::info!(%peer, error = %e, "agent left before welcome");
             cancel.cancel();
+            if let Some(u) = &udp {
+                self.udp.end(u);
+            }
             self.registry.unregister(&peer, id);
             return;
         }
@@ -313,7 +331,9 @@ impl Sessions {
                         .into_iter()
                         .partition(|t| self.registry.tunnel(&peer, id, &t.name).is_some());
                     let mut grants = self.leases.acquire(peer, &asked).await;
-                    let ports = self.open_ports(peer, connection, &mut grants).await;
+                    let ports = self
+                        .open_ports(peer, connection, &mut grants, &asked, udp.as_ref())
+                        .await;
                     n_ports += ports.len();
                     self.metrics.tunnels_active.inc_by(ports.len() as i64);
                     let ports = self.serve_ports(ports, &cancel);
@@ -363,6 +383,9 @@ impl Sessions {
             }
         };
         cancel.cancel();
+        if let Some(u) = &udp {
+            self.udp.end(u);
+        }
         self.nodes.release(&peer, id);
         // Close, not drop: a dropped QUIC stream is reset and may lose what was written.
         let _ = tokio::time::timeout(Duration::from_secs(1), ctl.shutdown()).await;
@@ -387,7 +410,7 @@ impl Sessions {
                 OpenPort {
                     stats: p.stats.clone(),
                     stop: stop.clone(),
-                    task: tokio::spawn(p.serve(self.dataplane.clone(), stop)),
+                    task: tokio::spawn(p.serve(self.dataplane.clone(), self.udp.clone(), stop)),
                 }
             })
             .collect()
@@ -400,14 +423,29 @@ impl Sessions {
         peer: PeerId,
         connection: ConnectionId,
         grants: &mut [LeaseGrant],
+        asked: &[relaygate_common::protocol::TunnelRequest],
+        udp: Option<&Arc<AgentUdp>>,
     ) -> Vec<PublicPort> {
         let mut ports = Vec::new();
         for g in grants.iter_mut() {
+            let proto = asked
+                .iter()
+                .find(|t| t.name == g.name)
+                .map(|t| t.proto)
+                .unwrap_or_default();
             match &g.outcome {
+                LeaseOutcome::Granted { port } if proto.udp() && udp.is_none() => {
+                    tracing::warn!(%peer, tunnel = %g.name, %port, "tunnel asks for UDP; this gateway carries none (udp.enabled = false)");
+                    g.outcome = LeaseOutcome::Refused {
+                        code: LeaseRefusal::UdpOff,
+                        message: "this gateway carries no UDP tunnels (udp.enabled = false); use proto=tcp or another gateway".into(),
+                    };
+                    self.metrics.refuse(LeaseRefusal::UdpOff.as_str());
+                }
                 LeaseOutcome::Granted { port } => {
                     let claim = self.ports.claim(port.get()).await;
-                    match listener::bind(self.bind, port.get()).await {
-                        Ok(l) => {
+                    match self.bind_both(port.get(), proto, udp).await {
+                        Ok((l, u)) => {
                             let stats = Arc::new(TunnelStats::new(
                                 &self.metrics,
                                 &peer,
@@ -417,8 +455,13 @@ impl Sessions {
                             ports.push(PublicPort {
                                 agent: peer,
                                 connection,
-                                stats,
+                                stats: stats.clone(),
                                 listener: l,
+                                udp: u.zip(udp).map(|(socket, agent)| UdpPort {
+                                    socket,
+                                    agent: agent.clone(),
+                                    stats,
+                                }),
                                 claim,
                             });
                         }
@@ -438,6 +481,28 @@ impl Sessions {
             }
         }
         ports
+    }
+
+    /// Binds a leased port for each protocol the tunnel carries; either
+    /// failing fails both.
+    async fn bind_both(
+        &self,
+        port: u16,
+        proto: relaygate_common::protocol::Proto,
+        udp: Option<&Arc<AgentUdp>>,
+    ) -> std::io::Result<(
+        Option<tokio::net::TcpListener>,
+        Option<tokio::net::UdpSocket>,
+    )> {
+        let tcp = match proto.tcp() {
+            true => Some(listener::bind(self.bind, port).await?),
+            false => None,
+        };
+        let udp = match (proto.udp(), udp) {
+            (true, Some(_)) => Some(crate::udp::port::bind(self.bind, port)?),
+            _ => None,
+        };
+        Ok((tcp, udp))
     }
 
     /// Answers `Refused`; `bad` names the kind of bad input, when it was that.
