@@ -586,6 +586,7 @@ function gatewayView() {
 
   const dd = () => h('dd');
   const relay = { reservations: dd(), circuits: dd() };
+  const udp = { channels: dd(), validated: dd(), unvalidated: dd() };
   const thr = { inbound: dd(), outbound: dd(), held: dd() };
 
   const fleet = makeTable([
@@ -607,6 +608,7 @@ function gatewayView() {
       card('Refused connections', refusals.root),
       card('Bad input', badInput.root),
       card('Relay', kv([['reservations', relay.reservations], ['circuits', relay.circuits]])),
+      card('UDP tunnels', kv([['channels', udp.channels], ['flows (proved address)', udp.validated], ['flows (not yet)', udp.unvalidated]])),
       card('Throttling', kv([['held back inbound', thr.inbound], ['held back outbound', thr.outbound], ['time held', thr.held]]))),
     fleetCard,
     card('Gateway addresses', addrs.root),
@@ -661,6 +663,10 @@ function gatewayView() {
     const r = d.relay || {};
     setText(relay.reservations, num(r.reservations));
     setText(relay.circuits, num(r.circuits));
+    const u = d.udp || {};
+    setText(udp.channels, num(u.channels));
+    setText(udp.validated, num(u.flows_validated));
+    setText(udp.unvalidated, num(u.flows_unvalidated));
     const t = d.throttled || {};
     setText(thr.inbound, fmtBytes(t.inbound_bytes));
     setText(thr.outbound, fmtBytes(t.outbound_bytes));

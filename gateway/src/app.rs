@@ -237,7 +237,12 @@ pub async fn run(cfg: GatewayConfig, reload: crate::reload::Source) -> anyhow::R
     });
     let ports = Arc::new(PortTable::default());
     let nodes = Arc::new(crate::nodes::NodeBook::default());
-    let udp = crate::udp::UdpPlane::new(cfg.udp.clone(), metrics.clone(), guard.clone());
+    let udp = crate::udp::UdpPlane::new(
+        cfg.udp.clone(),
+        metrics.clone(),
+        guard.clone(),
+        caps.clone(),
+    );
     if cfg.udp.enabled {
         let ep = crate::udp::channel::bind(&key, cfg.udp.listen)?;
         tracing::info!(listen = %cfg.udp.listen, "UDP tunnels' datagram channel listening");

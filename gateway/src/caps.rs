@@ -79,6 +79,16 @@ impl Bucket {
         })
     }
 
+    /// Takes `n` bytes if they may pass now, without waiting (a datagram
+    /// over the cap is dropped, not queued).
+    fn try_take(&self, n: usize) -> bool {
+        let cells = u32::try_from((n as u64).div_ceil(self.cell)).unwrap_or(u32::MAX);
+        match NonZeroU32::new(cells) {
+            None => true,
+            Some(c) => matches!(self.limiter.check_n(c.min(self.piece)), Ok(Ok(()))),
+        }
+    }
+
     async fn take(&self, n: usize) {
         let cells = (n as u64).div_ceil(self.cell);
         let mut left = u32::try_from(cells).unwrap_or(u32::MAX);
@@ -276,8 +286,10 @@ pub struct ConnPacer {
     cached: Mutex<Cached>,
 }
 
-impl Pacer for ConnPacer {
-    fn pass(&self, n: usize) -> Option<Wait<'_>> {
+impl ConnPacer {
+    /// The agent's and the tunnel's buckets, unless neither caps this direction.
+    #[allow(clippy::type_complexity)]
+    fn buckets(&self) -> Option<(Option<Arc<Pair>>, Option<Arc<Pair>>)> {
         if !self.caps.any.load(Ordering::Relaxed) {
             return None;
         }
@@ -296,9 +308,34 @@ impl Pacer for ConnPacer {
         };
         let dir = self.dir;
         let capped = |p: &Option<Arc<Pair>>| p.as_ref().is_some_and(|p| p.get(dir).is_some());
-        if !capped(&agent) && !capped(&tunnel) {
-            return None;
+        (capped(&agent) || capped(&tunnel)).then_some((agent, tunnel))
+    }
+
+    /// Whether a datagram of `n` bytes fits the caps now (taking it from
+    /// them); one that does not is dropped and counted as throttled.
+    pub fn police(&self, n: usize) -> bool {
+        let Some((agent, tunnel)) = self.buckets() else {
+            return true;
+        };
+        let dir = self.dir;
+        let ok = [&tunnel, &agent]
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p.get(dir))
+            .all(|b| b.try_take(n));
+        if !ok {
+            let labels = DirectionLabels { direction: dir };
+            let m = &self.caps.metrics.bandwidth;
+            m.throttled_bytes.get_or_create(&labels).inc_by(n as u64);
         }
+        ok
+    }
+}
+
+impl Pacer for ConnPacer {
+    fn pass(&self, n: usize) -> Option<Wait<'_>> {
+        let (agent, tunnel) = self.buckets()?;
+        let dir = self.dir;
         Some(Box::pin(async move {
             let start = Instant::now();
             for pair in [&tunnel, &agent].into_iter().flatten() {

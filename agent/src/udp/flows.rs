@@ -140,7 +140,7 @@ async fn open(
         }
         Err(e) => {
             tracing::warn!(tunnel = %t.name, target = %t.target, %remote, error = %e, "cannot open a UDP flow to the target");
-            agent.metrics.delivered(mode.as_str(), "error");
+            agent.metrics.delivered(mode.as_str(), "target_unreachable");
             return Err(StreamStatus::TargetUnreachable);
         }
     };

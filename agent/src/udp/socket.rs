@@ -24,8 +24,8 @@ pub enum Bound {
 impl Bound {
     pub fn as_str(self) -> &'static str {
         match self {
-            Bound::Plain => "ok",
-            Bound::Transparent => "ok",
+            Bound::Plain => "connected",
+            Bound::Transparent => "connected",
             Bound::PortRemapped => "port_remapped",
         }
     }

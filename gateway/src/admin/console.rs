@@ -157,6 +157,11 @@ pub fn overview(s: &AdminState) -> Value {
             "reservations": m.relay.reservations_active.get(),
             "circuits": m.relay.circuits_active.get(),
         },
+        "udp": {
+            "channels": m.udp.channels_active.get(),
+            "flows_validated": m.udp.flows_validated.get(),
+            "flows_unvalidated": m.udp.flows_unvalidated.get(),
+        },
         "fleet": fleet,
         "agents": agents,
         "leases": super::leases::rows(s),

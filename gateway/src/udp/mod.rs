@@ -45,6 +45,8 @@ pub struct UdpPlane {
     pub cfg: UdpConfig,
     pub metrics: Arc<Metrics>,
     pub guard: Arc<Guard>,
+    /// `bandwidth.*` and admin caps: datagrams over them are dropped.
+    pub caps: Arc<crate::caps::Caps>,
     agents: Mutex<HashMap<PeerId, Arc<AgentUdp>>>,
     /// Flows on the gateway, against `udp.max_flows`.
     pub flows: Arc<AtomicUsize>,
@@ -83,11 +85,17 @@ impl SendFailed {
 }
 
 impl UdpPlane {
-    pub fn new(cfg: UdpConfig, metrics: Arc<Metrics>, guard: Arc<Guard>) -> Arc<Self> {
+    pub fn new(
+        cfg: UdpConfig,
+        metrics: Arc<Metrics>,
+        guard: Arc<Guard>,
+        caps: Arc<crate::caps::Caps>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             cfg,
             metrics,
             guard,
+            caps,
             agents: Mutex::default(),
             flows: Arc::default(),
             held: AtomicUsize::new(0),

@@ -69,6 +69,8 @@ struct Port {
     flows: Flows<Places>,
     sources: crate::shares::Shares,
     new_flows: DefaultDirectRateLimiter,
+    /// Bandwidth caps, policed per datagram.
+    pace: crate::caps::ConnPacers,
 }
 
 impl UdpPort {
@@ -90,6 +92,9 @@ impl UdpPort {
         let mut p = Port {
             sources: crate::shares::Shares::new(cfg.max_flows_per_source, plane.guard.grouping()),
             new_flows: RateLimiter::direct(quota),
+            pace: plane
+                .caps
+                .pacers(Arc::new((self.agent.peer, self.stats.name.clone()))),
             plane: plane.clone(),
             agent: self.agent.clone(),
             socket: self.socket,
@@ -131,6 +136,9 @@ impl Port {
                 Err(reason) => return m.drop(reason),
             },
         };
+        if !self.pace.inbound.police(pkt.len()) {
+            return m.drop("bandwidth");
+        }
         let Some(flow) = self.flows.get_mut(id) else {
             return;
         };
@@ -179,6 +187,14 @@ impl Port {
         if !self.agent.has_channel() {
             return Err("no_channel");
         }
+        if self.plane.guard.is_banned_ip(src.ip()) {
+            return Err("banned");
+        }
+        // Unkeyed before the guard's per-source rate: spoofed sources
+        // cannot grow its keyed state faster than this.
+        if self.new_flows.check().is_err() {
+            return Err("new_flow_rate");
+        }
         if self
             .plane
             .guard
@@ -186,10 +202,6 @@ impl Port {
             .is_err()
         {
             return Err("refused");
-        }
-        // Unkeyed first: spoofed sources cannot outpace it.
-        if self.new_flows.check().is_err() {
-            return Err("new_flow_rate");
         }
         if self.flows.len() >= cfg.max_flows_per_tunnel {
             return Err("flows_per_tunnel");
@@ -242,6 +254,9 @@ impl Port {
                     return m.drop("unknown_flow");
                 };
                 f.note_node_packet(&payload);
+                if !self.pace.outbound.police(payload.len()) {
+                    return m.drop("bandwidth");
+                }
                 if f.may_send(payload.len()) {
                     self.send_remote(flow, &payload, false);
                 } else if self.plane.try_hold(payload.len()) {
@@ -313,6 +328,17 @@ impl Port {
             .expired(Instant::now(), cfg.idle_timeout, cfg.handshake_timeout);
         for id in gone {
             self.end(id, CloseReason::Idle, "idle");
+        }
+        // A ban added since: its flows end within a tick.
+        let guard = &self.plane.guard;
+        let banned: Vec<u32> = self
+            .flows
+            .iter()
+            .filter(|f| guard.is_banned_ip(f.remote.ip()))
+            .map(|f| f.id)
+            .collect();
+        for id in banned {
+            self.end(id, CloseReason::Ended, "banned");
         }
     }
 
