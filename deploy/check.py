@@ -6,12 +6,16 @@
    Kubernetes K8S_VERSION); cross-check Services, probes, mounts and the agent's capabilities.
    The gateway chart: one gateway renders a Deployment and its claim; a fleet (examples/fleet.yaml and
    variants) a StatefulSet with a claim, config file, advertise address and Service per replica and
-   etcd's Secret mounted read-only; no secret in a ConfigMap or on a command line; values it must
-   refuse (several replicas on the embedded store, a shared identity key ...) fail to render.
+   etcd's Secret mounted read-only; no secret in a ConfigMap or on a command line; UDP tunnels' datagram
+   channel (config.udp.listen) in the config, the container and every Service with libp2p ports, on the
+   port agents are told, and the leased ports on each protocol of service.leaseProtocols (variants of the
+   default values too); values it must refuse (several replicas on the embedded store, a shared identity
+   key, the channel on a taken port ...) fail to render.
 2. Config files the charts, compose.yaml and deploy/*.toml.example produce: `check-config` of the
    real binaries accepts them (unknown keys are errors there).
 3. Monitoring: every metric name in alerts.yaml and grafana-dashboard.json is exported by a running
-   gateway and agent (started on loopback with free ports and temporary data dirs).
+   gateway and agent (started on loopback with free ports and temporary data dirs, a tunnel with
+   proto=both echoing over TCP and UDP), or registered in their src/**/metrics.rs.
 Prints one line per check and "N passed, N failed"; exits 1 on any failure.
 """
 
@@ -338,6 +342,8 @@ def check_charts(bins):
                 gateway_checks(docs, what, values)
         if chart.name == "relaygate-gateway":
             check_gateway_fleet(helm, kv, bins, chart)
+        if chart.name == "relaygate-agent":
+            check_refusals(helm, chart, AGENT_REFUSED)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -572,10 +578,95 @@ def gateway_fleet_problems(docs, values):
     return problems
 
 
+def channel_ports(values):
+    """(pod port, public port) of the UDP tunnels' datagram channel (config.udp), or None when it is off."""
+    if not values_get(values, "config.udp.enabled", True):
+        return None
+    pod = int(str(values_get(values, "config.udp.listen", "0.0.0.0:4002")).rsplit(":", 1)[1])
+    return pod, int(values_get(values, "config.udp.advertise_port", None) or pod)
+
+
+def lease_protocols(values):
+    """The protocols leased ports are published on: service.leaseProtocols, UDP only with config.udp.enabled."""
+    protos = {str(p).upper() for p in values_get(values, "service.leaseProtocols", ["TCP"])}
+    return protos if values_get(values, "config.udp.enabled", True) else protos - {"UDP"}
+
+
+def gateway_udp_problems(docs, values):
+    """UDP tunnels: the datagram channel in every config file, as the container port udp-channel, and on every
+    Service that carries libp2p ports, on the port agents are told (its node port with NodePort); leased ports
+    on each protocol of service.leaseProtocols, the same numbers on each; the NetworkPolicy opens the channel
+    and the lease ranges on those protocols."""
+    problems = []
+    ch = channel_ports(values)
+    protos = lease_protocols(values)
+    cfgs = gateway_configs(docs)
+    for key, cfg in cfgs.items():
+        udp = cfg.get("udp", {})
+        if bool(udp.get("enabled", True)) != (ch is not None):
+            problems.append(f"{key}: udp.enabled = {udp.get('enabled')}, values say {ch is not None}")
+        if udp.get("listen") != values_get(values, "config.udp.listen", None):
+            problems.append(f"{key}: udp.listen = {udp.get('listen')!r}, not config.udp.listen")
+    for _, t in pod_specs(docs):
+        named = {p.get("name"): p for p in gateway_container(t).get("ports", [])}
+        got = named.get("udp-channel")
+        if ch and (not got or got.get("protocol") != "UDP" or got["containerPort"] != ch[0]):
+            problems.append(f"gateway container port udp-channel is {got}, want UDP {ch[0]} (config.udp.listen)")
+        if not ch and got:
+            problems.append("container port udp-channel with config.udp.enabled false")
+    listen = listen_ports(values)
+    for _, d in docs:
+        if d["kind"] != "Service" or d["spec"].get("clusterIP") == "None":
+            continue
+        name, ports = d["metadata"]["name"], d["spec"]["ports"]
+        libp2p = listen & {(p["protocol"], p["port"]) for p in ports}
+        chan = [p for p in ports if p.get("name") == "udp-channel"]
+        if libp2p and ch:
+            # The port agents are told: udp.advertise_port of this gateway's config, else listen's.
+            cfg = cfgs.get(f"{name}.toml") or cfgs.get("gateway.toml") or {}
+            told = cfg.get("udp", {}).get("advertise_port") or ch[0]
+            public = chan[0].get("nodePort" if d["spec"].get("type") == "NodePort" else "port") if chan else None
+            if not chan or chan[0]["protocol"] != "UDP" or chan[0].get("targetPort") != "udp-channel":
+                problems.append(f"Service {name} carries libp2p ports but not the datagram channel (UDP, targetPort udp-channel)")
+            elif public != told:
+                problems.append(f"Service {name} publishes the datagram channel on {public}, agents are told {told}")
+        elif chan:
+            problems.append(f"Service {name} carries the datagram channel " +
+                            ("with config.udp.enabled false" if libp2p else "but no libp2p port (a dial meets a random gateway)"))
+        leases = {}
+        for p in ports:
+            if p.get("name", "").startswith("lease-"):
+                leases.setdefault(p["protocol"], set()).add(p["port"])
+        if leases and set(leases) != protos:
+            problems.append(f"Service {name}: leased ports on {sorted(leases)}, want service.leaseProtocols {sorted(protos)}")
+        if len({frozenset(v) for v in leases.values()}) > 1:
+            problems.append(f"Service {name}: the leased ports differ between TCP and UDP")
+    for _, d in docs:
+        if d["kind"] != "NetworkPolicy":
+            continue
+        opened = {(p.get("protocol", "TCP"), p["port"]) for r in d["spec"].get("ingress", []) for p in r.get("ports", [])}
+        if ch and ("UDP", ch[0]) not in opened:
+            problems.append(f"NetworkPolicy does not open the datagram channel UDP {ch[0]}")
+        first = int(str(values_get(values, "config.leases.port_range", "")).split("-")[0])
+        if {pr for pr, port in opened if port == first} != protos:
+            problems.append(f"NetworkPolicy opens the lease range on {sorted(pr for pr, port in opened if port == first)}, "
+                            f"want {sorted(protos)}")
+    return problems
+
+
 def gateway_checks(docs, what, values):
     fleet = values_get(values, "fleet.enabled", False)
     problems = (gateway_fleet_problems if fleet else gateway_single_problems)(docs, values)
     problems += gateway_secret_problems(docs, values)
+    udp = gateway_udp_problems(docs, values)
+    if udp:
+        for p in udp:
+            fail(f"{what}: UDP", p)
+    else:
+        ch = channel_ports(values)
+        ok(f"{what}: UDP: " + (f"datagram channel udp/{ch[0]} in config, container and each libp2p Service (public {ch[1]})"
+                               if ch else "off, no channel port") +
+           f"; leased ports on {'+'.join(sorted(lease_protocols(values)))}")
     if problems:
         for p in problems:
             fail(f"{what}: {'fleet' if fleet else 'one gateway'}", p)
@@ -604,18 +695,31 @@ GATEWAY_REFUSED = [
      "has no advertise address"),
     ("a fleet on one existing claim", {"persistence": {"existingClaim": "data"}}, "existingClaim"),
     ("etcd user without its password Secret", {"secrets": {"etcd": {"existingSecret": ""}}}, "needs its password"),
+    ("leased ports on UDP only with UDP off",
+     (None, {"config": {"udp": {"enabled": False}}, "service": {"leaseProtocols": ["UDP"]}}),
+     "no leased port would be published"),
+    ("the datagram channel on the libp2p UDP port", (None, {"config": {"udp": {"listen": "0.0.0.0:4001"}}}),
+     "needs a port of its own"),
+    ("the channel's public port among the leased UDP ports", (None, {"config": {"udp": {"advertise_port": 20005}}}),
+     "also a leased port on UDP"),
+    ("60 lease ports on TCP and UDP (120 Service entries)",
+     (None, {"config": {"leases": {"port_range": "20000-20059"}}}), "more than service.maxPorts (100) lease entries"),
 ]
 
 # Variants of examples/fleet.yaml rendered and checked like an example.
 GATEWAY_FLEET_VARIANTS = [
     ("NodePort", {"service": {"type": "NodePort"},
                   "config": {"listen": ["/ip4/0.0.0.0/tcp/31001", "/ip4/0.0.0.0/udp/31001/quic-v1"],
+                             "udp": {"listen": "0.0.0.0:31010"},
                              "leases": {"port_range": "31100-31119"},
                              "advertise": ["/dns4/node-{ordinal}.example.com/tcp/31001"]}}),
     ("join token, admin token and endpoints from Secrets",
      {"secrets": {"joinToken": "rgt_check_join_token", "adminToken": "check-admin-token",
                   "etcd": {"keys": {"endpoints": "endpoints"}}},
       "config": {"store": {"etcd": {"endpoints": []}}}}),
+    ("UDP off", {"config": {"udp": {"enabled": False}}}),
+    ("the channel on another public port, leases on TCP only",
+     {"config": {"udp": {"advertise_port": 443}}, "service": {"leaseProtocols": ["TCP"]}}),
     ("plain etcd, per-replica addresses, no persistence",
      {"secrets": {"etcd": {"existingSecret": ""}}, "persistence": {"enabled": False},
       "config": {"store": {"etcd": {"user": ""}}},
@@ -624,17 +728,17 @@ GATEWAY_FLEET_VARIANTS = [
 ]
 
 
-def check_gateway_fleet(helm, kv, bins, chart):
-    """Renders the gateway chart with values it must refuse, and variants of examples/fleet.yaml."""
-    example = chart / "examples" / "fleet.yaml"
-    if not example.is_file():
-        fail(f"{chart.name}: fleet", "examples/fleet.yaml is missing")
-        return
-    base = yaml.safe_load(example.read_text())
-    if values_get(base, "fleet.replicas", 1) <= 1:
-        fail(f"{chart.name} [examples/fleet.yaml]", "fleet.replicas must be above 1 for the refusals below")
-    for label, change, expect in GATEWAY_REFUSED:
-        override = deep_merge(change[0], change[1]) if isinstance(change, tuple) else deep_merge(base, change)
+# Values the agent chart must refuse (default values plus these), with what the message must say.
+AGENT_REFUSED = [
+    ("a UDP tunnel delivering PROXY headers",
+     {"config": {"tunnels": [{"name": "node", "target": "127.0.0.1:9905", "deliver": "proxy-v2", "proto": "both"}]}},
+     "cannot carry UDP"),
+]
+
+
+def check_refusals(helm, chart, cases):
+    """Renders the chart with values it must refuse; the render must fail saying what is expected."""
+    for label, override, expect in cases:
         what = f"{chart.name} [refuses {label}]"
         try:
             render_chart(helm, chart, override)
@@ -645,9 +749,38 @@ def check_gateway_fleet(helm, kv, bins, chart):
                 fail(what, f"failed without saying {expect!r}: {e}")
             continue
         fail(what, "rendered")
-    for label, change in GATEWAY_FLEET_VARIANTS:
-        what = f"{chart.name} [examples/fleet.yaml + {label}]"
-        override = deep_merge(base, change)
+
+
+# Variants of the default values (one gateway), rendered and checked like an example.
+GATEWAY_VARIANTS = [
+    ("UDP off, NetworkPolicy", {"config": {"udp": {"enabled": False}}, "networkPolicy": {"enabled": True}}),
+    ("the channel on public port 443, leases on TCP only, NetworkPolicy",
+     {"config": {"udp": {"advertise_port": 443}}, "service": {"leaseProtocols": ["TCP"]},
+      "networkPolicy": {"enabled": True}}),
+    ("NodePort with the channel on node port 31002 behind pod port 4002",
+     {"service": {"type": "NodePort"},
+      "config": {"listen": ["/ip4/0.0.0.0/tcp/31001", "/ip4/0.0.0.0/udp/31001/quic-v1"],
+                 "udp": {"advertise_port": 31002}, "leases": {"port_range": "31100-31119"}}}),
+]
+
+
+def check_gateway_fleet(helm, kv, bins, chart):
+    """Renders the gateway chart with values it must refuse, and variants of examples/fleet.yaml and of
+    the default values."""
+    example = chart / "examples" / "fleet.yaml"
+    if not example.is_file():
+        fail(f"{chart.name}: fleet", "examples/fleet.yaml is missing")
+        return
+    base = yaml.safe_load(example.read_text())
+    if values_get(base, "fleet.replicas", 1) <= 1:
+        fail(f"{chart.name} [examples/fleet.yaml]", "fleet.replicas must be above 1 for the refusals below")
+    check_refusals(helm, chart, [
+        (label, deep_merge(change[0], change[1]) if isinstance(change, tuple) else deep_merge(base, change), expect)
+        for label, change, expect in GATEWAY_REFUSED])
+    variants = [(f"examples/fleet.yaml + {label}", deep_merge(base, change)) for label, change in GATEWAY_FLEET_VARIANTS]
+    variants += [(f"default values + {label}", change) for label, change in GATEWAY_VARIANTS]
+    for label, override in variants:
+        what = f"{chart.name} [{label}]"
         try:
             docs, _ = render_chart(helm, chart, override)
         except Exception as e:  # noqa: BLE001
@@ -889,6 +1022,40 @@ class _Echo(socketserver.StreamRequestHandler):
             self.wfile.write(line)
 
 
+class _UdpEcho(socketserver.BaseRequestHandler):
+    def handle(self):
+        data, sock = self.request
+        sock.sendto(data, self.client_address)
+
+
+def echo_servers():
+    """A TCP and a UDP echo server on one port number (a tunnel with proto=both has one target)."""
+    for _ in range(50):
+        tcp = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Echo)
+        tcp.daemon_threads = True
+        try:
+            udp = socketserver.ThreadingUDPServer(("127.0.0.1", tcp.server_address[1]), _UdpEcho)
+        except OSError:
+            tcp.server_close()
+            continue
+        udp.daemon_threads = True
+        return tcp, udp
+    raise RuntimeError("no port free on both TCP and UDP for the echo servers")
+
+
+def free_port_both():
+    """A loopback port free on TCP and on UDP: a lease for a tunnel with proto=both binds both."""
+    for _ in range(50):
+        p = free_port()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            try:
+                u.bind(("127.0.0.1", p))
+            except OSError:
+                continue
+        return p
+    raise RuntimeError("no port free on both TCP and UDP for the lease")
+
+
 def exercise(lease):
     """Traffic that gives labelled families a series: one echoed connection through the tunnel."""
     with socket.create_connection(("127.0.0.1", lease), timeout=10) as s:
@@ -901,6 +1068,24 @@ def exercise(lease):
             got += chunk
     if got != b"relaygate-check\n":
         raise RuntimeError(f"echo through the tunnel returned {got!r}")
+
+
+def exercise_udp(lease, seconds=20):
+    """One datagram echoed through the tunnel's leased UDP port (once the agent's datagram channel is up:
+    until then the gateway drops what arrives)."""
+    deadline = time.monotonic() + seconds
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(0.5)
+        while time.monotonic() < deadline:
+            s.sendto(b"relaygate-check-udp", ("127.0.0.1", lease))
+            try:
+                got, _ = s.recvfrom(64)
+            except (socket.timeout, ConnectionRefusedError):
+                continue
+            if got == b"relaygate-check-udp":
+                return
+            raise RuntimeError(f"UDP echo through the tunnel returned {got!r}")
+    raise RuntimeError(f"no UDP echo through leased port {lease} within {seconds}s (datagram channel down?)")
 
 
 def refused_connection(lease):
@@ -918,15 +1103,16 @@ def scrape_metrics(bins):
     """Starts a gateway and an agent, drives some traffic, returns both /metrics texts."""
     tmp = Path(tempfile.mkdtemp(prefix="relaygate-check-"))
     procs, logs = [], []
-    echo = None
+    echo = udp_echo = None
     try:
         gw_data, ag_data = tmp / "gw", tmp / "agent"
         tcp, udp, admin_gw, admin_ag = free_port(), free_port(socket.SOCK_DGRAM), free_port(), free_port()
-        lease = free_port()
-        echo = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Echo)
-        echo.daemon_threads = True
+        channel = free_port(socket.SOCK_DGRAM)
+        lease = free_port_both()
+        echo, udp_echo = echo_servers()
         target = echo.server_address[1]
         threading.Thread(target=echo.serve_forever, daemon=True).start()
+        threading.Thread(target=udp_echo.serve_forever, daemon=True).start()
 
         def start(name, args, env):
             log = open(tmp / f"{name}.log", "w")
@@ -937,10 +1123,12 @@ def scrape_metrics(bins):
         gw = bins / "relaygate-gateway"
         peer = run_bin(gw, ["--data-dir", str(gw_data), "peer-id"]).stdout.strip()
         token = run_bin(gw, ["--data-dir", str(gw_data), "token"]).stdout.strip()
+        gw_env = clean_env()
+        gw_env["RELAYGATE_UDP__LISTEN"] = f"127.0.0.1:{channel}"  # the datagram channel (not 0.0.0.0:4002)
         g = start("gateway", [
             str(gw), "--data-dir", str(gw_data), "--listen", f"/ip4/127.0.0.1/tcp/{tcp}",
             "--listen", f"/ip4/127.0.0.1/udp/{udp}/quic-v1", "--admin-listen", f"127.0.0.1:{admin_gw}",
-            "--port-range", f"{lease}-{lease}"], clean_env())
+            "--port-range", f"{lease}-{lease}"], gw_env)
         wait_ready(f"http://127.0.0.1:{admin_gw}/health/ready", g, "gateway")
         env = clean_env()
         env["RELAYGATE_GATEWAY__TOKEN"] = token  # not on the command line
@@ -948,12 +1136,14 @@ def scrape_metrics(bins):
             str(bins / "relaygate-agent"), "--data-dir", str(ag_data),
             "--gateway", f"/ip4/127.0.0.1/udp/{udp}/quic-v1/p2p/{peer}",
             "--gateway", f"/ip4/127.0.0.1/tcp/{tcp}/p2p/{peer}",
-            "--tunnel", f"node=127.0.0.1:{target}", "--admin-listen", f"127.0.0.1:{admin_ag}"], env)
+            "--tunnel", f"node=127.0.0.1:{target},proto=both", "--admin-listen", f"127.0.0.1:{admin_ag}"], env)
         wait_ready(f"http://127.0.0.1:{admin_ag}/health/ready", a, "agent")
         exercise(lease)
-        echo.shutdown()
-        echo.server_close()
-        echo = None
+        exercise_udp(lease)
+        for server in (echo, udp_echo):
+            server.shutdown()
+            server.server_close()
+        echo = udp_echo = None
         refused_connection(lease)
         # An agent with a wrong token: the gateway refuses it (not_admitted).
         bad_env = clean_env()
@@ -977,9 +1167,10 @@ def scrape_metrics(bins):
             print(f"----- {f.name}\n" + f.read_text()[-3000:])
         raise
     finally:
-        if echo is not None:
-            echo.shutdown()
-            echo.server_close()
+        for server in (echo, udp_echo):
+            if server is not None:
+                server.shutdown()
+                server.server_close()
         for p in procs:
             if p.poll() is None:
                 p.terminate()
@@ -996,7 +1187,8 @@ def scrape_metrics(bins):
 
 def registered_families():
     """Sample names the binaries register: the shared families of common/src/metrics.rs
-    (`Core`, under each binary's prefix) plus each binary's own, from its src/metrics.rs.
+    (`Core`, under each binary's prefix) plus each binary's own, from its src/metrics.rs and its modules'
+    metrics.rs (gateway/src/udp/metrics.rs registers on the gateway's registry).
 
     prometheus-client (0.25) leaves a labelled family out of /metrics entirely, TYPE line included,
     until a label set was used; a family that the traffic above cannot reach (bad_input needs a
@@ -1022,13 +1214,16 @@ def registered_families():
     core_pairs = reg.findall(core)
     core_fields = dict(field_re.findall(core))
     names = set()
-    for f in (ROOT / "gateway" / "src" / "metrics.rs", ROOT / "agent" / "src" / "metrics.rs"):
-        src = f.read_text()
-        prefix = re.search(r'(?:Core::new|Registry::with_prefix)\(\s*"(\w+)"\s*\)', src)
+    for binary in ("gateway", "agent"):
+        src_dir = ROOT / binary / "src"
+        prefix = re.search(r'(?:Core::new|Registry::with_prefix)\(\s*"(\w+)"\s*\)', (src_dir / "metrics.rs").read_text())
         if not prefix:
             continue
         names |= sample_names(prefix.group(1), core_pairs, core_fields)
-        names |= sample_names(prefix.group(1), reg.findall(src), dict(field_re.findall(src)))
+        # src/metrics.rs, and modules registering their own on the same registry (gateway/src/udp/metrics.rs).
+        for f in sorted(src_dir.rglob("metrics.rs")):
+            src = f.read_text()
+            names |= sample_names(prefix.group(1), reg.findall(src), dict(field_re.findall(src)))
     return names
 
 
@@ -1040,7 +1235,7 @@ def check_metrics(bins):
         return
     exported = exported_families(gw_text) | exported_families(ag_text)
     where_bins = bins.relative_to(ROOT) if bins.is_relative_to(ROOT) else bins
-    ok(f"metrics: gateway and agent from {where_bins} on loopback: tunnel echoed, "
+    ok(f"metrics: gateway and agent from {where_bins} on loopback: tunnel (proto=both) echoed over TCP and UDP, "
        f"{len(exported)} sample names on /metrics")
     registered = registered_families()
     bad = 0

@@ -14,7 +14,6 @@ use relaygate_common::{
     protocol::{StreamHeader, StreamStatus},
     proxy::{self, ProxyVersion},
 };
-use serde::{Deserialize, Serialize};
 use tokio::{
     io::AsyncWriteExt,
     net::{TcpSocket, TcpStream},
@@ -22,27 +21,8 @@ use tokio::{
 
 use crate::config::TargetAddr;
 
-/// How the agent's connection to the target is made.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum DeliveryMode {
-    #[default]
-    Plain,
-    Transparent,
-    ProxyV1,
-    ProxyV2,
-}
-
-impl DeliveryMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DeliveryMode::Plain => "plain",
-            DeliveryMode::Transparent => "transparent",
-            DeliveryMode::ProxyV1 => "proxy-v1",
-            DeliveryMode::ProxyV2 => "proxy-v2",
-        }
-    }
-}
+// The mode is a config type, at the ground floor; re-exported for callers.
+pub use crate::config::DeliveryMode;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeliverError {

@@ -11,8 +11,8 @@ use rand::Rng;
 use relaygate_common::{
     names::Secret,
     protocol::{
-        read_control, write_control, ControlMessage, Hello, LeaseGrant, LeaseOutcome, RefusalCode,
-        TunnelRequest, WireError, CONTROL_PROTOCOL, WIRE_VERSION,
+        read_control, write_control, ControlMessage, Hello, LeaseGrant, LeaseOutcome, Proto,
+        RefusalCode, TunnelRequest, WireError, CONTROL_PROTOCOL, WIRE_VERSION,
     },
 };
 use tokio_util::{compat::FuturesAsyncReadCompatExt, sync::CancellationToken};
@@ -419,7 +419,17 @@ impl Session {
                         }
                         None => None,
                     };
-                    let addrs = advertise::addresses(&hosts, *port, node, t.proto);
+                    let mut addrs = Vec::new();
+                    if t.proto.tcp() {
+                        addrs = advertise::addresses(&hosts, *port, node, Proto::Tcp);
+                    }
+                    if t.proto.udp() {
+                        // Only this gateway's own hosts: a fleet's shared name
+                        // may lead to a gateway without this agent's channel
+                        // (fleet forwarding carries TCP only).
+                        let own = advertise::hosts(&[], &welcome.public_hosts, dialled);
+                        addrs.extend(advertise::addresses(&own, *port, node, Proto::Udp));
+                    }
                     status.port = Some(port.get());
                     status.addresses = addrs.iter().map(|a| a.to_string()).collect();
                     tracing::info!(

@@ -41,6 +41,12 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- range $v.config.tunnels }}{{ if eq (default "plain" .deliver) "transparent" }}true{{ end }}{{ end }}
 {{- end }}
 
+{{/* "true" when any tunnel carries UDP (proto udp or both): the example node then listens on UDP too. */}}
+{{- define "relaygate-agent.udp" -}}
+{{- $v := include "relaygate-agent.values" . | fromJson }}
+{{- range $v.config.tunnels }}{{ if has (default "tcp" .proto) (list "udp" "both") }}true{{ end }}{{ end }}
+{{- end }}
+
 {{/* "true" when a tunnel target names $(POD_IP) or another variable: tunnels then go on the command line. */}}
 {{- define "relaygate-agent.tunnelArgs" -}}
 {{- $v := include "relaygate-agent.values" . | fromJson }}
@@ -58,10 +64,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- regexFind "[0-9]+$" $v.config.admin.listen }}
 {{- end }}
 
-{{/* One tunnel as the --tunnel flag: NAME=HOST:PORT[@PUBLIC_PORT][,deliver=MODE][,node_peer_id=ID][,advertise_file=PATH] */}}
+{{/* One tunnel as the --tunnel flag: NAME=HOST:PORT[@PUBLIC_PORT][,deliver=MODE][,proto=P][,node_peer_id=ID][,advertise_file=PATH] */}}
 {{- define "relaygate-agent.tunnelFlag" -}}
 {{- .name }}={{ .target }}{{ with .port }}@{{ int . }}{{ end }}
 {{- with .deliver }},deliver={{ . }}{{ end }}
+{{- if and .proto (ne .proto "tcp") }},proto={{ .proto }}{{ end }}
 {{- with .node_peer_id }},node_peer_id={{ . }}{{ end }}
 {{- with .advertise_file }},advertise_file={{ . }}{{ end }}
 {{- end }}
@@ -70,6 +77,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "relaygate-agent.config" -}}
 {{- $v := include "relaygate-agent.values" . | fromJson }}
 {{- $c := $v.config -}}
+{{- range $c.tunnels }}
+{{- if and (has (default "tcp" .proto) (list "udp" "both")) (hasPrefix "proxy-" (default "plain" .deliver)) }}
+{{- fail (printf "tunnel %s: deliver=%s cannot carry UDP (QUIC reads no PROXY header); use deliver plain or transparent, or proto tcp" .name .deliver) }}
+{{- end }}
+{{- end -}}
 # Rendered by the relaygate-agent chart; keys as in the README's configuration table.
 data_dir = {{ printf "%s/data" $v.dataVolume.mountPath | toJson }}
 connect_timeout = {{ $c.connect_timeout | toJson }}
@@ -100,6 +112,9 @@ node_peer_id = {{ . | toJson }}
 advertise_file = {{ . | toJson }}
 {{- end }}
 deliver = {{ default "plain" .deliver | toJson }}
+{{- if and .proto (ne .proto "tcp") }}
+proto = {{ .proto | toJson }}
+{{- end }}
 {{- end }}
 {{- end }}
 

@@ -215,6 +215,14 @@ config.advertise with "{ordinal}" replaced by N. (dict "root" $ "ordinal" N)
 {{- end }}
 {{- end }}
 {{- end }}
+{{- if .Values.config.udp.enabled }}
+{{- $ch := include "relaygate-gateway.channelPort" . | int }}
+{{- range (include "relaygate-gateway.listenPorts" . | fromJsonArray) }}
+{{- if and (eq .protocol "UDP") (eq (int .port) $ch) }}
+{{- fail (printf "config.udp.listen port %d is also a UDP port of config.listen: the datagram channel needs a port of its own (4002 by default)" $ch) }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/* The admin port, from config.admin.listen ("0.0.0.0:9600", "[::]:9600"). */}}
@@ -251,10 +259,56 @@ libp2p ports from config.listen as a JSON list of {"protocol": "TCP"|"UDP", "por
 {{- end }}
 
 {{/*
+The UDP tunnels' datagram channel (config.udp): its port in the pod, from config.udp.listen
+("0.0.0.0:4002", "[::]:4002"), and its public port: config.udp.advertise_port, else the same. The Service
+listens on the public port (with NodePort: the node port) and forwards to the pod's.
+*/}}
+{{- define "relaygate-gateway.channelPort" -}}
+{{- regexFind "[0-9]+$" .Values.config.udp.listen }}
+{{- end }}
+{{- define "relaygate-gateway.channelPublicPort" -}}
+{{- default (include "relaygate-gateway.channelPort" . | int) (.Values.config.udp.advertise_port | int) }}
+{{- end }}
+
+{{/*
+The udp.advertise_port a config file tells agents, or "" for the gateway's own default (listen's port):
+(dict "root" $ ["ordinal" N]). A fleet's replica N behind NodePort Services: the public port + N, its
+Service's node port (node ports are unique in the cluster, see service.yaml).
+*/}}
+{{- define "relaygate-gateway.channelAdvertisePortFor" -}}
+{{- $v := .root.Values }}
+{{- if and (hasKey . "ordinal") $v.fleet.enabled $v.service.enabled (eq $v.service.type "NodePort") }}
+{{- add (include "relaygate-gateway.channelPublicPort" .root | int) .ordinal }}
+{{- else if $v.config.udp.advertise_port }}
+{{- $v.config.udp.advertise_port | int }}
+{{- end }}
+{{- end }}
+
+{{/*
+The protocols of leased ports as a JSON list ("TCP", "UDP"): service.leaseProtocols, without UDP while
+config.udp.enabled is false (the gateway then binds leases on TCP only).
+*/}}
+{{- define "relaygate-gateway.leaseProtocols" -}}
+{{- $out := list }}
+{{- range .Values.service.leaseProtocols }}
+{{- $p := upper (toString .) }}
+{{- if and (or (ne $p "UDP") $.Values.config.udp.enabled) (not (has $p $out)) }}
+{{- $out = append $out $p }}
+{{- end }}
+{{- end }}
+{{- if not $out }}
+{{- fail "service.leaseProtocols is [UDP] with config.udp.enabled false: no leased port would be published. Add TCP" }}
+{{- end }}
+{{- toJson $out }}
+{{- end }}
+
+{{/*
 Lease ports as a JSON list of numbers: service.leasePorts if given, else every port of
 config.leases.port_range and config.leases.allowed_ports. Entries are numbers or "LOW-HIGH".
+Each is one Service entry per lease protocol: service.maxPorts bounds ports times protocols.
 */}}
 {{- define "relaygate-gateway.leasePorts" -}}
+{{- $protos := include "relaygate-gateway.leaseProtocols" . | fromJsonArray }}
 {{- $specs := .Values.service.leasePorts }}
 {{- if not $specs }}
 {{- $specs = prepend .Values.config.leases.allowed_ports .Values.config.leases.port_range }}
@@ -271,8 +325,8 @@ config.leases.port_range and config.leases.allowed_ports. Entries are numbers or
 {{- if gt $low $high }}
 {{- fail (printf "lease port range %q: low > high" $s) }}
 {{- end }}
-{{- if gt (add (sub $high $low) 1 (len $ports)) (int $.Values.service.maxPorts) }}
-{{- fail (printf "%s: more than service.maxPorts (%d) lease ports; each port is one Service entry. Narrow config.leases.port_range, list the ports in service.leasePorts, or use hostNetwork" $s (int $.Values.service.maxPorts)) }}
+{{- if gt (mul (add (sub $high $low) 1 (len $ports)) (len $protos)) (int $.Values.service.maxPorts) }}
+{{- fail (printf "%s: more than service.maxPorts (%d) lease entries; each port is one Service entry per protocol (%s). Narrow config.leases.port_range, list the ports in service.leasePorts, drop UDP from service.leaseProtocols if no tunnel carries it, or use hostNetwork" $s (int $.Values.service.maxPorts) (join "+" $protos)) }}
 {{- end }}
 {{- range $p := untilStep $low (int (add $high 1)) 1 }}
 {{- if not (has $p $ports) }}
@@ -283,6 +337,25 @@ config.leases.port_range and config.leases.allowed_ports. Entries are numbers or
 {{- toJson $ports }}
 {{- end }}
 
+{{/*
+What to open in a firewall (NOTES.txt): the libp2p ports, the datagram channel, and the lease ranges on
+each lease protocol, e.g. "TCP 4001, UDP 4001, UDP 4002 (datagram channel), TCP+UDP 20000-20009".
+*/}}
+{{- define "relaygate-gateway.firewall" -}}
+{{- $out := list }}
+{{- range (include "relaygate-gateway.listenPorts" . | fromJsonArray) }}
+{{- $out = append $out (printf "%s %d" .protocol (int .port)) }}
+{{- end }}
+{{- if .Values.config.udp.enabled }}
+{{- $out = append $out (printf "UDP %d (datagram channel)" (include "relaygate-gateway.channelPublicPort" . | int)) }}
+{{- end }}
+{{- $p := join "+" (include "relaygate-gateway.leaseProtocols" . | fromJsonArray) }}
+{{- range (prepend .Values.config.leases.allowed_ports .Values.config.leases.port_range) }}
+{{- $out = append $out (printf "%s %s" $p (toString .)) }}
+{{- end }}
+{{- join ", " $out }}
+{{- end }}
+
 {{/* The gateway's config file (one gateway, or a fleet's with this chart's advertise list). */}}
 {{- define "relaygate-gateway.config" -}}
 {{- include "relaygate-gateway.configFor" (dict "root" . "advertise" .Values.config.advertise) }}
@@ -291,7 +364,7 @@ config.leases.port_range and config.leases.allowed_ports. Entries are numbers or
 {{/* Replica N's config file in fleet mode: (dict "root" $ "ordinal" N). */}}
 {{- define "relaygate-gateway.replicaConfig" -}}
 {{- $adv := include "relaygate-gateway.advertiseFor" . | fromJsonArray }}
-{{- include "relaygate-gateway.configFor" (dict "root" .root "advertise" $adv) }}
+{{- include "relaygate-gateway.configFor" (dict "root" .root "advertise" $adv "ordinal" .ordinal) }}
 {{- end }}
 
 {{/* What the pod annotation checksums: every config file the ConfigMap holds. */}}
@@ -366,6 +439,21 @@ forward = {{ $c.fleet.forward }}
 [proxy_protocol]
 trusted = {{ $c.proxy_protocol.trusted | toJson }}
 required = {{ $c.proxy_protocol.required }}
+
+[udp]
+enabled = {{ $c.udp.enabled }}
+listen = {{ $c.udp.listen | toJson }}
+{{- with include "relaygate-gateway.channelAdvertisePortFor" . }}
+advertise_port = {{ . }}
+{{- end }}
+idle_timeout = {{ $c.udp.idle_timeout | toJson }}
+handshake_timeout = {{ $c.udp.handshake_timeout | toJson }}
+max_flows = {{ $c.udp.max_flows | int }}
+max_flows_per_tunnel = {{ $c.udp.max_flows_per_tunnel | int }}
+max_flows_per_source = {{ $c.udp.max_flows_per_source | int }}
+max_unvalidated_per_tunnel = {{ $c.udp.max_unvalidated_per_tunnel | int }}
+new_flows_per_second = {{ $c.udp.new_flows_per_second | int }}
+new_flows_burst = {{ $c.udp.new_flows_burst | int }}
 
 [session]
 keepalive = {{ $c.session.keepalive | toJson }}

@@ -92,6 +92,13 @@ spec:
           containerPort: {{ int .port }}
           protocol: {{ .protocol }}
         {{- end }}
+        {{- if .Values.config.udp.enabled }}
+        # UDP tunnels' datagram channel (config.udp.listen). Leased ports are bound at run time and
+        # need no container port: Services and the NetworkPolicy name them by number.
+        - name: udp-channel
+          containerPort: {{ include "relaygate-gateway.channelPort" . | int }}
+          protocol: UDP
+        {{- end }}
         - name: admin
           containerPort: {{ include "relaygate-gateway.adminPort" . | int }}
           protocol: TCP
