@@ -4,6 +4,7 @@ pub mod browser; // headless chromium driven by tests/js/ui.mjs, for the console
 pub mod circuitpeer; // a bare circuit relay v2 peer: reserve, open and accept circuits byte by byte
 pub mod etcd; // a real etcd with its own data dir, for the lease store
 pub mod fleetkit; // gateways of a fleet on a test etcd: start them, reach through them, read their view
+pub mod labworld; // the NAT lab's usual world: gateway and remote on the internet, a node behind a NAT
 pub mod load; // open-files limit, /proc figures, async echo, many held connections
 pub mod netlab; // network namespaces: an internet, NAT routers, hosts, faults
 pub mod nodes; // plain libp2p nodes: a rust lab-node on loopback, the js-libp2p harness

@@ -6,65 +6,25 @@
 use std::{path::Path, time::Duration};
 
 use relaygate_tests::{
-    netlab::{require_root, Host, Lab, Lan, Nat},
+    labworld::{field, sh, world as lab_world, World},
+    netlab::require_root,
     procs::Proc,
-    stack::{Agent, Gateway, GatewaySpec, Transport},
+    stack::{Agent, Gateway, Transport},
 };
 
 const LAB_NODE: &str = env!("CARGO_BIN_EXE_lab-node");
 const T: Duration = Duration::from_secs(30);
 
-fn field(line: &str, key: &str) -> String {
-    let v: serde_json::Value = serde_json::from_str(line.trim()).unwrap_or_default();
-    v.get(key)
-        .and_then(|x| x.as_str())
-        .unwrap_or_default()
-        .to_string()
-}
-
-struct World {
-    lab: Lab,
-    gw_host: Host,
-    remote: Host,
-    lan: Lan,
-    node_host: Host,
-}
-
 fn world() -> World {
-    let lab = Lab::new("tp").expect("lab");
-    let gw_host = lab.internet_host("gw", 10);
-    let remote = lab.internet_host("remote", 20);
-    let lan = lab.lan("lan", Nat::Masquerade, 1);
-    let node_host = lab.lan_host(&lan, "node", 10);
-    World {
-        lab,
-        gw_host,
-        remote,
-        lan,
-        node_host,
-    }
+    lab_world("tp")
 }
 
 fn gateway(w: &World) -> Gateway {
-    let launch = |b: &Path| w.gw_host.cmd(b);
-    let spec = GatewaySpec {
-        bind: "0.0.0.0".into(),
-        public_ip: w.gw_host.ip().to_string(),
-        // dual-stack leased ports, so remotes can come in over IPv6 too
-        extra: vec!["--set".into(), "leases.bind=::".into()],
-        ..Default::default()
-    };
-    Gateway::start(&launch, spec)
+    w.gateway(None, &[])
 }
 
 fn agent(w: &World, gw: &Gateway, tunnels: &[String]) -> Agent {
-    let launch = |b: &Path| w.node_host.cmd(b);
-    Agent::start(&launch, gw, Transport::Quic, tunnels, true, &[])
-}
-
-fn sh(host: &Host, script: &str) -> String {
-    let out = host.sh(script).expect("sh");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    w.agent(gw, tunnels)
 }
 
 #[test]

@@ -60,7 +60,8 @@ pub fn run(a: &Args, transport: Transport, d: Duration) -> anyhow::Result<Option
         return Ok(None);
     }
     let rt = crate::roles::runtime()?;
-    let (_targets, sink, echo) = crate::roles::spawn_targets(&[])?;
+    let targets = crate::roles::spawn_targets(&[])?;
+    let (sink, echo) = (targets.sink, targets.echo);
     let etcd = Etcd::start();
     let r = range();
     let mut more: Vec<String> = crate::GATEWAY_SETTINGS

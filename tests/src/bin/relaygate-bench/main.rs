@@ -8,14 +8,16 @@
 //! new connections per second (connect, 1-byte echo, close), RSS per idle
 //! tunnelled connection on the gateway and the agent (RSS at 0, 1,000 and
 //! 10,000 held), the throughput of 50 agents pushing one stream each
-//! against one agent alone, and with etcd installed a fleet of three
-//! gateways: a forwarded connection against a direct one, and failover.
+//! against one agent alone, with etcd installed a fleet of three
+//! gateways: a forwarded connection against a direct one, and failover; and
+//! UDP tunnels against direct (udp.rs; `--only udp` for those alone).
 
 mod caps;
 mod failover;
 mod load;
 mod report;
 mod roles;
+mod udp;
 mod wan;
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
@@ -69,7 +71,8 @@ struct Args {
     lanes: u8,
     /// Measure only this figure, direct and through the tunnel, for
     /// `--seconds`, print both and exit without a report (for profiling and
-    /// for comparing with other tunnels, see `--via`).
+    /// for comparing with other tunnels, see `--via`). `udp`: the UDP
+    /// section (with `--wan`, its WAN figures too), printed.
     #[arg(long, value_enum)]
     only: Option<Only>,
     /// Ports for the sink and echo targets (`SINK,ECHO`; default: free ones),
@@ -117,6 +120,7 @@ enum Only {
     Streams8,
     Rtt,
     Connections,
+    Udp,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -203,7 +207,8 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let rt = runtime()?;
-    let (_targets, sink, echo) = spawn_targets(&a.targets_ports)?;
+    let targets = spawn_targets(&a.targets_ports)?;
+    let (sink, echo, udp_targets) = (targets.sink, targets.echo, udp::Targets::start(targets.udp, &a));
 
     // info level: the tests' per-connection debug logs would distort the figures
     let ports = relaygate_tests::procs::free_tcp_range(100);
@@ -220,10 +225,14 @@ fn main() -> anyhow::Result<()> {
         &gw,
         transport,
         &[
-            format!("sink={sink}"),
-            format!("echo={echo}"),
-            format!("idle={echo}"),
-        ],
+            vec![
+                format!("sink={sink}"),
+                format!("echo={echo}"),
+                format!("idle={echo}"),
+            ],
+            udp_targets.tunnels(),
+        ]
+        .concat(),
         true,
         &settings(&[
             "log.level=info",
@@ -248,6 +257,12 @@ fn main() -> anyhow::Result<()> {
     let tunnel_echo: SocketAddr = ([127, 0, 0, 1], echo_port).into();
 
     let d = Duration::from_secs_f64(a.seconds);
+    if let Some(Only::Udp) = a.only {
+        let mut f = udp::run(&rt, &a, &agent, &udp_targets)?;
+        f.wan = udp::wan(&a, transport)?;
+        print!("{}", udp::section(&f));
+        return Ok(());
+    }
     if let Some(figure) = a.only {
         // For profiling one figure: attach perf to the printed pids.
         eprintln!(
@@ -268,6 +283,7 @@ fn main() -> anyhow::Result<()> {
                         .await
                         .map(|(_, p99)| p99),
                     Only::Connections => conn_rate(echo, 4, d).await,
+                    Only::Udp => unreachable!("measured above"),
                 }
             })
         };
@@ -325,13 +341,15 @@ fn main() -> anyhow::Result<()> {
     } else {
         vec![]
     };
-    drop((gw, agent));
+    let mut udp = udp::run(&rt, &a, &agent, &udp_targets)?;
+    drop((gw, agent, udp_targets));
     let fleet = if a.skip_fleet {
         None
     } else {
         failover::run(&a, transport, d)?
     };
     let wan = wan::run(&a, transport, &points)?;
+    udp.wan = udp::wan(&a, transport)?;
     let report = report::render(
         &a,
         transport,
@@ -340,6 +358,7 @@ fn main() -> anyhow::Result<()> {
             memory: &memory,
             crowd: &crowd,
             caps: &caps,
+            udp: &udp,
             fleet: fleet.as_ref(),
             wan: &wan,
         },

@@ -12,6 +12,7 @@ pub struct Sections<'a> {
     pub memory: &'a [Memory],
     pub crowd: &'a Option<Crowd>,
     pub caps: &'a crate::caps::CapsFigures,
+    pub udp: &'a crate::udp::UdpFigures,
     pub fleet: Option<&'a FleetFigures>,
     pub wan: &'a [WanFigures],
 }
@@ -26,6 +27,7 @@ pub fn render(
         memory,
         crowd,
         caps,
+        udp,
         fleet,
         wan,
     } = parts;
@@ -110,6 +112,7 @@ pub fn render(
         ));
     }
     s.push_str(&crate::caps::section(caps, a.seconds));
+    s.push_str(&crate::udp::section(udp));
     match fleet {
         Some(f) => s.push_str(&fleet_section(a, f)),
         None if a.skip_fleet => {}

@@ -1,20 +1,34 @@
-//! The benchmark's helper processes: the targets (sink and echo) and the
-//! plain TCP forwarders of the floor, each this binary in another role.
+//! The benchmark's helper processes: the targets (sink and echo, and a UDP
+//! echo) and the plain TCP forwarders of the floor, each this binary in
+//! another role.
 
 use std::{net::SocketAddr, time::Duration};
 
-use relaygate_tests::stack::{here, Launch};
+use relaygate_tests::{
+    procs::Proc,
+    stack::{here, Launch},
+    udpkit,
+};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::load::{start_echo, start_sink};
+
+/// The targets process and where its services listen (on `0.0.0.0` in the
+/// WAN lab: connect to their ports).
+pub(crate) struct Targets {
+    /// The process; the targets live as long as this.
+    pub _proc: Proc,
+    pub sink: SocketAddr,
+    pub echo: SocketAddr,
+    /// The udpkit UDP echo.
+    pub udp: SocketAddr,
+}
 
 /// The targets (sink and echo) run in a process of their own, as a real
 /// service does: direct and tunnelled figures both cross processes, as with
 /// iperf3 or an echo server, and this process stays under the open-files
 /// limit while holding 10,000 idle connections.
-pub(crate) fn spawn_targets(
-    ports: &[u16],
-) -> anyhow::Result<(relaygate_tests::procs::Proc, SocketAddr, SocketAddr)> {
+pub(crate) fn spawn_targets(ports: &[u16]) -> anyhow::Result<Targets> {
     spawn_targets_with(&here, "127.0.0.1", ports)
 }
 
@@ -24,7 +38,7 @@ pub(crate) fn spawn_targets_with(
     launch: Launch,
     bind: &str,
     ports: &[u16],
-) -> anyhow::Result<(relaygate_tests::procs::Proc, SocketAddr, SocketAddr)> {
+) -> anyhow::Result<Targets> {
     let mut args = vec![
         "--serve-targets".to_string(),
         "--targets-bind".into(),
@@ -41,8 +55,12 @@ pub(crate) fn spawn_targets_with(
             .parse()
             .map_err(anyhow::Error::from)
     };
-    let (sink, echo) = (addr("sink=")?, addr("echo=")?);
-    Ok((p, sink, echo))
+    Ok(Targets {
+        sink: addr("sink=")?,
+        echo: addr("echo=")?,
+        udp: addr("udp=")?,
+        _proc: p,
+    })
 }
 
 /// A process relaying a local port to each of `targets`, in order.
@@ -136,7 +154,8 @@ pub(crate) fn serve_targets(
             start_sink((bind, sink_port).into()).await?,
             start_echo((bind, echo_port).into()).await?,
         );
-        println!("targets listening sink={sink} echo={echo}");
+        let (udp, _udp_echo) = udpkit::echo_server((bind, 0).into()).await?;
+        println!("targets listening sink={sink} echo={echo} udp={udp}");
         std::future::pending::<()>().await;
         Ok(())
     })

@@ -2,7 +2,8 @@
 //! the targets on another, a router between them that delays (and drops)
 //! packets: the test kit's WAN lab. One and eight streams through
 //! gateway+agent beside direct TCP over the same path, and optionally through
-//! another tunnel set up in the same lab (`--via` with `--via-setup`).
+//! another tunnel set up in the same lab (`--via` with `--via-setup`). The
+//! UDP section builds its lab with [`world`] too.
 
 use std::{
     fs::File,
@@ -20,7 +21,11 @@ use relaygate_tests::{
     stack::{settings, Agent, Gateway, GatewaySpec, Transport},
 };
 
-use crate::{load::throughput, roles::spawn_targets_with, Args};
+use crate::{
+    load::throughput,
+    roles::{spawn_targets_with, Targets},
+    Args,
+};
 
 /// One point of the WAN table.
 #[derive(Clone, Copy, Debug)]
@@ -59,11 +64,7 @@ pub fn run(a: &Args, transport: Transport, points: &[Point]) -> anyhow::Result<V
     if points.is_empty() {
         return Ok(Vec::new());
     }
-    anyhow::ensure!(
-        require_root("relaygate-bench WAN figures"),
-        "the WAN figures need root (network namespaces)"
-    );
-    let line = delay_line()?;
+    let line = prerequisites("relaygate-bench WAN figures")?;
     let mut out = Vec::new();
     for &p in points {
         eprintln!(
@@ -76,12 +77,42 @@ pub fn run(a: &Args, transport: Transport, points: &[Point]) -> anyhow::Result<V
     Ok(out)
 }
 
-fn point(a: &Args, transport: Transport, line: &Path, p: Point) -> anyhow::Result<WanFigures> {
+/// Root, and the delay line: what a lab needs. Returns the delay line.
+pub(crate) fn prerequisites(what: &str) -> anyhow::Result<PathBuf> {
+    anyhow::ensure!(
+        require_root(what),
+        "the WAN figures need root (network namespaces)"
+    );
+    delay_line()
+}
+
+/// A WAN lab at one point: the targets and an agent on the far host, the
+/// gateway on the near one, and a runtime for the load generator whose
+/// workers live on the near host. The fields drop in order: every process
+/// before the lab's namespaces.
+pub(crate) struct World {
+    pub rt: tokio::runtime::Runtime,
+    pub agent: Agent,
+    /// Held, not read: the agent's gateway.
+    pub _gw: Gateway,
+    pub targets: Targets,
+    pub lab: WanLab,
+}
+
+/// Builds the [`World`] at `p`; the agent's tunnels come from `tunnels`,
+/// given the targets (listening on the far host's `0.0.0.0`).
+pub(crate) fn world(
+    a: &Args,
+    transport: Transport,
+    line: &Path,
+    p: Point,
+    tunnels: impl FnOnce(&Targets) -> Vec<String>,
+) -> anyhow::Result<World> {
     let lab = WanLab::with_binary("bench", WanPath::rtt(p.rtt).with_loss(p.loss), line)?;
-    let (near, far) = (lab.near(), lab.far());
+    let (near, far) = (lab.near().clone(), lab.far().clone());
     let in_far = |b: &Path| far.cmd(b);
     let in_near = |b: &Path| near.cmd(b);
-    let (_targets, sink, _echo) = spawn_targets_with(&in_far, "0.0.0.0", &a.targets_ports)?;
+    let targets = spawn_targets_with(&in_far, "0.0.0.0", &a.targets_ports)?;
     let gw = Gateway::start(
         &in_near,
         GatewaySpec {
@@ -101,7 +132,7 @@ fn point(a: &Args, transport: Transport, line: &Path, p: Point) -> anyhow::Resul
         &in_far,
         &gw,
         transport,
-        &[format!("sink=127.0.0.1:{}", sink.port())],
+        &tunnels(&targets),
         true,
         &settings(&[
             "log.level=info",
@@ -109,27 +140,43 @@ fn point(a: &Args, transport: Transport, line: &Path, p: Point) -> anyhow::Resul
             &format!("session.lanes={}", a.lanes),
         ]),
     );
-    let port = agent
+    let rt = runtime_in(near.ns())?;
+    Ok(World {
+        rt,
+        agent,
+        _gw: gw,
+        targets,
+        lab,
+    })
+}
+
+fn point(a: &Args, transport: Transport, line: &Path, p: Point) -> anyhow::Result<WanFigures> {
+    let w = world(a, transport, line, p, |t| {
+        vec![format!("sink=127.0.0.1:{}", t.sink.port())]
+    })?;
+    let sink_port = w.targets.sink.port();
+    let port = w
+        .agent
         .wait_leased("sink", Duration::from_secs(60))
         .map_err(anyhow::Error::msg)?;
-    crate::wait_lanes(&agent, &a.data_path, a.lanes)?;
+    crate::wait_lanes(&w.agent, &a.data_path, a.lanes)?;
+    // Declared after the world: the other tunnel goes before the lab does.
     let via = match (&a.via[..], &a.via_setup) {
-        ([s, _], Some(setup)) => Some((*s, via_setup(setup, &lab, sink.port())?)),
+        ([s, _], Some(setup)) => Some((*s, via_setup(setup, &w.lab, sink_port)?)),
         ([s, _], None) => Some((*s, None)),
         _ => None,
     };
 
-    let rt = runtime_in(near.ns())?;
     let d = Duration::from_secs_f64(a.seconds);
-    let direct_sink: SocketAddr = (far.ip(), sink.port()).into();
+    let direct_sink: SocketAddr = (w.lab.far().ip(), sink_port).into();
     let tunnel_sink: SocketAddr = ([127, 0, 0, 1], port).into();
     let (mut direct, mut tunnel, mut through) = (vec![], vec![], vec![]);
     for run in 0..a.runs {
         eprintln!("  run {}/{}", run + 1, a.runs);
-        direct.push(pair(&rt, direct_sink, d)?);
-        tunnel.push(pair(&rt, tunnel_sink, d)?);
+        direct.push(pair(&w.rt, direct_sink, d)?);
+        tunnel.push(pair(&w.rt, tunnel_sink, d)?);
         if let Some((v, _)) = &via {
-            through.push(pair(&rt, *v, d)?);
+            through.push(pair(&w.rt, *v, d)?);
         }
     }
     let med = |v: &[[f64; 2]], i: usize| crate::report::median(v.iter().map(|x| x[i]).collect());
@@ -152,7 +199,7 @@ fn pair(rt: &tokio::runtime::Runtime, sink: SocketAddr, d: Duration) -> anyhow::
 
 /// Runs `f` on `rt`'s workers (which live in the lab's near namespace), not
 /// on this thread.
-fn spawned<T: Send + 'static>(
+pub(crate) fn spawned<T: Send + 'static>(
     rt: &tokio::runtime::Runtime,
     f: impl Future<Output = anyhow::Result<T>> + Send + 'static,
 ) -> anyhow::Result<T> {
