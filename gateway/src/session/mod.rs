@@ -3,6 +3,7 @@
 //! the control stream lives.
 
 mod claims;
+mod ports;
 
 use std::{sync::Arc, time::Duration};
 
@@ -12,7 +13,7 @@ use relaygate_common::{
     protocol::DIALBACK_PROTOCOL,
     protocol::{
         read_control, write_control, ControlMessage, ControlReader, Hello, LeaseGrant,
-        LeaseOutcome, LeaseRefusal, Refusal, RefusalCode, Welcome, WireError, WIRE_VERSION,
+        LeaseOutcome, Refusal, RefusalCode, Welcome, WireError, WIRE_VERSION,
     },
     streams::Incoming,
 };
@@ -26,11 +27,11 @@ use crate::{
     guard::Guard,
     host::{Command, HostHandle},
     lease::Leases,
-    listener::{self, DataPlane, PublicPort},
+    listener::DataPlane,
     metrics::Metrics,
     nodes::NodeBook,
-    registry::{AgentRegistry, NewSession, OpenPort, TunnelStats},
-    udp::{port::UdpPort, AgentUdp, UdpPlane},
+    registry::{AgentRegistry, NewSession},
+    udp::UdpPlane,
 };
 
 /// An agent must say hello this soon after opening the control stream.
@@ -398,111 +399,6 @@ impl Sessions {
         self.metrics.sessions_active.dec();
         self.metrics.tunnels_active.dec_by(n_ports as i64);
         tracing::info!(%peer, reason = %end, "agent session down; its public ports refuse connections until it returns");
-    }
-
-    /// Starts accepting on bound ports, each until the session ends or its
-    /// lease is revoked (a child of the session's token).
-    fn serve_ports(&self, ports: Vec<PublicPort>, session: &CancellationToken) -> Vec<OpenPort> {
-        ports
-            .into_iter()
-            .map(|p| {
-                let stop = session.child_token();
-                OpenPort {
-                    stats: p.stats.clone(),
-                    stop: stop.clone(),
-                    task: tokio::spawn(p.serve(self.dataplane.clone(), self.udp.clone(), stop)),
-                }
-            })
-            .collect()
-    }
-
-    /// Binds the granted ports (a port that cannot be bound becomes a
-    /// `bind_failed` refusal) and counts the refusals.
-    async fn open_ports(
-        &self,
-        peer: PeerId,
-        connection: ConnectionId,
-        grants: &mut [LeaseGrant],
-        asked: &[relaygate_common::protocol::TunnelRequest],
-        udp: Option<&Arc<AgentUdp>>,
-    ) -> Vec<PublicPort> {
-        let mut ports = Vec::new();
-        for g in grants.iter_mut() {
-            let proto = asked
-                .iter()
-                .find(|t| t.name == g.name)
-                .map(|t| t.proto)
-                .unwrap_or_default();
-            match &g.outcome {
-                LeaseOutcome::Granted { port } if proto.udp() && udp.is_none() => {
-                    tracing::warn!(%peer, tunnel = %g.name, %port, "tunnel asks for UDP; this gateway carries none (udp.enabled = false)");
-                    g.outcome = LeaseOutcome::Refused {
-                        code: LeaseRefusal::UdpOff,
-                        message: "this gateway carries no UDP tunnels (udp.enabled = false); use proto=tcp or another gateway".into(),
-                    };
-                    self.metrics.refuse(LeaseRefusal::UdpOff.as_str());
-                }
-                LeaseOutcome::Granted { port } => {
-                    let claim = self.ports.claim(port.get()).await;
-                    match self.bind_both(port.get(), proto, udp).await {
-                        Ok((l, u)) => {
-                            let stats = Arc::new(TunnelStats::new(
-                                &self.metrics,
-                                &peer,
-                                g.name.clone(),
-                                *port,
-                            ));
-                            ports.push(PublicPort {
-                                agent: peer,
-                                connection,
-                                stats: stats.clone(),
-                                listener: l,
-                                udp: u.zip(udp).map(|(socket, agent)| UdpPort {
-                                    socket,
-                                    agent: agent.clone(),
-                                    stats,
-                                }),
-                                claim,
-                            });
-                        }
-                        Err(e) => {
-                            tracing::error!(%peer, tunnel = %g.name, %port, error = %e, "cannot bind leased port");
-                            g.outcome = LeaseOutcome::Refused {
-                                code: LeaseRefusal::BindFailed,
-                                message: format!("gateway cannot bind port {port}: {e}"),
-                            };
-                        }
-                    }
-                }
-                LeaseOutcome::Refused { code, message } => {
-                    self.metrics.refuse(code.as_str());
-                    tracing::warn!(%peer, tunnel = %g.name, code = code.as_str(), %message, "lease refused");
-                }
-            }
-        }
-        ports
-    }
-
-    /// Binds a leased port for each protocol the tunnel carries; either
-    /// failing fails both.
-    async fn bind_both(
-        &self,
-        port: u16,
-        proto: relaygate_common::protocol::Proto,
-        udp: Option<&Arc<AgentUdp>>,
-    ) -> std::io::Result<(
-        Option<tokio::net::TcpListener>,
-        Option<tokio::net::UdpSocket>,
-    )> {
-        let tcp = match proto.tcp() {
-            true => Some(listener::bind(self.bind, port).await?),
-            false => None,
-        };
-        let udp = match (proto.udp(), udp) {
-            (true, Some(_)) => Some(crate::udp::port::bind(self.bind, port)?),
-            _ => None,
-        };
-        Ok((tcp, udp))
     }
 
     /// Answers `Refused`; `bad` names the kind of bad input, when it was that.
