@@ -125,8 +125,9 @@ impl UdpPort {
 }
 
 impl Port {
+    /// `src` as the socket reported it (v4-mapped on a `::` bind): flows are
+    /// keyed and answered by it; checks and the agent see its canonical form.
     fn on_remote(&mut self, src: SocketAddr, pkt: &[u8]) {
-        let src = relaygate_common::proxy::canonical(src);
         let plane = self.plane.clone();
         let m = &plane.metrics.udp;
         let id = match self.flows.id_of(&src) {
@@ -156,7 +157,7 @@ impl Port {
             Frame::Open {
                 flow: id,
                 tunnel: self.tunnel.as_str(),
-                remote: src,
+                remote: relaygate_common::proxy::canonical(src),
                 payload: pkt,
             }
             .encode()
@@ -179,7 +180,8 @@ impl Port {
 
     /// The checks a new remote passes, in order of cost; each refusal is
     /// counted by its reason.
-    fn admit(&mut self, src: SocketAddr) -> Result<u32, &'static str> {
+    fn admit(&mut self, reported: SocketAddr) -> Result<u32, &'static str> {
+        let src = relaygate_common::proxy::canonical(reported);
         let cfg = &self.plane.cfg;
         if self.plane.stop_accepting.is_cancelled() {
             return Err("stopping");
@@ -227,7 +229,7 @@ impl Port {
             _share: share,
             _total: Total(total.clone()),
         };
-        let id = self.flows.insert(src, places);
+        let id = self.flows.insert(reported, places);
         let m = &self.plane.metrics.udp;
         m.flows_opened.inc();
         m.flows_unvalidated.inc();
@@ -334,7 +336,7 @@ impl Port {
         let banned: Vec<u32> = self
             .flows
             .iter()
-            .filter(|f| guard.is_banned_ip(f.remote.ip()))
+            .filter(|f| guard.is_banned_ip(relaygate_common::proxy::canonical(f.remote).ip()))
             .map(|f| f.id)
             .collect();
         for id in banned {
