@@ -28,6 +28,9 @@ use crate::{config::udp::UdpConfig, guard::Guard, metrics::Metrics};
 
 /// Frames from the agent waiting for one port's task; beyond, dropped.
 const PORT_QUEUE: usize = 1024;
+/// Of the channel's 256 KiB send buffer, what only flows that proved their
+/// address may fill.
+pub const RESERVED_FOR_VALIDATED: usize = 128 << 10;
 /// Node datagrams held for all unvalidated remotes together.
 const HOLD_TOTAL: usize = 8 << 20;
 
@@ -72,6 +75,8 @@ pub enum SendFailed {
     NoChannel,
     TooLarge,
     ChannelFull,
+    /// The share of the send buffer strangers may use is full.
+    ChannelBusy,
 }
 
 impl SendFailed {
@@ -80,6 +85,7 @@ impl SendFailed {
             SendFailed::NoChannel => "no_channel",
             SendFailed::TooLarge => "too_large",
             SendFailed::ChannelFull => "channel_full",
+            SendFailed::ChannelBusy => "channel_busy_unvalidated",
         }
     }
 }
@@ -200,6 +206,12 @@ impl AgentUdp {
     /// Sends one frame, never waiting: a full send buffer drops it (a slow
     /// flow must not hold up others).
     pub fn send(&self, frame: Vec<u8>) -> Result<(), SendFailed> {
+        self.send_as(frame, true)
+    }
+
+    /// Sends a frame for a flow; one whose remote has not proved its
+    /// address may use only the buffer above [`RESERVED_FOR_VALIDATED`].
+    pub fn send_as(&self, frame: Vec<u8>, validated: bool) -> Result<(), SendFailed> {
         let c = lock(&self.channel);
         let conn = c.as_ref().ok_or(SendFailed::NoChannel)?;
         match conn.max_datagram_size() {
@@ -207,8 +219,13 @@ impl AgentUdp {
             Some(_) => return Err(SendFailed::TooLarge),
             None => return Err(SendFailed::NoChannel),
         }
-        if conn.datagram_send_buffer_space() < frame.len() {
-            return Err(SendFailed::ChannelFull);
+        let reserve = if validated { 0 } else { RESERVED_FOR_VALIDATED };
+        if conn.datagram_send_buffer_space() < frame.len() + reserve {
+            return Err(if validated {
+                SendFailed::ChannelFull
+            } else {
+                SendFailed::ChannelBusy
+            });
         }
         conn.send_datagram(Bytes::from(frame)).map_err(|e| match e {
             quinn::SendDatagramError::TooLarge => SendFailed::TooLarge,

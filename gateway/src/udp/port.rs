@@ -169,7 +169,10 @@ impl Port {
             m.flows_unvalidated.dec();
             m.flows_validated.inc();
         }
-        if let Err(e) = self.agent.send(frame) {
+        // Strangers get only part of the channel's send buffer: a flood of
+        // new flows must not crowd out flows that proved their address.
+        let validated = was_validated || now_validated;
+        if let Err(e) = self.agent.send_as(frame, validated) {
             m.drop(e.as_str());
         }
         for d in released {
