@@ -149,6 +149,17 @@ fn flows_expire_after_their_idle_timeout_and_the_next_datagram_opens_a_new_one()
     let srcs = sources(20);
     let r = rt.block_on(udpkit::flows(target, &srcs, 1, 64, Duration::from_secs(10)));
     assert_eq!(r.flows_ok, 20, "{:?}", r.to_json());
+    // Each flow's first datagram (the one OPEN carries) reached the node:
+    // none waited for a retransmission, none was dropped at the new socket.
+    assert_eq!(r.retransmits, 0, "{:?}", r.to_json());
+    assert_eq!(
+        metric(
+            &http_get(agent.admin, "/metrics").1,
+            "relaygate_agent_udp_dropped_total{reason=\"socket_full\"}"
+        )
+        .unwrap_or(0.0),
+        0.0
+    );
     let flows = |m: &str| {
         gauge(m, "relaygate_gateway_udp_flows_unvalidated")
             + gauge(m, "relaygate_gateway_udp_flows_validated")

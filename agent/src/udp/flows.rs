@@ -17,6 +17,8 @@ use crate::{config::TunnelConfig, deliver::DeliveryMode, metrics::Metrics};
 
 /// Node-bound datagrams one flow may queue; beyond, dropped.
 const FLOW_QUEUE: usize = 256;
+/// The longest one flow waits for its socket to take a datagram.
+const SEND_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
 
 struct Flow {
     tx: mpsc::Sender<Bytes>,
@@ -206,10 +208,13 @@ async fn run(
             d = rx.recv() => match d {
                 Some(d) => {
                     idle.as_mut().reset(tokio::time::Instant::now() + FLOW_IDLE);
-                    match sock.try_send(&d) {
-                        Ok(_) => metrics.udp.carried("inbound"),
-                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => break CloseReason::TargetRefused,
-                        Err(_) => metrics.udp.drop("socket_full"),
+                    // Awaited, briefly: a new socket is not known writable
+                    // until the reactor says so, and its first datagram is
+                    // the flow's first (a QUIC Initial, say).
+                    match tokio::time::timeout(SEND_WAIT, sock.send(&d)).await {
+                        Ok(Ok(_)) => metrics.udp.carried("inbound"),
+                        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => break CloseReason::TargetRefused,
+                        Ok(Err(_)) | Err(_) => metrics.udp.drop("socket_full"),
                     }
                 }
                 None => return,

@@ -93,7 +93,7 @@ impl UdpAgent {
             SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
         };
         // An endpoint per channel: its socket lives and dies with it.
-        let mut ep = quinn::Endpoint::client(any)?;
+        let mut ep = endpoint::endpoint(any, None)?;
         ep.set_default_client_config(endpoint::client_config(&self.key, gateway)?);
         let conn = tokio::time::timeout(DIAL_TIMEOUT, ep.connect(addr, endpoint::SERVER_NAME)?)
             .await

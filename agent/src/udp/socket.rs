@@ -9,6 +9,10 @@ use std::{io, net::SocketAddr};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::UdpSocket;
 
+/// A flow's receive buffer for the node's replies (capped by
+/// `net.core.rmem_max`): a burst from the node waits here for the channel.
+const FLOW_BUFFER: usize = 1 << 20;
+
 /// How the socket was bound, for `deliveries_total{result}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Bound {
@@ -38,6 +42,7 @@ pub async fn plain(target: SocketAddr) -> io::Result<(UdpSocket, Bound)> {
         SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
     };
     let s = UdpSocket::bind(any).await?;
+    let _ = socket2::SockRef::from(&s).set_recv_buffer_size(FLOW_BUFFER);
     s.connect(target).await?;
     Ok((s, Bound::Plain))
 }
@@ -60,6 +65,7 @@ pub fn transparent(
     }
     s.set_mark(mark)?;
     s.set_nonblocking(true)?;
+    let _ = s.set_recv_buffer_size(FLOW_BUFFER);
     // No SO_REUSEADDR: two flows must not share one 4-tuple.
     let bound = match s.bind(&remote.into()) {
         Err(e) if e.kind() == io::ErrorKind::AddrInUse => {

@@ -22,6 +22,20 @@ const SEND_BUFFER: usize = 256 << 10;
 /// 1,200 bytes fits with room for the frame; discovery goes up to quinn's
 /// 1,452 and black-hole detection falls back to 1,200 on smaller paths.
 const INITIAL_MTU: u16 = 1452;
+/// The least the channel ever assumes of its path: IPv6's minimum, which
+/// IPv4 internet paths carry too. quinn's own floor (1,200) would leave no
+/// room for a 1,200-byte QUIC Initial and its frame, and a burst of losses
+/// (an overloaded host) made quinn fall back to it for a minute, failing
+/// every new inner handshake meanwhile.
+const MIN_MTU: u16 = 1280;
+/// How long a suspected black hole keeps the size down before discovery
+/// tries again (quinn: 60 s).
+const BLACK_HOLE_COOLDOWN: Duration = Duration::from_secs(5);
+/// Socket buffers of the channel's endpoint: a burst of datagrams must not
+/// be lost in the kernel (the default, about 208 KB, dropped thousands in
+/// an unpaced load). Capped by `net.core.{r,w}mem_max` unless the process
+/// may force it.
+const SOCKET_BUFFER: usize = 8 << 20;
 
 fn transport() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
@@ -32,8 +46,69 @@ fn transport() -> Arc<quinn::TransportConfig> {
     t.keep_alive_interval(Some(KEEP_ALIVE));
     t.max_idle_timeout(IDLE_TIMEOUT.try_into().ok());
     t.initial_mtu(INITIAL_MTU);
+    t.min_mtu(MIN_MTU);
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.black_hole_cooldown(BLACK_HOLE_COOLDOWN);
+    t.mtu_discovery_config(Some(mtu));
     t.allow_spin(false);
     Arc::new(t)
+}
+
+/// A UDP socket for a channel endpoint, with large buffers.
+pub fn socket(addr: std::net::SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        // Dual-stack where the address is `::`.
+        let _ = s.set_only_v6(false);
+    }
+    for force in [libc::SO_RCVBUFFORCE, libc::SO_SNDBUFFORCE] {
+        // Root (CAP_NET_ADMIN) may go past the sysctl caps; others get them.
+        let _ = set_int(&s, force, SOCKET_BUFFER);
+    }
+    if s.recv_buffer_size().unwrap_or(0) < SOCKET_BUFFER {
+        let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
+    }
+    if s.send_buffer_size().unwrap_or(0) < SOCKET_BUFFER {
+        let _ = s.set_send_buffer_size(SOCKET_BUFFER);
+    }
+    s.bind(&addr.into())?;
+    Ok(s.into())
+}
+
+fn set_int(s: &socket2::Socket, opt: libc::c_int, value: usize) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let v = libc::c_int::try_from(value).unwrap_or(libc::c_int::MAX);
+    // SAFETY: a valid socket, an int option, its size.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            opt,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// An endpoint on [`socket`]: the gateway's (with `server`) or an agent's.
+pub fn endpoint(
+    addr: std::net::SocketAddr,
+    server: Option<quinn::ServerConfig>,
+) -> std::io::Result<quinn::Endpoint> {
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| std::io::Error::other("no async runtime for the channel's endpoint"))?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        server,
+        socket(addr)?,
+        runtime,
+    )
 }
 
 /// The gateway's side.
@@ -89,7 +164,7 @@ mod tests {
 
     async fn server(key: &Keypair) -> quinn::Endpoint {
         let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
-        quinn::Endpoint::server(server_config(key).unwrap(), addr).unwrap()
+        endpoint(addr, Some(server_config(key).unwrap())).unwrap()
     }
 
     #[tokio::test]

@@ -14,7 +14,7 @@ use crate::guard::Action;
 /// Binds the channel's endpoint.
 pub fn bind(key: &Keypair, addr: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
     let cfg = endpoint::server_config(key)?;
-    quinn::Endpoint::server(cfg, addr).map_err(|e| {
+    endpoint::endpoint(addr, Some(cfg)).map_err(|e| {
         anyhow::anyhow!("cannot bind the UDP tunnels' channel on {addr}: {e} (set udp.listen, or udp.enabled = false)")
     })
 }

@@ -208,7 +208,8 @@ fn main() -> anyhow::Result<()> {
     }
     let rt = runtime()?;
     let targets = spawn_targets(&a.targets_ports)?;
-    let (sink, echo, udp_targets) = (targets.sink, targets.echo, udp::Targets::start(targets.udp, &a));
+    let (sink, echo) = (targets.sink, targets.echo);
+    let udp_targets = udp::Targets::start(targets.udp, &a);
 
     // info level: the tests' per-connection debug logs would distort the figures
     let ports = relaygate_tests::procs::free_tcp_range(100);
