@@ -261,7 +261,12 @@ fn main() -> anyhow::Result<()> {
     if let Some(Only::Udp) = a.only {
         let mut f = udp::run(&rt, &a, &agent, &udp_targets)?;
         f.wan = udp::wan(&a, transport)?;
-        print!("{}", udp::section(&f));
+        let section = udp::section(&f);
+        print!("{section}");
+        // The report keeps its other sections; this one is replaced.
+        let old = std::fs::read_to_string(&a.output).unwrap_or_default();
+        std::fs::write(&a.output, udp::splice(&old, &section))?;
+        eprintln!("wrote the UDP section into {}", a.output.display());
         return Ok(());
     }
     if let Some(figure) = a.only {

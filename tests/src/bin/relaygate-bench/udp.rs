@@ -358,6 +358,49 @@ fn medians(runs: &[Run]) -> Side {
 }
 
 /// The report's UDP section: the loopback table, then the WAN one.
+/// `report` with its "## UDP tunnels" section (up to the next `## `)
+/// replaced by `section`, or `section` appended when it has none.
+pub fn splice(report: &str, section: &str) -> String {
+    let head = "\n## UDP tunnels\n";
+    let Some(start) = report.find(head) else {
+        return format!(
+            "{}{section}",
+            report.trim_end_matches('\n').to_owned() + "\n"
+        );
+    };
+    let rest = &report[start + head.len()..];
+    let end = rest
+        .find("\n## ")
+        .map_or(report.len(), |e| start + head.len() + e);
+    let tail = &report[end..];
+    format!(
+        "{}{}\n{tail}",
+        &report[..start],
+        section.trim_end_matches('\n')
+    )
+}
+
+#[cfg(test)]
+mod splice_tests {
+    use super::splice;
+
+    #[test]
+    fn the_udp_section_is_replaced_in_place_or_appended() {
+        let new = "\n## UDP tunnels\n\nnew figures\n";
+        let report = "# r\n\n## A\n\na\n\n## UDP tunnels\n\nold\n\n## B\n\nb\n";
+        assert_eq!(
+            splice(report, new),
+            "# r\n\n## A\n\na\n\n## UDP tunnels\n\nnew figures\n\n## B\n\nb\n"
+        );
+        let last = "# r\n\n## UDP tunnels\n\nold\n";
+        assert_eq!(splice(last, new), "# r\n\n## UDP tunnels\n\nnew figures\n");
+        assert_eq!(
+            splice("# r\n", new),
+            "# r\n\n## UDP tunnels\n\nnew figures\n"
+        );
+    }
+}
+
 pub fn section(f: &UdpFigures) -> String {
     let p = &f.plan;
     let mut s = format!(
