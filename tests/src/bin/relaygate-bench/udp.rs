@@ -380,27 +380,6 @@ pub fn splice(report: &str, section: &str) -> String {
     )
 }
 
-#[cfg(test)]
-mod splice_tests {
-    use super::splice;
-
-    #[test]
-    fn the_udp_section_is_replaced_in_place_or_appended() {
-        let new = "\n## UDP tunnels\n\nnew figures\n";
-        let report = "# r\n\n## A\n\na\n\n## UDP tunnels\n\nold\n\n## B\n\nb\n";
-        assert_eq!(
-            splice(report, new),
-            "# r\n\n## A\n\na\n\n## UDP tunnels\n\nnew figures\n\n## B\n\nb\n"
-        );
-        let last = "# r\n\n## UDP tunnels\n\nold\n";
-        assert_eq!(splice(last, new), "# r\n\n## UDP tunnels\n\nnew figures\n");
-        assert_eq!(
-            splice("# r\n", new),
-            "# r\n\n## UDP tunnels\n\nnew figures\n"
-        );
-    }
-}
-
 pub fn section(f: &UdpFigures) -> String {
     let p = &f.plan;
     let mut s = format!(
@@ -519,4 +498,25 @@ fn table(f: &UdpFigures, direct: &str) -> String {
         ));
     }
     s
+}
+
+#[cfg(test)]
+mod splice_tests {
+    use super::splice;
+
+    #[test]
+    fn the_udp_section_is_replaced_in_place_or_appended() {
+        let new = "\n## UDP tunnels\n\nnew figures\n";
+        let report = "# r\n\n## A\n\na\n\n## UDP tunnels\n\nold\n\n## B\n\nb\n";
+        assert_eq!(
+            splice(report, new),
+            "# r\n\n## A\n\na\n\n## UDP tunnels\n\nnew figures\n\n## B\n\nb\n"
+        );
+        let last = "# r\n\n## UDP tunnels\n\nold\n";
+        assert_eq!(splice(last, new), "# r\n\n## UDP tunnels\n\nnew figures\n");
+        assert_eq!(
+            splice("# r\n", new),
+            "# r\n\n## UDP tunnels\n\nnew figures\n"
+        );
+    }
 }
