@@ -74,25 +74,32 @@ impl PublicPort {
             tracing::debug!(port, tunnel = %self.stats.name, "public port closed");
             return;
         };
-        let tcp_side = accept_admitted(
-            &listener,
-            &dp,
-            port,
-            &session,
-            |tcp, source, share, slot| {
-                let conn = Connection {
-                    _slot: slot,
-                    share,
-                    tcp,
-                    source,
-                    agent: self.agent,
-                    connection: self.connection,
-                    stats: self.stats.clone(),
-                    dp: dp.clone(),
-                };
-                dp.tracker.spawn(conn.run());
-            },
-        );
+        // The listener lives in this half only: once it stops accepting
+        // (shutdown), the port refuses new connections at once, while the
+        // UDP half may still run until the session ends.
+        let tcp_side = async {
+            let listener = listener;
+            accept_admitted(
+                &listener,
+                &dp,
+                port,
+                &session,
+                |tcp, source, share, slot| {
+                    let conn = Connection {
+                        _slot: slot,
+                        share,
+                        tcp,
+                        source,
+                        agent: self.agent,
+                        connection: self.connection,
+                        stats: self.stats.clone(),
+                        dp: dp.clone(),
+                    };
+                    dp.tracker.spawn(conn.run());
+                },
+            )
+            .await;
+        };
         tokio::join!(tcp_side, udp_side);
         tracing::debug!(port, tunnel = %self.stats.name, "public port closed");
     }
