@@ -44,6 +44,23 @@ fn sources(n: usize) -> Vec<SocketAddr> {
         .collect()
 }
 
+/// Waits for the agent's datagram channel to be up at the gateway.
+fn wait_channel(gw: &Gateway) {
+    assert!(
+        eventually(Duration::from_secs(10), || gauge(
+            &gw.metrics(),
+            "relaygate_gateway_udp_channels_active"
+        ) == 1.0),
+        "the agent's datagram channel comes up"
+    );
+}
+
+/// Flows the gateway holds, proved or not.
+fn open_flows(m: &str) -> f64 {
+    gauge(m, "relaygate_gateway_udp_flows_unvalidated")
+        + gauge(m, "relaygate_gateway_udp_flows_validated")
+}
+
 fn gauge(body: &str, name: &str) -> f64 {
     metric(body, name).unwrap_or(0.0)
 }
@@ -142,10 +159,7 @@ fn flows_expire_after_their_idle_timeout_and_the_next_datagram_opens_a_new_one()
     // proto=udp: no TCP listener on the port.
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
     let target: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-    assert!(eventually(Duration::from_secs(10), || gauge(
-        &gw.metrics(),
-        "relaygate_gateway_udp_channels_active"
-    ) == 1.0));
+    wait_channel(&gw);
     let srcs = sources(20);
     let r = rt.block_on(udpkit::flows(target, &srcs, 1, 64, Duration::from_secs(10)));
     assert_eq!(r.flows_ok, 20, "{:?}", r.to_json());
@@ -160,10 +174,7 @@ fn flows_expire_after_their_idle_timeout_and_the_next_datagram_opens_a_new_one()
         .unwrap_or(0.0),
         0.0
     );
-    let flows = |m: &str| {
-        gauge(m, "relaygate_gateway_udp_flows_unvalidated")
-            + gauge(m, "relaygate_gateway_udp_flows_validated")
-    };
+    let flows = open_flows;
     assert_eq!(flows(&gw.metrics()), 20.0);
     assert!(
         eventually(Duration::from_secs(4), || flows(&gw.metrics()) == 0.0
@@ -214,10 +225,7 @@ fn the_agents_loss_ends_its_flows_and_its_return_restores_them() {
     let port = agent.wait_leased("u", LEASE).expect("lease");
     let target: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
     let srcs = sources(10);
-    assert!(eventually(Duration::from_secs(10), || gauge(
-        &gw.metrics(),
-        "relaygate_gateway_udp_channels_active"
-    ) == 1.0));
+    wait_channel(&gw);
     let r = rt.block_on(udpkit::flows(
         target,
         &srcs,
@@ -230,10 +238,7 @@ fn the_agents_loss_ends_its_flows_and_its_return_restores_them() {
     // SIGKILL: no goodbye. The session idles out, its flows end.
     agent.proc.kill_hard();
     let dir = agent.dir;
-    let flows = |m: &str| {
-        gauge(m, "relaygate_gateway_udp_flows_unvalidated")
-            + gauge(m, "relaygate_gateway_udp_flows_validated")
-    };
+    let flows = open_flows;
     assert!(
         eventually(Duration::from_secs(15), || flows(&gw.metrics()) == 0.0
             && gauge(&gw.metrics(), "relaygate_gateway_udp_channels_active")
@@ -256,10 +261,7 @@ fn the_agents_loss_ends_its_flows_and_its_return_restores_them() {
         port,
         "same lease"
     );
-    assert!(eventually(Duration::from_secs(10), || gauge(
-        &gw.metrics(),
-        "relaygate_gateway_udp_channels_active"
-    ) == 1.0));
+    wait_channel(&gw);
     let r = rt.block_on(udpkit::flows(
         target,
         &srcs,
@@ -294,10 +296,7 @@ fn a_quic_node_is_reached_through_its_udp_tunnel_with_its_own_peer_id() {
     let tunnel = format!("node=127.0.0.1:{node_port},proto=udp");
     let agent = Agent::start(&here, &gw, Transport::Quic, &[tunnel], true, &[]);
     let port = agent.wait_leased("node", LEASE).expect("lease");
-    assert!(eventually(Duration::from_secs(10), || gauge(
-        &gw.metrics(),
-        "relaygate_gateway_udp_channels_active"
-    ) == 1.0));
+    wait_channel(&gw);
     let mut dial = std::process::Command::new(lab_node);
     dial.args([
         "dial",
@@ -362,10 +361,7 @@ fn a_capped_udp_tunnel_passes_no_more_than_its_cap() {
     let tunnel = format!("u=127.0.0.1:{},proto=udp", echo_addr.port());
     let agent = Agent::start(&here, &gw, Transport::Quic, &[tunnel], true, &[]);
     let port = agent.wait_leased("u", LEASE).expect("lease");
-    assert!(eventually(Duration::from_secs(10), || gauge(
-        &gw.metrics(),
-        "relaygate_gateway_udp_channels_active"
-    ) == 1.0));
+    wait_channel(&gw);
     let target: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
     // 3 MB/s offered for 4 s.
     let r = rt

@@ -192,11 +192,10 @@ impl<P> Flows<P> {
         id
     }
 
-    /// Marks a flow validated (its remote answered the node's id).
-    pub fn validated(&mut self, id: u32) {
-        // The flow itself flipped `validated`; only the count moves here.
+    /// Counts a flow that just proved its address (the flow itself flipped
+    /// `validated`).
+    pub fn validated(&mut self) {
         self.n_unvalidated = self.n_unvalidated.saturating_sub(1);
-        let _ = id;
     }
 
     pub fn remove(&mut self, id: u32) -> Option<Flow<P>> {
@@ -330,7 +329,7 @@ mod tests {
         assert!(flow.note_remote_packet(&long(b"nodescid", b"client01")));
         assert!(flow.validated);
         assert!(flow.may_send(1 << 20));
-        f.validated(id);
+        f.validated();
         assert_eq!(f.unvalidated(), 0);
     }
 
@@ -342,7 +341,7 @@ mod tests {
         let c = f.insert(addr(3), ());
         let fa = f.get_mut(a).unwrap();
         fa.validated = true;
-        f.validated(a);
+        f.validated();
         assert_eq!(f.unvalidated(), 2);
         assert_eq!(f.evict_oldest_unvalidated().map(|x| x.id), Some(b));
         assert_eq!(f.evict_oldest_unvalidated().map(|x| x.id), Some(c));

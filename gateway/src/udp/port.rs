@@ -165,7 +165,7 @@ impl Port {
         // Held node datagrams this remote's bytes now cover.
         let released = flow.release();
         if now_validated {
-            self.flows.validated(id);
+            self.flows.validated();
             m.flows_unvalidated.dec();
             m.flows_validated.inc();
         }
